@@ -1,0 +1,17 @@
+"""Exceptions raised by ouromamba-fx. Each message names the module or file involved and what to do."""
+
+
+class OuroMambaError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class CheckpointError(OuroMambaError):
+    """A checkpoint file cannot be read, or does not match the model."""
+
+
+class CaptureError(OuroMambaError):
+    """A model cannot be traced to a torch.fx graph."""
+
+
+class DataError(OuroMambaError):
+    """An image folder or calibration data is unusable."""

@@ -1,0 +1,41 @@
+"""Shared fixtures. The project's data (reference checkpoint, CIFAR-10 folders) lives in a
+``shared/`` folder beside the repository; override with OUROMAMBA_SHARED."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import ouromamba_fx  # noqa: F401
+from ouromamba_fx.models import VimConfig, VisionMamba
+
+SHARED = Path(os.environ.get("OUROMAMBA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared data not found: {p}")
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config(**kw) -> VimConfig:
+    base = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, d_state=4, num_classes=5,
+                mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), crop_pct=1.0)
+    return VimConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def tiny_vim() -> VisionMamba:
+    return VisionMamba(tiny_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def reference():
+    return ouromamba_fx.models.reference_model()
