@@ -1,0 +1,285 @@
+"""The selective scan as one differentiable custom op, ``ouromamba::selective_scan``.
+
+Model code calls :func:`selective_scan`; under ``torch.fx.symbolic_trace`` that is a single
+``call_function`` node whose target is ``torch.ops.ouromamba.selective_scan.default``, and under
+``torch.compile`` the op is opaque (its fake implementation gives shapes), so quantization passes
+and compilers see the whole scan as one unit.
+
+Kernels, by device:
+
+* CPU: a fused C++ kernel (``csrc/selective_scan.cpp``, OpenMP over (batch, d_inner) rows, never
+  building a ``(batch, d_inner, L, d_state)`` tensor), JIT-compiled with
+  ``torch.utils.cpp_extension.load`` on the first CPU call and cached in the default torch
+  extensions directory. If it cannot be built, a ``RuntimeWarning`` says why (once) and the
+  plain-torch reference :func:`ouromamba_fx.kernels.scan_ref.selective_scan_ref` is used instead;
+  :func:`scan_backend` tells which one is active. Setting the environment variable
+  ``OUROMAMBA_SCAN_BACKEND=reference`` selects the reference without trying to build.
+* CUDA: the plain-torch reference for now (fused Triton kernels are future work).
+* Any other device: the plain-torch reference.
+
+The backward pass is a second custom op, ``ouromamba::selective_scan_bwd``, which returns the
+gradients of (u, delta, A, B, C, D, z, delta_bias); the entries of optional inputs that were
+``None`` are empty tensors of shape ``(0,)``.
+
+Dtypes: float64 inputs are computed in float64, everything else (float32, bfloat16, float16) in
+float32; the output has ``u``'s dtype and each gradient its input's dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ouromamba_fx.kernels.scan_ref import selective_scan_ref
+
+__all__ = ["selective_scan", "scan_backend", "SCAN_OP", "SCAN_BWD_OP"]
+
+_CSRC = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
+_ENV_BACKEND = "OUROMAMBA_SCAN_BACKEND"
+
+# ---------------------------------------------------------------------------------------------
+# Lazy, thread-safe build of the C++ extension.
+
+_lock = threading.Lock()
+_state = {"backend": None, "ext": None, "reason": None}  # backend: None (not tried), "cpp", "reference"
+
+
+def _cpu_tag() -> str:
+    """A short hash of the CPU's features, so ``-march=native`` builds are not shared across CPUs."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    text += line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _compile_flags() -> tuple[list[str], list[str]]:
+    cflags = ["-O3"]
+    ldflags: list[str] = []
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "i686", "i386"):
+        cflags += ["-march=native", "-mprefer-vector-width=512"]
+    elif machine in ("aarch64", "arm64"):
+        cflags += ["-mcpu=native"]
+    if sys.platform != "darwin":  # Apple clang has no -fopenmp
+        cflags += ["-fopenmp"]
+        ldflags += ["-fopenmp"]
+    return cflags, ldflags
+
+
+def _build_extension():
+    from torch.utils import cpp_extension
+
+    if not _CSRC.is_file():
+        raise FileNotFoundError(f"the kernel source csrc/selective_scan.cpp is missing next to {Path(__file__).name} "
+                                "(is it listed as package data?)")
+    cflags, ldflags = _compile_flags()
+    return cpp_extension.load(
+        name=f"ouromamba_selective_scan_{_cpu_tag()}",
+        sources=[str(_CSRC)],
+        extra_cflags=cflags,
+        extra_ldflags=ldflags,
+        verbose=False,
+    )
+
+
+def _extension():
+    """The compiled extension module, or ``None`` when the reference implementation is in use."""
+    if _state["backend"] is None:
+        with _lock:
+            if _state["backend"] is None:
+                forced = os.environ.get(_ENV_BACKEND, "").strip().lower()
+                if forced == "reference":
+                    _state.update(backend="reference", ext=None, reason=f"{_ENV_BACKEND}=reference")
+                else:
+                    if forced not in ("", "cpp"):
+                        warnings.warn(f"ouromamba_fx: ignoring {_ENV_BACKEND}={forced!r} (expected 'cpp' or "
+                                      "'reference')", RuntimeWarning, stacklevel=3)
+                    try:
+                        ext = _build_extension()
+                    except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
+                        reason = f"{type(exc).__name__}: {exc}".strip()
+                        if len(reason) > 2000:
+                            reason = reason[:1000] + "\n[...]\n" + reason[-1000:]
+                        _state.update(backend="reference", ext=None, reason=reason)
+                        warnings.warn(
+                            "ouromamba_fx: could not build the fused C++ selective-scan kernel "
+                            f"(ouromamba_fx/lowering/csrc/selective_scan.cpp), because: {reason}\n"
+                            "Falling back to the plain-torch reference implementation, which is "
+                            "correct but much slower; scan_backend() now returns 'reference'. "
+                            "Install a C++ compiler with OpenMP (e.g. g++) and ninja to get the fast "
+                            "kernel.",
+                            RuntimeWarning,
+                            stacklevel=3,
+                        )
+                    else:
+                        _state.update(backend="cpp", ext=ext, reason=None)
+    return _state["ext"]
+
+
+def scan_backend() -> str:
+    """Which CPU implementation the op uses: ``"cpp"`` (fused kernel) or ``"reference"``.
+
+    Triggers the (cached) build of the C++ kernel if no CPU scan has run yet.
+    """
+    _extension()
+    return _state["backend"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference implementations (used on CUDA for now, and on CPU when the C++ build failed).
+
+def _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus).contiguous()
+
+
+def _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Gradients by autograd through the reference, in the op's output convention."""
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+        out = selective_scan_ref(*leaves, delta_softplus=delta_softplus)
+        present = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(out, present, dout, allow_unused=True))
+    result = []
+    for t in leaves:
+        if t is None:
+            result.append(u.new_empty(0))
+        else:
+            g = next(grads)
+            result.append(torch.zeros_like(t, memory_format=torch.contiguous_format) if g is None
+                          else g.to(t.dtype).contiguous())
+    return tuple(result)
+
+
+def _empty_to_none(grads, inputs):
+    du, ddelta, dA, dB, dC, dD, dz, dbias = grads
+    _, _, _, _, _, D, z, delta_bias = inputs
+    return du, ddelta, dA, dB, dC, (None if D is None else dD), (None if z is None else dz), \
+        (None if delta_bias is None else dbias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward op
+
+@torch.library.custom_op("ouromamba::selective_scan", mutates_args=())
+def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    # Devices without a dedicated kernel (registered below for "cpu" and "cuda"): the reference.
+    return _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_selective_scan_op.register_kernel("cpu")
+def _selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    ext = _extension()
+    if ext is None:
+        return _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+
+
+@_selective_scan_op.register_kernel("cuda")
+def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    # CUDA: no fused kernel yet (Triton kernels are a later task); the plain-torch reference runs
+    # on the GPU as it is.
+    return _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_selective_scan_op.register_fake
+def _selective_scan_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    torch._check(u.dim() == 3, lambda: f"selective_scan: u must be (batch, d_inner, L), got {tuple(u.shape)}")
+    return u.new_empty(u.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward op
+
+@torch.library.custom_op("ouromamba::selective_scan_bwd", mutates_args=())
+def _selective_scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                           D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                           delta_softplus: bool
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of (u, delta, A, B, C, D, z, delta_bias); empty (0,) tensors for absent inputs."""
+    return _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_selective_scan_bwd_op.register_kernel("cpu")
+def _selective_scan_bwd_cpu(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    ext = _extension()
+    if ext is None:
+        return _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    grads = ext.bwd(dout, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
+    return tuple(u.new_empty(0) if g is None else g for g in grads)
+
+
+@_selective_scan_bwd_op.register_kernel("cuda")
+def _selective_scan_bwd_cuda(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    # CUDA: autograd through the plain-torch reference until the Triton kernels exist.
+    return _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@_selective_scan_bwd_op.register_fake
+def _selective_scan_bwd_fake(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    def like(t):
+        return u.new_empty(0) if t is None else t.new_empty(t.shape)
+
+    return tuple(like(t) for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, dout):
+    saved = ctx.saved_tensors
+    grads = torch.ops.ouromamba.selective_scan_bwd.default(dout, *saved, ctx.delta_softplus)
+    return (*_empty_to_none(grads, saved), None)
+
+
+_selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
+
+SCAN_OP = torch.ops.ouromamba.selective_scan.default
+SCAN_BWD_OP = torch.ops.ouromamba.selective_scan_bwd.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor] = None,
+                   z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
+                   delta_softplus: bool = False) -> Tensor:
+    """Selective scan (mamba-ssm's ``selective_scan_fn`` semantics), one ``ouromamba::selective_scan`` op.
+
+    Args:
+        u, delta: ``(batch, d_inner, L)``.
+        A: ``(d_inner, d_state)``, real.
+        B, C: ``(batch, d_state, L)``, ``(batch, groups, d_state, L)`` or ``(d_inner, d_state)``.
+        D: optional ``(d_inner,)`` skip weight.
+        z: optional ``(batch, d_inner, L)`` gate; the output is multiplied by ``silu(z)``.
+        delta_bias: optional ``(d_inner,)`` added to delta.
+        delta_softplus: apply ``softplus`` (threshold 20) to ``delta + delta_bias``.
+
+    Returns:
+        ``(batch, d_inner, L)`` in ``u``'s dtype. Differentiable w.r.t. every tensor argument.
+
+    This function only calls the op (so ``torch.fx.symbolic_trace`` records exactly one node).
+    """
+    return torch.ops.ouromamba.selective_scan.default(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
