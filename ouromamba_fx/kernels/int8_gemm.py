@@ -1,0 +1,133 @@
+"""Triton int8 x int8 -> int32 GEMM with a fused dequantization epilogue.
+
+``y = ((x_q @ w_q^T) * x_scale) * w_scale + bias`` in float32, where the product is accumulated
+exactly in int32 by ``tl.dot`` on int8 tiles. ``x_q`` (M, K) int8, ``x_scale`` one element or one per
+row, ``w_q`` (N, K) int8 (the ``nn.Linear`` layout, read in place as a (K, N) operand), ``w_scale``
+N elements, ``bias`` (N,) or None; any strides. On a GPU the epilogue may be contracted to FMAs,
+so floats can differ from :func:`int8_gemm_ref` by float rounding; the integers cannot.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["int8_gemm", "int8_gemm_ref", "gemm_blocks"]
+
+
+@triton.jit
+def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M row tiles share the same column tiles while they are in L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    # pointers
+    x_ptr, w_ptr, y_ptr, xs_ptr, ws_ptr, bias_ptr,
+    # sizes
+    M, N, K,
+    # strides
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn, stride_xs,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0)
+        b = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+    xs = tl.load(xs_ptr + rm * stride_xs, mask=m_ok, other=0.0).to(tl.float32)
+    ws = tl.load(ws_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, y,
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+def gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tiles no larger than the problem (>= 16 for tl.dot)."""
+    block_m = min(max(triton.next_power_of_2(m), 16), 128)
+    block_n = min(max(triton.next_power_of_2(n), 16), 128)
+    block_k = min(max(triton.next_power_of_2(k), 32), 128)
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return block_m, block_n, block_k, num_warps
+
+
+def _vector(name: str, t: Tensor, n: int, device) -> Tensor:
+    if t.numel() != n or t.device != device or not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor of {n} elements on {device}, got "
+                         f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    return t.reshape(n).to(torch.float32).contiguous()
+
+
+def _check_operands(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                    bias: Optional[Tensor], k_w: int) -> tuple[Tensor, int, Tensor, Optional[Tensor]]:
+    """Shared checks of the GEMM wrappers; returns (x_scale flat, its stride, w_scale, bias)."""
+    if x_q.dim() != 2 or x_q.dtype != torch.int8:
+        raise ValueError(f"x_q must be int8 (M, K), got {x_q.dtype} {tuple(x_q.shape)}")
+    if x_q.shape[1] != k_w or w_q.device != x_q.device:
+        raise ValueError(f"x_q {tuple(x_q.shape)} on {x_q.device} does not match the weight "
+                         f"(K={k_w}) on {w_q.device}")
+    m, n = x_q.shape[0], w_q.shape[0]
+    per_row = x_scale.numel() == m and m != 1
+    if not per_row and x_scale.numel() != 1:
+        raise ValueError(f"x_scale must have 1 or M={m} elements, got {tuple(x_scale.shape)}")
+    xs = _vector("x_scale", x_scale, x_scale.numel(), x_q.device)
+    ws = _vector("w_scale", w_scale, n, x_q.device)
+    b = None if bias is None else _vector("bias", bias, n, x_q.device)
+    return xs, (1 if per_row else 0), ws, b
+
+
+def int8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+              bias: Optional[Tensor] = None) -> Tensor:
+    """``((x_q @ w_q^T) * x_scale) * w_scale + bias`` as float32 (M, N), int32-exact product."""
+    if w_q.dim() != 2 or w_q.dtype != torch.int8:
+        raise ValueError(f"w_q must be int8 (N, K), got {w_q.dtype} {tuple(w_q.shape)}")
+    xs, stride_xs, ws, b = _check_operands(x_q, x_scale, w_q, w_scale, bias, w_q.shape[1])
+    (m, k), n = x_q.shape, w_q.shape[0]
+    y = torch.empty((m, n), dtype=torch.float32, device=x_q.device)
+    if m == 0 or n == 0:
+        return y
+    bm, bn, bk, warps = gemm_blocks(m, n, k)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _int8_gemm_kernel[grid](
+        x_q, w_q, y, xs, ws, ws if b is None else b,
+        m, n, k,
+        x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), y.stride(0), y.stride(1), stride_xs,
+        HAS_BIAS=b is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
+    )
+    return y
+
+
+def int8_gemm_ref(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                  bias: Optional[Tensor] = None) -> Tensor:
+    """Plain-torch twin of :func:`int8_gemm` (exact int64 product on the CPU, same epilogue order)."""
+    acc = (x_q.cpu().long() @ w_q.cpu().long().t()).to(torch.int32).to(x_q.device)
+    xs = x_scale.float().reshape(-1, 1) if x_scale.numel() == x_q.shape[0] else x_scale.float().reshape(1, 1)
+    y = acc.float() * xs * w_scale.float().reshape(1, -1)
+    return y if bias is None else y + bias.float()

@@ -1,0 +1,523 @@
+"""Integer linear layers as custom ops: dynamic/static activation quantization, W8A8 and W4A4 + 8-bit
+outlier GEMMs, with plain-torch references that define the numbers.
+
+Ops (namespace ``ouromamba``; importing this module registers them):
+
+* ``quantize_per_token(Tensor x, int bits) -> (Tensor q, Tensor scale)``
+  dynamic symmetric per-row quantization over the last dim: ``scale = max(amax(|x|) / qmax, 1e-8)``
+  with ``qmax = 2**(bits-1) - 1``, ``q`` int8 in ``[-qmax, qmax]``, ``scale`` float32 ``(..., 1)``.
+* ``outlier_split(Tensor x, Tensor mask, Tensor? inlier_scale, int inlier_bits)
+  -> (Tensor q_in, Tensor s_in, Tensor q_out, Tensor s_out)``
+  ``x`` (M, K), ``mask`` (M, K) bool, True = outlier. Inliers are quantized to ``inlier_bits``
+  symmetric with the static ``inlier_scale`` (anything broadcastable to (M, 1)) or, if None, a
+  dynamic per-row scale from the inliers' amax; outliers to 8 bits with a dynamic per-row scale from
+  the outliers' amax. ``q_in`` is 0 where ``mask``, ``q_out`` is 0 where ``~mask``; scales (M, 1).
+* ``int8_linear(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor``
+  ``y = (x_q @ w_q^T exact in int32) * x_scale * w_scale + bias``, float32 (M, N); ``x_q`` (M, K)
+  int8, ``x_scale`` (M, 1) or one element, ``w_q`` (N, K) int8, ``w_scale`` N elements
+  ((N,) or (N, 1)), ``bias`` (N,) or None.
+* ``w8a8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor? x_scale) -> Tensor``
+  quantize ``x`` (..., K) to 8 bits (per token, dynamic if ``x_scale`` is None, else with the static
+  ``x_scale`` broadcastable to (..., 1)), then ``int8_linear``; output (..., N) float32.
+* ``w4a4o8_linear(Tensor x, Tensor mask, Tensor? inlier_scale, Tensor w_packed, Tensor w_scale,
+  Tensor? bias, int k) -> Tensor``
+  ``y = w_scale * (s_in * (q_in @ Wq^T) + s_out * (q_out @ Wq^T)) + bias`` with
+  ``(q_in, s_in, q_out, s_out) = outlier_split(x, mask, inlier_scale, 4)`` and
+  ``Wq = unpack_int4(w_packed, k)``; ``x`` and ``mask`` (..., K), output (..., N) float32.
+
+Numbers follow :mod:`ouromamba_fx.lowering.quant`: ``q = clamp(round_half_even(x / scale), -qmax,
+qmax)`` (a true division), 4-bit values live in int8 in [-7, 7], 8-bit in [-127, 127]. Integer
+products are exact int32 sums (exact as long as ``K * 127 * 127 < 2**31``, i.e. K < 133 000). The
+float epilogue is evaluated in the order ``((acc * x_scale) * w_scale) + bias`` (for W4A4O8:
+``((acc_in * s_in + acc_out * s_out) * w_scale) + bias``) in float32. The ``*_ref`` functions here
+are the definitions; the CPU kernels are equal to them bit for bit (integers and, with the current
+epilogue, floats too); the Triton kernels are bit-exact on integers and differ only by float
+rounding (FMA contraction) in the epilogue.
+
+int4 packing (:func:`pack_int4`): two's-complement nibbles, byte ``j`` of a row holds column ``2j``
+in its low nibble and column ``2j + 1`` in its high nibble; for odd K the last high nibble is 0.
+
+Kernels, by device:
+
+* CPU: ``torch._int_mm`` (oneDNN, VNNI on AVX-512 CPUs) for the int8 products; quantization and
+  the epilogue are a few fused-where-possible torch ops. On CPU ``torch._int_mm`` takes any 2-D
+  int8 shapes (checked on torch 2.14: M = 0, 1, 3, 17; K = 0, 1, 5, 33; N = 0, 3, 17), so there is
+  no padding; if it ever refuses a shape (older torch) the code falls back, with a one-time
+  warning, to an exact int64 matmul.
+  W4A4O8 unpacks the int4 weight on every call (it costs a few % of the GEMM, see
+  ``benchmarks/ops_cpu.md``) and runs the inlier GEMM on all K columns and the outlier GEMM only
+  on the columns where some row has an outlier (gathered), falling back to a full-K GEMM when
+  more than half of the columns hold outliers; both give the same integers.
+* CUDA: Triton kernels in :mod:`ouromamba_fx.kernels` (imported on first CUDA call).
+* Other devices: the integer products run on the CPU and the result is copied back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ouromamba_fx.lowering.quant import quantize_ref
+
+__all__ = [
+    "EPS", "qmax_for_bits", "pack_int4", "unpack_int4", "int_matmul_ref",
+    "quantize_per_token", "quantize_per_token_ref",
+    "outlier_split", "outlier_split_ref",
+    "int8_linear", "int8_linear_ref",
+    "w8a8_linear", "w8a8_linear_ref",
+    "w4a4o8_linear", "w4a4o8_linear_ref",
+]
+
+EPS = 1e-8  # smallest dynamic scale: an all-zero row quantizes to zeros, never divides by zero
+_OUTLIER_BITS = 8
+_W4A4O8_INLIER_BITS = 4
+# Gather the outlier columns for the outlier GEMM when at most this fraction of K holds outliers.
+_SPARSE_OUTLIER_MAX_FRACTION = 0.5
+
+
+def qmax_for_bits(bits: int) -> int:
+    """Largest symmetric level for ``bits``: 7 for 4 bits, 127 for 8 bits (int8 storage: 2..8)."""
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [2, 8] (int8 storage), got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# int4 packing (plain torch, exact round trip)
+
+def pack_int4(w_q: Tensor) -> Tensor:
+    """Pack int8 values in [-8, 7] of shape (N, K) into uint8 (N, ceil(K / 2)), two per byte.
+
+    Column ``2j`` goes to the low nibble of byte ``j``, column ``2j + 1`` to its high nibble
+    (two's complement); for odd K the last high nibble is 0. :func:`unpack_int4` inverts it.
+    """
+    if w_q.dim() != 2 or w_q.dtype != torch.int8:
+        raise ValueError(f"pack_int4 expects an int8 (N, K) tensor, got {w_q.dtype} {tuple(w_q.shape)}")
+    if w_q.numel() and (int(w_q.min()) < -8 or int(w_q.max()) > 7):
+        raise ValueError(f"pack_int4: values must lie in [-8, 7], got [{int(w_q.min())}, {int(w_q.max())}]")
+    n, k = w_q.shape
+    w = w_q.to(torch.int16)
+    if k % 2:
+        w = torch.cat([w, w.new_zeros(n, 1)], dim=1)
+    lo = w[:, 0::2] & 0xF
+    hi = w[:, 1::2] & 0xF
+    return (lo | (hi << 4)).to(torch.uint8)
+
+
+def unpack_int4(w_packed: Tensor, k: int) -> Tensor:
+    """Inverse of :func:`pack_int4`: uint8 (N, ceil(k / 2)) -> int8 (N, k) in [-8, 7]."""
+    _check_packed(w_packed, k)
+    p = w_packed.to(torch.int16)
+    lo = ((p & 0xF) ^ 8) - 8  # sign-extend a nibble: 0..7 stay, 8..15 -> -8..-1
+    hi = ((p >> 4) ^ 8) - 8
+    w = torch.stack([lo, hi], dim=-1).reshape(p.shape[0], 2 * p.shape[1])
+    return w[:, :k].to(torch.int8)
+
+
+def _check_packed(w_packed: Tensor, k: int) -> None:
+    if w_packed.dim() != 2 or w_packed.dtype != torch.uint8:
+        raise ValueError(f"packed int4 weight must be uint8 (N, ceil(K/2)), got {w_packed.dtype} "
+                         f"{tuple(w_packed.shape)}")
+    if not isinstance(k, int) or k < 0 or (k + 1) // 2 != w_packed.shape[1]:
+        raise ValueError(f"k={k!r} does not match a packed weight with {w_packed.shape[1]} bytes per row "
+                         f"(expected k in {{{2 * w_packed.shape[1] - 1}, {2 * w_packed.shape[1]}}})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-torch references: they define the numbers.
+
+def int_matmul_ref(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b^T`` for int8 ``a`` (M, K) and ``b`` (N, K) as int32, computed exactly in int64 on CPU."""
+    return (a.cpu().long() @ b.cpu().long().t()).to(torch.int32).to(a.device)
+
+
+def _symmetric_scale(amax: Tensor, qmax: int) -> Tensor:
+    return (amax / qmax).clamp_min(EPS)
+
+
+def _quantize_sym_ref(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return quantize_ref(x, scale, torch.zeros((), dtype=torch.float32, device=x.device), -qmax, qmax)
+
+
+def quantize_per_token_ref(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    qmax = qmax_for_bits(bits)
+    x = x.float()
+    scale = _symmetric_scale(x.abs().amax(dim=-1, keepdim=True), qmax)
+    return _quantize_sym_ref(x, scale, qmax), scale
+
+
+def outlier_split_ref(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor],
+                      inlier_bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    qmax_in = qmax_for_bits(inlier_bits)
+    qmax_out = qmax_for_bits(_OUTLIER_BITS)
+    x = x.float()
+    x_in = torch.where(mask, 0.0, x)
+    x_out = torch.where(mask, x, 0.0)
+    if inlier_scale is None:
+        s_in = _symmetric_scale(x_in.abs().amax(dim=-1, keepdim=True), qmax_in)
+    else:
+        s_in = inlier_scale.float().expand(x.shape[0], 1).clone()
+    s_out = _symmetric_scale(x_out.abs().amax(dim=-1, keepdim=True), qmax_out)
+    return (_quantize_sym_ref(x_in, s_in, qmax_in), s_in, _quantize_sym_ref(x_out, s_out, qmax_out), s_out)
+
+
+def int8_linear_ref(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                    bias: Optional[Tensor]) -> Tensor:
+    acc = int_matmul_ref(x_q, w_q)
+    y = acc.float() * _row_scale(x_scale, x_q.shape[0]) * w_scale.float().reshape(1, -1)
+    return y + bias.float() if bias is not None else y
+
+
+def w8a8_linear_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                    x_scale: Optional[Tensor]) -> Tensor:
+    lead = x.shape[:-1]
+    if x_scale is None:
+        x_q, xs = quantize_per_token_ref(x, 8)
+    else:
+        xs = x_scale.float().expand(*lead, 1)
+        x_q = _quantize_sym_ref(x.float(), xs, 127)
+    y = int8_linear_ref(x_q.reshape(-1, x.shape[-1]), xs.reshape(-1, 1), w_q, w_scale, bias)
+    return y.reshape(*lead, w_q.shape[0])
+
+
+def w4a4o8_linear_ref(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor], w_packed: Tensor,
+                      w_scale: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    s_static = None if inlier_scale is None else inlier_scale.float().expand(*lead, 1).reshape(-1, 1)
+    q_in, s_in, q_out, s_out = outlier_split_ref(x2, mask.reshape(-1, k), s_static, _W4A4O8_INLIER_BITS)
+    w = unpack_int4(w_packed, k)
+    y = int_matmul_ref(q_in, w).float() * s_in + int_matmul_ref(q_out, w).float() * s_out
+    y = y * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*lead, w.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape checks, shared by the real and the fake implementations.
+
+def _row_scale(scale: Tensor, m: int) -> Tensor:
+    """A per-tensor (one element) or per-row (M elements) scale as float32 (1, 1) or (M, 1)."""
+    return scale.float().reshape(-1, 1) if scale.numel() == m else scale.float().reshape(1, 1)
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
+
+
+def _check_broadcast_scale(name: str, scale: Tensor, lead: tuple) -> None:
+    _check_float(name, scale)
+    target = torch.Size((*lead, 1))
+    try:
+        ok = torch.broadcast_shapes(scale.shape, target) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} of shape {tuple(scale.shape)} does not broadcast to "
+                         f"{tuple(target)} (one scale per row)")
+
+
+def _check_weight(w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], k: int, n: int) -> None:
+    _check_float("w_scale", w_scale)
+    if w_scale.numel() != n or w_scale.dim() > 2 or (w_scale.dim() == 2 and w_scale.shape[1] != 1):
+        raise ValueError(f"w_scale must have one entry per output channel, shape ({n},) or ({n}, 1), "
+                         f"got {tuple(w_scale.shape)}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+
+
+def _check_int8_linear(x_q, x_scale, w_q, w_scale, bias) -> None:
+    if x_q.dim() != 2 or x_q.dtype != torch.int8 or w_q.dim() != 2 or w_q.dtype != torch.int8:
+        raise ValueError(f"int8_linear expects int8 x_q (M, K) and w_q (N, K), got x_q {x_q.dtype} "
+                         f"{tuple(x_q.shape)} and w_q {w_q.dtype} {tuple(w_q.shape)}")
+    if x_q.shape[1] != w_q.shape[1]:
+        raise ValueError(f"int8_linear: K mismatch, x_q {tuple(x_q.shape)} vs w_q {tuple(w_q.shape)}")
+    _check_float("x_scale", x_scale)
+    m = x_q.shape[0]
+    if not (x_scale.numel() == 1 or tuple(x_scale.shape) in ((m, 1), (m,))):
+        raise ValueError(f"x_scale must be per tensor (one element) or per row ({m}, 1), "
+                         f"got {tuple(x_scale.shape)}")
+    _check_weight(w_q, w_scale, bias, w_q.shape[1], w_q.shape[0])
+
+
+def _check_outlier_split(x, mask, inlier_scale, inlier_bits) -> None:
+    qmax_for_bits(inlier_bits)
+    _check_float("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"outlier_split expects x of shape (M, K), got {tuple(x.shape)}")
+    if mask.dtype != torch.bool or mask.shape != x.shape:
+        raise ValueError(f"mask must be bool with x's shape {tuple(x.shape)}, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    if inlier_scale is not None:
+        _check_broadcast_scale("inlier_scale", inlier_scale, (x.shape[0],))
+
+
+def _check_w8a8(x, w_q, w_scale, bias, x_scale) -> None:
+    _check_float("x", x)
+    if x.dim() < 1 or w_q.dim() != 2 or w_q.dtype != torch.int8 or x.shape[-1] != w_q.shape[1]:
+        raise ValueError(f"w8a8_linear expects x (..., K) and int8 w_q (N, K), got x {tuple(x.shape)}, "
+                         f"w_q {w_q.dtype} {tuple(w_q.shape)}")
+    if x_scale is not None:
+        _check_broadcast_scale("x_scale", x_scale, tuple(x.shape[:-1]))
+    _check_weight(w_q, w_scale, bias, w_q.shape[1], w_q.shape[0])
+
+
+def _check_w4a4o8(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> None:
+    _check_float("x", x)
+    _check_packed(w_packed, k)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"w4a4o8_linear: x {tuple(x.shape)} does not end in K={k}")
+    if mask.dtype != torch.bool or mask.shape != x.shape:
+        raise ValueError(f"mask must be bool with x's shape {tuple(x.shape)}, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    if inlier_scale is not None:
+        _check_broadcast_scale("inlier_scale", inlier_scale, tuple(x.shape[:-1]))
+    _check_weight(w_packed, w_scale, bias, k, w_packed.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast host paths (CPU; any non-CUDA device, with the int products on the CPU).
+
+_warned_fallback = False
+
+
+def _int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact int32 ``a @ b^T`` for int8 a (M, K), b (N, K)."""
+    global _warned_fallback
+    dev = a.device
+    if dev.type != "cpu":
+        a, b = a.cpu(), b.cpu()
+    try:
+        # b.t() is a column-major (K, N) view: oneDNN takes it as is (measured as fast as or faster
+        # than a contiguous copy). CPU _int_mm has no shape constraint (see module docstring).
+        out = torch._int_mm(a, b.t())
+    except RuntimeError as e:
+        if not _warned_fallback:
+            warnings.warn(f"torch._int_mm refused shapes {tuple(a.shape)} x {tuple(b.shape)} ({e}); "
+                          "using an exact but slower int64 matmul", RuntimeWarning, stacklevel=2)
+            _warned_fallback = True
+        out = (a.long() @ b.long().t()).to(torch.int32)
+    return out if dev.type == "cpu" else out.to(dev)
+
+
+def _amax_rows(x: Tensor) -> Tensor:
+    # One pass, no |x| temporary; equal to x.abs().amax(-1, keepdim=True) (a max is exact).
+    return torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True)
+
+
+def _quantize_rows(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """``clamp(round(x / scale), -qmax, qmax)`` as int8, equal to ``quantize_ref`` with zero point 0."""
+    q = torch.div(x, scale)
+    q.round_().clamp_(-qmax, qmax)
+    return q.to(torch.int8)
+
+
+def _quantize_per_token_fast(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    qmax = qmax_for_bits(bits)
+    x = x.float()
+    scale = _amax_rows(x).div_(qmax).clamp_min_(EPS)
+    return _quantize_rows(x, scale, qmax), scale
+
+
+def _outlier_split_fast(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor], inlier_bits: int):
+    qmax_in = qmax_for_bits(inlier_bits)
+    x = x.float()
+    x_in = x.masked_fill(mask, 0.0)
+    x_out = x.masked_fill(~mask, 0.0)
+    if inlier_scale is None:
+        s_in = _amax_rows(x_in).div_(qmax_in).clamp_min_(EPS)
+    else:
+        s_in = inlier_scale.float().expand(x.shape[0], 1).clone()
+    s_out = _amax_rows(x_out).div_(127).clamp_min_(EPS)
+    return _quantize_rows(x_in, s_in, qmax_in), s_in, _quantize_rows(x_out, s_out, 127), s_out
+
+
+def _epilogue(acc: Tensor, row_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    # torch.mul(int32, float32) converts and multiplies in one pass; the order matches the refs.
+    y = torch.mul(acc, row_scale)
+    y.mul_(w_scale.float().reshape(1, -1))
+    if bias is not None:
+        y.add_(bias.float())
+    return y
+
+
+def _int8_linear_fast(x_q, x_scale, w_q, w_scale, bias) -> Tensor:
+    return _epilogue(_int_mm(x_q, w_q), _row_scale(x_scale, x_q.shape[0]), w_scale, bias)
+
+
+def _w8a8_linear_fast(x, w_q, w_scale, bias, x_scale) -> Tensor:
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k).float()
+    if x_scale is None:
+        x_q, xs = _quantize_per_token_fast(x2, 8)
+    else:
+        xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
+        x_q = _quantize_rows(x2, xs, 127)
+    return _int8_linear_fast(x_q, xs, w_q, w_scale, bias).reshape(*lead, w_q.shape[0])
+
+
+def _w4a4o8_linear_fast(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).float()
+    m2 = mask.reshape(-1, k)
+    s_static = None if inlier_scale is None else inlier_scale.float().expand(*lead, 1).reshape(-1, 1)
+    w = unpack_int4(w_packed, k)
+    qmax_in = qmax_for_bits(_W4A4O8_INLIER_BITS)
+    x_in = x2.masked_fill(m2, 0.0)
+    s_in = s_static.clone() if s_static is not None else _amax_rows(x_in).div_(qmax_in).clamp_min_(EPS)
+    y = torch.mul(_int_mm(_quantize_rows(x_in, s_in, qmax_in), w), s_in)
+    cols = m2.any(dim=0).nonzero().flatten()
+    if cols.numel():
+        if cols.numel() <= _SPARSE_OUTLIER_MAX_FRACTION * k:
+            # Only these columns can be non-zero in q_out: a GEMM over them gives the same integers.
+            x_out, w_out = x2[:, cols].masked_fill_(~m2[:, cols], 0.0), w[:, cols]
+        else:
+            x_out, w_out = x2.masked_fill(~m2, 0.0), w
+        s_out = _amax_rows(x_out).div_(127).clamp_min_(EPS)
+        y.add_(torch.mul(_int_mm(_quantize_rows(x_out, s_out, 127), w_out), s_out))
+    # else: q_out == 0, acc_out * s_out == 0 exactly, and y + 0 == y.
+    y.mul_(w_scale.float().reshape(1, -1))
+    if bias is not None:
+        y.add_(bias.float())
+    return y.reshape(*lead, w.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: Triton kernels, imported on first use so that importing this module never imports triton.
+
+def _quantize_per_token_cuda(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    _check_float("x", x)
+    from ouromamba_fx.kernels.quantize import quantize_rows
+    q, s = quantize_rows(x.reshape(-1, x.shape[-1]), qmax_for_bits(bits))
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+def _outlier_split_cuda(x, mask, inlier_scale, inlier_bits):
+    _check_outlier_split(x, mask, inlier_scale, inlier_bits)
+    from ouromamba_fx.kernels.quantize import outlier_split as outlier_split_triton
+    s = None if inlier_scale is None else inlier_scale.float().expand(x.shape[0], 1)
+    return outlier_split_triton(x, mask, s, qmax_for_bits(inlier_bits))
+
+
+def _int8_linear_cuda(x_q, x_scale, w_q, w_scale, bias):
+    _check_int8_linear(x_q, x_scale, w_q, w_scale, bias)
+    from ouromamba_fx.kernels.int8_gemm import int8_gemm
+    return int8_gemm(x_q, x_scale, w_q, w_scale, bias)
+
+
+def _w8a8_linear_cuda(x, w_q, w_scale, bias, x_scale):
+    _check_w8a8(x, w_q, w_scale, bias, x_scale)
+    from ouromamba_fx.kernels.int8_gemm import int8_gemm
+    from ouromamba_fx.kernels.quantize import quantize_rows
+    lead, k = x.shape[:-1], x.shape[-1]
+    xs = None if x_scale is None else x_scale.float().expand(*lead, 1).reshape(-1, 1)
+    x_q, xs = quantize_rows(x.reshape(-1, k), 127, xs)
+    return int8_gemm(x_q, xs, w_q, w_scale, bias).reshape(*lead, w_q.shape[0])
+
+
+def _w4a4o8_linear_cuda(x, mask, inlier_scale, w_packed, w_scale, bias, k):
+    _check_w4a4o8(x, mask, inlier_scale, w_packed, w_scale, bias, k)
+    from ouromamba_fx.kernels.int4_gemm import int4_gemm
+    from ouromamba_fx.kernels.quantize import outlier_split as outlier_split_triton
+    lead = x.shape[:-1]
+    s = None if inlier_scale is None else inlier_scale.float().expand(*lead, 1).reshape(-1, 1)
+    q_in, s_in, q_out, s_out = outlier_split_triton(x.reshape(-1, k), mask.reshape(-1, k), s,
+                                                    qmax_for_bits(_W4A4O8_INLIER_BITS))
+    y = int4_gemm(q_in, s_in, w_packed, w_scale, bias, q_out, s_out)
+    return y.reshape(*lead, w_packed.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops. The default implementation (CPU and any non-CUDA device) is the fast host path.
+
+@torch.library.custom_op("ouromamba::quantize_per_token", mutates_args=(),
+                         schema="(Tensor x, int bits) -> (Tensor q, Tensor scale)")
+def quantize_per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric per-row quantization of ``x`` (..., K) to ``bits``; see module docstring."""
+    _check_float("x", x)
+    qmax_for_bits(bits)
+    return _quantize_per_token_fast(x, bits)
+
+
+@quantize_per_token.register_fake
+def _(x, bits):
+    _check_float("x", x)
+    qmax_for_bits(bits)
+    return (torch.empty(x.shape, dtype=torch.int8, device=x.device),
+            torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device))
+
+
+@torch.library.custom_op("ouromamba::outlier_split", mutates_args=(),
+                         schema="(Tensor x, Tensor mask, Tensor? inlier_scale, int inlier_bits) -> (Tensor q_in, Tensor s_in, Tensor q_out, Tensor s_out)")
+def outlier_split(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor],
+                  inlier_bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Split ``x`` (M, K) into quantized inliers (``inlier_bits``) and 8-bit outliers (``mask``)."""
+    _check_outlier_split(x, mask, inlier_scale, inlier_bits)
+    return _outlier_split_fast(x, mask, inlier_scale, inlier_bits)
+
+
+@outlier_split.register_fake
+def _(x, mask, inlier_scale, inlier_bits):
+    _check_outlier_split(x, mask, inlier_scale, inlier_bits)
+    q = lambda: torch.empty(x.shape, dtype=torch.int8, device=x.device)  # noqa: E731
+    s = lambda: torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)  # noqa: E731
+    return q(), s(), q(), s()
+
+
+@torch.library.custom_op("ouromamba::int8_linear", mutates_args=(),
+                         schema="(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor")
+def int8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
+                bias: Optional[Tensor]) -> Tensor:
+    """``(x_q @ w_q^T) * x_scale * w_scale + bias`` with an exact int32 product, float32 (M, N)."""
+    _check_int8_linear(x_q, x_scale, w_q, w_scale, bias)
+    return _int8_linear_fast(x_q, x_scale, w_q, w_scale, bias)
+
+
+@int8_linear.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias):
+    _check_int8_linear(x_q, x_scale, w_q, w_scale, bias)
+    return torch.empty((x_q.shape[0], w_q.shape[0]), dtype=torch.float32, device=x_q.device)
+
+
+@torch.library.custom_op("ouromamba::w8a8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor? x_scale) -> Tensor")
+def w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                x_scale: Optional[Tensor]) -> Tensor:
+    """Quantize ``x`` (..., K) to int8 (dynamic per token, or static ``x_scale``), int8 GEMM, dequant."""
+    _check_w8a8(x, w_q, w_scale, bias, x_scale)
+    return _w8a8_linear_fast(x, w_q, w_scale, bias, x_scale)
+
+
+@w8a8_linear.register_fake
+def _(x, w_q, w_scale, bias, x_scale):
+    _check_w8a8(x, w_q, w_scale, bias, x_scale)
+    return torch.empty((*x.shape[:-1], w_q.shape[0]), dtype=torch.float32, device=x.device)
+
+
+@torch.library.custom_op("ouromamba::w4a4o8_linear", mutates_args=(),
+                         schema="(Tensor x, Tensor mask, Tensor? inlier_scale, Tensor w_packed, Tensor w_scale, Tensor? bias, int k) -> Tensor")
+def w4a4o8_linear(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor], w_packed: Tensor,
+                  w_scale: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
+    """4-bit inliers + 8-bit outliers of ``x`` (..., K) times packed int4 weights, float32 (..., N)."""
+    _check_w4a4o8(x, mask, inlier_scale, w_packed, w_scale, bias, k)
+    return _w4a4o8_linear_fast(x, mask, inlier_scale, w_packed, w_scale, bias, k)
+
+
+@w4a4o8_linear.register_fake
+def _(x, mask, inlier_scale, w_packed, w_scale, bias, k):
+    _check_w4a4o8(x, mask, inlier_scale, w_packed, w_scale, bias, k)
+    return torch.empty((*x.shape[:-1], w_packed.shape[0]), dtype=torch.float32, device=x.device)
+
+
+quantize_per_token.register_kernel("cuda")(_quantize_per_token_cuda)
+outlier_split.register_kernel("cuda")(_outlier_split_cuda)
+int8_linear.register_kernel("cuda")(_int8_linear_cuda)
+w8a8_linear.register_kernel("cuda")(_w8a8_linear_cuda)
+w4a4o8_linear.register_kernel("cuda")(_w4a4o8_linear_cuda)
