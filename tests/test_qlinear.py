@@ -22,8 +22,9 @@ def _with_ties(x, qmax):
     """Put exact .5 quanta (and a -0.5, 2.5) into row 0, so round-half-even is exercised."""
     x = x.clone()
     if x.shape[-1] >= 5:
-        step = 2.0 ** -4
-        x[0, :5] = torch.tensor([qmax, 0.5, 2.5, -0.5, -3.5]) * step  # amax/qmax = step exactly
+        step = 2.0 ** -4  # amax / qmax = step exactly
+        x[0] = (torch.rand(x.shape[-1]) * 2 - 1) * (qmax - 1) * step
+        x[0, :5] = torch.tensor([qmax, 0.5, 2.5, -0.5, -3.5]) * step
     return x
 
 
@@ -62,6 +63,8 @@ def test_quantize_per_token_matches_ref(bits, shape):
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (*shape[:-1], 1)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     assert q.abs().max() <= qmax
+    if x.dim() == 2 and shape[-1] >= 5:
+        assert s[0, 0].item() == 2.0 ** -4 and q[0, :5].tolist() == [qmax, 0, 2, 0, -4]
     # Same numbers as the package-wide reference quantize op with this scale.
     assert torch.equal(q, quantize_op(x, s, torch.zeros(1), -qmax, qmax))
 
