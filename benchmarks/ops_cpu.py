@@ -1,0 +1,212 @@
+"""Time the integer linear ops on this CPU against float ``F.linear``, and write ``ops_cpu.md``.
+
+    python benchmarks/ops_cpu.py [--rounds 25] [--threads N] [--out benchmarks/ops_cpu.md]
+
+Shapes: Vim-small-like linears (M = 16 images x 197 tokens) and the reference model's
+(M = 64 x 65). Variants, all producing float32 (M, N) from the same inputs:
+
+* ``fp32``: ``F.linear`` on float32 x, W, bias.
+* ``bf16``: ``F.linear`` on bfloat16 x, W, bias (inputs already bf16; the casts are not timed).
+* ``w8a8``: ``ouromamba::w8a8_linear`` on float32 x (per-token quantization included).
+* ``int8 GEMM``: ``ouromamba::int8_linear`` on pre-quantized x (GEMM + dequant epilogue).
+* ``_int_mm``: the bare ``torch._int_mm`` (int32 out), to show what the epilogue costs.
+* ``w4a4o8``: ``ouromamba::w4a4o8_linear`` on float32 x with ~2 % outlier channels (the same
+  channels in every row, as outlier channels are), packed int4 weight unpacked per call.
+* ``w4a4o8 scattered``: the same op with ~2 % outliers scattered at random per row (their union
+  covers most columns, so the outlier GEMM runs over all of K): the worst case.
+
+The machine may be shared: variants are timed round-robin (one call of each per round, after a
+warm-up), so a burst of load hits all of them alike; the tables give the median over rounds, and
+the load average is recorded. A second table compares the ways of running the W4A4O8 integer
+products (two GEMMs, one GEMM over the concatenated 2M rows, or the outlier GEMM over the outlier
+columns only), which is how the op's CPU path was chosen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ouromamba_fx.lowering import qlinear as ql  # noqa: E402
+
+OPS = torch.ops.ouromamba
+SHAPES = [  # (label, M, K, N)
+    ("Vim-S in_proj", 16 * 197, 384, 1536),
+    ("Vim-S out_proj", 16 * 197, 768, 384),
+    ("Vim-S x_proj", 16 * 197, 768, 56),
+    ("ref in_proj", 64 * 65, 128, 512),
+    ("ref out_proj", 64 * 65, 256, 128),
+    ("ref x_proj", 64 * 65, 256, 40),
+]
+OUTLIER_FRACTION = 0.02
+
+
+def time_round_robin(fns: dict, rounds: int, warmup: int = 3) -> dict:
+    for f in fns.values():
+        for _ in range(warmup):
+            f()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+
+
+def make_case(m: int, k: int, n: int):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    bias = torch.randn(n, generator=g)
+    n_out = max(1, round(OUTLIER_FRACTION * k))
+    channels = torch.randperm(k, generator=g)[:n_out]
+    mask_ch = torch.zeros(m, k, dtype=torch.bool)
+    mask_ch[:, channels] = True
+    mask_sc = torch.rand(m, k, generator=g) < OUTLIER_FRACTION
+    x = torch.where(mask_ch, x * 20, x)
+    w8_scale = w.abs().amax(dim=1) / 127
+    w8 = torch.round(w / w8_scale[:, None]).to(torch.int8)
+    w4_scale = w.abs().amax(dim=1) / 7
+    w4 = torch.round(w / w4_scale[:, None]).clamp(-7, 7).to(torch.int8)
+    return dict(x=x, w=w, bias=bias, mask_ch=mask_ch, mask_sc=mask_sc, w8=w8, w8_scale=w8_scale,
+                w4=w4, w4_packed=ql.pack_int4(w4), w4_scale=w4_scale)
+
+
+def bench_ops(c: dict, rounds: int) -> dict:
+    x, w, bias = c["x"], c["w"], c["bias"]
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
+    x_q, x_s = OPS.quantize_per_token(x, 8)
+    k = x.shape[1]
+    fns = {
+        "fp32": lambda: F.linear(x, w, bias),
+        "bf16": lambda: F.linear(xb, wb, bb),
+        "w8a8": lambda: OPS.w8a8_linear(x, c["w8"], c["w8_scale"], bias, None),
+        "int8 GEMM": lambda: OPS.int8_linear(x_q, x_s, c["w8"], c["w8_scale"], bias),
+        "_int_mm": lambda: torch._int_mm(x_q, c["w8"].t()),
+        "w4a4o8": lambda: OPS.w4a4o8_linear(x, c["mask_ch"], None, c["w4_packed"], c["w4_scale"], bias, k),
+        "w4a4o8 scattered": lambda: OPS.w4a4o8_linear(x, c["mask_sc"], None, c["w4_packed"], c["w4_scale"],
+                                                      bias, k),
+    }
+    return time_round_robin(fns, rounds)
+
+
+def bench_w4_strategies(c: dict, rounds: int) -> dict:
+    """Integer products only (quantized operands ready): the candidates for the W4A4O8 CPU path."""
+    x, mask, k = c["x"], c["mask_ch"], c["x"].shape[1]
+    q_in, _, q_out, _ = OPS.outlier_split(x, mask, None, 4)
+    w4 = c["w4"]
+    cols = mask.view(torch.uint8).amax(dim=0).nonzero().flatten()
+    q_out_cols = q_out[:, cols].contiguous()
+    fns = {
+        "unpack int4": lambda: ql.unpack_int4(c["w4_packed"], k),
+        "inlier GEMM": lambda: torch._int_mm(q_in, w4.t()),
+        "two GEMMs": lambda: (torch._int_mm(q_in, w4.t()), torch._int_mm(q_out, w4.t())),
+        "one GEMM on [q_in; q_out]": lambda: torch._int_mm(torch.cat([q_in, q_out]), w4.t()),
+        "inlier GEMM + gathered outlier GEMM": lambda: (torch._int_mm(q_in, w4.t()),
+                                                        torch._int_mm(q_out_cols, w4[:, cols].t())),
+    }
+    return time_round_robin(fns, rounds)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=25, help="timed rounds per shape (median reported)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "ops_cpu.md")
+    p.add_argument("--wait-load", type=float, default=None, metavar="L",
+                   help="on a shared machine: first wait (up to 30 min) until the 1-min load average is below L")
+    args = p.parse_args(argv)
+    if args.wait_load is not None and hasattr(os, "getloadavg"):
+        deadline = time.time() + 1800
+        while os.getloadavg()[0] >= args.wait_load and time.time() < deadline:
+            time.sleep(10)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {cpu_name()}, torch.get_num_threads() = {threads}")
+    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    op_cols = ["fp32", "bf16", "w8a8", "int8 GEMM", "_int_mm", "w4a4o8", "w4a4o8 scattered"]
+    rows, strat_rows = [], []
+    for label, m, k, n in SHAPES:
+        c = make_case(m, k, n)
+        t = bench_ops(c, args.rounds)
+        s = bench_w4_strategies(c, args.rounds)
+        rows.append((label, m, k, n, t))
+        strat_rows.append((label, m, k, n, int(c["mask_ch"][0].sum()), s))
+        print(f"{label:15s} M={m} K={k} N={n}: " + ", ".join(f"{name} {t[name]:.2f}" for name in op_cols) + " ms")
+    load1 = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    cmd = "python benchmarks/ops_cpu.py" + (f" --rounds {args.rounds}" if args.rounds != 25 else "") + (
+        f" --threads {args.threads}" if args.threads else "")
+    lines = [
+        "# Integer linear ops on CPU",
+        "",
+        f"Produced by `{cmd}` (from the repository root) on {datetime.date.today().isoformat()}.",
+        "",
+        f"- torch {torch.__version__}, CPU: {cpu_name()}, `torch.get_num_threads()` = {threads}",
+        f"- median of {args.rounds} round-robin rounds per shape, milliseconds per call, float32 output",
+        f"- load average (1 min) at start / end: {load0[0]:.2f} / {load1[0]:.2f}" if load0 else "- load average: n/a",
+        f"- outliers: {OUTLIER_FRACTION:.0%} of the K channels (at least one); `w4a4o8` = the same channels "
+        "in every row, `w4a4o8 scattered` = random per row",
+        "",
+        "## Time per call (ms)",
+        "",
+        "| shape | M | K | N | " + " | ".join(op_cols) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(op_cols),
+    ]
+    for label, m, k, n, t in rows:
+        lines.append(f"| {label} | {m} | {k} | {n} | " + " | ".join(f"{t[c]:.2f}" for c in op_cols) + " |")
+    ratio_cols = ["w8a8", "int8 GEMM", "w4a4o8", "w4a4o8 scattered"]
+    lines += [
+        "",
+        "## Speed-up (time of the float linear / time of the op; > 1 is faster)",
+        "",
+        "| shape | " + " | ".join(f"{c} vs fp32 | {c} vs bf16" for c in ratio_cols) + " |",
+        "|---|" + "---:|" * (2 * len(ratio_cols)),
+    ]
+    for label, m, k, n, t in rows:
+        cells = []
+        for c in ratio_cols:
+            cells += [f"{t['fp32'] / t[c]:.2f}", f"{t['bf16'] / t[c]:.2f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    strat_cols = list(strat_rows[0][5])
+    lines += [
+        "",
+        "## W4A4O8 integer products: candidate CPU paths (ms, quantized operands given)",
+        "",
+        "| shape | outlier channels | " + " | ".join(strat_cols) + " |",
+        "|---|---:|" + "---:|" * len(strat_cols),
+    ]
+    for label, m, k, n, n_out, s in strat_rows:
+        lines.append(f"| {label} | {n_out} of {k} | " + " | ".join(f"{s[c]:.2f}" for c in strat_cols) + " |")
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.out.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
