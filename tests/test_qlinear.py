@@ -43,6 +43,8 @@ def test_pack_int4_layout_and_errors():
     assert p.tolist() == [[0xE1, 0x03]]  # column 0 low nibble, column 1 high nibble, pad 0
     every = torch.arange(-8, 8, dtype=torch.int8).reshape(1, 16)
     assert torch.equal(ql.unpack_int4(ql.pack_int4(every), 16), every)
+    every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(2, 128)
+    assert torch.equal(ql.pack_int4(ql.unpack_int4(every_byte, 256)), every_byte)
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
         ql.pack_int4(torch.tensor([[8]], dtype=torch.int8))
     with pytest.raises(ValueError, match="k=5"):
