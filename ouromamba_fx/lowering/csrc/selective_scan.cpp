@@ -1,27 +1,43 @@
 // Fused selective scan for CPU: forward and backward.
 //
-// Semantics (mamba-ssm's selective_scan_fn):
-//   dt_t  = softplus(delta_t + delta_bias)      (or without softplus)
-//   h_t   = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t     per channel d, per state n
+// Semantics (those of mamba-ssm's selective_scan_fn):
+//   dt_t  = softplus(delta_t + delta_bias)      (or delta_t + delta_bias)
+//   h_t   = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t       per channel d, per state n
 //   y_t   = sum_n C_t[n] h_t[n] + D * u_t
-//   out_t = y_t * silu(z_t)                     (when z is given)
+//   out_t = y_t * silu(z_t)                      (when z is given)
 //
-// Work is split over (batch, d_inner) rows with at::parallel_for; each row runs sequentially over
-// time, and the innermost loop over d_state is written to auto-vectorise (no calls, no branches:
-// float32 uses its own exp below). No (batch, d_inner, L, d_state) tensor is ever built: the
-// backward recomputes a row's states into a per-task (L+1) x d_state buffer and then runs the
-// reverse recurrence. Reductions over channels (dB, dC) and over the batch (dA, dD, d_delta_bias,
-// constant B/C) go through per-task / per-row partial buffers that are summed at the end, so the
-// result is deterministic and race-free.
+// Layout of the computation
+//   The work is cut into blocks of W consecutive channels (W = 64 bytes / sizeof(T): 16 floats,
+//   8 doubles) of one batch element; at::parallel_for spreads blocks (forward) or runs of blocks
+//   (backward) over threads. Inside a block the W channels are the lanes of a GCC/Clang vector
+//   type, so every operation of the recurrence is one vector operation and nothing has to be
+//   summed across lanes; time is sequential and the state loop runs over d_state scalars of B / C
+//   (broadcast to all lanes). A block's inputs are first transposed into small (L, W) tiles. No
+//   (batch, d_inner, L, d_state) tensor is ever built: the forward keeps d_state state vectors,
+//   the backward recomputes the block's states into a per-thread (L + 1, d_state) tile of
+//   vectors and then runs the reverse recurrence.
 //
-// B and C can be (batch, d_state, L), (batch, groups, d_state, L) or (d_inner, d_state); they are
-// read through a view whose innermost dimension is d_state, addressed as
-//   base + b * s_b + (d / d_per_group) * s_g + t * s_t + n.
+// Reductions
+//   dA, dD, d_delta_bias and constant-B / C gradients are written per (batch, channel) and summed
+//   over the batch afterwards. Variable dB / dC (summed over channels) are summed across the lanes
+//   of a block at every time step (a transpose-and-add of d_state vectors) into a (groups, L,
+//   d_state) buffer owned by the run of blocks being processed; runs of one batch element are
+//   summed afterwards. Everything is deterministic and free of races.
 //
-// float64 inputs compute in float64; everything else is computed and accumulated in float32.
+// B and C are (batch, d_state, L), (batch, groups, d_state, L) or (d_inner, d_state); they are read
+// through a view whose innermost dimension is d_state:
+//   element(b, d, t, n) = base + b * s_b + (d / d_per_group) * s_g + t * s_t + n.
+// Blocks never straddle a group boundary, so a variable B_t[n] is one scalar for the whole block.
+//
+// float64 inputs are computed in float64 (with libm's exp / log1p, lane by lane); everything else
+// in float32 with the branch-free vector exp below (about 1 ulp).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -30,61 +46,77 @@
 #include <limits>
 #include <vector>
 
-namespace {
+namespace ouromamba_scan {
 
 // ---------------------------------------------------------------------------------------------
-// Elementary functions. The float versions are branch-free so that loops calling them vectorise;
-// the double versions use libm (float64 is the accuracy path, not the speed path).
+// Vector types and elementary functions
 
 template <typename T>
-struct Fn;
+struct Vec;
 
 template <>
-struct Fn<float> {
-  // exp(x) with Cody-Waite range reduction x = k ln2 + r, |r| <= ln2/2, and a degree-7 Taylor
-  // polynomial for e^r (truncation error < 1e-8 relative). Results below FLT_MIN flush to 0,
-  // above FLT_MAX give +inf, NaN propagates. 2^k is applied in two halves so k = 128 is fine.
-  static inline float exp(float x) {
-    const float kHi = 88.72283935546875f;   // ln(FLT_MAX)
-    const float kLo = -87.33654022216797f;  // ln(FLT_MIN)
-    float xc = x < kLo ? kLo : x;
-    xc = xc > kHi ? kHi : xc;
-    float kf = xc * 1.4426950408889634f;
-    kf = (kf + 12582912.0f) - 12582912.0f;  // round to nearest integer (|kf| < 2^22)
-    float r = xc - kf * 0.693359375f;        // ln2 split in an exact high part ...
-    r = r - kf * (-2.12194440e-4f);          // ... and the rest
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
+struct Vec<float> {
+  static constexpr int W = 16;
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+
+  static inline V splat(float s) { return s - V{}; }  // (s - 0 is exactly s, also for -0)
+
+  // exp(x): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r fitted
+  // for minimal relative error (< 1e-7 in float arithmetic), then scaling by 2^k. Results below
+  // FLT_MIN are flushed to 0, large x gives +inf, NaN propagates.
+  static constexpr float kLo = -87.33654022216797f;  // ln(FLT_MIN)
+  static constexpr float kHi = 88.8f;                // above ln(FLT_MAX): result overflows to +inf
+  static inline V exp_poly(V r) {
+    V p = splat(0.0013836845755577087f);
+    p = p * r + 0.008374815806746483f;
+    p = p * r + 0.04166822507977486f;
+    p = p * r + 0.16666419804096222f;
+    p = p * r + 0.49999991059303284f;
     p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    int32_t k = static_cast<int32_t>(kf);
-    int32_t k1 = k >> 1;
-    int32_t k2 = k - k1;
-    int32_t b1 = (k1 + 127) << 23;
-    int32_t b2 = (k2 + 127) << 23;
-    float s1, s2;
-    std::memcpy(&s1, &b1, sizeof(float));
-    std::memcpy(&s2, &b2, sizeof(float));
-    float res = (p * s1) * s2;
-    res = x < kLo ? 0.0f : res;
-    res = x > kHi ? std::numeric_limits<float>::infinity() : res;
-    res = x != x ? x : res;
-    return res;
+    return p * r + 1.0f;
   }
-  static inline float sigmoid(float x) { return 1.0f / (1.0f + Fn<float>::exp(-x)); }
-  // softplus with F.softplus's threshold: x > 20 -> x. Otherwise
-  // max(x, 0) + log1p(e), e = exp(-|x|) in (0, 1], with log1p(e) = 2 atanh(s), s = e / (2 + e)
-  // in (0, 1/3], summed as an odd series up to s^15 (error < 2e-8 relative).
-  static inline float softplus(float x) {
-    float ax = x < 0.0f ? -x : x;
-    float e = Fn<float>::exp(-ax);
-    float s = e / (2.0f + e);
-    float s2 = s * s;
-    float q = 1.0f / 15.0f;
+#if defined(__AVX512F__)
+  // AVX-512: rounding and the scaling by 2^k are single instructions (vrndscaleps, vscalefps).
+  static inline V exp(V x) {
+    const __m512 xv = (__m512)x;
+    const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(kLo), _CMP_NLT_UQ);  // x >= lo or NaN
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(kHi), xv);                        // NaN stays NaN
+    const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.4426950408889634f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693359375f), xc);  // ln2, exact high part ...
+    r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(-2.12194440e-4f), r);     // ... and the correction
+    const __m512 p = (__m512)exp_poly((V)r);
+    return (V)_mm512_maskz_scalef_ps(keep, p, kf);
+  }
+#else
+  static inline V exp(V x) {
+    V xc = x < kLo ? splat(kLo) : x;
+    xc = xc > kHi ? splat(kHi) : xc;
+    V kf = xc * 1.4426950408889634f + 12582912.0f;  // 1.5 * 2^23: round to nearest integer
+    kf = kf - 12582912.0f;
+    V r = xc - kf * 0.693359375f;  // ln2 split into an exact high part ...
+    r = r + kf * 2.12194440e-4f;   // ... and a correction
+    const V p = exp_poly(r);
+    // 2^k in two halves, so that every k in [-126, 128] is exact.
+    I k = __builtin_convertvector(kf, I);
+    I k1 = k >> 1;
+    I k2 = k - k1;
+    I e1 = (k1 + 127) << 23;
+    I e2 = (k2 + 127) << 23;
+    V res = (p * (V)e1) * (V)e2;
+    return x < kLo ? splat(0.0f) : res;
+  }
+#endif
+  static inline V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }
+  // F.softplus with threshold 20: x > 20 -> x, else max(x, 0) + log1p(exp(-|x|)), where
+  // log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3], as an odd series up to s^15.
+  static inline V softplus(V x) {
+    V ax = x < 0.0f ? -x : x;
+    V e = exp(-ax);
+    V s = e / (2.0f + e);
+    V s2 = s * s;
+    V q = splat(1.0f / 15.0f);
     q = q * s2 + 1.0f / 13.0f;
     q = q * s2 + 1.0f / 11.0f;
     q = q * s2 + 1.0f / 9.0f;
@@ -92,30 +124,510 @@ struct Fn<float> {
     q = q * s2 + 1.0f / 5.0f;
     q = q * s2 + 1.0f / 3.0f;
     q = q * s2 + 1.0f;
-    float l = 2.0f * s * q;
-    float m = x > 0.0f ? x : 0.0f;
-    float res = m + l;
+    V m = x > 0.0f ? x : splat(0.0f);
+    V res = m + 2.0f * s * q;
     return x > 20.0f ? x : res;
   }
+  static inline V dsoftplus(V x) { return x > 20.0f ? splat(1.0f) : sigmoid(x); }
 };
 
 template <>
-struct Fn<double> {
-  static inline double exp(double x) { return std::exp(x); }
-  static inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-  static inline double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+struct Vec<double> {
+  static constexpr int W = 8;
+  typedef double V __attribute__((vector_size(64)));
+
+  static inline V splat(double s) { return s - V{}; }
+  static inline V exp(V x) {
+    V r;
+    for (int l = 0; l < W; ++l) r[l] = std::exp(x[l]);
+    return r;
+  }
+  static inline V sigmoid(V x) {
+    V r;
+    for (int l = 0; l < W; ++l) r[l] = 1.0 / (1.0 + std::exp(-x[l]));
+    return r;
+  }
+  static inline V softplus(V x) {
+    V r;
+    for (int l = 0; l < W; ++l) r[l] = x[l] > 20.0 ? x[l] : std::log1p(std::exp(x[l]));
+    return r;
+  }
+  static inline V dsoftplus(V x) {
+    V r;
+    for (int l = 0; l < W; ++l) r[l] = x[l] > 20.0 ? 1.0 : 1.0 / (1.0 + std::exp(-x[l]));
+    return r;
+  }
 };
 
 // ---------------------------------------------------------------------------------------------
-// Inputs, brought to the compute dtype, with u / delta / z contiguous (batch, d_inner, L).
+// Problem description (raw pointers, compute dtype T)
+
+template <typename T>
+struct Problem {
+  int64_t batch = 0, dim = 0, L = 0, N = 0;
+  const T* u = nullptr;      // (batch, dim, L) contiguous
+  const T* delta = nullptr;  // (batch, dim, L) contiguous
+  const T* A = nullptr;      // (dim, N) contiguous
+  const T* D = nullptr;      // (dim,) or null
+  const T* z = nullptr;      // (batch, dim, L) contiguous or null
+  const T* bias = nullptr;   // (dim,) or null
+  bool softplus = false;
+  struct BC {
+    const T* p = nullptr;
+    int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, groups = 1;
+    bool variable = true;
+    const T* at(int64_t b, int64_t d) const { return p + b * s_b + (d / dpg) * s_g; }
+  } B, C;
+  // Channel blocks of one batch element: [starts[i], starts[i + 1]).
+  std::vector<int64_t> starts;
+};
+
+// Split [0, dim) into blocks of at most W channels that never straddle a B or C group.
+template <typename T>
+void make_blocks(Problem<T>& P) {
+  constexpr int W = Vec<T>::W;
+  P.starts.clear();
+  int64_t d = 0;
+  while (d < P.dim) {
+    P.starts.push_back(d);
+    int64_t e = std::min<int64_t>(d + W, P.dim);
+    if (P.B.variable) e = std::min<int64_t>(e, (d / P.B.dpg + 1) * P.B.dpg);
+    if (P.C.variable) e = std::min<int64_t>(e, (d / P.C.dpg + 1) * P.C.dpg);
+    d = e;
+  }
+  P.starts.push_back(P.dim);
+}
+
+// tile[t][l] = src[l * L + t] for lanes l < nl, 0 for the others.
+template <typename T>
+inline void load_tile(typename Vec<T>::V* tile, const T* src, int64_t L, int nl) {
+  constexpr int W = Vec<T>::W;
+  T* s = reinterpret_cast<T*>(tile);
+  if (nl < W) std::memset(static_cast<void*>(s), 0, sizeof(T) * W * L);
+  for (int l = 0; l < nl; ++l) {
+    const T* row = src + l * L;
+    for (int64_t t = 0; t < L; ++t) s[t * W + l] = row[t];
+  }
+}
+
+// dst[l * L + t] = tile[t][l] for lanes l < nl.
+template <typename T>
+inline void store_tile(T* dst, const typename Vec<T>::V* tile, int64_t L, int nl) {
+  constexpr int W = Vec<T>::W;
+  const T* s = reinterpret_cast<const T*>(tile);
+  for (int l = 0; l < nl; ++l) {
+    T* row = dst + l * L;
+    for (int64_t t = 0; t < L; ++t) row[t] = s[t * W + l];
+  }
+}
+
+// lanes(p, nl)[l] = p[l * stride] for l < nl, else 0; null p gives 0.
+template <typename T>
+inline typename Vec<T>::V lanes(const T* p, int nl, int64_t stride = 1) {
+  typename Vec<T>::V v = Vec<T>::splat(T(0));
+  if (p) {
+    for (int l = 0; l < nl; ++l) v[l] = p[l * stride];
+  }
+  return v;
+}
+
+// Per-thread scratch space, in vectors of W lanes. Tiles are (L,) vectors, i.e. (L, W) values;
+// the backward also keeps every state and decay of one block ((L + 1) * N and L * N vectors) and
+// a few N-vector accumulators.
+template <typename T>
+struct Scratch {
+  using V = typename Vec<T>::V;
+  std::vector<V> buf;
+  V* U = nullptr;    // u
+  V* DT = nullptr;   // dt, then y (forward) / d delta (backward)
+  V* X = nullptr;    // z (forward) / dout, then dy (backward)
+  V* Y = nullptr;    // y, then du (backward)
+  V* DSP = nullptr;  // d softplus / dx (backward)
+  V* Z = nullptr;    // z, then dz (backward)
+  V* AT = nullptr;   // A, constant B, constant C: N vectors each
+  V* BT = nullptr;
+  V* CT = nullptr;
+  V* H = nullptr;    // states: N vectors (forward), (L + 1) * N (backward)
+  V* DEC = nullptr;  // decays exp(dt A): L * N (backward)
+  V* G = nullptr;    // backward: dLoss/dh, dA, constant dB, constant dC accumulators (N each)
+  V* DAc = nullptr;
+  V* DBc = nullptr;
+  V* DCc = nullptr;
+  V* TB = nullptr;   // backward: one time step's per-lane dB / dC contributions (N each)
+  V* TC = nullptr;
+
+  Scratch(int64_t L, int64_t N, bool backward) {
+    const int64_t tiles = backward ? 6 * L : 3 * L;
+    const int64_t states = backward ? (L + 1) * N + L * N + 6 * N : N;
+    buf.assign(static_cast<size_t>(tiles + 3 * N + states), Vec<T>::splat(T(0)));
+    V* p = buf.data();
+    auto take = [&p](int64_t n) {
+      V* r = p;
+      p += n;
+      return r;
+    };
+    U = take(L);
+    DT = take(L);
+    X = take(L);
+    AT = take(N);
+    BT = take(N);
+    CT = take(N);
+    if (!backward) {
+      H = take(N);
+      return;
+    }
+    Y = take(L);
+    DSP = take(L);
+    Z = take(L);
+    H = take((L + 1) * N);
+    DEC = take(L * N);
+    G = take(N);
+    DAc = take(N);
+    DBc = take(N);
+    DCc = take(N);
+    TB = take(N);
+    TC = take(N);
+  }
+};
+
+// Loads the block's dt = softplus(delta + bias) tile (and d softplus / dx), A tile and constant
+// B / C tiles.
+template <typename T>
+void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scratch<T>& S,
+                       typename Vec<T>::V* DSP) {
+  using F = Vec<T>;
+  using V = typename F::V;
+  const int64_t L = P.L, N = P.N;
+  const int64_t row0 = b * P.dim + d0;
+  load_tile<T>(S.DT, P.delta + row0 * L, L, nl);
+  const V bias = lanes<T>(P.bias ? P.bias + d0 : nullptr, nl);
+  for (int64_t t = 0; t < L; ++t) {
+    const V x = S.DT[t] + bias;
+    if (P.softplus) {
+      S.DT[t] = F::softplus(x);
+      if (DSP) DSP[t] = F::dsoftplus(x);
+    } else {
+      S.DT[t] = x;
+      if (DSP) DSP[t] = F::splat(T(1));
+    }
+  }
+  for (int64_t n = 0; n < N; ++n) S.AT[n] = lanes<T>(P.A + d0 * N + n, nl, N);
+  if (!P.B.variable) {
+    for (int64_t n = 0; n < N; ++n) S.BT[n] = lanes<T>(P.B.at(b, d0) + n, nl, P.B.s_g);
+  }
+  if (!P.C.variable) {
+    for (int64_t n = 0; n < N; ++n) S.CT[n] = lanes<T>(P.C.at(b, d0) + n, nl, P.C.s_g);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T, bool VB, bool VC>
+void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, Scratch<T>& S) {
+  using F = Vec<T>;
+  using V = typename F::V;
+  const int64_t L = P.L, N = P.N;
+  const int64_t row0 = b * P.dim + d0;
+  load_tile<T>(S.U, P.u + row0 * L, L, nl);
+  load_block_params<T>(P, b, d0, nl, S, nullptr);
+  V* __restrict__ H = S.H;
+  const V* __restrict__ AT = S.AT;
+  const V* __restrict__ BT = S.BT;
+  const V* __restrict__ CT = S.CT;
+  for (int64_t n = 0; n < N; ++n) H[n] = F::splat(T(0));
+  const T* Bp = P.B.at(b, d0);
+  const T* Cp = P.C.at(b, d0);
+  for (int64_t t = 0; t < L; ++t) {
+    const V dt = S.DT[t];
+    const V dtu = dt * S.U[t];
+    const T* __restrict__ Bt = Bp + t * P.B.s_t;
+    const T* __restrict__ Ct = Cp + t * P.C.s_t;
+    V y = F::splat(T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const V bv = VB ? F::splat(Bt[n]) : BT[n];
+      const V cv = VC ? F::splat(Ct[n]) : CT[n];
+      const V h = F::exp(dt * AT[n]) * H[n] + dtu * bv;
+      H[n] = h;
+      y += cv * h;
+    }
+    S.DT[t] = y;  // dt[t] is no longer needed: the tile now holds y
+  }
+  const V Dv = lanes<T>(P.D ? P.D + d0 : nullptr, nl);
+  if (P.z) {
+    load_tile<T>(S.X, P.z + row0 * L, L, nl);
+    for (int64_t t = 0; t < L; ++t) {
+      const V z = S.X[t];
+      S.DT[t] = (S.DT[t] + Dv * S.U[t]) * (z * F::sigmoid(z));
+    }
+  } else {
+    for (int64_t t = 0; t < L; ++t) S.DT[t] += Dv * S.U[t];
+  }
+  store_tile<T>(out + row0 * L, S.DT, L, nl);
+}
+
+template <typename T>
+void forward(const Problem<T>& P, T* out) {
+  const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
+  const int64_t work_per_block = std::max<int64_t>(1, P.L * P.N);
+  const int64_t grain = std::max<int64_t>(1, 16384 / work_per_block);
+  auto fn = P.B.variable ? (P.C.variable ? &forward_block<T, true, true> : &forward_block<T, true, false>)
+                         : (P.C.variable ? &forward_block<T, false, true> : &forward_block<T, false, false>);
+  at::parallel_for(0, P.batch * nb, grain, [&](int64_t begin, int64_t end) {
+    Scratch<T> S(P.L, P.N, false);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / nb, k = i % nb;
+      const int64_t d0 = P.starts[k];
+      fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+struct GradPtrs {
+  T* du = nullptr;        // (batch, dim, L)
+  T* ddelta = nullptr;    // (batch, dim, L)
+  T* dz = nullptr;        // (batch, dim, L) or null
+  T* dA_part = nullptr;   // (batch, dim, N)
+  T* dD_part = nullptr;   // (batch, dim)
+  T* dbias_part = nullptr;// (batch, dim)
+  T* dB_part = nullptr;   // variable: (batch, K, groups, L, N); constant: (batch, dim, N)
+  T* dC_part = nullptr;
+  int64_t K = 1;
+};
+
+// dst[n] += sum over lanes of v[n], for n < count (count <= W).
+inline void add_lane_sums(const Vec<float>::V* v, int count, float* dst) {
+  using V = Vec<float>::V;
+  static_assert(Vec<float>::W == 16, "lane reduction written for 16 lanes");
+  // Transpose-and-add: after each level, lane groups of the result hold partial sums of twice as
+  // many input vectors; 15 two-source shuffles pairs plus adds instead of 16 full reductions.
+  V x[16];
+  for (int i = 0; i < 16; ++i) x[i] = i < count ? v[i] : V{};
+  V a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {
+    const V p = x[2 * i], q = x[2 * i + 1];
+    a[i] = __builtin_shufflevector(p, q, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(p, q, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const V p = a[2 * i], q = a[2 * i + 1];
+    b[i] = __builtin_shufflevector(p, q, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(p, q, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const V p = b[2 * i], q = b[2 * i + 1];
+    c[i] = __builtin_shufflevector(p, q, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(p, q, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  const V r = __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+              __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  if (count == 16) {
+    V d;
+    std::memcpy(&d, dst, sizeof(V));
+    d += r;
+    std::memcpy(dst, &d, sizeof(V));
+  } else {
+    for (int n = 0; n < count; ++n) dst[n] += r[n];
+  }
+}
+
+inline void add_lane_sums(const Vec<double>::V* v, int count, double* dst) {
+  for (int n = 0; n < count; ++n) {
+    double s = 0.0;
+    for (int l = 0; l < Vec<double>::W; ++l) s += v[n][l];
+    dst[n] += s;
+  }
+}
+
+// dst[n] += sum over lanes of v[n] for all n < N.
+template <typename T>
+inline void add_lane_sums_all(const typename Vec<T>::V* v, int64_t N, T* dst) {
+  constexpr int W = Vec<T>::W;
+  for (int64_t n0 = 0; n0 < N; n0 += W) {
+    add_lane_sums(v + n0, static_cast<int>(std::min<int64_t>(W, N - n0)), dst + n0);
+  }
+}
+
+template <typename T, bool VB, bool VC>
+void backward_block(const Problem<T>& P, const T* dout_all, int64_t b, int64_t d0, int nl,
+                    const GradPtrs<T>& g, T* dB_task, T* dC_task, Scratch<T>& S) {
+  using F = Vec<T>;
+  using V = typename F::V;
+  const int64_t L = P.L, N = P.N;
+  const int64_t row0 = b * P.dim + d0;
+  V* __restrict__ DSP = S.DSP;
+  load_tile<T>(S.U, P.u + row0 * L, L, nl);
+  load_block_params<T>(P, b, d0, nl, S, DSP);
+  const V* __restrict__ AT = S.AT;
+  const V* __restrict__ BT = S.BT;
+  const V* __restrict__ CT = S.CT;
+  V* __restrict__ HS = S.H;     // HS[t * N + n] = h_{t-1}[n]; HS[0 .. N) = 0
+  V* __restrict__ DEC = S.DEC;  // DEC[t * N + n] = exp(dt_t A[n])
+  const T* Bp = P.B.at(b, d0);
+  const T* Cp = P.C.at(b, d0);
+
+  // Forward recomputation.
+  for (int64_t n = 0; n < N; ++n) HS[n] = F::splat(T(0));
+  for (int64_t t = 0; t < L; ++t) {
+    const V dt = S.DT[t];
+    const V dtu = dt * S.U[t];
+    const T* __restrict__ Bt = Bp + t * P.B.s_t;
+    const T* __restrict__ Ct = Cp + t * P.C.s_t;
+    const V* __restrict__ hp = HS + t * N;
+    V* __restrict__ hn = HS + (t + 1) * N;
+    V* __restrict__ dec = DEC + t * N;
+    V y = F::splat(T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const V bv = VB ? F::splat(Bt[n]) : BT[n];
+      const V cv = VC ? F::splat(Ct[n]) : CT[n];
+      const V a = F::exp(dt * AT[n]);
+      const V h = a * hp[n] + dtu * bv;
+      dec[n] = a;
+      hn[n] = h;
+      y += cv * h;
+    }
+    S.Y[t] = y;
+  }
+
+  // Gate and skip connection: X holds dout and becomes dy, Y becomes du, Z gets dz.
+  const V Dv = lanes<T>(P.D ? P.D + d0 : nullptr, nl);
+  V dDacc = F::splat(T(0));
+  load_tile<T>(S.X, dout_all + row0 * L, L, nl);
+  if (P.z) {
+    load_tile<T>(S.Z, P.z + row0 * L, L, nl);
+    for (int64_t t = 0; t < L; ++t) {
+      const V z = S.Z[t];
+      const V sz = F::sigmoid(z);
+      const V y = S.Y[t] + Dv * S.U[t];
+      const V d_out = S.X[t];
+      S.Z[t] = d_out * y * sz * (T(1) + z * (T(1) - sz));
+      S.X[t] = d_out * z * sz;
+    }
+    store_tile<T>(g.dz + row0 * L, S.Z, L, nl);
+  }
+  for (int64_t t = 0; t < L; ++t) {
+    const V dy = S.X[t];
+    dDacc += dy * S.U[t];
+    S.Y[t] = dy * Dv;  // du, first term
+  }
+
+  // Reverse recurrence.
+  V* __restrict__ G = S.G;
+  V* __restrict__ DAc = S.DAc;
+  V* __restrict__ DBc = S.DBc;
+  V* __restrict__ DCc = S.DCc;
+  V* __restrict__ TB = S.TB;
+  V* __restrict__ TC = S.TC;
+  // Variable dB / dC: this block's (L, N) slice of its task's buffer, for the block's group.
+  T* dBvar = VB ? dB_task + (d0 / P.B.dpg) * L * N : nullptr;
+  T* dCvar = VC ? dC_task + (d0 / P.C.dpg) * L * N : nullptr;
+  for (int64_t n = 0; n < N; ++n) {
+    G[n] = F::splat(T(0));
+    DAc[n] = F::splat(T(0));
+    DBc[n] = F::splat(T(0));
+    DCc[n] = F::splat(T(0));
+  }
+  V dbias = F::splat(T(0));
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const V dt = S.DT[t];
+    const V u = S.U[t];
+    const V dtu = dt * u;
+    const V dy = S.X[t];
+    const T* __restrict__ Bt = Bp + t * P.B.s_t;
+    const T* __restrict__ Ct = Cp + t * P.C.s_t;
+    const V* __restrict__ hp = HS + t * N;
+    const V* __restrict__ hc = HS + (t + 1) * N;
+    const V* __restrict__ dec = DEC + t * N;
+    V* __restrict__ dBt = VB ? TB : DBc;
+    V* __restrict__ dCt = VC ? TC : DCc;
+    V sgB = F::splat(T(0));
+    V sqA = F::splat(T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const V bv = VB ? F::splat(Bt[n]) : BT[n];
+      const V cv = VC ? F::splat(Ct[n]) : CT[n];
+      const V gn = G[n] + dy * cv;
+      if (VC) {
+        dCt[n] = dy * hc[n];
+      } else {
+        dCt[n] += dy * hc[n];
+      }
+      sgB += gn * bv;
+      if (VB) {
+        dBt[n] = gn * dtu;
+      } else {
+        dBt[n] += gn * dtu;
+      }
+      const V a = dec[n];
+      const V q = gn * hp[n] * a;
+      sqA += q * AT[n];
+      DAc[n] += q * dt;
+      G[n] = gn * a;
+    }
+    if (VB) add_lane_sums_all<T>(TB, N, dBvar + t * N);
+    if (VC) add_lane_sums_all<T>(TC, N, dCvar + t * N);
+    const V dd = (sqA + u * sgB) * DSP[t];
+    S.DT[t] = dd;  // the dt tile now holds d delta
+    dbias += dd;
+    S.Y[t] += dt * sgB;
+  }
+
+  store_tile<T>(g.du + row0 * L, S.Y, L, nl);
+  store_tile<T>(g.ddelta + row0 * L, S.DT, L, nl);
+  for (int l = 0; l < nl; ++l) {
+    const int64_t row = row0 + l;
+    g.dD_part[row] = dDacc[l];
+    g.dbias_part[row] = dbias[l];
+    for (int64_t n = 0; n < N; ++n) g.dA_part[row * N + n] = DAc[n][l];
+    if (!VB) {
+      for (int64_t n = 0; n < N; ++n) g.dB_part[row * N + n] = DBc[n][l];
+    }
+    if (!VC) {
+      for (int64_t n = 0; n < N; ++n) g.dC_part[row * N + n] = DCc[n][l];
+    }
+  }
+}
+
+// One task: batch element b, blocks [kb0, kb1) of the block list; it owns the variable dB / dC
+// buffers (groups, L, N) of index b * K + k.
+template <typename T, bool VB, bool VC>
+void backward_task(const Problem<T>& P, const T* dout, int64_t b, int64_t k, int64_t kb0, int64_t kb1,
+                   const GradPtrs<T>& g, Scratch<T>& S) {
+  const int64_t LN = P.L * P.N;
+  const int64_t task = b * g.K + k;
+  T* dB_task = VB ? g.dB_part + task * P.B.groups * LN : nullptr;
+  T* dC_task = VC ? g.dC_part + task * P.C.groups * LN : nullptr;
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const int64_t d0 = P.starts[kb];
+    backward_block<T, VB, VC>(P, dout, b, d0, static_cast<int>(P.starts[kb + 1] - d0), g, dB_task,
+                              dC_task, S);
+  }
+}
+
+template <typename T>
+void backward(const Problem<T>& P, const T* dout, const GradPtrs<T>& g) {
+  const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
+  const int64_t K = g.K;
+  auto fn = P.B.variable ? (P.C.variable ? &backward_task<T, true, true> : &backward_task<T, true, false>)
+                         : (P.C.variable ? &backward_task<T, false, true> : &backward_task<T, false, false>);
+  at::parallel_for(0, P.batch * K, 1, [&](int64_t begin, int64_t end) {
+    Scratch<T> S(P.L, P.N, true);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / K, k = task % K;
+      fn(P, dout, b, k, k * nb / K, (k + 1) * nb / K, g, S);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor glue
 
 struct BCView {
-  at::Tensor t;       // keeps the (possibly converted) storage alive
-  int64_t s_b = 0;    // stride of batch
-  int64_t s_g = 0;    // stride of group
-  int64_t dpg = 1;    // channels per group
-  int64_t s_t = 0;    // stride of time
-  int64_t groups = 1;
+  at::Tensor t;  // keeps the (possibly converted) storage alive
+  int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, groups = 1;
   bool variable = true;
 };
 
@@ -128,10 +640,8 @@ BCView make_bc_view(const at::Tensor& M, int64_t batch, int64_t dim, int64_t N, 
     at::Tensor t = M.to(cdt);
     if (t.stride(1) != 1) t = t.contiguous();
     v.t = t;
-    v.s_b = 0;
     v.s_g = t.stride(0);
     v.dpg = 1;
-    v.s_t = 0;
     v.groups = dim;
     v.variable = false;
   } else if (M.dim() == 3) {
@@ -141,10 +651,8 @@ BCView make_bc_view(const at::Tensor& M, int64_t batch, int64_t dim, int64_t N, 
     if (t.stride(2) != 1) t = t.contiguous();
     v.t = t;
     v.s_b = t.stride(0);
-    v.s_g = 0;
-    v.dpg = dim;
+    v.dpg = std::max<int64_t>(dim, 1);
     v.s_t = t.stride(1);
-    v.groups = 1;
   } else if (M.dim() == 4) {
     const int64_t G = M.size(1);
     TORCH_CHECK(M.size(0) == batch && G >= 1 && dim % G == 0 && M.size(2) == N && M.size(3) == L,
@@ -155,7 +663,7 @@ BCView make_bc_view(const at::Tensor& M, int64_t batch, int64_t dim, int64_t N, 
     v.t = t;
     v.s_b = t.stride(0);
     v.s_g = t.stride(1);
-    v.dpg = dim / G;
+    v.dpg = std::max<int64_t>(dim / G, 1);
     v.s_t = t.stride(2);
     v.groups = G;
   } else {
@@ -166,7 +674,7 @@ BCView make_bc_view(const at::Tensor& M, int64_t batch, int64_t dim, int64_t N, 
 
 struct Inputs {
   int64_t batch = 0, dim = 0, L = 0, N = 0;
-  at::ScalarType cdt;
+  at::ScalarType cdt = at::kFloat;
   at::Tensor u, delta, A, D, z, bias;
   BCView B, C;
   bool softplus = false;
@@ -215,103 +723,32 @@ Inputs prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
 }
 
 template <typename T>
-struct Ptrs {
-  const T* u;
-  const T* delta;
-  const T* A;
-  const T* B;
-  const T* C;
-  const T* D;
-  const T* z;
-  const T* bias;
-  explicit Ptrs(const Inputs& in)
-      : u(in.u.data_ptr<T>()),
-        delta(in.delta.data_ptr<T>()),
-        A(in.A.data_ptr<T>()),
-        B(in.B.t.data_ptr<T>()),
-        C(in.C.t.data_ptr<T>()),
-        D(in.D.defined() ? in.D.data_ptr<T>() : nullptr),
-        z(in.z.defined() ? in.z.data_ptr<T>() : nullptr),
-        bias(in.bias.defined() ? in.bias.data_ptr<T>() : nullptr) {}
-};
-
-// dt[t] = softplus(delta[t] + bias) (or without softplus); dsp[t] = d softplus / dx (if dsp).
-template <typename T>
-inline void row_dt(const T* __restrict__ delta, T bias, bool softplus, int64_t L, T* __restrict__ dt,
-                   T* __restrict__ dsp) {
-  if (softplus) {
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) dt[t] = Fn<T>::softplus(delta[t] + bias);
-    if (dsp) {
-#pragma omp simd
-      for (int64_t t = 0; t < L; ++t) {
-        T x = delta[t] + bias;
-        T s = Fn<T>::sigmoid(x);
-        dsp[t] = x > T(20) ? T(1) : s;
-      }
-    }
-  } else {
-#pragma omp simd
-    for (int64_t t = 0; t < L; ++t) dt[t] = delta[t] + bias;
-    if (dsp) {
-      for (int64_t t = 0; t < L; ++t) dsp[t] = T(1);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward
-
-template <typename T>
-void forward_kernel(const Inputs& in, T* __restrict__ out) {
-  const Ptrs<T> p(in);
-  const int64_t dim = in.dim, L = in.L, N = in.N;
-  const BCView& Bv = in.B;
-  const BCView& Cv = in.C;
-  const int64_t rows = in.batch * dim;
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, L * N));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<T> work(static_cast<size_t>(L + N));
-    T* __restrict__ dt = work.data();
-    T* __restrict__ h = dt + L;
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / dim, d = row % dim;
-      const T* __restrict__ u = p.u + row * L;
-      const T* __restrict__ A = p.A + d * N;
-      const T* __restrict__ Brow = p.B + b * Bv.s_b + (d / Bv.dpg) * Bv.s_g;
-      const T* __restrict__ Crow = p.C + b * Cv.s_b + (d / Cv.dpg) * Cv.s_g;
-      const int64_t Bst = Bv.s_t, Cst = Cv.s_t;
-      T* __restrict__ o = out + row * L;
-      row_dt<T>(p.delta + row * L, p.bias ? p.bias[d] : T(0), in.softplus, L, dt, nullptr);
-      for (int64_t n = 0; n < N; ++n) h[n] = T(0);
-      for (int64_t t = 0; t < L; ++t) {
-        const T dtt = dt[t];
-        const T dtu = dtt * u[t];
-        const T* __restrict__ Bt = Brow + t * Bst;
-        const T* __restrict__ Ct = Crow + t * Cst;
-        T y = T(0);
-#pragma omp simd reduction(+ : y)
-        for (int64_t n = 0; n < N; ++n) {
-          const T hn = Fn<T>::exp(dtt * A[n]) * h[n] + dtu * Bt[n];
-          h[n] = hn;
-          y += Ct[n] * hn;
-        }
-        o[t] = y;
-      }
-      const T Dd = p.D ? p.D[d] : T(0);
-      if (p.z) {
-        const T* __restrict__ z = p.z + row * L;
-#pragma omp simd
-        for (int64_t t = 0; t < L; ++t) {
-          const T zt = z[t];
-          o[t] = (o[t] + Dd * u[t]) * (zt * Fn<T>::sigmoid(zt));
-        }
-      } else {
-#pragma omp simd
-        for (int64_t t = 0; t < L; ++t) o[t] += Dd * u[t];
-      }
-    }
-  });
+Problem<T> make_problem(const Inputs& in) {
+  Problem<T> P;
+  P.batch = in.batch;
+  P.dim = in.dim;
+  P.L = in.L;
+  P.N = in.N;
+  P.u = in.u.data_ptr<T>();
+  P.delta = in.delta.data_ptr<T>();
+  P.A = in.A.data_ptr<T>();
+  P.D = in.D.defined() ? in.D.data_ptr<T>() : nullptr;
+  P.z = in.z.defined() ? in.z.data_ptr<T>() : nullptr;
+  P.bias = in.bias.defined() ? in.bias.data_ptr<T>() : nullptr;
+  P.softplus = in.softplus;
+  auto set = [](typename Problem<T>::BC& dst, const BCView& v) {
+    dst.p = v.t.data_ptr<T>();
+    dst.s_b = v.s_b;
+    dst.s_g = v.s_g;
+    dst.dpg = v.dpg;
+    dst.s_t = v.s_t;
+    dst.groups = v.groups;
+    dst.variable = v.variable;
+  };
+  set(P.B, in.B);
+  set(P.C, in.C);
+  make_blocks(P);
+  return P;
 }
 
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -322,200 +759,22 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
   at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.u.options());
   if (out.numel() > 0) {
     if (in.cdt == at::kDouble) {
-      forward_kernel<double>(in, out.data_ptr<double>());
+      forward<double>(make_problem<double>(in), out.data_ptr<double>());
     } else {
-      forward_kernel<float>(in, out.data_ptr<float>());
+      forward<float>(make_problem<float>(in), out.data_ptr<float>());
     }
   }
   return out.to(u.scalar_type());
 }
 
-// ---------------------------------------------------------------------------------------------
-// Backward
-//
-// Tasks are (b, k): batch element b and the k-th of K consecutive blocks of channels. A task owns
-// a partial dB / dC buffer for its batch element (variable B / C), so channel blocks never write
-// the same memory; K > 1 only when the batch alone does not give enough tasks. Per-row partials
-// (dA, dD, d_delta_bias, constant dB / dC) are stored per (b, d) and summed over the batch.
-
-struct Grads {
-  at::Tensor du, ddelta, dz;                  // (batch, dim, L)
-  at::Tensor dA_part;                         // (batch, dim, N)
-  at::Tensor dD_part, dbias_part;             // (batch, dim)
-  at::Tensor dB_part, dC_part;                // variable: (batch, K, G, L, N); constant: (batch, dim, N)
-};
-
-template <typename T>
-void backward_kernel(const Inputs& in, const T* __restrict__ dout_all, Grads& g, int64_t K) {
-  const Ptrs<T> p(in);
-  const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
-  const BCView& Bv = in.B;
-  const BCView& Cv = in.C;
-  T* __restrict__ du_all = g.du.data_ptr<T>();
-  T* __restrict__ ddelta_all = g.ddelta.data_ptr<T>();
-  T* __restrict__ dz_all = p.z ? g.dz.data_ptr<T>() : nullptr;
-  T* __restrict__ dA_part = g.dA_part.data_ptr<T>();
-  T* __restrict__ dD_part = g.dD_part.data_ptr<T>();
-  T* __restrict__ dbias_part = g.dbias_part.data_ptr<T>();
-  T* __restrict__ dB_part = g.dB_part.data_ptr<T>();
-  T* __restrict__ dC_part = g.dC_part.data_ptr<T>();
-  // Size of one task's variable dB / dC buffer.
-  const int64_t dB_task = Bv.groups * L * N;
-  const int64_t dC_task = Cv.groups * L * N;
-
-  at::parallel_for(0, batch * K, 1, [&](int64_t task_begin, int64_t task_end) {
-    // hs holds h_{-1} = 0 followed by h_0 .. h_{L-1}; decay holds exp(dt_t A).
-    std::vector<T> work(static_cast<size_t>((2 * L + 1) * N + 4 * L + 5 * N));
-    T* __restrict__ hs = work.data();
-    T* __restrict__ decay = hs + (L + 1) * N;
-    T* __restrict__ dt = decay + L * N;
-    T* __restrict__ dsp = dt + L;
-    T* __restrict__ y = dsp + L;
-    T* __restrict__ dy = y + L;
-    T* __restrict__ gh = dy + L;      // dLoss/dh carried backwards in time
-    T* __restrict__ dAacc = gh + N;
-    T* __restrict__ dBc = dAacc + N;  // constant-B accumulator for one row
-    T* __restrict__ dCc = dBc + N;
-    for (int64_t task = task_begin; task < task_end; ++task) {
-      const int64_t b = task / K, k = task % K;
-      const int64_t d0 = k * dim / K, d1 = (k + 1) * dim / K;
-      T* dB_task_ptr = Bv.variable ? dB_part + task * dB_task : nullptr;
-      T* dC_task_ptr = Cv.variable ? dC_part + task * dC_task : nullptr;
-      for (int64_t d = d0; d < d1; ++d) {
-        const int64_t row = b * dim + d;
-        const T* __restrict__ u = p.u + row * L;
-        const T* __restrict__ dout = dout_all + row * L;
-        const T* __restrict__ A = p.A + d * N;
-        const T* __restrict__ Brow = p.B + b * Bv.s_b + (d / Bv.dpg) * Bv.s_g;
-        const T* __restrict__ Crow = p.C + b * Cv.s_b + (d / Cv.dpg) * Cv.s_g;
-        const int64_t Bst = Bv.s_t, Cst = Cv.s_t;
-        T* __restrict__ dBrow = Bv.variable ? dB_task_ptr + (d / Bv.dpg) * L * N : dBc;
-        T* __restrict__ dCrow = Cv.variable ? dC_task_ptr + (d / Cv.dpg) * L * N : dCc;
-        const int64_t dBst = Bv.variable ? N : 0, dCst = Cv.variable ? N : 0;
-        T* __restrict__ du = du_all + row * L;
-        T* __restrict__ ddelta = ddelta_all + row * L;
-
-        row_dt<T>(p.delta + row * L, p.bias ? p.bias[d] : T(0), in.softplus, L, dt, dsp);
-
-        // Forward recomputation, keeping every state and decay.
-        for (int64_t n = 0; n < N; ++n) hs[n] = T(0);
-        for (int64_t t = 0; t < L; ++t) {
-          const T dtt = dt[t];
-          const T dtu = dtt * u[t];
-          const T* __restrict__ Bt = Brow + t * Bst;
-          const T* __restrict__ Ct = Crow + t * Cst;
-          const T* __restrict__ hp = hs + t * N;
-          T* __restrict__ hn = hs + (t + 1) * N;
-          T* __restrict__ at = decay + t * N;
-          T acc = T(0);
-#pragma omp simd reduction(+ : acc)
-          for (int64_t n = 0; n < N; ++n) {
-            const T a = Fn<T>::exp(dtt * A[n]);
-            const T h = a * hp[n] + dtu * Bt[n];
-            at[n] = a;
-            hn[n] = h;
-            acc += Ct[n] * h;
-          }
-          y[t] = acc;
-        }
-
-        // Output gate and skip connection.
-        const T Dd = p.D ? p.D[d] : T(0);
-        T dDsum = T(0);
-        if (p.z) {
-          const T* __restrict__ z = p.z + row * L;
-          T* __restrict__ dz = dz_all + row * L;
-#pragma omp simd reduction(+ : dDsum)
-          for (int64_t t = 0; t < L; ++t) {
-            const T zt = z[t];
-            const T sz = Fn<T>::sigmoid(zt);
-            const T yt = y[t] + Dd * u[t];
-            dz[t] = dout[t] * yt * sz * (T(1) + zt * (T(1) - sz));
-            const T dyt = dout[t] * zt * sz;
-            dy[t] = dyt;
-            dDsum += dyt * u[t];
-            du[t] = dyt * Dd;
-          }
-        } else {
-#pragma omp simd reduction(+ : dDsum)
-          for (int64_t t = 0; t < L; ++t) {
-            const T dyt = dout[t];
-            dy[t] = dyt;
-            dDsum += dyt * u[t];
-            du[t] = dyt * Dd;
-          }
-        }
-
-        // Reverse recurrence.
-        for (int64_t n = 0; n < N; ++n) {
-          gh[n] = T(0);
-          dAacc[n] = T(0);
-          dBc[n] = T(0);
-          dCc[n] = T(0);
-        }
-        for (int64_t t = L - 1; t >= 0; --t) {
-          const T dtt = dt[t];
-          const T ut = u[t];
-          const T dtu = dtt * ut;
-          const T dyt = dy[t];
-          const T* __restrict__ Bt = Brow + t * Bst;
-          const T* __restrict__ Ct = Crow + t * Cst;
-          const T* __restrict__ hp = hs + t * N;
-          const T* __restrict__ hc = hs + (t + 1) * N;
-          const T* __restrict__ at = decay + t * N;
-          T* __restrict__ dBt = dBrow + t * dBst;
-          T* __restrict__ dCt = dCrow + t * dCst;
-          T sum_gB = T(0), sum_qA = T(0);
-#pragma omp simd reduction(+ : sum_gB, sum_qA)
-          for (int64_t n = 0; n < N; ++n) {
-            const T gn = gh[n] + dyt * Ct[n];
-            dCt[n] += dyt * hc[n];
-            sum_gB += gn * Bt[n];
-            dBt[n] += gn * dtu;
-            const T q = gn * hp[n] * at[n];
-            sum_qA += q * A[n];
-            dAacc[n] += q * dtt;
-            gh[n] = gn * at[n];
-          }
-          ddelta[t] = sum_qA + ut * sum_gB;  // still w.r.t. dt; chain rule below
-          du[t] += dtt * sum_gB;
-        }
-        T dbias = T(0);
-#pragma omp simd reduction(+ : dbias)
-        for (int64_t t = 0; t < L; ++t) {
-          const T v = ddelta[t] * dsp[t];
-          ddelta[t] = v;
-          dbias += v;
-        }
-        T* __restrict__ dA_row = dA_part + row * N;
-        for (int64_t n = 0; n < N; ++n) dA_row[n] = dAacc[n];
-        dD_part[row] = dDsum;
-        dbias_part[row] = dbias;
-        if (!Bv.variable) {
-          T* __restrict__ dst = dB_part + row * N;
-          for (int64_t n = 0; n < N; ++n) dst[n] = dBc[n];
-        }
-        if (!Cv.variable) {
-          T* __restrict__ dst = dC_part + row * N;
-          for (int64_t n = 0; n < N; ++n) dst[n] = dCc[n];
-        }
-      }
-    }
-  });
-}
-
-// Sum a (batch, K, G, L, N) / (batch, dim, N) partial into the user layout of B / C.
+// Sums a (batch, K, G, L, N) / (batch, dim, N) partial into the user layout of B / C.
 at::Tensor finish_bc_grad(const at::Tensor& part, const BCView& v, const at::Tensor& M) {
   at::Tensor g;
   if (!v.variable) {
     g = part.sum(0);  // (dim, N)
   } else {
     g = part.size(1) == 1 ? part.select(1, 0) : part.sum(1);  // (batch, G, L, N)
-    if (M.dim() == 3) {
-      g = g.select(1, 0).transpose(1, 2);  // (batch, N, L)
-    } else {
-      g = g.transpose(2, 3);  // (batch, G, N, L)
-    }
+    g = M.dim() == 3 ? g.select(1, 0).transpose(1, 2) : g.transpose(2, 3);
   }
   return g.to(M.scalar_type()).contiguous();
 }
@@ -532,60 +791,72 @@ std::vector<c10::optional<at::Tensor>> selective_scan_bwd(
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const auto opts = in.u.options();
 
-  // Enough tasks to keep every thread busy; more than one channel block per batch element only
-  // when the batch is small (each block costs its own partial dB / dC buffer).
+  // Runs of blocks per batch element: one, unless the batch alone gives too few tasks to keep
+  // every thread busy (each run costs its own partial dB / dC buffer).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t nblocks = (dim + Vec<float>::W - 1) / Vec<float>::W;
   int64_t K = 1;
-  if (batch < 4 * threads) {
-    K = std::min<int64_t>(std::max<int64_t>(dim, 1), (4 * threads + batch - 1) / std::max<int64_t>(batch, 1));
+  if (batch > 0 && batch < 2 * threads) {
+    K = std::max<int64_t>(1, std::min<int64_t>(nblocks, (2 * threads + batch - 1) / batch));
   }
 
-  Grads g;
-  g.du = at::empty({batch, dim, L}, opts);
-  g.ddelta = at::empty({batch, dim, L}, opts);
-  if (in.z.defined()) g.dz = at::empty({batch, dim, L}, opts);
-  g.dA_part = at::empty({batch, dim, N}, opts);
-  g.dD_part = at::empty({batch, dim}, opts);
-  g.dbias_part = at::empty({batch, dim}, opts);
-  g.dB_part = in.B.variable ? at::zeros({batch, K, in.B.groups, L, N}, opts)
-                            : at::empty({batch, dim, N}, opts);
-  g.dC_part = in.C.variable ? at::zeros({batch, K, in.C.groups, L, N}, opts)
-                            : at::empty({batch, dim, N}, opts);
+  at::Tensor du = at::zeros({batch, dim, L}, opts);
+  at::Tensor ddelta = at::zeros({batch, dim, L}, opts);
+  at::Tensor dz = in.z.defined() ? at::zeros({batch, dim, L}, opts) : at::Tensor();
+  at::Tensor dA_part = at::zeros({batch, dim, N}, opts);
+  at::Tensor dD_part = at::zeros({batch, dim}, opts);
+  at::Tensor dbias_part = at::zeros({batch, dim}, opts);
+  at::Tensor dB_part = in.B.variable ? at::zeros({batch, K, in.B.groups, L, N}, opts)
+                                     : at::zeros({batch, dim, N}, opts);
+  at::Tensor dC_part = in.C.variable ? at::zeros({batch, K, in.C.groups, L, N}, opts)
+                                     : at::zeros({batch, dim, N}, opts);
 
   if (batch * dim > 0 && L > 0) {
+    auto run = [&](auto tag) {
+      using T = decltype(tag);
+      Problem<T> P = make_problem<T>(in);
+      GradPtrs<T> g;
+      g.du = du.data_ptr<T>();
+      g.ddelta = ddelta.data_ptr<T>();
+      g.dz = dz.defined() ? dz.data_ptr<T>() : nullptr;
+      g.dA_part = dA_part.data_ptr<T>();
+      g.dD_part = dD_part.data_ptr<T>();
+      g.dbias_part = dbias_part.data_ptr<T>();
+      g.dB_part = dB_part.data_ptr<T>();
+      g.dC_part = dC_part.data_ptr<T>();
+      // K counts runs of blocks; never more runs than blocks of this dtype.
+      const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
+      g.K = std::min<int64_t>(K, std::max<int64_t>(nb, 1));
+      backward<T>(P, dout_c.data_ptr<T>(), g);
+    };
     if (in.cdt == at::kDouble) {
-      backward_kernel<double>(in, dout_c.data_ptr<double>(), g, K);
+      run(double{});
     } else {
-      backward_kernel<float>(in, dout_c.data_ptr<float>(), g, K);
+      run(float{});
     }
-  } else {
-    // Empty problem: every gradient is zero.
-    for (at::Tensor* t : {&g.du, &g.ddelta, &g.dA_part, &g.dD_part, &g.dbias_part, &g.dB_part, &g.dC_part}) {
-      t->zero_();
-    }
-    if (g.dz.defined()) g.dz.zero_();
   }
 
   std::vector<c10::optional<at::Tensor>> res(8);
-  res[0] = g.du.to(u.scalar_type());
-  res[1] = g.ddelta.to(delta.scalar_type());
-  res[2] = g.dA_part.sum(0).to(A.scalar_type());
-  res[3] = finish_bc_grad(g.dB_part, in.B, B);
-  res[4] = finish_bc_grad(g.dC_part, in.C, C);
-  if (in.D.defined()) res[5] = g.dD_part.sum(0).to(D->scalar_type()).view(D->sizes());
-  if (in.z.defined()) res[6] = g.dz.to(z->scalar_type());
-  if (in.bias.defined()) res[7] = g.dbias_part.sum(0).to(delta_bias->scalar_type()).view(delta_bias->sizes());
+  res[0] = du.to(u.scalar_type());
+  res[1] = ddelta.to(delta.scalar_type());
+  res[2] = dA_part.sum(0).to(A.scalar_type());
+  res[3] = finish_bc_grad(dB_part, in.B, B);
+  res[4] = finish_bc_grad(dC_part, in.C, C);
+  if (in.D.defined()) res[5] = dD_part.sum(0).to(D->scalar_type()).view(D->sizes());
+  if (in.z.defined()) res[6] = dz.to(z->scalar_type());
+  if (in.bias.defined()) res[7] = dbias_part.sum(0).to(delta_bias->scalar_type()).view(delta_bias->sizes());
   return res;
 }
 
-}  // namespace
+}  // namespace ouromamba_scan
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ouromamba_fx fused selective scan (CPU)";
-  m.def("fwd", &selective_scan_fwd, "selective scan forward",
+  m.def("fwd", &ouromamba_scan::selective_scan_fwd, "selective scan forward",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
         py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"));
-  m.def("bwd", &selective_scan_bwd, "selective scan backward: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias)",
+  m.def("bwd", &ouromamba_scan::selective_scan_bwd,
+        "selective scan backward: [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)",
         py::arg("dout"), py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
         py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"));
 }
