@@ -34,6 +34,59 @@ def test_triton_kernels_in_interpreter():
 test_triton_kernels_in_interpreter.__test__ = not INTERPRET
 
 
+# Ahead-of-time compilation for NVIDIA targets (no GPU needed: triton ships ptxas). This catches
+# what the interpreter does not check, e.g. that 8-bit tl.dot needs K >= 32 on NVIDIA GPUs.
+_PTR_TYPES = {
+    "_quantize_rows_kernel": {"x_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32"},
+    "_outlier_split_kernel": {"x_ptr": "*bf16", "mask_ptr": "*u8", "q_in_ptr": "*i8", "s_in_ptr": "*fp32",
+                              "q_out_ptr": "*i8", "s_out_ptr": "*fp32"},
+    "_int8_gemm_kernel": {"x_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*fp32", "xs_ptr": "*fp32",
+                          "ws_ptr": "*fp32", "bias_ptr": "*fp32"},
+    "_int4_gemm_kernel": {"a_ptr": "*i8", "b_ptr": "*i8", "w_ptr": "*u8", "y_ptr": "*fp32", "sa_ptr": "*fp32",
+                          "sb_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32"},
+}
+_AOT_CASES = [  # (module, kernel, constexprs, num_warps): the largest and smallest tiles the wrappers pick
+    ("quantize", "_quantize_rows_kernel", dict(STATIC_SCALE=False, BLOCK_M=16, BLOCK_K=256), 4),
+    ("quantize", "_quantize_rows_kernel", dict(STATIC_SCALE=True, BLOCK_M=1, BLOCK_K=16), 4),
+    ("quantize", "_outlier_split_kernel", dict(STATIC_INLIER=False, BLOCK_M=16, BLOCK_K=256), 4),
+    ("quantize", "_outlier_split_kernel", dict(STATIC_INLIER=True, BLOCK_M=1, BLOCK_K=16), 4),
+    ("int8_gemm", "_int8_gemm_kernel", dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 8),
+    ("int8_gemm", "_int8_gemm_kernel", dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=8), 4),
+    ("int4_gemm", "_int4_gemm_kernel", dict(HAS_OUTLIERS=True, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128,
+                                            BLOCK_KP=64, GROUP_M=8), 8),
+    ("int4_gemm", "_int4_gemm_kernel", dict(HAS_OUTLIERS=False, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16,
+                                            BLOCK_KP=32, GROUP_M=8), 4),
+]
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernels_compile_for_nvidia(arch):
+    import importlib
+
+    import triton
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        pytest.skip("triton has no NVIDIA backend here")
+    for module, name, constexprs, warps in _AOT_CASES:
+        fn = getattr(importlib.import_module(f"ouromamba_fx.kernels.{module}"), name)
+        floats = {"qmax", "qmax_in", "eps"}
+        sig = {a: "constexpr" if a in constexprs else _PTR_TYPES[name].get(a, "fp32" if a in floats else "i32")
+               for a in fn.arg_names}
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+        ptx = compiled.asm["ptx"]
+        if module == "quantize":  # a true division, never the approximate one
+            assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, name
+        else:  # int8 tensor-core products
+            assert "mma" in ptx, name
+
+
+test_kernels_compile_for_nvidia.__test__ = not INTERPRET
+
+
 # --------------------------------------------------------------------------------------------------
 # The kernel tests. The kernels are imported inside the tests, so that the parent never loads them.
 

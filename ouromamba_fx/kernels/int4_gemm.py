@@ -131,7 +131,7 @@ def int4_gemm(x_q: Tensor, x_scale: Tensor, w_packed: Tensor, w_scale: Tensor,
         x_q.stride(0), x_q.stride(1), b_op.stride(0), b_op.stride(1), w_packed.stride(0), w_packed.stride(1),
         y.stride(0), y.stride(1), stride_sa, stride_sb,
         HAS_OUTLIERS=x_q_out is not None, HAS_BIAS=b is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KP=max(bk // 2, 16), GROUP_M=8, num_warps=warps,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_KP=max(bk // 2, 32), GROUP_M=8, num_warps=warps,
     )
     return y
 
