@@ -14,6 +14,8 @@ err = Console(stderr=True)
 
 EXAMPLES = """examples:
   ouromamba-fx eval                                   # bundled reference Vim on the bundled sample
+  ouromamba-fx convert --config W8A8 --calib path/to/calib --eval path/to/val
+  ouromamba-fx diff --layer 3 --role x_proj           # what each pass did to layer 3's x_proj
   ouromamba-fx eval --data path/to/val                # top-1 on an ImageNet-val style folder
   ouromamba-fx eval --checkpoint vim_s.pth --model vim_small_patch16_224 --data imagenet/val
   ouromamba-fx eval --traced                          # through the captured torch.fx graph
@@ -61,6 +63,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace):
+    import ouromamba_fx as of
+    from ouromamba_fx.data import bundled_samples, image_loader
+
+    model, name = load_model(args)
+    calib_dir = args.calib or bundled_samples()
+    calib = image_loader(model, calib_dir, batch_size=100, limit_per_class=args.limit_per_class,
+                         labels=False)
+    config = of.config.preset(args.config)
+    q = of.convert(model, calib=calib, config=config)
+    return model, name, q
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ouromamba_fx.evaluate import evaluate
+
+    model, name, q = _convert(args)
+    out.print(q.report())
+    if args.eval:
+        fp = evaluate(model, args.eval, batch_size=args.batch_size, description="float")
+        qr = evaluate(q, args.eval, batch_size=args.batch_size, transform_model=model,
+                      description=args.config)
+        out.print(fp.summary(f"{name} float", args.eval))
+        out.print(qr.summary(f"{name} {args.config}", args.eval))
+        out.print(f"agreement with float: {qr.agreement(fp):.2f}%")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    _, _, q = _convert(args)
+    a, b = (args.passes + [None, None])[:2] if args.passes else (None, None)
+    if (a is None) != (b is None):
+        raise SystemExit("diff: give two pass names (--pass A --pass B) or none")
+    out.print(q.diff(a, b, layer=args.layer, role=args.role, collapse=not args.no_collapse,
+                     verbose=args.verbose))
+    return 0
+
+
+def _add_convert_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--config", default="W8A8", help="preset: W8A8, W6A6, W4A8, W4A4O8, W8A8-RTN, W8A8-per-token")
+    p.add_argument("--calib", default=None, help="calibration image folder (default: the bundled sample)")
+    p.add_argument("--limit-per-class", type=int, default=None, help="use at most N calibration images per class")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ouromamba-fx", description="Data-free quantization of vision Mamba models.",
@@ -75,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-per-class", type=int, default=None, help="use at most N images per class")
     p.add_argument("--traced", action="store_true", help="also evaluate the captured FX graph")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("convert", help="quantize a model and show its report",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_convert_args(p)
+    p.add_argument("--eval", default=None, help="image folder to measure float and quantized top-1 on")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.set_defaults(fn=cmd_convert)
+
+    p = sub.add_parser("diff", help="show what each pass changed in the graph",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_convert_args(p)
+    p.add_argument("--pass", dest="passes", action="append", default=[],
+                   help="compare the graphs after these two passes (give twice)")
+    p.add_argument("--layer", type=int, default=None, help="only this layer")
+    p.add_argument("--role", default=None, help="only this role (in_proj, conv1d, x_proj, dt_proj, scan, out_proj)")
+    p.add_argument("--no-collapse", action="store_true", help="show every layer, even identical ones")
+    p.add_argument("--verbose", action="store_true", help="also list constants (get_attr)")
+    p.set_defaults(fn=cmd_diff)
     return parser
 
 

@@ -1,0 +1,171 @@
+"""Quantization configs: one dataclass per scheme, validated on construction; presets are instances.
+
+    >>> import ouromamba_fx as of
+    >>> of.W8A8.act.bits, of.W8A8.act.granularity
+    (8, 'per_token')
+    >>> cfg = of.W8A8.replace(overrides={"layers.0.*": {"act_bits": 16}})   # keep layer 0's inputs 16-bit
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+
+ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
+SCAN_INPUTS = ("u", "delta", "B", "C", "z")
+ACT_GRANULARITIES = ("per_tensor", "per_token")
+WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
+ACT_METHODS = ("minmax", "mse")
+WEIGHT_METHODS = ("minmax", "lp_clip")
+FLOAT_BITS = 16  # bits >= this mean "keep in floating point"
+
+
+def _check_bits(owner: str, bits: int) -> None:
+    if not (2 <= bits <= 8 or bits >= FLOAT_BITS):
+        raise ValueError(f"{owner}: bits must be in 2..8 (integer) or >= {FLOAT_BITS} (float), got {bits}")
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How activations are quantized.
+
+    granularity: ``per_tensor`` (one static scale) or ``per_token`` (one static scale per token
+        position, PTQ4VM-style; the sequence length is fixed at calibration).
+    method: ``minmax`` (scale from the observed max |x|) or ``mse`` (clipping ratio searched to
+        minimise the quantization error on a calibration sample).
+    """
+
+    bits: int = 8
+    granularity: str = "per_token"
+    symmetric: bool = True
+    method: str = "mse"
+
+    def __post_init__(self) -> None:
+        _check_bits("ActQuant", self.bits)
+        if self.granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"ActQuant.granularity must be one of {ACT_GRANULARITIES}, got {self.granularity!r}")
+        if self.method not in ACT_METHODS:
+            raise ValueError(f"ActQuant.method must be one of {ACT_METHODS}, got {self.method!r}")
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits >= FLOAT_BITS
+
+
+@dataclass(frozen=True)
+class WeightQuant:
+    """How weights are quantized: per output channel with an Lp clipping search by default."""
+
+    bits: int = 8
+    granularity: str = "per_channel"
+    symmetric: bool = True
+    method: str = "lp_clip"
+    p: float = 2.4  # the Lp norm of the clipping search (PTQ4VM, OuroMamba)
+    candidates: int = 100  # clipping ratios tried, evenly spaced in [min_ratio, 1]
+    min_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_bits("WeightQuant", self.bits)
+        if self.granularity not in WEIGHT_GRANULARITIES:
+            raise ValueError(f"WeightQuant.granularity must be one of {WEIGHT_GRANULARITIES}, got {self.granularity!r}")
+        if self.method not in WEIGHT_METHODS:
+            raise ValueError(f"WeightQuant.method must be one of {WEIGHT_METHODS}, got {self.method!r}")
+        if self.p <= 0 or self.candidates < 1 or not 0 < self.min_ratio <= 1:
+            raise ValueError("WeightQuant: p > 0, candidates >= 1 and 0 < min_ratio <= 1 are required")
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits >= FLOAT_BITS
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A quantization scheme for vision Mamba models.
+
+    Args:
+        name: shown in reports.
+        weight, act: default weight and activation quantization.
+        roles: which mixer parts are quantized (their input activations and weights):
+            ``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``, ``scan``.
+        scan_inputs: which inputs of the scan are quantized when ``"scan"`` is in ``roles``.
+        overrides: per-module settings by glob pattern on the module name (``"layers.7.*"``,
+            ``"*.out_proj"``; scan nodes are named ``<mixer>.scan`` / ``<mixer>.scan_b``), each a
+            dict with any of ``act_bits``, ``weight_bits``, ``act_granularity``, ``skip`` (True:
+            leave in float). Later patterns win.
+        seed: seeds everything random in conversion (sampling of calibration rows).
+        calib_sample: rows per tensor kept by observers for the scale searches.
+    """
+
+    name: str = "custom"
+    weight: WeightQuant = field(default_factory=WeightQuant)
+    act: ActQuant = field(default_factory=ActQuant)
+    roles: tuple[str, ...] = ROLES
+    scan_inputs: tuple[str, ...] = ("delta", "B", "C")
+    overrides: dict[str, dict] = field(default_factory=dict)
+    seed: int = 0
+    calib_sample: int = 4096
+
+    def __post_init__(self) -> None:
+        bad = sorted(set(self.roles) - set(ROLES))
+        if bad:
+            raise ValueError(f"QuantConfig.roles: unknown {bad}; known: {ROLES}")
+        bad = sorted(set(self.scan_inputs) - set(SCAN_INPUTS))
+        if bad:
+            raise ValueError(f"QuantConfig.scan_inputs: unknown {bad}; known: {SCAN_INPUTS}")
+        allowed = {"act_bits", "weight_bits", "act_granularity", "skip"}
+        for pattern, spec in self.overrides.items():
+            if not isinstance(spec, dict) or set(spec) - allowed:
+                raise ValueError(f"QuantConfig.overrides[{pattern!r}]: expected a dict with keys "
+                                 f"from {sorted(allowed)}, got {spec!r}")
+            if "act_bits" in spec:
+                _check_bits(f"overrides[{pattern!r}].act_bits", spec["act_bits"])
+            if "weight_bits" in spec:
+                _check_bits(f"overrides[{pattern!r}].weight_bits", spec["weight_bits"])
+            if spec.get("act_granularity", "per_token") not in ACT_GRANULARITIES:
+                raise ValueError(f"overrides[{pattern!r}].act_granularity must be one of {ACT_GRANULARITIES}")
+        if self.calib_sample < 16:
+            raise ValueError("QuantConfig.calib_sample must be >= 16")
+
+    def replace(self, **changes) -> "QuantConfig":
+        return dataclasses.replace(self, **changes)
+
+    def for_module(self, name: str) -> tuple[ActQuant, WeightQuant, bool]:
+        """(activation spec, weight spec, skipped) for the module or scan named ``name``."""
+        act, weight, skip = self.act, self.weight, False
+        for pattern, spec in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                if "act_bits" in spec:
+                    act = dataclasses.replace(act, bits=spec["act_bits"])
+                if "act_granularity" in spec:
+                    act = dataclasses.replace(act, granularity=spec["act_granularity"])
+                if "weight_bits" in spec:
+                    weight = dataclasses.replace(weight, bits=spec["weight_bits"])
+                skip = bool(spec.get("skip", skip))
+        return act, weight, skip
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Presets. The baselines reproduce what the literature compares against.
+W8A8 = QuantConfig("W8A8", WeightQuant(8), ActQuant(8))
+W6A6 = QuantConfig("W6A6", WeightQuant(6), ActQuant(6))
+W4A8 = QuantConfig("W4A8", WeightQuant(4), ActQuant(8))
+# 4-bit inliers, 8-bit outlier channels: the outlier machinery arrives with OuroMamba-Quant; until
+# then this preset quantizes activations to 4 bits with per-token static scales.
+W4A4O8 = QuantConfig("W4A4O8", WeightQuant(4), ActQuant(4))
+# Round-to-nearest baseline: per-tensor min-max activations, linear inputs only, scan in float.
+W8A8_RTN = QuantConfig("W8A8-RTN", WeightQuant(8, method="minmax"), ActQuant(8, "per_tensor", method="minmax"),
+                       roles=("in_proj", "x_proj", "dt_proj", "out_proj"))
+# PTQ4VM-style: per-token static min-max activations, Lp-clipped weights, scan in float.
+W8A8_PER_TOKEN = QuantConfig("W8A8-per-token", WeightQuant(8), ActQuant(8, "per_token", method="minmax"),
+                             roles=("in_proj", "x_proj", "dt_proj", "out_proj"))
+
+PRESETS = {c.name: c for c in (W8A8, W6A6, W4A8, W4A4O8, W8A8_RTN, W8A8_PER_TOKEN)}
+
+
+def preset(name: str) -> QuantConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,186 @@
+"""``convert``: capture a model, run the pass pipeline, return a quantized module."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ouromamba_fx.capture import META, capture, tag
+from ouromamba_fx.config import W8A8, QuantConfig
+from ouromamba_fx.errors import DataError, OuroMambaError
+from ouromamba_fx.passes.act_scales import ChooseActScales
+from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
+from ouromamba_fx.passes.calibrate import Calibrate, check_batch, iter_batches
+from ouromamba_fx.passes.observers import InsertObservers
+from ouromamba_fx.passes.qdq import QuantizeActivations
+from ouromamba_fx.passes.weights import QuantizeWeights
+from ouromamba_fx.progress import console
+from ouromamba_fx.qparams import sqnr
+
+
+def default_passes(config: QuantConfig, input_shape: tuple[int, ...] | None = None) -> list[Pass]:
+    """The pipeline for ``config``. Weights are quantized before calibration so that activation
+    statistics see the quantized weights upstream."""
+    return [InsertObservers(), QuantizeWeights(), Calibrate(input_shape), ChooseActScales(),
+            QuantizeActivations()]
+
+
+def _input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    shape = cfg.get("input_size")
+    return tuple(shape) if shape else None
+
+
+def _collect_calib(calib, input_shape) -> list[torch.Tensor]:
+    batches = [check_batch(x, i, input_shape) for i, x in enumerate(iter_batches(calib))]
+    if not batches:
+        raise DataError("calib is empty: it yielded no batches")
+    return batches
+
+
+class _Recorder(fx.Interpreter):
+    """Runs a graph and keeps the outputs of the named nodes."""
+
+    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
+        super().__init__(gm)
+        self.names, self.outputs = names, {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.outputs[n.name] = out.detach()
+        return out
+
+
+def op_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The mixer operations of a graph (linear, conv, scan), not the q/dq or weight helpers."""
+    return [n for n in gm.graph.nodes if tag(n) is not None and not tag(n).get("kind")]
+
+
+def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
+    """For each quantized activation input of ``node``: its input name -> (bits, granularity)."""
+    found = {}
+    for a in node.all_input_nodes:
+        t = tag(a) or {}
+        if t.get("kind") == "dequantize":
+            qt = tag(a.args[0]) or {}
+            found[qt.get("input", "x")] = (qt["bits"], qt["granularity"])
+    return found
+
+
+@torch.no_grad()
+def layer_sqnr(float_gm: fx.GraphModule, q_gm: fx.GraphModule, x: torch.Tensor) -> dict[str, float]:
+    """SQNR (dB) of every mixer op's output in ``q_gm`` against the same op in ``float_gm`` on
+    input ``x``; errors accumulate along the network, as they do in use."""
+    pairs = {n.name: tag(n).get("source", n.name) for n in op_nodes(q_gm)}
+    rf, rq = _Recorder(float_gm, set(pairs.values())), _Recorder(q_gm, set(pairs))
+    rf.run(x)
+    rq.run(x)
+    return {name: sqnr(rf.outputs[src], rq.outputs[name]) for name, src in pairs.items()
+            if src in rf.outputs and name in rq.outputs}
+
+
+class QuantizedModel(nn.Module):
+    """A quantized model: the reference quantized FX graph plus what conversion learned.
+
+    Call it like the original model. ``report()`` shows what was quantized and how well;
+    ``diff(a, b)`` shows what a pass changed; ``passes`` lists the passes that ran.
+    """
+
+    def __init__(self, gm: fx.GraphModule, config: QuantConfig, snapshots: list[Snapshot],
+                 float_reasons: dict[str, str], log: list[str], input_shape: tuple[int, ...] | None,
+                 sqnr_db: dict[str, float], model_name: str = "model") -> None:
+        super().__init__()
+        self.graph_module = gm
+        self.config = config
+        self.snapshots = snapshots
+        self.float_reasons = float_reasons
+        self.log = log
+        self.input_shape = input_shape
+        self.sqnr_db = sqnr_db
+        self.model_name = model_name
+
+    @property
+    def passes(self) -> list[str]:
+        return [s.pass_name for s in self.snapshots]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_shape is not None and tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise ValueError(
+                f"{self.model_name} was quantized for inputs (batch, {', '.join(map(str, self.input_shape))}) "
+                f"and its static per-token scales are tied to that sequence length; got "
+                f"{tuple(x.shape)}. Resize inputs to the calibrated resolution, or convert again "
+                f"with calibration data at the new resolution.")
+        return self.graph_module(x)
+
+    def report(self):
+        from ouromamba_fx.report import Report
+
+        return Report.of(self)
+
+    def diff(self, pass_a: str | None = None, pass_b: str | None = None, layer: int | None = None,
+             role: str | None = None, collapse: bool = True, verbose: bool = False):
+        """What changed between the graphs after ``pass_a`` and after ``pass_b`` (names from
+        :attr:`passes`; default: every pass against the one before)."""
+        from ouromamba_fx.diff import diff_snapshots, pass_diffs
+
+        if pass_a is None and pass_b is None:
+            return pass_diffs(self.snapshots, layer=layer, role=role, collapse=collapse, verbose=verbose)
+        by_name = {s.pass_name: s for s in self.snapshots}
+        for p in (pass_a, pass_b):
+            if p not in by_name:
+                raise KeyError(f"no pass named {p!r}; passes: {', '.join(by_name)}")
+        return diff_snapshots(by_name[pass_a], by_name[pass_b], layer=layer, role=role, collapse=collapse,
+                              verbose=verbose)
+
+
+def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
+            passes: list[Pass] | None = None, show_progress: bool = True) -> QuantizedModel:
+    """Quantize ``model`` with ``config``; the model itself is not changed.
+
+    Args:
+        model: a vision Mamba (e.g. from :mod:`ouromamba_fx.models`).
+        calib: calibration images: a tensor ``(N, C, H, W)``, or any iterable of image batches or
+            ``(images, labels)`` pairs (a DataLoader), normalised as the model expects.
+        config: a :class:`QuantConfig` or preset (``W8A8``, ``W6A6``, ``W4A8``, ``W4A4O8``).
+        passes: replace the default pipeline (see :func:`default_passes`).
+
+    Example:
+        >>> q = convert(model, calib=image_loader(model, "calib/", labels=False), config=W8A8)  # doctest: +SKIP
+        >>> print(q.report())                                                                      # doctest: +SKIP
+    """
+    if isinstance(model, QuantizedModel):
+        raise OuroMambaError(f"convert: {model.model_name} is already quantized "
+                             f"({model.config.name}); convert the float model instead")
+    if any(isinstance(m, QuantizedModel) for m in model.modules()):
+        raise OuroMambaError("convert: the model contains an already-quantized sub-model")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"convert: config must be a QuantConfig (e.g. ouromamba_fx.W8A8), got {type(config).__name__}")
+    if calib is None:
+        raise DataError("convert: calib is None. Pass calibration images (a tensor or a DataLoader); "
+                        "data-free generation is ouromamba_fx.gen(model)")
+    input_shape = _input_shape(model)
+    batches = _collect_calib(calib, input_shape)
+    work = copy.deepcopy(model).eval()
+    reference = copy.deepcopy(work)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        gm = capture(work)
+        ctx = Context(config, calib=batches, example=batches[0][:32], show_progress=show_progress)
+        pm = PassManager(passes if passes is not None else default_passes(config, input_shape))
+        gm = pm.run(gm, ctx)
+        ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
+        sq = layer_sqnr(capture(reference), gm, ctx.example)
+    name = type(model).__name__
+    if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "embed_dim"):
+        name = f"{name}(d={model.cfg.embed_dim}, depth={model.cfg.depth})"
+    q = QuantizedModel(gm, config, pm.snapshots, ctx.float_reasons, ctx.log, input_shape, sq, name)
+    worst = min((v for v in sq.values() if math.isfinite(v)), default=float("inf"))
+    if show_progress:
+        console.print(f"[green]converted[/] {name} with {config.name}: {len(sq)} ops quantized, "
+                      f"worst output SQNR {worst:.1f} dB")
+    return q

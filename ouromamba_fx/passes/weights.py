@@ -1,0 +1,80 @@
+"""Quantize the weights of the mixers' linear and conv modules.
+
+Each selected ``call_module`` node becomes explicit reference arithmetic:
+``get_attr(w_q) -> dequantize(w_q, w_scale) -> F.linear / F.conv1d(x, w, bias)``, with ``w_q``
+stored as int8 in the GraphModule (4-bit values in [-7, 7]); the float module is removed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ouromamba_fx.capture import META, tag
+from ouromamba_fx.lowering.quant import DEQUANTIZE, quantize_ref
+from ouromamba_fx.passes.base import Context, Pass
+from ouromamba_fx.qparams import qrange, weight_qparams
+
+WEIGHT_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d")
+
+
+def attr_name(target: str, suffix: str) -> str:
+    return target.replace(".", "_") + "_" + suffix
+
+
+class QuantizeWeights(Pass):
+    name = "quantize_weights"
+    provides = ("weights_quantized",)
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
+        cfg = ctx.config
+        changed = False
+        for node in list(gm.graph.nodes):
+            t = tag(node)
+            if node.op != "call_module" or t is None or t.get("kind") or t["role"] not in WEIGHT_ROLES:
+                continue
+            if t["role"] not in cfg.roles:
+                ctx.float_reasons.setdefault(node.target, f"role {t['role']} not in config.roles")
+                continue
+            _, wspec, skip = cfg.for_module(node.target)
+            if skip or wspec.is_float:
+                ctx.float_reasons.setdefault(
+                    node.target, "skipped by config.overrides" if skip else f"weight bits {wspec.bits} (float) by config")
+                continue
+            mod = gm.get_submodule(node.target)
+            w2d = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+            scale, zp = weight_qparams(w2d, wspec)
+            qmin, qmax = qrange(wspec.bits, True)
+            w_q = quantize_ref(w2d, scale, zp, qmin, qmax).reshape(mod.weight.shape)
+            shape = (-1,) + (1,) * (mod.weight.ndim - 1)
+            names = {k: attr_name(node.target, k) for k in ("weight_q", "weight_scale", "weight_zp", "bias")}
+            gm.register_buffer(names["weight_q"], w_q)
+            gm.register_buffer(names["weight_scale"], scale.reshape(shape).clone())
+            gm.register_buffer(names["weight_zp"], zp.reshape(shape).clone())
+            if mod.bias is not None:
+                gm.register_buffer(names["bias"], mod.bias.detach().clone())
+            with gm.graph.inserting_before(node):
+                g = gm.graph
+                wq, ws, wz = (g.get_attr(names[k]) for k in ("weight_q", "weight_scale", "weight_zp"))
+                w = g.call_function(DEQUANTIZE, (wq, ws, wz))
+                b = g.get_attr(names["bias"]) if mod.bias is not None else None
+                if isinstance(mod, nn.Linear):
+                    out = g.call_function(F.linear, (node.args[0], w, b))
+                elif isinstance(mod, nn.Conv1d):
+                    out = g.call_function(F.conv1d, (node.args[0], w, b, mod.stride, mod.padding,
+                                                     mod.dilation, mod.groups))
+                else:
+                    raise TypeError(f"{node.target}: cannot quantize weights of {type(mod).__name__}")
+            wtag = {k: t[k] for k in ("role", "direction", "layer", "module")}
+            for n in (wq, ws, wz, w) + ((b,) if b is not None else ()):
+                n.meta[META] = {**wtag, "kind": "weight"}
+            out.meta[META] = {**t, "source": node.name, "target": node.target, "weight_bits": wspec.bits,
+                              "weight_granularity": wspec.granularity}
+            out.meta["tensor_meta"] = node.meta.get("tensor_meta")
+            node.replace_all_uses_with(out)
+            gm.graph.erase_node(node)
+            changed = True
+        gm.delete_all_unused_submodules()
+        return changed

@@ -1,0 +1,104 @@
+"""Choosing quantization parameters: weight clipping search and activation scales.
+
+Pure tensor functions, no graphs; the passes call them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ouromamba_fx.config import ActQuant, WeightQuant
+from ouromamba_fx.lowering.quant import fake_quantize
+
+EPS = 1e-8
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range: symmetric ``[-(2^(b-1)-1), 2^(b-1)-1]`` (e.g. [-7, 7] at 4 bits), else
+    ``[-2^(b-1), 2^(b-1)-1]``."""
+    qmax = 2 ** (bits - 1) - 1
+    return (-qmax, qmax) if symmetric else (-qmax - 1, qmax)
+
+
+def weight_qparams(w: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel (or per-tensor) symmetric scales for a weight viewed as ``(N, K)``.
+
+    With ``method="lp_clip"`` each row's clipping ratio is searched among ``spec.candidates``
+    values evenly spaced in ``[spec.min_ratio, 1]``, keeping the one with the least
+    ``sum |w - fq(w)|^p`` (p = 2.4 by default, as PTQ4VM and OuroMamba do).
+
+    Returns ``(scale (N, 1) or (1, 1), zero_point of the same shape)``.
+    """
+    if not spec.symmetric:
+        raise NotImplementedError("asymmetric weight quantization is not supported; use symmetric=True")
+    w = w.detach().float()
+    qmin, qmax = qrange(spec.bits, True)
+    per_channel = spec.granularity == "per_channel"
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().reshape(1, 1)
+    base = (amax / qmax).clamp_min(EPS)
+    zp = torch.zeros_like(base)
+    if spec.method == "minmax" or spec.candidates == 1:
+        return base, zp
+    best_err = torch.full_like(base, float("inf"))
+    best = base.clone()
+    for ratio in torch.linspace(spec.min_ratio, 1.0, spec.candidates).tolist():
+        s = base * ratio
+        err = (fake_quantize(w, s, zp, qmin, qmax) - w).abs().pow(spec.p)
+        err = err.sum(dim=1, keepdim=True) if per_channel else err.sum().reshape(1, 1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return best, zp
+
+
+def act_qparams(tok_min: torch.Tensor, tok_max: torch.Tensor, spec: ActQuant,
+                sample: tuple[torch.Tensor, torch.Tensor] | None = None,
+                ratios: int = 16, min_ratio: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Static activation scales from per-token-position min/max.
+
+    Returns ``(scale, zero_point, qmin, qmax)`` with scale of shape ``(1,)`` (per tensor) or
+    ``(L,)`` (per token position). With ``method="mse"`` one clipping ratio for the whole tensor
+    is searched on ``sample`` = (rows (n, C), their token indices (n,)) for the least squared error.
+    """
+    qmin, qmax = qrange(spec.bits, spec.symmetric)
+    per_token = spec.granularity == "per_token"
+    lo = tok_min if per_token else tok_min.amin().reshape(1)
+    hi = tok_max if per_token else tok_max.amax().reshape(1)
+    if spec.symmetric:
+        scale = (torch.maximum(lo.abs(), hi.abs()) / qmax).clamp_min(EPS)
+        zp = torch.zeros_like(scale)
+    else:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(EPS)
+        zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    if spec.method == "mse" and sample is not None:
+        rows, tok = sample
+        idx = tok if per_token else torch.zeros_like(tok)
+        s_rows = scale[idx].unsqueeze(1)
+        z_rows = zp[idx].unsqueeze(1)
+
+        def err(ratio: float) -> float:
+            s = s_rows * ratio
+            z = z_rows if spec.symmetric else (qmin - torch.round(lo[idx].unsqueeze(1) / s)).clamp(qmin, qmax)
+            return (fake_quantize(rows, s, z, qmin, qmax) - rows).pow(2).sum().item()
+
+        # Coarse grid over [min_ratio, 1], then a fine grid around the best coarse point.
+        step = (1.0 - min_ratio) / (ratios - 1)
+        coarse = [min_ratio + i * step for i in range(ratios)]
+        best = min(coarse, key=err)
+        fine = [min(1.0, max(min_ratio, best + (i - ratios // 2) * step / ratios)) for i in range(ratios + 1)]
+        best = min(fine + [best], key=err)
+        scale = scale * best
+        if not spec.symmetric:
+            zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zp, qmin, qmax
+
+
+def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when equal)."""
+    ref, app = reference.detach().double(), approx.detach().double()
+    noise = (ref - app).pow(2).sum().item()
+    signal = ref.pow(2).sum().item()
+    if noise == 0:
+        return float("inf")
+    return 10.0 * torch.log10(torch.tensor(signal / noise)).item()

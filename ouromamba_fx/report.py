@@ -1,0 +1,103 @@
+"""What a conversion did: a rich table per quantized op, and what stayed float and why."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from rich.table import Table
+from rich.text import Text
+
+from ouromamba_fx.capture import tag
+from ouromamba_fx.diff import render
+
+
+@dataclass
+class Row:
+    name: str
+    role: str
+    layer: int | None
+    direction: str | None
+    weight: str
+    inputs: str
+    sqnr: float
+
+
+def _site_name(node) -> str:
+    t = tag(node)
+    if t.get("target"):
+        return t["target"]
+    if t["role"] == "scan":
+        return f"{t['module']}.scan" + ("_b" if t["direction"] == "bwd" else "")
+    return str(node.target)
+
+
+def _group_floats(reasons: dict[str, str]) -> list[tuple[str, str]]:
+    """Merge entries that differ only by layer index: ``layers.*.mixer.scan:u (8 layers)``."""
+    groups: dict[tuple[str, str], set[str]] = {}
+    for name, why in reasons.items():
+        m = re.match(r"(.*?layers\.)(\d+)(\..*)", name)
+        key = (f"{m.group(1)}*{m.group(3)}", why) if m else (name, why)
+        groups.setdefault(key, set()).add(m.group(2) if m else "")
+    out = []
+    for (pattern, why), layers in sorted(groups.items()):
+        n = len(layers - {""})
+        out.append((f"{pattern} ({n} layers)" if n > 1 else
+                    pattern.replace("*", next(iter(layers))) if n == 1 else pattern, why))
+    return out
+
+
+@dataclass
+class Report:
+    title: str
+    rows: list[Row]
+    floats: list[tuple[str, str]]
+    log: list[str]
+
+    @classmethod
+    def of(cls, q) -> "Report":
+        from ouromamba_fx.convert import node_input_bits, op_nodes
+
+        rows = []
+        for n in op_nodes(q.graph_module):
+            t = tag(n)
+            ins = node_input_bits(n)
+            if not ins and "weight_bits" not in t:
+                continue
+            weight = f"W{t['weight_bits']} {t['weight_granularity']}" if "weight_bits" in t else "float"
+            groups: dict = {}
+            for name, spec in ins.items():
+                groups.setdefault(spec, []).append(name)
+            inputs = "; ".join(f"{','.join(names)}: A{b} {g}" for (b, g), names in groups.items()) or "float"
+            rows.append(Row(_site_name(n), t["role"], t["layer"], t["direction"], weight, inputs,
+                            q.sqnr_db.get(n.name, float("nan"))))
+        floats = _group_floats(q.float_reasons)
+        floats.append(("patch_embed, norms, head", "outside the mixers: kept in float"))
+        return cls(f"{q.model_name} quantized with {q.config.name}", rows, floats, q.log)
+
+    def __rich_console__(self, console, options):
+        table = Table(title=self.title, title_justify="left", header_style="bold")
+        for col, justify in [("op", "left"), ("role", "left"), ("layer", "right"), ("dir", "left"),
+                             ("weights", "left"), ("activations", "left"), ("SQNR dB", "right")]:
+            table.add_column(col, justify=justify)
+        for r in self.rows:
+            style = "red" if r.sqnr < 10 else ("yellow" if r.sqnr < 20 else "")
+            sq = "inf" if math.isinf(r.sqnr) else f"{r.sqnr:.1f}"
+            table.add_row(r.name, r.role, "" if r.layer is None else str(r.layer), r.direction or "",
+                          r.weight, r.inputs, Text(sq, style=style))
+        yield table
+        yield Text(f"{len(self.rows)} ops quantized; SQNR: each op's output vs the float model on a "
+                   f"calibration batch (errors accumulate through the layers)", style="dim")
+        if self.floats:
+            ft = Table(title="kept in float", title_justify="left", header_style="bold")
+            ft.add_column("what")
+            ft.add_column("why")
+            for what, why in self.floats:
+                ft.add_row(what, why)
+            yield ft
+        for line in self.log:
+            yield Text(line, style="dim")
+
+    def __str__(self) -> str:
+        return render(self)

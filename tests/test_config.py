@@ -1,0 +1,42 @@
+import pytest
+
+import ouromamba_fx as of
+from ouromamba_fx.config import ActQuant, QuantConfig, WeightQuant, preset
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: ActQuant(bits=1), "bits must be in 2..8"),
+    (lambda: ActQuant(granularity="per_channel"), "ActQuant.granularity"),
+    (lambda: WeightQuant(method="gptq"), "WeightQuant.method"),
+    (lambda: WeightQuant(min_ratio=0), "min_ratio"),
+    (lambda: QuantConfig(roles=("in_proj", "norm")), r"unknown \['norm'\]"),
+    (lambda: QuantConfig(scan_inputs=("h",)), "scan_inputs"),
+    (lambda: QuantConfig(overrides={"layers.0.*": {"bits": 4}}), "overrides"),
+    (lambda: QuantConfig(overrides={"*": {"act_bits": 9}}), "act_bits"),
+])
+def test_invalid_configs_are_rejected_with_the_field_named(make, msg):
+    with pytest.raises(ValueError, match=msg):
+        make()
+
+
+def test_presets():
+    assert (of.W8A8.weight.bits, of.W8A8.act.bits) == (8, 8)
+    assert (of.W4A8.weight.bits, of.W4A8.act.bits) == (4, 8)
+    assert (of.W6A6.weight.bits, of.W6A6.act.bits) == (6, 6)
+    assert of.W4A4O8.act.bits == 4
+    assert of.W8A8_RTN.act.granularity == "per_tensor" and "scan" not in of.W8A8_RTN.roles
+    assert preset("W8A8") is of.W8A8
+    with pytest.raises(KeyError, match="known: W8A8"):
+        preset("W3A3")
+
+
+def test_overrides_by_pattern_later_wins():
+    cfg = of.W8A8.replace(overrides={"layers.*.mixer.out_proj": {"act_bits": 16},
+                                     "layers.7.*": {"weight_bits": 4, "act_bits": 6},
+                                     "layers.0.mixer.scan_b": {"skip": True}})
+    act, w, skip = cfg.for_module("layers.7.mixer.out_proj")
+    assert (act.bits, w.bits, skip) == (6, 4, False)
+    act, w, skip = cfg.for_module("layers.3.mixer.out_proj")
+    assert act.is_float and w.bits == 8
+    assert cfg.for_module("layers.0.mixer.scan_b")[2] is True
+    assert cfg.for_module("layers.0.mixer.scan")[2] is False
