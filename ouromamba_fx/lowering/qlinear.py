@@ -147,6 +147,7 @@ def _quantize_sym_ref(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 
 def quantize_per_token_ref(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Definition of ``ouromamba::quantize_per_token``."""
     qmax = qmax_for_bits(bits)
     x = x.float()
     scale = _symmetric_scale(_amax_rows(x), qmax)
@@ -155,6 +156,7 @@ def quantize_per_token_ref(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 
 def outlier_split_ref(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor],
                       inlier_bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Definition of ``ouromamba::outlier_split``."""
     qmax_in = qmax_for_bits(inlier_bits)
     qmax_out = qmax_for_bits(_OUTLIER_BITS)
     x = x.float()
@@ -170,6 +172,7 @@ def outlier_split_ref(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor],
 
 def int8_linear_ref(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
                     bias: Optional[Tensor]) -> Tensor:
+    """Definition of ``ouromamba::int8_linear``."""
     acc = int_matmul_ref(x_q, w_q)
     y = acc.float() * _row_scale(x_scale, x_q.shape[0]) * w_scale.float().reshape(1, -1)
     return y + bias.float() if bias is not None else y
@@ -177,6 +180,7 @@ def int8_linear_ref(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
 
 def w8a8_linear_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                     x_scale: Optional[Tensor]) -> Tensor:
+    """Definition of ``ouromamba::w8a8_linear``."""
     lead = x.shape[:-1]
     if x_scale is None:
         x_q, xs = quantize_per_token_ref(x, 8)
@@ -189,6 +193,7 @@ def w8a8_linear_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tens
 
 def w4a4o8_linear_ref(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor], w_packed: Tensor,
                       w_scale: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
+    """Definition of ``ouromamba::w4a4o8_linear``."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     s_static = None if inlier_scale is None else inlier_scale.float().expand(*lead, 1).reshape(-1, 1)
@@ -469,7 +474,8 @@ def _(x, bits):
 
 
 @torch.library.custom_op("ouromamba::outlier_split", mutates_args=(),
-                         schema="(Tensor x, Tensor mask, Tensor? inlier_scale, int inlier_bits) -> (Tensor q_in, Tensor s_in, Tensor q_out, Tensor s_out)")
+                         schema="(Tensor x, Tensor mask, Tensor? inlier_scale, int inlier_bits) "
+                                "-> (Tensor q_in, Tensor s_in, Tensor q_out, Tensor s_out)")
 def outlier_split(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor],
                   inlier_bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Split ``x`` (M, K) into quantized inliers (``inlier_bits``) and 8-bit outliers (``mask``)."""
@@ -486,7 +492,8 @@ def _(x, mask, inlier_scale, inlier_bits):
 
 
 @torch.library.custom_op("ouromamba::int8_linear", mutates_args=(),
-                         schema="(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor")
+                         schema="(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias) "
+                                "-> Tensor")
 def int8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
                 bias: Optional[Tensor]) -> Tensor:
     """``(x_q @ w_q^T) * x_scale * w_scale + bias`` with an exact int32 product, float32 (M, N)."""
@@ -501,7 +508,8 @@ def _(x_q, x_scale, w_q, w_scale, bias):
 
 
 @torch.library.custom_op("ouromamba::w8a8_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor? x_scale) -> Tensor")
+                         schema="(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor? x_scale) "
+                                "-> Tensor")
 def w8a8_linear(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
                 x_scale: Optional[Tensor]) -> Tensor:
     """Quantize ``x`` (..., K) to int8 (dynamic per token, or static ``x_scale``), int8 GEMM, dequant."""
@@ -516,7 +524,8 @@ def _(x, w_q, w_scale, bias, x_scale):
 
 
 @torch.library.custom_op("ouromamba::w4a4o8_linear", mutates_args=(),
-                         schema="(Tensor x, Tensor mask, Tensor? inlier_scale, Tensor w_packed, Tensor w_scale, Tensor? bias, int k) -> Tensor")
+                         schema="(Tensor x, Tensor mask, Tensor? inlier_scale, Tensor w_packed, "
+                                "Tensor w_scale, Tensor? bias, int k) -> Tensor")
 def w4a4o8_linear(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor], w_packed: Tensor,
                   w_scale: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
     """4-bit inliers + 8-bit outliers of ``x`` (..., K) times packed int4 weights, float32 (..., N)."""
