@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace ouromamba_scan {
@@ -198,26 +199,82 @@ void make_blocks(Problem<T>& P) {
   P.starts.push_back(P.dim);
 }
 
-// tile[t][l] = src[l * L + t] for lanes l < nl, 0 for the others.
+// In-register transpose of a 16 x 16 float matrix (x[i][j] -> x[j][i]): four stages, stage s
+// swapping bit s of the vector index with bit s of the lane index between vector pairs.
+inline void transpose16(Vec<float>::V* x) {
+  using V = Vec<float>::V;
+  for (int v = 0; v < 16; v += 2) {
+    const V a = x[v], b = x[v + 1];
+    x[v] = __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30);
+    x[v + 1] = __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  }
+  for (int v = 0; v < 16; v += 4) {
+    for (int i = v; i < v + 2; ++i) {
+      const V a = x[i], b = x[i + 2];
+      x[i] = __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29);
+      x[i + 2] = __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+    }
+  }
+  for (int v = 0; v < 16; v += 8) {
+    for (int i = v; i < v + 4; ++i) {
+      const V a = x[i], b = x[i + 4];
+      x[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+      x[i + 4] = __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    const V a = x[i], b = x[i + 8];
+    x[i] = __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    x[i + 8] = __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+}
+
+// tile[t][l] = src[l * L + t] for lanes l < nl, 0 for the others. Full 16 x 16 float squares
+// go through registers; the rest (time tail, partial blocks, double) element by element.
 template <typename T>
 inline void load_tile(typename Vec<T>::V* tile, const T* src, int64_t L, int nl) {
+  using V = typename Vec<T>::V;
   constexpr int W = Vec<T>::W;
   T* s = reinterpret_cast<T*>(tile);
-  if (nl < W) std::memset(static_cast<void*>(s), 0, sizeof(T) * W * L);
+  int64_t t0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (nl == W) {
+      for (; t0 + W <= L; t0 += W) {
+        V x[W];
+        for (int l = 0; l < W; ++l) std::memcpy(&x[l], src + l * L + t0, sizeof(V));
+        transpose16(x);
+        for (int j = 0; j < W; ++j) tile[t0 + j] = x[j];
+      }
+    }
+  }
+  if (t0 == L) return;
+  if (nl < W) std::memset(static_cast<void*>(s + t0 * W), 0, sizeof(T) * W * (L - t0));
   for (int l = 0; l < nl; ++l) {
     const T* row = src + l * L;
-    for (int64_t t = 0; t < L; ++t) s[t * W + l] = row[t];
+    for (int64_t t = t0; t < L; ++t) s[t * W + l] = row[t];
   }
 }
 
 // dst[l * L + t] = tile[t][l] for lanes l < nl.
 template <typename T>
 inline void store_tile(T* dst, const typename Vec<T>::V* tile, int64_t L, int nl) {
+  using V = typename Vec<T>::V;
   constexpr int W = Vec<T>::W;
   const T* s = reinterpret_cast<const T*>(tile);
+  int64_t t0 = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (nl == W) {
+      for (; t0 + W <= L; t0 += W) {
+        V x[W];
+        for (int j = 0; j < W; ++j) x[j] = tile[t0 + j];
+        transpose16(x);
+        for (int l = 0; l < W; ++l) std::memcpy(dst + l * L + t0, &x[l], sizeof(V));
+      }
+    }
+  }
   for (int l = 0; l < nl; ++l) {
     T* row = dst + l * L;
-    for (int64_t t = 0; t < L; ++t) row[t] = s[t * W + l];
+    for (int64_t t = t0; t < L; ++t) row[t] = s[t * W + l];
   }
 }
 
@@ -320,15 +377,32 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
   }
 }
 
+// The next block's rows of a (batch, dim, L) input start right after this block's: W rows of L
+// values are L cache lines of W values. Prefetching one line per time step of the current block
+// brings the next block's inputs in while this one computes.
+template <typename T>
+inline const T* next_rows(const T* base, int64_t row0, int nl, int64_t L, bool has_next) {
+  return (has_next && base) ? base + (row0 + nl) * L : nullptr;
+}
+
+template <typename T>
+inline void prefetch_step(const T* next, int64_t t) {
+  if (next) __builtin_prefetch(next + t * Vec<T>::W);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 
 template <typename T, bool VB, bool VC>
-void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, Scratch<T>& S) {
+void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, Scratch<T>& S,
+                   bool has_next) {
   using F = Vec<T>;
   using V = typename F::V;
   const int64_t L = P.L, N = P.N;
   const int64_t row0 = b * P.dim + d0;
+  const T* next_u = next_rows(P.u, row0, nl, L, has_next);
+  const T* next_delta = next_rows(P.delta, row0, nl, L, has_next);
+  const T* next_z = next_rows(P.z, row0, nl, L, has_next);
   load_tile<T>(S.U, P.u + row0 * L, L, nl);
   load_block_params<T>(P, b, d0, nl, S, nullptr);
   V* __restrict__ H = S.H;
@@ -343,6 +417,9 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     const V dtu = dt * S.U[t];
     const T* __restrict__ Bt = Bp + t * P.B.s_t;
     const T* __restrict__ Ct = Cp + t * P.C.s_t;
+    prefetch_step(next_u, t);
+    prefetch_step(next_delta, t);
+    prefetch_step(next_z, t);
     V y = F::splat(T(0));
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n]) : BT[n];
@@ -378,7 +455,7 @@ void forward(const Problem<T>& P, T* out) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nb, k = i % nb;
       const int64_t d0 = P.starts[k];
-      fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S);
+      fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S, i + 1 < end);
     }
   });
 }
@@ -454,7 +531,7 @@ inline void add_lane_sums_all(const typename Vec<T>::V* v, int64_t N, T* dst) {
 
 template <typename T, bool VB, bool VC>
 void backward_block(const Problem<T>& P, const T* dout_all, int64_t b, int64_t d0, int nl,
-                    const GradPtrs<T>& g, T* dB_task, T* dC_task, Scratch<T>& S) {
+                    const GradPtrs<T>& g, T* dB_task, T* dC_task, Scratch<T>& S, bool has_next) {
   using F = Vec<T>;
   using V = typename F::V;
   const int64_t L = P.L, N = P.N;
@@ -465,6 +542,10 @@ void backward_block(const Problem<T>& P, const T* dout_all, int64_t b, int64_t d
   const V* __restrict__ AT = S.AT;
   const V* __restrict__ BT = S.BT;
   const V* __restrict__ CT = S.CT;
+  const T* next_u = next_rows(P.u, row0, nl, L, has_next);
+  const T* next_delta = next_rows(P.delta, row0, nl, L, has_next);
+  const T* next_dout = next_rows(dout_all, row0, nl, L, has_next);
+  const T* next_z = next_rows(P.z, row0, nl, L, has_next);
   V* __restrict__ HS = S.H;     // HS[t * N + n] = h_{t-1}[n]; HS[0 .. N) = 0
   V* __restrict__ DEC = S.DEC;  // DEC[t * N + n] = exp(dt_t A[n])
   const T* Bp = P.B.at(b, d0);
@@ -480,6 +561,10 @@ void backward_block(const Problem<T>& P, const T* dout_all, int64_t b, int64_t d
     const V* __restrict__ hp = HS + t * N;
     V* __restrict__ hn = HS + (t + 1) * N;
     V* __restrict__ dec = DEC + t * N;
+    prefetch_step(next_u, t);
+    prefetch_step(next_delta, t);
+    prefetch_step(next_dout, t);
+    prefetch_step(next_z, t);
     V y = F::splat(T(0));
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n]) : BT[n];
@@ -603,7 +688,7 @@ void backward_task(const Problem<T>& P, const T* dout, int64_t b, int64_t k, int
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t d0 = P.starts[kb];
     backward_block<T, VB, VC>(P, dout, b, d0, static_cast<int>(P.starts[kb + 1] - d0), g, dB_task,
-                              dC_task, S);
+                              dC_task, S, kb + 1 < kb1);
   }
 }
 
@@ -800,18 +885,20 @@ std::vector<c10::optional<at::Tensor>> selective_scan_bwd(
     K = std::max<int64_t>(1, std::min<int64_t>(nblocks, (2 * threads + batch - 1) / batch));
   }
 
-  at::Tensor du = at::zeros({batch, dim, L}, opts);
-  at::Tensor ddelta = at::zeros({batch, dim, L}, opts);
-  at::Tensor dz = in.z.defined() ? at::zeros({batch, dim, L}, opts) : at::Tensor();
-  at::Tensor dA_part = at::zeros({batch, dim, N}, opts);
-  at::Tensor dD_part = at::zeros({batch, dim}, opts);
-  at::Tensor dbias_part = at::zeros({batch, dim}, opts);
-  at::Tensor dB_part = in.B.variable ? at::zeros({batch, K, in.B.groups, L, N}, opts)
-                                     : at::zeros({batch, dim, N}, opts);
-  at::Tensor dC_part = in.C.variable ? at::zeros({batch, K, in.C.groups, L, N}, opts)
-                                     : at::zeros({batch, dim, N}, opts);
+  // The kernel writes every element of the per-row outputs (so they need no zero fill); variable
+  // dB / dC are accumulated into. With nothing to compute, every gradient is zero.
+  const bool runs = batch * dim > 0 && L > 0;
+  auto per_row = [&](at::IntArrayRef size) { return runs ? at::empty(size, opts) : at::zeros(size, opts); };
+  at::Tensor du = per_row({batch, dim, L});
+  at::Tensor ddelta = per_row({batch, dim, L});
+  at::Tensor dz = in.z.defined() ? per_row({batch, dim, L}) : at::Tensor();
+  at::Tensor dA_part = per_row({batch, dim, N});
+  at::Tensor dD_part = per_row({batch, dim});
+  at::Tensor dbias_part = per_row({batch, dim});
+  at::Tensor dB_part = in.B.variable ? at::zeros({batch, K, in.B.groups, L, N}, opts) : per_row({batch, dim, N});
+  at::Tensor dC_part = in.C.variable ? at::zeros({batch, K, in.C.groups, L, N}, opts) : per_row({batch, dim, N});
 
-  if (batch * dim > 0 && L > 0) {
+  if (runs) {
     auto run = [&](auto tag) {
       using T = decltype(tag);
       Problem<T> P = make_problem<T>(in);
