@@ -118,5 +118,28 @@ class MambaMixer(nn.Module):
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = getattr(self, dtp_name)(dt).transpose(1, 2)  # (B, d_inner, L), bias included
         a = -torch.exp(getattr(self, a_name).float())
+        if self._gen_record is not None:  # OuroMamba-Gen recording hook (see below)
+            return self._ssm_recorded(u, delta, a, b, c, z, direction)
         return selective_scan(u, delta, a, b.transpose(1, 2), c.transpose(1, 2),
                               getattr(self, d_name).float(), z, None, True)
+
+    # --- OuroMamba-Gen recording hook (ouromamba_fx.gen) ----------------------------------------
+    # ``_gen_record`` is None (class default) except inside ``ouromamba_fx.gen.record_scan``, which
+    # sets it to a dict on the instance. Then ``_ssm`` runs the scan without D and z to get the raw
+    # readout ``yhat_t = C_t . h_t`` per channel, stores ``(yhat, softplus(delta))`` (token order,
+    # each (batch, d_inner, L)) under the direction's name, and applies ``(yhat + D*u) * silu(z)``
+    # itself: the same output as the normal path, still differentiable. When it is None the code
+    # path (and so the traced FX graph) is the normal one above.
+    _gen_record: dict | None = None
+
+    def _ssm_recorded(self, u, delta, a, b, c, z, direction: str) -> torch.Tensor:
+        d = getattr(self, DIRECTIONS[direction][4]).float()
+        step = F.softplus(delta)  # what the scan's delta_softplus computes (threshold 20), done once here
+        yhat = selective_scan(u, step, a, b.transpose(1, 2), c.transpose(1, 2), None, None, None, False)
+        if direction == "bwd":  # the backward scan ran on the flipped sequence
+            self._gen_record[direction] = (yhat.flip(-1), step.flip(-1))
+        else:
+            self._gen_record[direction] = (yhat, step)
+        out = (yhat + d[:, None] * u.float()) * F.silu(z.float())
+        return out.to(u.dtype)
+    # --- end of the OuroMamba-Gen recording hook -------------------------------------------------

@@ -1,0 +1,599 @@
+"""OuroMamba-Gen: data-free synthetic calibration images for vision Mamba models.
+
+``gen(model, n=128)`` starts ``n`` images from Gaussian noise (in the model's normalised input
+space) and optimises the pixels so that
+
+    L = L_O + lambda_c * L_C
+
+is small, where
+
+* ``L_O`` is the cross-entropy of the model's output toward each image's target class (targets
+  spread evenly over the classes, in a seeded random order);
+* ``L_C`` is a patch-level InfoNCE loss on patch features built from the selective scans.
+
+The result is a :class:`SyntheticCalib`, an iterable of image batches that
+:func:`ouromamba_fx.convert` takes as ``calib=``.
+
+Patch features (what ``L_C`` sees) -- honestly stated
+------------------------------------------------------
+OuroMamba enriches the scan's hidden states ``h(tau)`` over a p x p neighbourhood of the patch
+grid. Materialising ``h`` is ``(batch, d_inner, L, d_state)`` per scan, far too much memory for a
+gradient loop, so this module uses only what one scan call produces:
+
+1. the raw scan readout ``yhat_t = C_t . h_t`` per channel, ``(batch, d_inner, L)``: the scan
+   run with ``D = None`` and ``z = None`` (the skip term ``D*u`` and the gate are applied
+   afterwards, outside the scan, so the model's output is unchanged -- see the recording hook
+   in :class:`ouromamba_fx.models.mixer.MambaMixer`);
+2. the step size ``delta = softplus(dt_proj(...))`` the scan used, ``(batch, d_inner, L)``.
+
+For each recorded mixer and each scan direction (the backward scan flipped back to token order),
+the class token is removed (wherever it sits: ``model.cls_index``), the patch tokens are laid out
+on the patch grid ``model.grid_size`` (any ``gh x gw``, row-major as the patch embedding
+flattens them) and
+
+    w(k)   = (dbar(k) - min dbar + eps) / (max dbar - min dbar + eps)     per image,
+    o(tau) = sum_{k in N(tau)} w(k) * yhat(k)                              (p x p, zero padded)
+
+with ``dbar`` the channel mean of ``delta`` over the image's patch tokens. ``eps`` keeps a batch
+of one or a constant ``delta`` finite (then all weights are 1). Because ``C_t`` is applied per
+token before the neighbourhood sum, ``o(tau)`` is ``sum_k w_k C_k . h(k)`` -- the "C_t . h_p"
+style feature METHOD.md allows -- not ``C_tau . h_p(tau)`` and not the fused state ``h_p``
+itself. Everything stays differentiable (gradients also flow through the weights).
+
+The two directions are combined by averaging their cosine similarities: the similarity of two
+patches is the mean over directions of the cosine of their per-direction features (the same as
+the cosine of the concatenated, per-direction L2-normalised features), so both directions count
+equally, whatever their scales.
+
+Contrastive loss
+----------------
+For each recorded layer ``l``, image, and anchor patch ``i`` with feature ``o_i``: positives
+``P_i`` are the ``top_k`` patches of the same image most cosine-similar to ``o_i`` (chosen on
+detached similarities; ``top_k`` capped at ``num_patches - 2`` so at least one negative is left),
+every other patch except ``i`` itself is a negative, and
+
+    L_C(l, i) = - log( sum_{p in P_i} exp(cos(o_i, o_p) / T) / sum_{j != i} exp(cos(o_i, o_j) / T) ).
+
+``L_C`` is the mean over images, anchors and layers (a mean, not METHOD.md's sum, so that
+``lambda_c`` does not depend on the model's depth or resolution).
+
+Optimisation (all settings are arguments of :func:`gen`)
+---------------------------------------------------------
+PSAQ-ViT's recipe: pixels from ``randn`` in normalised space; Adam with ``lr`` and
+``betas = (0.5, 0.9)``; a linear warm-up over the first ``warmup`` fraction of the iterations,
+then a cosine decay to 0; each step a random roll of up to ``jitter`` pixels in both axes and a
+horizontal flip with probability 1/2 (one draw per batch); after each step the pixels are
+clamped to the valid normalised range ``[(0 - mean)/std, (1 - mean)/std]`` per channel. The
+``n`` images are optimised in independent batches of ``batch_size``. All randomness comes from
+one ``torch.Generator`` seeded with ``seed``: the same seed gives the same images bit for bit on
+CPU (same torch build and thread count). The global RNG is not touched.
+
+The model is put in eval mode with ``requires_grad`` off for the run, and restored afterwards;
+its parameters are never changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ouromamba_fx.errors import DataError, OuroMambaError
+from ouromamba_fx.models.mixer import MambaMixer
+from ouromamba_fx.progress import console, progress_bar
+
+__all__ = ["gen", "SyntheticCalib", "record_scan", "patch_features", "cosine_similarity_matrix",
+           "info_nce", "contrastive_loss", "gen_losses", "DEFAULTS"]
+
+LOSSES = ("full", "output", "contrastive")
+FORMAT = "ouromamba_fx.SyntheticCalib/1"
+
+# Defaults of :func:`gen`, in one place (the CLI and the benchmark read them too). See the module
+# docstring and benchmarks/gen_time.md for how they were chosen on the reference model.
+DEFAULTS = dict(
+    n=128,
+    iters=200,
+    lr=0.2,
+    betas=(0.5, 0.9),
+    warmup=0.1,
+    batch_size=128,
+    neighbourhood=3,
+    top_k=12,
+    temperature=0.2,
+    lambda_c=1.0,
+    loss="full",
+    jitter=None,  # None: max(1, min(H, W) // 8) pixels
+    flip=True,
+)
+
+
+# -------------------------------------------------------------------------------------------------
+# Recording the scan readout
+
+def mixers_of(model: nn.Module) -> list[MambaMixer]:
+    """The model's :class:`MambaMixer` modules in module order (layer 0 first)."""
+    return [m for m in model.modules() if isinstance(m, MambaMixer)]
+
+
+@contextlib.contextmanager
+def record_scan(model: nn.Module, layers: Sequence[int] | None = None) -> Iterator[list[dict]]:
+    """Inside the block, the chosen mixers record ``(yhat, delta)`` per scan direction.
+
+    Yields one dict per chosen mixer (in ``layers`` order; default: every mixer); after each
+    forward pass it maps ``"fwd"`` / ``"bwd"`` to ``(yhat, delta)``, both ``(batch, d_inner, L)``
+    in token order, where ``yhat = C_t . h_t`` is the scan's raw readout and ``delta`` its
+    (softplus-ed) step size. The model's outputs are the same as without recording. On exit the
+    mixers are back to the normal code path.
+    """
+    mixers = mixers_of(model)
+    if not mixers:
+        raise OuroMambaError(f"record_scan: {type(model).__name__} has no MambaMixer; OuroMamba-Gen's "
+                             "contrastive loss needs the mixers of ouromamba_fx.models")
+    if layers is None:
+        chosen = mixers
+    else:
+        bad = [i for i in layers if not -len(mixers) <= int(i) < len(mixers)]
+        if bad:
+            raise ValueError(f"record_scan: layers {bad} out of range (the model has {len(mixers)} mixers)")
+        chosen = [mixers[int(i)] for i in layers]
+    records: list[dict] = [{} for _ in chosen]
+    try:
+        for m, r in zip(chosen, records):
+            m._gen_record = r
+        yield records
+    finally:
+        for m in chosen:
+            m.__dict__.pop("_gen_record", None)
+
+
+# -------------------------------------------------------------------------------------------------
+# Features and losses
+
+def _patch_index(length: int, cls_index: int | None, device) -> torch.Tensor:
+    """Indices of the patch tokens in a sequence of ``length`` tokens (class token left out)."""
+    idx = torch.arange(length, device=device)
+    return idx if cls_index is None else torch.cat((idx[:cls_index], idx[cls_index + 1:]))
+
+
+def patch_features(yhat: torch.Tensor, delta: torch.Tensor, grid_size: tuple[int, int],
+                   cls_index: int | None, neighbourhood: int = 3, eps: float = 1e-6) -> torch.Tensor:
+    """Delta-weighted neighbourhood sums of the scan readout on the patch grid.
+
+    Args:
+        yhat, delta: ``(batch, d_inner, L)`` in token order (``L`` = patches + class token).
+        grid_size: ``(gh, gw)`` patch grid, patches in row-major order.
+        cls_index: position of the class token in the sequence, or None.
+        neighbourhood: odd p, the p x p neighbourhood (1: no spatial enrichment).
+
+    Returns:
+        ``(batch, gh * gw, d_inner)`` (a transposed view): ``o(tau) = sum_{k in N(tau)} w_k yhat(k)``
+        with ``w`` the per-image min-max normalised channel mean of ``delta`` (module docstring).
+    """
+    p = int(neighbourhood)
+    if p < 1 or p % 2 == 0:
+        raise ValueError(f"patch_features: neighbourhood must be an odd size >= 1, got {neighbourhood}")
+    gh, gw = (int(s) for s in grid_size)
+    if yhat.shape != delta.shape or yhat.dim() != 3:
+        raise ValueError(f"patch_features: yhat {tuple(yhat.shape)} and delta {tuple(delta.shape)} must "
+                         "both be (batch, d_inner, L)")
+    b, c, length = yhat.shape
+    if length - (cls_index is not None) != gh * gw or (cls_index is not None and not 0 <= cls_index < length):
+        raise ValueError(f"patch_features: {length} tokens with the class token at {cls_index} do not "
+                         f"fill a {gh}x{gw} patch grid")
+    idx = _patch_index(length, cls_index, yhat.device)
+    m = delta.float().mean(dim=1).index_select(1, idx)  # (batch, P): channel mean of delta
+    lo, hi = m.amin(dim=1, keepdim=True), m.amax(dim=1, keepdim=True)
+    w = (m - lo + eps) / (hi - lo + eps)
+    if p > 1:
+        w = w * float(p * p)  # avg_pool2d below divides by p*p: this makes it a sum
+    fused = (yhat.float().index_select(2, idx) * w[:, None, :]).view(b, c, gh, gw)
+    if p > 1:  # sum over the p x p neighbourhood, zeros outside the grid
+        fused = F.avg_pool2d(fused, p, stride=1, padding=p // 2, count_include_pad=True)
+    return fused.flatten(2).transpose(1, 2)
+
+
+def cosine_similarity_matrix(features: torch.Tensor | Sequence[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
+    """Pairwise cosine similarities of the patches of each image, ``(batch, P, P)``.
+
+    ``features``: ``(batch, P, d)``, or a sequence of those (one per scan direction): then the mean
+    of the per-direction cosine similarities -- the same as the cosine of the concatenated,
+    per-direction L2-normalised features, without building the concatenation.
+    """
+    feats = [features] if isinstance(features, torch.Tensor) else list(features)
+    if not feats:
+        raise ValueError("cosine_similarity_matrix: no features")
+    total = None
+    for f in feats:
+        if f.dim() != 3:
+            raise ValueError(f"cosine_similarity_matrix: features must be (batch, P, d), got {tuple(f.shape)}")
+        f = f.float()
+        gram = f @ f.transpose(1, 2)  # (batch, P, P); cheaper to normalise than (batch, P, d)
+        inv = gram.diagonal(dim1=1, dim2=2).clamp_min(eps).rsqrt()
+        cos = gram * inv[:, :, None] * inv[:, None, :]
+        total = cos if total is None else total + cos
+    return total / len(feats) if len(feats) > 1 else total
+
+
+def info_nce(sim: torch.Tensor, top_k: int = 12, temperature: float = 0.2) -> torch.Tensor:
+    """Patch-level InfoNCE from cosine similarities ``sim`` ``(batch, P, P)``, mean over images and
+    anchors: positives are each anchor's ``top_k`` most similar other patches (capped at P - 2),
+    negatives every other patch; ``-log(sum_pos exp(cos/T) / sum_{j != i} exp(cos/T))``."""
+    if sim.dim() != 3 or sim.shape[1] != sim.shape[2]:
+        raise ValueError(f"info_nce: sim must be (batch, P, P), got {tuple(sim.shape)}")
+    num = sim.shape[1]
+    if num < 3:
+        raise ValueError(f"contrastive loss: needs at least 3 patches per image, got {num}")
+    if temperature <= 0:
+        raise ValueError(f"contrastive loss: temperature must be > 0, got {temperature}")
+    k = max(1, min(int(top_k), num - 2))
+    self_mask = torch.eye(num, dtype=torch.bool, device=sim.device)
+    logits = (sim / temperature).masked_fill(self_mask, float("-inf"))
+    pos = logits.detach().topk(k, dim=-1).indices
+    per_anchor = torch.logsumexp(logits, dim=-1) - torch.logsumexp(logits.gather(-1, pos), dim=-1)
+    return per_anchor.mean()
+
+
+def contrastive_loss(features: torch.Tensor | Sequence[torch.Tensor], top_k: int = 12,
+                     temperature: float = 0.2) -> torch.Tensor:
+    """Patch-level InfoNCE of patch features ``(batch, P, d)`` (or one such tensor per scan
+    direction, see :func:`cosine_similarity_matrix`); mean over images and anchors."""
+    return info_nce(cosine_similarity_matrix(features), top_k, temperature)
+
+
+def _grid_and_cls(model: nn.Module) -> tuple[tuple[int, int], int | None]:
+    grid = getattr(model, "grid_size", None)
+    if grid is None:
+        grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        raise OuroMambaError(f"gen: {type(model).__name__} has no grid_size (patch grid); the contrastive "
+                             "loss needs it. Use loss='output' or a VisionMamba")
+    return (int(grid[0]), int(grid[1])), getattr(model, "cls_index", None)
+
+
+def gen_losses(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None, *, loss: str = "full",
+               layers: Sequence[int] | None = None, neighbourhood: int = 3, top_k: int = 12,
+               temperature: float = 0.2, lambda_c: float = 1.0) -> dict[str, torch.Tensor]:
+    """One forward pass of ``model`` on ``x``; returns ``{"loss", "loss_o", "loss_c", "logits"}``.
+
+    ``loss_o`` / ``loss_c`` are zero tensors when ``loss`` leaves them out; ``loss`` is
+    ``loss_o + lambda_c * loss_c``. Differentiable with respect to ``x``.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"gen: loss must be one of {LOSSES}, got {loss!r}")
+    zero = x.new_zeros(())
+    if loss == "output":
+        logits = model(x)
+        loss_c = zero
+    else:
+        grid, cls_index = _grid_and_cls(model)
+        with record_scan(model, layers) as records:
+            logits = model(x)
+        per_layer = []
+        for rec in records:
+            if not rec:
+                raise OuroMambaError("gen: a recorded mixer did not run during the forward pass")
+            feats = [patch_features(*rec[d], grid, cls_index, neighbourhood) for d in ("fwd", "bwd") if d in rec]
+            per_layer.append(contrastive_loss(feats, top_k, temperature))
+        loss_c = torch.stack(per_layer).mean()
+    if loss == "contrastive":
+        loss_o = zero
+    else:
+        if targets is None:
+            raise ValueError("gen_losses: targets are needed for the output loss")
+        loss_o = F.cross_entropy(logits.float(), targets)
+    total = loss_o + lambda_c * loss_c if loss == "full" else (loss_o if loss == "output" else loss_c)
+    return {"loss": total, "loss_o": loss_o, "loss_c": loss_c, "logits": logits}
+
+
+# -------------------------------------------------------------------------------------------------
+# The result
+
+class SyntheticCalib:
+    """Synthetic calibration images: iterate for batches (``calib=`` of :func:`ouromamba_fx.convert`).
+
+    Attributes:
+        images: ``(N, C, H, W)`` float32, normalised as the model expects.
+        targets: ``(N,)`` int64 target class of each image.
+        batch_size: batch size of iteration (default 32).
+        settings: the generation settings and a summary of the run (saved with the images).
+        classes: class names (may be empty), mean, std: the model's.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, *, settings: dict | None = None,
+                 classes: Sequence[str] | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, batch_size: int = 32,
+                 history: list[dict] | None = None) -> None:
+        if images.dim() != 4:
+            raise ValueError(f"SyntheticCalib: images must be (N, C, H, W), got {tuple(images.shape)}")
+        if targets.shape != (images.shape[0],):
+            raise ValueError(f"SyntheticCalib: {tuple(targets.shape)} targets for {images.shape[0]} images")
+        if batch_size < 1:
+            raise ValueError(f"SyntheticCalib: batch_size must be >= 1, got {batch_size}")
+        channels = images.shape[1]
+        self.images = images
+        self.targets = targets.long()
+        self.settings = dict(settings or {})
+        self.classes = list(classes or [])
+        self.mean = tuple(float(v) for v in (mean if mean is not None else (0.0,) * channels))
+        self.std = tuple(float(v) for v in (std if std is not None else (1.0,) * channels))
+        self.batch_size = int(batch_size)
+        self.history = list(history or [])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.images.split(self.batch_size))
+
+    def __len__(self) -> int:
+        return math.ceil(self.images.shape[0] / self.batch_size)
+
+    def __repr__(self) -> str:
+        n, c, h, w = self.images.shape
+        acc = self.settings.get("target_accuracy")
+        extra = f", target accuracy {100 * acc:.1f}%" if acc is not None else ""
+        return (f"SyntheticCalib({n} images {c}x{h}x{w}, loss={self.settings.get('loss', '?')}, "
+                f"iters={self.settings.get('iters', '?')}, seed={self.settings.get('seed', '?')}{extra})")
+
+    def class_name(self, target: int) -> str:
+        return self.classes[target] if 0 <= target < len(self.classes) else str(target)
+
+    # -- files ----------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> None:
+        """Write a .safetensors file: tensors ``images``, ``targets``; header metadata ``settings``,
+        ``classes``, ``mean``, ``std`` (JSON strings)."""
+        from safetensors.torch import save_file
+
+        meta = {"format": FORMAT, "settings": json.dumps(self.settings, default=str),
+                "classes": json.dumps(self.classes), "mean": json.dumps(self.mean),
+                "std": json.dumps(self.std)}
+        save_file({"images": self.images.detach().cpu().contiguous(),
+                   "targets": self.targets.detach().cpu().contiguous()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path, batch_size: int = 32) -> "SyntheticCalib":
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            raise DataError(f"SyntheticCalib.load: {str(path)!r} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != FORMAT:
+                    raise DataError(f"SyntheticCalib.load: {str(path)!r} is not a file written by "
+                                    f"SyntheticCalib.save (format {meta.get('format')!r})")
+                images, targets = f.get_tensor("images"), f.get_tensor("targets")
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any read failure: say which file
+            raise DataError(f"SyntheticCalib.load: cannot read {str(path)!r}: {exc}") from exc
+        return cls(images, targets, settings=json.loads(meta.get("settings", "{}")),
+                   classes=json.loads(meta.get("classes", "[]")), mean=json.loads(meta.get("mean", "null")),
+                   std=json.loads(meta.get("std", "null")), batch_size=batch_size)
+
+    def to_pixels(self, images: torch.Tensor | None = None) -> torch.Tensor:
+        """De-normalised uint8 images ``(N, H, W, C)``."""
+        x = self.images if images is None else images
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, -1, 1, 1)
+        x = (x.detach().float().cpu() * std + mean).clamp(0, 1)
+        return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+    def grid(self, path: str | Path | None = None, n: int = 32, cols: int = 8, scale: int | None = None,
+             labels: bool = True, pad: int = 2, label_height: int = 12):
+        """A PNG grid of the first ``n`` images (de-normalised), each captioned with its target
+        class name. Tiles are upscaled by ``scale`` (default: to at least 64 px). Returns the
+        ``PIL.Image``; writes it to ``path`` if given.
+
+        Size: ``cols' * (W*scale + pad) + pad`` by ``rows * (H*scale + label_height + pad) + pad``
+        with ``cols' = min(cols, n)``, ``rows = ceil(n / cols')`` (``label_height`` is 0 without labels).
+        """
+        from PIL import Image, ImageDraw, ImageFont
+
+        n = max(1, min(int(n), self.images.shape[0]))
+        cols = max(1, min(int(cols), n))
+        rows = math.ceil(n / cols)
+        h, w = self.images.shape[2:]
+        scale = int(scale) if scale else max(1, math.ceil(64 / max(h, w)))
+        lh = label_height if labels else 0
+        th, tw = h * scale, w * scale
+        pixels = self.to_pixels(self.images[:n]).numpy()
+        channels = pixels.shape[-1]
+        sheet = Image.new("RGB", (cols * (tw + pad) + pad, rows * (th + lh + pad) + pad), "white")
+        draw = ImageDraw.Draw(sheet)
+        font = ImageFont.load_default()
+        for i in range(n):
+            r, c = divmod(i, cols)
+            x0, y0 = pad + c * (tw + pad), pad + r * (th + lh + pad)
+            arr = pixels[i]
+            tile = Image.fromarray(arr[..., 0] if channels == 1 else arr[..., :3])
+            sheet.paste(tile.convert("RGB").resize((tw, th), Image.NEAREST), (x0, y0))
+            if labels:
+                text = self.class_name(int(self.targets[i]))
+                while len(text) > 1 and draw.textlength(text, font=font) > tw:
+                    text = text[:-1]
+                draw.text((x0, y0 + th), text, fill="black", font=font)
+        if path is not None:
+            sheet.save(str(path), format="PNG")
+        return sheet
+
+
+# -------------------------------------------------------------------------------------------------
+# Generation
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the block; both restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _input_spec(model: nn.Module, input_size) -> tuple[tuple[int, int, int], tuple, tuple]:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = tuple(input_size or cfg.get("input_size") or ())
+    if len(size) != 3:
+        raise OuroMambaError(f"gen: cannot tell the input size of {type(model).__name__}: give "
+                             "input_size=(C, H, W) (or set model.pretrained_cfg['input_size'])")
+    channels = size[0]
+    mean = tuple(cfg.get("mean") or (0.0,) * channels)
+    std = tuple(cfg.get("std") or (1.0,) * channels)
+    if len(mean) != channels or len(std) != channels:
+        raise OuroMambaError(f"gen: mean/std of length {len(mean)}/{len(std)} for {channels} channels")
+    return size, mean, std
+
+
+def _num_classes(model: nn.Module, num_classes: int | None, probe: torch.Tensor) -> int:
+    if num_classes:
+        return int(num_classes)
+    for source in (getattr(getattr(model, "cfg", None), "num_classes", None),
+                   (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")):
+        if source:
+            return int(source)
+    with torch.no_grad():
+        return int(model(probe).shape[-1])
+
+
+def _targets(n: int, num_classes: int, g: torch.Generator) -> torch.Tensor:
+    """Targets spread evenly: every class ``n // C`` or ``n // C + 1`` times, in random order."""
+    order = torch.randperm(num_classes, generator=g)
+    t = order[torch.arange(n) % num_classes]
+    return t[torch.randperm(n, generator=g)]
+
+
+def _lr_at(step: int, iters: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps`` steps, then cosine decay to 0 (step counts from 0)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    span = max(1, iters - warmup_steps)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
+
+
+def gen(model: nn.Module, n: int = DEFAULTS["n"], num_classes: int | None = None, *,
+        iters: int = DEFAULTS["iters"], lr: float = DEFAULTS["lr"],
+        betas: tuple[float, float] = DEFAULTS["betas"], warmup: float = DEFAULTS["warmup"],
+        batch_size: int = DEFAULTS["batch_size"], neighbourhood: int = DEFAULTS["neighbourhood"],
+        top_k: int = DEFAULTS["top_k"], temperature: float = DEFAULTS["temperature"],
+        lambda_c: float = DEFAULTS["lambda_c"], loss: str = DEFAULTS["loss"],
+        layers: Sequence[int] | None = None, jitter: int | None = DEFAULTS["jitter"],
+        flip: bool = DEFAULTS["flip"], input_size: tuple[int, int, int] | None = None,
+        seed: int = 0, show_progress: bool = True) -> SyntheticCalib:
+    """Generate ``n`` synthetic calibration images for ``model`` (OuroMamba-Gen, data-free).
+
+    Args:
+        model: a vision Mamba built from :mod:`ouromamba_fx.models` (the contrastive loss needs
+            its ``MambaMixer`` layers, ``grid_size`` and ``cls_index``); left unchanged.
+        n: number of images.
+        num_classes: classes to spread the targets over (default: the model's).
+        iters: optimisation steps per batch.
+        lr, betas: Adam's; ``warmup``: fraction of ``iters`` of linear warm-up before the cosine decay.
+        batch_size: images optimised together (``n`` is split into batches of this size).
+        neighbourhood: odd p of the p x p neighbourhood of the patch features.
+        top_k: positives per anchor patch (capped at patches - 2).
+        temperature: InfoNCE temperature T.
+        lambda_c: weight of the contrastive loss in the ``"full"`` loss.
+        loss: ``"full"`` (L_O + lambda_c L_C), ``"output"`` (L_O only) or ``"contrastive"`` (L_C only).
+        layers: indices of the mixers whose features enter L_C (default: all).
+        jitter: maximum random roll in pixels per step (default ``min(H, W) // 8``, at least 1; 0: none).
+        flip: random horizontal flips.
+        input_size: ``(C, H, W)`` if the model has no ``pretrained_cfg["input_size"]``.
+        seed: everything random (initial pixels, targets, jitter, flips) derives from it.
+        show_progress: rich progress bar with the losses (quiet when stderr is not a terminal).
+
+    Returns:
+        A :class:`SyntheticCalib`.
+
+    Example:
+        >>> synth = gen(model, n=128)                                      # doctest: +SKIP
+        >>> q = ouromamba_fx.convert(model, calib=synth, config=ouromamba_fx.W4A8)  # doctest: +SKIP
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"gen: loss must be one of {LOSSES}, got {loss!r}")
+    if n < 1 or iters < 0 or batch_size < 1:
+        raise ValueError(f"gen: need n >= 1, iters >= 0, batch_size >= 1 (got {n}, {iters}, {batch_size})")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"gen: warmup is a fraction of iters in [0, 1), got {warmup}")
+    if loss != "output":
+        _grid_and_cls(model)  # fail early with a clear message
+        if neighbourhood < 1 or neighbourhood % 2 == 0:
+            raise ValueError(f"gen: neighbourhood must be an odd size >= 1, got {neighbourhood}")
+    (channels, height, width), mean, std = _input_spec(model, input_size)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    lo, hi = (0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t
+    jit = max(1, min(height, width) // 8) if jitter is None else int(jitter)
+    warmup_steps = max(1, round(warmup * iters)) if warmup > 0 else 0
+
+    g = torch.Generator().manual_seed(int(seed))
+    images = torch.randn(n, channels, height, width, generator=g).to(device)
+    classes = list(getattr(getattr(model, "cfg", None), "classes", None) or [])
+    settings = dict(n=n, iters=iters, lr=lr, betas=list(betas), warmup=warmup, batch_size=batch_size,
+                    neighbourhood=neighbourhood, top_k=top_k, temperature=temperature, lambda_c=lambda_c,
+                    loss=loss, layers=None if layers is None else [int(i) for i in layers], jitter=jit,
+                    flip=flip, seed=seed, input_size=[channels, height, width],
+                    model=type(model).__name__, torch=torch.__version__)
+    history: list[dict] = []
+    start = time.perf_counter()
+    with _frozen(model), torch.enable_grad():
+        ncls = _num_classes(model, num_classes, images[:1].to(dtype))
+        targets = _targets(n, ncls, g).to(device)
+        settings["num_classes"] = ncls
+        chunks = list(zip(images.split(batch_size), targets.split(batch_size)))
+        out = []
+        with progress_bar(f"OuroMamba-Gen ({loss})", total=iters * len(chunks), enabled=show_progress) as advance:
+            for bi, (x0, t) in enumerate(chunks):
+                x = x0.clone().clamp_(lo, hi).requires_grad_(True)
+                opt = torch.optim.Adam([x], lr=lr, betas=tuple(betas))
+                for step in range(iters):
+                    for group in opt.param_groups:
+                        group["lr"] = _lr_at(step, iters, lr, warmup_steps)
+                    # one draw per step and batch, always in the same order (determinism)
+                    dy, dx = (torch.randint(-jit, jit + 1, (2,), generator=g).tolist() if jit > 0 else (0, 0))
+                    do_flip = flip and bool(torch.rand((), generator=g) < 0.5)
+                    xa = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else x
+                    if do_flip:
+                        xa = xa.flip(3)
+                    res = gen_losses(model, xa.to(dtype), t, loss=loss, layers=layers,
+                                     neighbourhood=neighbourhood, top_k=top_k, temperature=temperature,
+                                     lambda_c=lambda_c)
+                    opt.zero_grad(set_to_none=True)
+                    res["loss"].backward()
+                    opt.step()
+                    with torch.no_grad():
+                        x.copy_(torch.maximum(torch.minimum(x, hi), lo))
+                    info = {"loss_o": res["loss_o"].item(), "loss_c": res["loss_c"].item()}
+                    history.append({"batch": bi, "iter": step, **info})
+                    advance(1, batch=f"{bi + 1}/{len(chunks)}", **info)
+                out.append(x.detach())
+        final = torch.cat(out) if out else images[:0]
+        with torch.no_grad():
+            pred = torch.cat([model(xb.to(dtype)).argmax(-1) for xb in final.split(batch_size)])
+    seconds = time.perf_counter() - start
+    last = {k: sum(h[k] for h in history if h["iter"] == iters - 1) / max(1, len(chunks))
+            for k in ("loss_o", "loss_c")} if history else {}
+    settings.update(seconds=round(seconds, 2),
+                    seconds_per_iter=round(seconds / max(1, iters * len(chunks)), 4),
+                    target_accuracy=float((pred == targets).float().mean()),
+                    final_loss_o=last.get("loss_o"), final_loss_c=last.get("loss_c"))
+    synth = SyntheticCalib(final.cpu(), targets.cpu(), settings=settings, classes=classes, mean=mean,
+                           std=std, history=history)
+    if show_progress:
+        console.print(f"[green]generated[/] {synth}")
+    return synth
