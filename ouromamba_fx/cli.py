@@ -101,6 +101,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gen(args: argparse.Namespace) -> int:
+    from ouromamba_fx.gen import gen
+
+    model, name = load_model(args)
+    synth = gen(model, n=args.n, iters=args.iters, lr=args.lr, batch_size=args.batch_size,
+                loss=args.loss, lambda_c=args.lambda_c, temperature=args.temperature,
+                neighbourhood=args.neighbourhood, top_k=args.top_k, seed=args.seed)
+    synth.save(args.out)
+    s = synth.settings
+    out.print(f"{name}: {len(synth.images)} synthetic images ({s['loss']} loss, {s['iters']} iterations, "
+              f"{s['seconds']:.0f} s, {s['seconds_per_iter']:.2f} s/iteration) -> {args.out}; "
+              f"the model predicts the target class for {100 * s['target_accuracy']:.1f}%")
+    if args.grid:
+        synth.grid(args.grid)
+        out.print(f"image grid -> {args.grid}")
+    return 0
+
+
 def _add_convert_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--config", default="W8A8", help="preset: W8A8, W6A6, W4A8, W4A4O8, W8A8-RTN, W8A8-per-token")
@@ -140,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-collapse", action="store_true", help="show every layer, even identical ones")
     p.add_argument("--verbose", action="store_true", help="also list constants (get_attr)")
     p.set_defaults(fn=cmd_diff)
+
+    from ouromamba_fx.gen import DEFAULTS as GEN
+
+    p = sub.add_parser("gen", help="generate data-free synthetic calibration images (OuroMamba-Gen)",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(p)
+    p.add_argument("--n", type=int, default=GEN["n"], help="number of images")
+    p.add_argument("--iters", type=int, default=GEN["iters"], help="optimisation steps per batch")
+    p.add_argument("--lr", type=float, default=GEN["lr"], help="Adam learning rate")
+    p.add_argument("--batch-size", type=int, default=GEN["batch_size"], help="images optimised together")
+    p.add_argument("--loss", choices=("full", "output", "contrastive"), default=GEN["loss"])
+    p.add_argument("--lambda-c", type=float, default=GEN["lambda_c"], help="weight of the contrastive loss")
+    p.add_argument("--temperature", type=float, default=GEN["temperature"], help="InfoNCE temperature")
+    p.add_argument("--neighbourhood", type=int, default=GEN["neighbourhood"], help="odd p of the p x p patch neighbourhood")
+    p.add_argument("--top-k", type=int, default=GEN["top_k"], help="positive patches per anchor")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="synth.safetensors", help="where to save the images (.safetensors)")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of the images here")
+    p.set_defaults(fn=cmd_gen)
     return parser
 
 
