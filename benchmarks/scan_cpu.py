@@ -1,6 +1,6 @@
 """Time the fused CPU selective scan against the plain-torch reference, and write ``scan_cpu.md``.
 
-    python benchmarks/scan_cpu.py [--rounds 15] [--ref-rounds 5] [--out benchmarks/scan_cpu.md]
+    python benchmarks/scan_cpu.py [--rounds 15] [--ref-rounds 5] [--wait-load 1.5] [--out benchmarks/scan_cpu.md]
 
 Compares ``ouromamba::selective_scan`` (the fused C++ kernel, :func:`selective_scan`) with
 :func:`selective_scan_ref` (a loop over time on whole ``(batch, d_inner, d_state)`` tensors, with
@@ -15,7 +15,8 @@ inverse softplus of a step log-uniform in [1e-3, 0.1].
 
 The machine may be shared: both implementations are timed round-robin (one call of each per round,
 after a warm-up) so bursts of load hit both alike; the table gives the median over rounds and the
-load average is recorded. ``torch.get_num_threads()`` is left at its default.
+load average is recorded (``--wait-load X`` first waits, up to ``--wait-max`` seconds, for the
+1-minute load average to drop below X). ``torch.get_num_threads()`` is left at its default.
 """
 
 from __future__ import annotations
@@ -110,11 +111,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="timed calls of the fused op per pass")
     ap.add_argument("--ref-rounds", type=int, default=5, help="timed calls of the reference per pass")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "scan_cpu.md")
+    ap.add_argument("--wait-load", type=float, default=None,
+                    help="wait until the 1-minute load average is below this before timing")
+    ap.add_argument("--wait-max", type=float, default=1800.0, help="give up waiting after this many seconds")
     args = ap.parse_args()
 
     backend = scan_backend()  # builds the C++ kernel if needed (not timed)
     if backend != "cpp":
         print(f"warning: the fused kernel is not in use (scan_backend() = {backend!r})", file=sys.stderr)
+
+    if args.wait_load is not None and hasattr(os, "getloadavg"):
+        t0 = time.monotonic()
+        while os.getloadavg()[0] >= args.wait_load and time.monotonic() - t0 < args.wait_max:
+            time.sleep(10)
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
     rows = []
     for label, batch, dim, L, N in SHAPES:
@@ -133,7 +143,8 @@ def main() -> None:
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     cmd = "python benchmarks/scan_cpu.py" + "".join(
-        f" {flag} {val}" for flag, val, default in (("--rounds", args.rounds, 15), ("--ref-rounds", args.ref_rounds, 5))
+        f" {flag} {val}" for flag, val, default in (("--rounds", args.rounds, 15), ("--ref-rounds", args.ref_rounds, 5),
+                                                    ("--wait-load", args.wait_load, None))
         if val != default)
     lines = [
         "# Selective scan on CPU: fused op vs plain-torch reference",
@@ -144,7 +155,8 @@ def main() -> None:
         f"CPU: {cpu_name()} ({os.cpu_count()} logical CPUs)",
         f"* scan backend: `{backend}`; float32; `z`, `D`, `delta_bias` given, `delta_softplus=True` (as in Vim)",
         f"* median of {args.rounds} (fused) / {args.ref_rounds} (reference) calls after 2 warm-up calls, timed "
-        "round-robin" + (f"; load average at the end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}" if load else ""),
+        "round-robin" + (f"; 1-minute load average {load_start[0]:.2f} at the start, {load[0]:.2f} at the end "
+                         "(the machine is shared; other jobs were running)" if load else ""),
         "* forward is run under `torch.no_grad()`; forward + backward is `out.backward(dout)` w.r.t. all eight "
         "tensor inputs",
         "",
