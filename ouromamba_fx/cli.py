@@ -79,9 +79,12 @@ def _convert(args: argparse.Namespace):
 def cmd_convert(args: argparse.Namespace) -> int:
     from ouromamba_fx.evaluate import evaluate
 
+    from ouromamba_fx.data import bundled_samples
+
     model, name, q = _convert(args)
     out.print(q.report())
-    if args.eval:
+    if args.eval is not None:
+        args.eval = args.eval or bundled_samples()
         fp = evaluate(model, args.eval, batch_size=args.batch_size, description="float")
         qr = evaluate(q, args.eval, batch_size=args.batch_size, transform_model=model,
                       description=args.config)
@@ -144,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="quantize a model and show its report",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_convert_args(p)
-    p.add_argument("--eval", default=None, help="image folder to measure float and quantized top-1 on")
+    p.add_argument("--eval", nargs="?", const="", default=None, metavar="FOLDER",
+                   help="measure float and quantized top-1 on an image folder (no value: the bundled sample)")
     p.add_argument("--batch-size", type=int, default=128)
     p.set_defaults(fn=cmd_convert)
 

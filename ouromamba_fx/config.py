@@ -80,6 +80,65 @@ class WeightQuant:
 
 
 @dataclass(frozen=True)
+class OutlierQuant:
+    """OuroMamba-Quant mixed precision: outlier channels found per time-step at run time.
+
+    bits: outlier bits (8: W4A4O8); >= 16 keeps outliers in floating point (W4A8O16).
+    k, k_delta: threshold ``mean + k * std`` of |x| over channels (``k_delta`` for the scan's delta).
+    n_refresh: the outlier mask is reset every ``n_refresh`` time-steps.
+    roles: roles whose input activations get the mixed-precision treatment (``scan`` = its
+        quantized inputs delta/B/C).
+    """
+
+    bits: int = 8
+    k: float = 3.0
+    k_delta: float = 4.0
+    n_refresh: int = 10
+    roles: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj", "scan")
+
+    def __post_init__(self) -> None:
+        _check_bits("OutlierQuant", self.bits)
+        if self.k <= 0 or self.k_delta <= 0 or self.n_refresh < 1:
+            raise ValueError("OutlierQuant: k > 0, k_delta > 0 and n_refresh >= 1 are required")
+        bad = sorted(set(self.roles) - set(ROLES))
+        if bad:
+            raise ValueError(f"OutlierQuant.roles: unknown {bad}; known: {ROLES}")
+
+
+@dataclass(frozen=True)
+class KScale:
+    """k-scaled quantization: ``k`` static scales per activation tensor, shared by groups of token
+    positions found by 1-D k-means on mean |x|; each group's scale is searched among
+    ``candidates`` multiples in ``[lo, hi]`` of ``max|x_group| / (qmax - 0.5)`` for the best cosine
+    similarity of the layer output. ``pow2`` snaps group scales to powers of two of the first."""
+
+    k: int = 4
+    candidates: int = 101
+    lo: float = 0.01
+    hi: float = 1.2
+    pow2: bool = False
+    search_rows: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.candidates < 2 or not 0 < self.lo < self.hi or self.search_rows < 16:
+            raise ValueError("KScale: k >= 1, candidates >= 2, 0 < lo < hi and search_rows >= 16 are required")
+
+
+@dataclass(frozen=True)
+class Reparam:
+    """Scan hidden-state reparameterization (k-scaled PTQ, MLSP 2025): rank-1 factors
+    (r_C, r_L, r_N) from calibration; the d_state factor is folded into x_proj's B and C rows
+    (when ``fold``), the rest are constants of the scan; the rescaled state is quantized with one
+    scale per time-step at ``state_bits`` (>= 16: state kept in float)."""
+
+    state_bits: int = 8
+    fold: bool = True
+
+    def __post_init__(self) -> None:
+        _check_bits("Reparam.state_bits", self.state_bits)
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """A quantization scheme for vision Mamba models.
 
@@ -95,6 +154,9 @@ class QuantConfig:
             leave in float). Later patterns win.
         seed: seeds everything random in conversion (sampling of calibration rows).
         calib_sample: rows per tensor kept by observers for the scale searches.
+        outliers: OuroMamba-Quant dynamic outlier channels (None: off).
+        kscale: k-scaled static activation scales (None: one scale per token position).
+        reparam: scan hidden-state reparameterization and quantization (None: off).
     """
 
     name: str = "custom"
@@ -105,6 +167,9 @@ class QuantConfig:
     overrides: dict[str, dict] = field(default_factory=dict)
     seed: int = 0
     calib_sample: int = 4096
+    outliers: OutlierQuant | None = None
+    kscale: KScale | None = None
+    reparam: Reparam | None = None
 
     def __post_init__(self) -> None:
         bad = sorted(set(self.roles) - set(ROLES))
@@ -124,6 +189,8 @@ class QuantConfig:
                 _check_bits(f"overrides[{pattern!r}].weight_bits", spec["weight_bits"])
             if spec.get("act_granularity", "per_token") not in ACT_GRANULARITIES:
                 raise ValueError(f"overrides[{pattern!r}].act_granularity must be one of {ACT_GRANULARITIES}")
+        if (self.outliers or self.kscale) and not self.act.symmetric:
+            raise ValueError("QuantConfig: outliers and kscale need symmetric activations (act.symmetric=True)")
         if self.calib_sample < 16:
             raise ValueError("QuantConfig.calib_sample must be >= 16")
 

@@ -17,6 +17,7 @@ from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 from ouromamba_fx.passes.calibrate import Calibrate, check_batch, iter_batches
 from ouromamba_fx.passes.observers import InsertObservers
 from ouromamba_fx.passes.qdq import QuantizeActivations
+from ouromamba_fx.passes.reparam import ObserveScanStates, ReparameterizeScan
 from ouromamba_fx.passes.weights import QuantizeWeights
 from ouromamba_fx.progress import console
 from ouromamba_fx.qparams import sqnr
@@ -25,8 +26,13 @@ from ouromamba_fx.qparams import sqnr
 def default_passes(config: QuantConfig, input_shape: tuple[int, ...] | None = None) -> list[Pass]:
     """The pipeline for ``config``. Weights are quantized before calibration so that activation
     statistics see the quantized weights upstream."""
-    return [InsertObservers(), QuantizeWeights(), Calibrate(input_shape), ChooseActScales(),
-            QuantizeActivations()]
+    passes: list[Pass] = []
+    if config.reparam is not None:
+        passes += [ObserveScanStates(),
+                   Calibrate(input_shape, "calibrate_states", ("state_observers",), ("states_calibrated",)),
+                   ReparameterizeScan()]
+    return passes + [InsertObservers(), QuantizeWeights(), Calibrate(input_shape), ChooseActScales(),
+                     QuantizeActivations()]
 
 
 def _input_shape(model: nn.Module) -> tuple[int, ...] | None:
@@ -69,6 +75,9 @@ def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
         if t.get("kind") == "dequantize":
             qt = tag(a.args[0]) or {}
             found[qt.get("input", "x")] = (qt["bits"], qt["granularity"])
+        elif t.get("kind") == "quantize_mixed":
+            bits = f"{t['bits']}" + (f"O{t['outlier_bits']}" if t["outlier_bits"] < 16 else "O16")
+            found[t.get("input", "x")] = (bits, t["granularity"])
     return found
 
 
@@ -166,7 +175,6 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     input_shape = _input_shape(model)
     batches = _collect_calib(calib, input_shape)
     work = copy.deepcopy(model).eval()
-    reference = copy.deepcopy(work)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         gm = capture(work)
@@ -174,7 +182,9 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         pm = PassManager(passes if passes is not None else default_passes(config, input_shape))
         gm = pm.run(gm, ctx)
         ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
-        sq = layer_sqnr(capture(reference), gm, ctx.example)
+        # `work` is still a float model (passes only remove modules from the graph's own
+        # hierarchy); folding rescaled x_proj rows exactly, so it is the right float reference.
+        sq = layer_sqnr(capture(work), gm, ctx.example)
     name = type(model).__name__
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "embed_dim"):
         name = f"{name}(d={model.cfg.embed_dim}, depth={model.cfg.depth})"

@@ -102,3 +102,99 @@ def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return 10.0 * torch.log10(torch.tensor(signal / noise)).item()
+
+
+def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> torch.Tensor:
+    """Deterministic 1-D k-means (Lloyd, initialised at evenly spaced quantiles).
+
+    Returns labels (len(values),) in 0..k-1, ordered so that label 0 has the smallest centre.
+    """
+    v = values.detach().double().flatten()
+    k = max(1, min(k, int(v.unique().numel())))
+    centres = torch.quantile(v, torch.linspace(0, 1, k, dtype=torch.float64))
+    labels = torch.zeros_like(v, dtype=torch.long)
+    for _ in range(iters):
+        new = (v[:, None] - centres[None, :]).abs().argmin(dim=1)
+        if torch.equal(new, labels) and _ > 0:
+            break
+        labels = new
+        for g in range(k):
+            if (labels == g).any():
+                centres[g] = v[labels == g].mean()
+    order = torch.argsort(centres)
+    return torch.argsort(order)[labels]
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def mixed_rows_fq(rows: torch.Tensor, s_rows: torch.Tensor, bits: int, outlier) -> torch.Tensor:
+    """Fake-quantize independent rows (n, C) with per-row inlier scales (n,): plain symmetric, or
+    OuroMamba mixed precision when ``outlier`` = (outlier_bits, k) (per-row rule, no windows)."""
+    from ouromamba_fx.lowering.outlier import mixed_fake_quant_rows, outlier_mask
+
+    qmax = 2 ** (bits - 1) - 1
+    if outlier is None:
+        s = s_rows.reshape(-1, 1)
+        return torch.round(rows / s).clamp(-qmax, qmax) * s
+    obits, k = outlier
+    r = rows.unsqueeze(0)  # (1, n, C): the rows as the time-steps of one sample, one scale each
+    s = s_rows.reshape(-1)
+    mask = outlier_mask(r, s, qmax, k, 1)
+    return mixed_fake_quant_rows(r, s, mask, bits, obits).squeeze(0)
+
+
+def kscale_scales(rows: torch.Tensor, tok: torch.Tensor, tok_absmean: torch.Tensor,
+                  tok_absmax: torch.Tensor, bits: int, ks, weight: torch.Tensor | None = None,
+                  outlier=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-scaled static scales per token position.
+
+    Token positions are grouped by 1-D k-means on mean |x|; each group's scale starts at
+    ``max|x_group| / (qmax - 0.5)`` and is searched among ``ks.candidates`` multiples in
+    ``[ks.lo, ks.hi]`` for the highest cosine similarity between the layer output on quantized and
+    float inputs (``rows @ weight.T`` when the site feeds a linear ``weight``, else the input
+    itself). Returns (per-token scales (L,), group labels (L,)).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    labels = kmeans_1d(tok_absmean, ks.k)
+    n_groups = int(labels.max()) + 1
+    scales = torch.empty(n_groups)
+    cands = torch.linspace(ks.lo, ks.hi, ks.candidates).tolist()
+    row_group = labels[tok]
+    w = weight.float() if weight is not None else None
+    for g in range(n_groups):
+        init = (tok_absmax[labels == g].max() / (qmax - 0.5)).clamp_min(EPS)
+        xg = rows[row_group == g][: ks.search_rows]
+        if len(xg) == 0:
+            scales[g] = init
+            continue
+        ref = xg @ w.T if w is not None else xg
+        best, best_cos = init, -2.0
+        for c in cands:
+            s = init * c
+            xq = mixed_rows_fq(xg, s.expand(len(xg)), bits, outlier)
+            cos = _cosine(xq @ w.T if w is not None else xq, ref)
+            if cos > best_cos:
+                best, best_cos = s, cos
+        scales[g] = best
+    if ks.pow2 and n_groups > 1:
+        s0 = scales[0]
+        scales = s0 * torch.pow(2.0, torch.round(torch.log2(scales / s0)))
+    return scales[labels], labels
+
+
+def mixed_ratio_search(rows: torch.Tensor, tok: torch.Tensor, base: torch.Tensor, bits: int,
+                       outlier, ratios: int = 16, min_ratio: float = 0.25) -> torch.Tensor:
+    """Per-token inlier scales ``base * ratio`` with one ratio searched for the least squared error
+    of the mixed-precision quantization on the sample rows."""
+    s_rows = base[tok]
+
+    def err(ratio: float) -> float:
+        return (mixed_rows_fq(rows, s_rows * ratio, bits, outlier) - rows).pow(2).sum().item()
+
+    step = (1.0 - min_ratio) / (ratios - 1)
+    coarse = [min_ratio + i * step for i in range(ratios)]
+    best = min(coarse, key=err)
+    fine = [min(1.0, max(min_ratio, best + (i - ratios // 2) * step / ratios)) for i in range(ratios + 1)]
+    return base * min(fine + [best], key=err)

@@ -63,9 +63,12 @@ class Report:
         for n in op_nodes(q.graph_module):
             t = tag(n)
             ins = node_input_bits(n)
-            if not ins and "weight_bits" not in t:
+            if not ins and "weight_bits" not in t and not t.get("reparam"):
                 continue
             weight = f"W{t['weight_bits']} {t['weight_granularity']}" if "weight_bits" in t else "float"
+            if t.get("reparam"):
+                weight = ("state float" if t["state_bits"] >= 16 else f"state S{t['state_bits']} per_step") + \
+                    (", r_N folded" if t.get("folded_r_n") else "")
             groups: dict = {}
             for name, spec in ins.items():
                 groups.setdefault(spec, []).append(name)

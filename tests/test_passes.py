@@ -64,12 +64,12 @@ def test_choose_act_scales_shapes(tiny_vim):
     ctx = Context(of.W8A8, calib=[X], show_progress=False)
     run(gm, ctx, InsertObservers(), Calibrate(), ChooseActScales())
     by_site = {o.site: o for o in ctx.observers.values()}
-    assert by_site["layers.0.mixer.in_proj"].qparams[0].shape == (1, 17, 1)  # (B, L, C) input
-    assert by_site["layers.0.mixer.scan:B"].qparams[0].shape == (1, 1, 17)  # (B, N, L) input
+    assert by_site["layers.0.mixer.in_proj"].qparams[1].shape == (1, 17, 1)  # (B, L, C) input
+    assert by_site["layers.0.mixer.scan:B"].qparams[1].shape == (1, 1, 17)  # (B, N, L) input
     per_tensor = Context(of.W8A8_RTN, calib=[X], show_progress=False)
     run(capture(tiny_vim), per_tensor, InsertObservers(), Calibrate(), ChooseActScales())
     obs = next(iter(per_tensor.observers.values()))
-    s = obs.qparams[0]
+    s = obs.qparams[1]
     assert s.numel() == 1 and torch.allclose(s.flatten(), obs.tok_absmax.max().reshape(1) / 127)
 
 

@@ -39,6 +39,8 @@ class Context:
     float_reasons: dict[str, str] = field(default_factory=dict)  # node/module name -> why float
     log: list[str] = field(default_factory=list)
     facts: set[str] = field(default_factory=lambda: {"captured"})
+    state_observers: dict[str, str] = field(default_factory=dict)  # scan state observer -> scan node
+    reparam_stats: dict[str, dict] = field(default_factory=dict)
 
 
 class Pass:

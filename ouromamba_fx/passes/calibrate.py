@@ -53,8 +53,10 @@ class Calibrate(Pass):
     requires = ("observers",)
     provides = ("calibrated",)
 
-    def __init__(self, input_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, input_shape: tuple[int, ...] | None = None, name: str = "calibrate",
+                 requires: tuple[str, ...] = ("observers",), provides: tuple[str, ...] = ("calibrated",)) -> None:
         self.input_shape = input_shape
+        self.name, self.requires, self.provides = name, requires, provides
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         if ctx.calib is None:
@@ -64,10 +66,10 @@ class Calibrate(Pass):
             raise DataError("calib is empty: it yielded no batches")
         total = sum(len(b) for b in batches if isinstance(b, torch.Tensor))
         gm.eval()
-        with torch.no_grad(), progress_bar("calibrating", total, ctx.show_progress) as advance:
+        with torch.no_grad(), progress_bar(self.name.replace("_", " "), total, ctx.show_progress) as advance:
             for i, x in enumerate(batches):
                 x = check_batch(x, i, self.input_shape)
                 gm(x)
                 advance(len(x))
-        ctx.log.append(f"calibrated on {total} images in {len(batches)} batches")
+        ctx.log.append(f"{self.name}: {total} images in {len(batches)} batches")
         return False

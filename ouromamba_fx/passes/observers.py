@@ -33,9 +33,14 @@ class ActObserver(nn.Module):
     """
 
     def __init__(self, site: str, token_axis: int, channel_axis: int, spec: ActQuant,
-                 sample_rows: int = 4096, seed: int = 0) -> None:
+                 sample_rows: int = 4096, seed: int = 0, outlier_k: float | None = None) -> None:
         super().__init__()
         self.site, self.spec = site, spec
+        self.outlier_k = outlier_k  # if set: also record per-token max |x| of inliers (|x| <= theta)
+        self.tok_abssum: torch.Tensor | None = None
+        self.tok_inlier_absmax: torch.Tensor | None = None
+        self.count = 0
+        self.consumer_weight: torch.Tensor | None = None  # the float weight the site feeds, if linear
         self.token_axis, self.channel_axis = token_axis, channel_axis
         self.sample_rows = sample_rows
         self.gen = torch.Generator().manual_seed(seed)
@@ -57,7 +62,15 @@ class ActObserver(nn.Module):
         if not torch.isfinite(r).all():
             raise ValueError(f"observer {self.site}: non-finite activations during calibration")
         tmin, tmax = r.amin(dim=(0, 2)), r.amax(dim=(0, 2))
-        cmax = r.abs().amax(dim=(0, 1))
+        a = r.abs()
+        cmax = a.amax(dim=(0, 1))
+        tsum = a.sum(dim=(0, 2))
+        if self.outlier_k is not None:
+            theta = a.mean(-1, keepdim=True) + self.outlier_k * a.std(-1, keepdim=True, unbiased=False)
+            inl = a.masked_fill(a > theta, 0.0).amax(dim=(0, 2))
+            self.tok_inlier_absmax = inl if self.tok_inlier_absmax is None else torch.maximum(self.tok_inlier_absmax, inl)
+        self.tok_abssum = tsum if self.tok_abssum is None else self.tok_abssum + tsum
+        self.count += r.shape[0] * r.shape[2]
         if self.tok_min is None:
             self.shape = tuple(x.shape[1:])
             self.tok_min, self.tok_max, self.chan_absmax = tmin, tmax, cmax
@@ -80,6 +93,10 @@ class ActObserver(nn.Module):
     @property
     def tok_absmax(self) -> torch.Tensor:
         return torch.maximum(self.tok_min.abs(), self.tok_max.abs())
+
+    @property
+    def tok_absmean(self) -> torch.Tensor:
+        return self.tok_abssum / max(self.count, 1)
 
     def sampled(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat(self.sample), torch.cat(self.sample_tok)
@@ -137,7 +154,12 @@ class InsertObservers(Pass):
                 ctx.float_reasons[key] = f"activation bits {act.bits} (float) by config"
                 continue
             obs_name = key.replace(".", "_").replace(":", "_in_") + "_obs"
-            obs = ActObserver(key, tok_axis, ch_axis, act, cfg.calib_sample, cfg.seed + len(ctx.observers))
+            k = None
+            if cfg.outliers is not None and t["role"] in cfg.outliers.roles:
+                k = cfg.outliers.k_delta if inp == "delta" else cfg.outliers.k
+            obs = ActObserver(key, tok_axis, ch_axis, act, cfg.calib_sample, cfg.seed + len(ctx.observers), k)
+            if node.op == "call_module" and t["role"] in LINEAR_ROLES:
+                obs.consumer_weight = gm.get_submodule(node.target).weight.detach()
             gm.add_submodule(obs_name, obs)
             ctx.observers[obs_name] = obs
             src = node.args[idx]

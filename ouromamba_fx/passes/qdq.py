@@ -1,7 +1,9 @@
-"""Replace each observer with explicit ``quantize -> dequantize`` of its activation.
+"""Replace each observer with explicit quantization of its activation.
 
-The result is the *reference quantized graph*: float ops fed by dequantized integers, runnable on
-any device, numerically what the fused kernels compute.
+Plain sites become ``quantize -> dequantize``; OuroMamba mixed-precision sites become one
+``quantize_mixed`` node (static per-step inlier scales, run-time outlier channels). The result is
+the *reference quantized graph*: float ops fed by dequantized integers, runnable on any device,
+numerically what the fused kernels compute.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ouromamba_fx.capture import META
+from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
 from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
 from ouromamba_fx.passes.base import Context, Pass
 
@@ -20,27 +23,38 @@ class QuantizeActivations(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         changed = False
-        for node in list(gm.graph.nodes):
+        g = gm.graph
+        for node in list(g.nodes):
             if node.op != "call_module" or node.target not in ctx.observers:
                 continue
             obs = ctx.observers[node.target]
-            scale, zp, qmin, qmax = obs.qparams
             base = node.target.removesuffix("_obs")
-            gm.register_buffer(base + "_scale", scale.clone())
-            gm.register_buffer(base + "_zp", zp.clone())
             t = dict(node.meta[META])
-            with gm.graph.inserting_before(node):
-                s = gm.graph.get_attr(base + "_scale")
-                z = gm.graph.get_attr(base + "_zp")
-                q = gm.graph.call_function(QUANTIZE, (node.args[0], s, z, qmin, qmax))
-                dq = gm.graph.call_function(DEQUANTIZE, (q, s, z))
-            for n in (s, z):
-                n.meta[META] = {**t, "kind": "act_qparam"}
-            q.meta[META] = {**t, "kind": "quantize", "bits": obs.spec.bits,
-                            "granularity": obs.spec.granularity, "symmetric": obs.spec.symmetric}
-            dq.meta[META] = {**t, "kind": "dequantize"}
-            node.replace_all_uses_with(dq)
-            gm.graph.erase_node(node)
+            info = {"bits": obs.spec.bits, "granularity": obs.granularity, "symmetric": obs.spec.symmetric}
+            kind, *qp = obs.qparams
+            with g.inserting_before(node):
+                if kind == "mixed":
+                    s_in, bits, obits, k, n_refresh = qp
+                    gm.register_buffer(base + "_inlier_scale", s_in)
+                    s = g.get_attr(base + "_inlier_scale")
+                    s.meta[META] = {**t, "kind": "act_qparam"}
+                    out = g.call_function(QUANTIZE_MIXED, (node.args[0], s, obs.token_axis,
+                                                           obs.channel_axis, bits, obits, float(k), n_refresh))
+                    out.meta[META] = {**t, **info, "kind": "quantize_mixed", "outlier_bits": obits,
+                                      "k": float(k), "n_refresh": n_refresh}
+                else:
+                    scale, zp, qmin, qmax = qp
+                    gm.register_buffer(base + "_scale", scale.clone())
+                    gm.register_buffer(base + "_zp", zp.clone())
+                    s, z = g.get_attr(base + "_scale"), g.get_attr(base + "_zp")
+                    for n in (s, z):
+                        n.meta[META] = {**t, "kind": "act_qparam"}
+                    q = g.call_function(QUANTIZE, (node.args[0], s, z, qmin, qmax))
+                    q.meta[META] = {**t, **info, "kind": "quantize"}
+                    out = g.call_function(DEQUANTIZE, (q, s, z))
+                    out.meta[META] = {**t, "kind": "dequantize"}
+            node.replace_all_uses_with(out)
+            g.erase_node(node)
             changed = True
         gm.delete_all_unused_submodules()
         return changed

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+import ouromamba_fx as of
+from ouromamba_fx.capture import tag
+from ouromamba_fx.config import ActQuant, KScale, OutlierQuant, QuantConfig, Reparam, WeightQuant
+from ouromamba_fx.kernels.scan_ref import selective_scan_ref
+from ouromamba_fx.lowering.qscan import SCAN_Q_OP, scan_state_stats, selective_scan_q_ref
+from ouromamba_fx.passes.reparam import rank1_factors
+from ouromamba_fx.qparams import kmeans_1d, kscale_scales, sqnr
+
+X = torch.randn(16, 3, 16, 16)
+
+
+def test_kmeans_finds_planted_groups():
+    v = torch.tensor([0.1, 0.12, 5.0, 5.1, 0.11, 9.9, 10.0, 2.0])
+    labels = kmeans_1d(v, 4)
+    assert labels.tolist() == [0, 0, 2, 2, 0, 3, 3, 1]  # ordered by centre
+    assert kmeans_1d(torch.ones(5), 4).tolist() == [0] * 5  # fewer distinct values than k
+
+
+def test_kscale_gives_k_scales_and_pow2_relation():
+    torch.manual_seed(0)
+    length, c = 20, 16
+    gain = torch.tensor([1.0] * 5 + [4.0] * 5 + [16.0] * 5 + [64.0] * 5)
+    rows = torch.randn(2000, c)
+    tok = torch.randint(0, length, (2000,))
+    rows = rows * gain[tok, None]
+    absmean = torch.zeros(length).index_add_(0, tok, rows.abs().mean(1)) / torch.bincount(tok, minlength=length)
+    absmax = torch.zeros(length).index_reduce_(0, tok, rows.abs().amax(1), "amax")
+    s, labels = kscale_scales(rows, tok, absmean, absmax, 8, KScale(candidates=21))
+    assert labels.unique().numel() == 4 and s.unique().numel() == 4
+    assert (labels[:5] == 0).all() and (labels[15:] == 3).all()
+    s2, _ = kscale_scales(rows, tok, absmean, absmax, 8, KScale(candidates=21, pow2=True))
+    ratio = torch.log2(s2 / s2[0])
+    assert torch.allclose(ratio, ratio.round())
+    w = torch.randn(8, c)
+    s3, _ = kscale_scales(rows, tok, absmean, absmax, 4, KScale(candidates=21), weight=w)
+    assert s3.unique().numel() == 4
+
+
+def test_rank1_factors_by_hand():
+    h = torch.ones(4, 3, 2)
+    h[:, :, 1] = 4.0  # only the state axis varies
+    r_c, r_l, r_n = rank1_factors(h)
+    torch.testing.assert_close(r_c, torch.ones(4))
+    torch.testing.assert_close(r_l, torch.ones(3))
+    torch.testing.assert_close(r_n, torch.tensor([1.0, 4.0]))  # p_N = 1: the full means
+
+
+def test_scan_q_without_factors_or_quant_is_the_scan():
+    b, d, length, n = 2, 6, 9, 4
+    u, delta, z = torch.randn(b, d, length), torch.randn(b, d, length), torch.randn(b, d, length)
+    A, B, C, D = -torch.rand(d, n), torch.randn(b, n, length), torch.randn(b, n, length), torch.randn(d)
+    ref = selective_scan_ref(u, delta, A, B, C, D, z, None, True)
+    ones = torch.ones
+    out = selective_scan_q_ref(u, delta, A, B, C, D, z, None, True, ones(d), ones(length), ones(n), ones(length), 16)
+    torch.testing.assert_close(out, ref)
+    r_c, r_l, r_n = torch.rand(d) + 0.5, torch.rand(length) + 0.5, torch.rand(n) + 0.5
+    out2 = selective_scan_q_ref(u, delta, A, B, C, D, z, None, True, r_c, r_l, r_n, ones(length), 16)
+    torch.testing.assert_close(out2, ref, rtol=1e-5, atol=1e-5)  # exact reparameterization
+    out8 = selective_scan_q_ref(u, delta, A, B, C, D, z, None, True, r_c, r_l, r_n, torch.full((length,), 0.05), 4)
+    assert not torch.allclose(out8, ref, atol=1e-3)  # the quantized state changes the output
+    s, m = scan_state_stats(u, delta, A, B, C, None, True)
+    assert s.shape == m.shape == (d, length, n) and (m * b >= s - 1e-6).all()
+
+
+def test_folded_float_graph_equals_unfolded(tiny_vim):
+    cfg = QuantConfig("fold-only", WeightQuant(16), ActQuant(16), reparam=Reparam(state_bits=16))
+    q = of.convert(tiny_vim, calib=X, config=cfg, show_progress=False)
+    scans = [n for n in q.graph_module.graph.nodes if n.target is SCAN_Q_OP]
+    assert len(scans) == 4 and all(tag(n)["folded_r_n"] for n in scans)
+    x_proj = q.graph_module.get_submodule("layers.0.mixer.x_proj").weight
+    assert not torch.allclose(x_proj, tiny_vim.layers[0].mixer.x_proj.weight)  # really folded...
+    assert torch.equal(x_proj[:2], tiny_vim.layers[0].mixer.x_proj.weight[:2])  # ...dt rows untouched
+    y = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(q(y), tiny_vim(y), rtol=1e-5, atol=1e-5)
+
+
+def test_state_quantization_changes_output(tiny_vim):
+    cfgs = [QuantConfig("s", WeightQuant(16), ActQuant(16), reparam=Reparam(state_bits=b)) for b in (16, 4)]
+    y = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        a, b = (of.convert(tiny_vim, calib=X, config=c, show_progress=False)(y) for c in cfgs)
+    assert not torch.allclose(a, b, atol=1e-4)
+    assert sqnr(a, b) > 5
+
+
+def test_full_ouromamba_config_runs_and_reports(tiny_vim):
+    cfg = QuantConfig("all", WeightQuant(4), ActQuant(4), outliers=OutlierQuant(8),
+                      kscale=KScale(candidates=11), reparam=Reparam(8))
+    q = of.convert(tiny_vim, calib=X, config=cfg, show_progress=False)
+    text = str(q.report())
+    assert "A4O8 k4-scaled+outliers" in text and "state S8 per_step, r_N folded" in text
+    assert all(v > 5 for k, v in q.sqnr_db.items())  # folded x_proj compared with the folded float model
