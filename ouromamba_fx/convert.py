@@ -12,6 +12,7 @@ import torch.nn as nn
 from ouromamba_fx.capture import META, capture, tag
 from ouromamba_fx.config import W8A8, QuantConfig
 from ouromamba_fx.errors import DataError, OuroMambaError
+from ouromamba_fx.lowering.outlier import outlier_fraction
 from ouromamba_fx.passes.act_scales import ChooseActScales
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 from ouromamba_fx.passes.calibrate import Calibrate, check_batch, iter_batches
@@ -54,11 +55,16 @@ class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
         super().__init__(gm)
         self.names, self.outputs = names, {}
+        self.outlier_fraction: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
         if n.name in self.names:
             self.outputs[n.name] = out.detach()
+        t = tag(n) or {}
+        if t.get("kind") == "quantize_mixed":  # outlier statistics for the report
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self.outlier_fraction[t["site"]] = outlier_fraction(*args)
         return out
 
 
@@ -82,15 +88,17 @@ def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
 
 
 @torch.no_grad()
-def layer_sqnr(float_gm: fx.GraphModule, q_gm: fx.GraphModule, x: torch.Tensor) -> dict[str, float]:
+def layer_sqnr(float_gm: fx.GraphModule, q_gm: fx.GraphModule, x: torch.Tensor):
     """SQNR (dB) of every mixer op's output in ``q_gm`` against the same op in ``float_gm`` on
-    input ``x``; errors accumulate along the network, as they do in use."""
+    input ``x`` (errors accumulate along the network, as they do in use), and the fraction of
+    channels flagged as outliers per time-step at each mixed-precision site."""
     pairs = {n.name: tag(n).get("source", n.name) for n in op_nodes(q_gm)}
     rf, rq = _Recorder(float_gm, set(pairs.values())), _Recorder(q_gm, set(pairs))
     rf.run(x)
     rq.run(x)
-    return {name: sqnr(rf.outputs[src], rq.outputs[name]) for name, src in pairs.items()
-            if src in rf.outputs and name in rq.outputs}
+    sq = {name: sqnr(rf.outputs[src], rq.outputs[name]) for name, src in pairs.items()
+          if src in rf.outputs and name in rq.outputs}
+    return sq, rq.outlier_fraction
 
 
 class QuantizedModel(nn.Module):
@@ -112,6 +120,7 @@ class QuantizedModel(nn.Module):
         self.input_shape = input_shape
         self.sqnr_db = sqnr_db
         self.model_name = model_name
+        self.outlier_fraction: dict[str, torch.Tensor] = {}  # site -> fraction flagged per step
 
     @property
     def passes(self) -> list[str]:
@@ -184,11 +193,12 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
         # `work` is still a float model (passes only remove modules from the graph's own
         # hierarchy); folding rescaled x_proj rows exactly, so it is the right float reference.
-        sq = layer_sqnr(capture(work), gm, ctx.example)
+        sq, outliers = layer_sqnr(capture(work), gm, ctx.example)
     name = type(model).__name__
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "embed_dim"):
         name = f"{name}(d={model.cfg.embed_dim}, depth={model.cfg.depth})"
     q = QuantizedModel(gm, config, pm.snapshots, ctx.float_reasons, ctx.log, input_shape, sq, name)
+    q.outlier_fraction = outliers
     worst = min((v for v in sq.values() if math.isfinite(v)), default=float("inf"))
     if show_progress:
         console.print(f"[green]converted[/] {name} with {config.name}: {len(sq)} ops quantized, "

@@ -54,6 +54,7 @@ class Report:
     rows: list[Row]
     floats: list[tuple[str, str]]
     log: list[str]
+    outliers: list[tuple[str, float, float]] = None  # site, mean and max fraction of channels flagged per step
 
     @classmethod
     def of(cls, q) -> "Report":
@@ -77,7 +78,8 @@ class Report:
                             q.sqnr_db.get(n.name, float("nan"))))
         floats = _group_floats(q.float_reasons)
         floats.append(("patch_embed, norms, head", "outside the mixers: kept in float"))
-        return cls(f"{q.model_name} quantized with {q.config.name}", rows, floats, q.log)
+        outliers = [(site, float(f.mean()), float(f.max())) for site, f in q.outlier_fraction.items()]
+        return cls(f"{q.model_name} quantized with {q.config.name}", rows, floats, q.log, outliers)
 
     def __rich_console__(self, console, options):
         table = Table(title=self.title, title_justify="left", header_style="bold")
@@ -92,6 +94,14 @@ class Report:
         yield table
         yield Text(f"{len(self.rows)} ops quantized; SQNR: each op's output vs the float model on a "
                    f"calibration batch (errors accumulate through the layers)", style="dim")
+        if self.outliers:
+            ot = Table(title="outlier channels (fraction of channels flagged per time-step, calibration batch)",
+                       title_justify="left", header_style="bold")
+            for col in ("site", "mean", "max over steps"):
+                ot.add_column(col, justify="left" if col == "site" else "right")
+            for site, mean, mx in self.outliers:
+                ot.add_row(site, f"{100 * mean:.2f}%", f"{100 * mx:.2f}%")
+            yield ot
         if self.floats:
             ft = Table(title="kept in float", title_justify="left", header_style="bold")
             ft.add_column("what")
