@@ -171,14 +171,25 @@ struct Vec<double> {
 // ---------------------------------------------------------------------------------------------
 // Problem description (raw pointers, compute dtype T)
 
+// A (batch, dim, L) input, either time-contiguous (st == 1: a channel's sequence is one row) or
+// channel-contiguous (sd == 1: the channels of one time step are adjacent, as after a transpose
+// of a (batch, L, dim) projection), so that such inputs need no copy.
+template <typename T>
+struct Seq {
+  const T* p = nullptr;
+  int64_t sb = 0, sd = 0, st = 0;
+  bool rows = true;  // time-contiguous
+  explicit operator bool() const { return p != nullptr; }
+};
+
 template <typename T>
 struct Problem {
   int64_t batch = 0, dim = 0, L = 0, N = 0;
-  const T* u = nullptr;      // (batch, dim, L) contiguous
-  const T* delta = nullptr;  // (batch, dim, L) contiguous
+  Seq<T> u;                  // (batch, dim, L)
+  Seq<T> delta;              // (batch, dim, L)
   const T* A = nullptr;      // (dim, N) contiguous
   const T* D = nullptr;      // (dim,) or null
-  const T* z = nullptr;      // (batch, dim, L) contiguous or null
+  Seq<T> z;                  // (batch, dim, L) or null
   const T* bias = nullptr;   // (dim,) or null
   bool softplus = false;
   struct BC {
@@ -237,31 +248,75 @@ inline void transpose16(Vec<float>::V* x) {
   }
 }
 
-// tile[t][l] = src[l * L + t] for lanes l < nl, 0 for the others. Full 16 x 16 float squares
-// go through registers; the rest (time tail, partial blocks, double) element by element.
+// tile[t][l] = x[b, d0 + l, t] for lanes l < nl, 0 for the others. Time-contiguous inputs go
+// through in-register 16 x 16 transposes where the square is full (floats), element by element
+// otherwise; channel-contiguous inputs are plain vector loads.
 template <typename T>
-inline void load_tile(typename Vec<T>::V* tile, const T* src, int64_t L, int nl) {
+inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int64_t d0, int nl, int64_t L) {
   using V = typename Vec<T>::V;
   constexpr int W = Vec<T>::W;
   T* s = reinterpret_cast<T*>(tile);
+  if (!x.rows) {
+    const T* src = x.p + b * x.sb + d0;
+    for (int64_t t = 0; t < L; ++t) {
+      if (nl < W) tile[t] = Vec<T>::splat(T(0));
+      std::memcpy(&tile[t], src + t * x.st, sizeof(T) * nl);
+    }
+    return;
+  }
+  const T* src = x.p + b * x.sb + d0 * x.sd;
+  const int64_t rs = x.sd;
   int64_t t0 = 0;
   if constexpr (std::is_same_v<T, float>) {
     if (nl == W) {
       for (; t0 + W <= L; t0 += W) {
-        V x[W];
-        for (int l = 0; l < W; ++l) std::memcpy(&x[l], src + l * L + t0, sizeof(V));
-        transpose16(x);
-        for (int j = 0; j < W; ++j) tile[t0 + j] = x[j];
+        V r[W];
+        for (int l = 0; l < W; ++l) std::memcpy(&r[l], src + l * rs + t0, sizeof(V));
+        transpose16(r);
+        for (int j = 0; j < W; ++j) tile[t0 + j] = r[j];
       }
     }
   }
   if (t0 == L) return;
   if (nl < W) std::memset(static_cast<void*>(s + t0 * W), 0, sizeof(T) * W * (L - t0));
   for (int l = 0; l < nl; ++l) {
-    const T* row = src + l * L;
+    const T* row = src + l * rs;
     for (int64_t t = t0; t < L; ++t) s[t * W + l] = row[t];
   }
 }
+
+// Prefetches the next block's inputs while the current block computes: one cache line per input
+// and time step, along a linear stream that covers the next block's W channels x L steps in L
+// steps. Channel-contiguous inputs: the W channels of step t are one line. Time-contiguous
+// inputs: W rows of L values; adjacent rows are one stretch of L lines, strided rows are walked
+// with the stride scaled to fit L steps.
+template <typename T>
+struct Prefetcher {
+  const T* base[4];
+  int64_t step[4];
+  int count = 0;
+  void add(const Seq<T>& x, int64_t b, int64_t d0, int64_t L) {
+    constexpr int W = Vec<T>::W;
+    if (!x || L <= 0) return;
+    if (x.rows) {
+      base[count] = x.p + b * x.sb + d0 * x.sd;
+      step[count] = x.sd == L ? W : (W * x.sd + L - 1) / L;
+    } else {
+      base[count] = x.p + b * x.sb + d0;
+      step[count] = x.st;
+    }
+    ++count;
+  }
+  inline void at(int64_t t) const {
+    for (int i = 0; i < count; ++i) __builtin_prefetch(base[i] + t * step[i]);
+  }
+};
+
+// The block processed after the current one by the same thread, if any.
+struct NextBlock {
+  bool has = false;
+  int64_t b = 0, d0 = 0;
+};
 
 // dst[l * L + t] = tile[t][l] for lanes l < nl.
 template <typename T>
@@ -363,8 +418,7 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
   using F = Vec<T>;
   using V = typename F::V;
   const int64_t L = P.L, N = P.N;
-  const int64_t row0 = b * P.dim + d0;
-  load_tile<T>(S.DT, P.delta + row0 * L, L, nl);
+  load_tile<T>(S.DT, P.delta, b, d0, nl, L);
   const V bias = lanes<T>(P.bias ? P.bias + d0 : nullptr, nl);
   for (int64_t t = 0; t < L; ++t) {
     const V x = S.DT[t] + bias;
@@ -385,34 +439,24 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
   }
 }
 
-// The next block's rows of a (batch, dim, L) input start right after this block's: W rows of L
-// values are L cache lines of W values. Prefetching one line per time step of the current block
-// brings the next block's inputs in while this one computes.
-template <typename T>
-inline const T* next_rows(const T* base, int64_t row0, int nl, int64_t L, bool has_next) {
-  return (has_next && base) ? base + (row0 + nl) * L : nullptr;
-}
-
-template <typename T>
-inline void prefetch_step(const T* next, int64_t t) {
-  if (next) __builtin_prefetch(next + t * Vec<T>::W);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Forward
 
 template <typename T, bool VB, bool VC>
 void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, Scratch<T>& S,
-                   bool has_next) {
+                   NextBlock next) {
   using F = Vec<T>;
   using V = typename F::V;
   const int64_t L = P.L, N = P.N;
   const int64_t row0 = b * P.dim + d0;
-  const T* next_u = next_rows(P.u, row0, nl, L, has_next);
-  const T* next_delta = next_rows(P.delta, row0, nl, L, has_next);
-  const T* next_z = next_rows(P.z, row0, nl, L, has_next);
-  load_tile<T>(S.U, P.u + row0 * L, L, nl);
+  load_tile<T>(S.U, P.u, b, d0, nl, L);
   load_block_params<T>(P, b, d0, nl, S, nullptr);
+  Prefetcher<T> pf;
+  if (next.has) {
+    pf.add(P.u, next.b, next.d0, L);
+    pf.add(P.delta, next.b, next.d0, L);
+    pf.add(P.z, next.b, next.d0, L);
+  }
   V* __restrict__ H = S.H;
   const V* __restrict__ AT = S.AT;
   const V* __restrict__ BT = S.BT;
@@ -425,9 +469,7 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     const V dtu = dt * S.U[t];
     const T* __restrict__ Bt = Bp + t * P.B.s_t;
     const T* __restrict__ Ct = Cp + t * P.C.s_t;
-    prefetch_step(next_u, t);
-    prefetch_step(next_delta, t);
-    prefetch_step(next_z, t);
+    pf.at(t);
     V y = F::splat(T(0));
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n]) : BT[n];
@@ -440,7 +482,7 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
   }
   const V Dv = lanes<T>(P.D ? P.D + d0 : nullptr, nl);
   if (P.z) {
-    load_tile<T>(S.X, P.z + row0 * L, L, nl);
+    load_tile<T>(S.X, P.z, b, d0, nl, L);
     for (int64_t t = 0; t < L; ++t) {
       const V z = S.X[t];
       S.DT[t] = (S.DT[t] + Dv * S.U[t]) * (z * F::sigmoid(z));
@@ -463,7 +505,13 @@ void forward(const Problem<T>& P, T* out) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nb, k = i % nb;
       const int64_t d0 = P.starts[k];
-      fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S, i + 1 < end);
+      NextBlock next;
+      if (i + 1 < end) {
+        next.has = true;
+        next.b = (i + 1) / nb;
+        next.d0 = P.starts[(i + 1) % nb];
+      }
+      fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S, next);
     }
   });
 }
@@ -538,22 +586,25 @@ inline void add_lane_sums_all(const typename Vec<T>::V* v, int64_t N, T* dst) {
 }
 
 template <typename T, bool VB, bool VC>
-void backward_block(const Problem<T>& P, const T* dout_all, int64_t b, int64_t d0, int nl,
-                    const GradPtrs<T>& g, T* dB_task, T* dC_task, Scratch<T>& S, bool has_next) {
+void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t d0, int nl,
+                    const GradPtrs<T>& g, T* dB_task, T* dC_task, Scratch<T>& S, NextBlock next) {
   using F = Vec<T>;
   using V = typename F::V;
   const int64_t L = P.L, N = P.N;
   const int64_t row0 = b * P.dim + d0;
   V* __restrict__ DSP = S.DSP;
-  load_tile<T>(S.U, P.u + row0 * L, L, nl);
+  load_tile<T>(S.U, P.u, b, d0, nl, L);
   load_block_params<T>(P, b, d0, nl, S, DSP);
+  Prefetcher<T> pf;
+  if (next.has) {
+    pf.add(P.u, next.b, next.d0, L);
+    pf.add(P.delta, next.b, next.d0, L);
+    pf.add(dout, next.b, next.d0, L);
+    pf.add(P.z, next.b, next.d0, L);
+  }
   const V* __restrict__ AT = S.AT;
   const V* __restrict__ BT = S.BT;
   const V* __restrict__ CT = S.CT;
-  const T* next_u = next_rows(P.u, row0, nl, L, has_next);
-  const T* next_delta = next_rows(P.delta, row0, nl, L, has_next);
-  const T* next_dout = next_rows(dout_all, row0, nl, L, has_next);
-  const T* next_z = next_rows(P.z, row0, nl, L, has_next);
   V* __restrict__ HS = S.H;     // HS[t * N + n] = h_{t-1}[n]; HS[0 .. N) = 0
   V* __restrict__ DEC = S.DEC;  // DEC[t * N + n] = exp(dt_t A[n])
   const T* Bp = P.B.at(b, d0);
@@ -569,10 +620,7 @@ void backward_block(const Problem<T>& P, const T* dout_all, int64_t b, int64_t d
     const V* __restrict__ hp = HS + t * N;
     V* __restrict__ hn = HS + (t + 1) * N;
     V* __restrict__ dec = DEC + t * N;
-    prefetch_step(next_u, t);
-    prefetch_step(next_delta, t);
-    prefetch_step(next_dout, t);
-    prefetch_step(next_z, t);
+    pf.at(t);
     V y = F::splat(T(0));
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n]) : BT[n];
@@ -589,9 +637,9 @@ void backward_block(const Problem<T>& P, const T* dout_all, int64_t b, int64_t d
   // Gate and skip connection: X holds dout and becomes dy, Y becomes du, Z gets dz.
   const V Dv = lanes<T>(P.D ? P.D + d0 : nullptr, nl);
   V dDacc = F::splat(T(0));
-  load_tile<T>(S.X, dout_all + row0 * L, L, nl);
+  load_tile<T>(S.X, dout, b, d0, nl, L);
   if (P.z) {
-    load_tile<T>(S.Z, P.z + row0 * L, L, nl);
+    load_tile<T>(S.Z, P.z, b, d0, nl, L);
     for (int64_t t = 0; t < L; ++t) {
       const V z = S.Z[t];
       const V sz = F::sigmoid(z);
@@ -687,7 +735,7 @@ void backward_block(const Problem<T>& P, const T* dout_all, int64_t b, int64_t d
 // One task: batch element b, blocks [kb0, kb1) of the block list; it owns the variable dB / dC
 // buffers (groups, L, N) of index b * K + k.
 template <typename T, bool VB, bool VC>
-void backward_task(const Problem<T>& P, const T* dout, int64_t b, int64_t k, int64_t kb0, int64_t kb1,
+void backward_task(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t k, int64_t kb0, int64_t kb1,
                    const GradPtrs<T>& g, Scratch<T>& S) {
   const int64_t LN = P.L * P.N;
   const int64_t task = b * g.K + k;
@@ -695,13 +743,19 @@ void backward_task(const Problem<T>& P, const T* dout, int64_t b, int64_t k, int
   T* dC_task = VC ? g.dC_part + task * P.C.groups * LN : nullptr;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t d0 = P.starts[kb];
+    NextBlock next;
+    if (kb + 1 < kb1) {
+      next.has = true;
+      next.b = b;
+      next.d0 = P.starts[kb + 1];
+    }
     backward_block<T, VB, VC>(P, dout, b, d0, static_cast<int>(P.starts[kb + 1] - d0), g, dB_task,
-                              dC_task, S, kb + 1 < kb1);
+                              dC_task, S, next);
   }
 }
 
 template <typename T>
-void backward(const Problem<T>& P, const T* dout, const GradPtrs<T>& g) {
+void backward(const Problem<T>& P, const Seq<T>& dout, const GradPtrs<T>& g) {
   const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
   const int64_t K = g.K;
   auto fn = P.B.variable ? (P.C.variable ? &backward_task<T, true, true> : &backward_task<T, true, false>)
@@ -765,6 +819,32 @@ BCView make_bc_view(const at::Tensor& M, int64_t batch, int64_t dim, int64_t N, 
   return v;
 }
 
+// Converts a (batch, dim, L) input to the compute dtype, keeping a time- or channel-contiguous
+// layout as it is (no copy) and copying any other.
+at::Tensor seq_layout(const at::Tensor& x, at::ScalarType cdt) {
+  at::Tensor t = x.to(cdt);
+  const bool time_contiguous = t.size(2) <= 1 || t.stride(2) == 1;
+  const bool channel_contiguous = t.size(1) <= 1 || t.stride(1) == 1;
+  if (!time_contiguous && !channel_contiguous) t = t.contiguous();
+  return t;
+}
+
+template <typename T>
+Seq<T> make_seq(const at::Tensor& t) {
+  Seq<T> s;
+  s.p = t.data_ptr<T>();
+  s.sb = t.stride(0);
+  s.sd = t.stride(1);
+  s.st = t.stride(2);
+  s.rows = t.size(2) <= 1 || t.stride(2) == 1;
+  if (s.rows) {
+    s.st = 1;
+  } else {
+    s.sd = 1;
+  }
+  return s;
+}
+
 struct Inputs {
   int64_t batch = 0, dim = 0, L = 0, N = 0;
   at::ScalarType cdt = at::kFloat;
@@ -792,8 +872,8 @@ Inputs prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   in.L = u.size(2);
   in.N = A.size(1);
   in.cdt = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  in.u = u.to(in.cdt).contiguous();
-  in.delta = delta.to(in.cdt).contiguous();
+  in.u = seq_layout(u, in.cdt);
+  in.delta = seq_layout(delta, in.cdt);
   in.A = A.to(in.cdt).contiguous();
   in.B = make_bc_view(B, in.batch, in.dim, in.N, in.L, in.cdt, "B");
   in.C = make_bc_view(C, in.batch, in.dim, in.N, in.L, in.cdt, "C");
@@ -804,7 +884,7 @@ Inputs prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   if (z.has_value() && z->defined()) {
     TORCH_CHECK(z->sizes() == u.sizes(), "selective_scan: z has shape ", z->sizes(), ", expected ",
                 u.sizes());
-    in.z = z->to(in.cdt).contiguous();
+    in.z = seq_layout(*z, in.cdt);
   }
   if (delta_bias.has_value() && delta_bias->defined()) {
     TORCH_CHECK(delta_bias->numel() == in.dim,
@@ -822,11 +902,11 @@ Problem<T> make_problem(const Inputs& in) {
   P.dim = in.dim;
   P.L = in.L;
   P.N = in.N;
-  P.u = in.u.data_ptr<T>();
-  P.delta = in.delta.data_ptr<T>();
+  P.u = make_seq<T>(in.u);
+  P.delta = make_seq<T>(in.delta);
   P.A = in.A.data_ptr<T>();
   P.D = in.D.defined() ? in.D.data_ptr<T>() : nullptr;
-  P.z = in.z.defined() ? in.z.data_ptr<T>() : nullptr;
+  if (in.z.defined()) P.z = make_seq<T>(in.z);
   P.bias = in.bias.defined() ? in.bias.data_ptr<T>() : nullptr;
   P.softplus = in.softplus;
   auto set = [](typename Problem<T>::BC& dst, const BCView& v) {
@@ -849,7 +929,7 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
                               const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                               const c10::optional<at::Tensor>& delta_bias, bool delta_softplus) {
   Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
-  at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.u.options());
+  at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.A.options());
   if (out.numel() > 0) {
     if (in.cdt == at::kDouble) {
       forward<double>(make_problem<double>(in), out.data_ptr<double>());
@@ -880,9 +960,9 @@ std::vector<c10::optional<at::Tensor>> selective_scan_bwd(
   Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   TORCH_CHECK(dout.sizes() == u.sizes(), "selective_scan_bwd: dout has shape ", dout.sizes(),
               ", expected ", u.sizes());
-  const at::Tensor dout_c = dout.to(in.cdt).contiguous();
+  const at::Tensor dout_c = seq_layout(dout, in.cdt);
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
-  const auto opts = in.u.options();
+  const auto opts = in.A.options();
 
   // Runs of blocks per batch element: one, unless the batch alone gives too few tasks to keep
   // every thread busy (each run costs its own partial dB / dC buffer).
@@ -922,7 +1002,7 @@ std::vector<c10::optional<at::Tensor>> selective_scan_bwd(
       // K counts runs of blocks; never more runs than blocks of this dtype.
       const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
       g.K = std::min<int64_t>(K, std::max<int64_t>(nb, 1));
-      backward<T>(P, dout_c.data_ptr<T>(), g);
+      backward<T>(P, make_seq<T>(dout_c), g);
     };
     if (in.cdt == at::kDouble) {
       run(double{});
