@@ -1,6 +1,6 @@
 """Time the integer linear ops on this CPU against float ``F.linear``, and write ``ops_cpu.md``.
 
-    python benchmarks/ops_cpu.py [--rounds 25] [--threads N] [--out benchmarks/ops_cpu.md]
+    python benchmarks/ops_cpu.py [--rounds 25] [--threads 2,1] [--out benchmarks/ops_cpu.md] [--wait-load L]
 
 Shapes: Vim-small-like linears (M = 16 images x 197 tokens) and the reference model's
 (M = 64 x 65). Variants, all producing float32 (M, N) from the same inputs:
@@ -132,50 +132,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=25, help="timed rounds per shape (median reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "ops_cpu.md")
-    p.add_argument("--wait-load", type=float, default=None, metavar="L",
-                   help="on a shared machine: first wait (up to 30 min) until the 1-min load average is below L")
-    args = p.parse_args(argv)
-    if args.wait_load is not None and hasattr(os, "getloadavg"):
-        deadline = time.time() + 1800
-        while os.getloadavg()[0] >= args.wait_load and time.time() < deadline:
-            time.sleep(10)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    print(f"torch {torch.__version__}, {cpu_name()}, torch.get_num_threads() = {threads}")
-    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
-
+def section(threads: int, rounds: int) -> tuple[list[str], str]:
+    """Time every shape with ``threads`` torch threads; return markdown lines and a one-line summary."""
+    torch.set_num_threads(threads)
+    print(f"torch.get_num_threads() = {torch.get_num_threads()}")
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     op_cols = ["fp32", "bf16", "w8a8", "int8 GEMM", "_int_mm", "w4a4o8", "w4a4o8 scattered"]
     rows, strat_rows = [], []
     for label, m, k, n in SHAPES:
         c = make_case(m, k, n)
-        t, t_min = bench_ops(c, args.rounds)
-        s, _ = bench_w4_strategies(c, args.rounds)
+        t, t_min = bench_ops(c, rounds)
+        s, _ = bench_w4_strategies(c, rounds)
         rows.append((label, m, k, n, t, t_min))
-        strat_rows.append((label, m, k, n, int(c["mask_ch"][0].sum()), s))
-        print(f"{label:15s} M={m} K={k} N={n}: " + ", ".join(f"{name} {t[name]:.2f}" for name in op_cols) + " ms")
-    load1 = os.getloadavg() if hasattr(os, "getloadavg") else None
+        strat_rows.append((label, int(c["mask_ch"][0].sum()), k, s))
+        print(f"  {label:15s} M={m} K={k} N={n}: " + ", ".join(f"{name} {t[name]:.2f}" for name in op_cols) + " ms")
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    cmd = "python benchmarks/ops_cpu.py" + (f" --rounds {args.rounds}" if args.rounds != 25 else "") + (
-        f" --threads {args.threads}" if args.threads else "") + (
-        f" --wait-load {args.wait_load:g}" if args.wait_load is not None else "")
     lines = [
-        "# Integer linear ops on CPU",
+        f"## `torch.get_num_threads()` = {torch.get_num_threads()}",
         "",
-        f"Produced by `{cmd}` (from the repository root) on {datetime.date.today().isoformat()}.",
+        f"Load average (1 min) at start / end of this section: {load0:.2f} / {load1:.2f}.",
         "",
-        f"- torch {torch.__version__}, CPU: {cpu_name()}, `torch.get_num_threads()` = {threads}",
-        f"- median of {args.rounds} round-robin rounds per shape, milliseconds per call, float32 output",
-        f"- load average (1 min) at start / end: {load0[0]:.2f} / {load1[0]:.2f}" if load0 else "- load average: n/a",
-        f"- outliers: {OUTLIER_FRACTION:.0%} of the K channels (at least one); `w4a4o8` = the same channels "
-        "in every row, `w4a4o8 scattered` = random per row",
-        "",
-        "## Time per call (ms): median / best of the rounds",
+        "### Time per call (ms): median / best of the rounds",
         "",
         "| shape | M | K | N | " + " | ".join(op_cols) + " |",
         "|---|---:|---:|---:|" + "---:|" * len(op_cols),
@@ -186,7 +164,7 @@ def main(argv=None) -> int:
     ratio_cols = ["w8a8", "int8 GEMM", "w4a4o8", "w4a4o8 scattered"]
     lines += [
         "",
-        "## Speed-up (median time of the float linear / median time of the op; > 1 is faster)",
+        "### Speed-up (median time of the float linear / median time of the op; > 1 is faster)",
         "",
         "| shape | " + " | ".join(f"{c} vs fp32 | {c} vs bf16" for c in ratio_cols) + " |",
         "|---|" + "---:|" * (2 * len(ratio_cols)),
@@ -196,17 +174,17 @@ def main(argv=None) -> int:
         for c in ratio_cols:
             cells += [f"{t['fp32'] / t[c]:.2f}", f"{t['bf16'] / t[c]:.2f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    strat_cols = list(strat_rows[0][5])
+    strat_cols = list(strat_rows[0][3])
     lines += [
         "",
-        "## W4A4O8 integer products: candidate CPU paths (ms, quantized operands given)",
+        "### W4A4O8 integer products: candidate CPU paths (median ms, quantized operands given)",
         "",
         "| shape | outlier channels | " + " | ".join(strat_cols) + " |",
         "|---|---:|" + "---:|" * len(strat_cols),
     ]
-    for label, m, k, n, n_out, s in strat_rows:
+    for label, n_out, k, s in strat_rows:
         lines.append(f"| {label} | {n_out} of {k} | " + " | ".join(f"{s[c]:.2f}" for c in strat_cols) + " |")
-    lines += ["", "## Reading", ""]
+    lines += ["", "### Reading", ""]
     for (label, m, k, n, t, _), (*_, s) in zip(rows, strat_rows):
         cands = {c: s[c] for c in strat_cols if c not in ("unpack int4", "inlier GEMM")}
         best = min(cands, key=cands.get)
@@ -214,13 +192,47 @@ def main(argv=None) -> int:
             f"- {label}: dequant epilogue = {100 * (t['int8 GEMM'] - t['_int_mm']) / t['int8 GEMM']:.0f} % of the "
             f"int8 GEMM op; quantization = {100 * (t['w8a8'] - t['int8 GEMM']) / t['w8a8']:.0f} % of w8a8; "
             f"int4 unpack = {100 * s['unpack int4'] / t['w4a4o8']:.0f} % of w4a4o8; fastest W4A4O8 product: {best}.")
-    lines += [
+    return lines, f"threads={threads}, load {load0:.2f}->{load1:.2f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=25, help="timed rounds per shape (median reported)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated torch thread counts, one section each (default: torch's default)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "ops_cpu.md")
+    p.add_argument("--wait-load", type=float, default=None, metavar="L",
+                   help="on a shared machine: first wait (up to 30 min) until the 1-min load average is below L")
+    args = p.parse_args(argv)
+    thread_counts = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    if args.wait_load is not None and hasattr(os, "getloadavg"):
+        deadline = time.time() + 1800
+        while os.getloadavg()[0] >= args.wait_load and time.time() < deadline:
+            time.sleep(10)
+    print(f"torch {torch.__version__}, {cpu_name()}, default torch.get_num_threads() = {torch.get_num_threads()}")
+
+    cmd = "python benchmarks/ops_cpu.py" + (f" --rounds {args.rounds}" if args.rounds != 25 else "") + (
+        f" --threads {args.threads}" if args.threads else "") + (
+        f" --wait-load {args.wait_load:g}" if args.wait_load is not None else "")
+    lines = [
+        "# Integer linear ops on CPU",
         "",
-        "The CPU path of `w4a4o8_linear` (see `ouromamba_fx/lowering/qlinear.py`) runs the inlier GEMM over "
+        f"Produced by `{cmd}` (from the repository root) on {datetime.date.today().isoformat()}.",
+        "",
+        f"- torch {torch.__version__}, CPU: {cpu_name()} ({os.cpu_count()} logical CPUs)",
+        f"- median of {args.rounds} round-robin rounds per shape, milliseconds per call, float32 output",
+        f"- outliers: {OUTLIER_FRACTION:.0%} of the K channels (at least one); `w4a4o8` = the same channels "
+        "in every row, `w4a4o8 scattered` = random per row",
+        "- the CPU path of `w4a4o8_linear` (see `ouromamba_fx/lowering/qlinear.py`) runs the inlier GEMM over "
         "all K and the outlier GEMM over the gathered outlier columns when they are at most half of K "
-        "(otherwise over all K, i.e. two GEMMs); the int4 weight is unpacked on every call.",
+        "(otherwise over all K, i.e. two GEMMs); the int4 weight is unpacked on every call",
+        "",
     ]
-    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    for threads in thread_counts:
+        sec, summary = section(threads, args.rounds)
+        lines += sec + [""]
+        print(summary)
+    args.out.write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {args.out.name}")
     return 0
 
