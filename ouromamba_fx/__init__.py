@@ -8,7 +8,7 @@
 from ouromamba_fx import models  # noqa: F401  (registers the Vim variants in timm)
 from ouromamba_fx.capture import capture
 from ouromamba_fx.config import (PRESETS, W4A4O8, W4A8, W6A6, W8A8, W8A8_PER_TOKEN, W8A8_RTN, ActQuant,
-                                 QuantConfig, WeightQuant)
+                                 KScale, OutlierQuant, QuantConfig, Reparam, WeightQuant)
 from ouromamba_fx.convert import QuantizedModel, convert
 from ouromamba_fx.errors import CaptureError, CheckpointError, DataError, OuroMambaError
 from ouromamba_fx.evaluate import EvalResult, evaluate
@@ -16,5 +16,5 @@ from ouromamba_fx.evaluate import EvalResult, evaluate
 __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "W4A4O8", "W4A8", "W6A6", "W8A8", "W8A8_PER_TOKEN", "W8A8_RTN", "ActQuant",
-           "QuantConfig", "QuantizedModel", "WeightQuant", "convert", "CaptureError", "CheckpointError", "DataError", "EvalResult", "OuroMambaError",
+           "KScale", "OutlierQuant", "QuantConfig", "QuantizedModel", "Reparam", "WeightQuant", "convert", "CaptureError", "CheckpointError", "DataError", "EvalResult", "OuroMambaError",
            "capture", "evaluate", "models", "__version__"]

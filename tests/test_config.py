@@ -23,7 +23,7 @@ def test_presets():
     assert (of.W8A8.weight.bits, of.W8A8.act.bits) == (8, 8)
     assert (of.W4A8.weight.bits, of.W4A8.act.bits) == (4, 8)
     assert (of.W6A6.weight.bits, of.W6A6.act.bits) == (6, 6)
-    assert of.W4A4O8.act.bits == 4
+    assert of.W4A4O8.act.bits == 4 and of.W4A4O8.outliers.bits == 8 and of.W4A8.outliers.bits == 16
     assert of.W8A8_RTN.act.granularity == "per_tensor" and "scan" not in of.W8A8_RTN.roles
     assert preset("W8A8") is of.W8A8
     with pytest.raises(KeyError, match="known: W8A8"):
