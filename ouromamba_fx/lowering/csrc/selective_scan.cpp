@@ -26,7 +26,8 @@
 //
 // B and C are (batch, d_state, L), (batch, groups, d_state, L) or (d_inner, d_state); they are read
 // through a view whose innermost dimension is d_state:
-//   element(b, d, t, n) = base + b * s_b + (d / d_per_group) * s_g + t * s_t + n.
+//   element(b, d, t, n) = base + b * s_b + (d / d_per_group) * s_g + t * s_t + n * s_n,
+// with the strides of the tensor as it comes (no copy).
 // Blocks never straddle a group boundary, so a variable B_t[n] is one scalar for the whole block.
 //
 // float64 inputs are computed in float64 (with libm's exp / log1p, lane by lane); everything else
@@ -194,7 +195,7 @@ struct Problem {
   bool softplus = false;
   struct BC {
     const T* p = nullptr;
-    int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, groups = 1;
+    int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
     bool variable = true;
     const T* at(int64_t b, int64_t d) const { return p + b * s_b + (d / dpg) * s_g; }
   } B, C;
@@ -432,10 +433,10 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
   }
   for (int64_t n = 0; n < N; ++n) S.AT[n] = lanes<T>(P.A + d0 * N + n, nl, N);
   if (!P.B.variable) {
-    for (int64_t n = 0; n < N; ++n) S.BT[n] = lanes<T>(P.B.at(b, d0) + n, nl, P.B.s_g);
+    for (int64_t n = 0; n < N; ++n) S.BT[n] = lanes<T>(P.B.at(b, d0) + n * P.B.s_n, nl, P.B.s_g);
   }
   if (!P.C.variable) {
-    for (int64_t n = 0; n < N; ++n) S.CT[n] = lanes<T>(P.C.at(b, d0) + n, nl, P.C.s_g);
+    for (int64_t n = 0; n < N; ++n) S.CT[n] = lanes<T>(P.C.at(b, d0) + n * P.C.s_n, nl, P.C.s_g);
   }
 }
 
@@ -464,6 +465,7 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
   for (int64_t n = 0; n < N; ++n) H[n] = F::splat(T(0));
   const T* Bp = P.B.at(b, d0);
   const T* Cp = P.C.at(b, d0);
+  const int64_t Bsn = P.B.s_n, Csn = P.C.s_n;
   for (int64_t t = 0; t < L; ++t) {
     const V dt = S.DT[t];
     const V dtu = dt * S.U[t];
@@ -472,8 +474,8 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     pf.at(t);
     V y = F::splat(T(0));
     for (int64_t n = 0; n < N; ++n) {
-      const V bv = VB ? F::splat(Bt[n]) : BT[n];
-      const V cv = VC ? F::splat(Ct[n]) : CT[n];
+      const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
+      const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
       const V h = F::exp(dt * AT[n]) * H[n] + dtu * bv;
       H[n] = h;
       y += cv * h;
@@ -527,13 +529,13 @@ struct GradPtrs {
   T* dA_part = nullptr;   // (batch, dim, N)
   T* dD_part = nullptr;   // (batch, dim)
   T* dbias_part = nullptr;// (batch, dim)
-  T* dB_part = nullptr;   // variable: (batch, K, groups, L, N); constant: (batch, dim, N)
+  T* dB_part = nullptr;   // variable: (batch, K, groups, N, L); constant: (batch, dim, N)
   T* dC_part = nullptr;
   int64_t K = 1;
 };
 
-// dst[n] += sum over lanes of v[n], for n < count (count <= W).
-inline void add_lane_sums(const Vec<float>::V* v, int count, float* dst) {
+// dst[n * ds] += sum over lanes of v[n], for n < count (count <= W).
+inline void add_lane_sums(const Vec<float>::V* v, int count, float* dst, int64_t ds) {
   using V = Vec<float>::V;
   static_assert(Vec<float>::W == 16, "lane reduction written for 16 lanes");
   // Transpose-and-add: after each level, lane groups of the result hold partial sums of twice as
@@ -558,30 +560,30 @@ inline void add_lane_sums(const Vec<float>::V* v, int count, float* dst) {
   }
   const V r = OM_SHUFFLE16(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
               OM_SHUFFLE16(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  if (count == 16) {
+  if (count == 16 && ds == 1) {
     V d;
     std::memcpy(&d, dst, sizeof(V));
     d += r;
     std::memcpy(dst, &d, sizeof(V));
   } else {
-    for (int n = 0; n < count; ++n) dst[n] += r[n];
+    for (int n = 0; n < count; ++n) dst[n * ds] += r[n];
   }
 }
 
-inline void add_lane_sums(const Vec<double>::V* v, int count, double* dst) {
+inline void add_lane_sums(const Vec<double>::V* v, int count, double* dst, int64_t ds) {
   for (int n = 0; n < count; ++n) {
     double s = 0.0;
     for (int l = 0; l < Vec<double>::W; ++l) s += v[n][l];
-    dst[n] += s;
+    dst[n * ds] += s;
   }
 }
 
-// dst[n] += sum over lanes of v[n] for all n < N.
+// dst[n * ds] += sum over lanes of v[n] for all n < N.
 template <typename T>
-inline void add_lane_sums_all(const typename Vec<T>::V* v, int64_t N, T* dst) {
+inline void add_lane_sums_all(const typename Vec<T>::V* v, int64_t N, T* dst, int64_t ds) {
   constexpr int W = Vec<T>::W;
   for (int64_t n0 = 0; n0 < N; n0 += W) {
-    add_lane_sums(v + n0, static_cast<int>(std::min<int64_t>(W, N - n0)), dst + n0);
+    add_lane_sums(v + n0, static_cast<int>(std::min<int64_t>(W, N - n0)), dst + n0 * ds, ds);
   }
 }
 
@@ -609,6 +611,7 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
   V* __restrict__ DEC = S.DEC;  // DEC[t * N + n] = exp(dt_t A[n])
   const T* Bp = P.B.at(b, d0);
   const T* Cp = P.C.at(b, d0);
+  const int64_t Bsn = P.B.s_n, Csn = P.C.s_n;
 
   // Forward recomputation.
   for (int64_t n = 0; n < N; ++n) HS[n] = F::splat(T(0));
@@ -623,8 +626,8 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
     pf.at(t);
     V y = F::splat(T(0));
     for (int64_t n = 0; n < N; ++n) {
-      const V bv = VB ? F::splat(Bt[n]) : BT[n];
-      const V cv = VC ? F::splat(Ct[n]) : CT[n];
+      const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
+      const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
       const V a = F::exp(dt * AT[n]);
       const V h = a * hp[n] + dtu * bv;
       dec[n] = a;
@@ -663,9 +666,9 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
   V* __restrict__ DCc = S.DCc;
   V* __restrict__ TB = S.TB;
   V* __restrict__ TC = S.TC;
-  // Variable dB / dC: this block's (L, N) slice of its task's buffer, for the block's group.
-  T* dBvar = VB ? dB_task + (d0 / P.B.dpg) * L * N : nullptr;
-  T* dCvar = VC ? dC_task + (d0 / P.C.dpg) * L * N : nullptr;
+  // Variable dB / dC: this block's group in its task's (groups, N, L) buffer.
+  T* dBvar = VB ? dB_task + (d0 / P.B.dpg) * N * L : nullptr;
+  T* dCvar = VC ? dC_task + (d0 / P.C.dpg) * N * L : nullptr;
   for (int64_t n = 0; n < N; ++n) {
     G[n] = F::splat(T(0));
     DAc[n] = F::splat(T(0));
@@ -688,8 +691,8 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
     V sgB = F::splat(T(0));
     V sqA = F::splat(T(0));
     for (int64_t n = 0; n < N; ++n) {
-      const V bv = VB ? F::splat(Bt[n]) : BT[n];
-      const V cv = VC ? F::splat(Ct[n]) : CT[n];
+      const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
+      const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
       const V gn = G[n] + dy * cv;
       if (VC) {
         dCt[n] = dy * hc[n];
@@ -708,8 +711,8 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
       DAc[n] += q * dt;
       G[n] = gn * a;
     }
-    if (VB) add_lane_sums_all<T>(TB, N, dBvar + t * N);
-    if (VC) add_lane_sums_all<T>(TC, N, dCvar + t * N);
+    if (VB) add_lane_sums_all<T>(TB, N, dBvar + t, L);
+    if (VC) add_lane_sums_all<T>(TC, N, dCvar + t, L);
     const V dd = (sqA + u * sgB) * DSP[t];
     S.DT[t] = dd;  // the dt tile now holds d delta
     dbias += dd;
@@ -732,8 +735,8 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
   }
 }
 
-// One task: batch element b, blocks [kb0, kb1) of the block list; it owns the variable dB / dC
-// buffers (groups, L, N) of index b * K + k.
+// One task: batch element b, blocks [kb0, kb1) of the block list; it owns (and zeroes) the
+// variable dB / dC buffers (groups, N, L) of index b * K + k.
 template <typename T, bool VB, bool VC>
 void backward_task(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t k, int64_t kb0, int64_t kb1,
                    const GradPtrs<T>& g, Scratch<T>& S) {
@@ -741,6 +744,8 @@ void backward_task(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t k
   const int64_t task = b * g.K + k;
   T* dB_task = VB ? g.dB_part + task * P.B.groups * LN : nullptr;
   T* dC_task = VC ? g.dC_part + task * P.C.groups * LN : nullptr;
+  if (VB) std::memset(static_cast<void*>(dB_task), 0, sizeof(T) * P.B.groups * LN);
+  if (VC) std::memset(static_cast<void*>(dC_task), 0, sizeof(T) * P.C.groups * LN);
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const int64_t d0 = P.starts[kb];
     NextBlock next;
@@ -774,44 +779,41 @@ void backward(const Problem<T>& P, const Seq<T>& dout, const GradPtrs<T>& g) {
 
 struct BCView {
   at::Tensor t;  // keeps the (possibly converted) storage alive
-  int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, groups = 1;
+  int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
   bool variable = true;
 };
 
+// B or C in the compute dtype, read through its own strides.
 BCView make_bc_view(const at::Tensor& M, int64_t batch, int64_t dim, int64_t N, int64_t L,
                     at::ScalarType cdt, const char* name) {
   BCView v;
+  v.t = M.to(cdt);
+  const at::Tensor& t = v.t;
   if (M.dim() == 2) {
     TORCH_CHECK(M.size(0) == dim && M.size(1) == N, "selective_scan: ", name, " has shape ",
                 M.sizes(), ", expected (", dim, ", ", N, ")");
-    at::Tensor t = M.to(cdt);
-    if (t.stride(1) != 1) t = t.contiguous();
-    v.t = t;
     v.s_g = t.stride(0);
+    v.s_n = t.stride(1);
     v.dpg = 1;
     v.groups = dim;
     v.variable = false;
   } else if (M.dim() == 3) {
     TORCH_CHECK(M.size(0) == batch && M.size(1) == N && M.size(2) == L, "selective_scan: ", name,
                 " has shape ", M.sizes(), ", expected (", batch, ", ", N, ", ", L, ")");
-    at::Tensor t = M.to(cdt).transpose(1, 2);  // (batch, L, N)
-    if (t.stride(2) != 1) t = t.contiguous();
-    v.t = t;
     v.s_b = t.stride(0);
+    v.s_n = t.stride(1);
+    v.s_t = t.stride(2);
     v.dpg = std::max<int64_t>(dim, 1);
-    v.s_t = t.stride(1);
   } else if (M.dim() == 4) {
     const int64_t G = M.size(1);
     TORCH_CHECK(M.size(0) == batch && G >= 1 && dim % G == 0 && M.size(2) == N && M.size(3) == L,
                 "selective_scan: ", name, " has shape ", M.sizes(), ", expected (", batch,
                 ", groups, ", N, ", ", L, ") with groups dividing ", dim);
-    at::Tensor t = M.to(cdt).transpose(2, 3);  // (batch, G, L, N)
-    if (t.stride(3) != 1) t = t.contiguous();
-    v.t = t;
     v.s_b = t.stride(0);
     v.s_g = t.stride(1);
+    v.s_n = t.stride(2);
+    v.s_t = t.stride(3);
     v.dpg = std::max<int64_t>(dim / G, 1);
-    v.s_t = t.stride(2);
     v.groups = G;
   } else {
     TORCH_CHECK(false, "selective_scan: ", name, " must have 2, 3 or 4 dims, got ", M.dim());
@@ -915,6 +917,7 @@ Problem<T> make_problem(const Inputs& in) {
     dst.s_g = v.s_g;
     dst.dpg = v.dpg;
     dst.s_t = v.s_t;
+    dst.s_n = v.s_n;
     dst.groups = v.groups;
     dst.variable = v.variable;
   };
@@ -940,14 +943,38 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
   return out.to(u.scalar_type());
 }
 
-// Sums a (batch, K, G, L, N) / (batch, dim, N) partial into the user layout of B / C.
+// out[i] = sum over b of part[b, i] for a (batch, n) partial, in one serial pass (these are
+// small; a separate parallel torch op per reduction costs more than the sum on a busy machine).
+template <typename T>
+void sum_rows(const at::Tensor& part, at::Tensor& out) {
+  const int64_t rows = part.size(0), n = out.numel();
+  const T* p = part.data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  for (int64_t i = 0; i < n; ++i) o[i] = T(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = p + r * n;
+    for (int64_t i = 0; i < n; ++i) o[i] += row[i];
+  }
+}
+
+at::Tensor sum_over_batch(const at::Tensor& part, at::IntArrayRef out_size) {
+  at::Tensor out = at::empty(out_size, part.options());
+  if (part.scalar_type() == at::kDouble) {
+    sum_rows<double>(part, out);
+  } else {
+    sum_rows<float>(part, out);
+  }
+  return out;
+}
+
+// The gradient of B / C in its own shape (contiguous), from the kernel's partials:
+// variable (batch, K, G, N, L) summed over K; constant (batch, dim, N) summed over the batch.
 at::Tensor finish_bc_grad(const at::Tensor& part, const BCView& v, const at::Tensor& M) {
   at::Tensor g;
   if (!v.variable) {
-    g = part.sum(0);  // (dim, N)
+    g = sum_over_batch(part, M.sizes());
   } else {
-    g = part.size(1) == 1 ? part.select(1, 0) : part.sum(1);  // (batch, G, L, N)
-    g = M.dim() == 3 ? g.select(1, 0).transpose(1, 2) : g.transpose(2, 3);
+    g = (part.size(1) == 1 ? part.select(1, 0) : part.sum(1)).view(M.sizes());
   }
   return g.to(M.scalar_type()).contiguous();
 }
@@ -964,62 +991,62 @@ std::vector<c10::optional<at::Tensor>> selective_scan_bwd(
   const int64_t batch = in.batch, dim = in.dim, L = in.L, N = in.N;
   const auto opts = in.A.options();
 
-  // Runs of blocks per batch element: one, unless the batch alone gives too few tasks to keep
-  // every thread busy (each run costs its own partial dB / dC buffer).
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t nblocks = (dim + Vec<float>::W - 1) / Vec<float>::W;
-  int64_t K = 1;
-  if (batch > 0 && batch < 2 * threads) {
-    K = std::max<int64_t>(1, std::min<int64_t>(nblocks, (2 * threads + batch - 1) / batch));
-  }
-
-  // The kernel writes every element of the per-row outputs (so they need no zero fill); variable
-  // dB / dC are accumulated into. With nothing to compute, every gradient is zero.
+  // The kernel writes every element of the per-row outputs and zeroes the variable dB / dC
+  // buffers it accumulates into, so nothing needs a zero fill. With nothing to compute, every
+  // gradient is zero.
   const bool runs = batch * dim > 0 && L > 0;
-  auto per_row = [&](at::IntArrayRef size) { return runs ? at::empty(size, opts) : at::zeros(size, opts); };
-  at::Tensor du = per_row({batch, dim, L});
-  at::Tensor ddelta = per_row({batch, dim, L});
-  at::Tensor dz = in.z.defined() ? per_row({batch, dim, L}) : at::Tensor();
-  at::Tensor dA_part = per_row({batch, dim, N});
-  at::Tensor dD_part = per_row({batch, dim});
-  at::Tensor dbias_part = per_row({batch, dim});
-  at::Tensor dB_part = in.B.variable ? at::zeros({batch, K, in.B.groups, L, N}, opts) : per_row({batch, dim, N});
-  at::Tensor dC_part = in.C.variable ? at::zeros({batch, K, in.C.groups, L, N}, opts) : per_row({batch, dim, N});
+  auto alloc = [&](std::vector<int64_t> size) {
+    return runs ? at::empty(size, opts) : at::zeros(size, opts);
+  };
+  at::Tensor du = alloc({batch, dim, L});
+  at::Tensor ddelta = alloc({batch, dim, L});
+  at::Tensor dz = in.z.defined() ? alloc({batch, dim, L}) : at::Tensor();
+  at::Tensor dA_part = alloc({batch, dim, N});
+  at::Tensor dD_part = alloc({batch, dim});
+  at::Tensor dbias_part = alloc({batch, dim});
+  at::Tensor dB_part, dC_part;
 
-  if (runs) {
-    auto run = [&](auto tag) {
-      using T = decltype(tag);
-      Problem<T> P = make_problem<T>(in);
-      GradPtrs<T> g;
-      g.du = du.data_ptr<T>();
-      g.ddelta = ddelta.data_ptr<T>();
-      g.dz = dz.defined() ? dz.data_ptr<T>() : nullptr;
-      g.dA_part = dA_part.data_ptr<T>();
-      g.dD_part = dD_part.data_ptr<T>();
-      g.dbias_part = dbias_part.data_ptr<T>();
-      g.dB_part = dB_part.data_ptr<T>();
-      g.dC_part = dC_part.data_ptr<T>();
-      // K counts runs of blocks; never more runs than blocks of this dtype.
-      const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
-      g.K = std::min<int64_t>(K, std::max<int64_t>(nb, 1));
-      backward<T>(P, make_seq<T>(dout_c), g);
-    };
-    if (in.cdt == at::kDouble) {
-      run(double{});
-    } else {
-      run(float{});
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    Problem<T> P = make_problem<T>(in);
+    // Runs of blocks per batch element: one, unless the batch alone gives too few tasks to keep
+    // every thread busy (each run has its own partial dB / dC buffer).
+    const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    int64_t K = 1;
+    if (batch > 0 && batch < 2 * threads) {
+      K = std::max<int64_t>(1, std::min<int64_t>(nb, (2 * threads + batch - 1) / batch));
     }
+    dB_part = in.B.variable ? alloc({batch, K, in.B.groups, N, L}) : alloc({batch, dim, N});
+    dC_part = in.C.variable ? alloc({batch, K, in.C.groups, N, L}) : alloc({batch, dim, N});
+    if (!runs) return;
+    GradPtrs<T> g;
+    g.du = du.data_ptr<T>();
+    g.ddelta = ddelta.data_ptr<T>();
+    g.dz = dz.defined() ? dz.data_ptr<T>() : nullptr;
+    g.dA_part = dA_part.data_ptr<T>();
+    g.dD_part = dD_part.data_ptr<T>();
+    g.dbias_part = dbias_part.data_ptr<T>();
+    g.dB_part = dB_part.data_ptr<T>();
+    g.dC_part = dC_part.data_ptr<T>();
+    g.K = K;
+    backward<T>(P, make_seq<T>(dout_c), g);
+  };
+  if (in.cdt == at::kDouble) {
+    run(double{});
+  } else {
+    run(float{});
   }
 
   std::vector<c10::optional<at::Tensor>> res(8);
   res[0] = du.to(u.scalar_type());
   res[1] = ddelta.to(delta.scalar_type());
-  res[2] = dA_part.sum(0).to(A.scalar_type());
+  res[2] = sum_over_batch(dA_part, {dim, N}).to(A.scalar_type());
   res[3] = finish_bc_grad(dB_part, in.B, B);
   res[4] = finish_bc_grad(dC_part, in.C, C);
-  if (in.D.defined()) res[5] = dD_part.sum(0).to(D->scalar_type()).view(D->sizes());
+  if (in.D.defined()) res[5] = sum_over_batch(dD_part, D->sizes()).to(D->scalar_type());
   if (in.z.defined()) res[6] = dz.to(z->scalar_type());
-  if (in.bias.defined()) res[7] = dbias_part.sum(0).to(delta_bias->scalar_type()).view(delta_bias->sizes());
+  if (in.bias.defined()) res[7] = sum_over_batch(dbias_part, delta_bias->sizes()).to(delta_bias->scalar_type());
   return res;
 }
 
