@@ -14,8 +14,9 @@ The arguments are those of a Vim mixer: ``z``, ``D``, ``delta_bias`` given and
 inverse softplus of a step log-uniform in [1e-3, 0.1].
 
 The machine may be shared: both implementations are timed round-robin (one call of each per round,
-after a warm-up) so bursts of load hit both alike; the table gives the median over rounds and the
-load average is recorded (``--wait-load X`` first waits, up to ``--wait-max`` seconds, for the
+after a warm-up) so bursts of load hit both alike; the table gives the median over rounds of the
+wall-clock time and of the process CPU time (all threads; less sensitive to other jobs taking the
+cores, though it counts OpenMP threads spinning at barriers too), and the load average is recorded (``--wait-load X`` first waits, up to ``--wait-max`` seconds, for the
 1-minute load average to drop below X). ``torch.get_num_threads()`` is left at its default.
 """
 
@@ -81,18 +82,21 @@ def forward_backward_fn(fn, a, dout):
 
 
 def time_round_robin(fns: dict, rounds: dict, warmup: int = 2) -> dict:
-    """Median seconds per call; fns[name] runs in every round up to rounds[name]."""
+    """{name: (median wall seconds, median process CPU seconds)} per call; fns[name] runs in every
+    round up to rounds[name]."""
     for f in fns.values():
         for _ in range(warmup):
             f()
-    times = {name: [] for name in fns}
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for r in range(max(rounds.values())):
         for name, f in fns.items():
             if r < rounds[name]:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 f()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
 def cpu_name() -> str:
@@ -138,8 +142,10 @@ def main() -> None:
             t = time_round_robin({"fused": make(selective_scan), "reference": make(selective_scan_ref)},
                                  {"fused": args.rounds, "reference": args.ref_rounds})
             rows.append((label, (batch, dim, L, N), pass_name, t["fused"], t["reference"], err))
-            print(f"{label:45s} {str((batch, dim, L, N)):20s} {pass_name:19s} fused {t['fused'] * 1e3:9.2f} ms"
-                  f"   reference {t['reference'] * 1e3:9.2f} ms   x{t['reference'] / t['fused']:7.1f}", flush=True)
+            (fw, fc), (rw, rc) = t["fused"], t["reference"]
+            print(f"{label[:30]:30s} {str((batch, dim, L, N)):18s} {pass_name:19s} wall: fused {fw * 1e3:8.2f} ms,"
+                  f" reference {rw * 1e3:8.1f} ms, x{rw / fw:6.1f} | CPU time: fused {fc * 1e3:8.2f} ms,"
+                  f" reference {rc * 1e3:8.1f} ms, x{rc / fc:6.1f}", flush=True)
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     cmd = "python benchmarks/scan_cpu.py" + "".join(
@@ -160,17 +166,19 @@ def main() -> None:
         "* forward is run under `torch.no_grad()`; forward + backward is `out.backward(dout)` w.r.t. all eight "
         "tensor inputs",
         "",
-        "| shape | (batch, d_inner, L, d_state) | pass | fused (ms) | reference (ms) | speed-up | max abs diff |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| shape | (batch, d_inner, L, d_state) | pass | fused (ms) | reference (ms) | speed-up "
+        "| fused CPU time (ms) | reference CPU time (ms) | CPU-time ratio | max abs diff |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for label, shape, pass_name, tf, tr, err in rows:
-        lines.append(f"| {label} | {shape} | {pass_name} | {tf * 1e3:.2f} | {tr * 1e3:.1f} | {tr / tf:.1f}x | "
-                     f"{err:.1e} |")
+    for label, shape, pass_name, (fw, fc), (rw, rc), err in rows:
+        lines.append(f"| {label} | {shape} | {pass_name} | {fw * 1e3:.2f} | {rw * 1e3:.1f} | {rw / fw:.1f}x "
+                     f"| {fc * 1e3:.2f} | {rc * 1e3:.1f} | {rc / fc:.1f}x | {err:.1e} |")
     lines += [
         "",
         "The reference materialises `(batch, d_inner, L, d_state)` decay and input tensors and loops over",
         "time in Python; the fused kernel never builds them (16 channels per AVX-512 vector, sequential",
         "over time, states recomputed in the backward). \"max abs diff\" is between the two forward outputs.",
+        "Times are medians per call: wall clock, then process CPU time (all threads).",
         "",
     ]
     args.out.write_text("\n".join(lines))
