@@ -12,20 +12,25 @@
 //   (backward) over threads. Inside a block the W channels are the lanes of a GCC/Clang vector
 //   type, so every operation of the recurrence is one vector operation and nothing has to be
 //   summed across lanes; time is sequential and the state loop runs over d_state scalars of B / C
-//   (broadcast to all lanes). A block's inputs are first transposed into small (L, W) tiles. No
-//   (batch, d_inner, L, d_state) tensor is ever built: the forward keeps d_state state vectors,
-//   the backward recomputes the block's states into a per-thread (L + 1, d_state) tile of
-//   vectors and then runs the reverse recurrence.
+//   (broadcast to all lanes). A block's inputs are first gathered into small (L, W) tiles:
+//   time-contiguous inputs by in-register 16 x 16 transposes, channel-contiguous ones (transposed
+//   projections, as in the Vim mixer) by plain vector loads, so neither layout is copied; the
+//   next block's inputs are prefetched while a block computes. No (batch, d_inner, L, d_state)
+//   tensor is ever built: the forward keeps d_state state vectors, the backward recomputes the
+//   block's states into a per-thread (L + 1, d_state) tile of vectors and then runs the reverse
+//   recurrence.
 //
 // Reductions
 //   dA, dD, d_delta_bias and constant-B / C gradients are written per (batch, channel) and summed
 //   over the batch afterwards. Variable dB / dC (summed over channels) are summed across the lanes
-//   of a block at every time step (a transpose-and-add of d_state vectors) into a (groups, L,
-//   d_state) buffer owned by the run of blocks being processed; runs of one batch element are
-//   summed afterwards. Everything is deterministic and free of races.
+//   of a block at every time step (a transpose-and-add of d_state vectors) into a (groups,
+//   d_state, L) buffer owned by the run of blocks being processed; runs of one batch element are
+//   summed afterwards. Everything is deterministic and free of races, and the backward is one
+//   parallel region (small batch sums are serial: on a busy machine each extra parallel op
+//   costs a scheduler slice).
 //
 // B and C are (batch, d_state, L), (batch, groups, d_state, L) or (d_inner, d_state); they are read
-// through a view whose innermost dimension is d_state:
+// as
 //   element(b, d, t, n) = base + b * s_b + (d / d_per_group) * s_g + t * s_t + n * s_n,
 // with the strides of the tensor as it comes (no copy).
 // Blocks never straddle a group boundary, so a variable B_t[n] is one scalar for the whole block.
