@@ -8,8 +8,10 @@ Rows are bit-widths; columns are methods:
                    scan in float (the naive baseline of the model card)
   per-token static PTQ4VM-style: Lp-clipped per-channel weights, one static min-max scale per
                    token position on the linear inputs, scan in float
-  ours             the preset of that bit-width: every mixer input quantized (linears, conv1d,
-                   scan delta/B/C), per-token static scales with an MSE clipping search
+  ours             the preset of that bit-width (ouromamba_fx.PRESETS): every mixer input
+                   quantized (linears, conv1d, scan delta/B/C), per-token static scales with an
+                   MSE clipping search, OuroMamba outlier channels at W4A8 (16-bit) and W4A4O8
+  ours w/o X, ours + X   the preset with one technique (outliers, kscale, reparam) off or on
 Writes the table as markdown beside this script (accuracy.md).
 """
 
