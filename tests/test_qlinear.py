@@ -247,6 +247,18 @@ def test_w4a4o8_integer_parts_and_definition():
     assert torch.equal(y, want)
 
 
+@pytest.mark.parametrize("n_cols", [1, 5, 30])  # gathered outlier columns (fp32 GEMM), and > K/2 (int8)
+def test_w4a4o8_outlier_paths_bit_exact(n_cols):
+    m, k, n = 40, 48, 24
+    x = torch.randn(m, k) * 4
+    mask = torch.zeros(m, k, dtype=torch.bool)
+    mask[:, torch.randperm(k)[:n_cols]] = torch.rand(m, n_cols) < 0.7
+    x = torch.where(mask, x * 30, x)
+    _, w_packed, w_scale, bias = _w4(n, k)
+    y = OPS.w4a4o8_linear(x, mask, None, w_packed, w_scale, bias, k)
+    assert torch.equal(y, ql.w4a4o8_linear_ref(x, mask, None, w_packed, w_scale, bias, k))
+
+
 def test_w4a4o8_leading_dims_odd_k_and_accuracy():
     b, l, k, n = 2, 5, 33, 12
     x = torch.randn(b, l, k)
