@@ -1,0 +1,198 @@
+"""OuroMamba-Gen cost and quality on CPU.
+
+Timing (default): seconds per optimisation step (forward + backward of the generation loss, the
+Adam step excluded) for the reference model at batch 32 and 128, and how it grows with depth and
+token count (random-weight VisionMamba, d_model 128, patch 4, batch 32).
+
+Quality (``--quality``): 128 synthetic images per loss variant, then ``convert`` with W8A8 and
+W4A8 and top-1 on the CIFAR-10 val folder (100 per class), against the same conversions
+calibrated on real images and on Gaussian noise. Needs the shared data folder
+(``--data``, default ``../shared/data/cifar10`` from the repository root).
+
+Both modes write their section of ``benchmarks/gen_time.md`` (the other section is kept).
+
+    python benchmarks/gen_time.py                      # timing
+    python benchmarks/gen_time.py --quality            # accuracy table (long: ~10 min per gen run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ouromamba_fx as of
+from ouromamba_fx.gen import DEFAULTS, SyntheticCalib, gen, gen_losses
+from ouromamba_fx.lowering.scan import scan_backend
+from ouromamba_fx.models import VimConfig, VisionMamba
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_avg() -> str:
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def step_seconds(model, batch: int, loss: str, reps: int, seed: int = 0) -> tuple[float, float]:
+    """(min, median) seconds of one forward + backward of the generation loss over ``reps`` steps
+    after one warm-up step. On a shared machine the minimum is the better estimate of the cost."""
+    g = torch.Generator().manual_seed(seed)
+    c, h, w = model.pretrained_cfg["input_size"]
+    x = torch.randn(batch, c, h, w, generator=g).requires_grad_(True)
+    t = torch.arange(batch) % model.cfg.num_classes
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    times = []
+    try:
+        for i in range(reps + 1):
+            start = time.perf_counter()
+            res = gen_losses(model.eval(), x, t, loss=loss)
+            res["loss"].backward()
+            x.grad = None
+            if i:
+                times.append(time.perf_counter() - start)
+    finally:
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    return min(times), statistics.median(times)
+
+
+def random_vim(depth: int, patches: int) -> VisionMamba:
+    side = int(round(patches ** 0.5)) * 4
+    cfg = VimConfig(img_size=side, patch_size=4, embed_dim=128, depth=depth, d_state=16, num_classes=10,
+                    mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)
+    torch.manual_seed(0)
+    return VisionMamba(cfg).eval()
+
+
+def timing(args) -> str:
+    ref = of.models.reference_model()
+    iters = DEFAULTS["iters"]
+    lines = ["Seconds per step: min / median over the timed steps.", "",
+             f"| model | batch | loss | s / step | ms / step / image (min) | 128 images x {iters} steps (min) |",
+             "|---|---:|---|---:|---:|---:|"]
+    for batch in (32, 128):
+        for loss in ("full", "output"):
+            lo, med = step_seconds(ref, batch, loss, args.reps)
+            total = lo * (128 / batch) * iters
+            lines.append(f"| reference (d128, depth 8, 64 patches) | {batch} | {loss} | {lo:.2f} / {med:.2f} | "
+                         f"{1000 * lo / batch:.1f} | {total / 60:.1f} min |")
+            print(lines[-1], flush=True)
+    lines += ["", "Growth (random weights, d_model 128, batch 32, full loss):", "",
+              "| depth | patches | tokens | s / step | ms / step / image (min) |", "|---:|---:|---:|---:|---:|"]
+    for depth, patches in ((4, 64), (8, 64), (16, 64), (8, 16), (8, 256)):
+        m = random_vim(depth, patches)
+        lo, med = step_seconds(m, 32, "full", args.reps)
+        lines.append(f"| {depth} | {patches} | {m.num_tokens} | {lo:.2f} / {med:.2f} | {1000 * lo / 32:.1f} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def evaluate_q(model, calib, config, data: Path, limit: int) -> float:
+    q = of.convert(model, calib=calib, config=config, show_progress=False)
+    return of.evaluate(q, str(data / "val"), transform_model=model, limit_per_class=limit,
+                       show_progress=False).top1
+
+
+def quality(args) -> str:
+    from ouromamba_fx.data import image_loader
+
+    data = Path(args.data)
+    model = of.models.reference_model()
+    fp = of.evaluate(model, str(data / "val"), limit_per_class=args.limit, show_progress=False).top1
+    cache = Path(args.cache) if args.cache else None
+    overrides = {k: getattr(args, k) for k in ("iters", "lr", "lambda_c", "temperature", "top_k",
+                                                "neighbourhood", "batch_size") if getattr(args, k) is not None}
+    sources = {}
+    if not args.no_baselines:
+        real = torch.cat(list(image_loader(model, data / "calib", batch_size=100, labels=False)))
+        pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:128]
+        sources["real (1000 calib images)"] = (real.split(100), "")
+        sources["real (128 random calib images)"] = (real[pick], "")
+        c, h, w = model.pretrained_cfg["input_size"]
+        sources["Gaussian noise (randn, 128)"] = (torch.randn(128, c, h, w, generator=torch.Generator().manual_seed(0)), "")
+    for loss in args.losses:
+        tag = "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+        path = cache / f"synth_{loss}_{tag or 'default'}_seed{args.seed}.safetensors" if cache else None
+        if path is not None and path.is_file():
+            synth = SyntheticCalib.load(path)
+        else:
+            synth = gen(model, n=128, loss=loss, seed=args.seed, show_progress=not args.quiet, **overrides)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                synth.save(path)
+        s = synth.settings
+        note = (f"{s['iters']} it, lr {s['lr']}, T {s['temperature']}, lambda_c {s['lambda_c']}, "
+                f"{s['seconds'] / 60:.1f} min, target acc {100 * s['target_accuracy']:.0f}%")
+        sources[f"OuroMamba-Gen loss={loss} (128)"] = (synth, note)
+    configs = [of.config.preset(c) for c in args.configs]
+    lines = [f"FP32 top-1: {fp:.2f}% (CIFAR-10 val, {args.limit} per class; one image = "
+             f"{100 / (10 * args.limit):.2f} points)", "",
+             "| calibration | " + " | ".join(c.name for c in configs) + " | generation |",
+             "|---|" + "---:|" * len(configs) + "---|"]
+    for name, (calib, note) in sources.items():
+        accs = [evaluate_q(model, calib, cfg, data, args.limit) for cfg in configs]
+        lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {note} |")
+        print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    text = path.read_text() if path.is_file() else "# OuroMamba-Gen: cost and quality\n"
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quality", action="store_true", help="accuracy table instead of timing")
+    ap.add_argument("--reps", type=int, default=5, help="timed steps per setting")
+    ap.add_argument("--data", default=str(HERE.parents[1] / "shared" / "data" / "cifar10"))
+    ap.add_argument("--limit", type=int, default=100, help="val images per class")
+    ap.add_argument("--losses", nargs="*", default=["full", "output", "contrastive"])
+    ap.add_argument("--configs", nargs="+", default=["W8A8", "W4A8", "W6A6", "W4A4O8"],
+                    help="presets to convert with (quality mode)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=None, help="folder to keep generated sets in (reused if present)")
+    for k in ("iters", "batch_size", "top_k", "neighbourhood"):
+        ap.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, default=None)
+    for k in ("lr", "lambda_c", "temperature"):
+        ap.add_argument(f"--{k.replace('_', '-')}", dest=k, type=float, default=None)
+    ap.add_argument("--no-baselines", action="store_true", help="skip the real-image and noise rows")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "gen_time.md"))
+    args = ap.parse_args(argv)
+
+    shown = ["<path>" if a.startswith("/") else shlex.quote(a) for a in (argv or sys.argv[1:])]
+    cmd = "python benchmarks/gen_time.py " + " ".join(shown)
+    header = (f"Command: `{cmd.strip()}`  \ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} CPUs, scan backend {scan_backend()}, "
+              f"load average at start {load_avg()}")
+    start = time.perf_counter()
+    body = quality(args) if args.quality else timing(args)
+    footer = f"\n\nload average at end {load_avg()}; {time.perf_counter() - start:.0f} s in all. Defaults: {DEFAULTS}"
+    section = "quality" if args.quality else "timing"
+    title = "## Quality: calibration source vs top-1" if args.quality else "## Time per generation step"
+    write_section(Path(args.out), section, f"{title}\n\n{header}\n\n{body}{footer}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
