@@ -18,6 +18,10 @@ after a warm-up) so bursts of load hit both alike; the table gives the median ov
 wall-clock time and of the process CPU time (all threads; less sensitive to other jobs taking the
 cores, though it counts OpenMP threads spinning at barriers too), and the load average is recorded (``--wait-load X`` first waits, up to ``--wait-max`` seconds, for the
 1-minute load average to drop below X). ``torch.get_num_threads()`` is left at its default.
+
+A second table repeats the comparison on one thread (``torch.set_num_threads(1)``) and gives the
+minimum CPU time of the calling thread per call: not what a user sees, but nearly immune to other
+jobs on a shared machine, so it shows the kernels' own cost.
 """
 
 from __future__ import annotations
@@ -99,6 +103,25 @@ def time_round_robin(fns: dict, rounds: dict, warmup: int = 2) -> dict:
     return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
+def time_single_thread(fns: dict, rounds: dict) -> dict:
+    """{name: minimum CPU seconds of this thread per call}, on one torch thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = {}
+        for name, f in fns.items():
+            f()
+            ts = []
+            for _ in range(rounds[name]):
+                c0 = time.thread_time()
+                f()
+                ts.append(time.thread_time() - c0)
+            best[name] = min(ts)
+        return best
+    finally:
+        torch.set_num_threads(saved)
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -115,6 +138,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="timed calls of the fused op per pass")
     ap.add_argument("--ref-rounds", type=int, default=5, help="timed calls of the reference per pass")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "scan_cpu.md")
+    ap.add_argument("--single-rounds", type=int, default=5,
+                    help="calls of each implementation in the one-thread table (0: skip it)")
     ap.add_argument("--wait-load", type=float, default=None,
                     help="wait until the 1-minute load average is below this before timing")
     ap.add_argument("--wait-max", type=float, default=1800.0, help="give up waiting after this many seconds")
@@ -130,7 +155,7 @@ def main() -> None:
             time.sleep(10)
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
 
-    rows = []
+    rows, single = [], []
     for label, batch, dim, L, N in SHAPES:
         a = make_inputs(batch, dim, L, N)
         # Same numbers from both (sanity check, not timed).
@@ -146,10 +171,17 @@ def main() -> None:
             print(f"{label[:30]:30s} {str((batch, dim, L, N)):18s} {pass_name:19s} wall: fused {fw * 1e3:8.2f} ms,"
                   f" reference {rw * 1e3:8.1f} ms, x{rw / fw:6.1f} | CPU time: fused {fc * 1e3:8.2f} ms,"
                   f" reference {rc * 1e3:8.1f} ms, x{rc / fc:6.1f}", flush=True)
+            if args.single_rounds > 0:
+                t1 = time_single_thread({"fused": make(selective_scan), "reference": make(selective_scan_ref)},
+                                        {"fused": 2 * args.single_rounds, "reference": args.single_rounds})
+                single.append((label, (batch, dim, L, N), pass_name, t1["fused"], t1["reference"]))
+                print(f"{'':30s} {'':18s} {'':19s} 1 thread (min thread CPU time): fused {t1['fused'] * 1e3:8.2f} ms,"
+                      f" reference {t1['reference'] * 1e3:8.1f} ms, x{t1['reference'] / t1['fused']:6.1f}", flush=True)
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     cmd = "python benchmarks/scan_cpu.py" + "".join(
         f" {flag} {val}" for flag, val, default in (("--rounds", args.rounds, 15), ("--ref-rounds", args.ref_rounds, 5),
+                                                    ("--single-rounds", args.single_rounds, 5),
                                                     ("--wait-load", args.wait_load, None))
         if val != default)
     lines = [
@@ -181,6 +213,18 @@ def main() -> None:
         "Times are medians per call: wall clock, then process CPU time (all threads).",
         "",
     ]
+    if single:
+        lines += [
+            f"One thread (`torch.set_num_threads(1)`), minimum CPU time of the calling thread over "
+            f"{2 * args.single_rounds} (fused) / {args.single_rounds} (reference) calls: the kernels' own cost, "
+            "nearly independent of other jobs on the machine.",
+            "",
+            "| shape | (batch, d_inner, L, d_state) | pass | fused (ms) | reference (ms) | speed-up |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for label, shape, pass_name, tf, tr in single:
+            lines.append(f"| {label} | {shape} | {pass_name} | {tf * 1e3:.2f} | {tr * 1e3:.1f} | {tr / tf:.1f}x |")
+        lines.append("")
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out.name}")
 
