@@ -84,12 +84,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     model, name, q = _convert(args)
     out.print(q.report())
     if args.eval is not None:
+        label = args.eval or "bundled sample"
         args.eval = args.eval or bundled_samples()
         fp = evaluate(model, args.eval, batch_size=args.batch_size, description="float")
         qr = evaluate(q, args.eval, batch_size=args.batch_size, transform_model=model,
                       description=args.config)
-        out.print(fp.summary(f"{name} float", args.eval))
-        out.print(qr.summary(f"{name} {args.config}", args.eval))
+        out.print(fp.summary(f"{name} float", label))
+        out.print(qr.summary(f"{name} {args.config}", label))
         out.print(f"agreement with float: {qr.agreement(fp):.2f}%")
     return 0
 
