@@ -51,6 +51,15 @@ def weight_qparams(w: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, to
     return best, zp
 
 
+def search_ratio(err, ratios: int = 16, min_ratio: float = 0.25) -> float:
+    """The clipping ratio in [min_ratio, 1] with the least ``err(ratio)``: a coarse grid of
+    ``ratios`` points, then a fine grid around the best of them."""
+    step = (1.0 - min_ratio) / (ratios - 1)
+    best = min((min_ratio + i * step for i in range(ratios)), key=err)
+    fine = [min(1.0, max(min_ratio, best + (i - ratios // 2) * step / ratios)) for i in range(ratios + 1)]
+    return min(fine + [best], key=err)
+
+
 def act_qparams(tok_min: torch.Tensor, tok_max: torch.Tensor, spec: ActQuant,
                 sample: tuple[torch.Tensor, torch.Tensor] | None = None,
                 ratios: int = 16, min_ratio: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -82,13 +91,7 @@ def act_qparams(tok_min: torch.Tensor, tok_max: torch.Tensor, spec: ActQuant,
             z = z_rows if spec.symmetric else (qmin - torch.round(lo[idx].unsqueeze(1) / s)).clamp(qmin, qmax)
             return (fake_quantize(rows, s, z, qmin, qmax) - rows).pow(2).sum().item()
 
-        # Coarse grid over [min_ratio, 1], then a fine grid around the best coarse point.
-        step = (1.0 - min_ratio) / (ratios - 1)
-        coarse = [min_ratio + i * step for i in range(ratios)]
-        best = min(coarse, key=err)
-        fine = [min(1.0, max(min_ratio, best + (i - ratios // 2) * step / ratios)) for i in range(ratios + 1)]
-        best = min(fine + [best], key=err)
-        scale = scale * best
+        scale = scale * search_ratio(err, ratios, min_ratio)
         if not spec.symmetric:
             zp = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
     return scale, zp, qmin, qmax
@@ -193,8 +196,4 @@ def mixed_ratio_search(rows: torch.Tensor, tok: torch.Tensor, base: torch.Tensor
     def err(ratio: float) -> float:
         return (mixed_rows_fq(rows, s_rows * ratio, bits, outlier) - rows).pow(2).sum().item()
 
-    step = (1.0 - min_ratio) / (ratios - 1)
-    coarse = [min_ratio + i * step for i in range(ratios)]
-    best = min(coarse, key=err)
-    fine = [min(1.0, max(min_ratio, best + (i - ratios // 2) * step / ratios)) for i in range(ratios + 1)]
-    return base * min(fine + [best], key=err)
+    return base * search_ratio(err, ratios, min_ratio)
