@@ -359,10 +359,23 @@ def _outlier_split_fast(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor],
     return _quantize_rows(x_in, s_in, qmax_in), s_in, _quantize_rows(x_out, s_out, 127), s_out
 
 
+def _float_in_place(acc: Tensor) -> Tensor:
+    """int32 -> float32 in the accumulator's own memory (same element size): saves allocating and
+    page-faulting a fresh (M, N) buffer, ~7 % of the int8 GEMM op here. Elementwise, each element is
+    read before it is overwritten; falls back to a copy if torch refuses the aliasing."""
+    if not acc.is_contiguous():
+        return acc.float()
+    y = acc.view(torch.float32)
+    try:
+        return y.copy_(acc)
+    except RuntimeError:
+        return acc.float()
+
+
 def _epilogue(acc: Tensor, row_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     # Same order as the refs, in place on one float buffer (measured faster than torch.mul(acc,
     # scale) type promotion, and than addcmul, which also rounds differently).
-    y = acc.float().mul_(row_scale)
+    y = _float_in_place(acc).mul_(row_scale)
     y.mul_(w_scale.float().reshape(1, -1))
     if bias is not None:
         y.add_(bias.float())
@@ -393,7 +406,7 @@ def _w4a4o8_linear_fast(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> Te
     qmax_in = qmax_for_bits(_W4A4O8_INLIER_BITS)
     x_in = x2.masked_fill(m2, 0.0)
     s_in = s_static.clone() if s_static is not None else _amax_rows(x_in).div_(qmax_in).clamp_min_(EPS)
-    y = _int_mm(_quantize_rows(x_in, s_in, qmax_in), w).float().mul_(s_in)
+    y = _float_in_place(_int_mm(_quantize_rows(x_in, s_in, qmax_in), w)).mul_(s_in)
     # Columns holding an outlier in some row (amax over uint8 is ~30x faster than any(dim=0)).
     cols = m2.view(torch.uint8).amax(dim=0).nonzero().flatten() if x2.shape[0] else m2.new_zeros(0)
     if cols.numel():
@@ -411,7 +424,7 @@ def _w4a4o8_linear_fast(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> Te
             # directly, saving the int32 -> float pass over (M, N): ~30 % faster than _int_mm.
             acc_out = q_out.float() @ w_out.float().t()
         else:
-            acc_out = _int_mm(q_out, w_out).float()
+            acc_out = _float_in_place(_int_mm(q_out, w_out))
         y.add_(acc_out.mul_(s_out))
     # else: q_out == 0, acc_out * s_out == 0 exactly, and y + 0 == y.
     y.mul_(w_scale.float().reshape(1, -1))
