@@ -46,11 +46,13 @@ Kernels, by device:
   failing size), so K == 1 is computed as an exact int32 outer product instead. If ``_int_mm``
   refuses a shape (older torch) the code falls back, with a one-time warning, to an exact int64
   matmul.
-  W4A4O8 unpacks the int4 weight on every call (it costs a few % of the GEMM, see
-  ``benchmarks/ops_cpu.md``) and runs the inlier GEMM on all K columns and the outlier GEMM only
-  on the columns where some row has an outlier (gathered; as an fp32 GEMM, exact for these small
-  integers, which skips an int32 -> float pass), falling back to a full-K int8 GEMM when more than
-  half of the columns hold outliers; all give the same integers.
+  W4A4O8 unpacks the int4 weight on every call (measured 2-5 % of the op, so no cache to keep
+  coherent, see ``benchmarks/ops_cpu.md``) and runs the inlier GEMM on all K columns and the
+  outlier GEMM only on the columns where some row has an outlier (gathered; as an fp32 GEMM, exact
+  for these small integers, which skips an int32 -> float pass), falling back to a full-K int8
+  GEMM when more than half of the columns hold outliers; all give the same integers. Measured
+  alternatives: two full-K int8 GEMMs, or one int8 GEMM over the 2M rows ``[q_in; q_out]``, are
+  both slower (the latter also pays the concatenation).
 * CUDA: Triton kernels in :mod:`ouromamba_fx.kernels` (imported on first CUDA call).
 * Other devices: the integer products run on the CPU and the result is copied back.
 """
