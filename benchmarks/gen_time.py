@@ -106,6 +106,9 @@ def evaluate_q(model, calib, config, data: Path, limit: int) -> float:
 
 
 def quality(args) -> str:
+    import hashlib
+    import json
+
     from ouromamba_fx.data import image_loader
 
     data = Path(args.data)
@@ -114,37 +117,47 @@ def quality(args) -> str:
     cache = Path(args.cache) if args.cache else None
     overrides = {k: getattr(args, k) for k in ("iters", "lr", "lambda_c", "temperature", "top_k",
                                                 "neighbourhood", "batch_size") if getattr(args, k) is not None}
-    sources = {}
-    if not args.no_baselines:
-        real = torch.cat(list(image_loader(model, data / "calib", batch_size=100, labels=False)))
-        pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:128]
-        sources["real (1000 calib images)"] = (real.split(100), "")
-        sources["real (128 random calib images)"] = (real[pick], "")
-        c, h, w = model.pretrained_cfg["input_size"]
-        sources["Gaussian noise (randn, 128)"] = (torch.randn(128, c, h, w, generator=torch.Generator().manual_seed(0)), "")
-    for loss in args.losses:
-        tag = "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
-        path = cache / f"synth_{loss}_{tag or 'default'}_seed{args.seed}.safetensors" if cache else None
-        if path is not None and path.is_file():
-            synth = SyntheticCalib.load(path)
-        else:
-            synth = gen(model, n=128, loss=loss, seed=args.seed, show_progress=not args.quiet, **overrides)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                synth.save(path)
-        s = synth.settings
-        note = (f"{s['iters']} it, lr {s['lr']}, T {s['temperature']}, lambda_c {s['lambda_c']}, "
-                f"{s['seconds'] / 60:.1f} min, target acc {100 * s['target_accuracy']:.0f}%")
-        sources[f"OuroMamba-Gen loss={loss} (128)"] = (synth, note)
     configs = [of.config.preset(c) for c in args.configs]
     lines = [f"FP32 top-1: {fp:.2f}% (CIFAR-10 val, {args.limit} per class; one image = "
              f"{100 / (10 * args.limit):.2f} points)", "",
-             "| calibration | " + " | ".join(c.name for c in configs) + " | generation |",
-             "|---|" + "---:|" * len(configs) + "---|"]
-    for name, (calib, note) in sources.items():
+             "| calibration | seed | " + " | ".join(c.name for c in configs) + " | generation |",
+             "|---|---:|" + "---:|" * len(configs) + "---|"]
+
+    def row(name: str, seed, calib, note: str = "") -> None:
         accs = [evaluate_q(model, calib, cfg, data, args.limit) for cfg in configs]
-        lines.append(f"| {name} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {note} |")
+        lines.append(f"| {name} | {seed} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {note} |")
         print(lines[-1], flush=True)
+
+    def synthetic(loss: str, seed: int) -> SyntheticCalib:
+        settings = {**DEFAULTS, **overrides, "loss": loss, "seed": seed}
+        key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        path = cache / f"synth_{loss}_seed{seed}_{key}.safetensors" if cache else None
+        if path is not None and path.is_file():
+            return SyntheticCalib.load(path)
+        synth = gen(model, n=128, loss=loss, seed=seed, show_progress=not args.quiet, **overrides)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            synth.save(path)
+        return synth
+
+    real = None
+    if not args.no_baselines:
+        real = torch.cat(list(image_loader(model, data / "calib", batch_size=100, labels=False)))
+        row("real (1000 calib images)", "-", real.split(100))
+    for seed in args.seeds:
+        if real is not None:
+            pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:128]
+            row("real (128 random calib images)", seed, real[pick])
+            c, h, w = model.pretrained_cfg["input_size"]
+            row("Gaussian noise (randn, 128)", seed,
+                torch.randn(128, c, h, w, generator=torch.Generator().manual_seed(seed)))
+        for loss in args.losses:
+            synth = synthetic(loss, seed)
+            st = synth.settings
+            note = (f"{st['iters']} it, batch {st['batch_size']}, lr {st['lr']}, T {st['temperature']}, "
+                    f"lambda_c {st['lambda_c']}; {st['seconds'] / 60:.1f} min "
+                    f"({st['seconds_per_iter']:.2f} s/step); target acc {100 * st['target_accuracy']:.0f}%")
+            row(f"OuroMamba-Gen loss={loss} (128)", seed, synth, note)
     return "\n".join(lines)
 
 
@@ -168,7 +181,8 @@ def main(argv=None) -> int:
     ap.add_argument("--losses", nargs="*", default=["full", "output", "contrastive"])
     ap.add_argument("--configs", nargs="+", default=["W8A8", "W4A8", "W6A6", "W4A4O8"],
                     help="presets to convert with (quality mode)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
+                    help="seeds of the generated sets, the real subsets and the noise")
     ap.add_argument("--cache", default=None, help="folder to keep generated sets in (reused if present)")
     for k in ("iters", "batch_size", "top_k", "neighbourhood"):
         ap.add_argument(f"--{k.replace('_', '-')}", dest=k, type=int, default=None)
