@@ -42,7 +42,6 @@ def test_calib_forms_accepted(tiny_vim):
 
 
 @pytest.mark.parametrize("calib,msg", [
-    (None, "calib is None"),
     ([], "calib is empty"),
     ([torch.full((2, 3, 16, 16), float("nan"))], "calib batch 0: 1536 NaN or Inf"),
     ([X[:2], torch.randn(2, 3, 32, 32)], r"calib batch 1: shape \(2, 3, 32, 32\), expected \(batch, 3, 16, 16\)"),
@@ -54,6 +53,24 @@ def test_bad_calibration_data_is_named(tiny_vim, calib, msg):
     with pytest.raises(DataError, match=msg):
         of.convert(tiny_vim, calib=calib, show_progress=False)
     assert all(torch.equal(v, before[k]) for k, v in tiny_vim.state_dict().items())
+
+
+def test_no_calib_means_data_free_and_the_report_says_so(tiny_vim):
+    before = {k: v.clone() for k, v in tiny_vim.state_dict().items()}
+    opts = {"n": 4, "iters": 2, "batch_size": 4, "seed": 3}
+    q = of.convert(tiny_vim, show_progress=False, gen_options=opts)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_vim.state_dict().items())
+    assert q.log[0].startswith("calibration: data-free, 4 OuroMamba-Gen images (loss=full, 2 iterations, seed 3)")
+    assert "data-free" in str(q.report())
+    # the same as generating explicitly and passing the images
+    synth = of.gen(tiny_vim, show_progress=False, **opts)
+    p = of.convert(tiny_vim, calib=synth, show_progress=False)
+    y = torch.randn(2, 3, 16, 16)
+    assert torch.equal(q(y), p(y))
+    r = of.convert(tiny_vim, calib=X, show_progress=False)
+    assert r.log[0] == "calibration: 16 user-supplied images"
+    with pytest.raises(ValueError, match="gen_options only apply when calib is None"):
+        of.convert(tiny_vim, calib=X, gen_options=opts, show_progress=False)
 
 
 def test_convert_twice_is_an_error(tiny_vim):
