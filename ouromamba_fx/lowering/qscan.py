@@ -14,9 +14,23 @@ then the op gets ``r_N = 1``.
 
 :func:`scan_state_stats` gives the statistics the factors are computed from (mean and max of
 ``|h|`` over the batch, per channel, step and state), without keeping every state.
+
+Kernels: on the CPU both run as fused C++ (``csrc/selective_scan_q.cpp``: threads over blocks of
+channels of one batch element, the channels of a block in the lanes of a vector, so every state
+update, the state quantization and the C-contraction are vector operations; no Python loop per
+time-step). It is JIT-built on first use like the float scan's kernel (same compiler flags, same
+``OUROMAMBA_SCAN_BACKEND=reference`` switch, same fall-back with a warning when it cannot be
+built). The state quantization divides (``h / s``, not ``h * (1/s)``) and rounds half to even, so
+integer state codes equal the reference's except at ties created by float rounding elsewhere.
+float64 inputs are computed in float64, everything else in float32 (reference and kernel alike).
 """
 
 from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -25,20 +39,90 @@ from torch import Tensor
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref  # noqa: F401  (same semantics)
 
 
+def _compute_dtype(u: Tensor) -> torch.dtype:
+    return torch.float64 if u.dtype == torch.float64 else torch.float32
+
+
 def _prep(u, delta, A, B, C, delta_bias, delta_softplus):
-    u, delta = u.float(), delta.float()
+    ct = _compute_dtype(u)
+    u, delta = u.to(ct), delta.to(ct)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + delta_bias.to(ct)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    return u, delta, A.float(), B.float(), C.float()
+    return u, delta, A.to(ct), B.to(ct), C.to(ct)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lazy build of the C++ kernels (same flags, cache and switch as lowering/scan.py's kernel).
+
+_CSRC = Path(__file__).resolve().parent / "csrc" / "selective_scan_q.cpp"
+_lock = threading.Lock()
+_state = {"tried": False, "ext": None, "reason": None}
+
+
+def _build_extension():
+    from torch.utils import cpp_extension
+
+    from ouromamba_fx.lowering.scan import _compile_flags, _cpu_tag
+
+    if not _CSRC.is_file():
+        raise FileNotFoundError("the kernel source csrc/selective_scan_q.cpp is missing (is it package data?)")
+    cflags, ldflags = _compile_flags()
+    return cpp_extension.load(name=f"ouromamba_selective_scan_q_{_cpu_tag()}", sources=[str(_CSRC)],
+                              extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+
+
+def _extension():
+    """The compiled C++ module, or ``None`` (reference in use: forced, or the build failed)."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                from ouromamba_fx.lowering.scan import _ENV_BACKEND
+
+                if os.environ.get(_ENV_BACKEND, "").strip().lower() == "reference":
+                    _state.update(ext=None, reason=f"{_ENV_BACKEND}=reference")
+                else:
+                    try:
+                        _state["ext"] = _build_extension()
+                    except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
+                        _state["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
+                        warnings.warn("ouromamba_fx: could not build the C++ quantized selective scan "
+                                      f"(csrc/selective_scan_q.cpp): {_state['reason']}\nUsing the slow "
+                                      "plain-torch reference instead.", RuntimeWarning, stacklevel=3)
+                _state["tried"] = True
+    return _state["ext"]
+
+
+def qscan_backend() -> str:
+    """``"cpp"`` when the fused CPU kernels of this module are in use, else ``"reference"``."""
+    return "reference" if _extension() is None else "cpp"
 
 
 @torch.no_grad()
 def scan_state_stats(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                      delta_bias: Tensor | None = None, delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
     """(sum over batch of |h|, max over batch of |h|), each (d_inner, L, d_state), for B, C of
-    shape (batch, d_state, L)."""
+    shape (batch, d_state, L). Fused C++ on the CPU, :func:`scan_state_stats_ref` elsewhere.
+
+    Example::
+
+        h_sum, h_max = scan_state_stats(u, delta, A, B, C, delta_bias, delta_softplus=True)
+        h_mean = h_sum / u.shape[0]
+    """
+    ext = _extension() if u.device.type == "cpu" and B.dim() == 3 else None
+    if ext is None:
+        return scan_state_stats_ref(u, delta, A, B, C, delta_bias, delta_softplus)
+    ct = _compute_dtype(u)
+    s, m = ext.state_stats(u.to(ct), delta.to(ct), A.to(ct).contiguous(), B.to(ct),
+                           None if delta_bias is None else delta_bias.to(ct).contiguous(), bool(delta_softplus))
+    return s, m
+
+
+@torch.no_grad()
+def scan_state_stats_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                         delta_bias: Tensor | None = None, delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
+    """Plain-torch reference of :func:`scan_state_stats` (a loop over time-steps)."""
     u, delta, A, B, C = _prep(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, length = u.shape
     n = A.shape[1]
@@ -53,6 +137,15 @@ def scan_state_stats(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     return h_sum, h_max
 
 
+def _step_params(r_l: Tensor, state_scale: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """r_l and state_scale for ``length`` steps (resampled when calibrated for another length)."""
+    if r_l.numel() != length:
+        from ouromamba_fx.lowering.outlier import resample_steps
+
+        r_l, state_scale = resample_steps(r_l, length), resample_steps(state_scale, length)
+    return r_l.to(dtype), state_scale.to(dtype)
+
+
 def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                          z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                          r_c: Tensor, r_l: Tensor, r_n: Tensor, state_scale: Tensor,
@@ -62,11 +155,8 @@ def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     u, delta, A, B, C = _prep(u, delta, A, B, C, delta_bias, delta_softplus)
     b, d, length = u.shape
     n = A.shape[1]
-    r_c, r_l, r_n = r_c.float(), r_l.float(), r_n.float()
-    if r_l.numel() != length:
-        from ouromamba_fx.lowering.outlier import resample_steps
-
-        r_l, state_scale = resample_steps(r_l, length), resample_steps(state_scale.float(), length)
+    r_c, r_n = r_c.to(u.dtype), r_n.to(u.dtype)
+    r_l, state_scale = _step_params(r_l, state_scale, length, u.dtype)
     qmax = 2 ** (state_bits - 1) - 1
     inv_rcn = 1.0 / (r_c[:, None] * r_n[None, :])  # (d, n)
     out_rcn = r_c[:, None] * r_n[None, :]
@@ -84,9 +174,9 @@ def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
         ys.append((h * (C[:, None, :, t] * out_rcn)).sum(-1) * r_l[t])
     y = torch.stack(ys, dim=-1)
     if D is not None:
-        y = y + D.float()[:, None] * u
+        y = y + D.to(u.dtype)[:, None] * u
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(z.to(u.dtype))
     return y.to(out_dtype)
 
 
@@ -96,6 +186,36 @@ def selective_scan_q(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
                      r_l: Tensor, r_n: Tensor, state_scale: Tensor, state_bits: int) -> Tensor:
     return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
                                 state_scale, state_bits)
+
+
+@selective_scan_q.register_kernel("cpu")
+def _selective_scan_q_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
+                          state_bits):
+    ext = _extension()
+    if ext is None or B.dim() != 3 or C.dim() != 3:
+        return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
+                                    state_scale, state_bits)
+    ct = _compute_dtype(u)
+    r_l, state_scale = _step_params(r_l, state_scale, u.shape[-1], ct)
+    return _cpu_call(ext, ct, u, (delta, None, None), A, (B, None, None), (C, None, None), D, z, delta_bias,
+                     delta_softplus, r_c, r_l, r_n, state_scale, state_bits).to(u.dtype)
+
+
+def _cpu_call(ext, ct, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
+              state_bits):
+    """The C++ forward; delta, B, C are (tensor, scale, zero_point) with int8 codes or floats."""
+    def fl(t):
+        return None if t is None else t.to(ct)
+
+    def vec(t):
+        return None if t is None else t.to(ct).contiguous()
+
+    def seq(x, scale, zp):
+        return (x, scale, zp) if x.dtype == torch.int8 else (x.to(ct), None, None)
+
+    qmax = 2 ** (state_bits - 1) - 1 if state_bits < 16 else -1
+    return ext.fwd(fl(u), *seq(*delta), vec(A), *seq(*B), *seq(*C), vec(D), fl(z), vec(delta_bias),
+                   bool(delta_softplus), vec(r_c), vec(r_l), vec(r_n), vec(state_scale), qmax)
 
 
 @selective_scan_q.register_fake
