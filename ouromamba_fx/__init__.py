@@ -13,9 +13,10 @@ from ouromamba_fx.convert import QuantizedModel, convert
 from ouromamba_fx.errors import CaptureError, CheckpointError, DataError, OuroMambaError
 from ouromamba_fx.evaluate import EvalResult, evaluate
 from ouromamba_fx.gen import SyntheticCalib, gen  # noqa: E402  (the function shadows the module name)
+from ouromamba_fx.serialize import load, save
 
 __version__ = "0.1.0"
 
 __all__ = ["PRESETS", "W4A4O8", "W4A8", "W6A6", "W8A8", "W8A8_PER_TOKEN", "W8A8_RTN", "ActQuant",
            "KScale", "OutlierQuant", "QuantConfig", "QuantizedModel", "Reparam", "WeightQuant", "convert", "CaptureError", "CheckpointError", "DataError", "EvalResult", "OuroMambaError",
-           "SyntheticCalib", "capture", "evaluate", "gen", "models", "__version__"]
+           "SyntheticCalib", "capture", "evaluate", "gen", "load", "models", "save", "__version__"]

@@ -214,6 +214,24 @@ class QuantConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        """Inverse of :meth:`to_dict` (validated like any config); unknown keys are an error."""
+        nested = {"weight": WeightQuant, "act": ActQuant, "outliers": OutlierQuant, "kscale": KScale,
+                  "reparam": Reparam}
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ValueError(f"QuantConfig.from_dict: unknown fields {bad} (written by a newer version?)")
+        kw = dict(d)
+        for key, sub in nested.items():
+            if isinstance(kw.get(key), dict):
+                kw[key] = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw[key].items()})
+        for key in ("roles", "scan_inputs"):
+            if key in kw:
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
 
 # Presets. The baselines reproduce what the literature compares against.
 W8A8 = QuantConfig("W8A8", WeightQuant(8), ActQuant(8))

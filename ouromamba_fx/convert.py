@@ -13,6 +13,7 @@ from ouromamba_fx.capture import META, capture, tag
 from ouromamba_fx.config import W8A8, QuantConfig
 from ouromamba_fx.errors import DataError, OuroMambaError
 from ouromamba_fx.lowering.outlier import outlier_fraction
+from ouromamba_fx.outliers import site_outlier_map
 from ouromamba_fx.passes.act_scales import ChooseActScales
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 from ouromamba_fx.passes.calibrate import Calibrate, check_batch, iter_batches
@@ -22,6 +23,7 @@ from ouromamba_fx.passes.reparam import ObserveScanStates, ReparameterizeScan
 from ouromamba_fx.passes.weights import QuantizeWeights
 from ouromamba_fx.progress import console
 from ouromamba_fx.qparams import sqnr
+from ouromamba_fx.serialize import model_identity
 
 
 def default_passes(config: QuantConfig, input_shape: tuple[int, ...] | None = None) -> list[Pass]:
@@ -56,6 +58,7 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm)
         self.names, self.outputs = names, {}
         self.outlier_fraction: dict[str, torch.Tensor] = {}
+        self.outlier_maps: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
@@ -65,6 +68,7 @@ class _Recorder(fx.Interpreter):
         if t.get("kind") == "quantize_mixed":  # outlier statistics for the report
             args, _ = self.fetch_args_kwargs_from_env(n)
             self.outlier_fraction[t["site"]] = outlier_fraction(*args)
+            self.outlier_maps[t["site"]] = site_outlier_map(*args)
         return out
 
 
@@ -98,7 +102,7 @@ def layer_sqnr(float_gm: fx.GraphModule, q_gm: fx.GraphModule, x: torch.Tensor):
     rq.run(x)
     sq = {name: sqnr(rf.outputs[src], rq.outputs[name]) for name, src in pairs.items()
           if src in rf.outputs and name in rq.outputs}
-    return sq, rq.outlier_fraction
+    return sq, rq.outlier_fraction, rq.outlier_maps
 
 
 class QuantizedModel(nn.Module):
@@ -121,6 +125,8 @@ class QuantizedModel(nn.Module):
         self.sqnr_db = sqnr_db
         self.model_name = model_name
         self.outlier_fraction: dict[str, torch.Tensor] = {}  # site -> fraction flagged per step
+        self.outlier_maps: dict[str, torch.Tensor] = {}  # site -> (steps, channels) fraction of samples flagged
+        self.model_identity: dict | None = None  # the float model: class, config, weights fingerprint
 
     @property
     def passes(self) -> list[str]:
@@ -134,6 +140,20 @@ class QuantizedModel(nn.Module):
                 f"{tuple(x.shape)}. Resize inputs to the calibrated resolution, or convert again "
                 f"with calibration data at the new resolution.")
         return self.graph_module(x)
+
+    def save(self, path) -> None:
+        """Write this model to a ``.safetensors`` file (no pickle); ``ouromamba_fx.load(path)``
+        rebuilds it with bit-identical outputs. See :mod:`ouromamba_fx.serialize`."""
+        from ouromamba_fx.serialize import save
+
+        save(self, path)
+
+    def outlier_map(self, layer: int | str) -> dict[str, torch.Tensor]:
+        """Outlier maps of one layer (index) or site (name part): site -> ``(time-steps, channels)``
+        fraction of calibration samples flagged as outliers. See :mod:`ouromamba_fx.outliers`."""
+        from ouromamba_fx.outliers import select
+
+        return select(self.outlier_maps, layer)
 
     def report(self):
         from ouromamba_fx.report import Report
@@ -214,12 +234,13 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
         # `work` is still a float model (passes only remove modules from the graph's own
         # hierarchy); folding rescaled x_proj rows exactly, so it is the right float reference.
-        sq, outliers = layer_sqnr(capture(work), gm, ctx.example)
+        sq, outliers, maps = layer_sqnr(capture(work), gm, ctx.example)
     name = type(model).__name__
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "embed_dim"):
         name = f"{name}(d={model.cfg.embed_dim}, depth={model.cfg.depth})"
     q = QuantizedModel(gm, config, pm.snapshots, ctx.float_reasons, ctx.log, input_shape, sq, name)
-    q.outlier_fraction = outliers
+    q.outlier_fraction, q.outlier_maps = outliers, maps
+    q.model_identity = model_identity(model, name)
     worst = min((v for v in sq.values() if math.isfinite(v)), default=float("inf"))
     if show_progress:
         console.print(f"[green]converted[/] {name} with {config.name}: {len(sq)} ops quantized, "
