@@ -118,3 +118,91 @@ def test_state_stats_match_reference(dtype, shape):
 def test_opcheck(optional):
     args = make(2, 20, 5, 4, optional=optional)
     torch.library.opcheck(SCAN_Q, (*args, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# ouromamba::selective_scan_qi: int8 delta / B / C codes
+
+SCAN_QI = torch.ops.ouromamba.selective_scan_qi.default
+QUANTIZE = torch.ops.ouromamba.quantize.default
+DEQUANTIZE = torch.ops.ouromamba.dequantize.default
+
+
+def quantized(x, per_step, asym=False):
+    """(codes, scale, zero_point) as the reference graph's quantize node makes them (8 bit)."""
+    length = x.shape[-1]
+    amax = x.abs().amax(dim=(0, 1)) if per_step else x.abs().amax().reshape(1)
+    scale = (amax / 127).clamp_min(1e-6).float()
+    scale = scale.reshape(1, length) if per_step else scale
+    zp = torch.full_like(scale, 3.0 if asym else 0.0)
+    return QUANTIZE(x, scale, zp, -128, 127), scale, zp
+
+
+def qi_args(b, d, length, n, per_step=True, dtype=torch.float32, calib_len=None):
+    args = make(b, d, length, n, dtype, calib_len)
+    u, delta, A, B, C, D, z, bias, sp, r_c, r_l, r_n, ss = args
+    dq = quantized(delta, per_step, asym=True)
+    bq = quantized(B, per_step)
+    cq = quantized(C, not per_step)  # mix per-tensor and per-step scales in one call
+    return [u, *dq, A, *bq, *cq, D, z, bias, sp], (r_c, r_l, r_n, ss)
+
+
+def dequant_inputs(qargs):
+    u, dq, ds, dz, A, bq, bs, bz, cq, cs, cz, D, z, bias, sp = qargs
+    return [u, DEQUANTIZE(dq, ds, dz), A, DEQUANTIZE(bq, bs, bz), DEQUANTIZE(cq, cs, cz), D, z, bias, sp]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[:4])) + (f"_cal{s[4]}" if s[4] else ""))
+@pytest.mark.parametrize("per_step", [True, False])
+def test_qi_equals_dequantize_then_scan(dtype, shape, per_step):
+    b, d, length, n, lc = shape
+    qargs, (r_c, r_l, r_n, ss) = qi_args(b, d, length, n, per_step, dtype, lc)
+    assert qargs[1].dtype == torch.int8
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    # no reparameterization, float state: dequantize -> ouromamba::selective_scan
+    out = SCAN_QI(*qargs, None, None, None, None, 16)
+    torch.testing.assert_close(out, torch.ops.ouromamba.selective_scan(*dequant_inputs(qargs)), **tol)
+    # reparameterized, quantized state: dequantize -> ouromamba::selective_scan_q
+    out = SCAN_QI(*qargs, r_c, r_l, r_n, ss, 8)
+    ref = qscan.selective_scan_q_ref(*dequant_inputs(qargs), r_c, r_l, r_n, ss, 8)
+    torch.testing.assert_close(qscan.selective_scan_qi_ref(*qargs, r_c, r_l, r_n, ss, 8), ref, rtol=0, atol=0)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, **tol)
+    else:
+        assert torch.isclose(out, ref, **tol).float().mean() >= 0.99
+
+
+def test_qi_strided_codes_and_float_passthrough():
+    b, d, length, n = 2, 21, 12, 16
+    qargs, (r_c, r_l, r_n, ss) = qi_args(b, d, length, n)
+    ref = SCAN_QI(*qargs, r_c, r_l, r_n, ss, 16)
+    # codes of B / C produced time-major (as x_proj's output is), seen through a transpose
+    for i in (5, 8):
+        qargs[i] = qargs[i].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qargs[5].is_contiguous()
+    torch.testing.assert_close(SCAN_QI(*qargs, r_c, r_l, r_n, ss, 16), ref, rtol=1e-5, atol=1e-5)
+    # B as floats (not quantized): same numbers as passing its dequantized values
+    mixed = list(qargs)
+    mixed[5:8] = [DEQUANTIZE(qargs[5], qargs[6], qargs[7]), None, None]
+    torch.testing.assert_close(SCAN_QI(*mixed, r_c, r_l, r_n, ss, 16), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_qi_rejects_bad_quantization_params():
+    qargs, _ = qi_args(1, 8, 6, 4)
+    bad = list(qargs)
+    bad[2] = None  # int8 delta without its scale
+    with pytest.raises(ValueError, match="scale"):
+        SCAN_QI(*bad, None, None, None, None, 16)
+    bad = list(qargs)
+    bad[6] = torch.ones(1, 5)  # neither per tensor nor per step
+    with pytest.raises(ValueError, match="per time-step"):
+        SCAN_QI(*bad, None, None, None, None, 16)
+    with pytest.raises(ValueError, match="state_scale"):
+        SCAN_QI(*qargs, None, None, None, None, 8)
+
+
+@pytest.mark.parametrize("reparam", [True, False])
+def test_qi_opcheck(reparam):
+    qargs, factors = qi_args(2, 20, 5, 4)
+    torch.library.opcheck(SCAN_QI, (*qargs, *(factors if reparam else (None,) * 4), 8 if reparam else 16))

@@ -1,4 +1,6 @@
-"""The reparameterized, state-quantized selective scan: ``ouromamba::selective_scan_q``.
+"""The quantized selective scans: ``ouromamba::selective_scan_q`` and ``ouromamba::selective_scan_qi``.
+
+``selective_scan_q`` is the reparameterized, state-quantized scan of the reference graph.
 
 With rank-1 factors ``r_C (d_inner,)``, ``r_L (L,)``, ``r_N (d_state,)`` the scan runs on the
 rescaled state ``h'_t = h_t / (r_C x r_L[t] x r_N)``:
@@ -23,6 +25,43 @@ time-step). It is JIT-built on first use like the float scan's kernel (same comp
 built). The state quantization divides (``h / s``, not ``h * (1/s)``) and rounds half to even, so
 integer state codes equal the reference's except at ties created by float rounding elsewhere.
 float64 inputs are computed in float64, everything else in float32 (reference and kernel alike).
+
+``ouromamba::selective_scan_qi``: the same scan fed by int8 codes (for lowering)
+-------------------------------------------------------------------------------
+Schema (every argument positional, in this order)::
+
+    selective_scan_qi(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
+                      D, z, delta_bias, delta_softplus: bool,
+                      r_c, r_l, r_n, state_scale, state_bits: int) -> Tensor
+
+* ``delta`` ``(batch, d_inner, L)``, ``B`` and ``C`` ``(batch, d_state, L)`` (any strides, e.g.
+  transposed views) are each EITHER int8 codes exactly as ``ouromamba::quantize`` returns them,
+  with the ``scale`` and ``zero_point`` tensors of that quantize node (float32, per tensor
+  ``(1,)``/``()`` or per time-step ``(1, L)``/``(L,)``), OR floats with ``None`` for both. The
+  kernel dequantizes as ``ouromamba::dequantize`` does, ``(float(q) - zero_point) * scale`` in
+  float32, right where the value is used, so no float copy of delta/B/C is ever written.
+* ``u``, ``z`` float ``(batch, d_inner, L)`` (``z`` optional); ``A (d_inner, d_state)``; ``D``,
+  ``delta_bias`` ``(d_inner,)`` optional; ``delta_softplus`` as in ``ouromamba::selective_scan``.
+  The output is ``(y + D u) * silu(z)`` exactly as there: the D skip and the gating are fused.
+* ``r_c``, ``r_l``, ``r_n``, ``state_scale``: the reparameterization of ``selective_scan_q``;
+  each ``None`` means all ones. ``state_bits < 16`` quantizes the state (needs ``state_scale``);
+  ``state_bits >= 16`` does not (``state_scale`` is then ignored). ``r_l``/``state_scale``
+  calibrated for another L are resampled, as in ``selective_scan_q``.
+
+It equals ``dequantize`` of each int8 input followed by ``selective_scan_q`` (or, with no factors
+and ``state_bits >= 16``, by ``selective_scan``), so a lowering pass can replace
+
+    q = quantize(x, s, zp, qmin, qmax); x_hat = dequantize(q, s, zp)     (for delta, B and/or C)
+    y = selective_scan(u, x_hat_delta, A, x_hat_B, x_hat_C, D, z, bias, softplus)
+        -> selective_scan_qi(u, q_delta, s_delta, zp_delta, A, q_B, s_B, zp_B, q_C, s_C, zp_C,
+                             D, z, bias, softplus, None, None, None, None, 16)
+    y = selective_scan_q(u, x_hat_delta, A, x_hat_B, x_hat_C, D, z, bias, softplus,
+                         r_c, r_l, r_n, state_scale, state_bits)
+        -> selective_scan_qi(..., r_c, r_l, r_n, state_scale, state_bits)
+
+when the dequantize nodes have no other users. ``quantize_mixed`` outputs (outlier channels) are
+floats already: pass them as float inputs. :data:`SCAN_QI_OP` is the overload to target; the
+reference is :func:`selective_scan_qi_ref`.
 """
 
 from __future__ import annotations
@@ -224,3 +263,102 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_
 
 
 SCAN_Q_OP = torch.ops.ouromamba.selective_scan_q.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Integer-input variant (module docstring): int8 delta / B / C codes dequantized inside the scan.
+
+def _dequant_input(x: Tensor, scale: Tensor | None, zp: Tensor | None, name: str) -> Tensor:
+    from ouromamba_fx.lowering.quant import dequantize_ref
+
+    if x.dtype == torch.int8:
+        if scale is None or zp is None:
+            raise ValueError(f"selective_scan_qi: int8 {name} needs its scale and zero_point")
+        return dequantize_ref(x, scale, zp)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"selective_scan_qi: {name} must be int8 codes or floats, got {x.dtype}")
+    return x
+
+
+def _factors(u, A, r_c, r_l, r_n, state_scale, state_bits):
+    """Explicit factors (ones for None) in float32 / the compute dtype handled by the callers."""
+    d, length, n = u.shape[1], u.shape[2], A.shape[1]
+    if state_bits < 16 and state_scale is None:
+        raise ValueError("selective_scan_qi: state_bits < 16 needs a state_scale")
+    ones = lambda k: torch.ones(k, device=u.device)  # noqa: E731
+    r_l = ones(length) if r_l is None else r_l
+    if state_scale is None:
+        state_scale = torch.ones_like(r_l, dtype=torch.float32)
+    return (ones(d) if r_c is None else r_c, r_l, ones(n) if r_n is None else r_n, state_scale)
+
+
+def selective_scan_qi_ref(u: Tensor, delta: Tensor, delta_scale: Tensor | None, delta_zp: Tensor | None,
+                          A: Tensor, B: Tensor, B_scale: Tensor | None, B_zp: Tensor | None, C: Tensor,
+                          C_scale: Tensor | None, C_zp: Tensor | None, D: Tensor | None, z: Tensor | None,
+                          delta_bias: Tensor | None, delta_softplus: bool, r_c: Tensor | None,
+                          r_l: Tensor | None, r_n: Tensor | None, state_scale: Tensor | None,
+                          state_bits: int) -> Tensor:
+    """Reference of ``ouromamba::selective_scan_qi``: dequantize, then :func:`selective_scan_q_ref`."""
+    delta = _dequant_input(delta, delta_scale, delta_zp, "delta")
+    B = _dequant_input(B, B_scale, B_zp, "B")
+    C = _dequant_input(C, C_scale, C_zp, "C")
+    r_c, r_l, r_n, state_scale = _factors(u, A, r_c, r_l, r_n, state_scale, state_bits)
+    return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
+                                state_scale, state_bits)
+
+
+@torch.library.custom_op("ouromamba::selective_scan_qi", mutates_args=())
+def selective_scan_qi(u: Tensor, delta: Tensor, delta_scale: Tensor | None, delta_zp: Tensor | None,
+                      A: Tensor, B: Tensor, B_scale: Tensor | None, B_zp: Tensor | None, C: Tensor,
+                      C_scale: Tensor | None, C_zp: Tensor | None, D: Tensor | None, z: Tensor | None,
+                      delta_bias: Tensor | None, delta_softplus: bool, r_c: Tensor | None,
+                      r_l: Tensor | None, r_n: Tensor | None, state_scale: Tensor | None,
+                      state_bits: int) -> Tensor:
+    """Selective scan on int8 delta / B / C codes (see the module docstring for the contract)."""
+    return selective_scan_qi_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
+                                 D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
+
+
+def _per_step(s: Tensor, length: int, name: str) -> Tensor:
+    """A quantize node's per-tensor or per-time-step scale / zero point as a float32 (L,) tensor."""
+    if s.numel() == 1:
+        return s.float().reshape(1).expand(length).contiguous()
+    if s.numel() == length and s.dim() >= 1 and s.shape[-1] == length:
+        return s.float().reshape(length).contiguous()
+    raise ValueError(f"selective_scan_qi: {name} must be per tensor or per time-step (L = {length}), "
+                     f"got shape {tuple(s.shape)}")
+
+
+@selective_scan_qi.register_kernel("cpu")
+def _selective_scan_qi_cpu(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
+                           delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
+    ext = _extension()
+    if ext is None or B.dim() != 3 or C.dim() != 3:
+        return selective_scan_qi_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
+                                     D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
+    length = u.shape[-1]
+    ct = _compute_dtype(u)
+    r_c, r_l, r_n, state_scale = _factors(u, A, r_c, r_l, r_n, state_scale, state_bits)
+    r_l, state_scale = _step_params(r_l, state_scale, length, ct)
+
+    def inp(x, scale, zp, name):
+        if x.dtype != torch.int8:
+            return _dequant_input(x, scale, zp, name), None, None
+        if scale is None or zp is None:
+            raise ValueError(f"selective_scan_qi: int8 {name} needs its scale and zero_point")
+        return x, _per_step(scale, length, name + "_scale"), _per_step(zp, length, name + "_zp")
+
+    return _cpu_call(ext, ct, u, inp(delta, delta_scale, delta_zp, "delta"), A, inp(B, B_scale, B_zp, "B"),
+                     inp(C, C_scale, C_zp, "C"), D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
+                     state_bits).to(u.dtype)
+
+
+@selective_scan_qi.register_fake
+def _(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z, delta_bias,
+      delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
+    torch._check(u.dim() == 3 and delta.shape == u.shape,
+                 lambda: "selective_scan_qi: u and delta must be (batch, d_inner, L)")
+    return torch.empty_like(u)
+
+
+SCAN_QI_OP = torch.ops.ouromamba.selective_scan_qi.default
