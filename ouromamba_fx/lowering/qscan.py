@@ -25,6 +25,8 @@ time-step). It is JIT-built on first use like the float scan's kernel (same comp
 built). The state quantization divides (``h / s``, not ``h * (1/s)``) and rounds half to even, so
 integer state codes equal the reference's except at ties created by float rounding elsewhere.
 float64 inputs are computed in float64, everything else in float32 (reference and kernel alike).
+On CUDA both ops run the Triton kernel :func:`ouromamba_fx.kernels.qscan.qscan` (float32; float64
+inputs, and B / C not of shape (batch, d_state, L), use the reference).
 
 ``ouromamba::selective_scan_qi``: the same scan fed by int8 codes (for lowering)
 -------------------------------------------------------------------------------
@@ -362,3 +364,46 @@ def _(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D,
 
 
 SCAN_QI_OP = torch.ops.ouromamba.selective_scan_qi.default
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the Triton kernel (imported on first use, so this module works where triton is absent).
+
+def _selective_scan_q_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
+                           state_bits):
+    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
+        return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
+                                    state_scale, state_bits)
+    from ouromamba_fx.kernels.qscan import qscan
+
+    r_l, state_scale = _step_params(r_l, state_scale, u.shape[-1], torch.float32)
+    return qscan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
+                 state_bits).to(u.dtype)
+
+
+def _selective_scan_qi_cuda(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
+                            delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
+    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
+        return selective_scan_qi_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
+                                     D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
+    from ouromamba_fx.kernels.qscan import qscan
+
+    length = u.shape[-1]
+    r_c, r_l, r_n, state_scale = _factors(u, A, r_c, r_l, r_n, state_scale, state_bits)
+    r_l, state_scale = _step_params(r_l, state_scale, length, torch.float32)
+    params = {}
+    for name, x, scale, zp in (("delta", delta, delta_scale, delta_zp), ("B", B, B_scale, B_zp),
+                               ("C", C, C_scale, C_zp)):
+        if x.dtype == torch.int8:
+            if scale is None or zp is None:
+                raise ValueError(f"selective_scan_qi: int8 {name} needs its scale and zero_point")
+            params[name + "_scale"] = _per_step(scale, length, name + "_scale")
+            params[name + "_zp"] = _per_step(zp, length, name + "_zp")
+        else:
+            _dequant_input(x, scale, zp, name)  # checks the dtype
+    return qscan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits,
+                 **params).to(u.dtype)
+
+
+selective_scan_q.register_kernel("cuda")(_selective_scan_q_cuda)
+selective_scan_qi.register_kernel("cuda")(_selective_scan_qi_cuda)
