@@ -18,7 +18,7 @@
 //   d_state recurrences of a step are independent (they overlap in the pipeline instead of
 //   waiting on each other), and d_state = 1 runs as fast per state as d_state = 16. A block's
 //   inputs are gathered into small (L, W) tiles first (any strides, no copies of whole tensors);
-//   B and C of the batch element into (L, d_state) tiles with r_N folded in.
+//   B and C into (batch, L, d_state) tables with r_N folded in, once for all blocks.
 //
 // Rounding: h / s is a true division (as torch's fake-quant computes it), round half to even
 // through the 1.5 * 2^mantissa trick after clamping to +-qmax (exact there), so integer codes
@@ -193,37 +193,26 @@ void load_dt_u(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* dt, T* ut)
 }
 
 template <typename T>
-void fwd_block(const Problem<T>& P, int64_t b, int64_t d0, T* out, int64_t so_b, int64_t so_d,
-               int64_t so_t, std::vector<T>& buf) {
+void fwd_block(const Problem<T>& P, int64_t b, int64_t d0, const T* BsAll, const T* CsAll, T* out,
+               int64_t so_b, int64_t so_d, int64_t so_t, std::vector<T>& buf) {
   using VT = Vec<T>;
   using V = typename VT::V;
   constexpr int W = VT::W;
   const int64_t L = P.L, N = P.N;
   const int nl = int(std::min<int64_t>(W, P.dim - d0));
-  // buffer: dt, u, z, y tiles (L x W each), Bs, Cs (L x N), h (N x W), A (N x W)
-  const int64_t LNp = (L * N + W - 1) / W * W;  // keeps the vectors after Bs, Cs aligned
-  buf.resize(size_t(4 * L * W + 2 * LNp + 2 * N * W + 2 * W));
-  T* base = buf.data();
-  // align to 64 bytes for vector access
-  base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(base) + 63) & ~uintptr_t(63));
+  // buffer: dt, u, z, y tiles (L x W each), h (N x W), A (N x W)
+  buf.resize(size_t(4 * L * W + 2 * N * W + 2 * W));
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
   T* dt = base;
   T* ut = dt + L * W;
   T* zt = ut + L * W;
   T* yt = zt + L * W;
-  T* Bs = yt + L * W;
-  T* Cs = Bs + LNp;
-  V* h = reinterpret_cast<V*>(Cs + LNp);
+  V* h = reinterpret_cast<V*>(yt + L * W);
   V* Av = h + N;
+  const T* Bs = BsAll + b * L * N;  // (L, N) of this batch element, r_N folded in
+  const T* Cs = CsAll + b * L * N;
   load_dt_u(P, b, d0, nl, dt, ut);
   if (P.z.present()) gather(zt, P.z, b, d0, nl, L, W);
-  for (int64_t n = 0; n < N; ++n) {
-    const T rn = P.rn[n];
-    const int64_t ob = b * P.B.sb + n * P.B.sr, oc = b * P.C.sb + n * P.C.sr;
-    for (int64_t t = 0; t < L; ++t) {
-      Bs[t * N + n] = P.B.at(ob + t * P.B.st, t) / rn;
-      Cs[t * N + n] = P.C.at(oc + t * P.C.st, t) * rn;
-    }
-  }
   V rc = VT::splat(T(1)), Dv = VT::splat(T(0));
   for (int l = 0; l < nl; ++l) {
     rc[l] = P.rc[d0 + l];
@@ -429,9 +418,23 @@ at::Tensor qscan_fwd(const at::Tensor& u, const at::Tensor& delta, const c10::op
     constexpr int W = Vec<T>::W;
     const int64_t nb = (dim + W - 1) / W;
     T* o = out.data_ptr<T>();
+    // B_t[n] / r_N[n] and C_t[n] r_N[n] as (batch, L, N) tables, shared by the channel blocks.
+    std::vector<T> bs(size_t(batch * L * N)), cs(size_t(batch * L * N));
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t n = 0; n < N; ++n) {
+        const T rn = P.rn[n];
+        const int64_t ob = b * P.B.sb + n * P.B.sr, oc = b * P.C.sb + n * P.C.sr;
+        T* pb = bs.data() + b * L * N + n;
+        T* pc = cs.data() + b * L * N + n;
+        for (int64_t t = 0; t < L; ++t) {
+          pb[t * N] = P.B.at(ob + t * P.B.st, t) / rn;
+          pc[t * N] = P.C.at(oc + t * P.C.st, t) * rn;
+        }
+      }
     at::parallel_for(0, batch * nb, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> buf;
-      for (int64_t i = begin; i < end; ++i) fwd_block(P, i / nb, (i % nb) * W, o, dim * L, L, 1, buf);
+      for (int64_t i = begin; i < end; ++i)
+        fwd_block(P, i / nb, (i % nb) * W, bs.data(), cs.data(), o, dim * L, L, 1, buf);
     });
   });
   return out;
