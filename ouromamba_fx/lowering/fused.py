@@ -1,0 +1,80 @@
+"""Small building blocks the lowering rewrites reference graphs into (besides the integer linear
+ops of :mod:`ouromamba_fx.lowering.qlinear`).
+
+* :func:`fake_quant` -- ``dequantize(quantize(x))`` as plain torch, the same formula as the two
+  reference ops. Custom ops are opaque to Inductor, so a quantize/dequantize pair left in front
+  of a float op (the float scan, until an integer-input scan exists) costs two separate passes
+  over memory; written as plain torch it fuses into the neighbouring pointwise kernels.
+* ``ouromamba::outlier_mask`` -- the OuroMamba outlier mask of a ``quantize_mixed`` site and its
+  per-step inlier scales, computed by the very code of the reference
+  (:mod:`ouromamba_fx.lowering.outlier`), so the fused W4A4O8 linear sees the same outlier
+  channels. A custom op on purpose: Inductor could otherwise recompile the mean/std threshold
+  with another summation order and flip channels that sit on the threshold.
+* :func:`causal_conv1d_silu` -- depthwise causal conv1d + SiLU on fake-quantized input, as
+  shifted multiply-adds that Inductor fuses into one loop with the input quantization.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ouromamba_fx.lowering.outlier import as_rows, from_rows, outlier_mask, resample_steps
+from ouromamba_fx.lowering.quant import dequantize_ref, quantize_ref
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``ouromamba::dequantize(ouromamba::quantize(x, ...))`` in plain torch (same numbers)."""
+    return dequantize_ref(quantize_ref(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+def _step_scale_shape(x: Tensor, token_axis: int) -> list[int]:
+    shape = [1] * x.dim()
+    shape[token_axis] = x.shape[token_axis]
+    return shape
+
+
+@torch.library.custom_op("ouromamba::outlier_mask", mutates_args=(),
+                         schema="(Tensor x, Tensor inlier_scale, int token_axis, int channel_axis, "
+                                "int inlier_bits, float k, int n_refresh) -> (Tensor mask, Tensor step_scale)")
+def outlier_mask_op(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: int,
+                    inlier_bits: int, k: float, n_refresh: int) -> tuple[Tensor, Tensor]:
+    """The outlier mask (bool, ``x``'s shape) of ``quantize_mixed`` with the same arguments, and its
+    inlier scale per time-step shaped to broadcast against ``x`` (length of the token axis there,
+    1 elsewhere), resampled as the reference does when ``x`` has another sequence length."""
+    rows = as_rows(x.float(), token_axis, channel_axis)
+    s_in = resample_steps(inlier_scale.reshape(-1).float(), rows.shape[1])
+    mask = outlier_mask(rows, s_in, 2 ** (inlier_bits - 1) - 1, k, n_refresh)
+    mask = from_rows(mask, x, token_axis, channel_axis).contiguous()
+    return mask, s_in.reshape(_step_scale_shape(x, token_axis)).clone()
+
+
+@outlier_mask_op.register_fake
+def _(x, inlier_scale, token_axis, channel_axis, inlier_bits, k, n_refresh):
+    return (torch.empty(x.shape, dtype=torch.bool, device=x.device),
+            torch.empty(_step_scale_shape(x, token_axis), dtype=torch.float32, device=x.device))
+
+
+OUTLIER_MASK = torch.ops.ouromamba.outlier_mask.default
+
+
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor] = None,
+                       zero_point: Optional[Tensor] = None, qmin: int = -127, qmax: int = 127) -> Tensor:
+    """``silu(conv1d(fq(x), weight, bias, padding=K-1, groups=C)[..., :L])`` for ``x`` (B, C, L)
+    and a depthwise ``weight`` (C, 1, K); ``fq`` is :func:`fake_quant` when ``scale`` is given.
+    Same values as the reference up to float summation order (K products per output)."""
+    if scale is not None:
+        x = fake_quant(x, scale, zero_point, qmin, qmax)
+    k = weight.shape[-1]
+    length = x.shape[-1]
+    xp = F.pad(x, (k - 1, 0))
+    w = weight.reshape(weight.shape[0], k)
+    y = xp[..., 0:length] * w[:, 0, None]
+    for j in range(1, k):
+        y = y + xp[..., j:j + length] * w[:, j, None]
+    if bias is not None:
+        y = y + bias[:, None]
+    return F.silu(y)

@@ -1,0 +1,62 @@
+"""Lower a reference quantized graph to fused integer ops.
+
+    >>> fast = q.lower()                      # a QuantizedModel running w8a8_linear / w4a4o8_linear ...  # doctest: +SKIP
+    >>> print(fast.diff("quantize_activations", "lower_w8a8_linear"))                                  # doctest: +SKIP
+    >>> y = torch.compile(q, backend="ouromamba")(x)   # the same rules on Dynamo's graph, then Inductor  # doctest: +SKIP
+
+The rules live in :mod:`ouromamba_fx.lowering.rules`; :func:`lowering_passes` orders them and
+:func:`lower_graph` runs them with the package's pass manager (lint, recompile and a snapshot
+after each rule, the failing rule named on error).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch.fx as fx
+
+from ouromamba_fx.lowering.rules import (FoldWeightDequant, InlineFakeQuant, LowerConv1dSilu,
+                                         LowerIntegerScan, LowerW4A4O8Linear, LowerW8A8Linear)
+from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
+
+
+def lowering_passes(conv_silu: bool = False, integer_scan: bool = True) -> list[Pass]:
+    """The lowering pipeline. Linear rules first (they consume the quantize/dequantize pairs and
+    weight dequantizations they fuse), then the scan, then what is left: the optional conv1d+SiLU
+    fusion, the remaining pairs inlined as plain-torch fake quantization, and the remaining
+    weight dequantizations folded into float constants.
+
+    ``conv_silu``: replace the conv1d (an mkldnn call under Inductor) by shifted multiply-adds
+    fused with the input quantization and SiLU; see ``benchmarks/cpu_latency.md`` for whether
+    it pays on this CPU."""
+    passes: list[Pass] = [LowerW8A8Linear(), LowerW4A4O8Linear()]
+    if integer_scan:
+        passes.append(LowerIntegerScan())
+    if conv_silu:
+        passes.append(LowerConv1dSilu())
+    return passes + [InlineFakeQuant(), FoldWeightDequant()]
+
+
+def lower_graph(gm: fx.GraphModule, passes: list[Pass] | None = None, ctx: Context | None = None,
+                **options) -> tuple[fx.GraphModule, list[Snapshot], list[str]]:
+    """Run the lowering rules on ``gm`` in place; returns (gm, snapshots, log lines)."""
+    ctx = ctx if ctx is not None else Context(config=None, show_progress=False)
+    pm = PassManager(passes if passes is not None else lowering_passes(**options))
+    gm = pm.run(gm, ctx)
+    return gm, pm.snapshots, ctx.log
+
+
+def lower_quantized(q, **options):
+    """A copy of the :class:`~ouromamba_fx.QuantizedModel` ``q`` whose graph runs fused integer
+    ops; its snapshots continue ``q``'s with one per lowering rule, so ``diff`` shows each rule."""
+    from ouromamba_fx.convert import QuantizedModel
+
+    if getattr(q, "lowered", False):
+        return q
+    gm = copy.deepcopy(q.graph_module)
+    gm, snaps, log = lower_graph(gm, **options)
+    out = QuantizedModel(gm, q.config, list(q.snapshots) + snaps[1:], q.float_reasons,
+                         list(q.log) + log, q.input_shape, q.sqnr_db, q.model_name)
+    out.outlier_fraction = q.outlier_fraction
+    out.lowered = True
+    return out

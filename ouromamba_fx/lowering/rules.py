@@ -1,0 +1,414 @@
+"""Lowering rules: each rewrites one pattern of the reference quantized graph into a fused op.
+
+A rule is a :class:`~ouromamba_fx.passes.base.Pass` (so the pass manager lints, recompiles and
+snapshots after it, and ``QuantizedModel.diff`` shows what it changed). Rules look only at graph
+structure and at the *values* of constant inputs (``get_attr`` nodes: quantized weights, scales,
+zero points), never at the ``node.meta`` tags, so they also work on graphs Dynamo captured from a
+``QuantizedModel`` (where the backend first turns module parameters and buffers into constants).
+
+Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs them:
+
+* :class:`LowerW8A8Linear` -- ``quantize -> dequantize -> F.linear(., dequantize(w_q))`` with
+  symmetric 8-bit activations and a scale per token (or per tensor) becomes
+  ``ouromamba::w8a8_linear(x, w_q, w_scale, bias, x_scale)``; fewer activation bits keep the
+  ``quantize`` node (its integers) and feed ``ouromamba::int8_linear``.
+* :class:`LowerW4A4O8Linear` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
+  ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes ``ouromamba::outlier_mask``
+  + ``ouromamba::w4a4o8_linear`` on weights packed two per byte.
+* :class:`LowerIntegerScan` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
+  ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
+* :class:`LowerConv1dSilu` -- ``quantize -> dequantize -> conv1d (depthwise, causal padding) ->
+  [..., :L] -> silu`` becomes :func:`~ouromamba_fx.lowering.fused.causal_conv1d_silu` (one fused
+  Inductor loop). Off by default: see ``lowering_passes``.
+* :class:`InlineFakeQuant` -- any quantize/dequantize pair still left (in front of float ops)
+  becomes :func:`~ouromamba_fx.lowering.fused.fake_quant`, and a ``quantize`` kept for its
+  integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
+  torch with the same formula, which Inductor fuses into the kernel producing its input.
+* :class:`FoldWeightDequant` -- ``dequantize`` of a constant weight (conv1d, or a linear no rule
+  took) is computed once into a float constant (the same numbers).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor
+
+from ouromamba_fx.capture import META
+from ouromamba_fx.lowering.fused import OUTLIER_MASK, causal_conv1d_silu, fake_quant
+from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
+from ouromamba_fx.lowering.qlinear import pack_int4
+from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
+from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE, dequantize_ref, quantize_ref
+from ouromamba_fx.lowering.scan import SCAN_OP
+from ouromamba_fx.passes.base import Context, Pass
+
+LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)
+CONV1D_TARGETS = (F.conv1d, torch.ops.aten.conv1d.default)
+W8A8_LINEAR = torch.ops.ouromamba.w8a8_linear.default
+INT8_LINEAR = torch.ops.ouromamba.int8_linear.default
+W4A4O8_LINEAR = torch.ops.ouromamba.w4a4o8_linear.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching helpers
+
+def const(gm: fx.GraphModule, node) -> Tensor | None:
+    """The tensor a ``get_attr`` node reads, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    obj = gm
+    for part in node.target.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, Tensor) else None
+
+
+def is_call(node, targets) -> bool:
+    targets = targets if isinstance(targets, tuple) else (targets,)
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def arg(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def all_zero(t: Tensor | None) -> bool:
+    return t is not None and not bool(t.count_nonzero())
+
+
+def same_const(gm: fx.GraphModule, a, b) -> bool:
+    """Same node, or two constants with equal values."""
+    if a is b:
+        return True
+    ta, tb = const(gm, a), const(gm, b)
+    return ta is not None and tb is not None and ta.shape == tb.shape and torch.equal(ta, tb)
+
+
+def qdq_source(gm: fx.GraphModule, node) -> tuple[fx.Node, fx.Node, fx.Node, int, int] | None:
+    """If ``node`` is ``dequantize(quantize(x, s, z, qmin, qmax), s, z)``: (quantize node, s, z,
+    qmin, qmax); else None."""
+    if not is_call(node, DEQUANTIZE):
+        return None
+    q, s, z = node.args[:3]
+    if not is_call(q, QUANTIZE):
+        return None
+    _, qs, qz, qmin, qmax = q.args[:5]
+    if not (same_const(gm, s, qs) and same_const(gm, z, qz)):
+        return None
+    return q, qs, qz, int(qmin), int(qmax)
+
+
+def const_weight(gm: fx.GraphModule, node) -> tuple[fx.Node, Tensor, Tensor] | None:
+    """If ``node`` is ``dequantize(w_q, w_scale, w_zp)`` of constants with int8 ``w_q`` (N, K), a
+    scale per output channel and zero points all 0: (w_q node, w_q, w_scale (N,))."""
+    if not is_call(node, DEQUANTIZE):
+        return None
+    wq_n, ws_n, wz_n = node.args[:3]
+    wq, ws, wz = const(gm, wq_n), const(gm, ws_n), const(gm, wz_n)
+    if wq is None or ws is None or wq.dtype != torch.int8 or wq.dim() != 2 or not all_zero(wz):
+        return None
+    if ws.numel() != wq.shape[0] or not ws.dtype.is_floating_point:
+        return None
+    return wq_n, wq, ws.reshape(-1)
+
+
+def linear_parts(node: fx.Node):
+    """(input, weight, bias) of an ``F.linear`` call."""
+    return arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
+
+
+def bias_ok(gm: fx.GraphModule, b) -> bool:
+    return b is None or const(gm, b) is not None or (isinstance(b, fx.Node) and b.op != "get_attr")
+
+
+def new_const(gm: fx.GraphModule, base: str, value: Tensor, before: fx.Node) -> fx.Node:
+    """Register ``value`` as a buffer of ``gm`` under a fresh name from ``base``; a get_attr node."""
+    name = re.sub(r"[^0-9a-zA-Z_]", "_", base)
+    i, cand = 0, name
+    while hasattr(gm, cand):
+        i += 1
+        cand = f"{name}_{i}"
+    gm.register_buffer(cand, value)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(cand)
+
+
+def keep_tag(src: fx.Node, dst: fx.Node, **extra) -> None:
+    t = dict(src.meta.get(META) or {})
+    if t or extra:
+        dst.meta[META] = {**t, **extra}
+
+
+def cleanup(gm: fx.GraphModule) -> None:
+    """Drop dead nodes, then the module buffers no ``get_attr`` reads any more."""
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [n for n, _ in gm.named_buffers()]:
+        if name not in used:
+            *path, leaf = name.split(".")
+            owner = gm.get_submodule(".".join(path)) if path else gm
+            delattr(owner, leaf)
+
+
+def _flat_float(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+
+class LowerW8A8Linear(Pass):
+    name = "lower_w8a8_linear"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
+        changed = 0
+        for node in list(gm.graph.nodes):
+            if not is_call(node, LINEAR_TARGETS):
+                continue
+            x_dq, w_dq, b = linear_parts(node)
+            src, w = qdq_source(gm, x_dq), const_weight(gm, w_dq)
+            if src is None or w is None or not bias_ok(gm, b):
+                continue
+            q, s_n, z_n, qmin, qmax = src
+            s, z = const(gm, s_n), const(gm, z_n)
+            # symmetric, zero points 0, one scale per row (per token or per tensor)
+            if s is None or not all_zero(z) or qmin != -qmax or qmax > 127:
+                continue
+            if s.numel() != 1 and s.shape[-1] != 1:
+                continue
+            wq_n, _, ws = w
+            ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), node)
+            with gm.graph.inserting_before(node):
+                if qmax == 127:
+                    new = gm.graph.call_function(W8A8_LINEAR, (q.args[0], wq_n, ws_n, b, s_n))
+                else:  # fewer bits: keep the quantize node's integers, int8 GEMM on them
+                    new = gm.graph.call_function(int8_linear_nd, (q, s_n, wq_n, ws_n, b))
+            keep_tag(node, new, kind="fused", op="w8a8_linear" if qmax == 127 else "int8_linear",
+                     act_bits=qmax.bit_length() + 1)
+            new.meta["tensor_meta"] = node.meta.get("tensor_meta")
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed += 1
+        cleanup(gm)
+        ctx.log.append(f"{self.name}: {changed} linear(s)")
+        return bool(changed)
+
+
+def int8_linear_nd(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+    """``ouromamba::int8_linear`` on integers ``x_q`` (..., K) with a scale broadcastable to
+    (..., 1) (the per-token static scale of the reference graph)."""
+    lead = x_q.shape[:-1]
+    xs = x_scale.expand(*lead, 1).reshape(-1, 1)
+    y = torch.ops.ouromamba.int8_linear(x_q.reshape(-1, x_q.shape[-1]), xs, w_q, w_scale, bias)
+    return y.reshape(*lead, w_q.shape[0])
+
+
+class LowerW4A4O8Linear(Pass):
+    name = "lower_w4a4o8_linear"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
+        changed = 0
+        packed: dict[str, fx.Node] = {}
+        for node in list(gm.graph.nodes):
+            if not is_call(node, LINEAR_TARGETS):
+                continue
+            x_mq, w_dq, b = linear_parts(node)
+            w = const_weight(gm, w_dq)
+            if not is_call(x_mq, QUANTIZE_MIXED) or w is None or not bias_ok(gm, b):
+                continue
+            x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = x_mq.args[:8]
+            wq_n, wq, ws = w
+            ndim = _ndim(x)
+            # Channels must be the last axis (the one F.linear contracts). Without recorded
+            # shapes, accept the (batch, L, C) layout the reference passes write for linear inputs.
+            last = channel_axis == -1 or (channel_axis == ndim - 1 if ndim is not None
+                                          else (token_axis, channel_axis) == (1, 2))
+            if bits != 4 or obits != 8 or not last or int(wq.min()) < -8 or int(wq.max()) > 7:
+                continue
+            with gm.graph.inserting_before(node):
+                mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
+                                                             n_refresh))
+                m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+            if wq_n.target not in packed:
+                packed[wq_n.target] = new_const(gm, f"{wq_n.target}_int4", pack_int4(wq), mask)
+            wp_n = packed[wq_n.target]
+            ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), node)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(W4A4O8_LINEAR, (x, m, step_s, wp_n, ws_n, b, int(wq.shape[1])))
+            keep_tag(x_mq, mask, kind="outlier_mask")
+            keep_tag(node, new, kind="fused", op="w4a4o8_linear")
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed += 1
+        cleanup(gm)
+        ctx.log.append(f"{self.name}: {changed} linear(s)")
+        return bool(changed)
+
+
+def _ndim(node) -> int | None:
+    """Rank of a node's value when the graph records it (FX tensor_meta or Dynamo example_value)."""
+    if not isinstance(node, fx.Node):
+        return None
+    for key in ("val", "example_value"):
+        v = node.meta.get(key)
+        if isinstance(v, Tensor):
+            return v.dim()
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return len(tm.shape)
+    return None
+
+
+class LowerIntegerScan(Pass):
+    """``selective_scan(u, dequantize(q_delta), A, dequantize(q_B), dequantize(q_C), ...)`` (or
+    ``selective_scan_q`` with its reparameterization) -> ``ouromamba::selective_scan_qi`` on the
+    int8 codes with the quantize nodes' scales and zero points (dequantized inside the kernel,
+    where they are used). Inputs that are not quantize/dequantize pairs (``quantize_mixed``
+    outputs, float inputs) are passed as floats. Scans with no integer input are left alone."""
+
+    name = "lower_integer_scan"
+    _SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus")
+    _Q_ARGS = ("r_c", "r_l", "r_n", "state_scale", "state_bits")
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
+        changed = 0
+        for node in list(gm.graph.nodes):
+            if not is_call(node, (SCAN_OP, SCAN_Q_OP)):
+                continue
+            names = self._SCAN_ARGS + (self._Q_ARGS if node.target is SCAN_Q_OP else ())
+            v = dict(zip(names, node.args))
+            v.update(node.kwargs)
+            v.setdefault("delta_bias", None)
+            v.setdefault("delta_softplus", False)
+            ins = {}
+            for key in ("delta", "B", "C"):
+                src = qdq_source(gm, v[key])
+                ins[key] = (src[0], src[1], src[2]) if src is not None else (v[key], None, None)
+            if all(z is None for _, _, z in ins.values()):
+                continue
+            factors = tuple(v.get(k) for k in self._Q_ARGS[:4]) + (int(v.get("state_bits", 16)),)
+            args = (v["u"], *ins["delta"], v["A"], *ins["B"], *ins["C"], v.get("D"), v.get("z"),
+                    v["delta_bias"], v["delta_softplus"], *factors)
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(SCAN_QI_OP, args)
+            keep_tag(node, new, kind="fused", op="selective_scan_qi")
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed += 1
+        cleanup(gm)
+        ctx.log.append(f"{self.name}: {changed} scan(s)")
+        return bool(changed)
+
+
+class LowerConv1dSilu(Pass):
+    name = "lower_conv1d_silu"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
+        changed = 0
+        for node in list(gm.graph.nodes):
+            if not is_call(node, F.silu) or not is_call(node.args[0], operator.getitem):
+                continue
+            sl = node.args[0]
+            conv, index = sl.args
+            if not is_call(conv, CONV1D_TARGETS) or len(conv.users) != 1 or len(sl.users) != 1:
+                continue
+            x_in, w_in, b_in = conv.args[0], arg(conv, 1, "weight"), arg(conv, 2, "bias")
+            stride, padding, dilation, groups = (tuple(conv.args[3:7]) + (1, 0, 1, 1)[len(conv.args) - 3:])[:4]
+            w = const_weight_any(gm, w_in)
+            if w is None or w.dim() != 3 or w.shape[1] != 1 or groups != w.shape[0]:
+                continue
+            kk = w.shape[-1]
+            if _one(stride) != 1 or _one(dilation) != 1 or _one(padding) != kk - 1:
+                continue
+            if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis
+                    and index[1] == slice(None, -(kk - 1), None)):
+                continue
+            src = qdq_source(gm, x_in)
+            w_n = new_const(gm, f"{conv.name}_weight_f", w.contiguous(), node)
+            with gm.graph.inserting_before(node):
+                if src is not None:
+                    q, s_n, z_n, qmin, qmax = src
+                    new = gm.graph.call_function(causal_conv1d_silu, (q.args[0], w_n, b_in, s_n, z_n, qmin, qmax))
+                else:
+                    new = gm.graph.call_function(causal_conv1d_silu, (x_in, w_n, b_in))
+            keep_tag(conv, new, kind="fused", op="causal_conv1d_silu")
+            node.replace_all_uses_with(new)
+            for n in (node, sl, conv):
+                gm.graph.erase_node(n)
+            changed += 1
+        cleanup(gm)
+        ctx.log.append(f"{self.name}: {changed} conv(s)")
+        return bool(changed)
+
+
+def _one(v):
+    return v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v
+
+
+def const_weight_any(gm: fx.GraphModule, node) -> Tensor | None:
+    """A constant float weight, or the dequantized value of ``dequantize(w_q, s, z)`` of constants."""
+    t = const(gm, node)
+    if t is not None:
+        return t.detach()
+    if is_call(node, DEQUANTIZE):
+        parts = [const(gm, a) for a in node.args[:3]]
+        if all(p is not None for p in parts):
+            return dequantize_ref(*parts)
+    return None
+
+
+class InlineFakeQuant(Pass):
+    name = "inline_fake_quant"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
+        changed = 0
+        for node in list(gm.graph.nodes):
+            src = qdq_source(gm, node)
+            if src is None:
+                continue
+            q, s_n, z_n, qmin, qmax = src
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(fake_quant, (q.args[0], s_n, z_n, qmin, qmax))
+            keep_tag(q, new, kind="fake_quant")
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed += 1
+        gm.graph.eliminate_dead_code()
+        # Quantize nodes kept for their integers (feeding an integer op) become plain torch too:
+        # the same formula, fused by Inductor into the kernel that produces x.
+        for node in list(gm.graph.nodes):
+            if is_call(node, QUANTIZE):
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(quantize_ref, tuple(node.args), dict(node.kwargs))
+                keep_tag(node, new)
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                changed += 1
+        cleanup(gm)
+        ctx.log.append(f"{self.name}: {changed} pair(s)")
+        return bool(changed)
+
+
+class FoldWeightDequant(Pass):
+    name = "fold_weight_dequant"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
+        changed = 0
+        for node in list(gm.graph.nodes):
+            if not is_call(node, DEQUANTIZE) or not all(const(gm, a) is not None for a in node.args[:3]):
+                continue
+            w = dequantize_ref(*(const(gm, a) for a in node.args[:3]))
+            new = new_const(gm, f"{node.args[0].target}_f", w, node)
+            keep_tag(node, new, kind="weight_folded")
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed += 1
+        cleanup(gm)
+        ctx.log.append(f"{self.name}: {changed} weight(s)")
+        return bool(changed)
