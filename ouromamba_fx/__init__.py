@@ -14,6 +14,9 @@ from ouromamba_fx.errors import CaptureError, CheckpointError, DataError, OuroMa
 from ouromamba_fx.evaluate import EvalResult, evaluate
 from ouromamba_fx.gen import SyntheticCalib, gen  # noqa: E402  (the function shadows the module name)
 from ouromamba_fx.serialize import load, save
+from ouromamba_fx.lowering.backend import register as _register_backend
+
+_register_backend()  # torch.compile(q, backend="ouromamba")
 
 __version__ = "0.1.0"
 

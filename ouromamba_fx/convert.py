@@ -155,6 +155,16 @@ class QuantizedModel(nn.Module):
 
         return select(self.outlier_maps, layer)
 
+    def lower(self, **options) -> "QuantizedModel":
+        """A copy whose graph runs fused integer ops (``w8a8_linear``, ``w4a4o8_linear``,
+        ``selective_scan_qi``...) instead of the reference quantize/dequantize arithmetic; its
+        :attr:`passes` continue with one entry per lowering rule. ``torch.compile(q,
+        backend="ouromamba")`` applies the same rules and then Inductor. Options: see
+        :func:`ouromamba_fx.lowering.lower.lowering_passes`."""
+        from ouromamba_fx.lowering.lower import lower_quantized
+
+        return lower_quantized(self, **options)
+
     def report(self):
         from ouromamba_fx.report import Report
 
@@ -178,7 +188,7 @@ class QuantizedModel(nn.Module):
 
 def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             passes: list[Pass] | None = None, show_progress: bool = True,
-            gen_options: dict | None = None) -> QuantizedModel:
+            gen_options: dict | None = None, lower: bool = False) -> QuantizedModel:
     """Quantize ``model`` with ``config``; the model itself is not changed.
 
     Args:
@@ -192,6 +202,8 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         passes: replace the default pipeline (see :func:`default_passes`).
         gen_options: keyword arguments for :func:`ouromamba_fx.gen` when ``calib`` is None
             (e.g. ``{"n": 64, "seed": 1}``); an error if ``calib`` is given.
+        lower: return the lowered model (fused integer ops, :meth:`QuantizedModel.lower`) instead
+            of the reference quantized graph.
 
     Example:
         >>> q = convert(model, calib=image_loader(model, "calib/", labels=False), config=W8A8)  # doctest: +SKIP
@@ -245,4 +257,4 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     if show_progress:
         console.print(f"[green]converted[/] {name} with {config.name}: {len(sq)} ops quantized, "
                       f"worst output SQNR {worst:.1f} dB")
-    return q
+    return q.lower() if lower else q

@@ -49,14 +49,13 @@ def lower_graph(gm: fx.GraphModule, passes: list[Pass] | None = None, ctx: Conte
 def lower_quantized(q, **options):
     """A copy of the :class:`~ouromamba_fx.QuantizedModel` ``q`` whose graph runs fused integer
     ops; its snapshots continue ``q``'s with one per lowering rule, so ``diff`` shows each rule."""
-    from ouromamba_fx.convert import QuantizedModel
-
     if getattr(q, "lowered", False):
         return q
-    gm = copy.deepcopy(q.graph_module)
-    gm, snaps, log = lower_graph(gm, **options)
-    out = QuantizedModel(gm, q.config, list(q.snapshots) + snaps[1:], q.float_reasons,
-                         list(q.log) + log, q.input_shape, q.sqnr_db, q.model_name)
-    out.outlier_fraction = q.outlier_fraction
+    gm, snaps, log = lower_graph(copy.deepcopy(q.graph_module), **options)
+    out = copy.copy(q)  # shares config, reports and statistics; own module tables and graph
+    out._modules, out._parameters, out._buffers = dict(q._modules), dict(q._parameters), dict(q._buffers)
+    out.graph_module = gm
+    out.snapshots = list(q.snapshots) + snaps[1:]
+    out.log = list(q.log) + log
     out.lowered = True
     return out
