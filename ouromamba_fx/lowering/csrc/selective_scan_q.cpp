@@ -431,7 +431,10 @@ at::Tensor qscan_fwd(const at::Tensor& u, const at::Tensor& delta, const c10::op
           pc[t * N] = P.C.at(oc + t * P.C.st, t) * rn;
         }
       }
-    at::parallel_for(0, batch * nb, 1, [&](int64_t begin, int64_t end) {
+    // Small problems stay on one thread: waking a second one costs more than it saves (much more
+    // on a busy machine, where it waits for a scheduler slice).
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L * N));
+    at::parallel_for(0, batch * nb, grain, [&](int64_t begin, int64_t end) {
       std::vector<T> buf;
       for (int64_t i = begin; i < end; ++i)
         fwd_block(P, i / nb, (i % nb) * W, bs.data(), cs.data(), o, dim * L, L, 1, buf);
@@ -473,7 +476,8 @@ std::vector<at::Tensor> state_stats(const at::Tensor& u, const at::Tensor& delta
     const int64_t nb = (dim + W - 1) / W;
     T* ps = hsum.data_ptr<T>();
     T* pm = hmax.data_ptr<T>();
-    at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, batch * L * N));
+    at::parallel_for(0, nb, grain, [&](int64_t begin, int64_t end) {
       std::vector<T> buf;
       for (int64_t i = begin; i < end; ++i) stats_block(P, i * W, ps, pm, buf);
     });
