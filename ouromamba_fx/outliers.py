@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import torch
-from rich.console import Group
 from rich.style import Style
 from rich.text import Text
 from torch import Tensor
@@ -70,26 +69,51 @@ def _colour(v: float) -> str:
     return f"rgb(240,{int(40 + 200 * f)},{int(30 + 60 * f)})"
 
 
-def heatmap(m: Tensor, title: str = "", max_cols: int = 64, max_rows: int = 32):
-    """A compact terminal heat map of an ``(L, C)`` map: rows are time-steps (two per line, upper
-    and lower half blocks), columns are channels (max-pooled to ``max_cols``)."""
-    p = _pool(m, max_rows, max_cols)
-    if p.shape[0] % 2:
-        p = torch.cat([p, p.new_full((1, p.shape[1]), -1.0)])
-    lines = [Text(f"{title}  (time-steps {m.shape[0]} x channels {m.shape[1]}; max {100 * float(m.max()):.1f}% "
-                  f"of samples, mean {100 * float(m.mean()):.2f}%)", style="bold")]
-    for r in range(0, p.shape[0], 2):
-        line = Text()
-        for c in range(p.shape[1]):
-            top, bottom = float(p[r, c]), float(p[r + 1, c])
-            line.append("▀", Style.parse(f"{_colour(top)} on {_colour(bottom) if bottom >= 0 else 'default'}"))
-        lines.append(line)
-    legend = Text("0% ")
-    for v in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0):
-        legend.append("██", Style.parse(_colour(v)))
-    legend.append(" 100% of samples flagged   (rows: time-step, top = first; columns: channels)")
-    lines.append(legend)
-    return Group(*lines)
+SHADES = " .:-=+*#%@"  # plain-text intensity ramp, for terminals without colour (and logs)
+
+
+class Heatmap:
+    """A compact terminal heat map of an ``(L, C)`` map (see :func:`heatmap`)."""
+
+    def __init__(self, m: Tensor, title: str = "", max_cols: int = 64, max_lines: int = 16) -> None:
+        self.m, self.title, self.max_cols, self.max_lines = m, title, max_cols, max_lines
+
+    def _header(self) -> Text:
+        m = self.m
+        return Text(f"{self.title}  (time-steps {m.shape[0]} x channels {m.shape[1]}; max "
+                    f"{100 * float(m.max()):.1f}% of samples, mean {100 * float(m.mean()):.2f}%)", style="bold")
+
+    def __rich_console__(self, console, options):
+        yield self._header()
+        if console.color_system is None:  # plain text: one pooled row per line, shaded characters
+            p = _pool(self.m, self.max_lines, self.max_cols)
+            for row in p:
+                yield Text("|" + "".join(SHADES[min(int(float(v) * len(SHADES)), len(SHADES) - 1)] if v > 0 else " "
+                                         for v in row) + "|")
+            yield Text(f"shades {SHADES!r}: 0% -> 100% of samples flagged; rows: time-steps (first at the "
+                       f"top, max-pooled), columns: channels (max-pooled)", style="dim")
+            return
+        p = _pool(self.m, 2 * self.max_lines, self.max_cols)
+        if p.shape[0] % 2:
+            p = torch.cat([p, p.new_full((1, p.shape[1]), -1.0)])
+        for r in range(0, p.shape[0], 2):  # two time-steps per line: upper and lower half block
+            line = Text()
+            for c in range(p.shape[1]):
+                top, bottom = float(p[r, c]), float(p[r + 1, c])
+                line.append("▀", Style.parse(f"{_colour(top)} on {_colour(bottom) if bottom >= 0 else 'default'}"))
+            yield line
+        legend = Text("0% ")
+        for v in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0):
+            legend.append("██", Style.parse(_colour(v)))
+        legend.append(" 100% of samples flagged; rows: time-steps (first at the top), columns: channels")
+        yield legend
+
+
+def heatmap(m: Tensor, title: str = "", max_cols: int = 64, max_lines: int = 16) -> Heatmap:
+    """A compact terminal heat map of an ``(L, C)`` map: time-steps down, channels across, both
+    max-pooled (so a single flagged channel stays visible) to at most ``max_lines`` lines and
+    ``max_cols`` columns; coloured half blocks in a colour terminal, shaded characters otherwise."""
+    return Heatmap(m, title, max_cols, max_lines)
 
 
 def save_png(maps: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
@@ -105,12 +129,14 @@ def save_png(maps: dict[str, Tensor], path: str | Path, title: str = "") -> Path
     n = len(maps)
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (site, m) in zip(axes.flat, maps.items()):
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, layout="constrained")
+    for i, (ax, (site, m)) in enumerate(zip(axes.flat, maps.items())):
         im = ax.imshow(m.numpy(), aspect="auto", cmap="inferno", vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_title(site, fontsize=8)
-        ax.set_xlabel("channel")
-        ax.set_ylabel("time-step")
+        if i // cols == rows - 1 or i + cols >= n:
+            ax.set_xlabel("channel")
+        if i % cols == 0:
+            ax.set_ylabel("time-step")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.colorbar(im, ax=axes.ravel().tolist(), label="fraction of samples flagged as outlier")
