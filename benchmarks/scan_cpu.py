@@ -22,6 +22,14 @@ cores, though it counts OpenMP threads spinning at barriers too), and the load a
 A second table repeats the comparison on one thread (``torch.set_num_threads(1)``) and gives the
 minimum CPU time of the calling thread per call: not what a user sees, but nearly immune to other
 jobs on a shared machine, so it shows the kernels' own cost.
+
+A third part times the quantized scans (forward only, ``torch.no_grad()``), on the same inputs:
+the float scan (C++), ``ouromamba::selective_scan_q`` (C++; reparameterization factors and 8-bit
+state scales calibrated on the inputs themselves with ``scan_state_stats`` and the reparam pass's
+``rank1_factors``), ``ouromamba::selective_scan_qi`` (C++; the same, fed int8 delta / B / C codes
+with per-time-step scales from ``ouromamba::quantize``) and ``selective_scan_q_ref`` (the Python
+loop over time-steps), round-robin with medians as above and again on one thread
+(``--q-ref-rounds`` calls of the reference, 0 skips this part).
 """
 
 from __future__ import annotations
@@ -41,7 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref  # noqa: E402
+from ouromamba_fx.lowering.qscan import (qscan_backend, scan_state_stats,  # noqa: E402
+                                         selective_scan_q_ref)
 from ouromamba_fx.lowering.scan import scan_backend, selective_scan  # noqa: E402
+from ouromamba_fx.passes.reparam import rank1_factors  # noqa: E402
 
 SHAPES = [  # (label, batch, d_inner, L, d_state)
     ("reference model (CIFAR, 8x8 patches + cls)", 64, 256, 65, 16),
@@ -83,6 +94,46 @@ def forward_backward_fn(fn, a, dout):
             v.grad = None
         call(fn, leaves).backward(dout)
     return run
+
+
+STATE_BITS = 8
+
+
+def make_q_inputs(a: dict, state_bits: int = STATE_BITS) -> dict:
+    """Reparameterization factors, state scales and int8 delta / B / C codes calibrated on ``a``
+    itself (the way the reparam and qdq passes calibrate, on one batch)."""
+    h_sum, h_max = scan_state_stats(a["u"], a["delta"], a["A"], a["B"], a["C"], a["delta_bias"], True)
+    r_c, r_l, r_n = rank1_factors(h_sum / a["u"].shape[0])
+    scaled = h_max / (r_c[:, None, None] * r_l[None, :, None] * r_n[None, None, :])
+    state_scale = (scaled.amax(dim=(0, 2)) / (2 ** (state_bits - 1) - 1)).clamp_min(1e-8)
+    codes = {}
+    for k in ("delta", "B", "C"):
+        scale = (a[k].abs().amax(dim=(0, 1)) / 127).clamp_min(1e-8).reshape(1, -1)  # per time-step
+        zp = torch.zeros_like(scale)
+        codes[k] = (torch.ops.ouromamba.quantize(a[k], scale, zp, -128, 127), scale, zp)
+    return {"r_c": r_c, "r_l": r_l, "r_n": r_n, "state_scale": state_scale, "codes": codes}
+
+
+def q_fns(a: dict, q: dict) -> dict:
+    """The float scan and the quantized scans on one input set, as no-grad callables."""
+    extra = (q["r_c"], q["r_l"], q["r_n"], q["state_scale"], STATE_BITS)
+    base = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True)
+    (dq, ds, dz), (bq, bs, bz), (cq, cs, cz) = (q["codes"][k] for k in ("delta", "B", "C"))
+    qi = (a["u"], dq, ds, dz, a["A"], bq, bs, bz, cq, cs, cz, a["D"], a["z"], a["delta_bias"], True)
+    ops = torch.ops.ouromamba
+
+    def nograd(f):
+        def run():
+            with torch.no_grad():
+                return f()
+        return run
+
+    return {
+        "float scan": nograd(lambda: call(selective_scan, a)),
+        "selective_scan_q": nograd(lambda: ops.selective_scan_q(*base, *extra)),
+        "selective_scan_qi": nograd(lambda: ops.selective_scan_qi(*qi, *extra)),
+        "selective_scan_q_ref": nograd(lambda: selective_scan_q_ref(*base, *extra)),
+    }
 
 
 def time_round_robin(fns: dict, rounds: dict, warmup: int = 2) -> dict:
@@ -143,6 +194,8 @@ def main() -> None:
     ap.add_argument("--wait-load", type=float, default=None,
                     help="wait until the 1-minute load average is below this before timing")
     ap.add_argument("--wait-max", type=float, default=1800.0, help="give up waiting after this many seconds")
+    ap.add_argument("--q-ref-rounds", type=int, default=3,
+                    help="timed calls of the quantized-scan reference loop (0: skip the quantized scans)")
     args = ap.parse_args()
 
     backend = scan_backend()  # builds the C++ kernel if needed (not timed)
@@ -178,10 +231,33 @@ def main() -> None:
                 print(f"{'':30s} {'':18s} {'':19s} 1 thread (min thread CPU time): fused {t1['fused'] * 1e3:8.2f} ms,"
                       f" reference {t1['reference'] * 1e3:8.1f} ms, x{t1['reference'] / t1['fused']:6.1f}", flush=True)
 
+    qrows, qsingle = [], []
+    if args.q_ref_rounds > 0:
+        if qscan_backend() != "cpp":
+            print(f"warning: the quantized-scan C++ kernel is not in use ({qscan_backend()!r})", file=sys.stderr)
+        for label, batch, dim, L, N in SHAPES:
+            a = make_inputs(batch, dim, L, N)
+            fns = q_fns(a, make_q_inputs(a))
+            out_q, out_ref = fns["selective_scan_q"](), fns["selective_scan_q_ref"]()
+            err = (out_q - out_ref).abs().max().item()
+            flips = (~torch.isclose(out_q, out_ref, rtol=1e-4, atol=1e-4)).float().mean().item()
+            rounds = {k: (args.q_ref_rounds if k.endswith("_ref") else args.rounds) for k in fns}
+            t = time_round_robin(fns, rounds)
+            qrows.append((label, (batch, dim, L, N), t, err, flips))
+            print(f"{label[:30]:30s} {str((batch, dim, L, N)):18s} quantized, wall: "
+                  + ", ".join(f"{k} {w * 1e3:.2f} ms" for k, (w, _) in t.items()), flush=True)
+            if args.single_rounds > 0:
+                t1 = time_single_thread(fns, {k: (max(1, args.single_rounds // 2) if k.endswith("_ref")
+                                                  else 2 * args.single_rounds) for k in fns})
+                qsingle.append((label, (batch, dim, L, N), t1))
+                print(f"{'':30s} {'':18s} 1 thread: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t1.items()),
+                      flush=True)
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     cmd = "python benchmarks/scan_cpu.py" + "".join(
         f" {flag} {val}" for flag, val, default in (("--rounds", args.rounds, 15), ("--ref-rounds", args.ref_rounds, 5),
                                                     ("--single-rounds", args.single_rounds, 5),
+                                                    ("--q-ref-rounds", args.q_ref_rounds, 3),
                                                     ("--wait-load", args.wait_load, None))
         if val != default)
     lines = [
@@ -225,6 +301,42 @@ def main() -> None:
         for label, shape, pass_name, tf, tr in single:
             lines.append(f"| {label} | {shape} | {pass_name} | {tf * 1e3:.2f} | {tr * 1e3:.1f} | {tr / tf:.1f}x |")
         lines.append("")
+    if qrows:
+        lines += [
+            f"## Quantized scans (forward, `torch.no_grad()`, {STATE_BITS}-bit state)",
+            "",
+            "`selective_scan_q`: reparameterized scan with state quantization (factors and per-step state scales "
+            "calibrated on the inputs); `selective_scan_qi`: the same on int8 delta / B / C codes with per-step "
+            "scales (dequantized inside the kernel); `selective_scan_q_ref`: the Python loop over time-steps "
+            f"(median of {args.q_ref_rounds} calls; {args.rounds} for the others). \"ref speed-up\" is "
+            "reference / `selective_scan_q`. \"max abs diff\" and \"mismatch\" (share of outputs not within "
+            "1e-4) compare `selective_scan_q` with the reference: a state code can flip at a near-tie made by "
+            "float rounding, and the flip carries on through the decay.",
+            "",
+            "| shape | (batch, d_inner, L, d_state) | float scan (ms) | selective_scan_q (ms) "
+            "| selective_scan_qi (ms) | selective_scan_q_ref (ms) | ref speed-up | max abs diff | mismatch |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for label, shape, t, err, flips in qrows:
+            w = {k: v[0] * 1e3 for k, v in t.items()}
+            lines.append(f"| {label} | {shape} | {w['float scan']:.2f} | {w['selective_scan_q']:.2f} "
+                         f"| {w['selective_scan_qi']:.2f} | {w['selective_scan_q_ref']:.1f} "
+                         f"| {w['selective_scan_q_ref'] / w['selective_scan_q']:.1f}x | {err:.1e} | {flips:.2%} |")
+        lines.append("")
+        if qsingle:
+            lines += [
+                "One thread, minimum CPU time of the calling thread per call:",
+                "",
+                "| shape | (batch, d_inner, L, d_state) | float scan (ms) | selective_scan_q (ms) "
+                "| selective_scan_qi (ms) | selective_scan_q_ref (ms) | ref speed-up |",
+                "|---|---|---:|---:|---:|---:|---:|",
+            ]
+            for label, shape, t1 in qsingle:
+                v = {k: x * 1e3 for k, x in t1.items()}
+                lines.append(f"| {label} | {shape} | {v['float scan']:.2f} | {v['selective_scan_q']:.2f} "
+                             f"| {v['selective_scan_qi']:.2f} | {v['selective_scan_q_ref']:.1f} "
+                             f"| {v['selective_scan_q_ref'] / v['selective_scan_q']:.1f}x |")
+            lines.append("")
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out.name}")
 
