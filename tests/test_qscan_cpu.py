@@ -206,3 +206,17 @@ def test_qi_rejects_bad_quantization_params():
 def test_qi_opcheck(reparam):
     qargs, factors = qi_args(2, 20, 5, 4)
     torch.library.opcheck(SCAN_QI, (*qargs, *(factors if reparam else (None,) * 4), 8 if reparam else 16))
+
+
+def test_reference_fallback_when_kernel_unavailable(monkeypatch):
+    # as after a failed build or OUROMAMBA_SCAN_BACKEND=reference: the ops still work, via the references
+    args = make(2, 9, 5, 3)
+    want_q = SCAN_Q(*args, 8)
+    qargs, factors = qi_args(2, 9, 5, 3)
+    want_qi = SCAN_QI(*qargs, *factors, 8)
+    monkeypatch.setitem(qscan._state, "ext", None)
+    assert qscan.qscan_backend() == "reference"
+    assert torch.isclose(SCAN_Q(*args, 8), want_q, rtol=1e-4, atol=1e-4).float().mean() >= 0.99
+    assert torch.isclose(SCAN_QI(*qargs, *factors, 8), want_qi, rtol=1e-4, atol=1e-4).float().mean() >= 0.99
+    s, m = qscan.scan_state_stats(*args[:5], args[7], True)
+    torch.testing.assert_close(s, qscan.scan_state_stats_ref(*args[:5], args[7], True)[0])
