@@ -100,12 +100,14 @@ def _user_frame(e: Exception) -> str:
 def _capture_error(e: Exception, where: tuple[str, str]) -> CaptureError:
     name, type_name = where
     label = f"'{name}' ({type_name})" if name else f"the root module ({type_name})"
-    return CaptureError(
+    err = CaptureError(
         f"cannot trace module {label}: {_describe_operation(e)}{_user_frame(e)}.\n"
         f"What to do: keep it as an opaque float module with "
         f"capture(model, leaf_modules=[{name or type_name!r}]) (it will not be quantized), or "
         f"rewrite its forward without data-dependent control flow. Upstream Mamba blocks "
         f"(mamba_ssm, hustvl/Vim) should be rebuilt with ouromamba_fx.models first.")
+    err.module = name  # the qualified name of the module that failed ("" for the root)
+    return err
 
 
 def capture(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.fx as fx
@@ -11,7 +12,8 @@ import torch.nn as nn
 
 from ouromamba_fx.capture import META, capture, tag
 from ouromamba_fx.config import W8A8, QuantConfig
-from ouromamba_fx.errors import DataError, OuroMambaError
+from ouromamba_fx.checks import check_not_quantized, strict_error, unknown_mixers
+from ouromamba_fx.errors import CaptureError, DataError, OuroMambaError
 from ouromamba_fx.lowering.outlier import outlier_fraction
 from ouromamba_fx.outliers import site_outlier_map
 from ouromamba_fx.passes.act_scales import ChooseActScales
@@ -186,9 +188,21 @@ class QuantizedModel(nn.Module):
                               verbose=verbose)
 
 
+def _capture(model: nn.Module, leaves: tuple) -> fx.GraphModule:
+    try:
+        return capture(model, leaf_modules=leaves)
+    except CaptureError as e:
+        name = getattr(e, "module", "")
+        if not name:
+            raise
+        raise CaptureError(f"{e}\nFrom convert: convert(model, ..., leaf_modules=[{name!r}]) keeps it "
+                           f"in float.") from e
+
+
 def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             passes: list[Pass] | None = None, show_progress: bool = True,
-            gen_options: dict | None = None, lower: bool = False) -> QuantizedModel:
+            gen_options: dict | None = None, lower: bool = False, strict: bool = False,
+            leaf_modules: tuple = ()) -> QuantizedModel:
     """Quantize ``model`` with ``config``; the model itself is not changed.
 
     Args:
@@ -204,6 +218,10 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             (e.g. ``{"n": 64, "seed": 1}``); an error if ``calib`` is given.
         lower: return the lowered model (fused integer ops, :meth:`QuantizedModel.lower`) instead
             of the reference quantized graph.
+        strict: an error for sub-modules that look like mixers the capture does not know (by class
+            name, see :func:`ouromamba_fx.checks.unknown_mixers`); without it they stay in float,
+            with a warning and a line in the report.
+        leaf_modules: module names or types to keep as opaque float modules (see :func:`capture`).
 
     Example:
         >>> q = convert(model, calib=image_loader(model, "calib/", labels=False), config=W8A8)  # doctest: +SKIP
@@ -214,6 +232,14 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
                              f"({model.config.name}); convert the float model instead")
     if any(isinstance(m, QuantizedModel) for m in model.modules()):
         raise OuroMambaError("convert: the model contains an already-quantized sub-model")
+    check_not_quantized(model)
+    unknown = unknown_mixers(model, leaf_modules)
+    if unknown and strict:
+        raise strict_error(unknown)
+    for mod, typ in unknown.items():
+        warnings.warn(f"convert: '{mod}' ({typ}) looks like a mixer the capture does not know; it stays "
+                      f"in float (strict=True makes this an error)", stacklevel=2)
+    leaves = tuple(leaf_modules) + tuple(unknown)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"convert: config must be a QuantConfig (e.g. ouromamba_fx.W8A8), got {type(config).__name__}")
     if calib is not None and gen_options:
@@ -238,15 +264,17 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     work = copy.deepcopy(model).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        gm = capture(work)
+        gm = _capture(work, leaves)
         ctx = Context(config, calib=batches, example=batches[0][:32], show_progress=show_progress)
+        ctx.float_reasons.update({m: f"unknown mixer type {t}: kept in float" for m, t in unknown.items()})
+        ctx.float_reasons.update({m: "leaf_modules: kept in float" for m in leaf_modules if isinstance(m, str)})
         pm = PassManager(passes if passes is not None else default_passes(config, input_shape))
         gm = pm.run(gm, ctx)
         ctx.log.insert(0, calib_note)
         ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
         # `work` is still a float model (passes only remove modules from the graph's own
         # hierarchy); folding rescaled x_proj rows exactly, so it is the right float reference.
-        sq, outliers, maps = layer_sqnr(capture(work), gm, ctx.example)
+        sq, outliers, maps = layer_sqnr(capture(work, leaves), gm, ctx.example)
     name = type(model).__name__
     if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "embed_dim"):
         name = f"{name}(d={model.cfg.embed_dim}, depth={model.cfg.depth})"

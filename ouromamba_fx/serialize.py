@@ -21,8 +21,9 @@ The file format (``FORMAT_VERSION``):
 
 Loading never unpickles: tensors come from safetensors, everything else from JSON. Call targets are
 resolved by name from an allow-list (:data:`FUNCTIONS`, :data:`METHODS`, :data:`MODULES`) plus any
-registered ``torch.ops.ouromamba.*`` / ``torch.ops.aten.*`` op by its qualified name, so ops added
-to ``ouromamba_fx.lowering`` need no change here. Extend the allow-lists for your own leaf modules
+registered ``torch.ops.ouromamba.*`` / ``torch.ops.aten.*`` op by its qualified name and any
+module-level function of ``ouromamba_fx.lowering`` / ``ouromamba_fx.kernels`` by its import path,
+so ops and lowering helpers added there need no change here. Extend the allow-lists for your own leaf modules
 or functions with :func:`register_module` / :func:`register_function`.
 """
 
@@ -258,13 +259,41 @@ def target_to_name(node: fx.Node) -> str:
     if isinstance(t, torch._ops.OpOverloadPacket) and t._qualified_op_name.split("::")[0] in _OP_NAMESPACES:
         ns, op = t._qualified_op_name.split("::")
         return f"torch.ops.{ns}.{op}"
-    name = FUNCTIONS_BY_ID().get(id(t))
+    name = FUNCTIONS_BY_ID().get(id(t)) or _own_function_name(t)
     if name is None:
         raise SerializationError(
             f"node {node.name!r} calls {getattr(t, '__module__', '?')}.{getattr(t, '__name__', t)}, "
             f"which is not in the allow-list of functions a saved graph may call. If it is safe, "
             f"register it before saving and loading: ouromamba_fx.serialize.register_function(fn)")
     return name
+
+
+# Module-level functions of these packages of ours are allowed by name (lowering rules use helpers
+# such as ``ouromamba_fx.lowering.fused.fake_quant`` as graph targets; new ones need no change here).
+_OWN_PACKAGES = ("ouromamba_fx.lowering", "ouromamba_fx.kernels")
+_OWN_NAME = re.compile(r"(ouromamba_fx\.(?:lowering|kernels)(?:\.\w+)*)\.(\w+)")
+
+
+def _own_function_name(t) -> str | None:
+    mod, name = getattr(t, "__module__", None) or "", getattr(t, "__qualname__", "")
+    if not mod.startswith(tuple(p + "." for p in _OWN_PACKAGES)) or not name.isidentifier():
+        return None
+    try:
+        found = getattr(importlib.import_module(mod), name, None)
+    except ImportError:
+        return None
+    return f"{mod}.{name}" if found is t else None
+
+
+def _own_function(name: str):
+    m = _OWN_NAME.fullmatch(name)
+    if not m:
+        return None
+    try:
+        fn = getattr(importlib.import_module(m.group(1)), m.group(2), None)
+    except ImportError:
+        return None
+    return fn if callable(fn) and getattr(fn, "__module__", None) == m.group(1) else None
 
 
 def FUNCTIONS_BY_ID() -> dict[int, str]:  # noqa: N802 - rebuilt when register_function adds one
@@ -312,6 +341,9 @@ def name_to_target(op: str, name: str, node_name: str):
             raise CheckpointError(
                 f"node {node_name!r} calls {ns}::{opname}, which is not registered in this "
                 f"installation (a newer ouromamba-fx, or an op from a module not imported?)") from None
+    own = _own_function(name)
+    if own is not None:
+        return own
     raise CheckpointError(f"node {node_name!r} calls {name!r}, which is not in the allow-list of "
                           f"functions a saved graph may call")
 
@@ -603,7 +635,7 @@ def load(path: str | Path, model: nn.Module | None = None):
         else:
             tensors[k] = v
     expected = set(g["tensors"])
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected - _module_keys(g, tensors))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         parts = [f"{path.name} is damaged or was edited: its tensors do not match its graph."]
         if missing:
@@ -646,12 +678,6 @@ def load(path: str | Path, model: nn.Module | None = None):
     _attach_preprocessing(q, identity)
     q.eval()
     return q
-
-
-def _module_keys(g: dict, tensors: dict) -> set[str]:
-    """Tensor names owned by rebuilt submodules (checked by their strict load instead)."""
-    paths = [s["path"] + "." for s in g["modules"]]
-    return {k for k in tensors if any(k.startswith(p) for p in paths)}
 
 
 def _attach_preprocessing(q, identity: dict) -> None:

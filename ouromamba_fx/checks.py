@@ -1,0 +1,59 @@
+"""Checks ``convert`` runs on a model before touching it, each with a message that names the
+problem and the fix.
+
+    >>> unknown_mixers(model)            # doctest: +SKIP
+    {'layers.3.mixer': 'SS2D'}
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ouromamba_fx.errors import CaptureError, OuroMambaError
+from ouromamba_fx.models.mixer import MambaMixer
+
+# Class names that say "this is a sequence mixer / state-space block" (mamba_ssm's Mamba and
+# Mamba2, VMamba's SS2D, MambaVision's mixer, hand-written S6 blocks...).
+MIXER_NAME = re.compile(r"mamba|mixer|ss2d|ssm|s6|selective|scan", re.IGNORECASE)
+
+
+def unknown_mixers(model: nn.Module, leaf_modules=()) -> dict[str, str]:
+    """Sub-modules that look like Mamba mixers (by class name) but are not
+    :class:`~ouromamba_fx.models.MambaMixer` and contain none: qualified name -> class name.
+    Containers of known mixers (a Vim block, the model itself) and modules named in
+    ``leaf_modules`` are not reported; nested hits are reported once, outermost."""
+    found: dict[str, str] = {}
+    skip = {x for x in leaf_modules if isinstance(x, str)}
+    for name, m in model.named_modules():
+        if not name or name in skip or isinstance(m, MambaMixer):
+            continue
+        if any(name.startswith(p + ".") for p in found):
+            continue
+        if MIXER_NAME.search(type(m).__name__) and not any(isinstance(s, MambaMixer) for s in m.modules()):
+            found[name] = type(m).__name__
+    return found
+
+
+def strict_error(unknown: dict[str, str]) -> CaptureError:
+    names = ", ".join(f"'{n}' ({t})" for n, t in unknown.items())
+    return CaptureError(
+        f"convert(strict=True): {len(unknown)} mixer(s) of a type the capture does not know: {names}. "
+        f"Their scans cannot be found and quantized. Rebuild them as ouromamba_fx.models.MambaMixer "
+        f"(same parameters), or call convert without strict=True to keep them in float.")
+
+
+def check_not_quantized(model: nn.Module) -> None:
+    """An error if ``model`` is (or holds) something convert already produced."""
+    graphs = [m for m in model.modules() if isinstance(m, fx.GraphModule)]
+    for gm in graphs:
+        for n in gm.graph.nodes:
+            t = n.target
+            if (n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == "ouromamba"
+                    and t._opname != "selective_scan"):
+                raise OuroMambaError(
+                    f"convert: the model is already quantized (its graph calls ouromamba::{t._opname} "
+                    f"at node {n.name!r}); convert the float model instead")
