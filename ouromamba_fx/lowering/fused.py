@@ -10,6 +10,8 @@ ops of :mod:`ouromamba_fx.lowering.qlinear`).
   (:mod:`ouromamba_fx.lowering.outlier`), so the fused W4A4O8 linear sees the same outlier
   channels. A custom op on purpose: Inductor could otherwise recompile the mean/std threshold
   with another summation order and flip channels that sit on the threshold.
+* :func:`mixed_fake_quant` -- the rest of ``quantize_mixed`` (the fake quantization given the
+  mask) as plain torch, for sites that feed float ops (the scan's delta/B/C at W4A4O8).
 * :func:`causal_conv1d_silu` -- depthwise causal conv1d + SiLU on fake-quantized input, as
   shifted multiply-adds that Inductor fuses into one loop with the input quantization.
 """
@@ -22,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ouromamba_fx.lowering.outlier import as_rows, from_rows, outlier_mask, resample_steps
+from ouromamba_fx.lowering.outlier import EPS, as_rows, from_rows, outlier_mask, resample_steps
 from ouromamba_fx.lowering.quant import dequantize_ref, quantize_ref
 
 
@@ -59,6 +61,24 @@ def _(x, inlier_scale, token_axis, channel_axis, inlier_bits, k, n_refresh):
 
 
 OUTLIER_MASK = torch.ops.ouromamba.outlier_mask.default
+
+
+def mixed_fake_quant(x: Tensor, mask: Tensor, step_scale: Tensor, channel_axis: int, inlier_bits: int,
+                     outlier_bits: int) -> Tensor:
+    """``quantize_mixed`` given its mask and per-step inlier scale (``ouromamba::outlier_mask``),
+    in ``x``'s own layout: inliers at ``inlier_bits`` with the static step scale, outliers at
+    ``outlier_bits`` with a dynamic scale per token (max over the channel axis), float when
+    ``outlier_bits >= 16``. Elementwise ops and one exact max: the reference's numbers, and
+    plain torch, so Inductor fuses it with what produces ``x``."""
+    x = x.float()
+    qi = 2 ** (inlier_bits - 1) - 1
+    x_in = torch.round(x.masked_fill(mask, 0.0) / step_scale).clamp(-qi, qi) * step_scale
+    if outlier_bits >= 16:
+        return torch.where(mask, x, x_in)
+    qo = 2 ** (outlier_bits - 1) - 1
+    out = x.masked_fill(~mask, 0.0)
+    s_o = (out.abs().amax(channel_axis, keepdim=True) / qo).clamp_min(EPS)
+    return torch.where(mask, torch.round(out / s_o).clamp(-qo, qo) * s_o, x_in)
 
 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor] = None,

@@ -15,8 +15,9 @@ import copy
 
 import torch.fx as fx
 
-from ouromamba_fx.lowering.rules import (FoldWeightDequant, InlineFakeQuant, LowerConv1dSilu,
-                                         LowerIntegerScan, LowerW4A4O8Linear, LowerW8A8Linear)
+from ouromamba_fx.lowering.rules import (FoldWeightDequant, InlineFakeQuant, InlineMixedFakeQuant,
+                                         LowerConv1dSilu, LowerIntegerScan, LowerW4A4O8Linear,
+                                         LowerW8A8Linear)
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 
 
@@ -34,7 +35,7 @@ def lowering_passes(conv_silu: bool = False, integer_scan: bool = True) -> list[
         passes.append(LowerIntegerScan())
     if conv_silu:
         passes.append(LowerConv1dSilu())
-    return passes + [InlineFakeQuant(), FoldWeightDequant()]
+    return passes + [InlineFakeQuant(), InlineMixedFakeQuant(), FoldWeightDequant()]
 
 
 def lower_graph(gm: fx.GraphModule, passes: list[Pass] | None = None, ctx: Context | None = None,

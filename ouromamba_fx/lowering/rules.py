@@ -24,6 +24,8 @@ Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs the
   becomes :func:`~ouromamba_fx.lowering.fused.fake_quant`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
   torch with the same formula, which Inductor fuses into the kernel producing its input.
+* :class:`InlineMixedFakeQuant` -- ``quantize_mixed`` sites left (feeding float ops) become
+  ``ouromamba::outlier_mask`` + :func:`~ouromamba_fx.lowering.fused.mixed_fake_quant`.
 * :class:`FoldWeightDequant` -- ``dequantize`` of a constant weight (conv1d, or a linear no rule
   took) is computed once into a float constant (the same numbers).
 """
@@ -39,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ouromamba_fx.capture import META
-from ouromamba_fx.lowering.fused import OUTLIER_MASK, causal_conv1d_silu, fake_quant
+from ouromamba_fx.lowering.fused import OUTLIER_MASK, causal_conv1d_silu, fake_quant, mixed_fake_quant
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
 from ouromamba_fx.lowering.qlinear import pack_int4
 from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
@@ -392,6 +394,33 @@ class InlineFakeQuant(Pass):
                 changed += 1
         cleanup(gm)
         ctx.log.append(f"{self.name}: {changed} pair(s)")
+        return bool(changed)
+
+
+class InlineMixedFakeQuant(Pass):
+    """``quantize_mixed`` sites no linear rule took (the scan's delta/B/C, W4A8O16 inputs) ->
+    ``ouromamba::outlier_mask`` (the reference's code) + :func:`mixed_fake_quant` (plain torch)."""
+
+    name = "inline_mixed_fake_quant"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
+        changed = 0
+        for node in list(gm.graph.nodes):
+            if not is_call(node, QUANTIZE_MIXED):
+                continue
+            x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = node.args[:8]
+            with gm.graph.inserting_before(node):
+                mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
+                                                             n_refresh))
+                m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+                new = gm.graph.call_function(mixed_fake_quant, (x, m, step_s, channel_axis, bits, obits))
+            keep_tag(node, mask, kind="outlier_mask")
+            keep_tag(node, new, kind="fake_quant_mixed")
+            node.replace_all_uses_with(new)
+            gm.graph.erase_node(node)
+            changed += 1
+        cleanup(gm)
+        ctx.log.append(f"{self.name}: {changed} site(s)")
         return bool(changed)
 
 
