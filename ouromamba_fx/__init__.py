@@ -7,7 +7,8 @@
 
 from ouromamba_fx import models  # noqa: F401  (registers the Vim variants in timm)
 from ouromamba_fx.capture import capture
-from ouromamba_fx.config import (PRESETS, W4A4O8, W4A8, W6A6, W8A8, W8A8_PER_TOKEN, W8A8_RTN, ActQuant,
+from ouromamba_fx.config import (PRESETS, W4A4O8, W4A8, W6A6, W8A8, W8A8_PER_TOKEN, W8A8_RTN, W8A8O8,
+                                 ActQuant,
                                  KScale, OutlierQuant, QuantConfig, Reparam, WeightQuant)
 from ouromamba_fx.convert import QuantizedModel, convert
 from ouromamba_fx.errors import CaptureError, CheckpointError, DataError, OuroMambaError
@@ -20,6 +21,6 @@ _register_backend()  # torch.compile(q, backend="ouromamba")
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "W4A4O8", "W4A8", "W6A6", "W8A8", "W8A8_PER_TOKEN", "W8A8_RTN", "ActQuant",
+__all__ = ["PRESETS", "W4A4O8", "W4A8", "W6A6", "W8A8", "W8A8_PER_TOKEN", "W8A8_RTN", "W8A8O8", "ActQuant",
            "KScale", "OutlierQuant", "QuantConfig", "QuantizedModel", "Reparam", "WeightQuant", "convert", "CaptureError", "CheckpointError", "DataError", "EvalResult", "OuroMambaError",
            "SyntheticCalib", "capture", "evaluate", "gen", "load", "models", "save", "__version__"]
