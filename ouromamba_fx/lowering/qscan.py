@@ -43,7 +43,10 @@ Schema (every argument positional, in this order)::
 * ``delta`` ``(batch, d_inner, L)``, ``B`` and ``C`` ``(batch, d_state, L)`` (any strides, e.g.
   transposed views) are each EITHER int8 codes exactly as ``ouromamba::quantize`` returns them,
   with the ``scale`` and ``zero_point`` tensors of that quantize node (float32, per tensor
-  ``(1,)``/``()`` or per time-step ``(1, L)``/``(L,)``), OR floats with ``None`` for both. The
+  ``(1,)``/``()`` or per time-step ``(1, L)``/``(L,)``), OR floats with ``None`` for both.
+  Scale and zero point must broadcast against the codes *as passed*: codes quantized as
+  ``(batch, L, d_state)`` with a per-token ``(L, 1)`` scale and then transposed into the scan's
+  layout need the scale transposed too (``(1, L)``); other shapes raise ``ValueError``. The
   kernel dequantizes as ``ouromamba::dequantize`` does, ``(float(q) - zero_point) * scale`` in
   float32, right where the value is used, so no float copy of delta/B/C is ever written.
 * ``u``, ``z`` float ``(batch, d_inner, L)`` (``z`` optional); ``A (d_inner, d_state)``; ``D``,
