@@ -1,0 +1,291 @@
+"""End-to-end CPU latency: float vs quantized-and-lowered vision Mambas (writes cpu_latency.md).
+
+    python benchmarks/cpu_latency.py                          # everything (tens of minutes)
+    python benchmarks/cpu_latency.py --quick                  # reference model, batch 16, few rounds
+    python benchmarks/cpu_latency.py --models ref,vim_tiny --batches 1,16 --rounds 5
+
+Variants, each timed as the median of ``--rounds`` calls after two warm-up calls (compilation):
+
+* ``fp32 eager``      the float model as written (its scan is the fused C++ op);
+* ``fp32 compiled``   ``torch.compile(model)`` (Inductor, defaults);
+* ``bf16 compiled``   the same under ``torch.autocast("cpu", torch.bfloat16)`` (AMX bf16 GEMMs);
+* ``W8A8``, ``W4A4O8``  ``torch.compile(q, backend="ouromamba")``: the reference quantized graph
+  lowered to fused integer ops (int8 GEMMs, int4 + int8 outlier GEMMs, integer-input scan),
+  the float glue compiled by Inductor.
+
+All compiled variants use ``dynamic=False`` (one graph per batch size). Models: the bundled
+reference model (CIFAR-10, 32 px, d=128, depth 8) calibrated on its bundled sample images, and
+Vim-tiny / Vim-small-sized models at 224 px with random weights calibrated on random images
+(speed does not depend on the weights' values, except through how many outlier channels W4A4O8
+finds: real models may find more or fewer). A profile of one call per variant (torch.profiler)
+splits the time into GEMMs, scan, quantization ops, conv1d and the rest (Inductor's fused
+kernels: norms, residuals, gating, transposes, in-graph quantization).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import ouromamba_fx as of
+from ouromamba_fx.lowering.lower import lower_quantized
+
+HERE = Path(__file__).resolve().parent
+MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_224"}
+VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "W8A8", "W4A4O8")
+CATEGORIES = {
+    "GEMM": ("w8a8_linear", "int8_linear", "w4a4o8_linear", "aten::mm", "aten::addmm", "aten::linear",
+             "aten::_int_mm", "aten::bmm", "aten::matmul", "mkldnn", "_linear_pointwise", "mkl_linear"),
+    "scan": ("selective_scan",),
+    "quant": ("quantize", "outlier_mask", "outlier_split", "fake_quant"),
+    "conv": ("conv",),
+}
+
+
+def load_avg() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(limit: float, max_wait: float) -> float:
+    start = time.time()
+    while load_avg() >= limit and time.time() - start < max_wait:
+        print(f"load {load_avg():.2f} >= {limit}: waiting", flush=True)
+        time.sleep(30)
+    return load_avg()
+
+
+def build(key: str, calib_n: int, seed: int = 0):
+    """(float model, calibration batch, input sampler)."""
+    torch.manual_seed(seed)
+    name = MODELS[key]
+    if key == "ref":
+        model = of.models.reference_model().eval()
+        from ouromamba_fx.data import bundled_samples, image_loader
+
+        imgs = torch.cat([x for x in image_loader(model, bundled_samples(), batch_size=64, labels=False)])
+        calib = imgs[:calib_n]
+
+        def sample(b):
+            idx = torch.arange(b) % len(imgs)
+            return imgs[idx].contiguous()
+    else:
+        model = of.models.registry.create(name).eval()
+        shape = (3, model.cfg.img_size, model.cfg.img_size)
+        calib = torch.randn(calib_n, *shape)
+
+        def sample(b):
+            return torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+    return model, calib, sample
+
+
+def time_calls(fn, x, rounds: int, autocast: bool = False) -> list[float]:
+    times = []
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        for _ in range(2):
+            fn(x)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def categorize(name: str) -> str | None:
+    for cat, keys in CATEGORIES.items():
+        if any(k in name for k in keys):
+            return cat
+    return None
+
+
+def profile_call(fn, x, autocast: bool = False) -> dict[str, float]:
+    """Milliseconds per category for one call (outermost categorized ops only, no double count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        fn(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            fn(x)
+            wall = time.perf_counter() - t
+    out = {c: 0.0 for c in CATEGORIES}
+    for ev in prof.events():
+        cat = categorize(ev.name)
+        if cat is None:
+            continue
+        parent, nested = ev.cpu_parent, False
+        while parent is not None:
+            if categorize(parent.name) is not None:
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            out[cat] += ev.cpu_time_total / 1e3
+    out["total"] = wall * 1e3
+    out["rest"] = max(out["total"] - sum(out[c] for c in CATEGORIES), 0.0)
+    return out
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.numel() * t.element_size()
+    return total
+
+
+def linear_weight_bytes(lowered) -> tuple[int, int]:
+    """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
+    from ouromamba_fx.lowering.rules import W4A4O8_LINEAR, W8A8_LINEAR, const, int8_linear_nd
+
+    gm = lowered.graph_module
+    q_bytes = f_bytes = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if n.target is W8A8_LINEAR or n.target is int8_linear_nd:
+            w, s = const(gm, n.args[1] if n.target is W8A8_LINEAR else n.args[2]), \
+                const(gm, n.args[2] if n.target is W8A8_LINEAR else n.args[3])
+            numel = w.numel()
+        elif n.target is W4A4O8_LINEAR:
+            w, s = const(gm, n.args[3]), const(gm, n.args[4])
+            numel = w.shape[0] * n.args[6]
+        else:
+            continue
+        q_bytes += w.numel() * w.element_size() + s.numel() * s.element_size()
+        f_bytes += numel * 4
+    return q_bytes, f_bytes
+
+
+def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profile: bool, log) -> dict:
+    model, calib, sample = build(key, calib_n)
+    res = {"times": {}, "profile": {}, "size": {}, "convert_s": {}}
+    variants = {"fp32 eager": (model, False)}
+    torch._dynamo.reset()
+    variants["fp32 compiled"] = (torch.compile(model, dynamic=False), False)
+    variants["bf16 compiled"] = (torch.compile(model, dynamic=False), True)
+    res["size"]["fp32"] = tensor_bytes(model)
+    for cname, cfg in (("W8A8", of.W8A8), ("W4A4O8", of.W4A4O8)):
+        t = time.perf_counter()
+        q = of.convert(model, calib=calib, config=cfg, show_progress=False)
+        res["convert_s"][cname] = time.perf_counter() - t
+        lowered = lower_quantized(q)
+        res["size"][cname] = tensor_bytes(lowered.graph_module)
+        res["size"][cname + " linears"] = linear_weight_bytes(lowered)
+        variants[cname] = (torch.compile(q, backend="ouromamba", dynamic=False), False)
+    for b in batches:
+        x = sample(b)
+        for v, (fn, ac) in variants.items():
+            ts = time_calls(fn, x, rounds, ac)
+            res["times"][(b, v)] = ts
+            log(f"{key} batch {b} {v}: median {1e3 * statistics.median(ts):.1f} ms (load {load_avg():.2f})")
+        if do_profile:
+            for v, (fn, ac) in variants.items():
+                if v != "fp32 eager":
+                    res["profile"][(b, v)] = profile_call(fn, x, ac)
+    return res
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x"
+
+
+def write_md(path: Path, args, results: dict, load_start: float, load_end: float, cmd: str) -> None:
+    lines = [
+        "# End-to-end CPU latency: float vs quantized and lowered",
+        "",
+        f"Produced by `{cmd}` (from the repository root) on {datetime.date.today().isoformat()}.",
+        "",
+        f"- torch {torch.__version__}, {platform.machine()} CPU, {os.cpu_count()} logical CPUs, "
+        f"`torch.get_num_threads()` = {torch.get_num_threads()}",
+        f"- load average (1 min) at start / end: {load_start:.2f} / {load_end:.2f} (the machine is shared; "
+        "the benchmark itself keeps about 2 cores busy)",
+        f"- median of {args.rounds} calls after 2 warm-up calls; milliseconds per batch; `torch.inference_mode()`",
+        "- W8A8 / W4A4O8 = `torch.compile(of.convert(model, calib, preset), backend=\"ouromamba\")`;"
+        " fp32/bf16 compiled = `torch.compile(model)` (Inductor defaults, bf16 under `torch.autocast`)",
+        "- ratios: speed-up = time of the baseline / time of the variant (> 1: the variant is faster)",
+        "",
+    ]
+    for key, res in results.items():
+        lines += [f"## {key} ({MODELS[key]})", ""]
+        lines += ["| batch | " + " | ".join(VARIANTS) + " | W8A8 vs fp32c | W8A8 vs bf16c | W4A4O8 vs fp32c | W4A4O8 vs bf16c |",
+                  "|---:|" + "---:|" * (len(VARIANTS) + 4)]
+        batches = sorted({b for b, _ in res["times"]})
+        for b in batches:
+            med = {v: 1e3 * statistics.median(res["times"][(b, v)]) for v in VARIANTS}
+            row = [f"{med[v]:.1f}" for v in VARIANTS]
+            row += [fmt_ratio(med["fp32 compiled"], med["W8A8"]), fmt_ratio(med["bf16 compiled"], med["W8A8"]),
+                    fmt_ratio(med["fp32 compiled"], med["W4A4O8"]), fmt_ratio(med["bf16 compiled"], med["W4A4O8"])]
+            lines.append(f"| {b} | " + " | ".join(row) + " |")
+        lines.append("")
+        s = res["size"]
+        w8, w8f = s["W8A8 linears"]
+        w4, w4f = s["W4A4O8 linears"]
+        lines += ["Model size (bytes of all parameters and buffers; the lowered graphs keep patch embedding, "
+                  "norms, head, A, D, conv1d and per-token activation scales in fp32):", "",
+                  "| | fp32 | W8A8 lowered | W4A4O8 lowered |", "|---|---:|---:|---:|",
+                  f"| whole model | {s['fp32']:,} | {s['W8A8']:,} ({s['fp32'] / s['W8A8']:.2f}x smaller) | "
+                  f"{s['W4A4O8']:,} ({s['fp32'] / s['W4A4O8']:.2f}x smaller) |",
+                  f"| quantized linear weights (+ their scales) | {w8f:,} | {w8:,} ({w8f / w8:.2f}x smaller) | "
+                  f"{w4:,} ({w4f / w4:.2f}x smaller) |", "",
+                  f"Conversion time (calibration on {args.calib} images): "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in res["convert_s"].items()), ""]
+        if res["profile"]:
+            lines += ["Where the time goes (one profiled call, ms; GEMM = float or integer linear ops incl. "
+                      "their quantize/epilogue, scan = selective scan op, quant = quantize/outlier-mask ops "
+                      "outside GEMMs, conv = conv1d, rest = everything else: Inductor's fused kernels and "
+                      "overhead; the profiler adds some time to each op):", "",
+                      "| batch | variant | total | GEMM | scan | quant | conv | rest |",
+                      "|---:|---|---:|---:|---:|---:|---:|---:|"]
+            for (b, v), p in sorted(res["profile"].items()):
+                pct = lambda c: f"{p[c]:.1f} ({100 * p[c] / p['total']:.0f}%)"  # noqa: E731
+                lines.append(f"| {b} | {v} | {p['total']:.1f} | " + " | ".join(
+                    pct(c) for c in ("GEMM", "scan", "quant", "conv", "rest")) + " |")
+            lines.append("")
+    if args.notes and Path(args.notes).is_file():
+        lines += [Path(args.notes).read_text().rstrip(), ""]
+    path.write_text("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="ref,vim_tiny,vim_small")
+    ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--calib", type=int, default=32, help="calibration images per model")
+    ap.add_argument("--quick", action="store_true", help="reference model, batch 16, 3 rounds")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for a 1-min load below this")
+    ap.add_argument("--notes", default=str(HERE / "cpu_latency_notes.md"),
+                    help="markdown appended to the report (the reading of the numbers)")
+    ap.add_argument("--out", default=str(HERE / "cpu_latency.md"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.models, args.batches, args.rounds = "ref", "16", 3
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            ap.error(f"unknown model {m!r}; known: {', '.join(MODELS)}")
+    batches = [int(b) for b in args.batches.split(",")]
+    load_start = wait_for_quiet(args.wait_load, 1800) if args.wait_load else load_avg()
+    results = {}
+    for m in models:
+        results[m] = run_model(m, batches, args.rounds, args.calib, not args.no_profile,
+                               lambda s: print(s, flush=True))
+    cmd = "python benchmarks/cpu_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    write_md(Path(args.out), args, results, load_start, load_avg(), cmd.strip())
+    print(Path(args.out).read_text())
+
+
+if __name__ == "__main__":
+    main()
