@@ -8,6 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from ouromamba_fx.config import PRESETS
 from ouromamba_fx.errors import OuroMambaError
 
 out = Console()
@@ -249,7 +250,7 @@ def _add_convert_args(p: argparse.ArgumentParser, default_calib: str) -> None:
     from ouromamba_fx.gen import DEFAULTS as GEN
 
     _add_model_args(p)
-    p.add_argument("--config", default="W8A8", help="preset: W8A8, W6A6, W4A8, W4A4O8, W8A8-RTN, W8A8-per-token")
+    p.add_argument("--config", default="W8A8", help=f"preset: {', '.join(PRESETS)}")
     p.add_argument("--calib", default=None, metavar="SOURCE",
                    help=f"calibration: 'datafree' (OuroMamba-Gen synthetic images), 'bundled' (the bundled "
                         f"sample images), an image folder (<class>/*.jpg) or a .safetensors file from "
@@ -314,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--quantized", default=None, metavar="FILE",
                    help="a saved quantized model (default: convert now with --config on bundled images)")
-    p.add_argument("--config", default="W8A8", help="preset, when no --quantized file is given")
+    p.add_argument("--config", default="W8A8", help=f"preset, when no --quantized file is given: {', '.join(PRESETS)}")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5, help="timed runs per model (the median is shown)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
