@@ -41,12 +41,17 @@ from ouromamba_fx.lowering.lower import lower_quantized
 HERE = Path(__file__).resolve().parent
 MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_224"}
 VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "W8A8", "W4A4O8")
+# Extra variants (``--extra``): the lowering options, to see what each rule buys.
+EXTRA = {"W8A8 float scan": ("W8A8", {"integer_scan": False}),
+         "W8A8 conv+silu": ("W8A8", {"conv_silu": True}),
+         "W4A4O8 conv+silu": ("W4A4O8", {"conv_silu": True})}
+# Checked in this order (a conv may run as an mkldnn op, so "conv" comes before "mkldnn").
 CATEGORIES = {
+    "conv": ("conv",),
+    "scan": ("selective_scan",),
     "GEMM": ("w8a8_linear", "int8_linear", "w4a4o8_linear", "aten::mm", "aten::addmm", "aten::linear",
              "aten::_int_mm", "aten::bmm", "aten::matmul", "mkldnn", "_linear_pointwise", "mkl_linear"),
-    "scan": ("selective_scan",),
     "quant": ("quantize", "outlier_mask", "outlier_split", "fake_quant"),
-    "conv": ("conv",),
 }
 
 
@@ -167,7 +172,8 @@ def linear_weight_bytes(lowered) -> tuple[int, int]:
     return q_bytes, f_bytes
 
 
-def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profile: bool, log) -> dict:
+def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profile: bool, log,
+              extra: list[str] = ()) -> dict:
     model, calib, sample = build(key, calib_n)
     res = {"times": {}, "profile": {}, "size": {}, "convert_s": {}}
     variants = {"fp32 eager": (model, False)}
@@ -175,6 +181,7 @@ def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profil
     variants["fp32 compiled"] = (torch.compile(model, dynamic=False), False)
     variants["bf16 compiled"] = (torch.compile(model, dynamic=False), True)
     res["size"]["fp32"] = tensor_bytes(model)
+    qs = {}
     for cname, cfg in (("W8A8", of.W8A8), ("W4A4O8", of.W4A4O8)):
         t = time.perf_counter()
         q = of.convert(model, calib=calib, config=cfg, show_progress=False)
@@ -183,6 +190,11 @@ def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profil
         res["size"][cname] = tensor_bytes(lowered.graph_module)
         res["size"][cname + " linears"] = linear_weight_bytes(lowered)
         variants[cname] = (torch.compile(q, backend="ouromamba", dynamic=False), False)
+        qs[cname] = q
+    for e in extra:
+        base, opts = EXTRA[e]
+        variants[e] = (torch.compile(qs[base], backend="ouromamba", dynamic=False, options=dict(opts)), False)
+    res["variants"] = list(variants)
     for b in batches:
         x = sample(b)
         for v, (fn, ac) in variants.items():
@@ -220,6 +232,7 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
         lines += [f"## {key} ({MODELS[key]})", ""]
         lines += ["| batch | " + " | ".join(VARIANTS) + " | W8A8 vs fp32c | W8A8 vs bf16c | W4A4O8 vs fp32c | W4A4O8 vs bf16c |",
                   "|---:|" + "---:|" * (len(VARIANTS) + 4)]
+        extras = [v for v in res["variants"] if v not in VARIANTS]
         batches = sorted({b for b, _ in res["times"]})
         for b in batches:
             med = {v: 1e3 * statistics.median(res["times"][(b, v)]) for v in VARIANTS}
@@ -228,6 +241,16 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
                     fmt_ratio(med["fp32 compiled"], med["W4A4O8"]), fmt_ratio(med["bf16 compiled"], med["W4A4O8"])]
             lines.append(f"| {b} | " + " | ".join(row) + " |")
         lines.append("")
+        if extras:
+            lines += ["Lowering options (`options=` of `torch.compile(q, backend=\"ouromamba\", ...)`), ms and "
+                      "speed-up vs fp32 compiled:", "", "| batch | " + " | ".join(extras) + " |",
+                      "|---:|" + "---:|" * len(extras)]
+            for b in batches:
+                fc = statistics.median(res["times"][(b, "fp32 compiled")])
+                lines.append(f"| {b} | " + " | ".join(
+                    f"{1e3 * statistics.median(res['times'][(b, v)]):.1f} ({fc / statistics.median(res['times'][(b, v)]):.2f}x)"
+                    for v in extras) + " |")
+            lines.append("")
         s = res["size"]
         w8, w8f = s["W8A8 linears"]
         w4, w4f = s["W4A4O8 linears"]
@@ -265,6 +288,7 @@ def main(argv=None) -> None:
     ap.add_argument("--calib", type=int, default=32, help="calibration images per model")
     ap.add_argument("--quick", action="store_true", help="reference model, batch 16, 3 rounds")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--extra", default="", help=f"extra variants, comma-separated: {', '.join(EXTRA)}")
     ap.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for a 1-min load below this")
     ap.add_argument("--notes", default=str(HERE / "cpu_latency_notes.md"),
                     help="markdown appended to the report (the reading of the numbers)")
@@ -280,8 +304,12 @@ def main(argv=None) -> None:
     load_start = wait_for_quiet(args.wait_load, 1800) if args.wait_load else load_avg()
     results = {}
     for m in models:
+        extra = [e.strip() for e in args.extra.split(",") if e.strip()]
+        for e in extra:
+            if e not in EXTRA:
+                ap.error(f"unknown extra variant {e!r}; known: {', '.join(EXTRA)}")
         results[m] = run_model(m, batches, args.rounds, args.calib, not args.no_profile,
-                               lambda s: print(s, flush=True))
+                               lambda s: print(s, flush=True), extra)
     cmd = "python benchmarks/cpu_latency.py " + " ".join(sys.argv[1:] if argv is None else argv)
     write_md(Path(args.out), args, results, load_start, load_avg(), cmd.strip())
     print(Path(args.out).read_text())

@@ -31,6 +31,7 @@ import torch.fx as fx
 from ouromamba_fx.lowering.lower import lower_graph
 
 NAME = "ouromamba"
+LOWERING_OPTIONS = ("conv_silu", "integer_scan")
 _MODULE_STATE = re.compile(r"\._(parameters|buffers)\[")
 
 
@@ -67,17 +68,23 @@ def freeze_module_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
     return keep
 
 
-def ouromamba_backend(gm: fx.GraphModule, example_inputs, **options):
+def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """Dynamo backend: freeze module state, lower quantize/dequantize patterns to fused integer
-    ops, compile the rest with Inductor. ``options`` go to the lowering (e.g. ``conv_silu=True``)."""
+    ops, compile the rest with Inductor.
+
+    ``torch.compile(q, backend="ouromamba", options={...})``: the keys ``conv_silu`` and
+    ``integer_scan`` choose lowering rules (:func:`~ouromamba_fx.lowering.lower.lowering_passes`),
+    any other key is an Inductor config patch."""
     from torch._inductor.compile_fx import compile_fx
 
+    options = dict(options or {})
+    lowering = {k: options.pop(k) for k in LOWERING_OPTIONS if k in options}
     keep = freeze_module_inputs(gm, example_inputs)
     # A fresh GraphModule without Dynamo's metadata: Inductor would otherwise look the frozen
     # constants up among the parameters Dynamo recorded and not find them.
     gm = fx.GraphModule(gm, gm.graph)
-    gm, _, _ = lower_graph(gm, **options)
-    compiled = compile_fx(gm, [example_inputs[i] for i in keep])
+    gm, _, _ = lower_graph(gm, **lowering)
+    compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=options or None)
 
     # compile_fx on a plain GraphModule returns a function of positional tensors (AOT autograd's
     # non-boxed convention for nn.Module inputs).
