@@ -151,22 +151,17 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 def linear_weight_bytes(lowered) -> tuple[int, int]:
     """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
+    from ouromamba_fx.lowering.fused import int8_linear_static
     from ouromamba_fx.lowering.rules import W4A4O8_LINEAR, W8A8_LINEAR, const, int8_linear_nd
 
     gm = lowered.graph_module
     q_bytes = f_bytes = 0
+    where = {W8A8_LINEAR: (1, 2), int8_linear_nd: (2, 3), int8_linear_static: (4, 5), W4A4O8_LINEAR: (3, 4)}
     for n in gm.graph.nodes:
-        if n.op != "call_function":
+        if n.op != "call_function" or n.target not in where:
             continue
-        if n.target is W8A8_LINEAR or n.target is int8_linear_nd:
-            w, s = const(gm, n.args[1] if n.target is W8A8_LINEAR else n.args[2]), \
-                const(gm, n.args[2] if n.target is W8A8_LINEAR else n.args[3])
-            numel = w.numel()
-        elif n.target is W4A4O8_LINEAR:
-            w, s = const(gm, n.args[3]), const(gm, n.args[4])
-            numel = w.shape[0] * n.args[6]
-        else:
-            continue
+        w, s = (const(gm, n.args[i]) for i in where[n.target])
+        numel = w.shape[0] * n.args[6] if n.target is W4A4O8_LINEAR else w.numel()
         q_bytes += w.numel() * w.element_size() + s.numel() * s.element_size()
         f_bytes += numel * 4
     return q_bytes, f_bytes

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.lowering.fused import (OUTLIER_MASK, causal_conv1d_silu, fake_quant, mixed_fake_quant,
-                                         outlier_mask_op)
+from ouromamba_fx.lowering.fused import (OUTLIER_MASK, causal_conv1d_silu, fake_quant, int8_linear_static,
+                                         mixed_fake_quant, outlier_mask_op)
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED, as_rows, outlier_mask, quantize_mixed_ref
 from ouromamba_fx.lowering.qscan import SCAN_QI_OP
@@ -20,13 +20,13 @@ from .conftest import tiny_config
 
 CALIB = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 X = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-FUSED = (W8A8_LINEAR, W4A4O8_LINEAR, SCAN_QI_OP, int8_linear_nd, INT8_LINEAR)
+FUSED = (W8A8_LINEAR, W4A4O8_LINEAR, SCAN_QI_OP, int8_linear_nd, INT8_LINEAR, int8_linear_static)
 
 
 @pytest.fixture(scope="module")
 def models():
     torch.manual_seed(0)
-    m = VisionMamba(tiny_config(depth=2)).eval()
+    m = VisionMamba(tiny_config(depth=1)).eval()
     return {name: of.convert(m, calib=CALIB, config=getattr(of, name), show_progress=False)
             for name in ("W8A8", "W4A4O8", "W6A6")}
 
@@ -45,16 +45,20 @@ def close(a, b):
 
 
 @torch.no_grad()
-def test_w8a8_linears_become_int8_ops_and_match_reference(models):
+@pytest.mark.parametrize("inline", [True, False])
+def test_w8a8_linears_become_int8_ops_and_match_reference(models, inline):
     q = models["W8A8"]
     ref_linears = n_linears(q.graph_module)
-    low = q.lower()
+    low = q.lower(int8_inline=inline)
     gm = low.graph_module
-    assert ref_linears == 12 and len(calls(gm, W8A8_LINEAR)) == ref_linears
+    fused = calls(gm, int8_linear_static if inline else W8A8_LINEAR)
+    assert ref_linears == 6 and len(fused) == ref_linears
     assert n_linears(gm) == 0
-    for n in calls(gm, W8A8_LINEAR):  # weights stay int8 buffers, static per-token x scale passed
-        w = getattr(gm, n.args[1].target)
-        assert w.dtype == torch.int8 and n.args[4] is not None
+    for n in fused:  # weights stay int8 buffers; the static per-token x scale is passed
+        w, s = (n.args[4], n.args[1]) if inline else (n.args[1], n.args[4])
+        assert getattr(gm, w.target).dtype == torch.int8 and getattr(gm, s.target).shape[-1] == 1
+        if inline:
+            assert n.args[2:4] == (-127, 127)
     assert close(low(X), q(X))
     assert torch.equal(low(X).argmax(-1), q(X).argmax(-1))
     # the reference model is untouched by lowering
@@ -62,13 +66,25 @@ def test_w8a8_linears_become_int8_ops_and_match_reference(models):
 
 
 @torch.no_grad()
+def test_int8_linear_static_equals_the_int8_linear_op():
+    x = torch.randn(2, 7, 33)
+    s = torch.rand(7, 1) * 0.05 + 0.01
+    wq = torch.randint(-127, 128, (19, 33), dtype=torch.int8)
+    ws, b = torch.rand(19) * 0.01, torch.randn(19)
+    assert torch.equal(int8_linear_static(x, s, -127, 127, wq, ws, b),
+                       torch.ops.ouromamba.w8a8_linear(x, wq, ws, b, s))
+
+
+@torch.no_grad()
 def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
     q = models["W6A6"]
     gm = q.lower().graph_module
+    assert [n.args[2:4] for n in calls(gm, int8_linear_static)] == [(-31, 31)] * 6
+    gm = q.lower(int8_inline=False).graph_module
     nodes = calls(gm, int8_linear_nd)
-    assert len(nodes) == 12 and not calls(gm, W8A8_LINEAR)
+    assert len(nodes) == 6 and not calls(gm, W8A8_LINEAR)
     assert nodes[0].args[0].args[3:5] == (-31, 31)  # the 6-bit quantize feeds the int8 GEMM
-    assert close(q.lower()(X), q(X))
+    assert close(q.lower()(X), q(X)) and close(q.lower(int8_inline=False)(X), q(X))
 
 
 @torch.no_grad()
@@ -77,7 +93,7 @@ def test_w4a4o8_linears_use_packed_int4_weights_and_the_reference_mask(models):
     low = q.lower()
     gm = low.graph_module
     fused = calls(gm, W4A4O8_LINEAR)
-    assert len(fused) == 12 and n_linears(gm) == 0 and not calls(gm, QUANTIZE_MIXED)
+    assert len(fused) == 6 and n_linears(gm) == 0 and not calls(gm, QUANTIZE_MIXED)
     for n in fused:
         wp, k = getattr(gm, n.args[3].target), n.args[6]
         assert wp.dtype == torch.uint8 and wp.shape[1] == (k + 1) // 2
@@ -106,7 +122,7 @@ def test_scans_take_int8_codes(models):
     q = models["W8A8"]
     gm = q.lower().graph_module
     scans = calls(gm, SCAN_QI_OP)
-    assert len(scans) == 4 and not calls(gm, SCAN_OP)
+    assert len(scans) == 2 and not calls(gm, SCAN_OP)
     for n in scans:  # delta, B, C arrive as int8 codes of a quantize, with its scale and zero point
         for i in (1, 5, 8):
             assert n.args[i].target is not fake_quant and n.args[i + 1] is not None
@@ -129,14 +145,14 @@ def test_rules_leave_what_they_cannot_fuse_exactly(models):
     (fed by fake quantization) and the model still computes the reference's numbers."""
     q = models["W8A8"]
     gm = q.lower().graph_module  # sanity: all fused normally
-    assert len(calls(gm, W8A8_LINEAR)) == 12
+    assert len(calls(gm, int8_linear_static)) == 6
     import copy
 
     q2 = copy.deepcopy(q)
     zp = q2.graph_module.layers_0_mixer_in_proj_zp
     zp.fill_(1.0)
     low = q2.lower()
-    assert len(calls(low.graph_module, W8A8_LINEAR)) == 11 and n_linears(low.graph_module) == 1
+    assert len(calls(low.graph_module, int8_linear_static)) == 5 and n_linears(low.graph_module) == 1
     assert close(low(X), q2(X))
 
 
@@ -144,8 +160,8 @@ def test_rules_leave_what_they_cannot_fuse_exactly(models):
 def test_conv1d_silu_rule_matches_reference(models):
     q = models["W8A8"]
     gm, _, log = lower_graph(__import__("copy").deepcopy(q.graph_module), lowering_passes(conv_silu=True))
-    assert len(calls(gm, causal_conv1d_silu)) == 4 and not calls(gm, torch.conv1d)
-    assert any("lower_conv1d_silu: 4" in line for line in log)
+    assert len(calls(gm, causal_conv1d_silu)) == 2 and not calls(gm, torch.conv1d)
+    assert any("lower_conv1d_silu: 2" in line for line in log)
     assert close(gm(X), q(X))
 
 
@@ -155,7 +171,7 @@ def test_lowering_is_recorded_as_passes_with_diffs(models):
     assert low.passes[:len(q.passes)] == q.passes
     assert {"lower_w8a8_linear", "lower_integer_scan", "fold_weight_dequant"} <= set(low.passes)
     assert low.lower() is low
-    assert "w8a8_linear" in str(low.diff("quantize_activations", "lower_w8a8_linear", verbose=True))
+    assert "int8_linear_static" in str(low.diff("quantize_activations", "lower_w8a8_linear", verbose=True))
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from ouromamba_fx.lowering.rules import (FoldWeightDequant, InlineFakeQuant, Inl
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 
 
-def lowering_passes(conv_silu: bool = False, integer_scan: bool = True) -> list[Pass]:
+def lowering_passes(conv_silu: bool = False, integer_scan: bool = True, int8_inline: bool = True) -> list[Pass]:
     """The lowering pipeline. Linear rules first (they consume the quantize/dequantize pairs and
     weight dequantizations they fuse), then the scan, then what is left: the optional conv1d+SiLU
     fusion, the remaining pairs inlined as plain-torch fake quantization, and the remaining
@@ -29,8 +29,11 @@ def lowering_passes(conv_silu: bool = False, integer_scan: bool = True) -> list[
 
     ``conv_silu``: replace the conv1d (an mkldnn call under Inductor) by shifted multiply-adds
     fused with the input quantization and SiLU; see ``benchmarks/cpu_latency.md`` for whether
-    it pays on this CPU."""
-    passes: list[Pass] = [LowerW8A8Linear(), LowerW4A4O8Linear()]
+    it pays on this CPU.
+
+    ``int8_inline``: W8A8 linears as plain torch around ``torch._int_mm`` (Inductor fuses their
+    quantization and epilogue) instead of the opaque ``w8a8_linear``/``int8_linear`` ops."""
+    passes: list[Pass] = [LowerW8A8Linear(inline=int8_inline), LowerW4A4O8Linear()]
     if integer_scan:
         passes.append(LowerIntegerScan())
     if conv_silu:

@@ -9,9 +9,10 @@ zero points), never at the ``node.meta`` tags, so they also work on graphs Dynam
 Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs them:
 
 * :class:`LowerW8A8Linear` -- ``quantize -> dequantize -> F.linear(., dequantize(w_q))`` with
-  symmetric 8-bit activations and a scale per token (or per tensor) becomes
-  ``ouromamba::w8a8_linear(x, w_q, w_scale, bias, x_scale)``; fewer activation bits keep the
-  ``quantize`` node (its integers) and feed ``ouromamba::int8_linear``.
+  symmetric activations (<= 8 bits) and a scale per token (or per tensor) becomes
+  :func:`~ouromamba_fx.lowering.fused.int8_linear_static` (quantize, ``torch._int_mm``,
+  epilogue, in plain torch for Inductor to fuse); with ``inline=False`` the custom ops
+  ``ouromamba::w8a8_linear`` (8 bits) or ``ouromamba::int8_linear`` on the kept ``quantize``.
 * :class:`LowerW4A4O8Linear` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
   ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes ``ouromamba::outlier_mask``
   + ``ouromamba::w4a4o8_linear`` on weights packed two per byte.
@@ -41,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ouromamba_fx.capture import META
-from ouromamba_fx.lowering.fused import OUTLIER_MASK, causal_conv1d_silu, fake_quant, mixed_fake_quant
+from ouromamba_fx.lowering.fused import (OUTLIER_MASK, causal_conv1d_silu, fake_quant, int8_linear_static,
+                                         mixed_fake_quant)
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
 from ouromamba_fx.lowering.qlinear import pack_int4
 from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
@@ -166,7 +168,14 @@ def _flat_float(t: Tensor | None) -> Tensor | None:
 # Rules
 
 class LowerW8A8Linear(Pass):
+    """``inline=True`` (default) emits :func:`~ouromamba_fx.lowering.fused.int8_linear_static`
+    (plain torch around ``torch._int_mm``, fused by Inductor); ``inline=False`` the opaque
+    custom ops ``w8a8_linear`` / ``int8_linear``. Same integers, same epilogue order."""
+
     name = "lower_w8a8_linear"
+
+    def __init__(self, inline: bool = True) -> None:
+        self.inline = inline
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         changed = 0
@@ -186,13 +195,16 @@ class LowerW8A8Linear(Pass):
                 continue
             wq_n, _, ws = w
             ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), node)
+            inline = self.inline and w[1].shape[1] >= 2
             with gm.graph.inserting_before(node):
-                if qmax == 127:
+                if inline:
+                    new = gm.graph.call_function(int8_linear_static, (q.args[0], s_n, qmin, qmax, wq_n, ws_n, b))
+                elif qmax == 127:
                     new = gm.graph.call_function(W8A8_LINEAR, (q.args[0], wq_n, ws_n, b, s_n))
                 else:  # fewer bits: keep the quantize node's integers, int8 GEMM on them
                     new = gm.graph.call_function(int8_linear_nd, (q, s_n, wq_n, ws_n, b))
-            keep_tag(node, new, kind="fused", op="w8a8_linear" if qmax == 127 else "int8_linear",
-                     act_bits=qmax.bit_length() + 1)
+            op = "int8_linear_static" if inline else "w8a8_linear" if qmax == 127 else "int8_linear"
+            keep_tag(node, new, kind="fused", op=op, act_bits=qmax.bit_length() + 1)
             new.meta["tensor_meta"] = node.meta.get("tensor_meta")
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
