@@ -21,7 +21,7 @@ The file format (``FORMAT_VERSION``):
 
 Loading never unpickles: tensors come from safetensors, everything else from JSON. Call targets are
 resolved by name from an allow-list (:data:`FUNCTIONS`, :data:`METHODS`, :data:`MODULES`) plus any
-registered ``torch.ops.ouromamba.*`` / ``torch.ops.aten.*`` op by its qualified name and any
+registered ``torch.ops.ouromamba.*`` op by its qualified name and any
 module-level function of ``ouromamba_fx.lowering`` / ``ouromamba_fx.kernels`` by its import path,
 so ops and lowering helpers added there need no change here. Extend the allow-lists for your own leaf modules
 or functions with :func:`register_module` / :func:`register_function`.
@@ -83,7 +83,7 @@ def _functions() -> dict[str, Callable]:
     return fns
 
 
-#: ``call_function`` targets a saved graph may name (besides ``torch.ops.ouromamba/aten.*`` ops).
+#: ``call_function`` targets a saved graph may name (besides ``torch.ops.ouromamba.*`` ops).
 FUNCTIONS: dict[str, Callable] = _functions()
 
 #: ``call_method`` targets (tensor methods) a saved graph may name.
@@ -239,7 +239,8 @@ def _torch_attr(name: str, kind: type):
 # --- targets ---------------------------------------------------------------------------------------
 
 _FN_NAMES = {id(fn): name for name, fn in FUNCTIONS.items()}
-_OP_NAMESPACES = ("ouromamba", "aten")
+# Only our own ops: aten has file-reading ops (aten::from_file) a crafted file could name.
+_OP_NAMESPACES = ("ouromamba",)
 _PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
 
 
@@ -369,6 +370,9 @@ def graph_from_json(entries: list[dict], meta_key: str) -> fx.Graph:
         name = e["name"]
         target = name_to_target(e["op"], e["target"], name)
         args, kwargs = decode(e["args"], nodes), decode(e["kwargs"], nodes)
+        if target is getattr and (len(args) != 2 or not isinstance(args[1], str) or args[1].startswith("_")):
+            raise CheckpointError(f"node {name!r}: getattr of {args[1:]!r} is not allowed (only public "
+                                  f"attributes such as 'shape')")
         if e["op"] == "output":
             node = g.output(args[0])
         else:

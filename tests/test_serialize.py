@@ -113,6 +113,14 @@ def test_a_function_outside_the_allow_list_is_refused(converted, tmp_path):
     with pytest.raises(CheckpointError, match="calls 'os.system', which is not in the allow-list"):
         of.load(bad)
 
+    def dunder(doc):
+        node = next(n for n in doc["graph"]["nodes"] if n["target"] == "builtins.getattr")
+        node["args"]["$tuple"][1] = "__class__"
+
+    bad = _rewrite(tmp_path / "q.safetensors", tmp_path / "bad2.safetensors", doc_fn=dunder)
+    with pytest.raises(CheckpointError, match=r"getattr of \('__class__',\) is not allowed"):
+        of.load(bad)
+
 
 def test_new_ouromamba_ops_are_stored_by_qualified_name(converted, tmp_path):
     _, q = converted["reparam"]
