@@ -43,6 +43,8 @@ MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_s
 VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "W8A8", "W4A4O8")
 # Extra variants (``--extra``): the lowering options, to see what each rule buys.
 EXTRA = {"W8A8 float scan": ("W8A8", {"integer_scan": False}),
+         "W8A8 op": ("W8A8", {"int8_inline": False}),
+         "W4A4O8 op": ("W4A4O8", {"int4_inline": False}),
          "W8A8 conv+silu": ("W8A8", {"conv_silu": True}),
          "W4A4O8 conv+silu": ("W4A4O8", {"conv_silu": True})}
 # Checked in this order (a conv may run as an mkldnn op, so "conv" comes before "mkldnn").
@@ -151,17 +153,18 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 def linear_weight_bytes(lowered) -> tuple[int, int]:
     """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
-    from ouromamba_fx.lowering.fused import int8_linear_static
+    from ouromamba_fx.lowering.fused import int8_linear_static, w4a4o8_linear_static
     from ouromamba_fx.lowering.rules import W4A4O8_LINEAR, W8A8_LINEAR, const, int8_linear_nd
 
     gm = lowered.graph_module
     q_bytes = f_bytes = 0
-    where = {W8A8_LINEAR: (1, 2), int8_linear_nd: (2, 3), int8_linear_static: (4, 5), W4A4O8_LINEAR: (3, 4)}
+    where = {W8A8_LINEAR: (1, 2), int8_linear_nd: (2, 3), int8_linear_static: (4, 5), W4A4O8_LINEAR: (3, 4),
+             w4a4o8_linear_static: (3, 4)}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in where:
             continue
         w, s = (const(gm, n.args[i]) for i in where[n.target])
-        numel = w.shape[0] * n.args[6] if n.target is W4A4O8_LINEAR else w.numel()
+        numel = w.shape[0] * n.args[6] if n.target in (W4A4O8_LINEAR, w4a4o8_linear_static) else w.numel()
         q_bytes += w.numel() * w.element_size() + s.numel() * s.element_size()
         f_bytes += numel * 4
     return q_bytes, f_bytes

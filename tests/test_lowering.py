@@ -7,7 +7,7 @@ import torch
 
 import ouromamba_fx as of
 from ouromamba_fx.lowering.fused import (OUTLIER_MASK, causal_conv1d_silu, fake_quant, int8_linear_static,
-                                         mixed_fake_quant, outlier_mask_op)
+                                         mixed_fake_quant, outlier_mask_op, w4a4o8_linear_static)
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED, as_rows, outlier_mask, quantize_mixed_ref
 from ouromamba_fx.lowering.qscan import SCAN_QI_OP
@@ -20,7 +20,8 @@ from .conftest import tiny_config
 
 CALIB = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 X = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-FUSED = (W8A8_LINEAR, W4A4O8_LINEAR, SCAN_QI_OP, int8_linear_nd, INT8_LINEAR, int8_linear_static)
+FUSED = (W8A8_LINEAR, W4A4O8_LINEAR, SCAN_QI_OP, int8_linear_nd, INT8_LINEAR, int8_linear_static,
+         w4a4o8_linear_static)
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +89,12 @@ def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
 
 
 @torch.no_grad()
-def test_w4a4o8_linears_use_packed_int4_weights_and_the_reference_mask(models):
+@pytest.mark.parametrize("inline", [True, False])
+def test_w4a4o8_linears_use_packed_int4_weights_and_the_reference_mask(models, inline):
     q = models["W4A4O8"]
-    low = q.lower()
+    low = q.lower(int4_inline=inline)
     gm = low.graph_module
-    fused = calls(gm, W4A4O8_LINEAR)
+    fused = calls(gm, w4a4o8_linear_static if inline else W4A4O8_LINEAR)
     assert len(fused) == 6 and n_linears(gm) == 0 and not calls(gm, QUANTIZE_MIXED)
     for n in fused:
         wp, k = getattr(gm, n.args[3].target), n.args[6]
@@ -100,6 +102,20 @@ def test_w4a4o8_linears_use_packed_int4_weights_and_the_reference_mask(models):
         assert n.args[1].args[0].target is OUTLIER_MASK
     assert close(low(X), q(X))
     assert torch.equal(low(X).argmax(-1), q(X).argmax(-1))
+
+
+@torch.no_grad()
+def test_w4a4o8_linear_static_equals_the_op():
+    from ouromamba_fx.lowering.qlinear import pack_int4
+
+    x = torch.randn(3, 9, 37)
+    mask = torch.rand(3, 9, 37) < 0.05
+    mask[0, 0] = False  # a row without outliers
+    step = torch.rand(1, 9, 1) * 0.3 + 0.1
+    wq = torch.randint(-7, 8, (21, 37), dtype=torch.int8)
+    ws, b = torch.rand(21) * 0.01, torch.randn(21)
+    args = (x, mask, step, pack_int4(wq), ws, b, 37)
+    assert torch.equal(w4a4o8_linear_static(*args), torch.ops.ouromamba.w4a4o8_linear(*args))
 
 
 def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():

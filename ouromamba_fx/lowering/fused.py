@@ -103,6 +103,31 @@ def int8_linear_static(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q: Te
     return y.reshape(*lead, w_q.shape[0])
 
 
+def w4a4o8_linear_static(x: Tensor, mask: Tensor, step_scale: Tensor, w_packed: Tensor, w_scale: Tensor,
+                         bias: Optional[Tensor], k: int) -> Tensor:
+    """``ouromamba::w4a4o8_linear`` in plain torch for Inductor: inliers (``~mask``) at 4 bits
+    with the static step scale, outliers at 8 bits with a dynamic per-row scale, both multiplied
+    by the unpacked int4 weight exactly (two dense ``torch._int_mm``), epilogue
+    ``((acc_in * s_in + acc_out * s_out) * w_scale) + bias``: the op's numbers. Dense where the
+    op gathers the outlier columns (data-dependent shapes would split Inductor's graph)."""
+    from ouromamba_fx.lowering.qlinear import unpack_int4
+
+    lead = x.shape[:-1]
+    x2 = x.float().reshape(-1, k)
+    m2 = mask.reshape(-1, k)
+    s_in = step_scale.float().expand(*lead, 1).reshape(-1, 1)
+    q_in = torch.round(x2.masked_fill(m2, 0.0) / s_in).clamp(-7, 7).to(torch.int8)
+    x_out = x2.masked_fill(~m2, 0.0)
+    s_out = (x_out.abs().amax(-1, keepdim=True) / 127).clamp_min(EPS)
+    q_out = torch.round(x_out / s_out).clamp(-127, 127).to(torch.int8)
+    w = unpack_int4(w_packed, k).t()
+    y = torch._int_mm(q_in, w).float() * s_in + torch._int_mm(q_out, w).float() * s_out
+    y = y * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*lead, w_packed.shape[0])
+
+
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor] = None,
                        zero_point: Optional[Tensor] = None, qmin: int = -127, qmax: int = 127) -> Tensor:
     """``silu(conv1d(fq(x), weight, bias, padding=K-1, groups=C)[..., :L])`` for ``x`` (B, C, L)

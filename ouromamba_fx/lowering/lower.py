@@ -21,7 +21,8 @@ from ouromamba_fx.lowering.rules import (FoldWeightDequant, InlineFakeQuant, Inl
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 
 
-def lowering_passes(conv_silu: bool = False, integer_scan: bool = True, int8_inline: bool = True) -> list[Pass]:
+def lowering_passes(conv_silu: bool = False, integer_scan: bool = True, int8_inline: bool = True,
+                    int4_inline: bool = True) -> list[Pass]:
     """The lowering pipeline. Linear rules first (they consume the quantize/dequantize pairs and
     weight dequantizations they fuse), then the scan, then what is left: the optional conv1d+SiLU
     fusion, the remaining pairs inlined as plain-torch fake quantization, and the remaining
@@ -32,8 +33,9 @@ def lowering_passes(conv_silu: bool = False, integer_scan: bool = True, int8_inl
     it pays on this CPU.
 
     ``int8_inline``: W8A8 linears as plain torch around ``torch._int_mm`` (Inductor fuses their
-    quantization and epilogue) instead of the opaque ``w8a8_linear``/``int8_linear`` ops."""
-    passes: list[Pass] = [LowerW8A8Linear(inline=int8_inline), LowerW4A4O8Linear()]
+    quantization and epilogue) instead of the opaque ``w8a8_linear``/``int8_linear`` ops;
+    ``int4_inline`` likewise for W4A4O8 (two dense int8 GEMMs instead of the op's gathered one)."""
+    passes: list[Pass] = [LowerW8A8Linear(inline=int8_inline), LowerW4A4O8Linear(inline=int4_inline)]
     if integer_scan:
         passes.append(LowerIntegerScan())
     if conv_silu:

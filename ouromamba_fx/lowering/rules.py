@@ -15,7 +15,8 @@ Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs the
   ``ouromamba::w8a8_linear`` (8 bits) or ``ouromamba::int8_linear`` on the kept ``quantize``.
 * :class:`LowerW4A4O8Linear` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
   ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes ``ouromamba::outlier_mask``
-  + ``ouromamba::w4a4o8_linear`` on weights packed two per byte.
+  + :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (or, ``inline=False``, the op
+  ``ouromamba::w4a4o8_linear``) on weights packed two per byte.
 * :class:`LowerIntegerScan` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
   ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
 * :class:`LowerConv1dSilu` -- ``quantize -> dequantize -> conv1d (depthwise, causal padding) ->
@@ -43,7 +44,7 @@ from torch import Tensor
 
 from ouromamba_fx.capture import META
 from ouromamba_fx.lowering.fused import (OUTLIER_MASK, causal_conv1d_silu, fake_quant, int8_linear_static,
-                                         mixed_fake_quant)
+                                         mixed_fake_quant, w4a4o8_linear_static)
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
 from ouromamba_fx.lowering.qlinear import pack_int4
 from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
@@ -224,7 +225,14 @@ def int8_linear_nd(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
 
 
 class LowerW4A4O8Linear(Pass):
+    """``inline=True`` (default) emits :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static`
+    (plain torch, two dense ``torch._int_mm``, fused by Inductor); ``inline=False`` the opaque
+    ``ouromamba::w4a4o8_linear`` (gathers the outlier columns). Same integers, same epilogue."""
+
     name = "lower_w4a4o8_linear"
+
+    def __init__(self, inline: bool = True) -> None:
+        self.inline = inline
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         changed = 0
@@ -254,9 +262,11 @@ class LowerW4A4O8Linear(Pass):
             wp_n = packed[wq_n.target]
             ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), node)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(W4A4O8_LINEAR, (x, m, step_s, wp_n, ws_n, b, int(wq.shape[1])))
+                inline = self.inline and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
+                target = w4a4o8_linear_static if inline else W4A4O8_LINEAR
+                new = gm.graph.call_function(target, (x, m, step_s, wp_n, ws_n, b, int(wq.shape[1])))
             keep_tag(x_mq, mask, kind="outlier_mask")
-            keep_tag(node, new, kind="fused", op="w4a4o8_linear")
+            keep_tag(node, new, kind="fused", op=getattr(target, "__name__", "w4a4o8_linear"))
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             changed += 1
