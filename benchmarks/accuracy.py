@@ -12,13 +12,25 @@ Rows are bit-widths; columns are methods:
                    quantized (linears, conv1d, scan delta/B/C), per-token static scales with an
                    MSE clipping search, OuroMamba outlier channels at W4A8 (16-bit) and W4A4O8
   ours w/o X, ours + X   the preset with one technique (outliers, kscale, reparam) off or on
-Writes the table as markdown beside this script (accuracy.md).
+
+Calibration sources (``--sources``, issue: data-free calibration): rows W8A8, W4A8, W4A4O8 with
+the preset of that bit-width; columns real images, OuroMamba-Gen (full loss, output loss only,
+contrastive loss only) and plain Gaussian noise, 128 images each except "real (all)".
+
+    python benchmarks/accuracy.py --sources --gen-cache <dir>   # synthetic sets are cached there
+
+Writes its tables as markdown beside this script (accuracy.md), one section per mode, after every
+measured cell (a stopped run leaves the cells it finished, marked as partial).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import hashlib
+import re
 import dataclasses
+import os
 import platform
 import sys
 import time
@@ -48,7 +60,7 @@ def methods(w: int, a: int) -> dict[str, of.QuantConfig]:
                                            of.ActQuant(a, "per_token", method="minmax"), roles=LINEAR_ROLES),
     }
     # Ablations: each technique off if the preset has it, on if it does not.
-    switches = (("outliers", of.OutlierQuant(8 if a <= 4 else 16)), ("kscale", of.KScale()),
+    switches = (("outliers", of.OutlierQuant(16 if (w, a) == (4, 8) else 8)), ("kscale", of.KScale()),
                 ("reparam", of.Reparam(8)))
     for field, on in switches:
         if getattr(ours, field) is not None:
@@ -59,78 +71,173 @@ def methods(w: int, a: int) -> dict[str, of.QuantConfig]:
     return cols
 
 
+def write_section(path: Path, key: str, text: str) -> None:
+    """Replace the ``<!-- key -->`` section of the markdown file (other sections are kept)."""
+    old = path.read_text() if path.is_file() else "# Accuracy: quantized reference Vim (CIFAR-10, d=128, depth 8)\n"
+    block = f"<!-- {key} -->\n{text.rstrip()}\n<!-- /{key} -->"
+    pat = re.compile(rf"<!-- {key} -->.*?<!-- /{key} -->", re.S)
+    new = pat.sub(lambda _: block, old) if pat.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def table_md(title_lines: list[str], rows: dict[str, dict[str, tuple[float, float]]], cols: list[str],
+             fp: float, notes: list[str]) -> str:
+    lines = list(title_lines)
+    lines += ["| bits | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols),
+              "| FP32 | " + " | ".join(f"{fp:.2f}" for _ in cols) + " |"]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{row[c][0]:.2f} ({row[c][1]:.1f})" if c in row else "-" for c in cols) + " |")
+    return "\n".join(lines + [""] + notes)
+
+
+def synthetic(model, loss: str, n: int, seed: int, cache: Path | None, quiet: bool):
+    from ouromamba_fx.gen import DEFAULTS
+
+    settings = {**DEFAULTS, "n": n, "loss": loss, "seed": seed}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = cache / f"synth_{loss}_seed{seed}_{key}.safetensors" if cache else None
+    if path is not None and path.is_file():
+        return of.SyntheticCalib.load(path)
+    synth = of.gen(model, n=n, loss=loss, seed=seed, show_progress=not quiet)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        synth.save(path)
+    return synth
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--val", default=str(SHARED / "data" / "cifar10" / "val"))
     ap.add_argument("--calib", default=str(SHARED / "data" / "cifar10" / "calib"))
     ap.add_argument("--limit-per-class", type=int, default=None)
-    ap.add_argument("--bits", default="8/8,6/6,4/8,4/4", help="comma-separated W/A pairs")
-    ap.add_argument("--columns", default=None, help="comma-separated subset of the method columns")
+    ap.add_argument("--bits", default=None, help="comma-separated W/A pairs (default 8/8,6/6,4/8,4/4; "
+                    "with --sources 8/8,4/8,4/4)")
+    ap.add_argument("--columns", default=None, help="comma-separated subset of the columns")
+    ap.add_argument("--sources", action="store_true", help="calibration sources as columns")
+    ap.add_argument("--gen-cache", default=None, help="folder to keep/reuse synthetic sets (--sources)")
+    ap.add_argument("--gen-file", action="append", default=[], metavar="LOSS=PATH",
+                    help="use a saved synthetic set (SyntheticCalib.save) for that loss instead of generating; "
+                         "the table notes the settings stored in the file")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic and noise sets")
+    ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default=str(HERE / "accuracy.md"))
     args = ap.parse_args()
     con = Console()
     torch.manual_seed(0)
+    out = Path(args.out)
+    bits = args.bits or ("8/8,4/8,4/4" if args.sources else "8/8,6/6,4/8,4/4")
 
     model = of.models.reference_model()
     calib = list(image_loader(model, args.calib, batch_size=100, labels=False))
     n_calib = sum(len(b) for b in calib)
     fp = of.evaluate(model, args.val, batch_size=250, limit_per_class=args.limit_per_class, description="FP32")
     con.print(fp.summary("FP32"))
-
-    pairs = [tuple(int(v) for v in p.split("/")) for p in args.bits.split(",")]
+    pairs = [tuple(int(v) for v in p.split("/")) for p in bits.split(",")]
     wanted = args.columns.split(",") if args.columns else None
-    results: dict[tuple[int, int], dict[str, tuple[float, float]]] = {}
+    cmd = "python benchmarks/accuracy.py" + (" --sources" if args.sources else "") + \
+        (f" --limit-per-class {args.limit_per_class}" if args.limit_per_class else "") + \
+        (f" --bits {args.bits}" if args.bits else "") + (f" --columns {args.columns}" if args.columns else "") + \
+        "".join(f" --gen-file {g.split('=', 1)[0]}=<dir>/{Path(g.split('=', 1)[1]).name}" for g in args.gen_file)
+    env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, load "
+           f"average at start {os.getloadavg()[0]:.1f}")
+
+    if args.sources:
+        real = torch.cat(calib)
+        pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:128]
+        c, h, w = model.pretrained_cfg["input_size"]
+        sources = {"real (all)": lambda: calib, "real (128)": lambda: real[pick]}
+        gen_notes = {}
+        for loss, col in (("full", "gen (full)"), ("output", "gen (output only)"),
+                          ("contrastive", "gen (contrastive only)")):
+            def make(loss=loss, col=col):
+                files = dict(g.split("=", 1) for g in args.gen_file)
+                synth = of.SyntheticCalib.load(files[loss]) if loss in files else synthetic(model, loss, 128, args.seed, Path(args.gen_cache) if args.gen_cache else None,
+                                  args.quiet)
+                st = synth.settings
+                gen_notes[col] = (f"{col}: loss={st['loss']}, {st['iters']} iterations, lr {st['lr']}, "
+                                  f"T {st['temperature']}, top-K {st['top_k']}, {st['neighbourhood']}x"
+                                  f"{st['neighbourhood']} neighbourhood, lambda_c {st['lambda_c']}, batch "
+                                  f"{st['batch_size']}, seed {st['seed']}; {st['seconds'] / 60:.1f} min wall time "
+                                  f"to generate on the machine as it was then (quiet-machine cost: "
+                                  f"benchmarks/gen_time.md); the model classifies {100 * st['target_accuracy']:.0f}% of "
+                                  f"them as their target class")
+                return synth
+            sources[col] = make
+        sources["Gaussian noise (128)"] = lambda: torch.randn(128, c, h, w, generator=torch.Generator().manual_seed(args.seed))
+        cols = [k for k in sources if not wanted or k in wanted]
+        data = {k: sources[k]() for k in cols}
+        results: dict[str, dict] = {}
+        start = time.time()
+        for w, a in pairs:
+            cfg = of.PRESETS.get(f"W{w}A{a}") or of.PRESETS[f"W{w}A{a}O8"]
+            name = cfg.name
+            results[name] = {}
+            for col in cols:
+                q = of.convert(model, calib=data[col], config=cfg, show_progress=False)
+                r = of.evaluate(q, args.val, batch_size=250, limit_per_class=args.limit_per_class,
+                                transform_model=model, description=f"{name} {col}")
+                results[name][col] = (r.top1, r.agreement(fp))
+                con.print(f"{name} {col:<24} top-1 {r.top1:6.2f}  (FP {fp.top1:.2f}, agreement {r.agreement(fp):.2f}%)")
+                done = sum(len(v) for v in results.values()) == len(pairs) * len(cols)
+                write_section(out, "sources", table_md(
+                    ["## Calibration source: real images vs data-free", "",
+                     ("" if done else "**Partial: the run was stopped before every cell was measured.**\n\n") +
+                     f"Command: `{cmd}`  ", env + f"; {time.time() - start:.0f} s for the quantized cells.", "",
+                     f"Top-1 (%) on {fp.total} val images, each row the preset of that bit-width "
+                     f"(`ouromamba_fx.PRESETS`); columns: where the calibration images came from. In "
+                     f"brackets: top-1 agreement with FP32.", ""],
+                    results, cols, fp.top1,
+                    ["Sources: real (all) = the 1,000 calibration images; real (128) = 128 of them at random; "
+                     "gen = `ouromamba_fx.gen(model, n=128, loss=...)` (OuroMamba-Gen from Gaussian noise, "
+                     "no real image seen); Gaussian noise = 128 N(0, 1) images in the model's normalised "
+                     "input space.", ""] + [f"- {v}" for v in gen_notes.values()]))
+        con.print(f"wrote {out}")
+        return
+
+    results: dict[str, dict[str, tuple[float, float]]] = {}
+    all_cols: list[str] = []
     start = time.time()
     for w, a in pairs:
-        results[(w, a)] = {}
-        for col, cfg in methods(w, a).items():
-            if wanted and col not in wanted:
-                continue
+        row = f"W{w}A{a}{'O8' if (w, a) == (4, 4) else ''}"
+        results[row] = {}
+        cols = {k: v for k, v in methods(w, a).items() if not wanted or k in wanted}
+        for col, cfg in cols.items():
+            if col not in all_cols:
+                all_cols.append(col)
+        for col, cfg in cols.items():
             q = of.convert(model, calib=calib, config=cfg, show_progress=False)
             r = of.evaluate(q, args.val, batch_size=250, limit_per_class=args.limit_per_class,
                             transform_model=model, description=f"W{w}A{a} {col}")
-            results[(w, a)][col] = (r.top1, r.agreement(fp))
-            con.print(f"W{w}A{a} {col:<18} top-1 {r.top1:6.2f}  (FP {fp.top1:.2f}, agreement {r.agreement(fp):.2f}%)")
+            results[row][col] = (r.top1, r.agreement(fp))
+            con.print(f"{row} {col:<18} top-1 {r.top1:6.2f}  (FP {fp.top1:.2f}, agreement {r.agreement(fp):.2f}%)")
+            done = row == f"W{pairs[-1][0]}A{pairs[-1][1]}{'O8' if pairs[-1] == (4, 4) else ''}" and col == list(cols)[-1]
+            write_section(out, "methods", table_md(
+                ["## Methods by bit-width (real calibration)", "",
+                 ("" if done else "**Partial: the run was stopped before every cell was measured.**\n\n") +
+                 f"Command: `{cmd}`  ", env + f"; {time.time() - start:.0f} s for the quantized cells.", "",
+                 f"Top-1 (%) on {fp.total} held-out val images (`shared/data/cifar10/val`); calibration on "
+                 f"{n_calib} real training images (`shared/data/cifar10/calib`). In brackets: top-1 "
+                 f"agreement with the FP32 model.", ""],
+                results, all_cols, fp.top1, METHOD_NOTES))
+    con.print(f"wrote {out}")
 
-    cols = [c for c in dict.fromkeys(c for row in results.values() for c in row)]
-    table = Table(title=f"Top-1 (%) on {fp.total} val images; calibration: {n_calib} real images")
-    table.add_column("bits")
-    for c in cols:
-        table.add_column(c, justify="right")
-    table.add_row("FP32", *[f"{fp.top1:.2f}"] * len(cols))
-    for (w, a), row in results.items():
-        table.add_row(f"W{w}A{a}", *[f"{row[c][0]:.2f}" if c in row else "-" for c in cols])
-    con.print(table)
 
-    lines = [
-        "# Accuracy: quantized reference Vim (CIFAR-10, d=128, depth 8)", "",
-        f"Command: `python benchmarks/accuracy.py"
-        + (f" --limit-per-class {args.limit_per_class}" if args.limit_per_class else "")
-        + (f" --bits {args.bits}" if args.bits != "8/8,6/6,4/8,4/4" else "")
-        + (f" --columns {args.columns}" if args.columns else "") + "`", "",
-        f"Top-1 (%) on {fp.total} held-out val images (`shared/data/cifar10/val`); calibration on "
-        f"{n_calib} real training images (`shared/data/cifar10/calib`). In brackets: top-1 agreement "
-        f"with the FP32 model. torch {torch.__version__}, {platform.machine()}, "
-        f"{torch.get_num_threads()} threads; {time.time() - start:.0f} s for the quantized rows.", "",
-        "| bits | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols),
-        f"| FP32 | " + " | ".join(f"{fp.top1:.2f}" for _ in cols) + " |",
-    ]
-    for (w, a), row in results.items():
-        lines.append(f"| W{w}A{a}{'O8' if (w, a) == (4, 4) else ''} | " + " | ".join(
-            f"{row[c][0]:.2f} ({row[c][1]:.1f})" if c in row else "-" for c in cols) + " |")
-    lines += ["", "Methods:", "",
-              "- RTN per-tensor: min-max per-channel weights; one min-max scale per activation tensor "
-              "on the inputs of in_proj, x_proj, dt_proj, out_proj; conv1d and scan in float.",
-              "- per-token static (PTQ4VM-style): Lp-clipped (p=2.4) per-channel weights; one static "
-              "min-max scale per token position on the same linear inputs; conv1d and scan in float.",
-              "- ours: the preset of that bit-width (`ouromamba_fx.PRESETS`): Lp-clipped weights of all "
-              "linears and conv1d; every linear input, conv1d input and the scan's delta, B, C "
-              "quantized; plus, where the preset has them, OuroMamba-Quant outlier channels (run-time, "
-              "per time-step; 8-bit, or kept 16-bit for W4A8), k-scaled static scales (k=4) and the "
-              "scan-state reparameterization with an 8-bit state folded into x_proj. W4A4 is W4A4O8.",
-              "- ours w/o X: the same preset with technique X switched off.", ""]
-    Path(args.out).write_text("\n".join(lines))
-    con.print(f"wrote {args.out}")
+METHOD_NOTES = [
+    "Methods:", "",
+    "- RTN per-tensor: min-max per-channel weights; one min-max scale per activation tensor on the "
+    "inputs of in_proj, x_proj, dt_proj, out_proj; conv1d and scan in float.",
+    "- per-token static (PTQ4VM-style): Lp-clipped (p=2.4) per-channel weights; one static min-max "
+    "scale per token position on the same linear inputs; conv1d and scan in float.",
+    "- ours: the preset of that bit-width (`ouromamba_fx.PRESETS`): Lp-clipped weights of all linears "
+    "and conv1d; every linear input, conv1d input and the scan's delta, B, C quantized with static "
+    "per-step scales from an MSE clipping search; plus, where the preset has them, OuroMamba-Quant "
+    "outlier channels (run-time, per time-step; 8-bit, or kept 16-bit for W4A8). W4A4 is W4A4O8.",
+    "- ours w/o X / ours + X: the same preset with technique X switched off / on: outliers "
+    "(OuroMamba-Quant, 8-bit outliers at A4 and A8, 16-bit at W4A8), kscale (k-scaled PTQ: k=4 "
+    "grouped static scales per tensor, cosine search), reparam (scan hidden state reparameterized, "
+    "r_N folded into x_proj, state quantized to 8 bits per time-step). At W8A8, 'ours + outliers' "
+    "is the `W8A8O8` preset.", ""]
 
 
 if __name__ == "__main__":
