@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from ouromamba_fx.config import PRESETS
@@ -55,7 +56,7 @@ def _load_quantized(path: str, model=None):
     from ouromamba_fx.serialize import load
 
     q = load(path, model=model)
-    out.print(f"loaded {path}: {q.model_name} quantized with {q.config.name}")
+    out.print(f"loaded {escape(str(path))}: {q.model_name} quantized with {q.config.name}")
     return q
 
 
@@ -136,7 +137,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out.print(q.report())
     if args.out:
         q.save(args.out)
-        out.print(f"[green]saved[/] {args.out}  (inspect it: ouromamba-fx inspect {args.out})")
+        out.print(f"[green]saved[/] {escape(args.out)}  (inspect it: ouromamba-fx inspect {escape(args.out)})")
     if args.eval is not None:
         data, label = _data(args.eval or None)
         fp = evaluate(model, data, batch_size=args.batch_size, description="float")
@@ -191,7 +192,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 out.print(heatmap(m, site))
         if args.png:
             save_png(maps, args.png, f"{q.model_name} {q.config.name}: outlier channels, layer {layer}")
-            out.print(f"[green]outlier map[/] -> {args.png}")
+            out.print(f"[green]outlier map[/] -> {escape(args.png)}")
     return 0
 
 
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except OuroMambaError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # messages hold [extras], paths
         return 2
 
 

@@ -59,6 +59,18 @@ def test_inspect_of_a_file_that_is_not_ours(files, capsys):
     assert "not a quantized model saved by ouromamba-fx" in _flat(capsys.readouterr().err)
 
 
+def test_error_messages_are_printed_verbatim(saved, files, capsys, monkeypatch):
+    """Rich markup must not eat parts of a message, e.g. the [plot] of 'pip install "ouromamba-fx[plot]"'."""
+    import ouromamba_fx.outliers as outliers
+
+    def no_matplotlib(*a, **k):
+        raise outliers.OuroMambaError('writing a PNG needs matplotlib: pip install "ouromamba-fx[plot]"')
+
+    monkeypatch.setattr(outliers, "save_png", no_matplotlib)
+    assert main(["inspect", str(saved), "--png", str(files / "x.png")]) == 2
+    assert 'pip install "ouromamba-fx[plot]"' in capsys.readouterr().err
+
+
 def test_diff_from_a_saved_file(saved, capsys):
     assert main(["diff", "--quantized", str(saved), "--layer", "1", "--role", "dt_proj"]) == 0
     text = capsys.readouterr().out
