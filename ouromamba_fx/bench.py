@@ -62,7 +62,8 @@ def backend_available() -> bool:
 
 @torch.no_grad()
 def _time(fn, x: torch.Tensor, repeats: int) -> float:
-    fn(x)  # warm-up (allocations, lazy initialisation)
+    for _ in range(2):  # warm-up: allocations, lazy initialisation, compiled code's first calls
+        fn(x)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -104,6 +105,6 @@ def bench_latency(model: torch.nn.Module, q, batch_size: int = 32, repeats: int 
     finally:
         torch.set_num_threads(old)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    notes.append(f"median of {repeats} runs after one warm-up; load average at the end {load:.1f} "
+    notes.append(f"median of {repeats} runs after two warm-up calls; load average at the end {load:.1f} "
                  f"(other processes on the machine slow every row alike)")
     return BenchResult(batch_size, used, ms, notes)

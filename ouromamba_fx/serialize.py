@@ -578,6 +578,11 @@ def read_header(path: str | Path) -> dict:
     return doc
 
 
+# Fields of a Vim config that make it another architecture (not preprocessing or class names).
+_ARCH = ("img_size", "patch_size", "stride", "embed_dim", "depth", "d_state", "expand", "d_conv",
+         "in_chans", "num_classes", "cls_position", "bimamba", "divide_out")
+
+
 def _check_model(doc: dict, model: nn.Module, path: Path) -> None:
     saved = decode(doc.get("model")) or {}
     if saved.get("fingerprint") is None:
@@ -589,8 +594,8 @@ def _check_model(doc: dict, model: nn.Module, path: Path) -> None:
     cfg, mine = saved.get("config") or {}, getattr(model, "cfg", None)
     if mine is not None and hasattr(mine, "to_dict"):
         mine = mine.to_dict()
-        diffs = [f"{k}: file {cfg[k]!r} vs model {mine.get(k)!r}" for k in cfg
-                 if k in mine and cfg[k] != mine[k] and k != "classes"]
+        diffs = [f"{k}: file {cfg[k]!r} vs model {mine.get(k)!r}" for k in _ARCH
+                 if k in cfg and k in mine and cfg[k] != mine[k]]
     what = "; ".join(diffs) if diffs else "same architecture, different weights"
     raise CheckpointError(
         f"{path.name} was quantized from a different model than the one given "
