@@ -93,16 +93,19 @@ def build(key: str, calib_n: int, seed: int = 0):
     return model, calib, sample
 
 
-def time_calls(fn, x, rounds: int, autocast: bool = False) -> list[float]:
-    times = []
+def time_calls(fn, x, rounds: int, autocast: bool = False) -> tuple[list[float], list[float]]:
+    """(wall seconds, process CPU seconds) per call. On a shared machine the CPU time is the
+    steadier measure of the work a call does (wall time includes waiting for a core)."""
+    times, cpu = [], []
     with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         for _ in range(2):
             fn(x)
         for _ in range(rounds):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             fn(x)
             times.append(time.perf_counter() - t)
-    return times
+            cpu.append(time.process_time() - c)
+    return times, cpu
 
 
 def categorize(name: str) -> str | None:
@@ -173,7 +176,7 @@ def linear_weight_bytes(lowered) -> tuple[int, int]:
 def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profile: bool, log,
               extra: list[str] = (), extra_batches: tuple[int, ...] = (16,)) -> dict:
     model, calib, sample = build(key, calib_n)
-    res = {"times": {}, "profile": {}, "size": {}, "convert_s": {}}
+    res = {"times": {}, "cpu": {}, "profile": {}, "size": {}, "convert_s": {}}
     variants = {"fp32 eager": (model, False)}
     torch._dynamo.reset()
     variants["fp32 compiled"] = (torch.compile(model, dynamic=False), False)
@@ -198,9 +201,10 @@ def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profil
         for v, (fn, ac) in variants.items():
             if v not in VARIANTS and b not in extra_batches:
                 continue
-            ts = time_calls(fn, x, rounds, ac)
-            res["times"][(b, v)] = ts
-            log(f"{key} batch {b} {v}: median {1e3 * statistics.median(ts):.1f} ms (load {load_avg():.2f})")
+            ts, cs = time_calls(fn, x, rounds, ac)
+            res["times"][(b, v)], res["cpu"][(b, v)] = ts, cs
+            log(f"{key} batch {b} {v}: median {1e3 * statistics.median(ts):.1f} ms wall, "
+                f"{1e3 * statistics.median(cs):.1f} ms CPU (load {load_avg():.2f})")
         if do_profile:
             for v, (fn, ac) in variants.items():
                 if v != "fp32 eager" and (v in VARIANTS or b in extra_batches):
@@ -222,7 +226,8 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
         f"`torch.get_num_threads()` = {torch.get_num_threads()}",
         f"- load average (1 min) at start / end: {load_start:.2f} / {load_end:.2f} (the machine is shared; "
         "the benchmark itself keeps about 2 cores busy)",
-        f"- median of {args.rounds} calls after 2 warm-up calls; milliseconds per batch; `torch.inference_mode()`",
+        f"- median of {args.rounds} calls after 2 warm-up calls; milliseconds per batch; `torch.inference_mode()`; "
+        "profiles are wall time of one call",
         "- W8A8 / W4A4O8 = `torch.compile(of.convert(model, calib, preset), backend=\"ouromamba\")`;"
         " fp32/bf16 compiled = `torch.compile(model)` (Inductor defaults, bf16 under `torch.autocast`)",
         "- ratios: speed-up = time of the baseline / time of the variant (> 1: the variant is faster)",
@@ -230,26 +235,31 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
     ]
     for key, res in results.items():
         lines += [f"## {key} ({MODELS[key]})", ""]
-        lines += ["| batch | " + " | ".join(VARIANTS) + " | W8A8 vs fp32c | W8A8 vs bf16c | W4A4O8 vs fp32c | W4A4O8 vs bf16c |",
-                  "|---:|" + "---:|" * (len(VARIANTS) + 4)]
         extras = [v for v in res["variants"] if v not in VARIANTS]
         batches = sorted({b for b, _ in res["times"]})
-        for b in batches:
-            med = {v: 1e3 * statistics.median(res["times"][(b, v)]) for v in VARIANTS}
-            row = [f"{med[v]:.1f}" for v in VARIANTS]
-            row += [fmt_ratio(med["fp32 compiled"], med["W8A8"]), fmt_ratio(med["bf16 compiled"], med["W8A8"]),
-                    fmt_ratio(med["fp32 compiled"], med["W4A4O8"]), fmt_ratio(med["bf16 compiled"], med["W4A4O8"])]
-            lines.append(f"| {b} | " + " | ".join(row) + " |")
-        lines.append("")
+        for measure, title in (("times", "Median wall time per batch (ms)"),
+                               ("cpu", "Median process CPU time per batch (ms; all threads, the steadier "
+                                       "measure on a shared machine)")):
+            lines += [f"{title}:", "",
+                      "| batch | " + " | ".join(VARIANTS) + " | W8A8 vs fp32c | W8A8 vs bf16c | W4A4O8 vs fp32c | W4A4O8 vs bf16c |",
+                      "|---:|" + "---:|" * (len(VARIANTS) + 4)]
+            for b in batches:
+                med = {v: 1e3 * statistics.median(res[measure][(b, v)]) for v in VARIANTS}
+                row = [f"{med[v]:.1f}" for v in VARIANTS]
+                row += [fmt_ratio(med["fp32 compiled"], med["W8A8"]), fmt_ratio(med["bf16 compiled"], med["W8A8"]),
+                        fmt_ratio(med["fp32 compiled"], med["W4A4O8"]), fmt_ratio(med["bf16 compiled"], med["W4A4O8"])]
+                lines.append(f"| {b} | " + " | ".join(row) + " |")
+            lines.append("")
         if extras:
-            lines += ["Lowering options (`options=` of `torch.compile(q, backend=\"ouromamba\", ...)`), ms and "
-                      "speed-up vs fp32 compiled:", "", "| batch | " + " | ".join(extras) + " |",
-                      "|---:|" + "---:|" * len(extras)]
+            lines += ["Lowering options (`options=` of `torch.compile(q, backend=\"ouromamba\", ...)`): median "
+                      "wall / CPU ms, and CPU-time speed-up vs fp32 compiled:", "",
+                      "| batch | " + " | ".join(extras) + " |", "|---:|" + "---:|" * len(extras)]
             for b in [b for b in batches if (b, extras[0]) in res["times"]]:
-                fc = statistics.median(res["times"][(b, "fp32 compiled")])
-                lines.append(f"| {b} | " + " | ".join(
-                    f"{1e3 * statistics.median(res['times'][(b, v)]):.1f} ({fc / statistics.median(res['times'][(b, v)]):.2f}x)"
-                    for v in extras) + " |")
+                fc = statistics.median(res["cpu"][(b, "fp32 compiled")])
+                cell = lambda v: (f"{1e3 * statistics.median(res['times'][(b, v)]):.1f} / "  # noqa: E731
+                                  f"{1e3 * statistics.median(res['cpu'][(b, v)]):.1f} "
+                                  f"({fc / statistics.median(res['cpu'][(b, v)]):.2f}x)")
+                lines.append(f"| {b} | " + " | ".join(cell(v) for v in extras) + " |")
             lines.append("")
         s = res["size"]
         w8, w8f = s["W8A8 linears"]
@@ -293,8 +303,11 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for a 1-min load below this")
     ap.add_argument("--notes", default=str(HERE / "cpu_latency_notes.md"),
                     help="markdown appended to the report (the reading of the numbers)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=str(HERE / "cpu_latency.md"))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.models, args.batches, args.rounds = "ref", "16", 3
     models = [m.strip() for m in args.models.split(",") if m.strip()]
