@@ -42,7 +42,8 @@ HERE = Path(__file__).resolve().parent
 MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_224"}
 VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "W8A8", "W4A4O8")
 # Extra variants (``--extra``): the lowering options, to see what each rule buys.
-EXTRA = {"W8A8 float scan": ("W8A8", {"integer_scan": False}),
+EXTRA = {"W8A8 integer scan": ("W8A8", {"integer_scan": True}),
+         "W8A8 float scan": ("W8A8", {"integer_scan": False}),
          "W8A8 op": ("W8A8", {"int8_inline": False}),
          "W4A4O8 op": ("W4A4O8", {"int4_inline": False}),
          "W8A8 conv+silu": ("W8A8", {"conv_silu": True}),

@@ -136,7 +136,10 @@ def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():
 @torch.no_grad()
 def test_scans_take_int8_codes(models):
     q = models["W8A8"]
-    gm = q.lower().graph_module
+    assert calls(q.lower().graph_module, SCAN_OP)  # default: float scan on fake-quantized inputs
+    low = q.lower(integer_scan=True)
+    assert close(low(X), q(X))
+    gm = low.graph_module
     scans = calls(gm, SCAN_QI_OP)
     assert len(scans) == 2 and not calls(gm, SCAN_OP)
     for n in scans:  # delta, B, C arrive as int8 codes of a quantize, with its scale and zero point
@@ -146,8 +149,8 @@ def test_scans_take_int8_codes(models):
 
 
 def test_no_quantize_dequantize_pairs_left_around_fused_ops(models):
-    for name in ("W8A8", "W4A4O8", "W6A6"):
-        gm = models[name].lower().graph_module
+    for name, opts in (("W8A8", {}), ("W8A8", {"integer_scan": True}), ("W4A4O8", {}), ("W6A6", {})):
+        gm = models[name].lower(**opts).graph_module
         assert not calls(gm, QUANTIZE) and not calls(gm, DEQUANTIZE) and not calls(gm, QUANTIZE_MIXED), name
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target in FUSED:
@@ -185,7 +188,7 @@ def test_lowering_is_recorded_as_passes_with_diffs(models):
     q = models["W8A8"]
     low = q.lower()
     assert low.passes[:len(q.passes)] == q.passes
-    assert {"lower_w8a8_linear", "lower_integer_scan", "fold_weight_dequant"} <= set(low.passes)
+    assert {"lower_w8a8_linear", "inline_fake_quant", "fold_weight_dequant"} <= set(low.passes)
     assert low.lower() is low
     assert "int8_linear_static" in str(low.diff("quantize_activations", "lower_w8a8_linear", verbose=True))
 

@@ -21,7 +21,7 @@ from ouromamba_fx.lowering.rules import (FoldWeightDequant, InlineFakeQuant, Inl
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 
 
-def lowering_passes(conv_silu: bool = False, integer_scan: bool = True, int8_inline: bool = True,
+def lowering_passes(conv_silu: bool = False, integer_scan: bool = False, int8_inline: bool = True,
                     int4_inline: bool = True) -> list[Pass]:
     """The lowering pipeline. Linear rules first (they consume the quantize/dequantize pairs and
     weight dequantizations they fuse), then the scan, then what is left: the optional conv1d+SiLU
@@ -31,6 +31,12 @@ def lowering_passes(conv_silu: bool = False, integer_scan: bool = True, int8_inl
     ``conv_silu``: replace the conv1d (an mkldnn call under Inductor) by shifted multiply-adds
     fused with the input quantization and SiLU; see ``benchmarks/cpu_latency.md`` for whether
     it pays on this CPU.
+
+    ``integer_scan``: feed ``ouromamba::selective_scan_qi`` the int8 codes of delta/B/C instead of
+    fake-quantized floats to the float scan. Off by default on measurement: on this CPU the
+    integer-input scan kernel is slower than the float scan kernel, and the whole W8A8 model ran
+    faster with the float scan (reference model 70.9 vs 81.8 ms, Vim-S 2440 vs 2542 ms, batch
+    16, one thread; ``benchmarks/cpu_latency.md``). Same numbers up to float rounding.
 
     ``int8_inline``: W8A8 linears as plain torch around ``torch._int_mm`` (Inductor fuses their
     quantization and epilogue) instead of the opaque ``w8a8_linear``/``int8_linear`` ops;
