@@ -302,8 +302,7 @@ def main(argv=None) -> None:
     ap.add_argument("--extra", default="", help=f"extra variants, comma-separated: {', '.join(EXTRA)}")
     ap.add_argument("--extra-batches", default="16", help="batch sizes at which the extra variants run")
     ap.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for a 1-min load below this")
-    ap.add_argument("--notes", default=str(HERE / "cpu_latency_notes.md"),
-                    help="markdown appended to the report (the reading of the numbers)")
+    ap.add_argument("--notes", default="", help="a markdown file appended to the report (the reading of the numbers)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=str(HERE / "cpu_latency.md"))
     args = ap.parse_args(argv)
