@@ -222,3 +222,12 @@ def test_getitem_free_graph_has_no_dangling_masks(models):
     gm = models["W4A4O8"].lower().graph_module
     for n in calls(gm, OUTLIER_MASK):
         assert {u.args[1] for u in n.users if u.target is operator.getitem} == {0, 1}
+
+
+@torch.no_grad()
+def test_convert_can_return_the_lowered_model(models):
+    torch.manual_seed(0)
+    m = VisionMamba(tiny_config(depth=1)).eval()
+    low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
+    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_static)) == 6
+    assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers
