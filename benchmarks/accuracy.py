@@ -121,6 +121,8 @@ def main() -> None:
                          "the table notes the settings stored in the file")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic and noise sets")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--section", default=None, help="markdown section to (re)write (default: methods or "
+                    "sources; accuracy.md's full-split W8A8 table is section methods_full)")
     ap.add_argument("--out", default=str(HERE / "accuracy.md"))
     args = ap.parse_args()
     con = Console()
@@ -180,7 +182,7 @@ def main() -> None:
                 results[name][col] = (r.top1, r.agreement(fp))
                 con.print(f"{name} {col:<24} top-1 {r.top1:6.2f}  (FP {fp.top1:.2f}, agreement {r.agreement(fp):.2f}%)")
                 done = sum(len(v) for v in results.values()) == len(pairs) * len(cols)
-                write_section(out, "sources", table_md(
+                write_section(out, args.section or "sources", table_md(
                     ["## Calibration source: real images vs data-free", "",
                      ("" if done else "**Partial: the run was stopped before every cell was measured.**\n\n") +
                      f"Command: `{cmd}`  ", env + f"; {time.time() - start:.0f} s for the quantized cells.", "",
@@ -212,7 +214,7 @@ def main() -> None:
             results[row][col] = (r.top1, r.agreement(fp))
             con.print(f"{row} {col:<18} top-1 {r.top1:6.2f}  (FP {fp.top1:.2f}, agreement {r.agreement(fp):.2f}%)")
             done = row == f"W{pairs[-1][0]}A{pairs[-1][1]}{'O8' if pairs[-1] == (4, 4) else ''}" and col == list(cols)[-1]
-            write_section(out, "methods", table_md(
+            write_section(out, args.section or "methods", table_md(
                 ["## Methods by bit-width (real calibration)", "",
                  ("" if done else "**Partial: the run was stopped before every cell was measured.**\n\n") +
                  f"Command: `{cmd}`  ", env + f"; {time.time() - start:.0f} s for the quantized cells.", "",
