@@ -9,26 +9,16 @@ parent shows one test, the child the kernel tests. Running this file with ``TRIT
 already set runs the kernel tests in place.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.triton_child import INTERPRET, assert_passes_in_interpreter  # noqa: E402
 
 
 def test_triton_kernels_in_interpreter():
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", str(Path(__file__).resolve())]
-    r = subprocess.run(cmd, cwd=root, env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True,
-                       text=True, timeout=600)
-    tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
-    assert r.returncode == 0 and " passed" in tail and "skipped" not in tail, r.stdout[-6000:] + r.stderr[-3000:]
+    assert_passes_in_interpreter(__file__)
 
 
 test_triton_kernels_in_interpreter.__test__ = not INTERPRET
