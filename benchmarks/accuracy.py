@@ -144,16 +144,28 @@ def main() -> None:
     env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, load "
            f"average at start {os.getloadavg()[0]:.1f}")
 
+    def measure(results: dict, row: str, col: str, cfg: of.QuantConfig, calib_data) -> None:
+        """Convert with ``cfg`` on ``calib_data``, evaluate, print and store (top-1, agreement)."""
+        q = of.convert(model, calib=calib_data, config=cfg, show_progress=False)
+        r = of.evaluate(q, args.val, batch_size=250, limit_per_class=args.limit_per_class,
+                        transform_model=model, description=f"{row} {col}")
+        results.setdefault(row, {})[col] = (r.top1, r.agreement(fp))
+        con.print(f"{row} {col:<24} top-1 {r.top1:6.2f}  (FP {fp.top1:.2f}, agreement {r.agreement(fp):.2f}%)")
+
+    def header(title: str, done: bool, start: float) -> list[str]:
+        return [title, "", ("" if done else "**Partial: the run was stopped before every cell was measured.**\n\n") +
+                f"Command: `{cmd}`  ", env + f"; {time.time() - start:.0f} s for the quantized cells.", ""]
+
     if args.sources:
         real = torch.cat(calib)
         pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(args.seed))[:128]
         c, h, w = model.pretrained_cfg["input_size"]
         sources = {"real (all)": lambda: calib, "real (128)": lambda: real[pick]}
         gen_notes = {}
+        files = dict(g.split("=", 1) for g in args.gen_file)
         for loss, col in (("full", "gen (full)"), ("output", "gen (output only)"),
                           ("contrastive", "gen (contrastive only)")):
             def make(loss=loss, col=col):
-                files = dict(g.split("=", 1) for g in args.gen_file)
                 synth = of.SyntheticCalib.load(files[loss]) if loss in files else synthetic(model, loss, 128, args.seed, Path(args.gen_cache) if args.gen_cache else None,
                                   args.quiet)
                 st = synth.settings
@@ -173,19 +185,11 @@ def main() -> None:
         start = time.time()
         for w, a in pairs:
             cfg = of.PRESETS.get(f"W{w}A{a}") or of.PRESETS[f"W{w}A{a}O8"]
-            name = cfg.name
-            results[name] = {}
             for col in cols:
-                q = of.convert(model, calib=data[col], config=cfg, show_progress=False)
-                r = of.evaluate(q, args.val, batch_size=250, limit_per_class=args.limit_per_class,
-                                transform_model=model, description=f"{name} {col}")
-                results[name][col] = (r.top1, r.agreement(fp))
-                con.print(f"{name} {col:<24} top-1 {r.top1:6.2f}  (FP {fp.top1:.2f}, agreement {r.agreement(fp):.2f}%)")
+                measure(results, cfg.name, col, cfg, data[col])
                 done = sum(len(v) for v in results.values()) == len(pairs) * len(cols)
                 write_section(out, args.section or "sources", table_md(
-                    ["## Calibration source: real images vs data-free", "",
-                     ("" if done else "**Partial: the run was stopped before every cell was measured.**\n\n") +
-                     f"Command: `{cmd}`  ", env + f"; {time.time() - start:.0f} s for the quantized cells.", "",
+                    header("## Calibration source: real images vs data-free", done, start) + [
                      f"Top-1 (%) on {fp.total} val images, each row the preset of that bit-width "
                      f"(`ouromamba_fx.PRESETS`); columns: where the calibration images came from. In "
                      f"brackets: top-1 agreement with FP32.", ""],
@@ -198,26 +202,17 @@ def main() -> None:
         return
 
     results: dict[str, dict[str, tuple[float, float]]] = {}
-    all_cols: list[str] = []
     start = time.time()
-    for w, a in pairs:
-        row = f"W{w}A{a}{'O8' if (w, a) == (4, 4) else ''}"
-        results[row] = {}
-        cols = {k: v for k, v in methods(w, a).items() if not wanted or k in wanted}
+    plan = {f"W{w}A{a}{'O8' if (w, a) == (4, 4) else ''}":
+            {k: v for k, v in methods(w, a).items() if not wanted or k in wanted} for w, a in pairs}
+    all_cols = list(dict.fromkeys(c for cols in plan.values() for c in cols))
+    total = sum(len(cols) for cols in plan.values())
+    for row, cols in plan.items():
         for col, cfg in cols.items():
-            if col not in all_cols:
-                all_cols.append(col)
-        for col, cfg in cols.items():
-            q = of.convert(model, calib=calib, config=cfg, show_progress=False)
-            r = of.evaluate(q, args.val, batch_size=250, limit_per_class=args.limit_per_class,
-                            transform_model=model, description=f"W{w}A{a} {col}")
-            results[row][col] = (r.top1, r.agreement(fp))
-            con.print(f"{row} {col:<18} top-1 {r.top1:6.2f}  (FP {fp.top1:.2f}, agreement {r.agreement(fp):.2f}%)")
-            done = row == f"W{pairs[-1][0]}A{pairs[-1][1]}{'O8' if pairs[-1] == (4, 4) else ''}" and col == list(cols)[-1]
+            measure(results, row, col, cfg, calib)
+            done = sum(len(v) for v in results.values()) == total
             write_section(out, args.section or "methods", table_md(
-                ["## Methods by bit-width (real calibration)", "",
-                 ("" if done else "**Partial: the run was stopped before every cell was measured.**\n\n") +
-                 f"Command: `{cmd}`  ", env + f"; {time.time() - start:.0f} s for the quantized cells.", "",
+                header("## Methods by bit-width (real calibration)", done, start) + [
                  f"Top-1 (%) on {fp.total} held-out val images (`shared/data/cifar10/val`); calibration on "
                  f"{n_calib} real training images (`shared/data/cifar10/calib`). In brackets: top-1 "
                  f"agreement with the FP32 model.", ""],
