@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.lowering.fused import (OUTLIER_MASK, causal_conv1d_silu, fake_quant, int8_linear_static,
+from ouromamba_fx.lowering.fused import (OUTLIER_MASK, fake_quant, int8_linear_static,
                                          mixed_fake_quant, outlier_mask_op, w4a4o8_linear_static)
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
+from ouromamba_fx.lowering.mixer import CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_RT_OP
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED, as_rows, outlier_mask, quantize_mixed_ref
 from ouromamba_fx.lowering.qscan import SCAN_QI_OP
 from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
@@ -89,17 +90,23 @@ def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("inline", [True, False])
-def test_w4a4o8_linears_use_packed_int4_weights_and_the_reference_mask(models, inline):
+@pytest.mark.parametrize("mode", ["fused", "inline", "op"])
+def test_w4a4o8_linears_use_packed_int4_weights_and_the_outlier_rule(models, mode):
     q = models["W4A4O8"]
-    low = q.lower(int4_inline=inline)
+    low = q.lower(mixed_fused=mode == "fused", int4_inline=mode == "inline")
     gm = low.graph_module
-    fused = calls(gm, w4a4o8_linear_static if inline else W4A4O8_LINEAR)
+    target = {"fused": W4A4O8_LINEAR_RT_OP, "inline": w4a4o8_linear_static, "op": W4A4O8_LINEAR}[mode]
+    fused = calls(gm, target)
     assert len(fused) == 6 and n_linears(gm) == 0 and not calls(gm, QUANTIZE_MIXED)
     for n in fused:
-        wp, k = getattr(gm, n.args[3].target), n.args[6]
+        w_arg, k = (2, n.args[5]) if mode == "fused" else (3, n.args[6])
+        wp = getattr(gm, n.args[w_arg].target)
         assert wp.dtype == torch.uint8 and wp.shape[1] == (k + 1) // 2
-        assert n.args[1].args[0].target is OUTLIER_MASK
+        if mode != "fused":
+            assert n.args[1].args[0].target is OUTLIER_MASK
+    # the scan's delta/B/C: one C++ pass each when fused, the reference mask + plain torch when not
+    assert bool(calls(gm, MIXED_FAKE_QUANT_OP)) == (mode == "fused")
+    assert bool(calls(gm, OUTLIER_MASK)) == (mode != "fused")
     assert close(low(X), q(X))
     assert torch.equal(low(X).argmax(-1), q(X).argmax(-1))
 
@@ -179,9 +186,15 @@ def test_rules_leave_what_they_cannot_fuse_exactly(models):
 def test_conv1d_silu_rule_matches_reference(models):
     q = models["W8A8"]
     gm, _, log = lower_graph(__import__("copy").deepcopy(q.graph_module), lowering_passes(conv_silu=True))
-    assert len(calls(gm, causal_conv1d_silu)) == 2 and not calls(gm, torch.conv1d)
+    convs = calls(gm, CONV1D_SILU_OP)
+    assert len(convs) == 2 and not calls(gm, torch.conv1d)
+    # the backward branch's flip is read backwards by the op, not materialised in front of it
+    assert sorted(n.args[-1] for n in convs) == [False, True]
+    assert all(n.args[0].op != "call_method" or n.args[0].target != "flip" for n in convs)
     assert any("lower_conv1d_silu: 2" in line for line in log)
     assert close(gm(X), q(X))
+    off, _, _ = lower_graph(__import__("copy").deepcopy(q.graph_module), lowering_passes(conv_silu=False))
+    assert not calls(off, CONV1D_SILU_OP) and len(calls(off, torch.conv1d)) == 2
 
 
 def test_lowering_is_recorded_as_passes_with_diffs(models):

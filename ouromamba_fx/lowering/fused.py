@@ -14,8 +14,6 @@ ops of :mod:`ouromamba_fx.lowering.qlinear`).
   mask) as plain torch, for sites that feed float ops (the scan's delta/B/C at W4A4O8).
 * :func:`int8_linear_static` -- the W8A8 linear as quantize + ``torch._int_mm`` + epilogue in
   plain torch, so Inductor fuses the quantization and the epilogue with the neighbouring ops.
-* :func:`causal_conv1d_silu` -- depthwise causal conv1d + SiLU on fake-quantized input, as
-  shifted multiply-adds that Inductor fuses into one loop with the input quantization.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ouromamba_fx.lowering.outlier import EPS, as_rows, from_rows, outlier_mask, resample_steps
@@ -126,22 +123,3 @@ def w4a4o8_linear_static(x: Tensor, mask: Tensor, step_scale: Tensor, w_packed: 
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, w_packed.shape[0])
-
-
-def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor] = None,
-                       zero_point: Optional[Tensor] = None, qmin: int = -127, qmax: int = 127) -> Tensor:
-    """``silu(conv1d(fq(x), weight, bias, padding=K-1, groups=C)[..., :L])`` for ``x`` (B, C, L)
-    and a depthwise ``weight`` (C, 1, K); ``fq`` is :func:`fake_quant` when ``scale`` is given.
-    Same values as the reference up to float summation order (K products per output)."""
-    if scale is not None:
-        x = fake_quant(x, scale, zero_point, qmin, qmax)
-    k = weight.shape[-1]
-    length = x.shape[-1]
-    xp = F.pad(x, (k - 1, 0))
-    w = weight.reshape(weight.shape[0], k)
-    y = xp[..., 0:length] * w[:, 0, None]
-    for j in range(1, k):
-        y = y + xp[..., j:j + length] * w[:, j, None]
-    if bias is not None:
-        y = y + bias[:, None]
-    return F.silu(y)

@@ -21,16 +21,16 @@ from ouromamba_fx.lowering.rules import (FoldWeightDequant, InlineFakeQuant, Inl
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 
 
-def lowering_passes(conv_silu: bool = False, integer_scan: bool = False, int8_inline: bool = True,
-                    int4_inline: bool = True) -> list[Pass]:
+def lowering_passes(conv_silu: bool = True, integer_scan: bool = False, int8_inline: bool = True,
+                    int4_inline: bool = True, mixed_fused: bool = True) -> list[Pass]:
     """The lowering pipeline. Linear rules first (they consume the quantize/dequantize pairs and
     weight dequantizations they fuse), then the scan, then what is left: the optional conv1d+SiLU
     fusion, the remaining pairs inlined as plain-torch fake quantization, and the remaining
     weight dequantizations folded into float constants.
 
-    ``conv_silu``: replace the conv1d (an mkldnn call under Inductor) by shifted multiply-adds
-    fused with the input quantization and SiLU; see ``benchmarks/cpu_latency.md`` for whether
-    it pays on this CPU.
+    ``conv_silu``: replace quantize -> conv1d -> slice -> SiLU (and a ``flip`` in front) by the
+    C++ op ``ouromamba::causal_conv1d_silu`` (one pass, channel-contiguous output for x_proj and
+    the scan); off, the conv1d stays an mkldnn call between Inductor kernels.
 
     ``integer_scan``: feed ``ouromamba::selective_scan_qi`` the int8 codes of delta/B/C instead of
     fake-quantized floats to the float scan. Off by default on measurement: on this CPU the
@@ -40,13 +40,20 @@ def lowering_passes(conv_silu: bool = False, integer_scan: bool = False, int8_in
 
     ``int8_inline``: W8A8 linears as plain torch around ``torch._int_mm`` (Inductor fuses their
     quantization and epilogue) instead of the opaque ``w8a8_linear``/``int8_linear`` ops;
-    ``int4_inline`` likewise for W4A4O8 (two dense int8 GEMMs instead of the op's gathered one)."""
-    passes: list[Pass] = [LowerW8A8Linear(inline=int8_inline), LowerW4A4O8Linear(inline=int4_inline)]
+    ``int4_inline`` likewise for W4A4O8 (two dense int8 GEMMs instead of the op's gathered one)
+    when ``mixed_fused`` is off.
+
+    ``mixed_fused``: W4A4O8's run-time outlier channels in one C++ pass per activation
+    (``ouromamba::w4a4o8_linear_rt`` for linears: mask, split, quantize, then the inlier GEMM and
+    a GEMM over the outlier channels only; ``ouromamba::mixed_fake_quant`` for the scan's inputs)
+    instead of ``ouromamba::outlier_mask`` followed by plain-torch splitting."""
+    passes: list[Pass] = [LowerW8A8Linear(inline=int8_inline),
+                          LowerW4A4O8Linear(inline=int4_inline, fused=mixed_fused)]
     if integer_scan:
         passes.append(LowerIntegerScan())
     if conv_silu:
         passes.append(LowerConv1dSilu())
-    return passes + [InlineFakeQuant(), InlineMixedFakeQuant(), FoldWeightDequant()]
+    return passes + [InlineFakeQuant(), InlineMixedFakeQuant(fused=mixed_fused), FoldWeightDequant()]
 
 
 def lower_graph(gm: fx.GraphModule, passes: list[Pass] | None = None, ctx: Context | None = None,

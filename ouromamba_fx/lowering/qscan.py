@@ -110,15 +110,9 @@ _state = {"tried": False, "ext": None, "reason": None}
 
 
 def _build_extension():
-    from torch.utils import cpp_extension
+    from ouromamba_fx.lowering.scan import load_cpu_extension
 
-    from ouromamba_fx.lowering.scan import _compile_flags, _cpu_tag
-
-    if not _CSRC.is_file():
-        raise FileNotFoundError("the kernel source csrc/selective_scan_q.cpp is missing (is it package data?)")
-    cflags, ldflags = _compile_flags()
-    return cpp_extension.load(name=f"ouromamba_selective_scan_q_{_cpu_tag()}", sources=[str(_CSRC)],
-                              extra_cflags=cflags, extra_ldflags=ldflags, verbose=False)
+    return load_cpu_extension("selective_scan_q", _CSRC)
 
 
 def _extension():

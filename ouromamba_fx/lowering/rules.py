@@ -19,9 +19,10 @@ Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs the
   ``ouromamba::w4a4o8_linear``) on weights packed two per byte.
 * :class:`LowerIntegerScan` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
   ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
-* :class:`LowerConv1dSilu` -- ``quantize -> dequantize -> conv1d (depthwise, causal padding) ->
-  [..., :L] -> silu`` becomes :func:`~ouromamba_fx.lowering.fused.causal_conv1d_silu` (one fused
-  Inductor loop). Off by default: see ``lowering_passes``.
+* :class:`LowerConv1dSilu` -- ``[flip ->] quantize -> dequantize -> conv1d (depthwise, causal
+  padding) -> [..., :L] -> silu`` becomes the C++ op ``ouromamba::causal_conv1d_silu``
+  (:mod:`ouromamba_fx.lowering.mixer`: one pass, input quantization fused, the flip read
+  backwards instead of copied, channel-contiguous output).
 * :class:`InlineFakeQuant` -- any quantize/dequantize pair still left (in front of float ops)
   becomes :func:`~ouromamba_fx.lowering.fused.fake_quant`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
@@ -43,8 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ouromamba_fx.capture import META
-from ouromamba_fx.lowering.fused import (OUTLIER_MASK, causal_conv1d_silu, fake_quant, int8_linear_static,
-                                         mixed_fake_quant, w4a4o8_linear_static)
+from ouromamba_fx.lowering.fused import (OUTLIER_MASK, fake_quant, int8_linear_static, mixed_fake_quant,
+                                         w4a4o8_linear_static)
+from ouromamba_fx.lowering.mixer import CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_RT_OP
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
 from ouromamba_fx.lowering.qlinear import pack_int4
 from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
@@ -225,14 +227,20 @@ def int8_linear_nd(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
 
 
 class LowerW4A4O8Linear(Pass):
-    """``inline=True`` (default) emits :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static`
-    (plain torch, two dense ``torch._int_mm``, fused by Inductor); ``inline=False`` the opaque
-    ``ouromamba::w4a4o8_linear`` (gathers the outlier columns). Same integers, same epilogue."""
+    """``fused=True`` (default) emits ``ouromamba::w4a4o8_linear_rt``
+    (:mod:`ouromamba_fx.lowering.mixer`: the outlier rule, the split and the quantization in one
+    C++ pass, then the inlier GEMM and a GEMM over the outlier channels only). Otherwise
+    ``ouromamba::outlier_mask`` (the reference's code) and, with ``inline=True``,
+    :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (plain torch, two dense
+    ``torch._int_mm``, fused by Inductor), with ``inline=False`` the opaque
+    ``ouromamba::w4a4o8_linear``. Same integers, same epilogue (up to outlier channels sitting
+    exactly on the threshold, which the summation order of the mean/std decides)."""
 
     name = "lower_w4a4o8_linear"
 
-    def __init__(self, inline: bool = True) -> None:
+    def __init__(self, inline: bool = True, fused: bool = True) -> None:
         self.inline = inline
+        self.fused = fused
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         changed = 0
@@ -253,14 +261,25 @@ class LowerW4A4O8Linear(Pass):
                                           else (token_axis, channel_axis) == (1, 2))
             if bits != 4 or obits != 8 or not last or int(wq.min()) < -8 or int(wq.max()) > 7:
                 continue
+            if wq_n.target not in packed:
+                packed[wq_n.target] = new_const(gm, f"{wq_n.target}_int4", pack_int4(wq), x_mq)
+            wp_n = packed[wq_n.target]
+            ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), node)
+            # the fused op reads x as (..., L, C): time-steps on the second-to-last axis
+            steps_ok = token_axis == -2 or (token_axis == ndim - 2 if ndim is not None else token_axis == 1)
+            if self.fused and steps_ok:
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(W4A4O8_LINEAR_RT_OP, (x, s_n, wp_n, ws_n, b, int(wq.shape[1]),
+                                                                       float(k), n_refresh))
+                keep_tag(node, new, kind="fused", op="w4a4o8_linear_rt")
+                node.replace_all_uses_with(new)
+                gm.graph.erase_node(node)
+                changed += 1
+                continue
             with gm.graph.inserting_before(node):
                 mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
                                                              n_refresh))
                 m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
-            if wq_n.target not in packed:
-                packed[wq_n.target] = new_const(gm, f"{wq_n.target}_int4", pack_int4(wq), mask)
-            wp_n = packed[wq_n.target]
-            ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), node)
             with gm.graph.inserting_before(node):
                 inline = self.inline and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
                 target = w4a4o8_linear_static if inline else W4A4O8_LINEAR
@@ -355,12 +374,17 @@ class LowerConv1dSilu(Pass):
                 continue
             src = qdq_source(gm, x_in)
             w_n = new_const(gm, f"{conv.name}_weight_f", w.contiguous(), node)
+            if src is not None:
+                q, s_n, z_n, qmin, qmax = src
+                x_src, qargs = q.args[0], (s_n, z_n, qmin, qmax)
+            else:
+                x_src, qargs = x_in, (None, None, -127, 127)
+            # conv(fq(flip(x))) reads x backwards inside the op: flip(x) is never materialised
+            reverse = _flip_last(x_src)
+            if reverse:
+                x_src = x_src.args[0]
             with gm.graph.inserting_before(node):
-                if src is not None:
-                    q, s_n, z_n, qmin, qmax = src
-                    new = gm.graph.call_function(causal_conv1d_silu, (q.args[0], w_n, b_in, s_n, z_n, qmin, qmax))
-                else:
-                    new = gm.graph.call_function(causal_conv1d_silu, (x_in, w_n, b_in))
+                new = gm.graph.call_function(CONV1D_SILU_OP, (x_src, w_n, b_in, *qargs, reverse))
             keep_tag(conv, new, kind="fused", op="causal_conv1d_silu")
             node.replace_all_uses_with(new)
             for n in (node, sl, conv):
@@ -369,6 +393,21 @@ class LowerConv1dSilu(Pass):
         cleanup(gm)
         ctx.log.append(f"{self.name}: {changed} conv(s)")
         return bool(changed)
+
+
+def _flip_last(node) -> bool:
+    """Whether ``node`` is ``x.flip(-1)`` / ``torch.flip(x, [-1])`` (the last axis: time, for a
+    (B, D, L) conv input)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_method" and node.target == "flip":
+        dims = node.args[1:] or (node.kwargs.get("dims"),)
+    elif is_call(node, (torch.flip, torch.ops.aten.flip.default)):
+        dims = (arg(node, 1, "dims"),)
+    else:
+        return False
+    flat = [d for item in dims for d in (item if isinstance(item, (tuple, list)) else (item,))]
+    return flat == [-1] or (flat == [2] and _ndim(node.args[0]) == 3)
 
 
 def _one(v):
@@ -421,9 +460,13 @@ class InlineFakeQuant(Pass):
 
 class InlineMixedFakeQuant(Pass):
     """``quantize_mixed`` sites no linear rule took (the scan's delta/B/C, W4A8O16 inputs) ->
+    ``ouromamba::mixed_fake_quant`` (one C++ pass; ``fused=True`` and 8-bit outliers), else
     ``ouromamba::outlier_mask`` (the reference's code) + :func:`mixed_fake_quant` (plain torch)."""
 
     name = "inline_mixed_fake_quant"
+
+    def __init__(self, fused: bool = True) -> None:
+        self.fused = fused
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         changed = 0
@@ -431,13 +474,18 @@ class InlineMixedFakeQuant(Pass):
             if not is_call(node, QUANTIZE_MIXED):
                 continue
             x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = node.args[:8]
-            with gm.graph.inserting_before(node):
-                mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
-                                                             n_refresh))
-                m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
-                new = gm.graph.call_function(mixed_fake_quant, (x, m, step_s, channel_axis, bits, obits))
-            keep_tag(node, mask, kind="outlier_mask")
-            keep_tag(node, new, kind="fake_quant_mixed")
+            if self.fused and obits == 8 and 2 <= bits <= 8:  # one C++ pass on the CPU
+                with gm.graph.inserting_before(node):
+                    new = gm.graph.call_function(MIXED_FAKE_QUANT_OP, tuple(node.args[:8]))
+                keep_tag(node, new, kind="fake_quant_mixed")
+            else:
+                with gm.graph.inserting_before(node):
+                    mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
+                                                                 n_refresh))
+                    m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+                    new = gm.graph.call_function(mixed_fake_quant, (x, m, step_s, channel_axis, bits, obits))
+                keep_tag(node, mask, kind="outlier_mask")
+                keep_tag(node, new, kind="fake_quant_mixed")
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             changed += 1

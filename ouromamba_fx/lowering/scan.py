@@ -81,20 +81,33 @@ def _compile_flags() -> tuple[list[str], list[str]]:
     return cflags, ldflags
 
 
-def _build_extension():
+def load_cpu_extension(stem: str, source: Path):
+    """Compile (or load from torch's extension cache) one C++ kernel file of ``csrc/``.
+
+    The extension's name carries the CPU's feature hash (``-march=native`` builds are not shared
+    across CPUs) and a hash of the source and the shared header ``om_vec.h``: torch's cache only
+    watches the listed sources, so editing the header would otherwise reuse a stale build."""
     from torch.utils import cpp_extension
 
-    if not _CSRC.is_file():
-        raise FileNotFoundError(f"the kernel source csrc/selective_scan.cpp is missing next to {Path(__file__).name} "
-                                "(is it listed as package data?)")
+    header = source.parent / "om_vec.h"
+    for f in (source, header):
+        if not f.is_file():
+            raise FileNotFoundError(f"the kernel source csrc/{f.name} is missing next to {Path(__file__).name} "
+                                    "(is it listed as package data?)")
+    digest = hashlib.sha1(source.read_bytes() + header.read_bytes()).hexdigest()[:8]
     cflags, ldflags = _compile_flags()
     return cpp_extension.load(
-        name=f"ouromamba_selective_scan_{_cpu_tag()}",
-        sources=[str(_CSRC)],
+        name=f"ouromamba_{stem}_{_cpu_tag()}_{digest}",
+        sources=[str(source)],
         extra_cflags=cflags,
         extra_ldflags=ldflags,
+        extra_include_paths=[str(source.parent)],
         verbose=False,
     )
+
+
+def _build_extension():
+    return load_cpu_extension("selective_scan", _CSRC)
 
 
 def _extension():

@@ -39,95 +39,12 @@
 #include <cstring>
 #include <vector>
 
+#include "om_vec.h"
+
 namespace ouromamba_qscan {
 
-template <typename T>
-struct Vec;
-
-template <>
-struct Vec<float> {
-  static constexpr int W = 16;
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-  static constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: x + M - M rounds half to even
-  static inline V splat(float s) { return s - V{}; }
-  // exp(x): x = k ln2 + r (Cody-Waite), degree-6 minimax polynomial for e^r, times 2^k.
-  // About 1 ulp; below FLT_MIN flushes to 0, large x gives +inf, NaN propagates.
-  static constexpr float kLo = -87.33654022216797f;
-  static constexpr float kHi = 88.8f;
-  static inline V exp_poly(V r) {
-    V p = splat(0.0013836845755577087f);
-    p = p * r + 0.008374815806746483f;
-    p = p * r + 0.04166822507977486f;
-    p = p * r + 0.16666419804096222f;
-    p = p * r + 0.49999991059303284f;
-    p = p * r + 1.0f;
-    return p * r + 1.0f;
-  }
-#if defined(__AVX512F__)
-  static inline V exp(V x) {
-    const __m512 xv = (__m512)x;
-    const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(kLo), _CMP_NLT_UQ);
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(kHi), xv);
-    const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.4426950408889634f)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(-2.12194440e-4f), r);
-    return (V)_mm512_maskz_scalef_ps(keep, (__m512)exp_poly((V)r), kf);
-  }
-#else
-  static inline V exp(V x) {
-    V xc = x < kLo ? splat(kLo) : x;
-    xc = xc > kHi ? splat(kHi) : xc;
-    V kf = xc * 1.4426950408889634f + kMagic;
-    kf = kf - kMagic;
-    V r = xc - kf * 0.693359375f;
-    r = r + kf * 2.12194440e-4f;
-    const V p = exp_poly(r);
-    I k = __builtin_convertvector(kf, I);
-    I k1 = k >> 1;
-    I k2 = k - k1;
-    V res = (p * (V)((k1 + 127) << 23)) * (V)((k2 + 127) << 23);
-    return x < kLo ? splat(0.0f) : res;
-  }
-#endif
-  // F.softplus (threshold 20): max(x, 0) + log1p(exp(-|x|)), log1p(e) = 2 atanh(e / (2 + e)).
-  static inline V softplus(V x) {
-    V ax = x < 0.0f ? -x : x;
-    V e = exp(-ax);
-    V s = e / (2.0f + e);
-    V s2 = s * s;
-    V q = splat(1.0f / 15.0f);
-    q = q * s2 + 1.0f / 13.0f;
-    q = q * s2 + 1.0f / 11.0f;
-    q = q * s2 + 1.0f / 9.0f;
-    q = q * s2 + 1.0f / 7.0f;
-    q = q * s2 + 1.0f / 5.0f;
-    q = q * s2 + 1.0f / 3.0f;
-    q = q * s2 + 1.0f;
-    V m = x > 0.0f ? x : splat(0.0f);
-    V res = m + 2.0f * s * q;
-    return x > 20.0f ? x : res;
-  }
-};
-
-template <>
-struct Vec<double> {
-  static constexpr int W = 8;
-  typedef double V __attribute__((vector_size(64)));
-  static constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
-  static inline V splat(double s) { return s - V{}; }
-  static inline V exp(V x) {
-    V r;
-    for (int l = 0; l < W; ++l) r[l] = std::exp(x[l]);
-    return r;
-  }
-  static inline V softplus(V x) {
-    V r;
-    for (int l = 0; l < W; ++l) r[l] = x[l] > 20.0 ? x[l] : std::log1p(std::exp(x[l]));
-    return r;
-  }
-};
+// Vector types and elementary functions: om_vec.h.
+using ouromamba_vec::Vec;
 
 // A (batch, rows, L) input: float (T) or int8 codes with per-step float32 scale / zero point.
 template <typename T>

@@ -1,0 +1,136 @@
+// Vector types and elementary functions shared by the CPU kernels of ouromamba_fx
+// (selective_scan.cpp, selective_scan_q.cpp, mixer_ops.cpp).
+//
+// Vec<T>::V is a GCC/Clang vector of W = 64 bytes / sizeof(T) lanes (16 floats, 8 doubles), so
+// every operation below is one AVX-512 instruction (or a short sequence of narrower ones when the
+// build machine has no AVX-512). float32 uses the branch-free vector exp below (about 1 ulp);
+// float64 falls back to libm lane by lane (the reference dtype for tests, not a fast path).
+//
+// The Python loaders put a hash of this header into each extension's name, so editing it
+// rebuilds every kernel that includes it.
+
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace ouromamba_vec {
+// ---------------------------------------------------------------------------------------------
+// Vector types and elementary functions
+
+template <typename T>
+struct Vec;
+
+template <>
+struct Vec<float> {
+  static constexpr int W = 16;
+  typedef float V __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+
+  static constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: x + M - M rounds half to even
+  static inline V splat(float s) { return s - V{}; }  // (s - 0 is exactly s, also for -0)
+
+  // exp(x): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r fitted
+  // for minimal relative error (< 1e-7 in float arithmetic), then scaling by 2^k. Results below
+  // FLT_MIN are flushed to 0, large x gives +inf, NaN propagates.
+  static constexpr float kLo = -87.33654022216797f;  // ln(FLT_MIN)
+  static constexpr float kHi = 88.8f;                // above ln(FLT_MAX): result overflows to +inf
+  static inline V exp_poly(V r) {
+    V p = splat(0.0013836845755577087f);
+    p = p * r + 0.008374815806746483f;
+    p = p * r + 0.04166822507977486f;
+    p = p * r + 0.16666419804096222f;
+    p = p * r + 0.49999991059303284f;
+    p = p * r + 1.0f;
+    return p * r + 1.0f;
+  }
+#if defined(__AVX512F__)
+  // AVX-512: rounding and the scaling by 2^k are single instructions (vrndscaleps, vscalefps).
+  static inline V exp(V x) {
+    const __m512 xv = (__m512)x;
+    const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(kLo), _CMP_NLT_UQ);  // x >= lo or NaN
+    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(kHi), xv);                        // NaN stays NaN
+    const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.4426950408889634f)),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693359375f), xc);  // ln2, exact high part ...
+    r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(-2.12194440e-4f), r);     // ... and the correction
+    const __m512 p = (__m512)exp_poly((V)r);
+    return (V)_mm512_maskz_scalef_ps(keep, p, kf);
+  }
+#else
+  static inline V exp(V x) {
+    V xc = x < kLo ? splat(kLo) : x;
+    xc = xc > kHi ? splat(kHi) : xc;
+    V kf = xc * 1.4426950408889634f + kMagic;  // round to nearest integer
+    kf = kf - kMagic;
+    V r = xc - kf * 0.693359375f;  // ln2 split into an exact high part ...
+    r = r + kf * 2.12194440e-4f;   // ... and a correction
+    const V p = exp_poly(r);
+    // 2^k in two halves, so that every k in [-126, 128] is exact.
+    I k = __builtin_convertvector(kf, I);
+    I k1 = k >> 1;
+    I k2 = k - k1;
+    I e1 = (k1 + 127) << 23;
+    I e2 = (k2 + 127) << 23;
+    V res = (p * (V)e1) * (V)e2;
+    return x < kLo ? splat(0.0f) : res;
+  }
+#endif
+  static inline V abs(V x) { return x < 0.0f ? -x : x; }
+  static inline V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }
+  // F.softplus with threshold 20: x > 20 -> x, else max(x, 0) + log1p(exp(-|x|)), where
+  // log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3], as an odd series up to s^15.
+  static inline V softplus(V x) {
+    V ax = x < 0.0f ? -x : x;
+    V e = exp(-ax);
+    V s = e / (2.0f + e);
+    V s2 = s * s;
+    V q = splat(1.0f / 15.0f);
+    q = q * s2 + 1.0f / 13.0f;
+    q = q * s2 + 1.0f / 11.0f;
+    q = q * s2 + 1.0f / 9.0f;
+    q = q * s2 + 1.0f / 7.0f;
+    q = q * s2 + 1.0f / 5.0f;
+    q = q * s2 + 1.0f / 3.0f;
+    q = q * s2 + 1.0f;
+    V m = x > 0.0f ? x : splat(0.0f);
+    V res = m + 2.0f * s * q;
+    return x > 20.0f ? x : res;
+  }
+  static inline V dsoftplus(V x) { return x > 20.0f ? splat(1.0f) : sigmoid(x); }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int W = 8;
+  typedef double V __attribute__((vector_size(64)));
+
+  static constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
+  static inline V splat(double s) { return s - V{}; }
+  static inline V exp(V x) {
+    V r;
+    for (int l = 0; l < W; ++l) r[l] = std::exp(x[l]);
+    return r;
+  }
+  static inline V sigmoid(V x) {
+    V r;
+    for (int l = 0; l < W; ++l) r[l] = 1.0 / (1.0 + std::exp(-x[l]));
+    return r;
+  }
+  static inline V softplus(V x) {
+    V r;
+    for (int l = 0; l < W; ++l) r[l] = x[l] > 20.0 ? x[l] : std::log1p(std::exp(x[l]));
+    return r;
+  }
+  static inline V dsoftplus(V x) {
+    V r;
+    for (int l = 0; l < W; ++l) r[l] = x[l] > 20.0 ? 1.0 : 1.0 / (1.0 + std::exp(-x[l]));
+    return r;
+  }
+};
+
+}  // namespace ouromamba_vec

@@ -1,0 +1,209 @@
+"""Fused CPU ops for the quantized Mamba mixer around its GEMMs and scan (C++: ``csrc/mixer_ops.cpp``).
+
+* ``ouromamba::causal_conv1d_silu(x, weight, bias, scale, zero_point, qmin, qmax, reverse)`` --
+  ``silu(conv1d(fake_quant(x'), weight, bias, padding=K-1, groups=D)[..., :L])`` for ``x`` (B, D, L)
+  and a depthwise ``weight`` (D, 1, K), where ``x' = x.flip(-1)`` when ``reverse`` (the backward
+  branch of a bidirectional Vim block) and ``fake_quant`` is skipped when ``scale`` is None; the
+  scale and zero point are per tensor or per time step (of ``x'``). The result is (B, D, L) with
+  channel-contiguous memory (strides ``(L*D, 1, D)``): x_proj (which reads it transposed, as
+  (B, L, D)) and the scan read it without a copy. One pass over memory, replacing Inductor's
+  quantize-and-transpose kernel, the mkldnn convolution and the SiLU/slice kernel; ``flip`` is
+  never materialised.
+
+The reference implementation (plain torch, the same formula) runs on devices other than the
+CPU and on CPUs where the C++ build failed (with a warning naming the reason, like the scan's).
+Numbers: equal to the reference quantize -> conv1d -> slice -> SiLU up to float summation order
+(K products per output) and the exp of SiLU (about 1 ulp).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CSRC = Path(__file__).resolve().parent / "csrc" / "mixer_ops.cpp"
+_lock = threading.Lock()
+_state = {"tried": False, "ext": None, "reason": None}
+
+
+def _extension():
+    """The compiled C++ module, or None (forced reference, or the build failed: warned once)."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                import os
+
+                from ouromamba_fx.lowering.scan import _ENV_BACKEND, load_cpu_extension
+
+                if os.environ.get(_ENV_BACKEND, "").strip().lower() == "reference":
+                    _state["reason"] = f"{_ENV_BACKEND}=reference"
+                else:
+                    try:
+                        _state["ext"] = load_cpu_extension("mixer_ops", _CSRC)
+                    except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
+                        _state["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
+                        warnings.warn("ouromamba_fx: could not build the C++ mixer kernels (csrc/mixer_ops.cpp): "
+                                      f"{_state['reason']}\nUsing the slower plain-torch reference instead.",
+                                      RuntimeWarning, stacklevel=3)
+                _state["tried"] = True
+    return _state["ext"]
+
+
+def mixer_backend() -> str:
+    """``"cpp"`` when the C++ kernels of this module are in use on the CPU, else ``"reference"``."""
+    return "reference" if _extension() is None else "cpp"
+
+
+def _steps(t: Optional[Tensor], length: int) -> Optional[Tensor]:
+    """A per-tensor or per-time-step quantization parameter as a flat float32 vector."""
+    if t is None:
+        return None
+    flat = t.detach().reshape(-1).float().contiguous()
+    if flat.numel() not in (1, length):
+        raise ValueError(f"causal_conv1d_silu: a quantization parameter has {flat.numel()} values; expected 1 or "
+                         f"one per time step ({length})")
+    return flat
+
+
+def causal_conv1d_silu_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                           zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool) -> Tensor:
+    """Plain-torch twin of the op (the reference graph's ops in order), same output strides."""
+    from ouromamba_fx.lowering.quant import dequantize_ref, quantize_ref
+
+    x = x.float()
+    if reverse:
+        x = x.flip(-1)
+    length = x.shape[-1]
+    if scale is not None:
+        s = _steps(scale, length).reshape(1, 1, -1)
+        z = _steps(zero_point, length).reshape(1, 1, -1)
+        x = dequantize_ref(quantize_ref(x, s, z, qmin, qmax), s, z)
+    k = weight.shape[-1]
+    y = F.conv1d(x, weight.float(), None if bias is None else bias.float(), padding=k - 1, groups=x.shape[1])
+    y = F.silu(y[..., :length])
+    return y.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op("ouromamba::causal_conv1d_silu", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point, "
+                                "int qmin, int qmax, bool reverse) -> Tensor")
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                       zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool) -> Tensor:
+    if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
+        raise ValueError(f"causal_conv1d_silu: expected x (B, D, L) and a depthwise weight (D, 1, K); got "
+                         f"{tuple(x.shape)} and {tuple(weight.shape)}")
+    if (scale is None) != (zero_point is None):
+        raise ValueError("causal_conv1d_silu: give both scale and zero_point, or neither")
+    ext = _extension() if x.device.type == "cpu" and weight.shape[-1] <= 16 else None
+    if ext is None:
+        return causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse)
+    xf = x.float()
+    if xf.stride(1) != 1:  # the kernel reads a time step's channels as one vector
+        xf = xf.transpose(1, 2).contiguous().transpose(1, 2)
+    length = x.shape[-1]
+    empty = torch.empty(0)
+    s, z = _steps(scale, length), _steps(zero_point, length)
+    out = ext.conv_silu(xf, weight.detach().float().reshape(weight.shape[0], -1).t().contiguous(),
+                        empty if bias is None else bias.detach().float().contiguous(),
+                        empty if s is None else s, empty if z is None else z, int(qmin), int(qmax),
+                        bool(reverse), True)
+    return out.transpose(1, 2)
+
+
+@causal_conv1d_silu.register_fake
+def _(x, weight, bias, scale, zero_point, qmin, qmax, reverse):
+    b, d, length = x.shape
+    return torch.empty_strided((b, d, length), (length * d, 1, d), dtype=torch.float32, device=x.device)
+
+
+CONV1D_SILU_OP = torch.ops.ouromamba.causal_conv1d_silu.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixed-precision activations (OuroMamba-Quant) in one pass: mask, split, quantize.
+
+def _mixed_rows(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: int) -> tuple[Tensor, Tensor]:
+    """``x`` as (batch, L, C) float32 (a view when possible) and the per-step inlier scales (L,)."""
+    from ouromamba_fx.lowering.outlier import resample_steps
+
+    y = x.float().movedim((token_axis, channel_axis), (-2, -1))
+    rows = y.reshape(-1, y.shape[-2], y.shape[-1])
+    s_in = resample_steps(inlier_scale.detach().reshape(-1).float(), rows.shape[1]).contiguous()
+    return rows, s_in
+
+
+def _cpp_mixed(x: Tensor, bits: int, outlier_bits: int) -> bool:
+    return x.device.type == "cpu" and 2 <= bits <= 8 and outlier_bits == 8 and _extension() is not None
+
+
+@torch.library.custom_op("ouromamba::mixed_fake_quant", mutates_args=(),
+                         schema="(Tensor x, Tensor inlier_scale, int token_axis, int channel_axis, int inlier_bits, "
+                                "int outlier_bits, float k, int n_refresh) -> Tensor")
+def mixed_fake_quant_op(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: int, inlier_bits: int,
+                        outlier_bits: int, k: float, n_refresh: int) -> Tensor:
+    """``ouromamba::quantize_mixed`` (same arguments, same numbers: mask by the outlier rule, inliers
+    at ``inlier_bits`` with the static step scale, outliers at 8 bits per token) in one C++ pass per
+    sample on the CPU; the result is in ``x``'s shape (the time-step-major layout of the kernel,
+    seen through a permutation when ``x`` is not channels-last). Elsewhere: the reference."""
+    from ouromamba_fx.lowering.outlier import as_rows, from_rows, quantize_mixed_ref
+
+    if not _cpp_mixed(x, inlier_bits, outlier_bits):
+        ref = quantize_mixed_ref(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n_refresh)
+        # the layout the fake implementation promises
+        return from_rows(as_rows(ref, token_axis, channel_axis).contiguous(), x, token_axis, channel_axis)
+    rows, s_in = _mixed_rows(x, inlier_scale, token_axis, channel_axis)
+    (y,) = _extension().mixed_quant(rows, s_in, 2 ** (inlier_bits - 1) - 1, float(k), int(n_refresh), True)
+    return from_rows(y, x, token_axis, channel_axis)
+
+
+@mixed_fake_quant_op.register_fake
+def _(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n_refresh):
+    from ouromamba_fx.lowering.outlier import from_rows
+
+    moved = x.movedim((token_axis, channel_axis), (-2, -1))
+    rows = torch.empty(moved.shape, dtype=torch.float32, device=x.device).reshape(-1, *moved.shape[-2:])
+    return from_rows(rows, x, token_axis, channel_axis)
+
+
+@torch.library.custom_op("ouromamba::w4a4o8_linear_rt", mutates_args=(),
+                         schema="(Tensor x, Tensor inlier_scale, Tensor w_packed, Tensor w_scale, Tensor? bias, "
+                                "int k, float outlier_k, int n_refresh) -> Tensor")
+def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                     k: int, outlier_k: float, n_refresh: int) -> Tensor:
+    """The whole W4A4O8 linear of a ``quantize_mixed -> F.linear`` site, outlier detection included:
+    ``x`` (batch, L, K) is split by the outlier rule (threshold ``outlier_k``, windows of
+    ``n_refresh`` steps) into 4-bit inliers with the static step scale and 8-bit outliers with a
+    per-token scale, in one C++ pass (:func:`mixed_quant`), then multiplied by the packed int4
+    weights: one int8 GEMM for the inliers, one over the outlier channels only. Same numbers as
+    ``ouromamba::outlier_mask`` followed by ``ouromamba::w4a4o8_linear``, which is what runs on
+    other devices."""
+    from ouromamba_fx.lowering.fused import outlier_mask_op
+    from ouromamba_fx.lowering.qlinear import w4a4o8_linear, w4a4o8_linear_from_codes
+
+    if x.dim() < 2 or x.shape[-1] != k:
+        raise ValueError(f"w4a4o8_linear_rt: x must be (..., L, {k}); got {tuple(x.shape)}")
+    if not _cpp_mixed(x, 4, 8):
+        mask, step = outlier_mask_op(x, inlier_scale, x.dim() - 2, x.dim() - 1, 4, outlier_k, n_refresh)
+        return w4a4o8_linear(x, mask, step, w_packed, w_scale, bias, k)
+    rows, s_in = _mixed_rows(x, inlier_scale, x.dim() - 2, x.dim() - 1)
+    q_in, q_out, s_out, used = _extension().mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False)
+    m = q_in.shape[0] * q_in.shape[1]
+    s_rows = s_in.reshape(1, -1).expand(q_in.shape[0], -1).reshape(m, 1)
+    y = w4a4o8_linear_from_codes(q_in.view(m, k), s_rows, q_out.view(m, k), s_out.view(m, 1), used, w_packed,
+                                 w_scale, bias, k)
+    return y.reshape(*x.shape[:-1], w_packed.shape[0])
+
+
+@w4a4o8_linear_rt.register_fake
+def _(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh):
+    return torch.empty((*x.shape[:-1], w_packed.shape[0]), dtype=torch.float32, device=x.device)
+
+
+MIXED_FAKE_QUANT_OP = torch.ops.ouromamba.mixed_fake_quant.default
+W4A4O8_LINEAR_RT_OP = torch.ops.ouromamba.w4a4o8_linear_rt.default

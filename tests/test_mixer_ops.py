@@ -1,0 +1,128 @@
+"""The C++ mixer ops (csrc/mixer_ops.cpp) against their plain-torch references."""
+
+import pytest
+import torch
+
+from ouromamba_fx.lowering.fused import outlier_mask_op
+from ouromamba_fx.lowering.mixer import (causal_conv1d_silu_ref, mixed_fake_quant_op, mixer_backend,
+                                         w4a4o8_linear_rt)
+from ouromamba_fx.lowering.outlier import quantize_mixed_ref
+from ouromamba_fx.lowering.qlinear import pack_int4
+
+CONV = torch.ops.ouromamba.causal_conv1d_silu.default
+MIXED = torch.ops.ouromamba.mixed_fake_quant.default
+W4 = torch.ops.ouromamba.w4a4o8_linear_rt.default
+
+
+def test_the_cpp_kernels_are_in_use():
+    assert mixer_backend() == "cpp"
+
+
+def _conv_case(b, d, length, k, per_step, quant):
+    g = torch.Generator().manual_seed(b * 1000 + d + length)
+    base = torch.randn(b, length, 2 * d, generator=g)
+    x = base[..., :d].transpose(1, 2)  # channel-contiguous slice, as after in_proj
+    w = torch.randn(d, 1, k, generator=g) * 0.4
+    bias = torch.randn(d, generator=g)
+    if not quant:
+        return x, w, bias, None, None
+    n = length if per_step else 1
+    scale = (torch.rand(1, 1, n, generator=g) * 0.04 + 0.01)
+    zp = torch.zeros(1, 1, n) if per_step else torch.tensor([[[2.0]]])
+    return x, w, bias, scale, zp
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(2, 48, 17, 4), (1, 37, 1, 4), (3, 16, 33, 3), (2, 5, 9, 1)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("quant", ["none", "tensor", "step"])
+def test_causal_conv1d_silu_matches_the_reference(shape, reverse, quant):
+    b, d, length, k = shape
+    x, w, bias, scale, zp = _conv_case(b, d, length, k, quant == "step", quant != "none")
+    y = CONV(x, w, bias, scale, zp, -127, 127, reverse)
+    ref = causal_conv1d_silu_ref(x, w, bias, scale, zp, -127, 127, reverse)
+    assert y.shape == (b, d, length) and y.stride() == (length * d, 1, d)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_causal_conv1d_silu_reads_any_layout_and_no_bias():
+    x, w, _, scale, zp = _conv_case(2, 24, 11, 4, True, True)
+    xc = x.contiguous()  # time-contiguous (B, D, L)
+    torch.testing.assert_close(CONV(xc, w, None, scale, zp, -15, 15, True),
+                               causal_conv1d_silu_ref(xc, w, None, scale, zp, -15, 15, True), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_conv1d_silu_opcheck_and_errors():
+    x, w, bias, scale, zp = _conv_case(2, 20, 7, 4, True, True)
+    torch.library.opcheck(CONV, (x, w, bias, scale, zp, -127, 127, True))
+    torch.library.opcheck(CONV, (x.contiguous(), w, None, None, None, -127, 127, False))
+    with pytest.raises(ValueError, match="depthwise weight"):
+        CONV(x, w[:, :, :2].reshape(10, 2, 2), bias, None, None, -127, 127, False)
+    with pytest.raises(ValueError, match="both scale and zero_point"):
+        CONV(x, w, bias, scale, None, -127, 127, False)
+    with pytest.raises(ValueError, match="one per time step"):
+        CONV(x, w, bias, scale[..., :3], zp[..., :3], -127, 127, False)
+
+
+def _planted(b, length, c, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, length, c, generator=g)
+    x[:, :, 3 % c] *= 25.0  # a persistent outlier channel
+    x[0, length // 2, c - 1] = 60.0  # a lone one
+    s_in = (x.abs().amax((0, 2)) / 7 * 0.4).contiguous()
+    return x, s_in
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(2, 17, 40), (1, 1, 37), (3, 9, 16)])
+@pytest.mark.parametrize("n_refresh", [1, 4])
+def test_mixed_fake_quant_is_the_reference_bit_for_bit(shape, n_refresh):
+    x, s_in = _planted(*shape)
+    ref = quantize_mixed_ref(x, s_in, 1, 2, 4, 8, 2.0, n_refresh)
+    assert torch.equal(MIXED(x, s_in, 1, 2, 4, 8, 2.0, n_refresh), ref)
+    # channels-first layout (the scan's delta): same values, seen through a transpose
+    xt = x.transpose(1, 2).contiguous()
+    out = MIXED(xt, s_in, 2, 1, 4, 8, 2.0, n_refresh)
+    assert torch.equal(out, quantize_mixed_ref(xt, s_in, 2, 1, 4, 8, 2.0, n_refresh))
+    assert torch.equal(out.transpose(1, 2), ref)
+
+
+def test_mixed_fake_quant_flags_planted_outliers_and_passes_opcheck():
+    x, s_in = _planted(2, 17, 40)
+    y = MIXED(x, s_in, 1, 2, 4, 8, 2.0, 4)
+    step = s_in.reshape(1, -1, 1)
+    # the lone 60.0 is kept at 8 bits (a 4-bit inlier would clip it to 7 * step)
+    assert abs(float(y[0, 8, 39]) - 60.0) < 60.0 / 127
+    assert float(step[0, 8, 0]) * 7 < 59.0
+    torch.library.opcheck(MIXED, (x, s_in, 1, 2, 4, 8, 2.0, 4))
+    torch.library.opcheck(MIXED, (x.transpose(1, 2).contiguous(), s_in, 2, 1, 4, 8, 2.0, 1))
+    # another bit-width for the inliers, and 16-bit outliers go to the reference
+    assert torch.equal(MIXED(x, s_in, 1, 2, 6, 8, 2.0, 4), quantize_mixed_ref(x, s_in, 1, 2, 6, 8, 2.0, 4))
+    assert torch.equal(MIXED(x, s_in, 1, 2, 4, 16, 2.0, 4), quantize_mixed_ref(x, s_in, 1, 2, 4, 16, 2.0, 4))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(2, 17, 40, 24), (1, 1, 37, 5), (3, 9, 16, 16)])
+def test_w4a4o8_linear_rt_equals_mask_then_linear(shape):
+    b, length, k, n = shape
+    x, s_in = _planted(b, length, k, seed=1)
+    wq = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
+    ws, bias = torch.rand(n) * 0.01 + 1e-3, torch.randn(n)
+    y = w4a4o8_linear_rt(x, s_in, pack_int4(wq), ws, bias, k, 2.0, 4)
+    mask, step = outlier_mask_op(x, s_in, 1, 2, 4, 2.0, 4)
+    assert mask.any()
+    ref = torch.ops.ouromamba.w4a4o8_linear(x, mask, step, pack_int4(wq), ws, bias, k)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
+    # and the float model of it: quantize_mixed -> linear with the dequantized weights
+    deq = quantize_mixed_ref(x, s_in, 1, 2, 4, 8, 2.0, 4) @ (wq.float() * ws[:, None]).t() + bias
+    torch.testing.assert_close(y, deq, rtol=1e-4, atol=1e-3)
+
+
+def test_w4a4o8_linear_rt_opcheck_and_errors():
+    x, s_in = _planted(2, 9, 20, seed=3)
+    wq = torch.randint(-8, 8, (6, 20), dtype=torch.int8)
+    args = (x, s_in, pack_int4(wq), torch.rand(6) * 0.01, None, 20, 2.0, 4)
+    torch.library.opcheck(W4, args)
+    with pytest.raises(ValueError, match=r"\(\.\.\., L, 21\)"):
+        W4(x, s_in, pack_int4(wq), torch.rand(6), None, 21, 2.0, 4)
