@@ -10,8 +10,9 @@ Variants, each timed as the median of ``--rounds`` calls after two warm-up calls
 * ``fp32 compiled``   ``torch.compile(model)`` (Inductor, defaults);
 * ``bf16 compiled``   the same under ``torch.autocast("cpu", torch.bfloat16)`` (AMX bf16 GEMMs);
 * ``W8A8``, ``W4A4O8``  ``torch.compile(q, backend="ouromamba")``: the reference quantized graph
-  lowered to fused integer ops (int8 GEMMs, int4 + int8 outlier GEMMs, integer-input scan),
-  the float glue compiled by Inductor.
+  lowered to fused ops (int8 GEMMs; for W4A4O8 one op per linear that finds the outlier
+  channels, quantizes, runs the int4-weight inlier GEMM and adds the sparse 8-bit outlier term;
+  the C++ conv1d+SiLU; the float scan on fake-quantized inputs), the rest compiled by Inductor.
 
 All compiled variants use ``dynamic=False`` (one graph per batch size). Models: the bundled
 reference model (CIFAR-10, 32 px, d=128, depth 8) calibrated on its bundled sample images, and
@@ -43,11 +44,10 @@ MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_s
 VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "W8A8", "W4A4O8")
 # Extra variants (``--extra``): the lowering options, to see what each rule buys.
 EXTRA = {"W8A8 integer scan": ("W8A8", {"integer_scan": True}),
-         "W8A8 float scan": ("W8A8", {"integer_scan": False}),
          "W8A8 op": ("W8A8", {"int8_inline": False}),
-         "W4A4O8 op": ("W4A4O8", {"int4_inline": False}),
-         "W8A8 conv+silu": ("W8A8", {"conv_silu": True}),
-         "W4A4O8 conv+silu": ("W4A4O8", {"conv_silu": True})}
+         "W8A8 mkldnn conv": ("W8A8", {"conv_silu": False}),
+         "W4A4O8 mask+dense": ("W4A4O8", {"mixed_fused": False}),
+         "W4A4O8 mask+op": ("W4A4O8", {"mixed_fused": False, "int4_inline": False})}
 # Checked in this order (a conv may run as an mkldnn op, so "conv" comes before "mkldnn").
 CATEGORIES = {
     "conv": ("conv",),
@@ -55,6 +55,8 @@ CATEGORIES = {
     "GEMM": ("w8a8_linear", "int8_linear", "w4a4o8_linear", "aten::mm", "aten::addmm", "aten::linear",
              "aten::_int_mm", "aten::bmm", "aten::matmul", "mkldnn", "_linear_pointwise", "mkl_linear"),
     "quant": ("quantize", "outlier_mask", "outlier_split", "fake_quant"),
+    # (conv: ouromamba::causal_conv1d_silu matches "conv"; W4A4O8's w4a4o8_linear_rt is a GEMM op
+    # that also runs its activations' outlier detection and quantization)
 }
 
 
@@ -158,17 +160,19 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 def linear_weight_bytes(lowered) -> tuple[int, int]:
     """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
     from ouromamba_fx.lowering.fused import int8_linear_static, w4a4o8_linear_static
+    from ouromamba_fx.lowering.mixer import W4A4O8_LINEAR_RT_OP
     from ouromamba_fx.lowering.rules import W4A4O8_LINEAR, W8A8_LINEAR, const, int8_linear_nd
 
     gm = lowered.graph_module
     q_bytes = f_bytes = 0
     where = {W8A8_LINEAR: (1, 2), int8_linear_nd: (2, 3), int8_linear_static: (4, 5), W4A4O8_LINEAR: (3, 4),
-             w4a4o8_linear_static: (3, 4)}
+             w4a4o8_linear_static: (3, 4), W4A4O8_LINEAR_RT_OP: (2, 3)}
+    k_arg = {W4A4O8_LINEAR: 6, w4a4o8_linear_static: 6, W4A4O8_LINEAR_RT_OP: 5}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in where:
             continue
         w, s = (const(gm, n.args[i]) for i in where[n.target])
-        numel = w.shape[0] * n.args[6] if n.target in (W4A4O8_LINEAR, w4a4o8_linear_static) else w.numel()
+        numel = w.shape[0] * n.args[k_arg[n.target]] if n.target in k_arg else w.numel()
         q_bytes += w.numel() * w.element_size() + s.numel() * s.element_size()
         f_bytes += numel * 4
     return q_bytes, f_bytes

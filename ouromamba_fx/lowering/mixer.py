@@ -184,19 +184,31 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     ``ouromamba::outlier_mask`` followed by ``ouromamba::w4a4o8_linear``, which is what runs on
     other devices."""
     from ouromamba_fx.lowering.fused import outlier_mask_op
-    from ouromamba_fx.lowering.qlinear import w4a4o8_linear, w4a4o8_linear_from_codes
+    from ouromamba_fx.lowering.qlinear import w4a4o8_linear
 
     if x.dim() < 2 or x.shape[-1] != k:
         raise ValueError(f"w4a4o8_linear_rt: x must be (..., L, {k}); got {tuple(x.shape)}")
     if not _cpp_mixed(x, 4, 8):
         mask, step = outlier_mask_op(x, inlier_scale, x.dim() - 2, x.dim() - 1, 4, outlier_k, n_refresh)
         return w4a4o8_linear(x, mask, step, w_packed, w_scale, bias, k)
+    from ouromamba_fx.lowering.qlinear import _int_mm, unpack_int4
+
     rows, s_in = _mixed_rows(x, inlier_scale, x.dim() - 2, x.dim() - 1)
-    q_in, q_out, s_out, used = _extension().mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False)
+    ext = _extension()
+    q_in, q_out, s_out = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False)
     m = q_in.shape[0] * q_in.shape[1]
     s_rows = s_in.reshape(1, -1).expand(q_in.shape[0], -1).reshape(m, 1)
-    y = w4a4o8_linear_from_codes(q_in.view(m, k), s_rows, q_out.view(m, k), s_out.view(m, 1), used, w_packed,
-                                 w_scale, bias, k)
+    # int4 -> int8 once per call, laid out (K, N): the inlier GEMM's right operand as is, and the
+    # rows the outlier pass reads (one per outlier channel)
+    w_t = unpack_int4(w_packed, k).t().contiguous()
+    acc = _int_mm(q_in.view(m, k), w_t.t()).contiguous()
+    # outliers: a few channels per token, each an axpy over N inside the epilogue (the reference's
+    # dense or column-gathered GEMM spends its work on zeros: the union of a batch's outlier
+    # channels is most channels, while each token has only a few)
+    empty = torch.empty(0)
+    y = ext.w4a4o8_epilogue(acc, s_rows.reshape(-1).contiguous(), q_out.view(m, k), s_out.view(m), w_t,
+                            w_scale.detach().float().reshape(-1).contiguous(),
+                            empty if bias is None else bias.detach().float().contiguous())
     return y.reshape(*x.shape[:-1], w_packed.shape[0])
 
 

@@ -441,25 +441,6 @@ def _w4a4o8_epilogue(y: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tens
     return y
 
 
-def w4a4o8_linear_from_codes(q_in: Tensor, s_in: Tensor, q_out: Tensor, s_out: Tensor, used: Tensor,
-                             w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
-    """The W4A4O8 linear from already-split codes (CPU): int8 inlier codes ``q_in`` (M, K) with
-    row scales ``s_in`` (M, 1), int8 outlier codes ``q_out`` (M, K) (0 off the outlier channels)
-    with row scales ``s_out`` (M, 1), and ``used`` (K,) marking the channels flagged in any row;
-    the outlier GEMM runs over those columns only. The numbers of ``ouromamba::w4a4o8_linear``."""
-    w = unpack_int4(w_packed, k)
-    y = _float_in_place(_int_mm(q_in, w)).mul_(s_in)
-    cols = used.nonzero().flatten()
-    if cols.numel():
-        gathered = cols.numel() <= _SPARSE_OUTLIER_MAX_FRACTION * k
-        if gathered:
-            q_o, w_o = q_out[:, cols], w[:, cols]
-        else:
-            q_o, w_o = q_out, w
-        y.add_(_outlier_product(q_o, w_o, gathered).mul_(s_out))
-    return _w4a4o8_epilogue(y, w_scale, bias)
-
-
 # ---------------------------------------------------------------------------------------------
 # CUDA: Triton kernels, imported on first use, so this module works where triton is not installed.
 

@@ -171,6 +171,17 @@ inline void store_i8(int8_t* p, V v, int nl) {
 #endif
 }
 
+// Whether any lane of a 0/1 vector is set.
+inline bool any_lane(V v) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(0.5f), _CMP_GT_OQ) != 0;
+#else
+  bool any = false;
+  for (int l = 0; l < W; ++l) any |= v[l] > 0.5f;
+  return any;
+#endif
+}
+
 inline float hmax(V v) {
   float m = v[0];
   for (int l = 1; l < W; ++l) m = std::max(m, v[l]);
@@ -179,8 +190,8 @@ inline float hmax(V v) {
 
 // x: (R, L, C) float32, any strides (channel-contiguous is the fast path); s_in: (L,) float32 (the
 // static inlier scale of each time step); qi: inlier qmax (7 for 4 bits); k, n_refresh: the outlier
-// rule. Integer mode returns [q_in (R, L, C) int8, q_out (R, L, C) int8, s_out (R, L) float32,
-// used (C,) uint8: channels flagged in any row]; fake mode returns [y (R, L, C) float32], the
+// rule. Integer mode returns [q_in (R, L, C) int8, q_out (R, L, C) int8, s_out (R, L) float32];
+// fake mode returns [y (R, L, C) float32], the
 // dequantized values (outliers at 8 bits with their per-token scale, inliers at qi).
 std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int64_t qi, double k,
                                        int64_t n_refresh, bool fake) {
@@ -204,15 +215,11 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
   const int64_t nb = (C + W - 1) / W;
   const float kf = static_cast<float>(k);
   const float qif = static_cast<float>(qi);
-  const int nthreads = at::get_num_threads();
-  std::vector<std::vector<V>> used_parts(static_cast<size_t>(nthreads));
   at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
     // One row of channels as nb vectors; the outlier mask as 0/1 lanes (the window's running OR,
     // or this step's flags when n_refresh <= 1); padding lanes are 0 and never flagged.
     std::vector<V> row(static_cast<size_t>(nb)), mask(static_cast<size_t>(nb));
     std::vector<float> gather(static_cast<size_t>(nb * W), 0.0f);
-    std::vector<V>& used = used_parts[static_cast<size_t>(at::get_thread_num())];
-    if (used.empty()) used.assign(static_cast<size_t>(nb), VF::splat(0.0f));
     const V zero = VF::splat(0.0f), one = VF::splat(1.0f);
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t t = 0; t < L; ++t) {
@@ -256,7 +263,6 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
           const V a = VF::abs(row[j]);
           if (trigger) mask[j] = a > theta ? one : mask[j];
           omaxv = mask[j] > 0.5f && a > omaxv ? a : omaxv;
-          used[j] = mask[j] > used[j] ? mask[j] : used[j];
         }
         const float so = std::max(hmax(omaxv) / 127.0f, 1e-8f);
         const int64_t o = (r * L + t) * C;
@@ -265,7 +271,9 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
           const V v = row[j];
           const auto out = mask[j] > 0.5f;
           const V vi = round_even(clamp((out ? zero : v) / s, -qif, qif));
-          const V vo = round_even(clamp((out ? v : zero) / so, -127.0f, 127.0f));
+          const bool any_out = any_lane(mask[j]);
+          // most vectors hold no outlier: their 8-bit codes are all 0 without dividing
+          const V vo = any_out ? round_even(clamp((out ? v : zero) / so, -127.0f, 127.0f)) : zero;
           if (fake) {
             store(y.data_ptr<float>() + o + j * W, out ? vo * so : vi * s, nl);
           } else {
@@ -278,14 +286,93 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
     }
   });
   if (fake) return {y};
-  auto used_t = torch::zeros({C}, x.options().dtype(torch::kUInt8));
-  uint8_t* up = used_t.data_ptr<uint8_t>();
-  for (const auto& part : used_parts) {
-    for (size_t j = 0; j < part.size(); ++j) {
-      for (int l = 0; l < W && static_cast<int64_t>(j) * W + l < C; ++l) up[j * W + l] |= part[j][l] > 0.5f;
-    }
+  return {q_in, q_out, s_out};
+}
+
+// ---------------------------------------------------------------------------------------------
+// w4a4o8_epilogue
+
+// The W4A4O8 linear's epilogue in one pass over the (M, N) output, in place of the int32 inlier
+// accumulator acc (M, N) (reinterpreted as float32 and returned):
+//   y = ((acc * s_in[m] + (q_out[m, :] @ w_t) * s_out[m]) * w_scale) + bias
+// q_out (M, K) int8 holds the outlier codes (zero off the outlier channels); per row only its
+// non-zero codes are visited, each a vector axpy over N of w_t (K, N) int8. Those sums are of
+// integers below 2^24 (K * 127 * 8 at most), exact in float32 in any order: the same numbers as an
+// int32 GEMM of the outliers. Rows with no outlier skip that term (it is exactly 0).
+torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tensor q_out, torch::Tensor s_out,
+                              torch::Tensor w_t, torch::Tensor w_scale, torch::Tensor bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == torch::kInt, "w4a4o8_epilogue: acc");
+  const int64_t M = acc.size(0), N = acc.size(1), K = q_out.size(1);
+  TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
+              "w4a4o8_epilogue: q_out");
+  TORCH_CHECK(w_t.dim() == 2 && w_t.is_contiguous() && w_t.scalar_type() == torch::kInt8 && w_t.size(0) == K &&
+                  w_t.size(1) == N, "w4a4o8_epilogue: w_t");
+  for (const auto* t : {&s_in, &s_out}) {
+    TORCH_CHECK(t->is_contiguous() && t->numel() == M && t->scalar_type() == torch::kFloat,
+                "w4a4o8_epilogue: row scales");
   }
-  return {q_in, q_out, s_out, used_t};
+  TORCH_CHECK(w_scale.is_contiguous() && w_scale.numel() == N && w_scale.scalar_type() == torch::kFloat,
+              "w4a4o8_epilogue: w_scale");
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
+              "w4a4o8_epilogue: bias");
+  int32_t* ap = acc.data_ptr<int32_t>();
+  float* yp = reinterpret_cast<float*>(ap);
+  const int8_t* qp = q_out.data_ptr<int8_t>();
+  const int8_t* wp = w_t.data_ptr<int8_t>();
+  const float* sip = s_in.data_ptr<float>();
+  const float* sop = s_out.data_ptr<float>();
+  const float* wsp = w_scale.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  const int64_t nb = (N + W - 1) / W;
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<V> oacc(static_cast<size_t>(nb));
+    for (int64_t m = begin; m < end; ++m) {
+      const int8_t* q = qp + m * K;
+      bool any = false;
+      for (int64_t c = 0; c < K; ++c) {
+        if (q[c] == 0) continue;
+        if (!any) {
+          std::fill(oacc.begin(), oacc.end(), VF::splat(0.0f));
+          any = true;
+        }
+        const float qc = static_cast<float>(q[c]);
+        const int8_t* wr = wp + c * N;
+        for (int64_t j = 0; j < nb; ++j) {
+          const int nl = static_cast<int>(std::min<int64_t>(W, N - j * W));
+          V wv;
+#if defined(__AVX512F__)
+          if (nl == W) {
+            wv = (V)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + j * W))));
+          } else
+#endif
+          {
+            wv = VF::splat(0.0f);
+            for (int l = 0; l < nl; ++l) wv[l] = static_cast<float>(wr[j * W + l]);
+          }
+          oacc[j] += qc * wv;
+        }
+      }
+      const float si = sip[m], so = sop[m];
+      int32_t* ar = ap + m * N;
+      float* yr = yp + m * N;
+      for (int64_t j = 0; j < nb; ++j) {
+        const int nl = static_cast<int>(std::min<int64_t>(W, N - j * W));
+        VF::I iv = {};
+        if (nl == W) {
+          std::memcpy(&iv, ar + j * W, sizeof(iv));
+        } else {
+          std::memcpy(&iv, ar + j * W, sizeof(int32_t) * nl);
+        }
+        V v = __builtin_convertvector(iv, V) * si;
+        if (any) v = v + oacc[j] * so;
+        v = v * load(wsp + j * W, nl);
+        if (bp) v = v + load(bp + j * W, nl);
+        store(yr + j * W, v, nl);
+      }
+    }
+  });
+  return acc.view(torch::kFloat);
 }
 
 }  // namespace ouromamba_mixer
@@ -295,4 +382,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "depthwise causal conv1d (+ input fake quantization, + SiLU), channel-contiguous output");
   m.def("mixed_quant", &ouromamba_mixer::mixed_quant,
         "OuroMamba-Quant mixed-precision quantization: outlier rule, int8 codes or dequantized values");
+  m.def("w4a4o8_epilogue", &ouromamba_mixer::w4a4o8_epilogue,
+        "W4A4O8 epilogue in place of the int32 inlier accumulator: scales, sparse outlier term, bias");
 }
