@@ -9,11 +9,21 @@
   (B, L, D)) and the scan read it without a copy. One pass over memory, replacing Inductor's
   quantize-and-transpose kernel, the mkldnn convolution and the SiLU/slice kernel; ``flip`` is
   never materialised.
+* ``ouromamba::mixed_fake_quant`` -- ``ouromamba::quantize_mixed`` (OuroMamba-Quant: the outlier
+  rule per time-step and sample, inliers at the static step scale, outliers at 8 bits with a
+  per-token scale) in one pass per sample, bit for bit the reference's numbers on the tested
+  inputs (the rule's mean/std are summed in another order, so a channel sitting exactly on the
+  threshold could flip). For the scan's delta/B/C at W4A4O8.
+* ``ouromamba::w4a4o8_linear_rt`` -- a whole W4A4O8 linear: the same split into int8 codes, the
+  inlier GEMM on int4 weights unpacked per call (``torch._int_mm``), and an epilogue that adds
+  each token's few outlier channels as vector axpys (exact integer sums) before the scales and
+  the bias, in one pass over the output.
 
-The reference implementation (plain torch, the same formula) runs on devices other than the
+The reference implementations (plain torch, the same formulas; for ``w4a4o8_linear_rt`` the ops
+``outlier_mask`` + ``w4a4o8_linear``, which have Triton kernels) run on devices other than the
 CPU and on CPUs where the C++ build failed (with a warning naming the reason, like the scan's).
-Numbers: equal to the reference quantize -> conv1d -> slice -> SiLU up to float summation order
-(K products per output) and the exp of SiLU (about 1 ulp).
+Numbers of the conv: the reference quantize -> conv1d -> slice -> SiLU up to float summation
+order (K products per output) and the exp of SiLU (about 1 ulp).
 """
 
 from __future__ import annotations
