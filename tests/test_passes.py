@@ -125,3 +125,14 @@ def test_manager_orders_by_requirements_and_snapshots(tiny_vim):
     pm.run(capture(tiny_vim), Context(of.W8A8, calib=[X], show_progress=False))
     assert [s.pass_name for s in pm.snapshots] == ["capture"] + order
     assert [s.changed for s in pm.snapshots[1:]] == [True, False, False, True]
+
+
+def test_quantize_ops_pass_opcheck_on_transposed_inputs():
+    # the real ops return what their fake implementations promise (contiguous), also for the
+    # transposed activations the reference graph quantizes (conv1d and scan inputs)
+    x = torch.randn(2, 5, 7).transpose(1, 2)
+    s, z = torch.rand(1, 1, 5) + 0.1, torch.zeros(1, 1, 5)
+    torch.library.opcheck(QUANTIZE, (x, s, z, -127, 127))
+    q = QUANTIZE(x, s, z, -127, 127)
+    assert q.is_contiguous()
+    torch.library.opcheck(DEQUANTIZE, (q.transpose(1, 2), s.transpose(1, 2), z.transpose(1, 2)))

@@ -34,7 +34,10 @@ def quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int)
     """Affine quantization to int8 storage with a broadcastable scale (see module docstring)."""
     if not -128 <= qmin < qmax <= 127:
         raise ValueError(f"ouromamba::quantize: range [{qmin}, {qmax}] does not fit int8")
-    return quantize_ref(x, scale, zero_point, qmin, qmax)
+    # contiguous, as the fake implementation says: elementwise results otherwise follow the
+    # input's strides (a transposed activation gave transposed codes) and Inductor, planning
+    # buffers from the fake, would read them wrongly
+    return quantize_ref(x, scale, zero_point, qmin, qmax).contiguous()
 
 
 @quantize.register_fake
@@ -45,8 +48,8 @@ def _(x, scale, zero_point, qmin, qmax):
 
 @torch.library.custom_op("ouromamba::dequantize", mutates_args=())
 def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
-    """Inverse of :func:`quantize`: ``(q - zero_point) * scale`` in float32."""
-    return dequantize_ref(q, scale, zero_point)
+    """Inverse of :func:`quantize`: ``(q - zero_point) * scale`` in float32 (contiguous, like the fake)."""
+    return dequantize_ref(q, scale, zero_point).contiguous()
 
 
 @dequantize.register_fake
