@@ -14,9 +14,11 @@ Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs the
   epilogue, in plain torch for Inductor to fuse); with ``inline=False`` the custom ops
   ``ouromamba::w8a8_linear`` (8 bits) or ``ouromamba::int8_linear`` on the kept ``quantize``.
 * :class:`LowerW4A4O8Linear` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
-  ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes ``ouromamba::outlier_mask``
-  + :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (or, ``inline=False``, the op
-  ``ouromamba::w4a4o8_linear``) on weights packed two per byte.
+  ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes, on weights packed two per
+  byte, ``ouromamba::w4a4o8_linear_rt`` (default: outlier rule, split, quantization, int4 GEMM and
+  sparse outlier term in one op, :mod:`ouromamba_fx.lowering.mixer`), or with ``fused=False``
+  ``ouromamba::outlier_mask`` + :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (or,
+  ``inline=False``, the op ``ouromamba::w4a4o8_linear``).
 * :class:`LowerIntegerScan` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
   ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
 * :class:`LowerConv1dSilu` -- ``[flip ->] quantize -> dequantize -> conv1d (depthwise, causal
@@ -27,8 +29,9 @@ Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs the
   becomes :func:`~ouromamba_fx.lowering.fused.fake_quant`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
   torch with the same formula, which Inductor fuses into the kernel producing its input.
-* :class:`InlineMixedFakeQuant` -- ``quantize_mixed`` sites left (feeding float ops) become
-  ``ouromamba::outlier_mask`` + :func:`~ouromamba_fx.lowering.fused.mixed_fake_quant`.
+* :class:`InlineMixedFakeQuant` -- ``quantize_mixed`` sites left (feeding float ops) become the
+  one-pass ``ouromamba::mixed_fake_quant`` (8-bit outliers), else ``ouromamba::outlier_mask`` +
+  :func:`~ouromamba_fx.lowering.fused.mixed_fake_quant`.
 * :class:`FoldWeightDequant` -- ``dequantize`` of a constant weight (conv1d, or a linear no rule
   took) is computed once into a float constant (the same numbers).
 """
