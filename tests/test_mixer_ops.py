@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from ouromamba_fx.lowering.fused import outlier_mask_op
-from ouromamba_fx.lowering.mixer import (causal_conv1d_silu_ref, mixed_fake_quant_op, mixer_backend,
-                                         w4a4o8_linear_rt)
+from ouromamba_fx.lowering.mixer import causal_conv1d_silu_ref, mixer_backend, w4a4o8_linear_rt
 from ouromamba_fx.lowering.outlier import quantize_mixed_ref
 from ouromamba_fx.lowering.qlinear import pack_int4
 

@@ -45,7 +45,8 @@ def lowering_passes(conv_silu: bool = True, integer_scan: bool = False, int8_inl
 
     ``mixed_fused``: W4A4O8's run-time outlier channels in one C++ pass per activation
     (``ouromamba::w4a4o8_linear_rt`` for linears: mask, split, quantize, then the inlier GEMM and
-    a GEMM over the outlier channels only; ``ouromamba::mixed_fake_quant`` for the scan's inputs)
+    each token's outlier channels added in the epilogue; ``ouromamba::mixed_fake_quant`` for the
+    scan's inputs)
     instead of ``ouromamba::outlier_mask`` followed by plain-torch splitting."""
     passes: list[Pass] = [LowerW8A8Linear(inline=int8_inline),
                           LowerW4A4O8Linear(inline=int4_inline, fused=mixed_fused)]

@@ -122,7 +122,7 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale:
     out = ext.conv_silu(xf, weight.detach().float().reshape(weight.shape[0], -1).t().contiguous(),
                         empty if bias is None else bias.detach().float().contiguous(),
                         empty if s is None else s, empty if z is None else z, int(qmin), int(qmax),
-                        bool(reverse), True)
+                        bool(reverse))
     return out.transpose(1, 2)
 
 
@@ -207,7 +207,6 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     ext = _extension()
     q_in, q_out, s_out = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False)
     m = q_in.shape[0] * q_in.shape[1]
-    s_rows = s_in.reshape(1, -1).expand(q_in.shape[0], -1).reshape(m, 1)
     # int4 -> int8 once per call, laid out (K, N): the inlier GEMM's right operand as is, and the
     # rows the outlier pass reads (one per outlier channel)
     w_t = unpack_int4(w_packed, k).t().contiguous()
@@ -216,7 +215,7 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     # dense or column-gathered GEMM spends its work on zeros: the union of a batch's outlier
     # channels is most channels, while each token has only a few)
     empty = torch.empty(0)
-    y = ext.w4a4o8_epilogue(acc, s_rows.reshape(-1).contiguous(), q_out.view(m, k), s_out.view(m), w_t,
+    y = ext.w4a4o8_epilogue(acc, s_in.repeat(q_in.shape[0]), q_out.view(m, k), s_out.view(m), w_t,
                             w_scale.detach().float().reshape(-1).contiguous(),
                             empty if bias is None else bias.detach().float().contiguous())
     return y.reshape(*x.shape[:-1], w_packed.shape[0])

@@ -419,26 +419,20 @@ def _w4a4o8_linear_fast(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> Te
         else:
             x_out, w_out = x2.masked_fill(~m2, 0.0), w
         s_out = _amax_rows(x_out).div_(127).clamp_min_(EPS)
-        y.add_(_outlier_product(_quantize_rows(x_out, s_out, 127), w_out, gathered).mul_(s_out))
+        q_out = _quantize_rows(x_out, s_out, 127)
+        if gathered and cols.numel() <= _FP32_EXACT_MAX_K:
+            # Few columns: an fp32 GEMM is exact here (every product and partial sum is an integer
+            # of magnitude <= 127 * 8 * K' < 2**24, whatever the summation order) and writes floats
+            # directly, saving the int32 -> float pass over (M, N): ~30 % faster than _int_mm.
+            acc_out = q_out.float() @ w_out.float().t()
+        else:
+            acc_out = _float_in_place(_int_mm(q_out, w_out))
+        y.add_(acc_out.mul_(s_out))
     # else: q_out == 0, acc_out * s_out == 0 exactly, and y + 0 == y.
-    return _w4a4o8_epilogue(y, w_scale, bias).reshape(*lead, w.shape[0])
-
-
-def _outlier_product(q_out: Tensor, w_out: Tensor, gathered: bool) -> Tensor:
-    """``q_out @ w_out^T`` as float32, exact: int8 outlier codes (M, K') times int4 weights (N, K')."""
-    if gathered and q_out.shape[1] <= _FP32_EXACT_MAX_K:
-        # Few columns: an fp32 GEMM is exact here (every product and partial sum is an integer
-        # of magnitude <= 127 * 8 * K' < 2**24, whatever the summation order) and writes floats
-        # directly, saving the int32 -> float pass over (M, N): ~30 % faster than _int_mm.
-        return q_out.float() @ w_out.float().t()
-    return _float_in_place(_int_mm(q_out, w_out))
-
-
-def _w4a4o8_epilogue(y: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     y.mul_(w_scale.float().reshape(1, -1))
     if bias is not None:
         y.add_(bias.float())
-    return y
+    return y.reshape(*lead, w.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def int8_linear_nd(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, b
 class LowerW4A4O8Linear(Pass):
     """``fused=True`` (default) emits ``ouromamba::w4a4o8_linear_rt``
     (:mod:`ouromamba_fx.lowering.mixer`: the outlier rule, the split and the quantization in one
-    C++ pass, then the inlier GEMM and a GEMM over the outlier channels only). Otherwise
+    C++ pass, then the inlier GEMM and each token's outlier channels added in the epilogue). Otherwise
     ``ouromamba::outlier_mask`` (the reference's code) and, with ``inline=True``,
     :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (plain torch, two dense
     ``torch._int_mm``, fused by Inductor), with ``inline=False`` the opaque
@@ -275,20 +275,16 @@ class LowerW4A4O8Linear(Pass):
                     new = gm.graph.call_function(W4A4O8_LINEAR_RT_OP, (x, s_n, wp_n, ws_n, b, int(wq.shape[1]),
                                                                        float(k), n_refresh))
                 keep_tag(node, new, kind="fused", op="w4a4o8_linear_rt")
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
-                changed += 1
-                continue
-            with gm.graph.inserting_before(node):
-                mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
-                                                             n_refresh))
-                m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
-            with gm.graph.inserting_before(node):
-                inline = self.inline and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
-                target = w4a4o8_linear_static if inline else W4A4O8_LINEAR
-                new = gm.graph.call_function(target, (x, m, step_s, wp_n, ws_n, b, int(wq.shape[1])))
-            keep_tag(x_mq, mask, kind="outlier_mask")
-            keep_tag(node, new, kind="fused", op=getattr(target, "__name__", "w4a4o8_linear"))
+            else:
+                with gm.graph.inserting_before(node):
+                    mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
+                                                                 n_refresh))
+                    m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+                    inline = self.inline and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
+                    target = w4a4o8_linear_static if inline else W4A4O8_LINEAR
+                    new = gm.graph.call_function(target, (x, m, step_s, wp_n, ws_n, b, int(wq.shape[1])))
+                keep_tag(x_mq, mask, kind="outlier_mask")
+                keep_tag(node, new, kind="fused", op=getattr(target, "__name__", "w4a4o8_linear"))
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             changed += 1

@@ -11,6 +11,8 @@
 //                 the outlier rule with its window of n_refresh steps, then the int8 codes of the
 //                 inliers (static per-step scale) and of the outliers (dynamic per-token scale),
 //                 or their dequantized values (fake quantization).
+// w4a4o8_epilogue the W4A4O8 linear's epilogue over the int32 inlier accumulator, with each
+//                 token's few outlier channels added as exact vector axpys instead of a GEMM.
 //
 // Semantics: ouromamba_fx/lowering/mixer.py (module docstring). Both kernels compute in float32;
 // quantization divides by the scale (as ouromamba::quantize does) and rounds half to even, so
@@ -78,7 +80,7 @@ inline V clamp(V x, float lo, float hi) {
 // x: (B, D, L) float32 with channel stride 1; w: (K, D) (the conv weight transposed); bias (D,)
 // or empty; scale / zp: (L,) or (1,) float32, or empty (no input quantization). Returns (B, L, D).
 torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor scale,
-                        torch::Tensor zp, int64_t qmin, int64_t qmax, bool reverse, bool silu) {
+                        torch::Tensor zp, int64_t qmin, int64_t qmax, bool reverse) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.stride(1) == 1,
               "conv_silu: x must be float32 (B, D, L) with channel stride 1");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "conv_silu: w must be (K, D)");
@@ -143,7 +145,7 @@ torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, to
           const int nl = static_cast<int>(std::min<int64_t>(W, D - j * W));
           V acc = bp ? load(bp + j * W, nl) : VF::splat(0.0f);
           for (int64_t k = 0; k < K; ++k) acc += load(wp + k * D + j * W, nl) * taps[k][j];
-          if (silu) acc = acc / (1.0f + VF::exp(-acc));
+          acc = acc / (1.0f + VF::exp(-acc));  // SiLU
           store(dst + j * W, acc, nl);
         }
       }
@@ -191,8 +193,8 @@ inline float hmax(V v) {
 // x: (R, L, C) float32, any strides (channel-contiguous is the fast path); s_in: (L,) float32 (the
 // static inlier scale of each time step); qi: inlier qmax (7 for 4 bits); k, n_refresh: the outlier
 // rule. Integer mode returns [q_in (R, L, C) int8, q_out (R, L, C) int8, s_out (R, L) float32];
-// fake mode returns [y (R, L, C) float32], the
-// dequantized values (outliers at 8 bits with their per-token scale, inliers at qi).
+// fake mode returns [y (R, L, C) float32], the dequantized values (outliers at 8 bits with their
+// per-token scale, inliers at qi).
 std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int64_t qi, double k,
                                        int64_t n_refresh, bool fake) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat, "mixed_quant: x must be float32 (R, L, C)");
@@ -379,7 +381,7 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_silu", &ouromamba_mixer::conv_silu,
-        "depthwise causal conv1d (+ input fake quantization, + SiLU), channel-contiguous output");
+        "depthwise causal conv1d + SiLU (+ input fake quantization), channel-contiguous output");
   m.def("mixed_quant", &ouromamba_mixer::mixed_quant,
         "OuroMamba-Quant mixed-precision quantization: outlier rule, int8 codes or dequantized values");
   m.def("w4a4o8_epilogue", &ouromamba_mixer::w4a4o8_epilogue,
