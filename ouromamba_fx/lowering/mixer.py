@@ -28,8 +28,6 @@ order (K products per output) and the exp of SiLU (about 1 ulp).
 
 from __future__ import annotations
 
-import threading
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -37,32 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_CSRC = Path(__file__).resolve().parent / "csrc" / "mixer_ops.cpp"
-_lock = threading.Lock()
-_state = {"tried": False, "ext": None, "reason": None}
+from ouromamba_fx.lowering.scan import LazyCpuExtension
 
-
-def _extension():
-    """The compiled C++ module, or None (forced reference, or the build failed: warned once)."""
-    if not _state["tried"]:
-        with _lock:
-            if not _state["tried"]:
-                import os
-
-                from ouromamba_fx.lowering.scan import _ENV_BACKEND, load_cpu_extension
-
-                if os.environ.get(_ENV_BACKEND, "").strip().lower() == "reference":
-                    _state["reason"] = f"{_ENV_BACKEND}=reference"
-                else:
-                    try:
-                        _state["ext"] = load_cpu_extension("mixer_ops", _CSRC)
-                    except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
-                        _state["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
-                        warnings.warn("ouromamba_fx: could not build the C++ mixer kernels (csrc/mixer_ops.cpp): "
-                                      f"{_state['reason']}\nUsing the slower plain-torch reference instead.",
-                                      RuntimeWarning, stacklevel=3)
-                _state["tried"] = True
-    return _state["ext"]
+_EXT = LazyCpuExtension("mixer_ops", Path(__file__).resolve().parent / "csrc" / "mixer_ops.cpp",
+                        "the C++ mixer kernels")
+_extension = _EXT.get
 
 
 def mixer_backend() -> str:

@@ -75,9 +75,6 @@ reference is :func:`selective_scan_qi_ref`.
 
 from __future__ import annotations
 
-import os
-import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -85,6 +82,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref  # noqa: F401  (same semantics)
+from ouromamba_fx.lowering.scan import LazyCpuExtension
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
@@ -104,36 +102,10 @@ def _prep(u, delta, A, B, C, delta_bias, delta_softplus):
 # ---------------------------------------------------------------------------------------------
 # Lazy build of the C++ kernels (same flags, cache and switch as lowering/scan.py's kernel).
 
-_CSRC = Path(__file__).resolve().parent / "csrc" / "selective_scan_q.cpp"
-_lock = threading.Lock()
-_state = {"tried": False, "ext": None, "reason": None}
-
-
-def _build_extension():
-    from ouromamba_fx.lowering.scan import load_cpu_extension
-
-    return load_cpu_extension("selective_scan_q", _CSRC)
-
-
-def _extension():
-    """The compiled C++ module, or ``None`` (reference in use: forced, or the build failed)."""
-    if not _state["tried"]:
-        with _lock:
-            if not _state["tried"]:
-                from ouromamba_fx.lowering.scan import _ENV_BACKEND
-
-                if os.environ.get(_ENV_BACKEND, "").strip().lower() == "reference":
-                    _state.update(ext=None, reason=f"{_ENV_BACKEND}=reference")
-                else:
-                    try:
-                        _state["ext"] = _build_extension()
-                    except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
-                        _state["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
-                        warnings.warn("ouromamba_fx: could not build the C++ quantized selective scan "
-                                      f"(csrc/selective_scan_q.cpp): {_state['reason']}\nUsing the slow "
-                                      "plain-torch reference instead.", RuntimeWarning, stacklevel=3)
-                _state["tried"] = True
-    return _state["ext"]
+_EXT = LazyCpuExtension("selective_scan_q", Path(__file__).resolve().parent / "csrc" / "selective_scan_q.cpp",
+                        "the C++ quantized selective scan")
+_state = _EXT.state
+_extension = _EXT.get
 
 
 def qscan_backend() -> str:

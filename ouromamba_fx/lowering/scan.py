@@ -110,6 +110,36 @@ def _build_extension():
     return load_cpu_extension("selective_scan", _CSRC)
 
 
+class LazyCpuExtension:
+    """One more C++ kernel file of ``csrc/``, built on first use (thread-safe) by
+    :func:`load_cpu_extension`. :meth:`get` returns the module, or None when
+    ``OUROMAMBA_SCAN_BACKEND=reference`` or the build failed (warned once, naming ``what`` and the
+    reason, which ``state["reason"]`` keeps); callers then run their plain-torch references."""
+
+    def __init__(self, stem: str, source: Path, what: str) -> None:
+        self.stem, self.source, self.what = stem, source, what
+        self.state = {"tried": False, "ext": None, "reason": None}
+        self._lock = threading.Lock()
+
+    def get(self):
+        st = self.state
+        if not st["tried"]:
+            with self._lock:
+                if not st["tried"]:
+                    if os.environ.get(_ENV_BACKEND, "").strip().lower() == "reference":
+                        st.update(ext=None, reason=f"{_ENV_BACKEND}=reference")
+                    else:
+                        try:
+                            st["ext"] = load_cpu_extension(self.stem, self.source)
+                        except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
+                            st["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
+                            warnings.warn(f"ouromamba_fx: could not build {self.what} (csrc/{self.source.name}): "
+                                          f"{st['reason']}\nUsing the slower plain-torch reference instead.",
+                                          RuntimeWarning, stacklevel=2)
+                    st["tried"] = True
+        return st["ext"]
+
+
 def _extension():
     """The compiled extension module, or ``None`` when the reference implementation is in use."""
     if _state["backend"] is None:
