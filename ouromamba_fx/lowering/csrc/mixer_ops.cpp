@@ -169,7 +169,10 @@ inline void store_i8(int8_t* p, V v, int nl) {
     std::memcpy(p, tmp, nl);
   }
 #else
-  for (int l = 0; l < nl; ++l) p[l] = static_cast<int8_t>(v[l]);
+  // (GCC/Clang vector conversions: a few packing instructions on AVX2, no per-lane loop)
+  typedef int8_t I8 __attribute__((vector_size(16)));
+  const I8 b = __builtin_convertvector(__builtin_convertvector(v, VF::I), I8);
+  std::memcpy(p, &b, static_cast<size_t>(nl));
 #endif
 }
 
@@ -349,8 +352,11 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
           } else
 #endif
           {
-            wv = VF::splat(0.0f);
-            for (int l = 0; l < nl; ++l) wv[l] = static_cast<float>(wr[j * W + l]);
+            // sign-extend 16 int8 lanes (vpmovsxbd + vcvtdq2ps without AVX-512)
+            typedef int8_t I8 __attribute__((vector_size(16)));
+            I8 b = {};
+            std::memcpy(&b, wr + j * W, static_cast<size_t>(nl));
+            wv = __builtin_convertvector(__builtin_convertvector(b, VF::I), V);
           }
           oacc[j] += qc * wv;
         }

@@ -36,7 +36,8 @@
 // Blocks never straddle a group boundary, so a variable B_t[n] is one scalar for the whole block.
 //
 // float64 inputs are computed in float64 (with libm's exp / log1p, lane by lane); everything else
-// in float32 with the branch-free vector exp below (about 1 ulp).
+// in float32 with om_vec.h's branch-free vector functions: the decays exp(dt A) as
+// exp2(dt * A log2 e) (under 2 ulp), log2 e folded into A once per block.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -264,7 +265,8 @@ struct Scratch {
   V* Y = nullptr;    // y, then du (backward)
   V* DSP = nullptr;  // d softplus / dx (backward)
   V* Z = nullptr;    // z, then dz (backward)
-  V* AT = nullptr;   // A, constant B, constant C: N vectors each
+  V* AT = nullptr;   // A, A log2 e, constant B, constant C: N vectors each
+  V* A2 = nullptr;
   V* BT = nullptr;
   V* CT = nullptr;
   V* H = nullptr;    // states: N vectors (forward), (L + 1) * N (backward)
@@ -279,7 +281,7 @@ struct Scratch {
   Scratch(int64_t L, int64_t N, bool backward) {
     const int64_t tiles = backward ? 6 * L : 3 * L;
     const int64_t states = backward ? (L + 1) * N + L * N + 6 * N : N;
-    buf.assign(static_cast<size_t>(tiles + 3 * N + states), Vec<T>::splat(T(0)));
+    buf.assign(static_cast<size_t>(tiles + 4 * N + states), Vec<T>::splat(T(0)));
     V* p = buf.data();
     auto take = [&p](int64_t n) {
       V* r = p;
@@ -290,6 +292,7 @@ struct Scratch {
     DT = take(L);
     X = take(L);
     AT = take(N);
+    A2 = take(N);
     BT = take(N);
     CT = take(N);
     if (!backward) {
@@ -330,7 +333,10 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
       if (DSP) DSP[t] = F::splat(T(1));
     }
   }
-  for (int64_t n = 0; n < N; ++n) S.AT[n] = lanes<T>(P.A + d0 * N + n, nl, N);
+  for (int64_t n = 0; n < N; ++n) {
+    S.AT[n] = lanes<T>(P.A + d0 * N + n, nl, N);
+    S.A2[n] = S.AT[n] * F::kLog2e;
+  }
   if (!P.B.variable) {
     for (int64_t n = 0; n < N; ++n) S.BT[n] = lanes<T>(P.B.at(b, d0) + n * P.B.s_n, nl, P.B.s_g);
   }
@@ -358,7 +364,7 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     pf.add(P.z, next.b, next.d0, L);
   }
   V* __restrict__ H = S.H;
-  const V* __restrict__ AT = S.AT;
+  const V* __restrict__ A2 = S.A2;  // A log2 e
   const V* __restrict__ BT = S.BT;
   const V* __restrict__ CT = S.CT;
   for (int64_t n = 0; n < N; ++n) H[n] = F::splat(T(0));
@@ -375,7 +381,7 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
       const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
-      const V h = F::exp(dt * AT[n]) * H[n] + dtu * bv;
+      const V h = F::exp2(dt * A2[n]) * H[n] + dtu * bv;
       H[n] = h;
       y += cv * h;
     }
@@ -504,6 +510,7 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
     pf.add(P.z, next.b, next.d0, L);
   }
   const V* __restrict__ AT = S.AT;
+  const V* __restrict__ A2 = S.A2;  // A log2 e
   const V* __restrict__ BT = S.BT;
   const V* __restrict__ CT = S.CT;
   V* __restrict__ HS = S.H;     // HS[t * N + n] = h_{t-1}[n]; HS[0 .. N) = 0
@@ -527,7 +534,7 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
       const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
-      const V a = F::exp(dt * AT[n]);
+      const V a = F::exp2(dt * A2[n]);
       const V h = a * hp[n] + dtu * bv;
       dec[n] = a;
       hn[n] = h;

@@ -138,7 +138,7 @@ void fwd_block(const Problem<T>& P, int64_t b, int64_t d0, const T* BsAll, const
   const V inv_rc = T(1) / rc;
   for (int64_t n = 0; n < N; ++n) {
     V a = VT::splat(T(0));
-    for (int l = 0; l < nl; ++l) a[l] = P.A[(d0 + l) * N + n];
+    for (int l = 0; l < nl; ++l) a[l] = P.A[(d0 + l) * N + n] * VT::kLog2e;  // exp(d A) = exp2(d A log2 e)
     Av[n] = a;
     h[n] = VT::splat(T(0));
   }
@@ -159,7 +159,7 @@ void fwd_block(const Problem<T>& P, int64_t b, int64_t d0, const T* BsAll, const
     if (quant) {
       const V s = VT::splat(P.sscale[t]);
       for (int64_t n = 0; n < N; ++n) {
-        const V carry = VT::exp(d * Av[n]) * ratio;
+        const V carry = VT::exp2(d * Av[n]) * ratio;
         V x = (carry * h[n] + du * bt[n]) / s;
         x = x > hi ? hi : x;
         x = x < lo ? lo : x;
@@ -170,7 +170,7 @@ void fwd_block(const Problem<T>& P, int64_t b, int64_t d0, const T* BsAll, const
       }
     } else {
       for (int64_t n = 0; n < N; ++n) {
-        const V carry = VT::exp(d * Av[n]) * ratio;
+        const V carry = VT::exp2(d * Av[n]) * ratio;
         const V hn = carry * h[n] + du * bt[n];
         h[n] = hn;
         acc += hn * ct[n];
@@ -208,7 +208,7 @@ void stats_block(const Problem<T>& P, int64_t d0, T* hsum, T* hmax, std::vector<
   for (int64_t i = 0; i < L * N; ++i) S[i] = M[i] = VT::splat(T(0));
   for (int64_t n = 0; n < N; ++n) {
     V a = VT::splat(T(0));
-    for (int l = 0; l < nl; ++l) a[l] = P.A[(d0 + l) * N + n];
+    for (int l = 0; l < nl; ++l) a[l] = P.A[(d0 + l) * N + n] * VT::kLog2e;  // exp(d A) = exp2(d A log2 e)
     Av[n] = a;
   }
   const V* dv = reinterpret_cast<const V*>(dt);
@@ -224,7 +224,7 @@ void stats_block(const Problem<T>& P, int64_t d0, T* hsum, T* hmax, std::vector<
       V* st = S + t * N;
       V* mt = M + t * N;
       for (int64_t n = 0; n < N; ++n) {
-        const V hn = VT::exp(d * Av[n]) * h[n] + du * Bt[t * N + n];
+        const V hn = VT::exp2(d * Av[n]) * h[n] + du * Bt[t * N + n];
         h[n] = hn;
         const V a = hn < T(0) ? -hn : hn;
         st[n] += a;
