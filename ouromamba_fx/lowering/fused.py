@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ouromamba_fx.lowering import cpu_gemm
 from ouromamba_fx.lowering.outlier import EPS, as_rows, from_rows, outlier_mask, resample_steps
 from ouromamba_fx.lowering.quant import dequantize_ref, quantize_ref
 
@@ -85,16 +86,21 @@ def int8_linear_static(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q: Te
     """``F.linear(fake_quant(x), dequantize(w_q))`` with integer arithmetic: ``x`` (..., K) is
     quantized with the static symmetric scale ``x_scale`` (broadcastable to (..., 1), zero point 0)
     to ``[qmin, qmax]``, multiplied by the int8 weight ``w_q`` (N, K) exactly in int32
-    (``torch._int_mm``, oneDNN/AMX on CPU), then ``((acc * x_scale) * w_scale) + bias`` in float32
+    (``torch._int_mm``, oneDNN/AMX on CPU; an exact fp32 GEMM of the codes on x86 CPUs without
+    VNNI/AMX, :mod:`~ouromamba_fx.lowering.cpu_gemm`), then ``((acc * x_scale) * w_scale) + bias`` in float32
     -- the numbers of ``ouromamba::int8_linear``. Plain torch: under Inductor the quantization
     fuses into the kernel that produces ``x`` and the epilogue into the one that consumes ``y``,
     which the opaque custom op cannot do (measured ~2x faster end to end around a Vim-S in_proj).
     Needs K >= 2 (``torch._int_mm`` on CPU is wrong for K == 1; the rule keeps the op there)."""
     lead, k = x.shape[:-1], x.shape[-1]
     xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
-    q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax).to(torch.int8)
-    acc = torch._int_mm(q, w_q.t())
-    y = acc.float() * xs * w_scale.float().reshape(1, -1)
+    q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax)
+    if x.device.type == "cpu" and cpu_gemm.mode() == "emulated":
+        # x86 CPU without VNNI/AMX: the same integer sums as an fp32 GEMM (cpu_gemm)
+        acc = cpu_gemm.float_mm(q, w_q, max(-qmin, qmax), 127)
+    else:
+        acc = torch._int_mm(q.to(torch.int8), w_q.t()).float()
+    y = acc * xs * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, w_q.shape[0])
@@ -117,8 +123,13 @@ def w4a4o8_linear_static(x: Tensor, mask: Tensor, step_scale: Tensor, w_packed: 
     x_out = x2.masked_fill(~m2, 0.0)
     s_out = (x_out.abs().amax(-1, keepdim=True) / 127).clamp_min(EPS)
     q_out = torch.round(x_out / s_out).clamp(-127, 127).to(torch.int8)
-    w = unpack_int4(w_packed, k).t()
-    y = torch._int_mm(q_in, w).float() * s_in + torch._int_mm(q_out, w).float() * s_out
+    if x.device.type == "cpu" and cpu_gemm.mode() == "emulated":
+        w = unpack_int4(w_packed, k)
+        acc_in, acc_out = cpu_gemm.float_mm(q_in, w, 7, 8), cpu_gemm.float_mm(q_out, w, 127, 8)
+    else:
+        w = unpack_int4(w_packed, k).t()
+        acc_in, acc_out = torch._int_mm(q_in, w).float(), torch._int_mm(q_out, w).float()
+    y = acc_in * s_in + acc_out * s_out
     y = y * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()

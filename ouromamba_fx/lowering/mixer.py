@@ -178,16 +178,21 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     if not _cpp_mixed(x, 4, 8):
         mask, step = outlier_mask_op(x, inlier_scale, x.dim() - 2, x.dim() - 1, 4, outlier_k, n_refresh)
         return w4a4o8_linear(x, mask, step, w_packed, w_scale, bias, k)
+    from ouromamba_fx.lowering import cpu_gemm
     from ouromamba_fx.lowering.qlinear import _int_mm, unpack_int4
 
     rows, s_in = _mixed_rows(x, inlier_scale, x.dim() - 2, x.dim() - 1)
     ext = _extension()
     q_in, q_out, s_out = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False)
     m = q_in.shape[0] * q_in.shape[1]
-    # int4 -> int8 once per call, laid out (K, N): the inlier GEMM's right operand as is, and the
-    # rows the outlier pass reads (one per outlier channel)
-    w_t = unpack_int4(w_packed, k).t().contiguous()
-    acc = _int_mm(q_in.view(m, k), w_t.t()).contiguous()
+    # int4 -> int8 once per weight (kept beside the model's packed weight while it lives: this CPU
+    # has no int4 GEMM), laid out (K, N): the rows the outlier pass reads, one per outlier channel
+    w_t = cpu_gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
+    if cpu_gemm.mode() == "emulated" and cpu_gemm.u8_exact(7, 8):
+        # no VNNI/AMX: oneDNN u8 x s8, exact for 4-bit codes x int4 weights (float accumulator)
+        acc = cpu_gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
+    else:
+        acc = _int_mm(q_in.view(m, k), w_t.t()).contiguous()
     # outliers: a few channels per token, each an axpy over N inside the epilogue (the reference's
     # dense or column-gathered GEMM spends its work on zeros: the union of a batch's outlier
     # channels is most channels, while each token has only a few)

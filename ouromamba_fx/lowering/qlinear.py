@@ -39,7 +39,9 @@ in its low nibble and column ``2j + 1`` in its high nibble; for odd K the last h
 
 Kernels, by device:
 
-* CPU: ``torch._int_mm`` (oneDNN, VNNI on AVX-512 CPUs) for the int8 products; quantization and
+* CPU: ``torch._int_mm`` (oneDNN, VNNI on AVX-512 CPUs) for the int8 products; on x86 CPUs
+  without VNNI/AMX, where ``torch._int_mm`` is a slow reference loop, the same integers by the
+  exact kernels of :mod:`ouromamba_fx.lowering.cpu_gemm`. Quantization and
   the epilogue are a few in-place torch ops. On CPU ``torch._int_mm`` accepts any 2-D int8 shapes
   (no multiple-of-8 or M > 16 rule as on CUDA), so nothing is padded, but on torch 2.14 it returns
   garbage for K == 1 (checked by a sweep over M, N in 1..1000, K in 1..769: K == 1 is the only
@@ -65,6 +67,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ouromamba_fx.lowering import cpu_gemm
 from ouromamba_fx.lowering.quant import quantize_ref
 
 __all__ = [
@@ -314,9 +317,10 @@ def _int_mm(a: Tensor, b: Tensor) -> Tensor:
             # any M, N > 1); the product is an outer product, exact in int32.
             out = a.to(torch.int32) * b.to(torch.int32).t()
         else:
-            # b.t() is a column-major (K, N) view: oneDNN takes it as is (measured as fast as a
-            # contiguous copy or faster).
-            out = torch._int_mm(a, b.t())
+            # torch._int_mm where the CPU has VNNI/AMX (b.t() is a column-major (K, N) view:
+            # oneDNN takes it as is, measured as fast as a contiguous copy or faster), an exact
+            # fp32 GEMM elsewhere (torch._int_mm is a slow reference loop there): cpu_gemm
+            out = cpu_gemm.int_mm(a, b)
     except RuntimeError as e:
         if not _warned_fallback:
             warnings.warn(f"torch._int_mm refused shapes {tuple(a.shape)} x {tuple(b.shape)} ({e}); "

@@ -297,8 +297,9 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
 // ---------------------------------------------------------------------------------------------
 // w4a4o8_epilogue
 
-// The W4A4O8 linear's epilogue in one pass over the (M, N) output, in place of the int32 inlier
-// accumulator acc (M, N) (reinterpreted as float32 and returned):
+// The W4A4O8 linear's epilogue in one pass over the (M, N) output, in place of the inlier
+// accumulator acc (M, N): int32 (reinterpreted as float32 and returned), or float32 holding the
+// same integers (from oneDNN's u8 x s8 GEMM on CPUs without VNNI):
 //   y = ((acc * s_in[m] + (q_out[m, :] @ w_t) * s_out[m]) * w_scale) + bias
 // q_out (M, K) int8 holds the outlier codes (zero off the outlier channels); per row only its
 // non-zero codes are visited, each a vector axpy over N of w_t (K, N) int8. Those sums are of
@@ -306,7 +307,10 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
 // int32 GEMM of the outliers. Rows with no outlier skip that term (it is exactly 0).
 torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tensor q_out, torch::Tensor s_out,
                               torch::Tensor w_t, torch::Tensor w_scale, torch::Tensor bias) {
-  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == torch::kInt, "w4a4o8_epilogue: acc");
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() &&
+                  (acc.scalar_type() == torch::kInt || acc.scalar_type() == torch::kFloat),
+              "w4a4o8_epilogue: acc must be a contiguous int32 or float32 (M, N) matrix");
+  const bool acc_float = acc.scalar_type() == torch::kFloat;
   const int64_t M = acc.size(0), N = acc.size(1), K = q_out.size(1);
   TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
               "w4a4o8_epilogue: q_out");
@@ -321,7 +325,7 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
   const bool has_bias = bias.defined() && bias.numel() > 0;
   TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
               "w4a4o8_epilogue: bias");
-  int32_t* ap = acc.data_ptr<int32_t>();
+  int32_t* ap = reinterpret_cast<int32_t*>(acc.data_ptr());
   float* yp = reinterpret_cast<float*>(ap);
   const int8_t* qp = q_out.data_ptr<int8_t>();
   const int8_t* wp = w_t.data_ptr<int8_t>();
@@ -366,13 +370,18 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
       float* yr = yp + m * N;
       for (int64_t j = 0; j < nb; ++j) {
         const int nl = static_cast<int>(std::min<int64_t>(W, N - j * W));
-        VF::I iv = {};
-        if (nl == W) {
-          std::memcpy(&iv, ar + j * W, sizeof(iv));
+        V v;
+        if (acc_float) {
+          v = load(yr + j * W, nl) * si;
         } else {
-          std::memcpy(&iv, ar + j * W, sizeof(int32_t) * nl);
+          VF::I iv = {};
+          if (nl == W) {
+            std::memcpy(&iv, ar + j * W, sizeof(iv));
+          } else {
+            std::memcpy(&iv, ar + j * W, sizeof(int32_t) * nl);
+          }
+          v = __builtin_convertvector(iv, V) * si;
         }
-        V v = __builtin_convertvector(iv, V) * si;
         if (any) v = v + oacc[j] * so;
         v = v * load(wsp + j * W, nl);
         if (bp) v = v + load(bp + j * W, nl);
@@ -380,7 +389,7 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
       }
     }
   });
-  return acc.view(torch::kFloat);
+  return acc_float ? acc : acc.view(torch::kFloat);
 }
 
 }  // namespace ouromamba_mixer

@@ -1,0 +1,159 @@
+"""Exact integer GEMMs on any x86 CPU: which kernel computes ``a @ b^T`` for small integers.
+
+``torch._int_mm`` (oneDNN s8 x s8 -> s32) is fast only where the CPU has int8 dot-product
+instructions (AVX-512 VNNI, AMX). Without them (AVX2-only CPUs such as AMD Zen 2/3, Intel before
+Cascade Lake) it runs a reference loop: measured on a 2-core AMD EPYC (Zen 3, AVX2), torch 2.14, a
+(3152, 384) x (384, 1536) product takes 3-6 s there against 45-56 ms for fp32 ``mm`` -- a W8A8 Vim
+became 6x slower than its float model. oneDNN's u8 x s8 kernel is fast on those CPUs (about 2x
+fp32), but it multiplies through ``vpmaddubsw``, which adds pairs of u8 x s8 products in
+*saturating* int16: exact only while ``2 * max|u| * max|w| <= 32767``.
+
+:func:`mode` decides once per process:
+
+* ``"int_mm"`` -- CPUs with VNNI or AMX, and non-x86 CPUs: ``torch._int_mm`` for everything.
+* ``"emulated"`` -- x86 CPUs without them. Products whose operands are small enough (activation
+  codes shifted to u8 = q + 128, so ``max|u| = 128 + qmax_a``, against weights of at most
+  ``qmax_w`` in magnitude, with ``(128 + qmax_a) * qmax_w <= 16383``: every int4-weight product of
+  W4A4O8, 4- or 8-bit activations alike) run on oneDNN u8 x s8 with the weight prepacked once
+  (:func:`u8_mm`); everything else (W8A8: 8-bit codes x 8-bit weights) as an fp32 GEMM on the
+  integer values, exact because every partial sum is an integer below 2^24 (K split into chunks
+  where ``K * qmax_a * qmax_w`` would reach it; :func:`float_mm`). Same integers as
+  ``torch._int_mm``, so the same numbers end to end; speed: fp32's for W8A8, about 2x fp32's for
+  the int4 GEMMs.
+
+``OUROMAMBA_CPU_INT8_GEMM=int_mm`` or ``=emulated`` overrides the choice (tests use it to run both
+paths on one machine).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import weakref
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+ENV = "OUROMAMBA_CPU_INT8_GEMM"
+MODES = ("int_mm", "emulated")
+# u8 x s8 pairs are added in saturating int16 (vpmaddubsw): 2 * max|u| * max|w| <= 32767.
+_U8_PAIR_LIMIT = 16383
+# fp32 holds every integer below 2^24 exactly.
+_FP32_EXACT = 2 ** 24
+
+
+@functools.lru_cache(maxsize=None)
+def _detected() -> str:
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "int_mm"
+    probes = ("_is_vnni_supported", "_is_amx_tile_supported")
+    fast = any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+    return "int_mm" if fast else "emulated"
+
+
+def mode() -> str:
+    """``"int_mm"`` or ``"emulated"`` for this CPU (see the module docstring), or the value of
+    ``OUROMAMBA_CPU_INT8_GEMM`` when it is set."""
+    env = os.environ.get(ENV, "").strip()
+    if env:
+        if env not in MODES:
+            raise ValueError(f"{ENV}={env!r}: expected one of {', '.join(MODES)}")
+        return env
+    return _detected()
+
+
+def describe() -> str:
+    """One line for reports and benchmarks: which integer GEMM this CPU runs."""
+    m = mode()
+    if m == "int_mm":
+        return "int8 GEMMs: torch._int_mm (oneDNN; CPU with VNNI/AMX or not x86)"
+    return ("int8 GEMMs: emulated (x86 CPU without VNNI/AMX, where torch._int_mm is a slow reference loop): "
+            "int4-weight products on oneDNN u8 x s8, 8-bit x 8-bit as exact fp32 GEMMs")
+
+
+def u8_exact(qmax_a: int, qmax_w: int) -> bool:
+    """Whether oneDNN's u8 x s8 product is exact for activation codes in [-qmax_a, qmax_a] (shifted
+    to u8) and weights of magnitude <= qmax_w, on CPUs without VNNI (saturating int16 pairs)."""
+    return (128 + qmax_a) * qmax_w <= _U8_PAIR_LIMIT and torch.backends.mkldnn.is_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-weight caches (prepacked oneDNN weights, unpacked int4): keyed by the weight tensor itself,
+# dropped when it is freed, rebuilt when it is modified in place.
+
+_CACHE: dict[tuple[int, str], tuple[weakref.ref, int, object]] = {}
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors have no version counter (and cannot be modified)
+        return -1
+
+
+def cached(key_tensor: Tensor, tag: str, make: Callable[[], object]) -> object:
+    """``make()``, computed once per (``key_tensor``, ``tag``) while ``key_tensor`` lives and is not
+    modified in place."""
+    key = (id(key_tensor), tag)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is key_tensor and hit[1] == _version(key_tensor):
+        return hit[2]
+    value = make()
+    ref = weakref.ref(key_tensor, lambda _r, key=key: _CACHE.pop(key, None))
+    _CACHE[key] = (ref, _version(key_tensor), value)
+    return value
+
+
+def cache_size() -> int:
+    return len(_CACHE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+def _chunked_mm(a: Tensor, b: Tensor, qmax_a: int, qmax_w: int) -> Tensor:
+    # float32 when one chunk covers K (every partial sum an integer below 2^24), else int32
+    k = a.shape[-1]
+    per = max(1, (_FP32_EXACT - 1) // max(1, qmax_a * qmax_w))
+    af = a.float()
+    bf = b.float()
+    if k <= per:
+        return af @ bf.t()
+    acc = None
+    for k0 in range(0, k, per):
+        part = (af[:, k0:k0 + per] @ bf[:, k0:k0 + per].t()).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def float_mm(a: Tensor, b: Tensor, qmax_a: int, qmax_w: int) -> Tensor:
+    """``float(a @ b^T)`` (the exact integer sums, then rounded to float32 as ``torch._int_mm(...)
+    .float()`` rounds them) for integer-valued ``a`` (M, K) and ``b`` (N, K) (any dtype) of
+    magnitudes <= qmax_a / qmax_w: fp32 GEMMs over chunks of K short enough that every partial
+    sum is an integer below 2^24 (so exact in any summation order), chunks added in int32 when
+    there is more than one. Plain torch (traceable by Inductor)."""
+    return _chunked_mm(a, b, qmax_a, qmax_w).float()
+
+
+def u8_mm(q: Tensor, w: Tensor, key: Tensor, tag: str = "onednn") -> Tensor:
+    """``q @ w^T`` as float32 for int8 ``q`` (M, K) and int8 ``w`` (N, K) on oneDNN u8 x s8 (``q`` is
+    shifted to u8 = q + 128, oneDNN subtracts the zero point's term exactly). Exact only where
+    :func:`u8_exact` holds for the operands' ranges: callers check. ``w`` is prepacked once per
+    ``key`` (the model's own weight tensor, e.g. its packed int4 form)."""
+    n = w.shape[0]
+    packed = cached(key, tag, lambda: torch.ops.onednn.qlinear_prepack(w.contiguous(), None))
+    ones = cached(key, tag + ":ones", lambda: torch.ones(n))
+    zps = cached(key, tag + ":zps", lambda: torch.zeros(n, dtype=torch.long))
+    u = q.contiguous().view(torch.uint8) ^ 0x80  # two's complement q + 128
+    return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, packed, ones, zps, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def int_mm(a: Tensor, b: Tensor, qmax_a: int = 127, qmax_w: int = 127) -> Tensor:
+    """Exact int32 ``a @ b^T`` for int8 ``a`` (M, K), ``b`` (N, K) on the CPU by this CPU's fast path:
+    ``torch._int_mm`` in mode ``int_mm``, else an exact fp32 GEMM (:func:`float_mm`)."""
+    if mode() == "int_mm":
+        return torch._int_mm(a, b.t())
+    return _chunked_mm(a, b, qmax_a, qmax_w).to(torch.int32)

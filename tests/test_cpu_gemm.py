@@ -1,0 +1,114 @@
+"""The CPU integer GEMM paths (``ouromamba_fx.lowering.cpu_gemm``): each exact against an int64
+reference, the u8 x s8 exactness bound, the weight cache, and both modes giving the same numbers
+end to end on lowered models, whichever mode this CPU picks by itself."""
+
+import gc
+
+import pytest
+import torch
+
+import ouromamba_fx as of
+from ouromamba_fx.lowering import cpu_gemm
+from ouromamba_fx.models import VisionMamba
+
+from .conftest import tiny_config
+
+
+def exact(a, b):
+    return (a.long() @ b.long().t()).double()
+
+
+def ints(shape, q, seed):
+    return torch.randint(-q, q + 1, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 33, 5), (64, 384, 96)])
+def test_float_mm_is_exact(m, k, n):
+    a, b = ints((m, k), 127, 0), ints((n, k), 127, 1)
+    assert torch.equal(cpu_gemm.float_mm(a, b, 127, 127).double(), exact(a, b))
+
+
+def test_float_mm_splits_k_where_fp32_would_round(monkeypatch):
+    # K * 127 * 127 >= 2^24 for K >= 1041: the same all-127 rows summed in one fp32 GEMM would
+    # reach 2^24 and beyond; chunked, the result is the exact integer
+    k = 3000
+    a = torch.full((3, k), 127, dtype=torch.int8)
+    b = torch.full((2, k), 127, dtype=torch.int8)
+    b[1, ::7] = -127
+    want = exact(a, b)
+    assert want[0, 0] > 2 ** 24  # the case that needs the split
+    assert torch.equal(cpu_gemm.float_mm(a, b, 127, 127), want.float())  # = torch._int_mm(...).float()
+    monkeypatch.setenv(cpu_gemm.ENV, "emulated")
+    assert torch.equal(cpu_gemm.int_mm(a, b).double(), want)
+
+
+def test_int_mm_both_modes_exact(monkeypatch):
+    a, b = ints((17, 40), 127, 2), ints((9, 40), 127, 3)
+    for mode in cpu_gemm.MODES:
+        monkeypatch.setenv(cpu_gemm.ENV, mode)
+        out = cpu_gemm.int_mm(a, b)
+        assert out.dtype == torch.int32 and torch.equal(out.double(), exact(a, b)), mode
+
+
+def test_u8_bound():
+    assert cpu_gemm.u8_exact(7, 8) and cpu_gemm.u8_exact(127, 8) and cpu_gemm.u8_exact(127, 64)
+    assert not cpu_gemm.u8_exact(127, 127) and not cpu_gemm.u8_exact(127, 65)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("qa", [7, 127])
+@pytest.mark.parametrize("m,k,n", [(1, 2, 1), (13, 31, 7), (200, 384, 160)])
+def test_u8_mm_exact_for_int4_weights(qa, m, k, n):
+    # full-range codes: every int16 pair sum is as large as these ranges allow
+    a = ints((m, k), qa, 4)
+    b = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    a[0] = qa
+    b[0] = 7
+    key = torch.zeros(1)
+    out = cpu_gemm.u8_mm(a, b, key)
+    assert out.dtype == torch.float32 and torch.equal(out.double(), exact(a, b))
+
+
+def test_cache_reuses_rebuilds_and_forgets():
+    key = torch.zeros(3)
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.ones(2) * len(made)
+
+    first = cpu_gemm.cached(key, "t", make)
+    assert cpu_gemm.cached(key, "t", make) is first and len(made) == 1
+    key.add_(1)  # modified in place: rebuilt
+    assert cpu_gemm.cached(key, "t", make) is not first and len(made) == 2
+    before = cpu_gemm.cache_size()
+    del key
+    gc.collect()
+    assert cpu_gemm.cache_size() == before - 1
+
+
+def test_mode_override_and_bad_value(monkeypatch):
+    monkeypatch.setenv(cpu_gemm.ENV, "emulated")
+    assert cpu_gemm.mode() == "emulated" and "emulated" in cpu_gemm.describe()
+    monkeypatch.setenv(cpu_gemm.ENV, "int_mm")
+    assert cpu_gemm.mode() == "int_mm"
+    monkeypatch.setenv(cpu_gemm.ENV, "fast")
+    with pytest.raises(ValueError, match=cpu_gemm.ENV):
+        cpu_gemm.mode()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("preset", ["W8A8", "W4A4O8"])
+def test_lowered_models_same_numbers_in_both_modes(monkeypatch, preset):
+    torch.manual_seed(0)
+    model = VisionMamba(tiny_config(depth=2)).eval()
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    q = of.convert(model, calib=calib, config=getattr(of, preset), show_progress=False)
+    outs = {}
+    for mode in cpu_gemm.MODES:
+        monkeypatch.setenv(cpu_gemm.ENV, mode)
+        outs[mode] = q.lower()(x)
+    ref = q(x)
+    assert torch.equal(outs["int_mm"], outs["emulated"])
+    assert torch.allclose(outs["emulated"], ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
