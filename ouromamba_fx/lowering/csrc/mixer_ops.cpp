@@ -69,10 +69,7 @@ inline void store(float* p, V v, int nl) {
 // Round half to even, exact for |x| < 2^22 (callers clamp to the integer range first).
 inline V round_even(V x) { return (x + VF::kMagic) - VF::kMagic; }
 
-inline V clamp(V x, float lo, float hi) {
-  x = x < lo ? VF::splat(lo) : x;
-  return x > hi ? VF::splat(hi) : x;
-}
+inline V clamp(V x, float lo, float hi) { return VF::vmin(VF::splat(hi), VF::vmax(VF::splat(lo), x)); }  // NaN stays NaN
 
 // ---------------------------------------------------------------------------------------------
 // conv_silu
@@ -240,7 +237,7 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
           const int nl = static_cast<int>(std::min<int64_t>(W, C - j * W));
           row[j] = load(src + j * W, nl);
           const V a = VF::abs(row[j]);
-          amax = a > amax ? a : amax;
+          amax = VF::vmax(a, amax);
           sumv += a;
         }
         double sum = 0.0;

@@ -15,7 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -34,6 +34,43 @@ struct Vec<float> {
 
   static constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: x + M - M rounds half to even
   static inline V splat(float s) { return s - V{}; }  // (s - 0 is exactly s, also for -0)
+
+  // Lane-wise min / max with x86 semantics (b where either is NaN). Without AVX-512, GCC lowers
+  // comparisons and ?: on these 64-byte vectors lane by lane, with branches (seen in the assembly
+  // of GCC 12 for AVX2: a scalar vcomiss per lane), so min / max / abs go through two 256-bit
+  // halves explicitly there; arithmetic is split into 256-bit instructions by the compiler itself.
+#if defined(__AVX512F__)
+  static inline V vmin(V a, V b) { return (V)_mm512_min_ps((__m512)a, (__m512)b); }
+  static inline V vmax(V a, V b) { return (V)_mm512_max_ps((__m512)a, (__m512)b); }
+#elif defined(__AVX__)
+  union Halves {
+    V v;
+    __m256 h[2];
+  };
+  static inline V vmin(V a, V b) {
+    Halves x{a}, y{b};
+    x.h[0] = _mm256_min_ps(x.h[0], y.h[0]);
+    x.h[1] = _mm256_min_ps(x.h[1], y.h[1]);
+    return x.v;
+  }
+  static inline V vmax(V a, V b) {
+    Halves x{a}, y{b};
+    x.h[0] = _mm256_max_ps(x.h[0], y.h[0]);
+    x.h[1] = _mm256_max_ps(x.h[1], y.h[1]);
+    return x.v;
+  }
+  // v where x >= lo or x is NaN, else +0
+  static inline V keep_nlt(V v, V x, V lo) {
+    Halves r{v}, a{x}, b{lo};
+    r.h[0] = _mm256_and_ps(r.h[0], _mm256_cmp_ps(a.h[0], b.h[0], _CMP_NLT_UQ));
+    r.h[1] = _mm256_and_ps(r.h[1], _mm256_cmp_ps(a.h[1], b.h[1], _CMP_NLT_UQ));
+    return r.v;
+  }
+#else
+  static inline V vmin(V a, V b) { return a < b ? a : b; }
+  static inline V vmax(V a, V b) { return a > b ? a : b; }
+  static inline V keep_nlt(V v, V x, V lo) { return x < lo ? splat(0.0f) : v; }
+#endif
 
   // exp(x): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r fitted
   // for minimal relative error (< 1e-7 in float arithmetic), then scaling by 2^k. Results below
@@ -64,8 +101,7 @@ struct Vec<float> {
   }
 #else
   static inline V exp(V x) {
-    V xc = x < kLo ? splat(kLo) : x;
-    xc = xc > kHi ? splat(kHi) : xc;
+    const V xc = vmax(splat(kLo), vmin(splat(kHi), x));  // NaN stays NaN
     V kf = xc * 1.4426950408889634f + kMagic;  // round to nearest integer
     kf = kf - kMagic;
     V r = xc - kf * 0.693359375f;  // ln2 split into an exact high part ...
@@ -77,8 +113,7 @@ struct Vec<float> {
     I k2 = k - k1;
     I e1 = (k1 + 127) << 23;
     I e2 = (k2 + 127) << 23;
-    V res = (p * (V)e1) * (V)e2;
-    return x < kLo ? splat(0.0f) : res;
+    return keep_nlt((p * (V)e1) * (V)e2, x, splat(kLo));
   }
 #endif
   // 2^x = 2^k * 2^r with k = round(x), |r| <= 1/2, and a degree-5 polynomial for 2^r fitted for
@@ -105,8 +140,7 @@ struct Vec<float> {
   }
 #else
   static inline V exp2(V x) {
-    V xc = x < -127.0f ? splat(-127.0f) : x;
-    xc = xc > 127.0f ? splat(127.0f) : xc;
+    const V xc = vmax(splat(-127.0f), vmin(splat(127.0f), x));  // NaN stays NaN
     // t = 1.5 * 2^23 + 127 + k: its low mantissa bits hold k + 127, which shifted into the
     // exponent field is 2^k (and +0 for k = -127)
     const V t = xc + (kMagic + 127.0f);
@@ -116,12 +150,12 @@ struct Vec<float> {
     return p * (V)e;
   }
 #endif
-  static inline V abs(V x) { return x < 0.0f ? -x : x; }
+  static inline V abs(V x) { return (V)((I)x & 0x7fffffff); }  // clears the sign bit (NaN stays NaN)
   static inline V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }
   // F.softplus with threshold 20: x > 20 -> x, else max(x, 0) + log1p(exp(-|x|)), where
   // log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3], as an odd series up to s^15.
   static inline V softplus(V x) {
-    V ax = x < 0.0f ? -x : x;
+    V ax = abs(x);
     V e = exp(-ax);
     V s = e / (2.0f + e);
     V s2 = s * s;
@@ -133,7 +167,7 @@ struct Vec<float> {
     q = q * s2 + 1.0f / 5.0f;
     q = q * s2 + 1.0f / 3.0f;
     q = q * s2 + 1.0f;
-    V m = x > 0.0f ? x : splat(0.0f);
+    V m = vmax(x, splat(0.0f));
     V res = m + 2.0f * s * q;
     return x > 20.0f ? x : res;
   }
@@ -152,6 +186,9 @@ struct Vec<double> {
     for (int l = 0; l < W; ++l) r[l] = std::exp(x[l]);
     return r;
   }
+  static inline V vmin(V a, V b) { return a < b ? a : b; }
+  static inline V vmax(V a, V b) { return a > b ? a : b; }
+  static inline V abs(V x) { return x < 0.0 ? -x : x; }
   static constexpr double kLog2e = 1.4426950408889634;
   static inline V exp2(V x) {
     V r;

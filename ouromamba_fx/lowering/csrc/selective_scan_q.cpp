@@ -161,8 +161,7 @@ void fwd_block(const Problem<T>& P, int64_t b, int64_t d0, const T* BsAll, const
       for (int64_t n = 0; n < N; ++n) {
         const V carry = VT::exp2(d * Av[n]) * ratio;
         V x = (carry * h[n] + du * bt[n]) / s;
-        x = x > hi ? hi : x;
-        x = x < lo ? lo : x;
+        x = VT::vmax(lo, VT::vmin(hi, x));
         x = (x + magic) - magic;  // round half to even (|x| <= qmax < 2^22)
         const V hq = x * s;
         h[n] = hq;
@@ -226,9 +225,9 @@ void stats_block(const Problem<T>& P, int64_t d0, T* hsum, T* hmax, std::vector<
       for (int64_t n = 0; n < N; ++n) {
         const V hn = VT::exp2(d * Av[n]) * h[n] + du * Bt[t * N + n];
         h[n] = hn;
-        const V a = hn < T(0) ? -hn : hn;
+        const V a = VT::abs(hn);
         st[n] += a;
-        mt[n] = a > mt[n] ? a : mt[n];
+        mt[n] = VT::vmax(a, mt[n]);
       }
     }
   }
