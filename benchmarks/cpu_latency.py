@@ -8,7 +8,8 @@ Variants, each timed as the median of ``--rounds`` calls after two warm-up calls
 
 * ``fp32 eager``      the float model as written (its scan is the fused C++ op);
 * ``fp32 compiled``   ``torch.compile(model)`` (Inductor, defaults);
-* ``bf16 compiled``   the same under ``torch.autocast("cpu", torch.bfloat16)`` (AMX bf16 GEMMs);
+* ``bf16 compiled``   the same under ``torch.autocast("cpu", torch.bfloat16)`` (AMX bf16 GEMMs where
+  the CPU has them; without native bf16 it is several times slower than fp32);
 * ``W8A8``, ``W4A4O8``  ``torch.compile(q, backend="ouromamba")``: the reference quantized graph
   lowered to fused ops (int8 GEMMs; for W4A4O8 one op per linear that finds the outlier
   channels, quantizes, runs the int4-weight inlier GEMM and adds the sparse 8-bit outlier term;
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 import ouromamba_fx as of
+from ouromamba_fx.lowering import cpu_gemm
 from ouromamba_fx.lowering.lower import lower_quantized
 
 HERE = Path(__file__).resolve().parent
@@ -53,7 +55,8 @@ CATEGORIES = {
     "conv": ("conv",),
     "scan": ("selective_scan",),
     "GEMM": ("w8a8_linear", "int8_linear", "w4a4o8_linear", "aten::mm", "aten::addmm", "aten::linear",
-             "aten::_int_mm", "aten::bmm", "aten::matmul", "mkldnn", "_linear_pointwise", "mkl_linear"),
+             "aten::_int_mm", "aten::bmm", "aten::matmul", "mkldnn", "_linear_pointwise", "mkl_linear",
+             "qlinear_pointwise"),
     "quant": ("quantize", "outlier_mask", "outlier_split", "fake_quant"),
     # (conv: ouromamba::causal_conv1d_silu matches "conv"; W4A4O8's w4a4o8_linear_rt is a GEMM op
     # that also runs its activations' outlier detection and quantization)
@@ -217,6 +220,24 @@ def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profil
     return res
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown model"
+
+
+def cpu_features() -> str:
+    probes = {"AVX-512": "_is_avx512_supported", "AVX-512 VNNI": "_is_vnni_supported",
+              "AVX-512 BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    have = [name for name, p in probes.items() if getattr(torch.cpu, p, lambda: False)()]
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"capability {cap}" + (f", {', '.join(have)}" if have else ", no AVX-512 / VNNI / AMX")
+
+
 def fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
@@ -227,8 +248,9 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
         "",
         f"Produced by `{cmd}` (from the repository root) on {datetime.date.today().isoformat()}.",
         "",
-        f"- torch {torch.__version__}, {platform.machine()} CPU, {os.cpu_count()} logical CPUs, "
+        f"- torch {torch.__version__}, {platform.machine()} CPU ({cpu_name()}), {os.cpu_count()} logical CPUs, "
         f"`torch.get_num_threads()` = {torch.get_num_threads()}",
+        f"- CPU features as torch sees them: {cpu_features()}; {cpu_gemm.describe()}",
         f"- load average (1 min) at start / end: {load_start:.2f} / {load_end:.2f} (the machine is shared; "
         "the benchmark itself keeps about 2 cores busy)",
         f"- median of {args.rounds} calls after 2 warm-up calls; milliseconds per batch; `torch.inference_mode()`; "

@@ -15,7 +15,9 @@
   inputs (the rule's mean/std are summed in another order, so a channel sitting exactly on the
   threshold could flip). For the scan's delta/B/C at W4A4O8.
 * ``ouromamba::w4a4o8_linear_rt`` -- a whole W4A4O8 linear: the same split into int8 codes, the
-  inlier GEMM on int4 weights unpacked per call (``torch._int_mm``), and an epilogue that adds
+  inlier GEMM on the int4 weights unpacked to int8 once and cached beside them (``torch._int_mm``;
+  oneDNN u8 x s8 on a weight prepacked once on x86 CPUs without VNNI/AMX,
+  :mod:`~ouromamba_fx.lowering.cpu_gemm`), and an epilogue that adds
   each token's few outlier channels as vector axpys (exact integer sums) before the scales and
   the bias, in one pass over the output.
 
