@@ -64,6 +64,11 @@ def mode() -> str:
     return _detected()
 
 
+def emulated(device: torch.device) -> bool:
+    """Whether integer GEMMs on ``device`` take the emulated paths (a CPU in mode ``emulated``)."""
+    return device.type == "cpu" and mode() == "emulated"
+
+
 def describe() -> str:
     """One line for reports and benchmarks: which integer GEMM this CPU runs."""
     m = mode()
@@ -137,15 +142,14 @@ def float_mm(a: Tensor, b: Tensor, qmax_a: int, qmax_w: int) -> Tensor:
     return _chunked_mm(a, b, qmax_a, qmax_w).float()
 
 
-def u8_mm(q: Tensor, w: Tensor, key: Tensor, tag: str = "onednn") -> Tensor:
+def u8_mm(q: Tensor, w: Tensor, key: Tensor) -> Tensor:
     """``q @ w^T`` as float32 for int8 ``q`` (M, K) and int8 ``w`` (N, K) on oneDNN u8 x s8 (``q`` is
     shifted to u8 = q + 128, oneDNN subtracts the zero point's term exactly). Exact only where
     :func:`u8_exact` holds for the operands' ranges: callers check. ``w`` is prepacked once per
     ``key`` (the model's own weight tensor, e.g. its packed int4 form)."""
     n = w.shape[0]
-    packed = cached(key, tag, lambda: torch.ops.onednn.qlinear_prepack(w.contiguous(), None))
-    ones = cached(key, tag + ":ones", lambda: torch.ones(n))
-    zps = cached(key, tag + ":zps", lambda: torch.zeros(n, dtype=torch.long))
+    packed, ones, zps = cached(key, "onednn", lambda: (torch.ops.onednn.qlinear_prepack(w.contiguous(), None),
+                                                     torch.ones(n), torch.zeros(n, dtype=torch.long)))
     u = q.contiguous().view(torch.uint8) ^ 0x80  # two's complement q + 128
     return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, packed, ones, zps, None, 1.0, 0, torch.float32,
                                               "none", [], "")

@@ -95,7 +95,7 @@ def int8_linear_static(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q: Te
     lead, k = x.shape[:-1], x.shape[-1]
     xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
     q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax)
-    if x.device.type == "cpu" and cpu_gemm.mode() == "emulated":
+    if cpu_gemm.emulated(x.device):
         # x86 CPU without VNNI/AMX: the same integer sums as an fp32 GEMM (cpu_gemm)
         acc = cpu_gemm.float_mm(q, w_q, max(-qmin, qmax), 127)
     else:
@@ -123,12 +123,11 @@ def w4a4o8_linear_static(x: Tensor, mask: Tensor, step_scale: Tensor, w_packed: 
     x_out = x2.masked_fill(~m2, 0.0)
     s_out = (x_out.abs().amax(-1, keepdim=True) / 127).clamp_min(EPS)
     q_out = torch.round(x_out / s_out).clamp(-127, 127).to(torch.int8)
-    if x.device.type == "cpu" and cpu_gemm.mode() == "emulated":
-        w = unpack_int4(w_packed, k)
+    w = unpack_int4(w_packed, k)
+    if cpu_gemm.emulated(x.device):
         acc_in, acc_out = cpu_gemm.float_mm(q_in, w, 7, 8), cpu_gemm.float_mm(q_out, w, 127, 8)
     else:
-        w = unpack_int4(w_packed, k).t()
-        acc_in, acc_out = torch._int_mm(q_in, w).float(), torch._int_mm(q_out, w).float()
+        acc_in, acc_out = torch._int_mm(q_in, w.t()).float(), torch._int_mm(q_out, w.t()).float()
     y = acc_in * s_in + acc_out * s_out
     y = y * w_scale.float().reshape(1, -1)
     if bias is not None:

@@ -190,7 +190,7 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     # int4 -> int8 once per weight (kept beside the model's packed weight while it lives: this CPU
     # has no int4 GEMM), laid out (K, N): the rows the outlier pass reads, one per outlier channel
     w_t = cpu_gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
-    if cpu_gemm.mode() == "emulated" and cpu_gemm.u8_exact(7, 8):
+    if cpu_gemm.emulated(x.device) and cpu_gemm.u8_exact(7, 8):
         # no VNNI/AMX: oneDNN u8 x s8, exact for 4-bit codes x int4 weights (float accumulator)
         acc = cpu_gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
     else:
