@@ -74,8 +74,8 @@ def _planted(b, length, c, seed=0):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(2, 17, 40), (1, 1, 37), (3, 9, 16)])
-@pytest.mark.parametrize("n_refresh", [1, 4])
+@pytest.mark.parametrize("shape", [(2, 17, 40), (1, 1, 37), (3, 9, 16), (2, 41, 70)])
+@pytest.mark.parametrize("n_refresh", [1, 3, 4])
 def test_mixed_fake_quant_is_the_reference_bit_for_bit(shape, n_refresh):
     x, s_in = _planted(*shape)
     ref = quantize_mixed_ref(x, s_in, 1, 2, 4, 8, 2.0, n_refresh)
@@ -102,7 +102,7 @@ def test_mixed_fake_quant_flags_planted_outliers_and_passes_opcheck():
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(2, 17, 40, 24), (1, 1, 37, 5), (3, 9, 16, 16)])
+@pytest.mark.parametrize("shape", [(2, 17, 40, 24), (1, 1, 37, 5), (3, 9, 16, 16), (1, 41, 70, 33)])
 def test_w4a4o8_linear_rt_equals_mask_then_linear(shape):
     b, length, k, n = shape
     x, s_in = _planted(b, length, k, seed=1)

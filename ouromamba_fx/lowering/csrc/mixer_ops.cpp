@@ -32,8 +32,9 @@
 
 namespace ouromamba_mixer {
 
-using ouromamba_vec::Vec;
-using VF = Vec<float>;
+// conv_silu works at the CPU's own vector width (one register: the ring of rows and the taps
+// stay in registers; GCC moves 64-byte vectors through the stack without AVX-512).
+using VF = ouromamba_vec::VecF<ouromamba_vec::kNativeBytes>;
 using V = VF::V;
 constexpr int W = VF::W;
 
@@ -42,11 +43,7 @@ constexpr int W = VF::W;
 inline V load(const float* p, int nl) {
   V v;
   if (nl == W) {
-#if defined(__AVX512F__)
-    return (V)_mm512_loadu_ps(p);
-#else
     std::memcpy(&v, p, sizeof(V));
-#endif
   } else {
     v = VF::splat(0.0f);
     std::memcpy(&v, p, sizeof(float) * nl);
@@ -56,11 +53,7 @@ inline V load(const float* p, int nl) {
 
 inline void store(float* p, V v, int nl) {
   if (nl == W) {
-#if defined(__AVX512F__)
-    _mm512_storeu_ps(p, (__m512)v);
-#else
     std::memcpy(p, &v, sizeof(V));
-#endif
   } else {
     std::memcpy(p, &v, sizeof(float) * nl);
   }
@@ -70,6 +63,21 @@ inline void store(float* p, V v, int nl) {
 inline V round_even(V x) { return (x + VF::kMagic) - VF::kMagic; }
 
 inline V clamp(V x, float lo, float hi) { return VF::vmin(VF::splat(hi), VF::vmax(VF::splat(lo), x)); }  // NaN stays NaN
+
+// The same on one float, for plain loops the compiler vectorizes (vminps / vmaxps argument order
+// kept, so NaN stays NaN as above; magic-number rounding needs no -ffast-math).
+inline float round_even1(float x) { return (x + VF::kMagic) - VF::kMagic; }
+inline float clamp1(float x, float lo, float hi) {
+  const float a = lo > x ? lo : x;
+  return hi < a ? hi : a;
+}
+inline float keep1(float v, int32_t m) {  // v where m is -1, +0 where m is 0
+  int32_t i;
+  std::memcpy(&i, &v, sizeof(i));
+  i &= m;
+  std::memcpy(&v, &i, sizeof(v));
+  return v;
+}
 
 // ---------------------------------------------------------------------------------------------
 // conv_silu
@@ -154,41 +162,76 @@ torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, to
 // ---------------------------------------------------------------------------------------------
 // mixed_quant
 
-// Narrow 16 float lanes holding integers in [-127, 127] to int8 and store nl of them.
-inline void store_i8(int8_t* p, V v, int nl) {
-#if defined(__AVX512F__)
-  const __m128i b = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32((__m512)v));
-  if (nl == W) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), b);
-  } else {
-    alignas(16) int8_t tmp[16];
-    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b);
-    std::memcpy(p, tmp, nl);
+// |x| statistics over one time step's channels: mean, population std (two passes), max. The
+// reductions are vectorized by the compiler (omp simd: lane partial sums at the CPU's width).
+struct RowStats {
+  float mean, std, amax;
+};
+inline RowStats row_stats(const float* __restrict__ x, int64_t C) {
+  float sum = 0.0f, amax = 0.0f;
+#pragma omp simd reduction(+ : sum) reduction(max : amax)
+  for (int64_t c = 0; c < C; ++c) {
+    const float a = std::fabs(x[c]);
+    sum += a;
+    amax = a > amax ? a : amax;
   }
-#else
-  // (GCC/Clang vector conversions: a few packing instructions on AVX2, no per-lane loop)
-  typedef int8_t I8 __attribute__((vector_size(16)));
-  const I8 b = __builtin_convertvector(__builtin_convertvector(v, VF::I), I8);
-  std::memcpy(p, &b, static_cast<size_t>(nl));
-#endif
+  const float mean = sum / static_cast<float>(C);
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = std::fabs(x[c]) - mean;
+    ss += d * d;
+  }
+  return {mean, std::sqrt(ss / static_cast<float>(C)), amax};
 }
 
-// Whether any lane of a 0/1 vector is set.
-inline bool any_lane(V v) {
-#if defined(__AVX512F__)
-  return _mm512_cmp_ps_mask((__m512)v, _mm512_set1_ps(0.5f), _CMP_GT_OQ) != 0;
-#else
-  bool any = false;
-  for (int l = 0; l < W; ++l) any |= v[l] > 0.5f;
-  return any;
-#endif
+// mask[c] |= -1 where |x[c]| > theta (the outlier rule's flags of this step).
+inline void flag_row(const float* __restrict__ x, int32_t* __restrict__ mask, int64_t C, float theta) {
+  for (int64_t c = 0; c < C; ++c) mask[c] |= -static_cast<int32_t>(std::fabs(x[c]) > theta);
 }
 
-inline float hmax(V v) {
-  float m = v[0];
-  for (int l = 1; l < W; ++l) m = std::max(m, v[l]);
+// max |x| over the flagged channels (0 if none; a NaN |x| is skipped), and whether any is flagged.
+inline float flagged_max(const float* __restrict__ x, const int32_t* __restrict__ mask, int64_t C, bool& any) {
+  float m = 0.0f;
+  int32_t flags = 0;
+#pragma omp simd reduction(max : m) reduction(| : flags)
+  for (int64_t c = 0; c < C; ++c) {
+    const float a = keep1(std::fabs(x[c]), mask[c]);
+    m = a > m ? a : m;
+    flags |= mask[c];
+  }
+  any = flags != 0;
   return m;
 }
+
+// The per-channel quantization of one time step, as plain loops in functions of their own (with
+// restrict pointers and values, not a lambda's captures, which an int8 store may alias): the
+// compiler vectorizes them at the CPU's own width.
+// codes: round(clamp(x / s, -qmax, qmax)) of the channels in (outliers) or out of the mask, as
+// int8. Not inlined: inlined with constant arguments GCC 12 left the clamps as branches.
+__attribute__((noinline)) void codes_row(const float* __restrict__ x, const int32_t* __restrict__ mask,
+                                         int8_t* __restrict__ q, int64_t C, float s, float qmax, bool outliers) {
+  const int32_t flip = outliers ? 0 : -1;
+  for (int64_t c = 0; c < C; ++c) {
+    q[c] = static_cast<int8_t>(static_cast<int32_t>(round_even1(clamp1(keep1(x[c], mask[c] ^ flip) / s, -qmax, qmax))));
+  }
+}
+
+// fake quantization: outliers at qmax qo with scale so, the rest at qi with scale s (qo is an
+// argument, not the constant 127: with constant bounds GCC 12 kept the clamps as branches).
+__attribute__((noinline)) void fake_row(const float* __restrict__ x, const int32_t* __restrict__ mask,
+                                        float* __restrict__ y, int64_t C, float s, float qi, float so, float qo) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float vi = round_even1(clamp1(keep1(x[c], ~mask[c]) / s, -qi, qi)) * s;
+    const float vo = round_even1(clamp1(keep1(x[c], mask[c]) / so, -qo, qo)) * so;
+    int32_t a, b;
+    std::memcpy(&a, &vo, sizeof(a));
+    std::memcpy(&b, &vi, sizeof(b));
+    a = (a & mask[c]) | (b & ~mask[c]);
+    std::memcpy(&y[c], &a, sizeof(a));
+  }
+}
+
 
 // x: (R, L, C) float32, any strides (channel-contiguous is the fast path); s_in: (L,) float32 (the
 // static inlier scale of each time step); qi: inlier qmax (7 for 4 bits); k, n_refresh: the outlier
@@ -214,81 +257,76 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
   }
   const float* xp = x.data_ptr<float>();
   const float* sp = s_in.data_ptr<float>();
-  const int64_t nb = (C + W - 1) / W;
   const float kf = static_cast<float>(k);
   const float qif = static_cast<float>(qi);
-  at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
-    // One row of channels as nb vectors; the outlier mask as 0/1 lanes (the window's running OR,
-    // or this step's flags when n_refresh <= 1); padding lanes are 0 and never flagged.
-    std::vector<V> row(static_cast<size_t>(nb)), mask(static_cast<size_t>(nb));
-    std::vector<float> gather(static_cast<size_t>(nb * W), 0.0f);
-    const V zero = VF::splat(0.0f), one = VF::splat(1.0f);
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t t = 0; t < L; ++t) {
+  float* yp = fake ? y.data_ptr<float>() : nullptr;
+  int8_t* qip = fake ? nullptr : q_in.data_ptr<int8_t>();
+  int8_t* qop = fake ? nullptr : q_out.data_ptr<int8_t>();
+  float* sop = fake ? nullptr : s_out.data_ptr<float>();
+  // Work items: (row, chunk of time steps); a chunk holds whole windows of n_refresh steps (the
+  // mask is reset at each window's first step), so items are independent.
+  const int64_t window = std::max<int64_t>(n_refresh, 1);
+  const int64_t chunk = window * ((16 + window - 1) / window);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  at::parallel_for(0, R * nchunks, 1, [&](int64_t begin, int64_t end) {
+    // Every pass over a step's channels is a plain loop (row_stats .. codes_row above), which
+    // the compiler vectorizes at the CPU's own width. The outlier mask: -1 / 0 per channel, the
+    // window's running OR (or this step's flags when n_refresh <= 1).
+    std::vector<int32_t> mask_buf(static_cast<size_t>(C));
+    std::vector<float> gather(static_cast<size_t>(C));
+    int32_t* __restrict__ mask = mask_buf.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
+      for (int64_t t = t0; t < t1; ++t) {
         const float* src = xp + r * sr + t * st;
         if (sc != 1) {
           for (int64_t c = 0; c < C; ++c) gather[c] = src[c * sc];
           src = gather.data();
         }
-        // |x| statistics over channels: mean, population std (two passes), max. Lane partial
-        // sums in float (at most C / 16 terms each), lanes added in double.
-        V sumv = zero, amax = zero;
-        for (int64_t j = 0; j < nb; ++j) {
-          const int nl = static_cast<int>(std::min<int64_t>(W, C - j * W));
-          row[j] = load(src + j * W, nl);
-          const V a = VF::abs(row[j]);
-          amax = VF::vmax(a, amax);
-          sumv += a;
-        }
-        double sum = 0.0;
-        for (int l = 0; l < W; ++l) sum += sumv[l];
-        const float mean = static_cast<float>(sum / static_cast<double>(C));
-        V ssv = zero;
-        for (int64_t j = 0; j < nb; ++j) {
-          const int nl = static_cast<int>(std::min<int64_t>(W, C - j * W));
-          V d = VF::abs(row[j]) - mean;
-          if (nl < W) {
-            for (int l = nl; l < W; ++l) d[l] = 0.0f;
-          }
-          ssv += d * d;
-        }
-        double ss = 0.0;
-        for (int l = 0; l < W; ++l) ss += ssv[l];
-        const float std_ = std::sqrt(static_cast<float>(ss / static_cast<double>(C)));
-        const float theta = mean + kf * std_;
+        const RowStats stats = row_stats(src, C);
+        const float theta = stats.mean + kf * stats.std;
         const float s = sp[t];
-        const bool trigger = hmax(amax) / qif > s;
-        if (n_refresh <= 1 || t % n_refresh == 0) std::fill(mask.begin(), mask.end(), zero);
-        // Outlier scale: max |x| over the flagged channels / 127 (at least EPS).
-        V omaxv = zero;
-        for (int64_t j = 0; j < nb; ++j) {
-          const V a = VF::abs(row[j]);
-          if (trigger) mask[j] = a > theta ? one : mask[j];
-          omaxv = mask[j] > 0.5f && a > omaxv ? a : omaxv;
-        }
-        const float so = std::max(hmax(omaxv) / 127.0f, 1e-8f);
+        const bool trigger = stats.amax / qif > s;
+        if (n_refresh <= 1 || t % n_refresh == 0) std::fill(mask, mask + C, 0);
+        if (trigger) flag_row(src, mask, C, theta);
+        bool any_out = false;
+        const float omax = flagged_max(src, mask, C, any_out);
+        const float so = std::max(omax / 127.0f, 1e-8f);
         const int64_t o = (r * L + t) * C;
-        for (int64_t j = 0; j < nb; ++j) {
-          const int nl = static_cast<int>(std::min<int64_t>(W, C - j * W));
-          const V v = row[j];
-          const auto out = mask[j] > 0.5f;
-          const V vi = round_even(clamp((out ? zero : v) / s, -qif, qif));
-          const bool any_out = any_lane(mask[j]);
-          // most vectors hold no outlier: their 8-bit codes are all 0 without dividing
-          const V vo = any_out ? round_even(clamp((out ? v : zero) / so, -127.0f, 127.0f)) : zero;
-          if (fake) {
-            store(y.data_ptr<float>() + o + j * W, out ? vo * so : vi * s, nl);
+        if (fake) {
+          fake_row(src, mask, yp + o, C, s, qif, so, 127.0f);
+        } else {
+          codes_row(src, mask, qip + o, C, s, qif, false);
+          if (any_out) {
+            codes_row(src, mask, qop + o, C, so, 127.0f, true);
           } else {
-            store_i8(q_in.data_ptr<int8_t>() + o + j * W, vi, nl);
-            store_i8(q_out.data_ptr<int8_t>() + o + j * W, vo, nl);
+            std::memset(qop + o, 0, static_cast<size_t>(C));
           }
+          sop[r * L + t] = so;
         }
-        if (!fake) s_out.data_ptr<float>()[r * L + t] = so;
       }
     }
   });
   if (fake) return {y};
   return {q_in, q_out, s_out};
+}
+
+// Bit i set where p[i] != 0, for the n <= 32 bytes at p.
+inline uint32_t nonzero_bits(const int8_t* p, int n) {
+#if defined(__AVX2__)
+  if (n == 32) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256())));
+  }
+#endif
+  uint32_t bits = 0;
+  for (int i = 0; i < n; ++i) bits |= static_cast<uint32_t>(p[i] != 0) << i;
+  return bits;
+}
+
+// o[n] += a * w[n] over n < N, the int8 weights widened to float (vectorized by the compiler).
+inline void axpy_i8(float* __restrict__ o, float a, const int8_t* __restrict__ w, int64_t N) {
+  for (int64_t n = 0; n < N; ++n) o[n] += a * static_cast<float>(w[n]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -330,59 +368,46 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
   const float* sop = s_out.data_ptr<float>();
   const float* wsp = w_scale.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  const int64_t nb = (N + W - 1) / W;
+  // Plain loops over N with restrict pointers: the compiler vectorizes them at the CPU's own
+  // width (GCC lowers the 64-byte vector types poorly without AVX-512: int8 widening and scalar
+  // broadcasts went lane by lane through the stack).
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<V> oacc(static_cast<size_t>(nb));
+    std::vector<float> oacc_buf(static_cast<size_t>(N));
+    float* __restrict__ oacc = oacc_buf.data();
     for (int64_t m = begin; m < end; ++m) {
       const int8_t* q = qp + m * K;
       bool any = false;
-      for (int64_t c = 0; c < K; ++c) {
-        if (q[c] == 0) continue;
-        if (!any) {
-          std::fill(oacc.begin(), oacc.end(), VF::splat(0.0f));
-          any = true;
-        }
-        const float qc = static_cast<float>(q[c]);
-        const int8_t* wr = wp + c * N;
-        for (int64_t j = 0; j < nb; ++j) {
-          const int nl = static_cast<int>(std::min<int64_t>(W, N - j * W));
-          V wv;
-#if defined(__AVX512F__)
-          if (nl == W) {
-            wv = (V)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + j * W))));
-          } else
-#endif
-          {
-            // sign-extend 16 int8 lanes (vpmovsxbd + vcvtdq2ps without AVX-512)
-            typedef int8_t I8 __attribute__((vector_size(16)));
-            I8 b = {};
-            std::memcpy(&b, wr + j * W, static_cast<size_t>(nl));
-            wv = __builtin_convertvector(__builtin_convertvector(b, VF::I), V);
+      // the row's non-zero codes, found 32 bytes at a time (a row holds only a few)
+      for (int64_t c0 = 0; c0 < K; c0 += 32) {
+        uint32_t bits = nonzero_bits(q + c0, static_cast<int>(std::min<int64_t>(32, K - c0)));
+        while (bits) {
+          const int64_t c = c0 + __builtin_ctz(bits);
+          bits &= bits - 1;
+          if (!any) {
+            std::fill(oacc, oacc + N, 0.0f);
+            any = true;
           }
-          oacc[j] += qc * wv;
+          axpy_i8(oacc, static_cast<float>(q[c]), wp + c * N, N);
         }
       }
+      float* __restrict__ yr = yp + m * N;
       const float si = sip[m], so = sop[m];
-      int32_t* ar = ap + m * N;
-      float* yr = yp + m * N;
-      for (int64_t j = 0; j < nb; ++j) {
-        const int nl = static_cast<int>(std::min<int64_t>(W, N - j * W));
-        V v;
-        if (acc_float) {
-          v = load(yr + j * W, nl) * si;
+      if (acc_float) {
+        if (any) {
+          for (int64_t n = 0; n < N; ++n) yr[n] = (yr[n] * si + oacc[n] * so) * wsp[n];
         } else {
-          VF::I iv = {};
-          if (nl == W) {
-            std::memcpy(&iv, ar + j * W, sizeof(iv));
-          } else {
-            std::memcpy(&iv, ar + j * W, sizeof(int32_t) * nl);
-          }
-          v = __builtin_convertvector(iv, V) * si;
+          for (int64_t n = 0; n < N; ++n) yr[n] = (yr[n] * si) * wsp[n];
         }
-        if (any) v = v + oacc[j] * so;
-        v = v * load(wsp + j * W, nl);
-        if (bp) v = v + load(bp + j * W, nl);
-        store(yr + j * W, v, nl);
+      } else {
+        const int32_t* __restrict__ ar = ap + m * N;
+        if (any) {
+          for (int64_t n = 0; n < N; ++n) yr[n] = (static_cast<float>(ar[n]) * si + oacc[n] * so) * wsp[n];
+        } else {
+          for (int64_t n = 0; n < N; ++n) yr[n] = (static_cast<float>(ar[n]) * si) * wsp[n];
+        }
+      }
+      if (bp) {
+        for (int64_t n = 0; n < N; ++n) yr[n] += bp[n];
       }
     }
   });

@@ -3,7 +3,7 @@
 //
 // Vec<T>::V is a GCC/Clang vector of W = 64 bytes / sizeof(T) lanes (16 floats, 8 doubles), so
 // every operation below is one AVX-512 instruction (or a short sequence of narrower ones when the
-// build machine has no AVX-512). float32 uses the branch-free vector exp below (about 1 ulp) and,
+// build machine has no AVX-512); VecF<Bytes> is the same for other widths of float vectors. float32 uses the branch-free vector exp below (about 1 ulp) and,
 // for the scans' decays exp(dt * A) = 2^(dt * A * log2 e), the shorter exp2 (under 2 ulp);
 // float64 falls back to libm lane by lane (the reference dtype for tests, not a fast path).
 //
@@ -26,51 +26,145 @@ namespace ouromamba_vec {
 template <typename T>
 struct Vec;
 
+// 64-byte float vectors without AVX-512 live in two 256-bit registers. GCC lowers comparisons
+// and ?: on them lane by lane, with branches (seen in the assembly of GCC 12 for AVX2: a scalar
+// vcomiss per lane), so min / max / selects of the 64-byte type go through the two halves
+// explicitly there. (Arithmetic is split into 256-bit instructions by the compiler itself, but
+// whole-vector moves still go through the stack: hot loops that need not be 16 lanes wide use
+// VecF<kNativeBytes>, one register of this CPU.)
+#if defined(__AVX__) && !defined(__AVX512F__)
+namespace halves {
+// (templates, so that VecF's calls of them are checked only where VecF<64> is instantiated)
+typedef float F __attribute__((vector_size(64)));
+typedef int32_t I __attribute__((vector_size(64)));
+union HF {
+  F v;
+  __m256 h[2];
+};
+union HI {
+  I v;
+  __m256i h[2];
+};
+template <typename T>
+inline T vmin(T a, T b) {
+  HF x{a}, y{b};
+  x.h[0] = _mm256_min_ps(x.h[0], y.h[0]);
+  x.h[1] = _mm256_min_ps(x.h[1], y.h[1]);
+  return x.v;
+}
+template <typename T>
+inline T vmax(T a, T b) {
+  HF x{a}, y{b};
+  x.h[0] = _mm256_max_ps(x.h[0], y.h[0]);
+  x.h[1] = _mm256_max_ps(x.h[1], y.h[1]);
+  return x.v;
+}
+template <typename T>
+inline T keep_nlt(T v, T x, T lo) {  // v where x >= lo or x is NaN, else +0
+  HF r{v}, a{x}, b{lo};
+  r.h[0] = _mm256_and_ps(r.h[0], _mm256_cmp_ps(a.h[0], b.h[0], _CMP_NLT_UQ));
+  r.h[1] = _mm256_and_ps(r.h[1], _mm256_cmp_ps(a.h[1], b.h[1], _CMP_NLT_UQ));
+  return r.v;
+}
+template <typename R, typename T>
+inline R gt(T a, T b) {  // a > b (false where either is NaN)
+  HF x{a}, y{b};
+  HI r;
+  r.h[0] = _mm256_castps_si256(_mm256_cmp_ps(x.h[0], y.h[0], _CMP_GT_OQ));
+  r.h[1] = _mm256_castps_si256(_mm256_cmp_ps(x.h[1], y.h[1], _CMP_GT_OQ));
+  return r.v;
+}
+}  // namespace halves
+#endif
+
+// The widest vector this CPU holds in one register (the width loops over plain arrays are best
+// written at when they need no fixed lane count).
+#if defined(__AVX512F__)
+constexpr int kNativeBytes = 64;
+#elif defined(__AVX__)
+constexpr int kNativeBytes = 32;
+#else
+constexpr int kNativeBytes = 16;
+#endif
+
+// float vectors of Bytes bytes (W = Bytes / 4 lanes). (The types are spelled out per width:
+// GCC does not treat a vector_size that depends on a template parameter as a vector.)
+template <int Bytes>
+struct VecTypes;
 template <>
-struct Vec<float> {
-  static constexpr int W = 16;
+struct VecTypes<64> {
   typedef float V __attribute__((vector_size(64)));
   typedef int32_t I __attribute__((vector_size(64)));
+};
+template <>
+struct VecTypes<32> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+};
+template <>
+struct VecTypes<16> {
+  typedef float V __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+};
+
+template <int Bytes>
+struct VecF {
+  static constexpr int W = Bytes / 4;
+  typedef typename VecTypes<Bytes>::V V;
+  typedef typename VecTypes<Bytes>::I I;
+#if defined(__AVX512F__)
+  static constexpr bool k512 = Bytes == 64;  // one AVX-512 register: intrinsics below
+#else
+  static constexpr bool k512 = false;
+#endif
+#if defined(__AVX__) && !defined(__AVX512F__)
+  static constexpr bool kHalves = Bytes == 64;  // two AVX registers: namespace halves
+#else
+  static constexpr bool kHalves = false;
+#endif
 
   static constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23: x + M - M rounds half to even
   static inline V splat(float s) { return s - V{}; }  // (s - 0 is exactly s, also for -0)
 
-  // Lane-wise min / max with x86 semantics (b where either is NaN). Without AVX-512, GCC lowers
-  // comparisons and ?: on these 64-byte vectors lane by lane, with branches (seen in the assembly
-  // of GCC 12 for AVX2: a scalar vcomiss per lane), so min / max / abs go through two 256-bit
-  // halves explicitly there; arithmetic is split into 256-bit instructions by the compiler itself.
-#if defined(__AVX512F__)
-  static inline V vmin(V a, V b) { return (V)_mm512_min_ps((__m512)a, (__m512)b); }
-  static inline V vmax(V a, V b) { return (V)_mm512_max_ps((__m512)a, (__m512)b); }
-#elif defined(__AVX__)
-  union Halves {
-    V v;
-    __m256 h[2];
-  };
+  // Lane-wise min / max with x86 semantics (b where either is NaN).
   static inline V vmin(V a, V b) {
-    Halves x{a}, y{b};
-    x.h[0] = _mm256_min_ps(x.h[0], y.h[0]);
-    x.h[1] = _mm256_min_ps(x.h[1], y.h[1]);
-    return x.v;
+#if defined(__AVX512F__)
+    if constexpr (k512) return (V)_mm512_min_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+    if constexpr (kHalves) return halves::vmin(a, b);
+#endif
+#if defined(__AVX__)
+    if constexpr (Bytes == 32) return (V)_mm256_min_ps((__m256)a, (__m256)b);  // (GCC: compare + blend)
+#endif
+    return a < b ? a : b;
   }
   static inline V vmax(V a, V b) {
-    Halves x{a}, y{b};
-    x.h[0] = _mm256_max_ps(x.h[0], y.h[0]);
-    x.h[1] = _mm256_max_ps(x.h[1], y.h[1]);
-    return x.v;
+#if defined(__AVX512F__)
+    if constexpr (k512) return (V)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+    if constexpr (kHalves) return halves::vmax(a, b);
+#endif
+#if defined(__AVX__)
+    if constexpr (Bytes == 32) return (V)_mm256_max_ps((__m256)a, (__m256)b);
+#endif
+    return a > b ? a : b;
   }
   // v where x >= lo or x is NaN, else +0
   static inline V keep_nlt(V v, V x, V lo) {
-    Halves r{v}, a{x}, b{lo};
-    r.h[0] = _mm256_and_ps(r.h[0], _mm256_cmp_ps(a.h[0], b.h[0], _CMP_NLT_UQ));
-    r.h[1] = _mm256_and_ps(r.h[1], _mm256_cmp_ps(a.h[1], b.h[1], _CMP_NLT_UQ));
-    return r.v;
-  }
-#else
-  static inline V vmin(V a, V b) { return a < b ? a : b; }
-  static inline V vmax(V a, V b) { return a > b ? a : b; }
-  static inline V keep_nlt(V v, V x, V lo) { return x < lo ? splat(0.0f) : v; }
+#if defined(__AVX__) && !defined(__AVX512F__)
+    if constexpr (kHalves) return halves::keep_nlt(v, x, lo);
 #endif
+    return x < lo ? splat(0.0f) : v;
+  }
+  // Lane masks (I lanes all ones where true, 0 where false) and bitwise selects on them.
+  static inline I gt(V a, V b) {  // a > b (false where either is NaN)
+#if defined(__AVX__) && !defined(__AVX512F__)
+    if constexpr (kHalves) return halves::gt<I>(a, b);
+#endif
+    return a > b;
+  }
+  static inline V keep(V v, I m) { return (V)((I)v & m); }                    // v where m, else +0
+  static inline V select(I m, V a, V b) { return (V)(((I)a & m) | ((I)b & ~m)); }  // a where m, else b
 
   // exp(x): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r fitted
   // for minimal relative error (< 1e-7 in float arithmetic), then scaling by 2^k. Results below
@@ -86,21 +180,21 @@ struct Vec<float> {
     p = p * r + 1.0f;
     return p * r + 1.0f;
   }
+  static inline V exp(V x) {
 #if defined(__AVX512F__)
-  // AVX-512: rounding and the scaling by 2^k are single instructions (vrndscaleps, vscalefps).
-  static inline V exp(V x) {
-    const __m512 xv = (__m512)x;
-    const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(kLo), _CMP_NLT_UQ);  // x >= lo or NaN
-    const __m512 xc = _mm512_min_ps(_mm512_set1_ps(kHi), xv);                        // NaN stays NaN
-    const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.4426950408889634f)),
-                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693359375f), xc);  // ln2, exact high part ...
-    r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(-2.12194440e-4f), r);     // ... and the correction
-    const __m512 p = (__m512)exp_poly((V)r);
-    return (V)_mm512_maskz_scalef_ps(keep, p, kf);
-  }
-#else
-  static inline V exp(V x) {
+    if constexpr (k512) {
+      // AVX-512: rounding and the scaling by 2^k are single instructions (vrndscaleps, vscalefps).
+      const __m512 xv = (__m512)x;
+      const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(kLo), _CMP_NLT_UQ);  // x >= lo or NaN
+      const __m512 xc = _mm512_min_ps(_mm512_set1_ps(kHi), xv);                        // NaN stays NaN
+      const __m512 kf = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.4426950408889634f)),
+                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(0.693359375f), xc);  // ln2, exact high part ...
+      r = _mm512_fnmadd_ps(kf, _mm512_set1_ps(-2.12194440e-4f), r);     // ... and the correction
+      const __m512 p = (__m512)exp_poly((V)r);
+      return (V)_mm512_maskz_scalef_ps(keep, p, kf);
+    }
+#endif
     const V xc = vmax(splat(kLo), vmin(splat(kHi), x));  // NaN stays NaN
     V kf = xc * 1.4426950408889634f + kMagic;  // round to nearest integer
     kf = kf - kMagic;
@@ -115,7 +209,6 @@ struct Vec<float> {
     I e2 = (k2 + 127) << 23;
     return keep_nlt((p * (V)e1) * (V)e2, x, splat(kLo));
   }
-#endif
   // 2^x = 2^k * 2^r with k = round(x), |r| <= 1/2, and a degree-5 polynomial for 2^r fitted for
   // minimal relative error (< 1.7e-7 in float arithmetic): the scans' decays exp(dt A) computed as
   // exp2(dt * (A log2 e)) with log2 e folded into A once per block. Shorter than exp (no
@@ -131,15 +224,15 @@ struct Vec<float> {
     p = p * r + 0.6931470036506653f;
     return p * r + 1.0f;
   }
+  static inline V exp2(V x) {
 #if defined(__AVX512F__)
-  static inline V exp2(V x) {
-    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-150.0f), _mm512_min_ps(_mm512_set1_ps(150.0f), (__m512)x));
-    const __m512 kf = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 p = (__m512)exp2_poly((V)_mm512_sub_ps(xc, kf));
-    return (V)_mm512_scalef_ps(p, kf);
-  }
-#else
-  static inline V exp2(V x) {
+    if constexpr (k512) {
+      const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-150.0f), _mm512_min_ps(_mm512_set1_ps(150.0f), (__m512)x));
+      const __m512 kf = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 p = (__m512)exp2_poly((V)_mm512_sub_ps(xc, kf));
+      return (V)_mm512_scalef_ps(p, kf);
+    }
+#endif
     const V xc = vmax(splat(-127.0f), vmin(splat(127.0f), x));  // NaN stays NaN
     // t = 1.5 * 2^23 + 127 + k: its low mantissa bits hold k + 127, which shifted into the
     // exponent field is 2^k (and +0 for k = -127)
@@ -149,7 +242,6 @@ struct Vec<float> {
     const I e = ((I)t) << 23;
     return p * (V)e;
   }
-#endif
   static inline V abs(V x) { return (V)((I)x & 0x7fffffff); }  // clears the sign bit (NaN stays NaN)
   static inline V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }
   // F.softplus with threshold 20: x > 20 -> x, else max(x, 0) + log1p(exp(-|x|)), where
@@ -169,10 +261,14 @@ struct Vec<float> {
     q = q * s2 + 1.0f;
     V m = vmax(x, splat(0.0f));
     V res = m + 2.0f * s * q;
-    return x > 20.0f ? x : res;
+    return select(gt(x, splat(20.0f)), x, res);
   }
-  static inline V dsoftplus(V x) { return x > 20.0f ? splat(1.0f) : sigmoid(x); }
+  static inline V dsoftplus(V x) { return select(gt(x, splat(20.0f)), splat(1.0f), sigmoid(x)); }
 };
+
+// The scans' type: 16 float lanes (their tiles, transposes and lane sums are written for 16).
+template <>
+struct Vec<float> : VecF<64> {};
 
 template <>
 struct Vec<double> {
