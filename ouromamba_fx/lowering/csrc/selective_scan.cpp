@@ -42,7 +42,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
@@ -149,12 +149,36 @@ inline void transpose16(Vec<float>::V* x) {
   }
 }
 
+#if defined(__AVX__) && !defined(__AVX512F__)
+// Without AVX-512, 16 x 16 tiles are moved as four 8 x 8 blocks in 256-bit registers (the
+// shuffles of transpose16 on 64-byte vectors went through the stack there).
+inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#define OM_TILE8 1
+#endif
+
 // tile[t][l] = x[b, d0 + l, t] for lanes l < nl, 0 for the others. Time-contiguous inputs go
 // through in-register 16 x 16 transposes where the square is full (floats), element by element
 // otherwise; channel-contiguous inputs are plain vector loads.
 template <typename T>
 inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int64_t d0, int nl, int64_t L) {
-  using V = typename Vec<T>::V;
+  using V [[maybe_unused]] = typename Vec<T>::V;  // (not with OM_TILE8)
   constexpr int W = Vec<T>::W;
   T* s = reinterpret_cast<T*>(tile);
   if (!x.rows) {
@@ -169,6 +193,18 @@ inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int6
   const int64_t rs = x.sd;
   int64_t t0 = 0;
   if constexpr (std::is_same_v<T, float>) {
+#if defined(OM_TILE8)
+    if (nl == W) {
+      for (; t0 + 8 <= L; t0 += 8) {
+        for (int h = 0; h < 2; ++h) {
+          __m256 r[8];
+          for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (8 * h + i) * rs + t0);
+          transpose8(r);
+          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(s + (t0 + j) * W + 8 * h, r[j]);
+        }
+      }
+    }
+#else
     if (nl == W) {
       for (; t0 + W <= L; t0 += W) {
         V r[W];
@@ -177,6 +213,7 @@ inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int6
         for (int j = 0; j < W; ++j) tile[t0 + j] = r[j];
       }
     }
+#endif
   }
   if (t0 == L) return;
   if (nl < W) std::memset(static_cast<void*>(s + t0 * W), 0, sizeof(T) * W * (L - t0));
@@ -222,11 +259,23 @@ struct NextBlock {
 // dst[l * L + t] = tile[t][l] for lanes l < nl.
 template <typename T>
 inline void store_tile(T* dst, const typename Vec<T>::V* tile, int64_t L, int nl) {
-  using V = typename Vec<T>::V;
+  using V [[maybe_unused]] = typename Vec<T>::V;  // (not with OM_TILE8)
   constexpr int W = Vec<T>::W;
   const T* s = reinterpret_cast<const T*>(tile);
   int64_t t0 = 0;
   if constexpr (std::is_same_v<T, float>) {
+#if defined(OM_TILE8)
+    if (nl == W) {
+      for (; t0 + 8 <= L; t0 += 8) {
+        for (int h = 0; h < 2; ++h) {
+          __m256 r[8];
+          for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(s + (t0 + j) * W + 8 * h);
+          transpose8(r);
+          for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (8 * h + i) * L + t0, r[i]);
+        }
+      }
+    }
+#else
     if (nl == W) {
       for (; t0 + W <= L; t0 += W) {
         V x[W];
@@ -235,6 +284,7 @@ inline void store_tile(T* dst, const typename Vec<T>::V* tile, int64_t L, int nl
         for (int l = 0; l < W; ++l) std::memcpy(dst + l * L + t0, &x[l], sizeof(V));
       }
     }
+#endif
   }
   for (int l = 0; l < nl; ++l) {
     T* row = dst + l * L;
@@ -371,21 +421,57 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
   const T* Bp = P.B.at(b, d0);
   const T* Cp = P.C.at(b, d0);
   const int64_t Bsn = P.B.s_n, Csn = P.C.s_n;
-  for (int64_t t = 0; t < L; ++t) {
-    const V dt = S.DT[t];
-    const V dtu = dt * S.U[t];
-    const T* __restrict__ Bt = Bp + t * P.B.s_t;
-    const T* __restrict__ Ct = Cp + t * P.C.s_t;
-    pf.at(t);
-    V y = F::splat(T(0));
-    for (int64_t n = 0; n < N; ++n) {
-      const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
-      const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
-      const V h = F::exp2(dt * A2[n]) * H[n] + dtu * bv;
-      H[n] = h;
-      y += cv * h;
+#if defined(__AVX__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    // Without AVX-512 the 16 lanes are two 256-bit registers, and GCC moves whole 64-byte vectors
+    // (the state stores, the loop-carried y) through the stack and general registers. So the
+    // recurrence runs on each 8-lane half of the tiles in turn, at the CPU's own width: the same
+    // operations per lane, hence the same numbers. (A half of padding lanes only is skipped.)
+    using F8 = ouromamba_vec::VecF<32>;
+    typedef float V8 __attribute__((vector_size(32), may_alias));
+    V8* __restrict__ H8 = reinterpret_cast<V8*>(H);
+    const V8* __restrict__ A8 = reinterpret_cast<const V8*>(A2);
+    const V8* __restrict__ B8 = reinterpret_cast<const V8*>(BT);
+    const V8* __restrict__ C8 = reinterpret_cast<const V8*>(CT);
+    const V8* __restrict__ U8 = reinterpret_cast<const V8*>(S.U);
+    V8* __restrict__ DT8 = reinterpret_cast<V8*>(S.DT);
+    for (int half = 0; half < (nl > 8 ? 2 : 1); ++half) {
+      for (int64_t t = 0; t < L; ++t) {
+        const V8 dt = DT8[2 * t + half];
+        const V8 dtu = dt * U8[2 * t + half];
+        const float* __restrict__ Bt = Bp + t * P.B.s_t;
+        const float* __restrict__ Ct = Cp + t * P.C.s_t;
+        if (half == 0) pf.at(t);
+        V8 y = F8::splat(0.0f);
+        for (int64_t n = 0; n < N; ++n) {
+          const V8 bv = VB ? F8::splat(Bt[n * Bsn]) : B8[2 * n + half];
+          const V8 cv = VC ? F8::splat(Ct[n * Csn]) : C8[2 * n + half];
+          const V8 h = F8::exp2(dt * A8[2 * n + half]) * H8[2 * n + half] + dtu * bv;
+          H8[2 * n + half] = h;
+          y += cv * h;
+        }
+        DT8[2 * t + half] = y;  // dt[t] is no longer needed: the tile now holds y
+      }
     }
-    S.DT[t] = y;  // dt[t] is no longer needed: the tile now holds y
+  } else
+#endif
+  {
+    for (int64_t t = 0; t < L; ++t) {
+      const V dt = S.DT[t];
+      const V dtu = dt * S.U[t];
+      const T* __restrict__ Bt = Bp + t * P.B.s_t;
+      const T* __restrict__ Ct = Cp + t * P.C.s_t;
+      pf.at(t);
+      V y = F::splat(T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
+        const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
+        const V h = F::exp2(dt * A2[n]) * H[n] + dtu * bv;
+        H[n] = h;
+        y += cv * h;
+      }
+      S.DT[t] = y;  // dt[t] is no longer needed: the tile now holds y
+    }
   }
   const V Dv = lanes<T>(P.D ? P.D + d0 : nullptr, nl);
   if (P.z) {
