@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ouromamba_fx.lowering.fused import outlier_mask_op
-from ouromamba_fx.lowering.mixer import causal_conv1d_silu_ref, mixer_backend, w4a4o8_linear_rt
+from ouromamba_fx.lowering.mixer import SMALL_K, causal_conv1d_silu_ref, mixer_backend, w4a4o8_linear_rt
 from ouromamba_fx.lowering.outlier import quantize_mixed_ref
 from ouromamba_fx.lowering.qlinear import pack_int4
 
@@ -101,8 +101,16 @@ def test_mixed_fake_quant_flags_planted_outliers_and_passes_opcheck():
     assert torch.equal(MIXED(x, s_in, 1, 2, 4, 16, 2.0, 4), quantize_mixed_ref(x, s_in, 1, 2, 4, 16, 2.0, 4))
 
 
+RT_SHAPES = [(2, 17, 40, 24), (1, 1, 37, 5), (3, 9, 16, 16), (1, 41, 70, 33), (2, 9, 12, 40)]
+
+
+def test_w4a4o8_linear_rt_shapes_cover_both_cpu_paths():
+    # K < SMALL_K: float GEMM of the dequantized values; else the integer GEMM + epilogue
+    assert {shape[2] < SMALL_K for shape in RT_SHAPES} == {True, False}
+
+
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(2, 17, 40, 24), (1, 1, 37, 5), (3, 9, 16, 16), (1, 41, 70, 33)])
+@pytest.mark.parametrize("shape", RT_SHAPES)
 def test_w4a4o8_linear_rt_equals_mask_then_linear(shape):
     b, length, k, n = shape
     x, s_in = _planted(b, length, k, seed=1)
@@ -116,6 +124,14 @@ def test_w4a4o8_linear_rt_equals_mask_then_linear(shape):
     # and the float model of it: quantize_mixed -> linear with the dequantized weights
     deq = quantize_mixed_ref(x, s_in, 1, 2, 4, 8, 2.0, 4) @ (wq.float() * ws[:, None]).t() + bias
     torch.testing.assert_close(y, deq, rtol=1e-4, atol=1e-3)
+    # the float path keeps one dequantized copy of the weight while the packed weight lives;
+    # changing the weight scale in place makes a new one
+    if k < SMALL_K:
+        wp = pack_int4(wq)
+        y1 = w4a4o8_linear_rt(x, s_in, wp, ws, bias, k, 2.0, 4)
+        ws.mul_(2.0)
+        y2 = w4a4o8_linear_rt(x, s_in, wp, ws, bias, k, 2.0, 4)
+        torch.testing.assert_close(y2 - bias, 2.0 * (y1 - bias), rtol=1e-5, atol=1e-5)
 
 
 def test_w4a4o8_linear_rt_opcheck_and_errors():

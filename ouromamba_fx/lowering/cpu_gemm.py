@@ -111,6 +111,12 @@ def cached(key_tensor: Tensor, tag: str, make: Callable[[], object]) -> object:
     return value
 
 
+def cached_pair(key_tensor: Tensor, other: Tensor, tag: str, make: Callable[[], object]) -> object:
+    """:func:`cached` for a value made from two tensors: recomputed when either is modified in place
+    (an entry of ``other``'s older contents stays until ``key_tensor`` is freed)."""
+    return cached(key_tensor, f"{tag}|{id(other)}:{_version(other)}", make)
+
+
 def cache_size() -> int:
     return len(_CACHE)
 
@@ -146,11 +152,13 @@ def u8_mm(q: Tensor, w: Tensor, key: Tensor) -> Tensor:
     """``q @ w^T`` as float32 for int8 ``q`` (M, K) and int8 ``w`` (N, K) on oneDNN u8 x s8 (``q`` is
     shifted to u8 = q + 128, oneDNN subtracts the zero point's term exactly). Exact only where
     :func:`u8_exact` holds for the operands' ranges: callers check. ``w`` is prepacked once per
-    ``key`` (the model's own weight tensor, e.g. its packed int4 form)."""
+    ``key`` (the model's own weight tensor, e.g. its packed int4 form). A uint8 ``q`` is taken as
+    already shifted (the codes + 128, as ``mixed_quant`` writes them on request)."""
     n = w.shape[0]
     packed, ones, zps = cached(key, "onednn", lambda: (torch.ops.onednn.qlinear_prepack(w.contiguous(), None),
                                                      torch.ones(n), torch.zeros(n, dtype=torch.long)))
-    u = q.contiguous().view(torch.uint8) ^ 0x80  # two's complement q + 128
+    q = q.contiguous()
+    u = q if q.dtype == torch.uint8 else q.view(torch.uint8) ^ 0x80  # two's complement q + 128
     return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, packed, ones, zps, None, 1.0, 0, torch.float32,
                                               "none", [], "")
 

@@ -19,7 +19,8 @@
   oneDNN u8 x s8 on a weight prepacked once on x86 CPUs without VNNI/AMX,
   :mod:`~ouromamba_fx.lowering.cpu_gemm`), and an epilogue that adds
   each token's few outlier channels as vector axpys (exact integer sums) before the scales and
-  the bias, in one pass over the output.
+  the bias, in one pass over the output. (Below ``SMALL_K`` input channels: the fake-quantized
+  activations times the dequantized weights, a float GEMM.)
 
 The reference implementations (plain torch, the same formulas; for ``w4a4o8_linear_rt`` the ops
 ``outlier_mask`` + ``w4a4o8_linear``, which have Triton kernels) run on devices other than the
@@ -147,7 +148,7 @@ def mixed_fake_quant_op(x: Tensor, inlier_scale: Tensor, token_axis: int, channe
         # the layout the fake implementation promises
         return from_rows(as_rows(ref, token_axis, channel_axis).contiguous(), x, token_axis, channel_axis)
     rows, s_in = _mixed_rows(x, inlier_scale, token_axis, channel_axis)
-    (y,) = _extension().mixed_quant(rows, s_in, 2 ** (inlier_bits - 1) - 1, float(k), int(n_refresh), True)
+    (y,) = _extension().mixed_quant(rows, s_in, 2 ** (inlier_bits - 1) - 1, float(k), int(n_refresh), True, False)
     return from_rows(y, x, token_axis, channel_axis)
 
 
@@ -158,6 +159,11 @@ def _(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n
     moved = x.movedim((token_axis, channel_axis), (-2, -1))
     rows = torch.empty(moved.shape, dtype=torch.float32, device=x.device).reshape(-1, *moved.shape[-2:])
     return from_rows(rows, x, token_axis, channel_axis)
+
+
+# W4A4O8 linears with fewer input channels than this run on the CPU as a float GEMM of the
+# dequantized values instead of the integer GEMM + epilogue (Vim's dt_proj: K = dt_rank).
+SMALL_K = 32
 
 
 @torch.library.custom_op("ouromamba::w4a4o8_linear_rt", mutates_args=(),
@@ -171,7 +177,10 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     per-token scale, in one C++ pass (:func:`mixed_quant`), then multiplied by the packed int4
     weights: one int8 GEMM for the inliers, one over the outlier channels only. Same numbers as
     ``ouromamba::outlier_mask`` followed by ``ouromamba::w4a4o8_linear``, which is what runs on
-    other devices."""
+    other devices. On the CPU, linears with ``k < SMALL_K`` input channels (Vim's dt_proj) multiply
+    the dequantized activations by a dequantized copy of the weights in float instead (the same
+    values, up to float rounding of the products): so short a reduction gains nothing from an
+    integer GEMM, and the epilogue would cost more than the product."""
     from ouromamba_fx.lowering.fused import outlier_mask_op
     from ouromamba_fx.lowering.qlinear import w4a4o8_linear
 
@@ -185,13 +194,25 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
 
     rows, s_in = _mixed_rows(x, inlier_scale, x.dim() - 2, x.dim() - 1)
     ext = _extension()
-    q_in, q_out, s_out = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False)
+    n = w_packed.shape[0]
+    if k < SMALL_K:
+        # A reduction this short gains nothing from an integer GEMM (a (3152, 24) x (24, 768)
+        # product is output-bound): the dequantized activations times the dequantized weights,
+        # a float GEMM of the same values (the reference graph's own form of this linear).
+        (y,) = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), True, False)
+        w_f = cpu_gemm.cached_pair(w_packed, w_scale, "int4:float", lambda: unpack_int4(w_packed, k).float()
+                                   * w_scale.detach().float().reshape(-1, 1))
+        b_f = None if bias is None else bias.detach().float()
+        return F.linear(y.view(*x.shape[:-1], k), w_f, b_f)
+    u8 = cpu_gemm.emulated(x.device) and cpu_gemm.u8_exact(7, 8)
+    q_in, q_out, s_out = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False, u8)
     m = q_in.shape[0] * q_in.shape[1]
     # int4 -> int8 once per weight (kept beside the model's packed weight while it lives: this CPU
     # has no int4 GEMM), laid out (K, N): the rows the outlier pass reads, one per outlier channel
     w_t = cpu_gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
-    if cpu_gemm.emulated(x.device) and cpu_gemm.u8_exact(7, 8):
-        # no VNNI/AMX: oneDNN u8 x s8, exact for 4-bit codes x int4 weights (float accumulator)
+    if u8:
+        # no VNNI/AMX: oneDNN u8 x s8 on the inliers' u8 codes (q + 128, written so by mixed_quant),
+        # exact for 4-bit codes x int4 weights (float accumulator)
         acc = cpu_gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
     else:
         acc = _int_mm(q_in.view(m, k), w_t.t()).contiguous()
@@ -199,10 +220,10 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     # dense or column-gathered GEMM spends its work on zeros: the union of a batch's outlier
     # channels is most channels, while each token has only a few)
     empty = torch.empty(0)
-    y = ext.w4a4o8_epilogue(acc, s_in.repeat(q_in.shape[0]), q_out.view(m, k), s_out.view(m), w_t,
-                            w_scale.detach().float().reshape(-1).contiguous(),
+    y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_t,
+                            cpu_gemm.cached(w_scale, "float", lambda: w_scale.detach().float().reshape(-1).contiguous()),
                             empty if bias is None else bias.detach().float().contiguous())
-    return y.reshape(*x.shape[:-1], w_packed.shape[0])
+    return y.reshape(*x.shape[:-1], n)
 
 
 @w4a4o8_linear_rt.register_fake

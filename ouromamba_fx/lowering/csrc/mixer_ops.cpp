@@ -207,13 +207,15 @@ inline float flagged_max(const float* __restrict__ x, const int32_t* __restrict_
 // The per-channel quantization of one time step, as plain loops in functions of their own (with
 // restrict pointers and values, not a lambda's captures, which an int8 store may alias): the
 // compiler vectorizes them at the CPU's own width.
-// codes: round(clamp(x / s, -qmax, qmax)) of the channels in (outliers) or out of the mask, as
-// int8. Not inlined: inlined with constant arguments GCC 12 left the clamps as branches.
+// codes: round(clamp(x / s, -qmax, qmax)) of the channels in (outliers) or out of the mask, plus
+// offset, as int8 bits (offset 128: the u8 codes oneDNN's u8 x s8 GEMM reads). Not inlined: inlined with constant arguments GCC 12 left the clamps as branches.
 __attribute__((noinline)) void codes_row(const float* __restrict__ x, const int32_t* __restrict__ mask,
-                                         int8_t* __restrict__ q, int64_t C, float s, float qmax, bool outliers) {
+                                         int8_t* __restrict__ q, int64_t C, float s, float qmax, bool outliers,
+                                         int32_t offset) {
   const int32_t flip = outliers ? 0 : -1;
   for (int64_t c = 0; c < C; ++c) {
-    q[c] = static_cast<int8_t>(static_cast<int32_t>(round_even1(clamp1(keep1(x[c], mask[c] ^ flip) / s, -qmax, qmax))));
+    const int32_t code = static_cast<int32_t>(round_even1(clamp1(keep1(x[c], mask[c] ^ flip) / s, -qmax, qmax)));
+    q[c] = static_cast<int8_t>(code + offset);
   }
 }
 
@@ -235,11 +237,11 @@ __attribute__((noinline)) void fake_row(const float* __restrict__ x, const int32
 
 // x: (R, L, C) float32, any strides (channel-contiguous is the fast path); s_in: (L,) float32 (the
 // static inlier scale of each time step); qi: inlier qmax (7 for 4 bits); k, n_refresh: the outlier
-// rule. Integer mode returns [q_in (R, L, C) int8, q_out (R, L, C) int8, s_out (R, L) float32];
-// fake mode returns [y (R, L, C) float32], the dequantized values (outliers at 8 bits with their
+// rule. Integer mode returns [q_in (R, L, C) int8, q_out (R, L, C) int8, s_out (R, L) float32]
+// (with u8_inliers, q_in is uint8 holding the codes + 128); fake mode returns [y (R, L, C) float32], the dequantized values (outliers at 8 bits with their
 // per-token scale, inliers at qi).
 std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int64_t qi, double k,
-                                       int64_t n_refresh, bool fake) {
+                                       int64_t n_refresh, bool fake, bool u8_inliers) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat, "mixed_quant: x must be float32 (R, L, C)");
   const int64_t R = x.size(0), L = x.size(1), C = x.size(2);
   TORCH_CHECK(s_in.scalar_type() == torch::kFloat && s_in.is_contiguous() && s_in.numel() == L,
@@ -259,6 +261,7 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
   const float* sp = s_in.data_ptr<float>();
   const float kf = static_cast<float>(k);
   const float qif = static_cast<float>(qi);
+  const int32_t in_offset = u8_inliers ? 128 : 0;
   float* yp = fake ? y.data_ptr<float>() : nullptr;
   int8_t* qip = fake ? nullptr : q_in.data_ptr<int8_t>();
   int8_t* qop = fake ? nullptr : q_out.data_ptr<int8_t>();
@@ -296,9 +299,9 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
         if (fake) {
           fake_row(src, mask, yp + o, C, s, qif, so, 127.0f);
         } else {
-          codes_row(src, mask, qip + o, C, s, qif, false);
+          codes_row(src, mask, qip + o, C, s, qif, false, in_offset);
           if (any_out) {
-            codes_row(src, mask, qop + o, C, so, 127.0f, true);
+            codes_row(src, mask, qop + o, C, so, 127.0f, true, 0);
           } else {
             std::memset(qop + o, 0, static_cast<size_t>(C));
           }
@@ -308,7 +311,7 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
     }
   });
   if (fake) return {y};
-  return {q_in, q_out, s_out};
+  return {u8_inliers ? q_in.view(torch::kUInt8) : q_in, q_out, s_out};
 }
 
 // Bit i set where p[i] != 0, for the n <= 32 bytes at p.
@@ -335,7 +338,8 @@ inline void axpy_i8(float* __restrict__ o, float a, const int8_t* __restrict__ w
 // The W4A4O8 linear's epilogue in one pass over the (M, N) output, in place of the inlier
 // accumulator acc (M, N): int32 (reinterpreted as float32 and returned), or float32 holding the
 // same integers (from oneDNN's u8 x s8 GEMM on CPUs without VNNI):
-//   y = ((acc * s_in[m] + (q_out[m, :] @ w_t) * s_out[m]) * w_scale) + bias
+//   y = ((acc * s_in[m % L] + (q_out[m, :] @ w_t) * s_out[m]) * w_scale) + bias
+// (rows m are (batch, step) pairs, s_in holds the L per-step inlier scales)
 // q_out (M, K) int8 holds the outlier codes (zero off the outlier channels); per row only its
 // non-zero codes are visited, each a vector axpy over N of w_t (K, N) int8. Those sums are of
 // integers below 2^24 (K * 127 * 8 at most), exact in float32 in any order: the same numbers as an
@@ -351,10 +355,11 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
               "w4a4o8_epilogue: q_out");
   TORCH_CHECK(w_t.dim() == 2 && w_t.is_contiguous() && w_t.scalar_type() == torch::kInt8 && w_t.size(0) == K &&
                   w_t.size(1) == N, "w4a4o8_epilogue: w_t");
-  for (const auto* t : {&s_in, &s_out}) {
-    TORCH_CHECK(t->is_contiguous() && t->numel() == M && t->scalar_type() == torch::kFloat,
-                "w4a4o8_epilogue: row scales");
-  }
+  TORCH_CHECK(s_out.is_contiguous() && s_out.numel() == M && s_out.scalar_type() == torch::kFloat,
+              "w4a4o8_epilogue: s_out must be float32 with one value per row");
+  const int64_t steps = s_in.numel();
+  TORCH_CHECK(s_in.is_contiguous() && s_in.scalar_type() == torch::kFloat && steps > 0 && M % steps == 0,
+              "w4a4o8_epilogue: s_in must be float32 with one value per time step (rows are (batch, step))");
   TORCH_CHECK(w_scale.is_contiguous() && w_scale.numel() == N && w_scale.scalar_type() == torch::kFloat,
               "w4a4o8_epilogue: w_scale");
   const bool has_bias = bias.defined() && bias.numel() > 0;
@@ -391,7 +396,7 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
         }
       }
       float* __restrict__ yr = yp + m * N;
-      const float si = sip[m], so = sop[m];
+      const float si = sip[m % steps], so = sop[m];
       if (acc_float) {
         if (any) {
           for (int64_t n = 0; n < N; ++n) yr[n] = (yr[n] * si + oacc[n] * so) * wsp[n];
