@@ -85,6 +85,11 @@ def test_mixed_fake_quant_is_the_reference_bit_for_bit(shape, n_refresh):
     out = MIXED(xt, s_in, 2, 1, 4, 8, 2.0, n_refresh)
     assert torch.equal(out, quantize_mixed_ref(xt, s_in, 2, 1, 4, 8, 2.0, n_refresh))
     assert torch.equal(out.transpose(1, 2), ref)
+    # channels strided, time steps not contiguous either (every other channel of a wider tensor)
+    wide = torch.stack((x, torch.randn_like(x)), dim=-1).flatten(-2)
+    xs = wide[..., ::2]
+    assert xs.stride(-1) == 2 and torch.equal(xs, x)
+    assert torch.equal(MIXED(xs, s_in, 1, 2, 4, 8, 2.0, n_refresh), ref)
 
 
 def test_mixed_fake_quant_flags_planted_outliers_and_passes_opcheck():

@@ -275,17 +275,34 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
     // Every pass over a step's channels is a plain loop (row_stats .. codes_row above), which
     // the compiler vectorizes at the CPU's own width. The outlier mask: -1 / 0 per channel, the
     // window's running OR (or this step's flags when n_refresh <= 1).
+    // Channel-strided x is first copied into (chunk, C) rows: time-contiguous x (a transposed
+    // (batch, C, L) tensor, e.g. the scan's output before out_proj) as runs of a chunk's steps
+    // per channel, one or two cache lines each; any other layout element by element.
     std::vector<int32_t> mask_buf(static_cast<size_t>(C));
-    std::vector<float> gather(static_cast<size_t>(C));
+    std::vector<float> gather(sc != 1 ? static_cast<size_t>(chunk * C) : 0);
     int32_t* __restrict__ mask = mask_buf.data();
     for (int64_t i = begin; i < end; ++i) {
       const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
-      for (int64_t t = t0; t < t1; ++t) {
-        const float* src = xp + r * sr + t * st;
-        if (sc != 1) {
-          for (int64_t c = 0; c < C; ++c) gather[c] = src[c * sc];
-          src = gather.data();
+      if (sc != 1) {
+        float* __restrict__ g = gather.data();
+        const float* base = xp + r * sr;
+        if (st == 1) {
+          for (int64_t c = 0; c < C; ++c) {
+            const float* run = base + c * sc;
+            if (c + 16 < C) {  // each run starts a cache miss: ask for the runs 16 channels on early
+              __builtin_prefetch(run + 16 * sc + t0);
+              __builtin_prefetch(run + 16 * sc + t1 - 1);
+            }
+            for (int64_t t = t0; t < t1; ++t) g[(t - t0) * C + c] = run[t];
+          }
+        } else {
+          for (int64_t t = t0; t < t1; ++t) {
+            for (int64_t c = 0; c < C; ++c) g[(t - t0) * C + c] = base[t * st + c * sc];
+          }
         }
+      }
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* src = sc != 1 ? gather.data() + (t - t0) * C : xp + r * sr + t * st;
         const RowStats stats = row_stats(src, C);
         const float theta = stats.mean + kf * stats.std;
         const float s = sp[t];
