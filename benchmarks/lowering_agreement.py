@@ -91,7 +91,9 @@ def main(argv=None) -> None:
         "|---|---:|---:|---:|---:|---|",
     ]
     for name, ref, low, agree, _, _ in rows:
-        ok = agree >= 99.5 and abs(ref.top1 - low.top1) <= 0.1
+        # within 0.1 point, counted in images (0.1 % of the split; percentages in float are not
+        # exact: 73.70 - 73.60 is 0.10000000000000853)
+        ok = agree >= 99.5 and 1000 * abs(ref.correct - low.correct) <= ref.total
         lines.append(f"| {name} | {ref.top1:.2f} % | {low.top1:.2f} % | {low.top1 - ref.top1:+.2f} | "
                      f"{agree:.2f} % ({int((ref.predictions == low.predictions).sum())}/{ref.total}) | "
                      f"{'yes' if ok else 'NO'} |")
