@@ -4,7 +4,8 @@
     python benchmarks/cpu_latency.py --quick                  # reference model, batch 16, few rounds
     python benchmarks/cpu_latency.py --models ref,vim_tiny --batches 1,16 --rounds 5
 
-Variants, each timed as the median of ``--rounds`` calls after two warm-up calls (compilation):
+Variants, each timed as the median of ``--rounds`` calls after two warm-up calls (compilation),
+called in turn round by round (a shared machine's drift then slows all of them alike):
 
 * ``fp32 eager``      the float model as written (its scan is the fused C++ op);
 * ``fp32 compiled``   ``torch.compile(model)`` (Inductor, defaults);
@@ -99,19 +100,26 @@ def build(key: str, calib_n: int, seed: int = 0):
     return model, calib, sample
 
 
-def time_calls(fn, x, rounds: int, autocast: bool = False) -> tuple[list[float], list[float]]:
-    """(wall seconds, process CPU seconds) per call. On a shared machine the CPU time is the
-    steadier measure of the work a call does (wall time includes waiting for a core)."""
-    times, cpu = [], []
-    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        for _ in range(2):
-            fn(x)
+def time_round_robin(fns: dict, x, rounds: int) -> dict:
+    """{name: (wall seconds, process CPU seconds) per call} for ``fns`` = {name: (fn, autocast)}:
+    two warm-up calls each, then ``rounds`` rounds that call every variant once in turn, so that
+    a machine whose speed drifts over minutes (a shared one) slows all variants alike. On a
+    shared machine the CPU time is the steadier measure of the work a call does (wall time
+    includes waiting for a core)."""
+    out = {name: ([], []) for name in fns}
+    with torch.inference_mode():
+        for fn, autocast in fns.values():
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                for _ in range(2):
+                    fn(x)
         for _ in range(rounds):
-            t, c = time.perf_counter(), time.process_time()
-            fn(x)
-            times.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - c)
-    return times, cpu
+            for name, (fn, autocast) in fns.items():
+                with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                    t, c = time.perf_counter(), time.process_time()
+                    fn(x)
+                    out[name][0].append(time.perf_counter() - t)
+                    out[name][1].append(time.process_time() - c)
+    return out
 
 
 def categorize(name: str) -> str | None:
@@ -206,10 +214,8 @@ def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profil
     res["variants"] = list(variants)
     for b in batches:
         x = sample(b)
-        for v, (fn, ac) in variants.items():
-            if v not in VARIANTS and b not in extra_batches:
-                continue
-            ts, cs = time_calls(fn, x, rounds, ac)
+        fns = {v: fc for v, fc in variants.items() if v in VARIANTS or b in extra_batches}
+        for v, (ts, cs) in time_round_robin(fns, x, rounds).items():
             res["times"][(b, v)], res["cpu"][(b, v)] = ts, cs
             log(f"{key} batch {b} {v}: median {1e3 * statistics.median(ts):.1f} ms wall, "
                 f"{1e3 * statistics.median(cs):.1f} ms CPU (load {load_avg():.2f})")
@@ -253,7 +259,7 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
         f"- CPU features as torch sees them: {cpu_features()}; {cpu_gemm.describe()}",
         f"- load average (1 min) at start / end: {load_start:.2f} / {load_end:.2f} (the machine is shared; "
         "the benchmark itself keeps about 2 cores busy)",
-        f"- median of {args.rounds} calls after 2 warm-up calls; milliseconds per batch; `torch.inference_mode()`; "
+        f"- median of {args.rounds} calls after 2 warm-up calls, the variants called in turn round by round; milliseconds per batch; `torch.inference_mode()`; "
         "profiles are wall time of one call",
         "- W8A8 / W4A4O8 = `torch.compile(of.convert(model, calib, preset), backend=\"ouromamba\")`;"
         " fp32/bf16 compiled = `torch.compile(model)` (Inductor defaults, bf16 under `torch.autocast`)",
