@@ -45,19 +45,20 @@ union HI {
   I v;
   __m256i h[2];
 };
-template <typename T>
-inline T vmin(T a, T b) {
+template <typename T, typename Op>
+inline T per_half(T a, T b, Op op) {  // op on each 256-bit half
   HF x{a}, y{b};
-  x.h[0] = _mm256_min_ps(x.h[0], y.h[0]);
-  x.h[1] = _mm256_min_ps(x.h[1], y.h[1]);
+  x.h[0] = op(x.h[0], y.h[0]);
+  x.h[1] = op(x.h[1], y.h[1]);
   return x.v;
 }
 template <typename T>
+inline T vmin(T a, T b) {
+  return per_half(a, b, [](__m256 p, __m256 q) { return _mm256_min_ps(p, q); });
+}
+template <typename T>
 inline T vmax(T a, T b) {
-  HF x{a}, y{b};
-  x.h[0] = _mm256_max_ps(x.h[0], y.h[0]);
-  x.h[1] = _mm256_max_ps(x.h[1], y.h[1]);
-  return x.v;
+  return per_half(a, b, [](__m256 p, __m256 q) { return _mm256_max_ps(p, q); });
 }
 template <typename T>
 inline T keep_nlt(T v, T x, T lo) {  // v where x >= lo or x is NaN, else +0
