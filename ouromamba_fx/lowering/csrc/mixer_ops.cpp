@@ -238,8 +238,8 @@ __attribute__((noinline)) void fake_row(const float* __restrict__ x, const int32
 // x: (R, L, C) float32, any strides (channel-contiguous is the fast path); s_in: (L,) float32 (the
 // static inlier scale of each time step); qi: inlier qmax (7 for 4 bits); k, n_refresh: the outlier
 // rule. Integer mode returns [q_in (R, L, C) int8, q_out (R, L, C) int8, s_out (R, L) float32]
-// (with u8_inliers, q_in is uint8 holding the codes + 128); fake mode returns [y (R, L, C) float32], the dequantized values (outliers at 8 bits with their
-// per-token scale, inliers at qi).
+// (with u8_inliers, q_in is uint8 holding the codes + 128); fake mode returns [y (R, L, C)
+// float32], the dequantized values (outliers at 8 bits with their per-token scale, inliers at qi).
 std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int64_t qi, double k,
                                        int64_t n_refresh, bool fake, bool u8_inliers) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat, "mixed_quant: x must be float32 (R, L, C)");

@@ -164,7 +164,6 @@ struct VecF {
 #endif
     return a > b;
   }
-  static inline V keep(V v, I m) { return (V)((I)v & m); }                    // v where m, else +0
   static inline V select(I m, V a, V b) { return (V)(((I)a & m) | ((I)b & ~m)); }  // a where m, else b
 
   // exp(x): Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for e^r fitted
