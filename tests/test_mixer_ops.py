@@ -146,3 +146,63 @@ def test_w4a4o8_linear_rt_opcheck_and_errors():
     torch.library.opcheck(W4, args)
     with pytest.raises(ValueError, match=r"\(\.\.\., L, 21\)"):
         W4(x, s_in, pack_int4(wq), torch.rand(6), None, 21, 2.0, 4)
+
+
+def _u4_ext():
+    from ouromamba_fx.lowering.mixer import _extension
+
+    ext = _extension()
+    if not ext.u4_available():
+        pytest.skip("u4_mm needs an AVX2 build")
+    return ext
+
+
+# M past the 4-row tiles and 64-row blocks; K odd, at and past the 128 pairs summed in int16; N
+# past the 32-column panels
+U4_SHAPES = [(1, 1, 1), (5, 7, 3), (67, 256, 32), (13, 257, 33), (70, 600, 65), (3, 513, 95), (4, 2, 31)]
+
+
+@pytest.mark.parametrize("m,k,n", U4_SHAPES)
+def test_u4_mm_is_exact(m, k, n):
+    ext = _u4_ext()
+    g = torch.Generator().manual_seed(m * 31 + k + n)
+    q = torch.randint(-7, 8, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-8, 9, (n, k), dtype=torch.int8, generator=g)
+    # the extremes: the largest int16 pair sums the ranges allow, of both signs
+    q[0] = 7
+    w[0] = 8
+    w[-1] = -8
+    panels, colsum = ext.u4_pack(w)
+    out = ext.u4_mm((q + 8).view(torch.uint8), panels, colsum)
+    assert out.dtype == torch.int32 and torch.equal(out, q.int() @ w.int().t())
+    # a strided view of the codes is read as well
+    wide = torch.full((m, k + 3), 8, dtype=torch.uint8)
+    wide[:, :k] = (q + 8).view(torch.uint8)
+    assert torch.equal(ext.u4_mm(wide[:, :k], panels, colsum), out)
+
+
+def test_u4_pack_and_mm_reject_what_they_cannot_compute():
+    ext = _u4_ext()
+    with pytest.raises(RuntimeError, match=r"\[-8, 8\]"):
+        ext.u4_pack(torch.tensor([[9, 0]], dtype=torch.int8))
+    panels, colsum = ext.u4_pack(torch.ones(3, 10, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="made for 9 or 10"):
+        ext.u4_mm(torch.zeros(2, 12, dtype=torch.uint8), panels, colsum)
+    with pytest.raises(RuntimeError, match="uint8"):
+        ext.u4_mm(torch.zeros(2, 10, dtype=torch.int8), panels, colsum)
+
+
+@torch.no_grad()
+def test_w4a4o8_linear_rt_runs_u4_mm_without_vnni(monkeypatch):
+    from ouromamba_fx.lowering import cpu_gemm
+
+    _u4_ext()
+    x, s_in = _planted(2, 17, 40, seed=4)
+    wq = torch.randint(-8, 8, (24, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    wp, ws = pack_int4(wq), torch.rand(24) * 0.01 + 1e-3
+    outs = {}
+    for mode in cpu_gemm.MODES:
+        monkeypatch.setenv(cpu_gemm.ENV, mode)
+        outs[mode] = w4a4o8_linear_rt(x, s_in, wp, ws, None, 40, 2.0, 4)
+    assert any(key[0] == id(wp) and key[1] == "u4" for key in cpu_gemm._CACHE)
+    assert torch.equal(outs["emulated"], outs["int_mm"])

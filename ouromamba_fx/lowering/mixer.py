@@ -15,9 +15,10 @@
   inputs (the rule's mean/std are summed in another order, so a channel sitting exactly on the
   threshold could flip). For the scan's delta/B/C at W4A4O8.
 * ``ouromamba::w4a4o8_linear_rt`` -- a whole W4A4O8 linear: the same split into int8 codes, the
-  inlier GEMM on the int4 weights unpacked to int8 once and cached beside them (``torch._int_mm``;
-  oneDNN u8 x s8 on a weight prepacked once on x86 CPUs without VNNI/AMX,
-  :mod:`~ouromamba_fx.lowering.cpu_gemm`), and an epilogue that adds
+  inlier GEMM on the int4 weights unpacked to int8 once and cached beside them (``torch._int_mm``
+  where the CPU has VNNI/AMX; without them, :mod:`~ouromamba_fx.lowering.cpu_gemm`, this module's
+  ``u4_mm`` kernel on AVX2 -- 4-bit codes x int4 weights summed in int16, exact, about 3x an
+  fp32 GEMM on a Zen 3 -- else oneDNN u8 x s8 on a weight prepacked once), and an epilogue that adds
   each token's few outlier channels as vector axpys (exact integer sums) before the scales and
   the bias, in one pass over the output. (Below ``SMALL_K`` input channels: the fake-quantized
   activations times the dequantized weights, a float GEMM.)
@@ -148,7 +149,7 @@ def mixed_fake_quant_op(x: Tensor, inlier_scale: Tensor, token_axis: int, channe
         # the layout the fake implementation promises
         return from_rows(as_rows(ref, token_axis, channel_axis).contiguous(), x, token_axis, channel_axis)
     rows, s_in = _mixed_rows(x, inlier_scale, token_axis, channel_axis)
-    (y,) = _extension().mixed_quant(rows, s_in, 2 ** (inlier_bits - 1) - 1, float(k), int(n_refresh), True, False)
+    (y,) = _extension().mixed_quant(rows, s_in, 2 ** (inlier_bits - 1) - 1, float(k), int(n_refresh), True, 0)
     return from_rows(y, x, token_axis, channel_axis)
 
 
@@ -199,20 +200,28 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
         # A reduction this short gains nothing from an integer GEMM (a (3152, 24) x (24, 768)
         # product is output-bound): the dequantized activations times the dequantized weights,
         # a float GEMM of the same values (the reference graph's own form of this linear).
-        (y,) = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), True, False)
+        (y,) = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), True, 0)
         w_f = cpu_gemm.cached_pair(w_packed, w_scale, "int4:float", lambda: unpack_int4(w_packed, k).float()
                                    * w_scale.detach().float().reshape(-1, 1))
         b_f = None if bias is None else bias.detach().float()
         return F.linear(y.view(*x.shape[:-1], k), w_f, b_f)
-    u8 = cpu_gemm.emulated(x.device) and cpu_gemm.u8_exact(7, 8)
-    q_in, q_out, s_out = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False, u8)
+    emulated = cpu_gemm.emulated(x.device)
+    u4 = emulated and ext.u4_available()
+    u8 = emulated and not u4 and cpu_gemm.u8_exact(7, 8)
+    offset = 8 if u4 else 128 if u8 else 0
+    q_in, q_out, s_out = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False, offset)
     m = q_in.shape[0] * q_in.shape[1]
     # int4 -> int8 once per weight (kept beside the model's packed weight while it lives: this CPU
     # has no int4 GEMM), laid out (K, N): the rows the outlier pass reads, one per outlier channel
     w_t = cpu_gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
-    if u8:
-        # no VNNI/AMX: oneDNN u8 x s8 on the inliers' u8 codes (q + 128, written so by mixed_quant),
-        # exact for 4-bit codes x int4 weights (float accumulator)
+    if u4:
+        # no VNNI/AMX, AVX2: the kernel of 4-bit codes (written as q + 8) x int4 weights with int16
+        # accumulation, on the weight laid out in column panels once
+        panels, colsum = cpu_gemm.cached(w_packed, "u4", lambda: ext.u4_pack(w_t.t()))
+        acc = ext.u4_mm(q_in.view(m, k), panels, colsum)
+    elif u8:
+        # no VNNI/AMX nor AVX2: oneDNN u8 x s8 on the inliers' u8 codes (q + 128), exact for 4-bit
+        # codes x int4 weights (float accumulator)
         acc = cpu_gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
     else:
         acc = _int_mm(q_in.view(m, k), w_t.t()).contiguous()

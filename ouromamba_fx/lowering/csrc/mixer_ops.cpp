@@ -13,6 +13,8 @@
 //                 or their dequantized values (fake quantization).
 // w4a4o8_epilogue the W4A4O8 linear's epilogue over the int32 inlier accumulator, with each
 //                 token's few outlier channels added as exact vector axpys instead of a GEMM.
+// u4_mm           the inlier GEMM itself on AVX2 CPUs without VNNI/AMX: 4-bit codes x int4
+//                 weights, exact, with int16 accumulation (u4_pack lays the weights out for it).
 //
 // Semantics: ouromamba_fx/lowering/mixer.py (module docstring). Both kernels compute in float32;
 // quantization divides by the scale (as ouromamba::quantize does) and rounds half to even, so
@@ -238,10 +240,11 @@ __attribute__((noinline)) void fake_row(const float* __restrict__ x, const int32
 // x: (R, L, C) float32, any strides (channel-contiguous is the fast path); s_in: (L,) float32 (the
 // static inlier scale of each time step); qi: inlier qmax (7 for 4 bits); k, n_refresh: the outlier
 // rule. Integer mode returns [q_in (R, L, C) int8, q_out (R, L, C) int8, s_out (R, L) float32]
-// (with u8_inliers, q_in is uint8 holding the codes + 128); fake mode returns [y (R, L, C)
+// (with in_offset > 0, q_in is uint8 holding the codes + in_offset: 128 for oneDNN's u8 x s8
+// GEMM, 8 for u4_mm below); fake mode returns [y (R, L, C)
 // float32], the dequantized values (outliers at 8 bits with their per-token scale, inliers at qi).
 std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int64_t qi, double k,
-                                       int64_t n_refresh, bool fake, bool u8_inliers) {
+                                       int64_t n_refresh, bool fake, int64_t in_offset) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat, "mixed_quant: x must be float32 (R, L, C)");
   const int64_t R = x.size(0), L = x.size(1), C = x.size(2);
   TORCH_CHECK(s_in.scalar_type() == torch::kFloat && s_in.is_contiguous() && s_in.numel() == L,
@@ -261,7 +264,8 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
   const float* sp = s_in.data_ptr<float>();
   const float kf = static_cast<float>(k);
   const float qif = static_cast<float>(qi);
-  const int32_t in_offset = u8_inliers ? 128 : 0;
+  TORCH_CHECK(in_offset >= 0 && qi >= 1 && qi <= 127 && (in_offset == 0 || (in_offset >= qi && in_offset + qi <= 255)),
+              "mixed_quant: in_offset must be 0 or shift the codes [-qi, qi] into 0..255");
   float* yp = fake ? y.data_ptr<float>() : nullptr;
   int8_t* qip = fake ? nullptr : q_in.data_ptr<int8_t>();
   int8_t* qop = fake ? nullptr : q_out.data_ptr<int8_t>();
@@ -316,7 +320,7 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
         if (fake) {
           fake_row(src, mask, yp + o, C, s, qif, so, 127.0f);
         } else {
-          codes_row(src, mask, qip + o, C, s, qif, false, in_offset);
+          codes_row(src, mask, qip + o, C, s, qif, false, static_cast<int32_t>(in_offset));
           if (any_out) {
             codes_row(src, mask, qop + o, C, so, 127.0f, true, 0);
           } else {
@@ -328,7 +332,7 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
     }
   });
   if (fake) return {y};
-  return {u8_inliers ? q_in.view(torch::kUInt8) : q_in, q_out, s_out};
+  return {in_offset > 0 ? q_in.view(torch::kUInt8) : q_in, q_out, s_out};
 }
 
 // Bit i set where p[i] != 0, for the n <= 32 bytes at p.
@@ -436,6 +440,194 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
   return acc_float ? acc : acc.view(torch::kFloat);
 }
 
+// ---------------------------------------------------------------------------------------------
+// u4_pack / u4_mm: the inlier GEMM of W4A4O8 on AVX2 CPUs without VNNI or AMX
+//
+// C (M, N) int32 = q (M, K) @ w (N, K)^T for 4-bit activation codes q in [-7, 7] and int4 weights
+// w in [-8, 8], exactly. The activations come as u = q + 8 in [1, 15] (mixed_quant with
+// in_offset 8); vpmaddubsw multiplies 16 columns x 2 consecutive k of u8 x s8 and adds each pair
+// into int16: |pair| <= 2 * 15 * 8 = 240, so int16 lanes hold 128 pairs (30,720 < 32,767) before
+// they are widened into the int32 tile. That is 32 multiply-adds per instruction with one add,
+// against 8 per fp32 FMA; oneDNN's u8 x s8 kernel on the same CPUs widens every pair through
+// vpmaddwd (a third instruction) and takes the +128-shifted codes. The shift comes out exactly:
+// sum_k (q + 8) w = q @ w^T + 8 * colsum(w).
+//
+// Packed weights: panels of 32 columns, (P, K2, 32, 2) int8 with K2 = ceil(K / 2): for each pair
+// of k, the 32 columns' two weights side by side, one 64-byte line per pair (zeros past N and K).
+
+constexpr int64_t kU4Cols = 32;
+constexpr int64_t kU4Pairs = 128;  // k pairs summed in int16 before widening (see above)
+constexpr int64_t kU4RowBlock = 64;
+
+bool u4_available() {
+#if defined(__AVX2__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::vector<torch::Tensor> u4_pack(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8, "u4_pack: w must be an int8 (N, K) matrix");
+  w = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), K2 = (K + 1) / 2, P = (N + kU4Cols - 1) / kU4Cols;
+  TORCH_CHECK(w.numel() == 0 || (w.min().item<int>() >= -8 && w.max().item<int>() <= 8),
+              "u4_pack: weights must lie in [-8, 8] (int4)");
+  auto packed = torch::zeros({P, K2, kU4Cols, 2}, w.options());
+  auto colsum = w.to(torch::kInt).sum(1).to(torch::kInt).contiguous();  // sum() widens to int64
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int8_t* pp = packed.data_ptr<int8_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    int8_t* col = pp + (n / kU4Cols) * K2 * kU4Cols * 2 + (n % kU4Cols) * 2;
+    for (int64_t k = 0; k < K; ++k) col[(k / 2) * kU4Cols * 2 + (k & 1)] = wp[n * K + k];
+  }
+  return {packed, colsum};
+}
+
+#if defined(__AVX2__)
+
+// acc[r][h] += the pairs [0, n) of rows a + r * lda against a panel's pairs, for MR rows.
+template <int MR>
+inline void u4_pairs(const uint8_t* a, int64_t lda, const int8_t* w, int64_t n, __m256i (&acc)[4][2]) {
+  for (int64_t kp = 0; kp < n; ++kp) {
+    const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + kp * 64));
+    const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + kp * 64 + 32));
+    for (int r = 0; r < MR; ++r) {
+      int16_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, 2);
+      const __m256i b = _mm256_set1_epi16(pair);
+      acc[r][0] = _mm256_add_epi16(acc[r][0], _mm256_maddubs_epi16(b, w0));
+      acc[r][1] = _mm256_add_epi16(acc[r][1], _mm256_maddubs_epi16(b, w1));
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The 4-row case by hand: GCC 12 schedules the eight products ahead of the adds, runs out of the
+// 16 ymm registers and copies every accumulator each step (eight extra moves per 16 instructions,
+// about 25% of the kernel's time).
+template <>
+inline void u4_pairs<4>(const uint8_t* a, int64_t lda, const int8_t* w, int64_t n, __m256i (&acc)[4][2]) {
+  if (n <= 0) return;
+  const uint8_t* a3 = a + 3 * lda;
+  __m256i w0, w1, b, t;
+  asm volatile(
+      "1:\n\t"
+      "vmovdqa (%[w]), %[w0]\n\t"
+      "vmovdqa 32(%[w]), %[w1]\n\t"
+      "vpbroadcastw (%[a]), %[b]\n\t"
+      "vpmaddubsw %[w0], %[b], %[t]\n\t"
+      "vpaddw %[t], %[c00], %[c00]\n\t"
+      "vpmaddubsw %[w1], %[b], %[t]\n\t"
+      "vpaddw %[t], %[c01], %[c01]\n\t"
+      "vpbroadcastw (%[a],%[lda]), %[b]\n\t"
+      "vpmaddubsw %[w0], %[b], %[t]\n\t"
+      "vpaddw %[t], %[c10], %[c10]\n\t"
+      "vpmaddubsw %[w1], %[b], %[t]\n\t"
+      "vpaddw %[t], %[c11], %[c11]\n\t"
+      "vpbroadcastw (%[a],%[lda],2), %[b]\n\t"
+      "vpmaddubsw %[w0], %[b], %[t]\n\t"
+      "vpaddw %[t], %[c20], %[c20]\n\t"
+      "vpmaddubsw %[w1], %[b], %[t]\n\t"
+      "vpaddw %[t], %[c21], %[c21]\n\t"
+      "vpbroadcastw (%[a3]), %[b]\n\t"
+      "vpmaddubsw %[w0], %[b], %[t]\n\t"
+      "vpaddw %[t], %[c30], %[c30]\n\t"
+      "vpmaddubsw %[w1], %[b], %[t]\n\t"
+      "vpaddw %[t], %[c31], %[c31]\n\t"
+      "add $2, %[a]\n\t"
+      "add $2, %[a3]\n\t"
+      "add $64, %[w]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      : [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]), [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]),
+        [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]), [c30] "+x"(acc[3][0]), [c31] "+x"(acc[3][1]),
+        [a] "+r"(a), [a3] "+r"(a3), [w] "+r"(w), [n] "+r"(n), [w0] "=&x"(w0), [w1] "=&x"(w1), [b] "=&x"(b),
+        [t] "=&x"(t)
+      : [lda] "r"(lda)
+      : "memory", "cc");
+}
+#endif
+
+// Rows [0, MR) of a against one panel: c[r][n0 + j] = sum_k a[r][k] * w[n0 + j][k] - 8 * colsum.
+template <int MR>
+void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K2, const int32_t* colsum8,
+             int32_t* c, int64_t ldc, int64_t cols) {
+  alignas(32) int32_t tile[4][kU4Cols] = {};
+  for (int64_t k0 = 0; k0 < K2; k0 += kU4Pairs) {
+    const int64_t n = std::min(kU4Pairs, K2 - k0);
+    __m256i acc[4][2];
+    for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    u4_pairs<MR>(a + 2 * k0, lda, panel + k0 * 64, n, acc);
+    for (int r = 0; r < MR; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        int32_t* t = tile[r] + 16 * h;
+        const __m256i lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc[r][h]));
+        const __m256i hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc[r][h], 1));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t),
+                           _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(t)), lo));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t + 8),
+                           _mm256_add_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(t + 8)), hi));
+      }
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = tile[r][j] - colsum8[j];
+  }
+}
+
+#endif  // __AVX2__
+
+// a (M, K) uint8 holding q + 8 for codes q in [-7, 7]; packed, colsum from u4_pack of the (N, K)
+// weights. Returns q @ w^T as int32 (M, N). Exact for operands in those ranges (callers hold
+// them: mixed_quant with qi 7 and in_offset 8, weights from int4).
+torch::Tensor u4_mm(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum) {
+  TORCH_CHECK(u4_available(), "u4_mm: this build has no AVX2 (check u4_available first)");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == torch::kUInt8, "u4_mm: a must be a uint8 (M, K) matrix");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
+                  packed.size(2) == kU4Cols && packed.size(3) == 2,
+              "u4_mm: packed must come from u4_pack");
+  const int64_t M = a.size(0), K = a.size(1), K2 = packed.size(1), N = colsum.numel();
+  TORCH_CHECK(K2 == (K + 1) / 2, "u4_mm: a has ", K, " columns; the packed weights were made for ", 2 * K2 - 1,
+              " or ", 2 * K2);
+  TORCH_CHECK(colsum.scalar_type() == torch::kInt && colsum.is_contiguous() &&
+                  packed.size(0) == (N + kU4Cols - 1) / kU4Cols,
+              "u4_mm: colsum must be u4_pack's int32 column sums of the same weights");
+  a = a.contiguous();
+  if (K % 2 == 1) {  // the kernel reads whole pairs: pad each row with a zero (its weights are zero)
+    a = torch::constant_pad_nd(a, {0, 1}, 0);
+  }
+  auto c = torch::empty({M, N}, a.options().dtype(torch::kInt));
+#if defined(__AVX2__)
+  const int64_t lda = a.size(1), P = packed.size(0);
+  std::vector<int32_t> colsum8(static_cast<size_t>(P * kU4Cols), 0);
+  for (int64_t n = 0; n < N; ++n) colsum8[n] = 8 * colsum.data_ptr<int32_t>()[n];
+  const uint8_t* ap = a.data_ptr<uint8_t>();
+  const int8_t* pp = packed.data_ptr<int8_t>();
+  int32_t* cp = c.data_ptr<int32_t>();
+  const int64_t blocks = (M + kU4RowBlock - 1) / kU4RowBlock;
+  // Work items: (block of 64 rows, panel of 32 columns); a thread's items share row blocks (they
+  // stay in L1 across panels), a panel is 64 bytes per pair of k (48 KB at K = 768).
+  at::parallel_for(0, blocks * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t mb = i / P, p = i % P;
+      const int64_t m0 = mb * kU4RowBlock, m1 = std::min(M, m0 + kU4RowBlock);
+      const int64_t n0 = p * kU4Cols, cols = std::min(kU4Cols, N - n0);
+      const int8_t* panel = pp + p * K2 * kU4Cols * 2;
+      int64_t m = m0;
+      for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, colsum8.data() + n0, cp + m * N + n0, N, cols);
+      switch (m1 - m) {
+        case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, colsum8.data() + n0, cp + m * N + n0, N, cols); break;
+        case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, colsum8.data() + n0, cp + m * N + n0, N, cols); break;
+        case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, colsum8.data() + n0, cp + m * N + n0, N, cols); break;
+        default: break;
+      }
+    }
+  });
+#endif
+  return c;
+}
+
 }  // namespace ouromamba_mixer
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -445,4 +637,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "OuroMamba-Quant mixed-precision quantization: outlier rule, int8 codes or dequantized values");
   m.def("w4a4o8_epilogue", &ouromamba_mixer::w4a4o8_epilogue,
         "W4A4O8 epilogue in place of the int32 inlier accumulator: scales, sparse outlier term, bias");
+  m.def("u4_available", &ouromamba_mixer::u4_available, "whether u4_mm has its AVX2 kernel in this build");
+  m.def("u4_pack", &ouromamba_mixer::u4_pack, "int4 weights (N, K) -> u4_mm's column panels and column sums");
+  m.def("u4_mm", &ouromamba_mixer::u4_mm, "exact int32 q @ w^T for 4-bit codes (as q + 8, uint8) x int4 weights");
 }
