@@ -11,15 +11,19 @@ fp32), but it multiplies through ``vpmaddubsw``, which adds pairs of u8 x s8 pro
 :func:`mode` decides once per process:
 
 * ``"int_mm"`` -- CPUs with VNNI or AMX, and non-x86 CPUs: ``torch._int_mm`` for everything.
-* ``"emulated"`` -- x86 CPUs without them. Products whose operands are small enough (activation
+* ``"emulated"`` -- x86 CPUs without them. W4A4O8's inlier products (4-bit codes x int4 weights)
+  run on this package's own AVX2 kernel where the build has AVX2 and FMA (``u4_mm`` in
+  :mod:`~ouromamba_fx.lowering.mixer`: vpmaddubsw pairs summed in int16, which 4-bit operands
+  cannot overflow; measured 2.5-3x an fp32 GEMM on a Zen 3, against about 2x for oneDNN's u8 x s8
+  kernel, which widens every pair). Otherwise, products whose operands are small enough (activation
   codes shifted to u8 = q + 128, so ``max|u| = 128 + qmax_a``, against weights of at most
   ``qmax_w`` in magnitude, with ``(128 + qmax_a) * qmax_w <= 16383``: every int4-weight product of
   W4A4O8, 4- or 8-bit activations alike) run on oneDNN u8 x s8 with the weight prepacked once
   (:func:`u8_mm`); everything else (W8A8: 8-bit codes x 8-bit weights) as an fp32 GEMM on the
   integer values, exact because every partial sum is an integer below 2^24 (K split into chunks
   where ``K * qmax_a * qmax_w`` would reach it; :func:`float_mm`). Same integers as
-  ``torch._int_mm``, so the same numbers end to end; speed: fp32's for W8A8, about 2x fp32's for
-  the int4 GEMMs.
+  ``torch._int_mm``, so the same numbers end to end; speed: fp32's for W8A8 (without VNNI no exact
+  8-bit x 8-bit product beats an fp32 FMA), 2-3x fp32's for the int4 GEMMs.
 
 ``OUROMAMBA_CPU_INT8_GEMM=int_mm`` or ``=emulated`` overrides the choice (tests use it to run both
 paths on one machine).
@@ -74,8 +78,12 @@ def describe() -> str:
     m = mode()
     if m == "int_mm":
         return "int8 GEMMs: torch._int_mm (oneDNN; CPU with VNNI/AMX or not x86)"
+    from ouromamba_fx.lowering.mixer import _extension
+
+    ext = _extension()
+    int4 = "this package's AVX2 int4 kernel" if ext is not None and ext.u4_available() else "oneDNN u8 x s8"
     return ("int8 GEMMs: emulated (x86 CPU without VNNI/AMX, where torch._int_mm is a slow reference loop): "
-            "int4-weight products on oneDNN u8 x s8, 8-bit x 8-bit as exact fp32 GEMMs")
+            f"W4A4O8 inlier products on {int4}, 8-bit x 8-bit as exact fp32 GEMMs")
 
 
 def u8_exact(qmax_a: int, qmax_w: int) -> bool:

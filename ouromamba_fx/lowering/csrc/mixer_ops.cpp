@@ -221,6 +221,30 @@ __attribute__((noinline)) void codes_row(const float* __restrict__ x, const int3
   }
 }
 
+// Both codes of a step with outliers in one pass, one division per channel (the divisor and the
+// bound chosen per lane): qin = codes of the inliers (+ offset; offset alone on outlier channels),
+// qout = codes of the outliers (0 elsewhere). The same numbers as codes_row for each.
+inline float pick1(float a, float b, int32_t m) {  // a where m is -1, b where m is 0
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, sizeof(ia));
+  std::memcpy(&ib, &b, sizeof(ib));
+  ia = (ia & m) | (ib & ~m);
+  std::memcpy(&a, &ia, sizeof(a));
+  return a;
+}
+
+__attribute__((noinline)) void codes_both(const float* __restrict__ x, const int32_t* __restrict__ mask,
+                                          int8_t* __restrict__ qin, int8_t* __restrict__ qout, int64_t C, float s,
+                                          float qi, float so, float qo, int32_t offset) {
+  for (int64_t c = 0; c < C; ++c) {
+    const int32_t m = mask[c];
+    const float lim = pick1(qo, qi, m);
+    const int32_t code = static_cast<int32_t>(round_even1(clamp1(x[c] / pick1(so, s, m), -lim, lim)));
+    qin[c] = static_cast<int8_t>((code & ~m) + offset);
+    qout[c] = static_cast<int8_t>(code & m);
+  }
+}
+
 // fake quantization: outliers at qmax qo with scale so, the rest at qi with scale s (qo is an
 // argument, not the constant 127: with constant bounds GCC 12 kept the clamps as branches).
 __attribute__((noinline)) void fake_row(const float* __restrict__ x, const int32_t* __restrict__ mask,
@@ -320,10 +344,10 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
         if (fake) {
           fake_row(src, mask, yp + o, C, s, qif, so, 127.0f);
         } else {
-          codes_row(src, mask, qip + o, C, s, qif, false, static_cast<int32_t>(in_offset));
           if (any_out) {
-            codes_row(src, mask, qop + o, C, so, 127.0f, true, 0);
+            codes_both(src, mask, qip + o, qop + o, C, s, qif, so, 127.0f, static_cast<int32_t>(in_offset));
           } else {
+            codes_row(src, mask, qip + o, C, s, qif, false, static_cast<int32_t>(in_offset));
             std::memset(qop + o, 0, static_cast<size_t>(C));
           }
           sop[r * L + t] = so;
@@ -348,9 +372,29 @@ inline uint32_t nonzero_bits(const int8_t* p, int n) {
   return bits;
 }
 
-// o[n] += a * w[n] over n < N, the int8 weights widened to float (vectorized by the compiler).
+// The W4A4O8 epilogue's arithmetic, written with explicit fused multiply-adds so that every path
+// rounds the same way whatever the compiler contracts (w4a4o8_epilogue here, w4a4o8_u4's tiles
+// in AVX2 intrinsics below):
+//   o[n] = fma(q, w[c, n], o[n]) for each outlier (c, q) of the row, in channel order, from 0;
+//   x[n] = fma(acc[n], s_in, o[n] * s_out), or acc[n] * s_in for a row without outliers;
+//   y[n] = fma(x[n], w_scale[n], bias[n]), or x[n] * w_scale[n] without bias.
 inline void axpy_i8(float* __restrict__ o, float a, const int8_t* __restrict__ w, int64_t N) {
-  for (int64_t n = 0; n < N; ++n) o[n] += a * static_cast<float>(w[n]);
+  for (int64_t i = 0; i < N; ++i) o[i] = std::fma(a, static_cast<float>(w[i]), o[i]);
+}
+
+// The last two lines above for n < N (oacc null: no outliers; b null: no bias; y may be acc's
+// own memory).
+inline void finish_row(float* __restrict__ y, const int32_t* __restrict__ acc, const float* __restrict__ oacc,
+                       float si, float so, const float* __restrict__ ws, const float* __restrict__ b, int64_t N) {
+  if (oacc && b) {
+    for (int64_t i = 0; i < N; ++i) y[i] = std::fma(std::fma(static_cast<float>(acc[i]), si, oacc[i] * so), ws[i], b[i]);
+  } else if (oacc) {
+    for (int64_t i = 0; i < N; ++i) y[i] = std::fma(static_cast<float>(acc[i]), si, oacc[i] * so) * ws[i];
+  } else if (b) {
+    for (int64_t i = 0; i < N; ++i) y[i] = std::fma(static_cast<float>(acc[i]) * si, ws[i], b[i]);
+  } else {
+    for (int64_t i = 0; i < N; ++i) y[i] = (static_cast<float>(acc[i]) * si) * ws[i];
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -424,16 +468,11 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
         } else {
           for (int64_t n = 0; n < N; ++n) yr[n] = (yr[n] * si) * wsp[n];
         }
-      } else {
-        const int32_t* __restrict__ ar = ap + m * N;
-        if (any) {
-          for (int64_t n = 0; n < N; ++n) yr[n] = (static_cast<float>(ar[n]) * si + oacc[n] * so) * wsp[n];
-        } else {
-          for (int64_t n = 0; n < N; ++n) yr[n] = (static_cast<float>(ar[n]) * si) * wsp[n];
+        if (bp) {
+          for (int64_t n = 0; n < N; ++n) yr[n] += bp[n];
         }
-      }
-      if (bp) {
-        for (int64_t n = 0; n < N; ++n) yr[n] += bp[n];
+      } else {
+        finish_row(yr, ap + m * N, any ? oacc : nullptr, si, so, wsp, bp, N);
       }
     }
   });
@@ -454,13 +493,23 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
 //
 // Packed weights: panels of 32 columns, (P, K2, 32, 2) int8 with K2 = ceil(K / 2): for each pair
 // of k, the 32 columns' two weights side by side, one 64-byte line per pair (zeros past N and K).
+// Beside them the same panels as (P, K, 32) rows, which the outlier term of w4a4o8_u4 reads: a
+// tile's outliers then touch only its own panel (the (K, N) rows of w4a4o8_epilogue would cost a
+// cache miss per outlier and panel).
+
+// AVX2 with FMA (every AVX2 CPU but a few VIA ones); elsewhere u4_available() is false.
+#if defined(__AVX2__) && defined(__FMA__)
+#define OM_U4 1
+#else
+#define OM_U4 0
+#endif
 
 constexpr int64_t kU4Cols = 32;
 constexpr int64_t kU4Pairs = 128;  // k pairs summed in int16 before widening (see above)
 constexpr int64_t kU4RowBlock = 64;
 
 bool u4_available() {
-#if defined(__AVX2__)
+#if OM_U4
   return true;
 #else
   return false;
@@ -474,17 +523,23 @@ std::vector<torch::Tensor> u4_pack(torch::Tensor w) {
   TORCH_CHECK(w.numel() == 0 || (w.min().item<int>() >= -8 && w.max().item<int>() <= 8),
               "u4_pack: weights must lie in [-8, 8] (int4)");
   auto packed = torch::zeros({P, K2, kU4Cols, 2}, w.options());
+  auto rows = torch::zeros({P, K, kU4Cols}, w.options());
   auto colsum = w.to(torch::kInt).sum(1).to(torch::kInt).contiguous();  // sum() widens to int64
   const int8_t* wp = w.data_ptr<int8_t>();
   int8_t* pp = packed.data_ptr<int8_t>();
+  int8_t* rp = rows.data_ptr<int8_t>();
   for (int64_t n = 0; n < N; ++n) {
     int8_t* col = pp + (n / kU4Cols) * K2 * kU4Cols * 2 + (n % kU4Cols) * 2;
-    for (int64_t k = 0; k < K; ++k) col[(k / 2) * kU4Cols * 2 + (k & 1)] = wp[n * K + k];
+    int8_t* row = rp + (n / kU4Cols) * K * kU4Cols + (n % kU4Cols);
+    for (int64_t k = 0; k < K; ++k) {
+      col[(k / 2) * kU4Cols * 2 + (k & 1)] = wp[n * K + k];
+      row[k * kU4Cols] = wp[n * K + k];
+    }
   }
-  return {packed, colsum};
+  return {packed, colsum, rows};
 }
 
-#if defined(__AVX2__)
+#if OM_U4
 
 // acc[r][h] += the pairs [0, n) of rows a + r * lda against a panel's pairs, for MR rows.
 template <int MR>
@@ -549,10 +604,11 @@ inline void u4_pairs<4>(const uint8_t* a, int64_t lda, const int8_t* w, int64_t 
 }
 #endif
 
-// Rows [0, MR) of a against one panel: c[r][n0 + j] = sum_k a[r][k] * w[n0 + j][k] - 8 * colsum.
-template <int MR>
-void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K2, const int32_t* colsum8,
-             int32_t* c, int64_t ldc, int64_t cols) {
+// Rows [0, MR) of a against one panel: tile[r][j] = sum_k a[r][k] * w[n0 + j][k] - 8 * colsum,
+// then store(r, tile[r]) for each row.
+template <int MR, typename Store>
+inline void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K2, const int32_t* colsum8,
+                    const Store& store) {
   alignas(32) int32_t tile[4][kU4Cols] = {};
   for (int64_t k0 = 0; k0 < K2; k0 += kU4Pairs) {
     const int64_t n = std::min(kU4Pairs, K2 - k0);
@@ -572,60 +628,190 @@ void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K2, con
     }
   }
   for (int r = 0; r < MR; ++r) {
-    for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = tile[r][j] - colsum8[j];
+    for (int64_t j = 0; j < kU4Cols; ++j) tile[r][j] -= colsum8[j];
+    store(r, tile[r]);
   }
 }
 
-#endif  // __AVX2__
+// A whole 32-column tile row of w4a4o8_u4: the epilogue's arithmetic (see axpy_i8) in four
+// 8-lane registers, the outliers' weights read from the panel's (K, 32) rows.
+inline void u4_finish_tile(float* y, const int32_t* acc, const int32_t* chan, const float* code, int64_t n_out,
+                           const int8_t* rows, float si, float so, const float* ws, const float* b) {
+  __m256 o[4];
+  for (int j = 0; j < 4; ++j) o[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n_out; ++i) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + chan[i] * kU4Cols));
+    const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
+    const __m256 q = _mm256_set1_ps(code[i]);
+    o[0] = _mm256_fmadd_ps(q, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), o[0]);
+    o[1] = _mm256_fmadd_ps(q, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), o[1]);
+    o[2] = _mm256_fmadd_ps(q, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), o[2]);
+    o[3] = _mm256_fmadd_ps(q, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), o[3]);
+  }
+  const __m256 vsi = _mm256_set1_ps(si), vso = _mm256_set1_ps(so);
+  for (int j = 0; j < 4; ++j) {
+    const __m256 a = _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(acc + 8 * j)));
+    const __m256 x = n_out > 0 ? _mm256_fmadd_ps(a, vsi, _mm256_mul_ps(o[j], vso)) : _mm256_mul_ps(a, vsi);
+    const __m256 s = _mm256_loadu_ps(ws + 8 * j);
+    _mm256_storeu_ps(y + 8 * j, b ? _mm256_fmadd_ps(x, s, _mm256_loadu_ps(b + 8 * j)) : _mm256_mul_ps(x, s));
+  }
+}
+
+// Every (row, panel) tile of a (M, K2 pairs) against the packed weights, on all threads:
+// store(m, n0, cols, row) gets row m's int32 sums for columns [n0, n0 + cols).
+template <typename Store>
+void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_t P, int64_t K2,
+             const int32_t* colsum8, int64_t N, const Store& store) {
+  const int64_t blocks = (M + kU4RowBlock - 1) / kU4RowBlock;
+  // Work items: (panel of 32 columns, block of 64 rows), panel-major: a thread runs one panel
+  // over consecutive row blocks, so the panel (64 bytes per pair of k, 24 KB at K = 768) and its
+  // rows for the outlier term stay in L1/L2 while the codes stream past.
+  at::parallel_for(0, blocks * P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t p = i / blocks, mb = i % blocks;
+      const int64_t m0 = mb * kU4RowBlock, m1 = std::min(M, m0 + kU4RowBlock);
+      const int64_t n0 = p * kU4Cols, cols = std::min(kU4Cols, N - n0);
+      const int8_t* panel = pp + p * K2 * kU4Cols * 2;
+      const int32_t* cs = colsum8 + n0;
+      int64_t m = m0;
+      auto at = [&](int64_t row) { return [&, row](int r, const int32_t* t) { store(row + r, n0, cols, t); }; };
+      for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, cs, at(m));
+      switch (m1 - m) {
+        case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, cs, at(m)); break;
+        case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, cs, at(m)); break;
+        case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, cs, at(m)); break;
+        default: break;
+      }
+    }
+  });
+}
+
+#endif  // OM_U4
+
+// The checks and layout shared by u4_mm and w4a4o8_u4: a (M, K) uint8 codes + 8 (returned
+// contiguous, padded to an even K); packed / colsum from u4_pack.
+torch::Tensor u4_operands(const char* op, torch::Tensor a, const torch::Tensor& packed, const torch::Tensor& colsum,
+                          std::vector<int32_t>& colsum8) {
+  TORCH_CHECK(u4_available(), op, ": this build has no AVX2 (check u4_available first)");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == torch::kUInt8, op, ": a must be a uint8 (M, K) matrix");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
+                  packed.size(2) == kU4Cols && packed.size(3) == 2,
+              op, ": packed must come from u4_pack");
+  const int64_t K = a.size(1), K2 = packed.size(1), N = colsum.numel();
+  TORCH_CHECK(K2 == (K + 1) / 2, op, ": a has ", K, " columns; the packed weights were made for ", 2 * K2 - 1,
+              " or ", 2 * K2);
+  TORCH_CHECK(colsum.scalar_type() == torch::kInt && colsum.is_contiguous() &&
+                  packed.size(0) == (N + kU4Cols - 1) / kU4Cols,
+              op, ": colsum must be u4_pack's int32 column sums of the same weights");
+  colsum8.assign(static_cast<size_t>(packed.size(0) * kU4Cols), 0);
+  for (int64_t n = 0; n < N; ++n) colsum8[n] = 8 * colsum.data_ptr<int32_t>()[n];
+  a = a.contiguous();
+  if (K % 2 == 1) {  // the kernel reads whole pairs: pad each row with a zero (its weights are zero)
+    a = torch::constant_pad_nd(a, {0, 1}, 0);
+  }
+  return a;
+}
 
 // a (M, K) uint8 holding q + 8 for codes q in [-7, 7]; packed, colsum from u4_pack of the (N, K)
 // weights. Returns q @ w^T as int32 (M, N). Exact for operands in those ranges (callers hold
 // them: mixed_quant with qi 7 and in_offset 8, weights from int4).
 torch::Tensor u4_mm(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum) {
-  TORCH_CHECK(u4_available(), "u4_mm: this build has no AVX2 (check u4_available first)");
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == torch::kUInt8, "u4_mm: a must be a uint8 (M, K) matrix");
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
-                  packed.size(2) == kU4Cols && packed.size(3) == 2,
-              "u4_mm: packed must come from u4_pack");
-  const int64_t M = a.size(0), K = a.size(1), K2 = packed.size(1), N = colsum.numel();
-  TORCH_CHECK(K2 == (K + 1) / 2, "u4_mm: a has ", K, " columns; the packed weights were made for ", 2 * K2 - 1,
-              " or ", 2 * K2);
-  TORCH_CHECK(colsum.scalar_type() == torch::kInt && colsum.is_contiguous() &&
-                  packed.size(0) == (N + kU4Cols - 1) / kU4Cols,
-              "u4_mm: colsum must be u4_pack's int32 column sums of the same weights");
-  a = a.contiguous();
-  if (K % 2 == 1) {  // the kernel reads whole pairs: pad each row with a zero (its weights are zero)
-    a = torch::constant_pad_nd(a, {0, 1}, 0);
-  }
+  std::vector<int32_t> colsum8;
+  a = u4_operands("u4_mm", a, packed, colsum, colsum8);
+  const int64_t M = a.size(0), N = colsum.numel();
   auto c = torch::empty({M, N}, a.options().dtype(torch::kInt));
-#if defined(__AVX2__)
-  const int64_t lda = a.size(1), P = packed.size(0);
-  std::vector<int32_t> colsum8(static_cast<size_t>(P * kU4Cols), 0);
-  for (int64_t n = 0; n < N; ++n) colsum8[n] = 8 * colsum.data_ptr<int32_t>()[n];
-  const uint8_t* ap = a.data_ptr<uint8_t>();
-  const int8_t* pp = packed.data_ptr<int8_t>();
+#if OM_U4
   int32_t* cp = c.data_ptr<int32_t>();
-  const int64_t blocks = (M + kU4RowBlock - 1) / kU4RowBlock;
-  // Work items: (block of 64 rows, panel of 32 columns); a thread's items share row blocks (they
-  // stay in L1 across panels), a panel is 64 bytes per pair of k (48 KB at K = 768).
-  at::parallel_for(0, blocks * P, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t mb = i / P, p = i % P;
-      const int64_t m0 = mb * kU4RowBlock, m1 = std::min(M, m0 + kU4RowBlock);
-      const int64_t n0 = p * kU4Cols, cols = std::min(kU4Cols, N - n0);
-      const int8_t* panel = pp + p * K2 * kU4Cols * 2;
-      int64_t m = m0;
-      for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, colsum8.data() + n0, cp + m * N + n0, N, cols);
-      switch (m1 - m) {
-        case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, colsum8.data() + n0, cp + m * N + n0, N, cols); break;
-        case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, colsum8.data() + n0, cp + m * N + n0, N, cols); break;
-        case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, colsum8.data() + n0, cp + m * N + n0, N, cols); break;
-        default: break;
+  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1),
+          colsum8.data(), N, [cp, N](int64_t m, int64_t n0, int64_t cols, const int32_t* t) {
+            std::memcpy(cp + m * N + n0, t, static_cast<size_t>(cols) * sizeof(int32_t));
+          });
+#endif
+  return c;
+}
+
+// The whole W4A4O8 linear after mixed_quant on AVX2 CPUs without VNNI/AMX: u4_mm with
+// w4a4o8_epilogue's arithmetic applied to each tile while it is in L1, so the (M, N) int32
+// accumulator is never written. Operands as w4a4o8_epilogue's, but the outlier term reads the
+// weights from u4_pack's (P, K, 32) rows; same numbers: per row, the outlier channels in
+// increasing order, each q * w[n, c] added in float32 (exact integers), then
+//   y = (acc * s_in[m % L] + outliers * s_out[m]) * w_scale + bias.
+torch::Tensor w4a4o8_u4(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum, torch::Tensor s_in,
+                        torch::Tensor q_out, torch::Tensor s_out, torch::Tensor w_rows, torch::Tensor w_scale,
+                        torch::Tensor bias) {
+  std::vector<int32_t> colsum8;
+  a = u4_operands("w4a4o8_u4", a, packed, colsum, colsum8);
+  const int64_t M = a.size(0), K = q_out.size(1), N = colsum.numel();
+  TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
+              "w4a4o8_u4: q_out must be contiguous int8 (M, K)");
+  TORCH_CHECK(w_rows.dim() == 3 && w_rows.is_contiguous() && w_rows.scalar_type() == torch::kInt8 &&
+                  w_rows.size(0) == packed.size(0) && w_rows.size(1) == K && w_rows.size(2) == kU4Cols,
+              "w4a4o8_u4: w_rows must be u4_pack's (P, K, 32) rows of the same weights");
+  TORCH_CHECK(s_out.is_contiguous() && s_out.numel() == M && s_out.scalar_type() == torch::kFloat,
+              "w4a4o8_u4: s_out must be float32 with one value per row");
+  const int64_t steps = s_in.numel();
+  TORCH_CHECK(s_in.is_contiguous() && s_in.scalar_type() == torch::kFloat && steps > 0 && M % steps == 0,
+              "w4a4o8_u4: s_in must be float32 with one value per time step (rows are (batch, step))");
+  TORCH_CHECK(w_scale.is_contiguous() && w_scale.numel() == N && w_scale.scalar_type() == torch::kFloat,
+              "w4a4o8_u4: w_scale must be float32 (N,)");
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
+              "w4a4o8_u4: bias must be float32 (N,) or empty");
+  auto y = torch::empty({M, N}, s_out.options());
+#if OM_U4
+  // Each row's outliers as (channel, code) lists, in channel order: counted, then filled.
+  const int8_t* qp = q_out.data_ptr<int8_t>();
+  std::vector<int64_t> start(static_cast<size_t>(M + 1), 0);
+  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      int64_t n = 0;
+      for (int64_t c0 = 0; c0 < K; c0 += 32) {
+        n += __builtin_popcount(nonzero_bits(qp + m * K + c0, static_cast<int>(std::min<int64_t>(32, K - c0))));
+      }
+      start[m + 1] = n;
+    }
+  });
+  for (int64_t m = 0; m < M; ++m) start[m + 1] += start[m];
+  std::vector<int32_t> chan(static_cast<size_t>(start[M]));
+  std::vector<float> code(static_cast<size_t>(start[M]));
+  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      int64_t o = start[m];
+      for (int64_t c0 = 0; c0 < K; c0 += 32) {
+        uint32_t bits = nonzero_bits(qp + m * K + c0, static_cast<int>(std::min<int64_t>(32, K - c0)));
+        while (bits) {
+          const int64_t c = c0 + __builtin_ctz(bits);
+          bits &= bits - 1;
+          chan[o] = static_cast<int32_t>(c);
+          code[o++] = static_cast<float>(qp[m * K + c]);
+        }
       }
     }
   });
+  const int8_t* wrp = w_rows.data_ptr<int8_t>();
+  const float* sip = s_in.data_ptr<float>();
+  const float* sop = s_out.data_ptr<float>();
+  const float* wsp = w_scale.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1),
+          colsum8.data(), N, [&](int64_t m, int64_t n0, int64_t cols, const int32_t* t) {
+            const int64_t o0 = start[m], o1 = start[m + 1];
+            const int8_t* panel_rows = wrp + (n0 / kU4Cols) * K * kU4Cols;
+            float* yr = yp + m * N + n0;
+            const float* bn = bp ? bp + n0 : nullptr;
+            const float si = sip[m % steps], so = sop[m];
+            if (cols == kU4Cols) {
+              u4_finish_tile(yr, t, chan.data() + o0, code.data() + o0, o1 - o0, panel_rows, si, so, wsp + n0, bn);
+            } else {
+              alignas(32) float oacc[kU4Cols];
+              std::fill(oacc, oacc + kU4Cols, 0.0f);
+              for (int64_t i = o0; i < o1; ++i) axpy_i8(oacc, code[i], panel_rows + chan[i] * kU4Cols, cols);
+              finish_row(yr, t, o1 > o0 ? oacc : nullptr, si, so, wsp + n0, bn, cols);
+            }
+          });
 #endif
-  return c;
+  return y;
 }
 
 }  // namespace ouromamba_mixer
@@ -638,6 +824,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a4o8_epilogue", &ouromamba_mixer::w4a4o8_epilogue,
         "W4A4O8 epilogue in place of the int32 inlier accumulator: scales, sparse outlier term, bias");
   m.def("u4_available", &ouromamba_mixer::u4_available, "whether u4_mm has its AVX2 kernel in this build");
-  m.def("u4_pack", &ouromamba_mixer::u4_pack, "int4 weights (N, K) -> u4_mm's column panels and column sums");
+  m.def("u4_pack", &ouromamba_mixer::u4_pack,
+        "int4 weights (N, K) -> u4_mm's column panels, column sums, and the panels as rows (w4a4o8_u4's outliers)");
   m.def("u4_mm", &ouromamba_mixer::u4_mm, "exact int32 q @ w^T for 4-bit codes (as q + 8, uint8) x int4 weights");
+  m.def("w4a4o8_u4", &ouromamba_mixer::w4a4o8_u4,
+        "the W4A4O8 linear after mixed_quant: u4_mm with the epilogue (outliers, scales, bias) per tile");
 }
