@@ -372,9 +372,8 @@ inline uint32_t nonzero_bits(const int8_t* p, int n) {
   return bits;
 }
 
-// The W4A4O8 epilogue's arithmetic, written with explicit fused multiply-adds so that every path
-// rounds the same way whatever the compiler contracts (w4a4o8_epilogue here, w4a4o8_u4's tiles
-// in AVX2 intrinsics below):
+// The W4A4O8 epilogue's arithmetic, written with explicit fused multiply-adds so that its rounding
+// does not depend on what the compiler contracts:
 //   o[n] = fma(q, w[c, n], o[n]) for each outlier (c, q) of the row, in channel order, from 0;
 //   x[n] = fma(acc[n], s_in, o[n] * s_out), or acc[n] * s_in for a row without outliers;
 //   y[n] = fma(x[n], w_scale[n], bias[n]), or x[n] * w_scale[n] without bias.
@@ -493,9 +492,6 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
 //
 // Packed weights: panels of 32 columns, (P, K2, 32, 2) int8 with K2 = ceil(K / 2): for each pair
 // of k, the 32 columns' two weights side by side, one 64-byte line per pair (zeros past N and K).
-// Beside them the same panels as (P, K, 32) rows, which the outlier term of w4a4o8_u4 reads: a
-// tile's outliers then touch only its own panel (the (K, N) rows of w4a4o8_epilogue would cost a
-// cache miss per outlier and panel).
 
 // AVX2 with FMA (every AVX2 CPU but a few VIA ones); elsewhere u4_available() is false.
 #if defined(__AVX2__) && defined(__FMA__)
@@ -523,20 +519,14 @@ std::vector<torch::Tensor> u4_pack(torch::Tensor w) {
   TORCH_CHECK(w.numel() == 0 || (w.min().item<int>() >= -8 && w.max().item<int>() <= 8),
               "u4_pack: weights must lie in [-8, 8] (int4)");
   auto packed = torch::zeros({P, K2, kU4Cols, 2}, w.options());
-  auto rows = torch::zeros({P, K, kU4Cols}, w.options());
   auto colsum = w.to(torch::kInt).sum(1).to(torch::kInt).contiguous();  // sum() widens to int64
   const int8_t* wp = w.data_ptr<int8_t>();
   int8_t* pp = packed.data_ptr<int8_t>();
-  int8_t* rp = rows.data_ptr<int8_t>();
   for (int64_t n = 0; n < N; ++n) {
     int8_t* col = pp + (n / kU4Cols) * K2 * kU4Cols * 2 + (n % kU4Cols) * 2;
-    int8_t* row = rp + (n / kU4Cols) * K * kU4Cols + (n % kU4Cols);
-    for (int64_t k = 0; k < K; ++k) {
-      col[(k / 2) * kU4Cols * 2 + (k & 1)] = wp[n * K + k];
-      row[k * kU4Cols] = wp[n * K + k];
-    }
+    for (int64_t k = 0; k < K; ++k) col[(k / 2) * kU4Cols * 2 + (k & 1)] = wp[n * K + k];
   }
-  return {packed, colsum, rows};
+  return {packed, colsum};
 }
 
 #if OM_U4
@@ -633,30 +623,6 @@ inline void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t 
   }
 }
 
-// A whole 32-column tile row of w4a4o8_u4: the epilogue's arithmetic (see axpy_i8) in four
-// 8-lane registers, the outliers' weights read from the panel's (K, 32) rows.
-inline void u4_finish_tile(float* y, const int32_t* acc, const int32_t* chan, const float* code, int64_t n_out,
-                           const int8_t* rows, float si, float so, const float* ws, const float* b) {
-  __m256 o[4];
-  for (int j = 0; j < 4; ++j) o[j] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < n_out; ++i) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + chan[i] * kU4Cols));
-    const __m128i lo = _mm256_castsi256_si128(w), hi = _mm256_extracti128_si256(w, 1);
-    const __m256 q = _mm256_set1_ps(code[i]);
-    o[0] = _mm256_fmadd_ps(q, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), o[0]);
-    o[1] = _mm256_fmadd_ps(q, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), o[1]);
-    o[2] = _mm256_fmadd_ps(q, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), o[2]);
-    o[3] = _mm256_fmadd_ps(q, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), o[3]);
-  }
-  const __m256 vsi = _mm256_set1_ps(si), vso = _mm256_set1_ps(so);
-  for (int j = 0; j < 4; ++j) {
-    const __m256 a = _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(acc + 8 * j)));
-    const __m256 x = n_out > 0 ? _mm256_fmadd_ps(a, vsi, _mm256_mul_ps(o[j], vso)) : _mm256_mul_ps(a, vsi);
-    const __m256 s = _mm256_loadu_ps(ws + 8 * j);
-    _mm256_storeu_ps(y + 8 * j, b ? _mm256_fmadd_ps(x, s, _mm256_loadu_ps(b + 8 * j)) : _mm256_mul_ps(x, s));
-  }
-}
-
 // Every (row, panel) tile of a (M, K2 pairs) against the packed weights, on all threads:
 // store(m, n0, cols, row) gets row m's int32 sums for columns [n0, n0 + cols).
 template <typename Store>
@@ -664,8 +630,8 @@ void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_
              const int32_t* colsum8, int64_t N, const Store& store) {
   const int64_t blocks = (M + kU4RowBlock - 1) / kU4RowBlock;
   // Work items: (panel of 32 columns, block of 64 rows), panel-major: a thread runs one panel
-  // over consecutive row blocks, so the panel (64 bytes per pair of k, 24 KB at K = 768) and its
-  // rows for the outlier term stay in L1/L2 while the codes stream past.
+  // (64 bytes per pair of k, 24 KB at K = 768) over consecutive row blocks while the codes stream
+  // past.
   at::parallel_for(0, blocks * P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i / blocks, mb = i % blocks;
@@ -688,7 +654,7 @@ void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_
 
 #endif  // OM_U4
 
-// The checks and layout shared by u4_mm and w4a4o8_u4: a (M, K) uint8 codes + 8 (returned
+// u4_mm's checks and layout: a (M, K) uint8 codes + 8 (returned
 // contiguous, padded to an even K); packed / colsum from u4_pack.
 torch::Tensor u4_operands(const char* op, torch::Tensor a, const torch::Tensor& packed, const torch::Tensor& colsum,
                           std::vector<int32_t>& colsum8) {
@@ -730,90 +696,6 @@ torch::Tensor u4_mm(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum)
   return c;
 }
 
-// The whole W4A4O8 linear after mixed_quant on AVX2 CPUs without VNNI/AMX: u4_mm with
-// w4a4o8_epilogue's arithmetic applied to each tile while it is in L1, so the (M, N) int32
-// accumulator is never written. Operands as w4a4o8_epilogue's, but the outlier term reads the
-// weights from u4_pack's (P, K, 32) rows; same numbers: per row, the outlier channels in
-// increasing order, each q * w[n, c] added in float32 (exact integers), then
-//   y = (acc * s_in[m % L] + outliers * s_out[m]) * w_scale + bias.
-torch::Tensor w4a4o8_u4(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum, torch::Tensor s_in,
-                        torch::Tensor q_out, torch::Tensor s_out, torch::Tensor w_rows, torch::Tensor w_scale,
-                        torch::Tensor bias) {
-  std::vector<int32_t> colsum8;
-  a = u4_operands("w4a4o8_u4", a, packed, colsum, colsum8);
-  const int64_t M = a.size(0), K = q_out.size(1), N = colsum.numel();
-  TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
-              "w4a4o8_u4: q_out must be contiguous int8 (M, K)");
-  TORCH_CHECK(w_rows.dim() == 3 && w_rows.is_contiguous() && w_rows.scalar_type() == torch::kInt8 &&
-                  w_rows.size(0) == packed.size(0) && w_rows.size(1) == K && w_rows.size(2) == kU4Cols,
-              "w4a4o8_u4: w_rows must be u4_pack's (P, K, 32) rows of the same weights");
-  TORCH_CHECK(s_out.is_contiguous() && s_out.numel() == M && s_out.scalar_type() == torch::kFloat,
-              "w4a4o8_u4: s_out must be float32 with one value per row");
-  const int64_t steps = s_in.numel();
-  TORCH_CHECK(s_in.is_contiguous() && s_in.scalar_type() == torch::kFloat && steps > 0 && M % steps == 0,
-              "w4a4o8_u4: s_in must be float32 with one value per time step (rows are (batch, step))");
-  TORCH_CHECK(w_scale.is_contiguous() && w_scale.numel() == N && w_scale.scalar_type() == torch::kFloat,
-              "w4a4o8_u4: w_scale must be float32 (N,)");
-  const bool has_bias = bias.defined() && bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
-              "w4a4o8_u4: bias must be float32 (N,) or empty");
-  auto y = torch::empty({M, N}, s_out.options());
-#if OM_U4
-  // Each row's outliers as (channel, code) lists, in channel order: counted, then filled.
-  const int8_t* qp = q_out.data_ptr<int8_t>();
-  std::vector<int64_t> start(static_cast<size_t>(M + 1), 0);
-  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      int64_t n = 0;
-      for (int64_t c0 = 0; c0 < K; c0 += 32) {
-        n += __builtin_popcount(nonzero_bits(qp + m * K + c0, static_cast<int>(std::min<int64_t>(32, K - c0))));
-      }
-      start[m + 1] = n;
-    }
-  });
-  for (int64_t m = 0; m < M; ++m) start[m + 1] += start[m];
-  std::vector<int32_t> chan(static_cast<size_t>(start[M]));
-  std::vector<float> code(static_cast<size_t>(start[M]));
-  at::parallel_for(0, M, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      int64_t o = start[m];
-      for (int64_t c0 = 0; c0 < K; c0 += 32) {
-        uint32_t bits = nonzero_bits(qp + m * K + c0, static_cast<int>(std::min<int64_t>(32, K - c0)));
-        while (bits) {
-          const int64_t c = c0 + __builtin_ctz(bits);
-          bits &= bits - 1;
-          chan[o] = static_cast<int32_t>(c);
-          code[o++] = static_cast<float>(qp[m * K + c]);
-        }
-      }
-    }
-  });
-  const int8_t* wrp = w_rows.data_ptr<int8_t>();
-  const float* sip = s_in.data_ptr<float>();
-  const float* sop = s_out.data_ptr<float>();
-  const float* wsp = w_scale.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1),
-          colsum8.data(), N, [&](int64_t m, int64_t n0, int64_t cols, const int32_t* t) {
-            const int64_t o0 = start[m], o1 = start[m + 1];
-            const int8_t* panel_rows = wrp + (n0 / kU4Cols) * K * kU4Cols;
-            float* yr = yp + m * N + n0;
-            const float* bn = bp ? bp + n0 : nullptr;
-            const float si = sip[m % steps], so = sop[m];
-            if (cols == kU4Cols) {
-              u4_finish_tile(yr, t, chan.data() + o0, code.data() + o0, o1 - o0, panel_rows, si, so, wsp + n0, bn);
-            } else {
-              alignas(32) float oacc[kU4Cols];
-              std::fill(oacc, oacc + kU4Cols, 0.0f);
-              for (int64_t i = o0; i < o1; ++i) axpy_i8(oacc, code[i], panel_rows + chan[i] * kU4Cols, cols);
-              finish_row(yr, t, o1 > o0 ? oacc : nullptr, si, so, wsp + n0, bn, cols);
-            }
-          });
-#endif
-  return y;
-}
-
 }  // namespace ouromamba_mixer
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -824,9 +706,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a4o8_epilogue", &ouromamba_mixer::w4a4o8_epilogue,
         "W4A4O8 epilogue in place of the int32 inlier accumulator: scales, sparse outlier term, bias");
   m.def("u4_available", &ouromamba_mixer::u4_available, "whether u4_mm has its AVX2 kernel in this build");
-  m.def("u4_pack", &ouromamba_mixer::u4_pack,
-        "int4 weights (N, K) -> u4_mm's column panels, column sums, and the panels as rows (w4a4o8_u4's outliers)");
+  m.def("u4_pack", &ouromamba_mixer::u4_pack, "int4 weights (N, K) -> u4_mm's column panels and column sums");
   m.def("u4_mm", &ouromamba_mixer::u4_mm, "exact int32 q @ w^T for 4-bit codes (as q + 8, uint8) x int4 weights");
-  m.def("w4a4o8_u4", &ouromamba_mixer::w4a4o8_u4,
-        "the W4A4O8 linear after mixed_quant: u4_mm with the epilogue (outliers, scales, bias) per tile");
 }
