@@ -654,42 +654,31 @@ void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_
 
 #endif  // OM_U4
 
-// u4_mm's checks and layout: a (M, K) uint8 codes + 8 (returned
-// contiguous, padded to an even K); packed / colsum from u4_pack.
-torch::Tensor u4_operands(const char* op, torch::Tensor a, const torch::Tensor& packed, const torch::Tensor& colsum,
-                          std::vector<int32_t>& colsum8) {
-  TORCH_CHECK(u4_available(), op, ": this build has no AVX2 (check u4_available first)");
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == torch::kUInt8, op, ": a must be a uint8 (M, K) matrix");
+// a (M, K) uint8 holding q + 8 for codes q in [-7, 7]; packed, colsum from u4_pack of the (N, K)
+// weights. Returns q @ w^T as int32 (M, N). Exact for operands in those ranges (callers hold
+// them: mixed_quant with qi 7 and in_offset 8, weights from int4).
+torch::Tensor u4_mm(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum) {
+  TORCH_CHECK(u4_available(), "u4_mm: this build has no AVX2 and FMA (check u4_available first)");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == torch::kUInt8, "u4_mm: a must be a uint8 (M, K) matrix");
   TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
                   packed.size(2) == kU4Cols && packed.size(3) == 2,
-              op, ": packed must come from u4_pack");
-  const int64_t K = a.size(1), K2 = packed.size(1), N = colsum.numel();
-  TORCH_CHECK(K2 == (K + 1) / 2, op, ": a has ", K, " columns; the packed weights were made for ", 2 * K2 - 1,
+              "u4_mm: packed must come from u4_pack");
+  const int64_t M = a.size(0), K = a.size(1), K2 = packed.size(1), P = packed.size(0), N = colsum.numel();
+  TORCH_CHECK(K2 == (K + 1) / 2, "u4_mm: a has ", K, " columns; the packed weights were made for ", 2 * K2 - 1,
               " or ", 2 * K2);
-  TORCH_CHECK(colsum.scalar_type() == torch::kInt && colsum.is_contiguous() &&
-                  packed.size(0) == (N + kU4Cols - 1) / kU4Cols,
-              op, ": colsum must be u4_pack's int32 column sums of the same weights");
-  colsum8.assign(static_cast<size_t>(packed.size(0) * kU4Cols), 0);
+  TORCH_CHECK(colsum.scalar_type() == torch::kInt && colsum.is_contiguous() && P == (N + kU4Cols - 1) / kU4Cols,
+              "u4_mm: colsum must be u4_pack's int32 column sums of the same weights");
+  std::vector<int32_t> colsum8(static_cast<size_t>(P * kU4Cols), 0);
   for (int64_t n = 0; n < N; ++n) colsum8[n] = 8 * colsum.data_ptr<int32_t>()[n];
   a = a.contiguous();
   if (K % 2 == 1) {  // the kernel reads whole pairs: pad each row with a zero (its weights are zero)
     a = torch::constant_pad_nd(a, {0, 1}, 0);
   }
-  return a;
-}
-
-// a (M, K) uint8 holding q + 8 for codes q in [-7, 7]; packed, colsum from u4_pack of the (N, K)
-// weights. Returns q @ w^T as int32 (M, N). Exact for operands in those ranges (callers hold
-// them: mixed_quant with qi 7 and in_offset 8, weights from int4).
-torch::Tensor u4_mm(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum) {
-  std::vector<int32_t> colsum8;
-  a = u4_operands("u4_mm", a, packed, colsum, colsum8);
-  const int64_t M = a.size(0), N = colsum.numel();
   auto c = torch::empty({M, N}, a.options().dtype(torch::kInt));
 #if OM_U4
   int32_t* cp = c.data_ptr<int32_t>();
-  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1),
-          colsum8.data(), N, [cp, N](int64_t m, int64_t n0, int64_t cols, const int32_t* t) {
+  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), P, K2, colsum8.data(), N,
+          [cp, N](int64_t m, int64_t n0, int64_t cols, const int32_t* t) {
             std::memcpy(cp + m * N + n0, t, static_cast<size_t>(cols) * sizeof(int32_t));
           });
 #endif
