@@ -153,7 +153,7 @@ def _u4_ext():
 
     ext = _extension()
     if not ext.u4_available():
-        pytest.skip("u4_mm needs an AVX2 build")
+        pytest.skip("u4_mm needs a build with AVX2 and FMA")
     return ext
 
 
