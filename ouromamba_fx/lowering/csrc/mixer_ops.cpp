@@ -80,6 +80,14 @@ inline float keep1(float v, int32_t m) {  // v where m is -1, +0 where m is 0
   std::memcpy(&v, &i, sizeof(v));
   return v;
 }
+inline float pick1(float a, float b, int32_t m) {  // a where m is -1, b where m is 0
+  int32_t ia, ib;
+  std::memcpy(&ia, &a, sizeof(ia));
+  std::memcpy(&ib, &b, sizeof(ib));
+  ia = (ia & m) | (ib & ~m);
+  std::memcpy(&a, &ia, sizeof(a));
+  return a;
+}
 
 // ---------------------------------------------------------------------------------------------
 // conv_silu
@@ -224,15 +232,6 @@ __attribute__((noinline)) void codes_row(const float* __restrict__ x, const int3
 // Both codes of a step with outliers in one pass, one division per channel (the divisor and the
 // bound chosen per lane): qin = codes of the inliers (+ offset; offset alone on outlier channels),
 // qout = codes of the outliers (0 elsewhere). The same numbers as codes_row for each.
-inline float pick1(float a, float b, int32_t m) {  // a where m is -1, b where m is 0
-  int32_t ia, ib;
-  std::memcpy(&ia, &a, sizeof(ia));
-  std::memcpy(&ib, &b, sizeof(ib));
-  ia = (ia & m) | (ib & ~m);
-  std::memcpy(&a, &ia, sizeof(a));
-  return a;
-}
-
 __attribute__((noinline)) void codes_both(const float* __restrict__ x, const int32_t* __restrict__ mask,
                                           int8_t* __restrict__ qin, int8_t* __restrict__ qout, int64_t C, float s,
                                           float qi, float so, float qo, int32_t offset) {
@@ -252,11 +251,7 @@ __attribute__((noinline)) void fake_row(const float* __restrict__ x, const int32
   for (int64_t c = 0; c < C; ++c) {
     const float vi = round_even1(clamp1(keep1(x[c], ~mask[c]) / s, -qi, qi)) * s;
     const float vo = round_even1(clamp1(keep1(x[c], mask[c]) / so, -qo, qo)) * so;
-    int32_t a, b;
-    std::memcpy(&a, &vo, sizeof(a));
-    std::memcpy(&b, &vi, sizeof(b));
-    a = (a & mask[c]) | (b & ~mask[c]);
-    std::memcpy(&y[c], &a, sizeof(a));
+    y[c] = pick1(vo, vi, mask[c]);
   }
 }
 
@@ -382,8 +377,9 @@ inline void axpy_i8(float* __restrict__ o, float a, const int8_t* __restrict__ w
 }
 
 // The last two lines above for n < N (oacc null: no outliers; b null: no bias; y may be acc's
-// own memory).
-inline void finish_row(float* __restrict__ y, const int32_t* __restrict__ acc, const float* __restrict__ oacc,
+// own memory); acc is int32, or float32 holding the same integers (oneDNN's u8 x s8 GEMM).
+template <typename Acc>
+inline void finish_row(float* __restrict__ y, const Acc* __restrict__ acc, const float* __restrict__ oacc,
                        float si, float so, const float* __restrict__ ws, const float* __restrict__ b, int64_t N) {
   if (oacc && b) {
     for (int64_t i = 0; i < N; ++i) y[i] = std::fma(std::fma(static_cast<float>(acc[i]), si, oacc[i] * so), ws[i], b[i]);
@@ -462,14 +458,7 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
       float* __restrict__ yr = yp + m * N;
       const float si = sip[m % steps], so = sop[m];
       if (acc_float) {
-        if (any) {
-          for (int64_t n = 0; n < N; ++n) yr[n] = (yr[n] * si + oacc[n] * so) * wsp[n];
-        } else {
-          for (int64_t n = 0; n < N; ++n) yr[n] = (yr[n] * si) * wsp[n];
-        }
-        if (bp) {
-          for (int64_t n = 0; n < N; ++n) yr[n] += bp[n];
-        }
+        finish_row(yr, yp + m * N, any ? oacc : nullptr, si, so, wsp, bp, N);
       } else {
         finish_row(yr, ap + m * N, any ? oacc : nullptr, si, so, wsp, bp, N);
       }
@@ -594,11 +583,11 @@ inline void u4_pairs<4>(const uint8_t* a, int64_t lda, const int8_t* w, int64_t 
 }
 #endif
 
-// Rows [0, MR) of a against one panel: tile[r][j] = sum_k a[r][k] * w[n0 + j][k] - 8 * colsum,
-// then store(r, tile[r]) for each row.
-template <int MR, typename Store>
+// Rows [0, MR) of a against one panel: c[r][j] = sum_k a[r][k] * w[n0 + j][k] - 8 * colsum for
+// the panel's first cols columns.
+template <int MR>
 inline void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K2, const int32_t* colsum8,
-                    const Store& store) {
+                    int32_t* c, int64_t ldc, int64_t cols) {
   alignas(32) int32_t tile[4][kU4Cols] = {};
   for (int64_t k0 = 0; k0 < K2; k0 += kU4Pairs) {
     const int64_t n = std::min(kU4Pairs, K2 - k0);
@@ -618,16 +607,14 @@ inline void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t 
     }
   }
   for (int r = 0; r < MR; ++r) {
-    for (int64_t j = 0; j < kU4Cols; ++j) tile[r][j] -= colsum8[j];
-    store(r, tile[r]);
+    for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = tile[r][j] - colsum8[j];
   }
 }
 
-// Every (row, panel) tile of a (M, K2 pairs) against the packed weights, on all threads:
-// store(m, n0, cols, row) gets row m's int32 sums for columns [n0, n0 + cols).
-template <typename Store>
+// Every (row, panel) tile of a (M, K2 pairs) against the packed weights into c (M, N), on all
+// threads.
 void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_t P, int64_t K2,
-             const int32_t* colsum8, int64_t N, const Store& store) {
+             const int32_t* colsum8, int32_t* c, int64_t N) {
   const int64_t blocks = (M + kU4RowBlock - 1) / kU4RowBlock;
   // Work items: (panel of 32 columns, block of 64 rows), panel-major: a thread runs one panel
   // (64 bytes per pair of k, 24 KB at K = 768) over consecutive row blocks while the codes stream
@@ -640,12 +627,11 @@ void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_
       const int8_t* panel = pp + p * K2 * kU4Cols * 2;
       const int32_t* cs = colsum8 + n0;
       int64_t m = m0;
-      auto at = [&](int64_t row) { return [&, row](int r, const int32_t* t) { store(row + r, n0, cols, t); }; };
-      for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, cs, at(m));
+      for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols);
       switch (m1 - m) {
-        case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, cs, at(m)); break;
-        case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, cs, at(m)); break;
-        case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, cs, at(m)); break;
+        case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
+        case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
+        case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
         default: break;
       }
     }
@@ -676,11 +662,8 @@ torch::Tensor u4_mm(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum)
   }
   auto c = torch::empty({M, N}, a.options().dtype(torch::kInt));
 #if OM_U4
-  int32_t* cp = c.data_ptr<int32_t>();
-  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), P, K2, colsum8.data(), N,
-          [cp, N](int64_t m, int64_t n0, int64_t cols, const int32_t* t) {
-            std::memcpy(cp + m * N + n0, t, static_cast<size_t>(cols) * sizeof(int32_t));
-          });
+  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), P, K2, colsum8.data(),
+          c.data_ptr<int32_t>(), N);
 #endif
   return c;
 }
