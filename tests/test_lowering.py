@@ -9,12 +9,13 @@ import ouromamba_fx as of
 from ouromamba_fx.lowering.fused import (OUTLIER_MASK, fake_quant, int8_linear_static,
                                          mixed_fake_quant, outlier_mask_op, w4a4o8_linear_static)
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
-from ouromamba_fx.lowering.mixer import CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_RT_OP
+from ouromamba_fx.lowering.mixer import (CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_MIXED_OP,
+                                         W4A4O8_LINEAR_RT_OP)
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED, as_rows, outlier_mask, quantize_mixed_ref
 from ouromamba_fx.lowering.qscan import SCAN_QI_OP
 from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
 from ouromamba_fx.lowering.rules import INT8_LINEAR, LINEAR_TARGETS, W4A4O8_LINEAR, W8A8_LINEAR, int8_linear_nd
-from ouromamba_fx.lowering.scan import SCAN_OP
+from ouromamba_fx.lowering.scan import SCAN_CL_OP, SCAN_OP
 from ouromamba_fx.models import VisionMamba
 
 from .conftest import tiny_config
@@ -97,6 +98,9 @@ def test_w4a4o8_linears_use_packed_int4_weights_and_the_outlier_rule(models, mod
     gm = low.graph_module
     target = {"fused": W4A4O8_LINEAR_RT_OP, "inline": w4a4o8_linear_static, "op": W4A4O8_LINEAR}[mode]
     fused = calls(gm, target)
+    if mode == "fused":  # the dt_projs, with the delta quantization they feed
+        assert len(fused) == 4
+        fused += calls(gm, W4A4O8_LINEAR_MIXED_OP)
     assert len(fused) == 6 and n_linears(gm) == 0 and not calls(gm, QUANTIZE_MIXED)
     for n in fused:
         w_arg, k = (2, n.args[5]) if mode == "fused" else (3, n.args[6])
@@ -143,16 +147,77 @@ def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():
 @torch.no_grad()
 def test_scans_take_int8_codes(models):
     q = models["W8A8"]
-    assert calls(q.lower().graph_module, SCAN_OP)  # default: float scan on fake-quantized inputs
+    # default: the float scan on fake-quantized inputs (channel-contiguous output for out_proj)
+    assert calls(q.lower().graph_module, SCAN_CL_OP)
     low = q.lower(integer_scan=True)
     assert close(low(X), q(X))
     gm = low.graph_module
     scans = calls(gm, SCAN_QI_OP)
-    assert len(scans) == 2 and not calls(gm, SCAN_OP)
+    assert len(scans) == 2 and not calls(gm, SCAN_OP) and not calls(gm, SCAN_CL_OP)
     for n in scans:  # delta, B, C arrive as int8 codes of a quantize, with its scale and zero point
         for i in (1, 5, 8):
             assert n.args[i].target is not fake_quant and n.args[i + 1] is not None
             assert "quantize" in getattr(n.args[i].target, "__name__", "")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["W8A8", "W4A4O8"])
+def test_scans_feeding_out_proj_write_channel_contiguous_output(models, name):
+    q = models[name]
+    low = q.lower()
+    gm = low.graph_module
+    assert len(calls(gm, SCAN_CL_OP)) == 2 and not calls(gm, SCAN_OP)
+    assert any("channels_last_scan: 2 scan(s)" in line for line in low.log)
+    off = q.lower(scan_cl=False)
+    assert len(calls(off.graph_module, SCAN_OP)) == 2 and not calls(off.graph_module, SCAN_CL_OP)
+    assert torch.equal(low(X), off(X))
+
+
+@torch.no_grad()
+def test_dt_proj_and_the_delta_quantization_fuse(models):
+    q = models["W4A4O8"]
+    low = q.lower()
+    gm = low.graph_module
+    fused = calls(gm, W4A4O8_LINEAR_MIXED_OP)
+    assert len(fused) == 2 and any("fuse_linear_mixed_fake_quant: 2 linear(s)" in line for line in low.log)
+    for n in fused:  # the scan's delta, through the transpose back to (batch, d_inner, L)
+        (user,) = n.users
+        assert user.target == "transpose" and all(u.target is SCAN_CL_OP for u in user.users)
+        assert n.args[5] < 32  # dt_rank input channels
+    # the remaining mixed fake quantizations are the scans' B and C
+    assert len(calls(gm, MIXED_FAKE_QUANT_OP)) == 4
+    off = q.lower(mixed_fused=False)
+    assert not calls(off.graph_module, W4A4O8_LINEAR_MIXED_OP)
+    y, ref = low(X), q(X)
+    assert torch.allclose(y, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+def test_channels_last_scan_leaves_scans_with_other_uses():
+    from ouromamba_fx.lowering.rules import ChannelsLastScan
+    from ouromamba_fx.passes.base import Context
+
+    w = torch.randn(4, 6)
+
+    def through_linear(u, delta, A, B, C):
+        y = SCAN_OP(u, delta, A, B, C, None, None, None, True)
+        return torch.ops.ouromamba.w8a8_linear.default((y + y.flip(-1)).transpose(1, 2), u, w, u, None)
+
+    def reshaped(u, delta, A, B, C):
+        y = SCAN_OP(u, delta, A, B, C, None, None, None, True)
+        return (y / 2).transpose(1, 2).reshape(-1, 6)
+
+    def reduced_too(u, delta, A, B, C):
+        y = SCAN_OP(u, delta, A, B, C, None, None, None, True)
+        return torch.ops.ouromamba.w8a8_linear.default(y.transpose(1, 2), u, w, u, None), y.sum()
+
+    def transposed_elsewhere(u, delta, A, B, C):
+        y = SCAN_OP(u, delta, A, B, C, None, None, None, True)
+        return torch.ops.ouromamba.w8a8_linear.default(y.transpose(0, 1), u, w, u, None)
+
+    for fn, expected in ((through_linear, 1), (reshaped, 0), (reduced_too, 0), (transposed_elsewhere, 0)):
+        gm = torch.fx.symbolic_trace(fn)
+        ChannelsLastScan().run(gm, Context(config=None, show_progress=False))
+        assert (len(calls(gm, SCAN_CL_OP)), len(calls(gm, SCAN_OP))) == (expected, 1 - expected), fn.__name__
 
 
 def test_no_quantize_dequantize_pairs_left_around_fused_ops(models):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ouromamba_fx.lowering.fused import outlier_mask_op
-from ouromamba_fx.lowering.mixer import SMALL_K, causal_conv1d_silu_ref, mixer_backend, w4a4o8_linear_rt
+from ouromamba_fx.lowering.mixer import (SMALL_K, causal_conv1d_silu_ref, mixer_backend, w4a4o8_linear_mixed,
+                                         w4a4o8_linear_rt)
 from ouromamba_fx.lowering.outlier import quantize_mixed_ref
 from ouromamba_fx.lowering.qlinear import pack_int4
 
@@ -146,6 +147,60 @@ def test_w4a4o8_linear_rt_opcheck_and_errors():
     torch.library.opcheck(W4, args)
     with pytest.raises(ValueError, match=r"\(\.\.\., L, 21\)"):
         W4(x, s_in, pack_int4(wq), torch.rand(6), None, 21, 2.0, 4)
+
+
+def _exact_small_linear(b, length, k, n, seed):
+    """A short-reduction linear whose float products and sums are exact in any order: inputs on
+    power-of-two step scales below their rule's trigger (inliers only), weights and bias on
+    power-of-two grids; output channel 3 is 16x the others (an outlier of the output's rule)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, length, k, generator=g)
+    s_in = torch.exp2(torch.ceil(torch.log2(x.abs().amax((0, 2)) / 7)))
+    wq = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    ws = torch.full((n,), 2.0 ** -5)
+    ws[3 % n] = 0.5
+    bias = torch.randint(-20, 20, (n,), generator=g).float() * 2.0 ** -6
+    return x, s_in, pack_int4(wq), ws, bias, torch.full((length,), 0.05)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(2, 17, 24, 40), (1, 1, 5, 7), (3, 23, 12, 768), (2, 30, 8, 33)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_w4a4o8_linear_mixed_is_the_linear_then_its_mixed_quantization(shape, with_bias):
+    b, length, k, n = shape
+    x, s_in, wp, ws, bias, out_s = _exact_small_linear(*shape, seed=k + n)
+    bias = bias if with_bias else None
+    y = w4a4o8_linear_mixed(x, s_in, wp, ws, bias, k, 3.0, 10, out_s, 4, 4.0, 10)
+    lin = w4a4o8_linear_rt(x, s_in, wp, ws, bias, k, 3.0, 10)
+    ref = MIXED(lin, out_s, 1, 2, 4, 8, 4.0, 10)
+    assert y.shape == (b, length, n) and y.is_contiguous()
+    assert torch.equal(y, ref)  # exact products: the same floats, hence the same codes
+    if n > 3 and length > 1:  # the output's outlier channel kept at 8 bits, not clipped at 7 steps
+        assert float(y[..., 3].abs().max()) > 7 * 0.05 * 1.01
+
+
+@torch.no_grad()
+def test_w4a4o8_linear_mixed_on_general_inputs_opcheck_and_long_reductions():
+    x, s_in = _planted(2, 30, 24, seed=4)
+    wq = torch.randint(-8, 8, (50, 24), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    wp, ws, bias = pack_int4(wq), torch.rand(50) * 0.01 + 1e-3, torch.randn(50)
+    out_s = torch.full((30,), 0.02)
+    y = w4a4o8_linear_mixed(x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 4, 3.0, 4)
+    ref = MIXED(w4a4o8_linear_rt(x, s_in, wp, ws, bias, 24, 2.0, 4), out_s, 1, 2, 4, 8, 3.0, 4)
+    # products summed in another order: equal up to float rounding (an outlier's per-token scale
+    # moves by an ulp) and, rarely, a code moved across a rounding boundary
+    moved = (y - ref).abs() > 1e-5 * ref.abs().max()
+    assert moved.float().mean() < 0.002
+    torch.testing.assert_close(y, ref, rtol=0, atol=float(out_s[0]) * 1.01)
+    op = torch.ops.ouromamba.w4a4o8_linear_mixed.default
+    torch.library.opcheck(op, (x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 4, 3.0, 4))
+    # K >= SMALL_K: the two ops in turn, exactly
+    x2, s2 = _planted(1, 9, SMALL_K + 3, seed=6)
+    wq2 = torch.randint(-8, 8, (10, SMALL_K + 3), dtype=torch.int8)
+    args = (x2, s2, pack_int4(wq2), torch.rand(10) * 0.01, None, SMALL_K + 3, 2.0, 4)
+    assert torch.equal(op(*args, out_s[:9], 4, 3.0, 4), MIXED(W4(*args), out_s[:9], 1, 2, 4, 8, 3.0, 4))
+    with pytest.raises(ValueError, match=r"\(\.\.\., L, 25\)"):
+        op(x, s_in, wp, ws, bias, 25, 2.0, 4, out_s, 4, 3.0, 4)
 
 
 def _u4_ext():

@@ -298,6 +298,33 @@ def test_opcheck(opts, form):
     torch.library.opcheck(torch.ops.ouromamba.selective_scan_bwd.default, bwd_args)
 
 
+SCAN_CL = torch.ops.ouromamba.selective_scan_cl.default
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 1, 3), (2, 34, 65, 16), (3, 18, 9, 4)])  # partial channel blocks
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("form", ["var", "const", "group"])
+def test_channels_last_op_is_the_scan_in_channel_contiguous_memory(shape, dtype, form):
+    a = make_inputs(*shape, dtype=dtype, form=form)
+    args = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True)
+    out = SCAN_CL(*args)
+    batch, dim, length, _ = shape
+    assert out.shape == (batch, dim, length) and out.dtype == dtype
+    assert out.stride() == (length * dim, 1, dim)
+    assert torch.equal(out, torch.ops.ouromamba.selective_scan.default(*args))  # the same kernel, bit for bit
+
+
+def test_channels_last_op_opcheck_and_other_devices(monkeypatch):
+    a = make_inputs(2, 20, 7, 3, dtype=torch.float32)
+    args = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True)
+    torch.library.opcheck(SCAN_CL, args)
+    # without the C++ kernel: the reference, in the same layout
+    monkeypatch.setattr(scan_mod, "_extension", lambda: None)
+    ref = SCAN_CL(*args)
+    assert ref.stride() == (7 * 20, 1, 20)
+    torch.testing.assert_close(ref, selective_scan_ref(*args[:-1], delta_softplus=True), rtol=1e-4, atol=1e-5)
+
+
 def test_bwd_op_returns_empty_for_absent_inputs():
     a = make_inputs(2, 5, 6, 3, dtype=torch.float32, D=False, z=False, delta_bias=False)
     grads = torch.ops.ouromamba.selective_scan_bwd.default(

@@ -31,7 +31,7 @@ import torch.fx as fx
 from ouromamba_fx.lowering.lower import lower_graph
 
 NAME = "ouromamba"
-LOWERING_OPTIONS = ("conv_silu", "integer_scan", "int8_inline", "int4_inline", "mixed_fused")
+LOWERING_OPTIONS = ("conv_silu", "integer_scan", "int8_inline", "int4_inline", "mixed_fused", "scan_cl")
 _MODULE_STATE = re.compile(r"\._(parameters|buffers)\[")
 
 
@@ -73,7 +73,7 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
     ops, compile the rest with Inductor.
 
     ``torch.compile(q, backend="ouromamba", options={...})``: the keys ``conv_silu``,
-    ``integer_scan``, ``int8_inline``, ``int4_inline`` and ``mixed_fused`` choose lowering rules
+    ``integer_scan``, ``int8_inline``, ``int4_inline``, ``mixed_fused`` and ``scan_cl`` choose lowering rules
     (:func:`~ouromamba_fx.lowering.lower.lowering_passes`), any other key is an Inductor config
     patch."""
     from torch._inductor.compile_fx import compile_fx

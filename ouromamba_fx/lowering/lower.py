@@ -15,14 +15,14 @@ import copy
 
 import torch.fx as fx
 
-from ouromamba_fx.lowering.rules import (FoldWeightDequant, InlineFakeQuant, InlineMixedFakeQuant,
-                                         LowerConv1dSilu, LowerIntegerScan, LowerW4A4O8Linear,
-                                         LowerW8A8Linear)
+from ouromamba_fx.lowering.rules import (ChannelsLastScan, FoldWeightDequant, FuseLinearMixedFakeQuant,
+                                         InlineFakeQuant, InlineMixedFakeQuant, LowerConv1dSilu,
+                                         LowerIntegerScan, LowerW4A4O8Linear, LowerW8A8Linear)
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 
 
 def lowering_passes(conv_silu: bool = True, integer_scan: bool = False, int8_inline: bool = True,
-                    int4_inline: bool = True, mixed_fused: bool = True) -> list[Pass]:
+                    int4_inline: bool = True, mixed_fused: bool = True, scan_cl: bool = True) -> list[Pass]:
     """The lowering pipeline. Linear rules first (they consume the quantize/dequantize pairs and
     weight dequantizations they fuse), then the scan, then what is left: the optional conv1d+SiLU
     fusion, the remaining pairs inlined as plain-torch fake quantization, and the remaining
@@ -46,15 +46,23 @@ def lowering_passes(conv_silu: bool = True, integer_scan: bool = False, int8_inl
     ``mixed_fused``: W4A4O8's run-time outlier channels in one C++ pass per activation
     (``ouromamba::w4a4o8_linear_rt`` for linears: mask, split, quantize, then the inlier GEMM and
     each token's outlier channels added in the epilogue; ``ouromamba::mixed_fake_quant`` for the
-    scan's inputs)
-    instead of ``ouromamba::outlier_mask`` followed by plain-torch splitting."""
+    scan's inputs, ``ouromamba::w4a4o8_linear_mixed`` for a dt_proj and the delta it feeds)
+    instead of ``ouromamba::outlier_mask`` followed by plain-torch splitting.
+
+    ``scan_cl``: float scans whose output only reaches lowered linears (Vim's out_proj) write it
+    channel-contiguous (``ouromamba::selective_scan_cl``), the layout those linears read."""
     passes: list[Pass] = [LowerW8A8Linear(inline=int8_inline),
                           LowerW4A4O8Linear(inline=int4_inline, fused=mixed_fused)]
     if integer_scan:
         passes.append(LowerIntegerScan())
+    if scan_cl:
+        passes.append(ChannelsLastScan())
     if conv_silu:
         passes.append(LowerConv1dSilu())
-    return passes + [InlineFakeQuant(), InlineMixedFakeQuant(fused=mixed_fused), FoldWeightDequant()]
+    passes += [InlineFakeQuant(), InlineMixedFakeQuant(fused=mixed_fused)]
+    if mixed_fused:
+        passes.append(FuseLinearMixedFakeQuant())
+    return passes + [FoldWeightDequant()]
 
 
 def lower_graph(gm: fx.GraphModule, passes: list[Pass] | None = None, ctx: Context | None = None,

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 
-__all__ = ["selective_scan", "scan_backend", "SCAN_OP", "SCAN_BWD_OP"]
+__all__ = ["selective_scan", "scan_backend", "SCAN_OP", "SCAN_BWD_OP", "SCAN_CL_OP"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
 _ENV_BACKEND = "OUROMAMBA_SCAN_BACKEND"
@@ -288,6 +288,44 @@ _selective_scan_op.register_autograd(_backward, setup_context=_setup_context)
 
 SCAN_OP = torch.ops.ouromamba.selective_scan.default
 SCAN_BWD_OP = torch.ops.ouromamba.selective_scan_bwd.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward op with channel-contiguous output (lowered inference graphs)
+
+def _channels_last(t: Tensor) -> Tensor:
+    """``t`` (batch, dim, L) with the same values in channel-contiguous memory (strides (L*dim, 1, dim))."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@torch.library.custom_op("ouromamba::selective_scan_cl", mutates_args=())
+def _selective_scan_cl_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                          z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+    """``ouromamba::selective_scan`` (same arguments, same numbers) whose output (batch, dim, L) lies
+    in channel-contiguous memory, strides ``(L * dim, 1, dim)``: the layout of the transposed input
+    of the out_proj after it, which then reads each token's channels contiguously. The CPU kernel
+    writes it directly (its tile rows are a block's channels at one step: plain stores instead
+    of the transposes that time-contiguous output takes); elsewhere the reference's output is
+    copied into it. Forward only: the lowering uses it in inference graphs."""
+    return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
+
+
+@_selective_scan_cl_op.register_kernel("cpu")
+def _selective_scan_cl_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    ext = _extension()
+    if ext is None:
+        return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
+    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True)
+
+
+@_selective_scan_cl_op.register_fake
+def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    torch._check(u.dim() == 3, lambda: f"selective_scan_cl: u must be (batch, d_inner, L), got {tuple(u.shape)}")
+    b, d, length = u.shape
+    return u.new_empty_strided((b, d, length), (length * d, 1, d))
+
+
+SCAN_CL_OP = torch.ops.ouromamba.selective_scan_cl.default
 
 
 # ---------------------------------------------------------------------------------------------

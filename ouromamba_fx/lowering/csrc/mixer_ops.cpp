@@ -61,6 +61,24 @@ inline void store(float* p, V v, int nl) {
   }
 }
 
+// Asks for the C floats at x (a row read next) to be brought into the cache.
+inline void prefetch_row(const float* x, int64_t C) {
+  for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(x + c);
+}
+
+// a * b + c rounded once, lane by lane.
+inline V vfma(V a, V b, V c) {
+#if defined(__AVX512F__)
+  if constexpr (W == 16) return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#endif
+#if defined(__FMA__)
+  if constexpr (W == 8) return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#endif
+  V r;
+  for (int l = 0; l < W; ++l) r[l] = std::fma(a[l], b[l], c[l]);
+  return r;
+}
+
 // Round half to even, exact for |x| < 2^22 (callers clamp to the integer range first).
 inline V round_even(V x) { return (x + VF::kMagic) - VF::kMagic; }
 
@@ -152,6 +170,8 @@ torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, to
         }
       }
       for (int64_t t = t0; t < t1; ++t) {
+        // the next step's input row (x's rows are strided: in_proj's output holds z beside them)
+        if (t + 1 < t1) prefetch_row(xp + b * sb + (reverse ? L - 2 - t : t + 1) * st, D);
         quantized_row(b, t, ring.data() + (t % K) * nb);
         float* dst = op + (b * L + t) * D;
         const V* taps[16];  // taps[k]: the quantized row K - 1 - k steps back
@@ -172,46 +192,104 @@ torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, to
 // ---------------------------------------------------------------------------------------------
 // mixed_quant
 
-// |x| statistics over one time step's channels: mean, population std (two passes), max. The
-// reductions are vectorized by the compiler (omp simd: lane partial sums at the CPU's width).
+// |x| statistics over one time step's channels: mean, population std (two passes), max. Each
+// pass keeps four vector accumulators (a single one made the loop wait on the add's latency, and
+// the first pass on the row's cache misses, which the next row's prefetch below hides); the tail
+// of fewer than W channels is added lane by lane. A NaN |x| is skipped by the max.
 struct RowStats {
   float mean, std, amax;
 };
+inline float lane_sum(V v) {
+  float s = 0.0f;
+  for (int l = 0; l < W; ++l) s += v[l];
+  return s;
+}
+inline float lane_max(V v) {
+  float m = 0.0f;
+  for (int l = 0; l < W; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
 inline RowStats row_stats(const float* __restrict__ x, int64_t C) {
-  float sum = 0.0f, amax = 0.0f;
-#pragma omp simd reduction(+ : sum) reduction(max : amax)
-  for (int64_t c = 0; c < C; ++c) {
+  const int64_t nv = C / W, n4 = nv / 4 * 4;
+  V s0 = VF::splat(0.0f), s1 = s0, s2 = s0, s3 = s0, m0 = s0, m1 = s0, m2 = s0, m3 = s0;
+  for (int64_t j = 0; j < n4; j += 4) {
+    const V a0 = VF::abs(load(x + j * W, W)), a1 = VF::abs(load(x + (j + 1) * W, W));
+    const V a2 = VF::abs(load(x + (j + 2) * W, W)), a3 = VF::abs(load(x + (j + 3) * W, W));
+    s0 += a0, s1 += a1, s2 += a2, s3 += a3;
+    m0 = VF::vmax(a0, m0), m1 = VF::vmax(a1, m1), m2 = VF::vmax(a2, m2), m3 = VF::vmax(a3, m3);
+  }
+  for (int64_t j = n4; j < nv; ++j) {
+    const V a = VF::abs(load(x + j * W, W));
+    s0 += a;
+    m0 = VF::vmax(a, m0);
+  }
+  float sum = lane_sum((s0 + s1) + (s2 + s3));
+  float amax = lane_max(VF::vmax(VF::vmax(m0, m1), VF::vmax(m2, m3)));
+  for (int64_t c = nv * W; c < C; ++c) {
     const float a = std::fabs(x[c]);
     sum += a;
     amax = a > amax ? a : amax;
   }
   const float mean = sum / static_cast<float>(C);
-  float ss = 0.0f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < C; ++c) {
+  const V mv = VF::splat(mean);
+  V q0 = VF::splat(0.0f), q1 = q0, q2 = q0, q3 = q0;
+  for (int64_t j = 0; j < n4; j += 4) {
+    const V d0 = VF::abs(load(x + j * W, W)) - mv, d1 = VF::abs(load(x + (j + 1) * W, W)) - mv;
+    const V d2 = VF::abs(load(x + (j + 2) * W, W)) - mv, d3 = VF::abs(load(x + (j + 3) * W, W)) - mv;
+    q0 += d0 * d0, q1 += d1 * d1, q2 += d2 * d2, q3 += d3 * d3;
+  }
+  for (int64_t j = n4; j < nv; ++j) {
+    const V d = VF::abs(load(x + j * W, W)) - mv;
+    q0 += d * d;
+  }
+  float ss = lane_sum((q0 + q1) + (q2 + q3));
+  for (int64_t c = nv * W; c < C; ++c) {
     const float d = std::fabs(x[c]) - mean;
     ss += d * d;
   }
   return {mean, std::sqrt(ss / static_cast<float>(C)), amax};
 }
 
-// mask[c] |= -1 where |x[c]| > theta (the outlier rule's flags of this step).
-inline void flag_row(const float* __restrict__ x, int32_t* __restrict__ mask, int64_t C, float theta) {
-  for (int64_t c = 0; c < C; ++c) mask[c] |= -static_cast<int32_t>(std::fabs(x[c]) > theta);
-}
-
-// max |x| over the flagged channels (0 if none; a NaN |x| is skipped), and whether any is flagged.
-inline float flagged_max(const float* __restrict__ x, const int32_t* __restrict__ mask, int64_t C, bool& any) {
-  float m = 0.0f;
+// The outlier rule's flags of this step and what the codes need, in one pass: when trigger,
+// mask[c] |= -1 where |x[c]| > theta (else the window's mask as it is); returns the max |x| over
+// the flagged channels (0 if none; a NaN |x| is skipped) and sets any if a channel is flagged.
+// Four vector accumulators, like row_stats.
+inline float flag_and_max(const float* __restrict__ x, int32_t* __restrict__ mask, int64_t C, bool trigger,
+                          float theta, bool& any) {
+  using I = VF::I;
+  const int64_t nv = C / W;
+  const V th = VF::splat(theta);
+  const I on = I{} + (trigger ? -1 : 0);
+  V m[4] = {VF::splat(0.0f), VF::splat(0.0f), VF::splat(0.0f), VF::splat(0.0f)};
+  I fl[4] = {I{}, I{}, I{}, I{}};
+  auto step = [&](int64_t j, V& mj, I& fj) {
+    const V a = VF::abs(load(x + j * W, W));
+    I f;
+    std::memcpy(&f, mask + j * W, sizeof(I));
+    f |= on & VF::gt(a, th);
+    std::memcpy(mask + j * W, &f, sizeof(I));
+    mj = VF::vmax((V)((I)a & f), mj);
+    fj |= f;
+  };
+  int64_t j = 0;
+  for (; j + 4 <= nv; j += 4) {
+    for (int u = 0; u < 4; ++u) step(j + u, m[u], fl[u]);
+  }
+  for (; j < nv; ++j) step(j, m[0], fl[0]);
+  float mx = lane_max(VF::vmax(VF::vmax(m[0], m[1]), VF::vmax(m[2], m[3])));
+  const I fa = (fl[0] | fl[1]) | (fl[2] | fl[3]);
   int32_t flags = 0;
-#pragma omp simd reduction(max : m) reduction(| : flags)
-  for (int64_t c = 0; c < C; ++c) {
-    const float a = keep1(std::fabs(x[c]), mask[c]);
-    m = a > m ? a : m;
-    flags |= mask[c];
+  for (int l = 0; l < W; ++l) flags |= fa[l];
+  for (int64_t c = nv * W; c < C; ++c) {
+    const float av = std::fabs(x[c]);
+    const int32_t f = mask[c] | ((trigger ? -1 : 0) & -static_cast<int32_t>(av > theta));
+    mask[c] = f;
+    const float k = keep1(av, f);
+    mx = k > mx ? k : mx;
+    flags |= f;
   }
   any = flags != 0;
-  return m;
+  return mx;
 }
 
 // The per-channel quantization of one time step, as plain loops in functions of their own (with
@@ -244,17 +322,31 @@ __attribute__((noinline)) void codes_both(const float* __restrict__ x, const int
   }
 }
 
-// fake quantization: outliers at qmax qo with scale so, the rest at qi with scale s (qo is an
+// fake quantization: outliers at qmax qo with scale so, the rest at qi with scale s, one
+// division per channel (the divisor and the bound chosen per lane, as in codes_both; qo is an
 // argument, not the constant 127: with constant bounds GCC 12 kept the clamps as branches).
 __attribute__((noinline)) void fake_row(const float* __restrict__ x, const int32_t* __restrict__ mask,
                                         float* __restrict__ y, int64_t C, float s, float qi, float so, float qo) {
   for (int64_t c = 0; c < C; ++c) {
-    const float vi = round_even1(clamp1(keep1(x[c], ~mask[c]) / s, -qi, qi)) * s;
-    const float vo = round_even1(clamp1(keep1(x[c], mask[c]) / so, -qo, qo)) * so;
-    y[c] = pick1(vo, vi, mask[c]);
+    const int32_t m = mask[c];
+    const float d = pick1(so, s, m), lim = pick1(qo, qi, m);
+    y[c] = round_even1(clamp1(x[c] / d, -lim, lim)) * d;
   }
 }
 
+
+// One time step t of the outlier rule on its row src: the |x| statistics, the window's mask
+// (cleared at the window's first step, then OR-ed with this step's flags when its max would clip
+// at the inlier scale s), and the outliers' per-token scale, returned; any: a channel is flagged.
+inline float rule_step(const float* __restrict__ src, int32_t* __restrict__ mask, int64_t C, int64_t t, float s,
+                       float qif, float kf, int64_t n_refresh, bool& any) {
+  const RowStats stats = row_stats(src, C);
+  const float theta = stats.mean + kf * stats.std;
+  const bool trigger = stats.amax / qif > s;
+  if (n_refresh <= 1 || t % n_refresh == 0) std::fill(mask, mask + C, 0);
+  const float omax = flag_and_max(src, mask, C, trigger, theta, any);
+  return std::max(omax / 127.0f, 1e-8f);
+}
 
 // x: (R, L, C) float32, any strides (channel-contiguous is the fast path); s_in: (L,) float32 (the
 // static inlier scale of each time step); qi: inlier qmax (7 for 4 bits); k, n_refresh: the outlier
@@ -326,15 +418,10 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
       }
       for (int64_t t = t0; t < t1; ++t) {
         const float* src = sc != 1 ? gather.data() + (t - t0) * C : xp + r * sr + t * st;
-        const RowStats stats = row_stats(src, C);
-        const float theta = stats.mean + kf * stats.std;
+        if (sc == 1 && t + 1 < t1) prefetch_row(src + st, C);
         const float s = sp[t];
-        const bool trigger = stats.amax / qif > s;
-        if (n_refresh <= 1 || t % n_refresh == 0) std::fill(mask, mask + C, 0);
-        if (trigger) flag_row(src, mask, C, theta);
         bool any_out = false;
-        const float omax = flagged_max(src, mask, C, any_out);
-        const float so = std::max(omax / 127.0f, 1e-8f);
+        const float so = rule_step(src, mask, C, t, s, qif, kf, n_refresh, any_out);
         const int64_t o = (r * L + t) * C;
         if (fake) {
           fake_row(src, mask, yp + o, C, s, qif, so, 127.0f);
@@ -352,6 +439,84 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
   });
   if (fake) return {y};
   return {in_offset > 0 ? q_in.view(torch::kUInt8) : q_in, q_out, s_out};
+}
+
+// linear_mixed_fake: y = x @ wt + bias for a short reduction (x (R, L, K) float32 contiguous,
+// wt (K, N) float32 contiguous, bias (N,) or empty), then y's mixed fake quantization as
+// mixed_quant(fake) does it (inliers at qi with the step scale s_out[t], outliers at 8 bits),
+// without y ever leaving the cache: a work item is a run of whole windows of one row, whose
+// products go into a per-thread (steps, N) buffer four steps at a time (the four share each
+// weight load), and each step is then quantized into the output. Vim's dt_proj, whose output is
+// the scan's delta. The products are summed in k order with fused multiply-adds.
+template <int MR>
+inline void small_gemm_rows(const float* __restrict__ x, int64_t K, const float* __restrict__ wt,
+                            const float* __restrict__ bias, float* __restrict__ y, int64_t N) {
+  for (int64_t j0 = 0; j0 < N; j0 += 2 * W) {
+    const int n0 = static_cast<int>(std::min<int64_t>(W, N - j0));
+    const int n1 = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(W, N - j0 - W)));
+    V acc[MR][2];
+    const V b0 = bias ? load(bias + j0, n0) : VF::splat(0.0f);
+    const V b1 = bias && n1 ? load(bias + j0 + W, n1) : VF::splat(0.0f);
+    for (int r = 0; r < MR; ++r) acc[r][0] = b0, acc[r][1] = b1;
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const V w0 = load(wt + kk * N + j0, n0);
+      const V w1 = n1 ? load(wt + kk * N + j0 + W, n1) : VF::splat(0.0f);
+      for (int r = 0; r < MR; ++r) {
+        const V xb = VF::splat(x[r * K + kk]);
+        acc[r][0] = vfma(xb, w0, acc[r][0]);
+        acc[r][1] = vfma(xb, w1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      store(y + r * N + j0, acc[r][0], n0);
+      if (n1) store(y + r * N + j0 + W, acc[r][1], n1);
+    }
+  }
+}
+
+torch::Tensor linear_mixed_fake(torch::Tensor x, torch::Tensor wt, torch::Tensor bias, torch::Tensor s_out,
+                                int64_t qi, double k, int64_t n_refresh) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "linear_mixed_fake: x must be contiguous float32 (R, L, K)");
+  const int64_t R = x.size(0), L = x.size(1), K = x.size(2);
+  TORCH_CHECK(wt.dim() == 2 && wt.scalar_type() == torch::kFloat && wt.is_contiguous() && wt.size(0) == K,
+              "linear_mixed_fake: wt must be contiguous float32 (K, N)");
+  const int64_t N = wt.size(1);
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == torch::kFloat && bias.is_contiguous() && bias.numel() == N),
+              "linear_mixed_fake: bias must be float32 (N,) or empty");
+  TORCH_CHECK(s_out.scalar_type() == torch::kFloat && s_out.is_contiguous() && s_out.numel() == L,
+              "linear_mixed_fake: s_out must be float32 with one value per time step");
+  TORCH_CHECK(qi >= 1 && qi <= 127, "linear_mixed_fake: qi must be in [1, 127]");
+  auto y = torch::empty({R, L, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wt.data_ptr<float>();
+  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
+  const float* sp = s_out.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float kf = static_cast<float>(k), qif = static_cast<float>(qi);
+  const int64_t window = std::max<int64_t>(n_refresh, 1);
+  const int64_t chunk = window * ((16 + window - 1) / window);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  at::parallel_for(0, R * nchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> mask_buf(static_cast<size_t>(N));
+    std::vector<float> buf(static_cast<size_t>(chunk * N));
+    int32_t* mask = mask_buf.data();
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
+      const float* xr = xp + (r * L + t0) * K;
+      int64_t t = t0;
+      for (; t + 4 <= t1; t += 4) small_gemm_rows<4>(xr + (t - t0) * K, K, wp, bp, buf.data() + (t - t0) * N, N);
+      for (; t < t1; ++t) small_gemm_rows<1>(xr + (t - t0) * K, K, wp, bp, buf.data() + (t - t0) * N, N);
+      for (t = t0; t < t1; ++t) {
+        const float* src = buf.data() + (t - t0) * N;
+        bool any_out = false;
+        const float so = rule_step(src, mask, N, t, sp[t], qif, kf, n_refresh, any_out);
+        fake_row(src, mask, yp + (r * L + t) * N, N, sp[t], qif, so, 127.0f);
+      }
+    }
+  });
+  return y;
 }
 
 // Bit i set where p[i] != 0, for the n <= 32 bytes at p.
@@ -673,6 +838,8 @@ torch::Tensor u4_mm(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum)
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_silu", &ouromamba_mixer::conv_silu,
         "depthwise causal conv1d + SiLU (+ input fake quantization), channel-contiguous output");
+  m.def("linear_mixed_fake", &ouromamba_mixer::linear_mixed_fake,
+        "x @ wt + bias for a short reduction, then its mixed fake quantization, in one pass per row");
   m.def("mixed_quant", &ouromamba_mixer::mixed_quant,
         "OuroMamba-Quant mixed-precision quantization: outlier rule, int8 codes or dequantized values");
   m.def("w4a4o8_epilogue", &ouromamba_mixer::w4a4o8_epilogue,

@@ -15,7 +15,9 @@
 //   (broadcast to all lanes). A block's inputs are first gathered into small (L, W) tiles:
 //   time-contiguous inputs by in-register 16 x 16 transposes, channel-contiguous ones (transposed
 //   projections, as in the Vim mixer) by plain vector loads, so neither layout is copied; the
-//   next block's inputs are prefetched while a block computes. No (batch, d_inner, L, d_state)
+//   next block's inputs are prefetched while a block computes. The forward's output is written
+//   time-contiguous (the tile transposed back) or, with channels_last, channel-contiguous (each
+//   step's W channels stored as they lie). No (batch, d_inner, L, d_state)
 //   tensor is ever built: the forward keeps d_state state vectors, the backward recomputes the
 //   block's states into a per-thread (L + 1, d_state) tile of vectors and then runs the reverse
 //   recurrence.
@@ -93,6 +95,7 @@ struct Problem {
   Seq<T> z;                  // (batch, dim, L) or null
   const T* bias = nullptr;   // (dim,) or null
   bool softplus = false;
+  bool out_cl = false;       // forward output channel-contiguous ((batch, L, dim) memory), else time-contiguous
   struct BC {
     const T* p = nullptr;
     int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
@@ -483,7 +486,13 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
   } else {
     for (int64_t t = 0; t < L; ++t) S.DT[t] += Dv * S.U[t];
   }
-  store_tile<T>(out + row0 * L, S.DT, L, nl);
+  if (P.out_cl) {
+    // channel-contiguous output: the tile's rows are the block's channels of each step, as they lie
+    T* dst = out + b * L * P.dim + d0;
+    for (int64_t t = 0; t < L; ++t) std::memcpy(dst + t * P.dim, &S.DT[t], sizeof(T) * static_cast<size_t>(nl));
+  } else {
+    store_tile<T>(out + row0 * L, S.DT, L, nl);
+  }
 }
 
 template <typename T>
@@ -922,14 +931,22 @@ Problem<T> make_problem(const Inputs& in) {
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                               const at::Tensor& B, const at::Tensor& C,
                               const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                              const c10::optional<at::Tensor>& delta_bias, bool delta_softplus) {
+                              const c10::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                              bool channels_last) {
   Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
-  at::Tensor out = at::empty({in.batch, in.dim, in.L}, in.A.options());
+  // channels_last: (batch, dim, L) seen through a transpose of (batch, L, dim) memory, the layout
+  // the transposed out_proj input of a Mamba mixer reads contiguously
+  at::Tensor out = channels_last ? at::empty({in.batch, in.L, in.dim}, in.A.options()).transpose(1, 2)
+                                 : at::empty({in.batch, in.dim, in.L}, in.A.options());
   if (out.numel() > 0) {
     if (in.cdt == at::kDouble) {
-      forward<double>(make_problem<double>(in), out.data_ptr<double>());
+      auto P = make_problem<double>(in);
+      P.out_cl = channels_last;
+      forward<double>(P, out.data_ptr<double>());
     } else {
-      forward<float>(make_problem<float>(in), out.data_ptr<float>());
+      auto P = make_problem<float>(in);
+      P.out_cl = channels_last;
+      forward<float>(P, out.data_ptr<float>());
     }
   }
   return out.to(u.scalar_type());
@@ -1048,7 +1065,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ouromamba_fx fused selective scan (CPU)";
   m.def("fwd", &ouromamba_scan::selective_scan_fwd, "selective scan forward",
         py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
-        py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"));
+        py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("channels_last") = false);
   m.def("bwd", &ouromamba_scan::selective_scan_bwd,
         "selective scan backward: [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)",
         py::arg("dout"), py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
