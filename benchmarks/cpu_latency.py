@@ -50,7 +50,8 @@ EXTRA = {"W8A8 integer scan": ("W8A8", {"integer_scan": True}),
          "W8A8 op": ("W8A8", {"int8_inline": False}),
          "W8A8 mkldnn conv": ("W8A8", {"conv_silu": False}),
          "W4A4O8 mask+dense": ("W4A4O8", {"mixed_fused": False}),
-         "W4A4O8 mask+op": ("W4A4O8", {"mixed_fused": False, "int4_inline": False})}
+         "W4A4O8 mask+op": ("W4A4O8", {"mixed_fused": False, "int4_inline": False}),
+         "W4A4O8 time-contiguous scan": ("W4A4O8", {"scan_cl": False})}
 # Checked in this order (a conv may run as an mkldnn op, so "conv" comes before "mkldnn").
 CATEGORIES = {
     "conv": ("conv",),
@@ -171,14 +172,14 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 def linear_weight_bytes(lowered) -> tuple[int, int]:
     """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
     from ouromamba_fx.lowering.fused import int8_linear_static, w4a4o8_linear_static
-    from ouromamba_fx.lowering.mixer import W4A4O8_LINEAR_RT_OP
+    from ouromamba_fx.lowering.mixer import W4A4O8_LINEAR_MIXED_OP, W4A4O8_LINEAR_RT_OP
     from ouromamba_fx.lowering.rules import W4A4O8_LINEAR, W8A8_LINEAR, const, int8_linear_nd
 
     gm = lowered.graph_module
     q_bytes = f_bytes = 0
     where = {W8A8_LINEAR: (1, 2), int8_linear_nd: (2, 3), int8_linear_static: (4, 5), W4A4O8_LINEAR: (3, 4),
-             w4a4o8_linear_static: (3, 4), W4A4O8_LINEAR_RT_OP: (2, 3)}
-    k_arg = {W4A4O8_LINEAR: 6, w4a4o8_linear_static: 6, W4A4O8_LINEAR_RT_OP: 5}
+             w4a4o8_linear_static: (3, 4), W4A4O8_LINEAR_RT_OP: (2, 3), W4A4O8_LINEAR_MIXED_OP: (2, 3)}
+    k_arg = {W4A4O8_LINEAR: 6, w4a4o8_linear_static: 6, W4A4O8_LINEAR_RT_OP: 5, W4A4O8_LINEAR_MIXED_OP: 5}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in where:
             continue

@@ -22,6 +22,9 @@
   each token's few outlier channels as vector axpys (exact integer sums) before the scales and
   the bias, in one pass over the output. (Below ``SMALL_K`` input channels: the fake-quantized
   activations times the dequantized weights, a float GEMM.)
+* ``ouromamba::w4a4o8_linear_mixed`` -- such a short-reduction W4A4O8 linear followed by the
+  mixed fake quantization of its output (Vim's dt_proj and the scan's delta) in one pass per row,
+  the product kept in the cache between the two.
 
 The reference implementations (plain torch, the same formulas; for ``w4a4o8_linear_rt`` the ops
 ``outlier_mask`` + ``w4a4o8_linear``, which have Triton kernels) run on devices other than the

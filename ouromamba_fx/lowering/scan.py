@@ -17,6 +17,9 @@ Kernels, by device:
 * CUDA: the plain-torch reference for now (fused Triton kernels are future work).
 * Any other device: the plain-torch reference.
 
+``ouromamba::selective_scan_cl`` is the same forward with its output in channel-contiguous memory
+(strides ``(L * d_inner, 1, d_inner)``), which the lowering uses where a scan feeds out_proj.
+
 The backward pass is a second custom op, ``ouromamba::selective_scan_bwd``, which returns the
 gradients of (u, delta, A, B, C, D, z, delta_bias); the entries of optional inputs that were
 ``None`` are empty tensors of shape ``(0,)``.
