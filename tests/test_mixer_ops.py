@@ -170,7 +170,7 @@ def test_w4a4o8_linear_mixed_is_the_linear_then_its_mixed_quantization(shape, wi
     b, length, k, n = shape
     x, s_in, wp, ws, bias, out_s = _exact_small_linear(*shape, seed=k + n)
     bias = bias if with_bias else None
-    y = w4a4o8_linear_mixed(x, s_in, wp, ws, bias, k, 3.0, 10, out_s, 4, 4.0, 10)
+    y = w4a4o8_linear_mixed(x, s_in, wp, ws, bias, k, 3.0, 10, out_s, 1, 2, 4, 4.0, 10)
     lin = w4a4o8_linear_rt(x, s_in, wp, ws, bias, k, 3.0, 10)
     ref = MIXED(lin, out_s, 1, 2, 4, 8, 4.0, 10)
     assert y.shape == (b, length, n) and y.is_contiguous()
@@ -185,7 +185,7 @@ def test_w4a4o8_linear_mixed_on_general_inputs_opcheck_and_long_reductions():
     wq = torch.randint(-8, 8, (50, 24), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
     wp, ws, bias = pack_int4(wq), torch.rand(50) * 0.01 + 1e-3, torch.randn(50)
     out_s = torch.full((30,), 0.02)
-    y = w4a4o8_linear_mixed(x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 4, 3.0, 4)
+    y = w4a4o8_linear_mixed(x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 1, 2, 4, 3.0, 4)
     ref = MIXED(w4a4o8_linear_rt(x, s_in, wp, ws, bias, 24, 2.0, 4), out_s, 1, 2, 4, 8, 3.0, 4)
     # products summed in another order: equal up to float rounding (an outlier's per-token scale
     # moves by an ulp) and, rarely, a code moved across a rounding boundary
@@ -193,14 +193,21 @@ def test_w4a4o8_linear_mixed_on_general_inputs_opcheck_and_long_reductions():
     assert moved.float().mean() < 0.002
     torch.testing.assert_close(y, ref, rtol=0, atol=float(out_s[0]) * 1.01)
     op = torch.ops.ouromamba.w4a4o8_linear_mixed.default
-    torch.library.opcheck(op, (x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 4, 3.0, 4))
+    torch.library.opcheck(op, (x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 1, 2, 4, 3.0, 4))
     # K >= SMALL_K: the two ops in turn, exactly
     x2, s2 = _planted(1, 9, SMALL_K + 3, seed=6)
     wq2 = torch.randint(-8, 8, (10, SMALL_K + 3), dtype=torch.int8)
     args = (x2, s2, pack_int4(wq2), torch.rand(10) * 0.01, None, SMALL_K + 3, 2.0, 4)
-    assert torch.equal(op(*args, out_s[:9], 4, 3.0, 4), MIXED(W4(*args), out_s[:9], 1, 2, 4, 8, 3.0, 4))
+    assert torch.equal(op(*args, out_s[:9], 1, 2, 4, 3.0, 4), MIXED(W4(*args), out_s[:9], 1, 2, 4, 8, 3.0, 4))
+    # tokens and channels not on the output's last two axes (a 4-d output quantized along its
+    # second and last): the two ops in turn, exactly, contiguous as the fake implementation says
+    x4 = x.reshape(2, 5, 6, 24).transpose(1, 2)  # (2, 6, 5, 24): the site's tokens on axis 1
+    s5 = torch.full((6,), 0.02)
+    y4 = op(x4, s_in[:5], wp, ws, bias, 24, 2.0, 4, s5, 1, 3, 4, 3.0, 4)
+    ref4 = MIXED(W4(x4, s_in[:5], wp, ws, bias, 24, 2.0, 4), s5, 1, 3, 4, 8, 3.0, 4)
+    assert y4.is_contiguous() and torch.equal(y4, ref4)
     with pytest.raises(ValueError, match=r"\(\.\.\., L, 25\)"):
-        op(x, s_in, wp, ws, bias, 25, 2.0, 4, out_s, 4, 3.0, 4)
+        op(x, s_in, wp, ws, bias, 25, 2.0, 4, out_s, 1, 2, 4, 3.0, 4)
 
 
 def _u4_ext():

@@ -244,28 +244,31 @@ def _(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh):
 
 @torch.library.custom_op("ouromamba::w4a4o8_linear_mixed", mutates_args=(),
                          schema="(Tensor x, Tensor inlier_scale, Tensor w_packed, Tensor w_scale, Tensor? bias, "
-                                "int k, float outlier_k, int n_refresh, Tensor out_scale, int out_bits, "
-                                "float out_k, int out_refresh) -> Tensor")
+                                "int k, float outlier_k, int n_refresh, Tensor out_scale, int out_token_axis, "
+                                "int out_channel_axis, int out_bits, float out_k, int out_refresh) -> Tensor")
 def w4a4o8_linear_mixed(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale: Tensor, bias: Optional[Tensor],
-                        k: int, outlier_k: float, n_refresh: int, out_scale: Tensor, out_bits: int, out_k: float,
-                        out_refresh: int) -> Tensor:
-    """``mixed_fake_quant(w4a4o8_linear_rt(x, ...), out_scale, -2, -1, out_bits, 8, out_k,
-    out_refresh)``: a W4A4O8 linear whose output is itself quantized by the outlier rule (the
-    first eight arguments are ``w4a4o8_linear_rt``'s, the last four the output's: step scales,
-    inlier bits, threshold, window), as Vim's dt_proj feeds the scan's delta. On the CPU, for a
-    reduction shorter than ``SMALL_K`` (dt_proj's K = dt_rank), in one C++ pass per row: the
+                        k: int, outlier_k: float, n_refresh: int, out_scale: Tensor, out_token_axis: int,
+                        out_channel_axis: int, out_bits: int, out_k: float, out_refresh: int) -> Tensor:
+    """``mixed_fake_quant(w4a4o8_linear_rt(x, ...), out_scale, out_token_axis, out_channel_axis,
+    out_bits, 8, out_k, out_refresh)``, contiguous: a W4A4O8 linear whose output is itself
+    quantized by the outlier rule (the first eight arguments are ``w4a4o8_linear_rt``'s, the rest
+    the output's: step scales, axes, inlier bits, threshold, window), as Vim's dt_proj feeds the
+    scan's delta. On the CPU, for a reduction shorter than ``SMALL_K`` (dt_proj's K = dt_rank)
+    and the output's tokens and channels on its last two axes, in one C++ pass per row: the
     product of the fake-quantized activations and the dequantized weights (as
     ``w4a4o8_linear_rt`` computes it there), then its mixed fake quantization while the row is in
     the cache; the (batch, L, N) float product never goes through memory. Otherwise the two ops
-    in turn. ``x`` is (..., L, K); the result (..., L, N), contiguous."""
+    in turn. ``x`` is (..., L, K); the result (..., L, N)."""
     from ouromamba_fx.lowering.outlier import resample_steps
     from ouromamba_fx.lowering.qlinear import unpack_int4
 
     if x.dim() < 2 or x.shape[-1] != k:
         raise ValueError(f"w4a4o8_linear_mixed: x must be (..., L, {k}); got {tuple(x.shape)}")
-    if not (_cpp_mixed(x, 4, 8) and _cpp_mixed(x, out_bits, 8) and k < SMALL_K):
+    last_two = (out_token_axis % x.dim(), out_channel_axis % x.dim()) == (x.dim() - 2, x.dim() - 1)
+    if not (_cpp_mixed(x, 4, 8) and _cpp_mixed(x, out_bits, 8) and k < SMALL_K and last_two):
         y = w4a4o8_linear_rt(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh)
-        return mixed_fake_quant_op(y, out_scale, y.dim() - 2, y.dim() - 1, out_bits, 8, out_k, out_refresh)
+        return mixed_fake_quant_op(y, out_scale, out_token_axis, out_channel_axis, out_bits, 8, out_k,
+                                   out_refresh).contiguous()
     from ouromamba_fx.lowering import cpu_gemm
 
     ext = _extension()
@@ -280,7 +283,8 @@ def w4a4o8_linear_mixed(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_sca
 
 
 @w4a4o8_linear_mixed.register_fake
-def _(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh, out_scale, out_bits, out_k, out_refresh):
+def _(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh, out_scale, out_token_axis, out_channel_axis,
+      out_bits, out_k, out_refresh):
     return torch.empty((*x.shape[:-1], w_packed.shape[0]), dtype=torch.float32, device=x.device)
 
 

@@ -454,6 +454,19 @@ def _swaps_last_two(node: fx.Node) -> bool:
     return sorted(d % 3 if isinstance(d, int) else -9 for d in dims) == [1, 2]
 
 
+def _transpose_dims(node: fx.Node) -> tuple[int, int] | None:
+    """The two dims of ``x.transpose(d0, d1)`` / ``torch.transpose(x, d0, d1)`` when both are
+    non-negative ints (so that they name the same axes whatever the rank), else None."""
+    if node.op == "call_method" and node.target == "transpose":
+        dims = tuple(node.args[1:3])
+    elif is_call(node, (torch.transpose, torch.ops.aten.transpose.int)):
+        dims = (arg(node, 1, "dim0"), arg(node, 2, "dim1"))
+    else:
+        return None
+    ok = len(dims) == 2 and all(isinstance(d, int) and d >= 0 for d in dims) and dims[0] != dims[1]
+    return dims if ok else None
+
+
 class ChannelsLastScan(Pass):
     """``ouromamba::selective_scan`` whose output reaches only lowered linears, through
     elementwise ops and one transpose to (batch, L, d_inner) (the out_proj of a Mamba mixer),
@@ -564,11 +577,12 @@ class InlineMixedFakeQuant(Pass):
 
 
 class FuseLinearMixedFakeQuant(Pass):
-    """``mixed_fake_quant`` (8-bit outliers, channels last) of a ``w4a4o8_linear_rt`` output with a
-    short reduction (fewer than ``SMALL_K`` input channels), directly or through the transpose to
-    (batch, N, L), becomes ``ouromamba::w4a4o8_linear_mixed``: Vim's dt_proj and the quantization
-    of the scan's delta in one pass per row, the product never written out. Only where the linear
-    output has no other use."""
+    """``mixed_fake_quant`` (8-bit outliers) of a ``w4a4o8_linear_rt`` output with a short
+    reduction (fewer than ``SMALL_K`` input channels), directly or through a transpose (Vim's
+    to (batch, N, L)), becomes ``ouromamba::w4a4o8_linear_mixed`` with the site's axes mapped onto
+    the linear's output: Vim's dt_proj and the quantization of the scan's delta in one pass per
+    row, the product never written out. Only where the linear output has no other use; the op
+    itself checks at run time that tokens and channels are its output's last two axes."""
 
     name = "fuse_linear_mixed_fake_quant"
 
@@ -582,24 +596,30 @@ class FuseLinearMixedFakeQuant(Pass):
             x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = node.args[:8]
             if obits != 8 or not isinstance(x, fx.Node):
                 continue
-            lin, transposed = x, False
-            if _swaps_last_two(x) and len(x.users) == 1:
-                lin, transposed = x.args[0], True
+            lin, swap = x, None
+            dims = _transpose_dims(x)
+            if dims is not None and len(x.users) == 1:
+                lin, swap = x.args[0], dims
             if not is_call(lin, W4A4O8_LINEAR_RT_OP) or len(lin.users) != 1 or len(lin.args) < 8:
                 continue
             k_in = lin.args[5]
-            if not isinstance(k_in, int) or k_in >= SMALL_K or _ndim(lin.args[0]) not in (3, None):
+            if not isinstance(k_in, int) or k_in >= SMALL_K or not isinstance(token_axis, int) or \
+                    not isinstance(channel_axis, int) or (swap is None and (token_axis < 0 or channel_axis < 0)):
                 continue
-            if (token_axis, channel_axis) != ((2, 1) if transposed else (1, 2)):
-                continue
+            # the site's axes, on the linear's output (seen through the transpose); the op runs its
+            # one-pass kernel when they are the last two, else the two ops in turn
+            ta, ca = token_axis, channel_axis
+            if swap is not None:
+                other = {swap[0]: swap[1], swap[1]: swap[0]}
+                ta, ca = other.get(ta, ta), other.get(ca, ca)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(W4A4O8_LINEAR_MIXED_OP,
-                                             (*lin.args[:8], s_n, bits, float(k), n_refresh))
-                out = gm.graph.call_method("transpose", (new, 1, 2)) if transposed else new
+                                             (*lin.args[:8], s_n, ta, ca, bits, float(k), n_refresh))
+                out = gm.graph.call_method("transpose", (new, *swap)) if swap is not None else new
             keep_tag(node, new, kind="fused", op="w4a4o8_linear_mixed")
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)
-            if transposed:
+            if swap is not None:
                 gm.graph.erase_node(x)
             gm.graph.erase_node(lin)
             changed += 1
