@@ -443,27 +443,27 @@ def _elementwise(node: fx.Node) -> bool:
         (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
 
 
+def _transpose_args(node: fx.Node) -> tuple | None:
+    """The two dims of ``x.transpose(d0, d1)`` / ``torch.transpose(x, d0, d1)``, as given; None
+    for any other node."""
+    if node.op == "call_method" and node.target == "transpose":
+        return tuple(node.args[1:3])
+    if is_call(node, (torch.transpose, torch.ops.aten.transpose.int)):
+        return arg(node, 1, "dim0"), arg(node, 2, "dim1")
+    return None
+
+
 def _swaps_last_two(node: fx.Node) -> bool:
     """Whether ``node`` is ``x.transpose(1, 2)`` (or ``(-1, -2)``, either order) of a 3-d ``x``."""
-    if node.op == "call_method" and node.target == "transpose":
-        dims = tuple(node.args[1:3])
-    elif is_call(node, (torch.transpose, torch.ops.aten.transpose.int)):
-        dims = (arg(node, 1, "dim0"), arg(node, 2, "dim1"))
-    else:
-        return False
-    return sorted(d % 3 if isinstance(d, int) else -9 for d in dims) == [1, 2]
+    dims = _transpose_args(node)
+    return dims is not None and sorted(d % 3 if isinstance(d, int) else -9 for d in dims) == [1, 2]
 
 
 def _transpose_dims(node: fx.Node) -> tuple[int, int] | None:
     """The two dims of ``x.transpose(d0, d1)`` / ``torch.transpose(x, d0, d1)`` when both are
     non-negative ints (so that they name the same axes whatever the rank), else None."""
-    if node.op == "call_method" and node.target == "transpose":
-        dims = tuple(node.args[1:3])
-    elif is_call(node, (torch.transpose, torch.ops.aten.transpose.int)):
-        dims = (arg(node, 1, "dim0"), arg(node, 2, "dim1"))
-    else:
-        return None
-    ok = len(dims) == 2 and all(isinstance(d, int) and d >= 0 for d in dims) and dims[0] != dims[1]
+    dims = _transpose_args(node)
+    ok = dims is not None and len(dims) == 2 and all(isinstance(d, int) and d >= 0 for d in dims) and dims[0] != dims[1]
     return dims if ok else None
 
 
