@@ -122,14 +122,25 @@ CONV1D_SILU_OP = torch.ops.ouromamba.causal_conv1d_silu.default
 # ---------------------------------------------------------------------------------------------
 # Mixed-precision activations (OuroMamba-Quant) in one pass: mask, split, quantize.
 
-def _mixed_rows(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: int) -> tuple[Tensor, Tensor]:
-    """``x`` as (batch, L, C) float32 (a view when possible) and the per-step inlier scales (L,)."""
+def _step_scales(scale: Tensor, length: int) -> Tensor:
+    """A site's calibrated per-step scales for ``length`` steps, float32 contiguous (L,)."""
     from ouromamba_fx.lowering.outlier import resample_steps
 
+    return resample_steps(scale.detach().reshape(-1).float(), length).contiguous()
+
+
+def _dequantized_int4(w_packed: Tensor, w_scale: Tensor, k: int) -> Tensor:
+    """The float (N, k) weight of packed int4 codes and their per-channel scales."""
+    from ouromamba_fx.lowering.qlinear import unpack_int4
+
+    return unpack_int4(w_packed, k).float() * w_scale.detach().float().reshape(-1, 1)
+
+
+def _mixed_rows(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: int) -> tuple[Tensor, Tensor]:
+    """``x`` as (batch, L, C) float32 (a view when possible) and the per-step inlier scales (L,)."""
     y = x.float().movedim((token_axis, channel_axis), (-2, -1))
     rows = y.reshape(-1, y.shape[-2], y.shape[-1])
-    s_in = resample_steps(inlier_scale.detach().reshape(-1).float(), rows.shape[1]).contiguous()
-    return rows, s_in
+    return rows, _step_scales(inlier_scale, rows.shape[1])
 
 
 def _cpp_mixed(x: Tensor, bits: int, outlier_bits: int) -> bool:
@@ -204,8 +215,7 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
         # product is output-bound): the dequantized activations times the dequantized weights,
         # a float GEMM of the same values (the reference graph's own form of this linear).
         (y,) = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), True, 0)
-        w_f = cpu_gemm.cached_pair(w_packed, w_scale, "int4:float", lambda: unpack_int4(w_packed, k).float()
-                                   * w_scale.detach().float().reshape(-1, 1))
+        w_f = cpu_gemm.cached_pair(w_packed, w_scale, "int4:float", lambda: _dequantized_int4(w_packed, w_scale, k))
         b_f = None if bias is None else bias.detach().float()
         return F.linear(y.view(*x.shape[:-1], k), w_f, b_f)
     emulated = cpu_gemm.emulated(x.device)
@@ -259,9 +269,6 @@ def w4a4o8_linear_mixed(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_sca
     ``w4a4o8_linear_rt`` computes it there), then its mixed fake quantization while the row is in
     the cache; the (batch, L, N) float product never goes through memory. Otherwise the two ops
     in turn. ``x`` is (..., L, K); the result (..., L, N)."""
-    from ouromamba_fx.lowering.outlier import resample_steps
-    from ouromamba_fx.lowering.qlinear import unpack_int4
-
     if x.dim() < 2 or x.shape[-1] != k:
         raise ValueError(f"w4a4o8_linear_mixed: x must be (..., L, {k}); got {tuple(x.shape)}")
     last_two = (out_token_axis % x.dim(), out_channel_axis % x.dim()) == (x.dim() - 2, x.dim() - 1)
@@ -274,10 +281,10 @@ def w4a4o8_linear_mixed(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_sca
     ext = _extension()
     rows, s_in = _mixed_rows(x, inlier_scale, x.dim() - 2, x.dim() - 1)
     (xq,) = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), True, 0)
-    w_kn = cpu_gemm.cached_pair(w_packed, w_scale, "int4:float:kn", lambda: (
-        unpack_int4(w_packed, k).float() * w_scale.detach().float().reshape(-1, 1)).t().contiguous())
+    w_kn = cpu_gemm.cached_pair(w_packed, w_scale, "int4:float:kn",
+                                lambda: _dequantized_int4(w_packed, w_scale, k).t().contiguous())
     b = torch.empty(0) if bias is None else bias.detach().float().contiguous()
-    s_out = resample_steps(out_scale.detach().reshape(-1).float(), rows.shape[1]).contiguous()
+    s_out = _step_scales(out_scale, rows.shape[1])
     y = ext.linear_mixed_fake(xq, w_kn, b, s_out, 2 ** (out_bits - 1) - 1, float(out_k), int(out_refresh))
     return y.view(*x.shape[:-1], w_packed.shape[0])
 

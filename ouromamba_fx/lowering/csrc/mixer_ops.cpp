@@ -348,6 +348,13 @@ inline float rule_step(const float* __restrict__ src, int32_t* __restrict__ mask
   return std::max(omax / 127.0f, 1e-8f);
 }
 
+// Time steps per work item of the outlier rule's kernels: whole windows of n_refresh steps (the
+// mask is reset at each window's first step, so items are independent), at least 16.
+inline int64_t rule_chunk(int64_t n_refresh) {
+  const int64_t window = std::max<int64_t>(n_refresh, 1);
+  return window * ((16 + window - 1) / window);
+}
+
 // x: (R, L, C) float32, any strides (channel-contiguous is the fast path); s_in: (L,) float32 (the
 // static inlier scale of each time step); qi: inlier qmax (7 for 4 bits); k, n_refresh: the outlier
 // rule. Integer mode returns [q_in (R, L, C) int8, q_out (R, L, C) int8, s_out (R, L) float32]
@@ -381,10 +388,8 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
   int8_t* qip = fake ? nullptr : q_in.data_ptr<int8_t>();
   int8_t* qop = fake ? nullptr : q_out.data_ptr<int8_t>();
   float* sop = fake ? nullptr : s_out.data_ptr<float>();
-  // Work items: (row, chunk of time steps); a chunk holds whole windows of n_refresh steps (the
-  // mask is reset at each window's first step), so items are independent.
-  const int64_t window = std::max<int64_t>(n_refresh, 1);
-  const int64_t chunk = window * ((16 + window - 1) / window);
+  // Work items: (row, chunk of time steps), independent (rule_chunk).
+  const int64_t chunk = rule_chunk(n_refresh);
   const int64_t nchunks = (L + chunk - 1) / chunk;
   at::parallel_for(0, R * nchunks, 1, [&](int64_t begin, int64_t end) {
     // Every pass over a step's channels is a plain loop (row_stats .. codes_row above), which
@@ -495,8 +500,7 @@ torch::Tensor linear_mixed_fake(torch::Tensor x, torch::Tensor wt, torch::Tensor
   const float* sp = s_out.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float kf = static_cast<float>(k), qif = static_cast<float>(qi);
-  const int64_t window = std::max<int64_t>(n_refresh, 1);
-  const int64_t chunk = window * ((16 + window - 1) / window);
+  const int64_t chunk = rule_chunk(n_refresh);
   const int64_t nchunks = (L + chunk - 1) / chunk;
   at::parallel_for(0, R * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> mask_buf(static_cast<size_t>(N));
