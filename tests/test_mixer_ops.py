@@ -243,6 +243,53 @@ def test_u4_mm_is_exact(m, k, n):
     assert torch.equal(ext.u4_mm(wide[:, :k], panels, colsum), out)
 
 
+@pytest.mark.parametrize("m,k,n", U4_SHAPES + [(150, 384, 1536)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_u4_linear_is_u4_mm_then_the_epilogue_bit_for_bit(m, k, n, with_bias):
+    ext = _u4_ext()
+    g = torch.Generator().manual_seed(m * 7 + k * 3 + n)
+    q = torch.randint(-7, 8, (m, k), dtype=torch.int8, generator=g)
+    w = torch.randint(-8, 9, (n, k), dtype=torch.int8, generator=g)
+    # a few outlier codes per row, none in some rows (row 0 among them)
+    q_out = torch.where(torch.rand(m, k, generator=g) < 0.05, torch.randint(-127, 128, (m, k), generator=g), 0)
+    q_out = q_out.to(torch.int8)
+    q_out[0] = 0
+    steps = 1 if m % 5 else 5
+    s_in = torch.rand(steps, generator=g) * 0.1 + 0.01
+    s_out = torch.rand(m, generator=g) * 0.5
+    w_scale = torch.rand(n, generator=g) * 0.02
+    bias = torch.randn(n, generator=g) if with_bias else torch.empty(0)
+    panels, colsum = ext.u4_pack(w)
+    a = (q + 8).view(torch.uint8)
+    w_t = w.t().contiguous()
+    expect = ext.w4a4o8_epilogue(ext.u4_mm(a, panels, colsum), s_in, q_out, s_out, w_t, w_scale, bias)
+    got = ext.u4_linear(a, panels, colsum, s_in, q_out, s_out, w_t, w_scale, bias)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert torch.equal(got, expect)
+    # and the formula itself, in float64 (the products are exact integers)
+    ref = (q.double() @ w.double().t()) * s_in.double().repeat(m // steps)[:, None]
+    ref = (ref + (q_out.double() @ w.double().t()) * s_out.double()[:, None]) * w_scale.double()
+    if with_bias:
+        ref = ref + bias.double()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_u4_linear_rejects_mismatched_epilogue_operands():
+    ext = _u4_ext()
+    panels, colsum = ext.u4_pack(torch.ones(3, 10, dtype=torch.int8))
+    a = torch.full((4, 10), 8, dtype=torch.uint8)
+    ok = dict(s_in=torch.ones(2), q_out=torch.zeros(4, 10, dtype=torch.int8), s_out=torch.ones(4),
+              w_t=torch.ones(10, 3, dtype=torch.int8), w_scale=torch.ones(3), bias=torch.empty(0))
+    assert ext.u4_linear(a, panels, colsum, *ok.values()).shape == (4, 3)
+    for name, bad, msg in [("s_in", torch.ones(3), "one value per time step"),
+                           ("q_out", torch.zeros(4, 9, dtype=torch.int8), "w_t must be"),
+                           ("s_out", torch.ones(3), "one value per row"),
+                           ("w_scale", torch.ones(2), "w_scale"),
+                           ("bias", torch.ones(2), "bias")]:
+        with pytest.raises(RuntimeError, match=msg):
+            ext.u4_linear(a, panels, colsum, *{**ok, name: bad}.values())
+
+
 def test_u4_pack_and_mm_reject_what_they_cannot_compute():
     ext = _u4_ext()
     with pytest.raises(RuntimeError, match=r"\[-8, 8\]"):

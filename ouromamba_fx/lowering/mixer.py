@@ -227,23 +227,25 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     # int4 -> int8 once per weight (kept beside the model's packed weight while it lives: this CPU
     # has no int4 GEMM), laid out (K, N): the rows the outlier pass reads, one per outlier channel
     w_t = cpu_gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
-    if u4:
-        # no VNNI/AMX, AVX2: the kernel of 4-bit codes (written as q + 8) x int4 weights with int16
-        # accumulation, on the weight laid out in column panels once
-        panels, colsum = cpu_gemm.cached(w_packed, "u4", lambda: ext.u4_pack(w_t.t()))
-        acc = ext.u4_mm(q_in.view(m, k), panels, colsum)
-    elif u8:
-        # no VNNI/AMX nor AVX2: oneDNN u8 x s8 on the inliers' u8 codes (q + 128), exact for 4-bit
-        # codes x int4 weights (float accumulator)
-        acc = cpu_gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
-    else:
-        acc = _int_mm(q_in.view(m, k), w_t.t()).contiguous()
     # outliers: a few channels per token, each an axpy over N inside the epilogue (the reference's
     # dense or column-gathered GEMM spends its work on zeros: the union of a batch's outlier
     # channels is most channels, while each token has only a few)
     w_s = cpu_gemm.cached(w_scale, "float", lambda: w_scale.detach().float().reshape(-1).contiguous())
     b = torch.empty(0) if bias is None else bias.detach().float().contiguous()
-    y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_t, w_s, b)
+    if u4:
+        # no VNNI/AMX, AVX2: the kernel of 4-bit codes (written as q + 8) x int4 weights with int16
+        # accumulation, on the weight laid out in column panels once; each block of rows gets its
+        # epilogue while its products are in cache
+        panels, colsum = cpu_gemm.cached(w_packed, "u4", lambda: ext.u4_pack(w_t.t()))
+        y = ext.u4_linear(q_in.view(m, k), panels, colsum, s_in, q_out.view(m, k), s_out.view(m), w_t, w_s, b)
+    else:
+        if u8:
+            # no VNNI/AMX nor AVX2: oneDNN u8 x s8 on the inliers' u8 codes (q + 128), exact for
+            # 4-bit codes x int4 weights (float accumulator)
+            acc = cpu_gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
+        else:
+            acc = _int_mm(q_in.view(m, k), w_t.t()).contiguous()
+        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_t, w_s, b)
     return y.reshape(*x.shape[:-1], n)
 
 

@@ -15,6 +15,8 @@
 //                 token's few outlier channels added as exact vector axpys instead of a GEMM.
 // u4_mm           the inlier GEMM itself on AVX2 CPUs without VNNI/AMX: 4-bit codes x int4
 //                 weights, exact, with int16 accumulation (u4_pack lays the weights out for it).
+// u4_linear       u4_mm and the epilogue, a block of rows at a time, so that the epilogue reads
+//                 the int32 products from L2 rather than memory (4-6% off in_proj and out_proj).
 //
 // Semantics: ouromamba_fx/lowering/mixer.py (module docstring). Both kernels compute in float32;
 // quantization divides by the scale (as ouromamba::quantize does) and rounds half to even, so
@@ -593,27 +595,79 @@ inline void finish_row(float* __restrict__ y, const Acc* __restrict__ acc, const
 // non-zero codes are visited, each a vector axpy over N of w_t (K, N) int8. Those sums are of
 // integers below 2^24 (K * 127 * 8 at most), exact in float32 in any order: the same numbers as an
 // int32 GEMM of the outliers. Rows with no outlier skip that term (it is exactly 0).
+// The epilogue's operands (acc null: y holds the accumulator as float32, else acc int32 and y may
+// be the same memory), and rows [m0, m1) of it, in place; oacc: N floats of scratch.
+struct Epilogue {
+  const int32_t* acc;
+  float* y;
+  const int8_t* q_out;
+  const int8_t* w_t;
+  const float *s_in, *s_out, *w_scale, *bias;
+  int64_t steps, K, N;
+};
+
+// Plain loops over N with restrict pointers: the compiler vectorizes them at the CPU's own width
+// (GCC lowers the 64-byte vector types poorly without AVX-512: int8 widening and scalar
+// broadcasts went lane by lane through the stack).
+void epilogue_rows(const Epilogue& e, int64_t m0, int64_t m1, float* __restrict__ oacc) {
+  const int64_t K = e.K, N = e.N;
+  for (int64_t m = m0; m < m1; ++m) {
+    const int8_t* q = e.q_out + m * K;
+    bool any = false;
+    // the row's non-zero codes, found 32 bytes at a time (a row holds only a few)
+    for (int64_t c0 = 0; c0 < K; c0 += 32) {
+      uint32_t bits = nonzero_bits(q + c0, static_cast<int>(std::min<int64_t>(32, K - c0)));
+      while (bits) {
+        const int64_t c = c0 + __builtin_ctz(bits);
+        bits &= bits - 1;
+        if (!any) {
+          std::fill(oacc, oacc + N, 0.0f);
+          any = true;
+        }
+        axpy_i8(oacc, static_cast<float>(q[c]), e.w_t + c * N, N);
+      }
+    }
+    float* yr = e.y + m * N;
+    const float si = e.s_in[m % e.steps], so = e.s_out[m];
+    if (e.acc) {
+      finish_row(yr, e.acc + m * N, any ? oacc : nullptr, si, so, e.w_scale, e.bias, N);
+    } else {
+      finish_row(yr, yr, any ? oacc : nullptr, si, so, e.w_scale, e.bias, N);
+    }
+  }
+}
+
+// The epilogue's operands for an (M, N) product (what w4a4o8_epilogue and u4_linear share).
+void check_epilogue(const char* op, int64_t M, int64_t N, const torch::Tensor& s_in, const torch::Tensor& q_out,
+                    const torch::Tensor& s_out, const torch::Tensor& w_t, const torch::Tensor& w_scale,
+                    const torch::Tensor& bias) {
+  TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
+              op, ": q_out must be contiguous int8 (M, K) outlier codes");
+  const int64_t K = q_out.size(1);
+  TORCH_CHECK(w_t.dim() == 2 && w_t.is_contiguous() && w_t.scalar_type() == torch::kInt8 && w_t.size(0) == K &&
+                  w_t.size(1) == N, op, ": w_t must be the contiguous int8 (K, N) weights");
+  TORCH_CHECK(s_out.is_contiguous() && s_out.numel() == M && s_out.scalar_type() == torch::kFloat,
+              op, ": s_out must be float32 with one value per row");
+  const int64_t steps = s_in.numel();
+  TORCH_CHECK(s_in.is_contiguous() && s_in.scalar_type() == torch::kFloat && steps > 0 && M % steps == 0,
+              op, ": s_in must be float32 with one value per time step (rows are (batch, step))");
+  TORCH_CHECK(w_scale.is_contiguous() && w_scale.numel() == N && w_scale.scalar_type() == torch::kFloat,
+              op, ": w_scale must be float32 with one value per output channel");
+  TORCH_CHECK(!(bias.defined() && bias.numel() > 0) ||
+                  (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
+              op, ": bias must be empty or float32 with one value per output channel");
+}
+
 torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tensor q_out, torch::Tensor s_out,
                               torch::Tensor w_t, torch::Tensor w_scale, torch::Tensor bias) {
   TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() &&
                   (acc.scalar_type() == torch::kInt || acc.scalar_type() == torch::kFloat),
               "w4a4o8_epilogue: acc must be a contiguous int32 or float32 (M, N) matrix");
   const bool acc_float = acc.scalar_type() == torch::kFloat;
-  const int64_t M = acc.size(0), N = acc.size(1), K = q_out.size(1);
-  TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
-              "w4a4o8_epilogue: q_out");
-  TORCH_CHECK(w_t.dim() == 2 && w_t.is_contiguous() && w_t.scalar_type() == torch::kInt8 && w_t.size(0) == K &&
-                  w_t.size(1) == N, "w4a4o8_epilogue: w_t");
-  TORCH_CHECK(s_out.is_contiguous() && s_out.numel() == M && s_out.scalar_type() == torch::kFloat,
-              "w4a4o8_epilogue: s_out must be float32 with one value per row");
-  const int64_t steps = s_in.numel();
-  TORCH_CHECK(s_in.is_contiguous() && s_in.scalar_type() == torch::kFloat && steps > 0 && M % steps == 0,
-              "w4a4o8_epilogue: s_in must be float32 with one value per time step (rows are (batch, step))");
-  TORCH_CHECK(w_scale.is_contiguous() && w_scale.numel() == N && w_scale.scalar_type() == torch::kFloat,
-              "w4a4o8_epilogue: w_scale");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  check_epilogue("w4a4o8_epilogue", M, N, s_in, q_out, s_out, w_t, w_scale, bias);
+  const int64_t K = q_out.size(1), steps = s_in.numel();
   const bool has_bias = bias.defined() && bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
-              "w4a4o8_epilogue: bias");
   int32_t* ap = reinterpret_cast<int32_t*>(acc.data_ptr());
   float* yp = reinterpret_cast<float*>(ap);
   const int8_t* qp = q_out.data_ptr<int8_t>();
@@ -622,36 +676,10 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
   const float* sop = s_out.data_ptr<float>();
   const float* wsp = w_scale.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  // Plain loops over N with restrict pointers: the compiler vectorizes them at the CPU's own
-  // width (GCC lowers the 64-byte vector types poorly without AVX-512: int8 widening and scalar
-  // broadcasts went lane by lane through the stack).
+  const Epilogue e{acc_float ? nullptr : ap, yp, qp, wp, sip, sop, wsp, bp, steps, K, N};
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> oacc_buf(static_cast<size_t>(N));
-    float* __restrict__ oacc = oacc_buf.data();
-    for (int64_t m = begin; m < end; ++m) {
-      const int8_t* q = qp + m * K;
-      bool any = false;
-      // the row's non-zero codes, found 32 bytes at a time (a row holds only a few)
-      for (int64_t c0 = 0; c0 < K; c0 += 32) {
-        uint32_t bits = nonzero_bits(q + c0, static_cast<int>(std::min<int64_t>(32, K - c0)));
-        while (bits) {
-          const int64_t c = c0 + __builtin_ctz(bits);
-          bits &= bits - 1;
-          if (!any) {
-            std::fill(oacc, oacc + N, 0.0f);
-            any = true;
-          }
-          axpy_i8(oacc, static_cast<float>(q[c]), wp + c * N, N);
-        }
-      }
-      float* __restrict__ yr = yp + m * N;
-      const float si = sip[m % steps], so = sop[m];
-      if (acc_float) {
-        finish_row(yr, yp + m * N, any ? oacc : nullptr, si, so, wsp, bp, N);
-      } else {
-        finish_row(yr, ap + m * N, any ? oacc : nullptr, si, so, wsp, bp, N);
-      }
-    }
+    std::vector<float> oacc(static_cast<size_t>(N));
+    epilogue_rows(e, begin, end, oacc.data());
   });
   return acc_float ? acc : acc.view(torch::kFloat);
 }
@@ -827,34 +855,102 @@ void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_
   });
 }
 
+// u4_gemm's tiles row block by row block instead (all panels of a block of rows, then the W4A4O8
+// epilogue of those rows while their int32 products are still in L2: e.acc / e.y point at c).
+void u4_gemm_epilogue(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_t P, int64_t K2,
+                      const int32_t* colsum8, int32_t* c, int64_t N, const Epilogue& e) {
+  // rows per block: their products in about 128 KB, 4 to 64 rows (a multiple of the 4-row tile)
+  const int64_t rows = std::max<int64_t>(4, std::min<int64_t>(kU4RowBlock, (128 * 1024 / (4 * N)) / 4 * 4));
+  const int64_t blocks = (M + rows - 1) / rows;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> oacc(static_cast<size_t>(N));
+    for (int64_t mb = begin; mb < end; ++mb) {
+      const int64_t m0 = mb * rows, m1 = std::min(M, m0 + rows);
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t n0 = p * kU4Cols, cols = std::min(kU4Cols, N - n0);
+        const int8_t* panel = pp + p * K2 * kU4Cols * 2;
+        const int32_t* cs = colsum8 + n0;
+        int64_t m = m0;
+        for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols);
+        switch (m1 - m) {
+          case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
+          case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
+          case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
+          default: break;
+        }
+      }
+      epilogue_rows(e, m0, m1, oacc.data());
+    }
+  });
+}
+
 #endif  // OM_U4
+
+// u4_mm / u4_linear's GEMM operands: a (M, K) uint8, the panels and column sums from u4_pack.
+// Returns a contiguous, padded with a zero column when K is odd (the kernel reads whole pairs of
+// k; those weights are zero).
+torch::Tensor check_u4(const char* op, torch::Tensor a, const torch::Tensor& packed, const torch::Tensor& colsum) {
+  TORCH_CHECK(u4_available(), op, ": this build has no AVX2 and FMA (check u4_available first)");
+  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == torch::kUInt8, op, ": a must be a uint8 (M, K) matrix");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
+                  packed.size(2) == kU4Cols && packed.size(3) == 2,
+              op, ": packed must come from u4_pack");
+  const int64_t K = a.size(1), K2 = packed.size(1), P = packed.size(0), N = colsum.numel();
+  TORCH_CHECK(K2 == (K + 1) / 2, op, ": a has ", K, " columns; the packed weights were made for ", 2 * K2 - 1,
+              " or ", 2 * K2);
+  TORCH_CHECK(colsum.scalar_type() == torch::kInt && colsum.is_contiguous() && P == (N + kU4Cols - 1) / kU4Cols,
+              op, ": colsum must be u4_pack's int32 column sums of the same weights");
+  a = a.contiguous();
+  if (K % 2 == 1) a = torch::constant_pad_nd(a, {0, 1}, 0);
+  return a;
+}
+
+// 8 * colsum, padded with zeros to whole panels.
+std::vector<int32_t> colsum8_of(const torch::Tensor& colsum) {
+  const int64_t N = colsum.numel();
+  std::vector<int32_t> c8(static_cast<size_t>((N + kU4Cols - 1) / kU4Cols * kU4Cols), 0);
+  for (int64_t n = 0; n < N; ++n) c8[n] = 8 * colsum.data_ptr<int32_t>()[n];
+  return c8;
+}
 
 // a (M, K) uint8 holding q + 8 for codes q in [-7, 7]; packed, colsum from u4_pack of the (N, K)
 // weights. Returns q @ w^T as int32 (M, N). Exact for operands in those ranges (callers hold
 // them: mixed_quant with qi 7 and in_offset 8, weights from int4).
 torch::Tensor u4_mm(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum) {
-  TORCH_CHECK(u4_available(), "u4_mm: this build has no AVX2 and FMA (check u4_available first)");
-  TORCH_CHECK(a.dim() == 2 && a.scalar_type() == torch::kUInt8, "u4_mm: a must be a uint8 (M, K) matrix");
-  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kInt8 && packed.is_contiguous() &&
-                  packed.size(2) == kU4Cols && packed.size(3) == 2,
-              "u4_mm: packed must come from u4_pack");
-  const int64_t M = a.size(0), K = a.size(1), K2 = packed.size(1), P = packed.size(0), N = colsum.numel();
-  TORCH_CHECK(K2 == (K + 1) / 2, "u4_mm: a has ", K, " columns; the packed weights were made for ", 2 * K2 - 1,
-              " or ", 2 * K2);
-  TORCH_CHECK(colsum.scalar_type() == torch::kInt && colsum.is_contiguous() && P == (N + kU4Cols - 1) / kU4Cols,
-              "u4_mm: colsum must be u4_pack's int32 column sums of the same weights");
-  std::vector<int32_t> colsum8(static_cast<size_t>(P * kU4Cols), 0);
-  for (int64_t n = 0; n < N; ++n) colsum8[n] = 8 * colsum.data_ptr<int32_t>()[n];
-  a = a.contiguous();
-  if (K % 2 == 1) {  // the kernel reads whole pairs: pad each row with a zero (its weights are zero)
-    a = torch::constant_pad_nd(a, {0, 1}, 0);
-  }
+  a = check_u4("u4_mm", a, packed, colsum);
+  const int64_t M = a.size(0), N = colsum.numel();
+  const std::vector<int32_t> colsum8 = colsum8_of(colsum);
   auto c = torch::empty({M, N}, a.options().dtype(torch::kInt));
 #if OM_U4
-  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), P, K2, colsum8.data(),
-          c.data_ptr<int32_t>(), N);
+  u4_gemm(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1),
+          colsum8.data(), c.data_ptr<int32_t>(), N);
 #endif
   return c;
+}
+
+// The W4A4O8 linear after mixed_quant: w4a4o8_epilogue(u4_mm(a, packed, colsum), ...), the same
+// numbers bit for bit, with each block of rows finished while its products are in cache (the
+// int32 (M, N) product is not written out and read back). Returns float32 (M, N).
+torch::Tensor u4_linear(torch::Tensor a, torch::Tensor packed, torch::Tensor colsum, torch::Tensor s_in,
+                        torch::Tensor q_out, torch::Tensor s_out, torch::Tensor w_t, torch::Tensor w_scale,
+                        torch::Tensor bias) {
+  a = check_u4("u4_linear", a, packed, colsum);
+  const int64_t M = a.size(0), N = colsum.numel();
+  check_epilogue("u4_linear", M, N, s_in, q_out, s_out, w_t, w_scale, bias);
+  TORCH_CHECK(q_out.size(1) == a.size(1) || q_out.size(1) + 1 == a.size(1),
+              "u4_linear: q_out must have a's ", a.size(1), " columns");
+  const std::vector<int32_t> colsum8 = colsum8_of(colsum);
+  auto c = torch::empty({M, N}, a.options().dtype(torch::kInt));
+#if OM_U4
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  int32_t* cp = c.data_ptr<int32_t>();
+  const Epilogue e{cp, reinterpret_cast<float*>(cp), q_out.data_ptr<int8_t>(), w_t.data_ptr<int8_t>(),
+                   s_in.data_ptr<float>(), s_out.data_ptr<float>(), w_scale.data_ptr<float>(),
+                   has_bias ? bias.data_ptr<float>() : nullptr, s_in.numel(), q_out.size(1), N};
+  u4_gemm_epilogue(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1),
+                   colsum8.data(), cp, N, e);
+#endif
+  return c.view(torch::kFloat);
 }
 
 }  // namespace ouromamba_mixer
@@ -870,5 +966,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "W4A4O8 epilogue in place of the int32 inlier accumulator: scales, sparse outlier term, bias");
   m.def("u4_available", &ouromamba_mixer::u4_available, "whether u4_mm has its AVX2 kernel in this build");
   m.def("u4_pack", &ouromamba_mixer::u4_pack, "int4 weights (N, K) -> u4_mm's column panels and column sums");
+  m.def("u4_linear", &ouromamba_mixer::u4_linear,
+        "u4_mm then w4a4o8_epilogue, a block of rows at a time: the W4A4O8 linear's float32 output");
   m.def("u4_mm", &ouromamba_mixer::u4_mm, "exact int32 q @ w^T for 4-bit codes (as q + 8, uint8) x int4 weights");
 }
