@@ -243,7 +243,9 @@ def test_u4_mm_is_exact(m, k, n):
     assert torch.equal(ext.u4_mm(wide[:, :k], panels, colsum), out)
 
 
-@pytest.mark.parametrize("m,k,n", U4_SHAPES + [(150, 384, 1536)])
+# (150, 384, 1536): too few row blocks, the panel-major GEMM then the epilogue; (3152, 40, 100):
+# the GEMM and epilogue block by block
+@pytest.mark.parametrize("m,k,n", U4_SHAPES + [(150, 384, 1536), (3152, 40, 100)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_u4_linear_is_u4_mm_then_the_epilogue_bit_for_bit(m, k, n, with_bias):
     ext = _u4_ext()

@@ -855,12 +855,17 @@ void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_
   });
 }
 
+// Rows per block of u4_gemm_epilogue: their products in about 128 KB, 4 to 64 rows (a multiple of
+// the 4-row tile).
+inline int64_t u4_block_rows(int64_t N) {
+  return std::max<int64_t>(4, std::min<int64_t>(kU4RowBlock, (128 * 1024 / (4 * N)) / 4 * 4));
+}
+
 // u4_gemm's tiles row block by row block instead (all panels of a block of rows, then the W4A4O8
 // epilogue of those rows while their int32 products are still in L2: e.acc / e.y point at c).
 void u4_gemm_epilogue(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_t P, int64_t K2,
                       const int32_t* colsum8, int32_t* c, int64_t N, const Epilogue& e) {
-  // rows per block: their products in about 128 KB, 4 to 64 rows (a multiple of the 4-row tile)
-  const int64_t rows = std::max<int64_t>(4, std::min<int64_t>(kU4RowBlock, (128 * 1024 / (4 * N)) / 4 * 4));
+  const int64_t rows = u4_block_rows(N);
   const int64_t blocks = (M + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> oacc(static_cast<size_t>(N));
@@ -947,8 +952,19 @@ torch::Tensor u4_linear(torch::Tensor a, torch::Tensor packed, torch::Tensor col
   const Epilogue e{cp, reinterpret_cast<float*>(cp), q_out.data_ptr<int8_t>(), w_t.data_ptr<int8_t>(),
                    s_in.data_ptr<float>(), s_out.data_ptr<float>(), w_scale.data_ptr<float>(),
                    has_bias ? bias.data_ptr<float>() : nullptr, s_in.numel(), q_out.size(1), N};
-  u4_gemm_epilogue(a.data_ptr<uint8_t>(), a.size(1), M, packed.data_ptr<int8_t>(), packed.size(0), packed.size(1),
-                   colsum8.data(), cp, N, e);
+  const uint8_t* a_p = a.data_ptr<uint8_t>();
+  const int8_t* pk = packed.data_ptr<int8_t>();
+  if ((M + u4_block_rows(N) - 1) / u4_block_rows(N) >= 8 * at::get_num_threads()) {
+    u4_gemm_epilogue(a_p, a.size(1), M, pk, packed.size(0), packed.size(1), colsum8.data(), cp, N, e);
+  } else {
+    // too few row blocks to share among the threads (a batch of one image): u4_mm's finer work
+    // items (panel x rows), then the epilogue over all rows
+    u4_gemm(a_p, a.size(1), M, pk, packed.size(0), packed.size(1), colsum8.data(), cp, N);
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> oacc(static_cast<size_t>(N));
+      epilogue_rows(e, begin, end, oacc.data());
+    });
+  }
 #endif
   return c.view(torch::kFloat);
 }
