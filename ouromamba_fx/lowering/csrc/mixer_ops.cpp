@@ -828,6 +828,22 @@ inline void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t 
   }
 }
 
+// Rows [m0, m1) of c against panel p, in 4-row tiles.
+inline void u4_panel_rows(const uint8_t* ap, int64_t lda, int64_t m0, int64_t m1, const int8_t* pp, int64_t p,
+                          int64_t K2, const int32_t* colsum8, int32_t* c, int64_t N) {
+  const int64_t n0 = p * kU4Cols, cols = std::min(kU4Cols, N - n0);
+  const int8_t* panel = pp + p * K2 * kU4Cols * 2;
+  const int32_t* cs = colsum8 + n0;
+  int64_t m = m0;
+  for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols);
+  switch (m1 - m) {
+    case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
+    case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
+    case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
+    default: break;
+  }
+}
+
 // Every (row, panel) tile of a (M, K2 pairs) against the packed weights into c (M, N), on all
 // threads.
 void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_t P, int64_t K2,
@@ -840,17 +856,7 @@ void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_
     for (int64_t i = begin; i < end; ++i) {
       const int64_t p = i / blocks, mb = i % blocks;
       const int64_t m0 = mb * kU4RowBlock, m1 = std::min(M, m0 + kU4RowBlock);
-      const int64_t n0 = p * kU4Cols, cols = std::min(kU4Cols, N - n0);
-      const int8_t* panel = pp + p * K2 * kU4Cols * 2;
-      const int32_t* cs = colsum8 + n0;
-      int64_t m = m0;
-      for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols);
-      switch (m1 - m) {
-        case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
-        case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
-        case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
-        default: break;
-      }
+      u4_panel_rows(ap, lda, m0, m1, pp, p, K2, colsum8, c, N);
     }
   });
 }
@@ -872,17 +878,7 @@ void u4_gemm_epilogue(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* p
     for (int64_t mb = begin; mb < end; ++mb) {
       const int64_t m0 = mb * rows, m1 = std::min(M, m0 + rows);
       for (int64_t p = 0; p < P; ++p) {
-        const int64_t n0 = p * kU4Cols, cols = std::min(kU4Cols, N - n0);
-        const int8_t* panel = pp + p * K2 * kU4Cols * 2;
-        const int32_t* cs = colsum8 + n0;
-        int64_t m = m0;
-        for (; m + 4 <= m1; m += 4) u4_tile<4>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols);
-        switch (m1 - m) {
-          case 3: u4_tile<3>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
-          case 2: u4_tile<2>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
-          case 1: u4_tile<1>(ap + m * lda, lda, panel, K2, cs, c + m * N + n0, N, cols); break;
-          default: break;
-        }
+        u4_panel_rows(ap, lda, m0, m1, pp, p, K2, colsum8, c, N);
       }
       epilogue_rows(e, m0, m1, oacc.data());
     }
