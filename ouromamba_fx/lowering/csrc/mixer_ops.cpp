@@ -658,6 +658,24 @@ void check_epilogue(const char* op, int64_t M, int64_t N, const torch::Tensor& s
               op, ": bias must be empty or float32 with one value per output channel");
 }
 
+// The Epilogue over checked operands: acc the int32 products (null: y holds them as float32).
+Epilogue epilogue_of(const int32_t* acc, float* y, const torch::Tensor& s_in, const torch::Tensor& q_out,
+                     const torch::Tensor& s_out, const torch::Tensor& w_t, const torch::Tensor& w_scale,
+                     const torch::Tensor& bias) {
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  return Epilogue{acc, y, q_out.data_ptr<int8_t>(), w_t.data_ptr<int8_t>(), s_in.data_ptr<float>(),
+                  s_out.data_ptr<float>(), w_scale.data_ptr<float>(), has_bias ? bias.data_ptr<float>() : nullptr,
+                  s_in.numel(), q_out.size(1), w_t.size(1)};
+}
+
+// All M rows of the epilogue, on all threads.
+void epilogue_all(const Epilogue& e, int64_t M) {
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> oacc(static_cast<size_t>(e.N));
+    epilogue_rows(e, begin, end, oacc.data());
+  });
+}
+
 torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tensor q_out, torch::Tensor s_out,
                               torch::Tensor w_t, torch::Tensor w_scale, torch::Tensor bias) {
   TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() &&
@@ -666,21 +684,10 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
   const bool acc_float = acc.scalar_type() == torch::kFloat;
   const int64_t M = acc.size(0), N = acc.size(1);
   check_epilogue("w4a4o8_epilogue", M, N, s_in, q_out, s_out, w_t, w_scale, bias);
-  const int64_t K = q_out.size(1), steps = s_in.numel();
-  const bool has_bias = bias.defined() && bias.numel() > 0;
   int32_t* ap = reinterpret_cast<int32_t*>(acc.data_ptr());
-  float* yp = reinterpret_cast<float*>(ap);
-  const int8_t* qp = q_out.data_ptr<int8_t>();
-  const int8_t* wp = w_t.data_ptr<int8_t>();
-  const float* sip = s_in.data_ptr<float>();
-  const float* sop = s_out.data_ptr<float>();
-  const float* wsp = w_scale.data_ptr<float>();
-  const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
-  const Epilogue e{acc_float ? nullptr : ap, yp, qp, wp, sip, sop, wsp, bp, steps, K, N};
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> oacc(static_cast<size_t>(N));
-    epilogue_rows(e, begin, end, oacc.data());
-  });
+  epilogue_all(epilogue_of(acc_float ? nullptr : ap, reinterpret_cast<float*>(ap), s_in, q_out, s_out, w_t, w_scale,
+                           bias),
+               M);
   return acc_float ? acc : acc.view(torch::kFloat);
 }
 
@@ -867,11 +874,11 @@ inline int64_t u4_block_rows(int64_t N) {
   return std::max<int64_t>(4, std::min<int64_t>(kU4RowBlock, (128 * 1024 / (4 * N)) / 4 * 4));
 }
 
-// u4_gemm's tiles row block by row block instead (all panels of a block of rows, then the W4A4O8
-// epilogue of those rows while their int32 products are still in L2: e.acc / e.y point at c).
+// u4_gemm's tiles row block by row block instead (all panels of a block of `rows` rows, then the
+// W4A4O8 epilogue of those rows while their int32 products are still in L2: e.acc / e.y point at
+// c).
 void u4_gemm_epilogue(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_t P, int64_t K2,
-                      const int32_t* colsum8, int32_t* c, int64_t N, const Epilogue& e) {
-  const int64_t rows = u4_block_rows(N);
+                      const int32_t* colsum8, int32_t* c, int64_t N, int64_t rows, const Epilogue& e) {
   const int64_t blocks = (M + rows - 1) / rows;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> oacc(static_cast<size_t>(N));
@@ -943,23 +950,18 @@ torch::Tensor u4_linear(torch::Tensor a, torch::Tensor packed, torch::Tensor col
   const std::vector<int32_t> colsum8 = colsum8_of(colsum);
   auto c = torch::empty({M, N}, a.options().dtype(torch::kInt));
 #if OM_U4
-  const bool has_bias = bias.defined() && bias.numel() > 0;
   int32_t* cp = c.data_ptr<int32_t>();
-  const Epilogue e{cp, reinterpret_cast<float*>(cp), q_out.data_ptr<int8_t>(), w_t.data_ptr<int8_t>(),
-                   s_in.data_ptr<float>(), s_out.data_ptr<float>(), w_scale.data_ptr<float>(),
-                   has_bias ? bias.data_ptr<float>() : nullptr, s_in.numel(), q_out.size(1), N};
+  const Epilogue e = epilogue_of(cp, reinterpret_cast<float*>(cp), s_in, q_out, s_out, w_t, w_scale, bias);
   const uint8_t* a_p = a.data_ptr<uint8_t>();
   const int8_t* pk = packed.data_ptr<int8_t>();
-  if ((M + u4_block_rows(N) - 1) / u4_block_rows(N) >= 8 * at::get_num_threads()) {
-    u4_gemm_epilogue(a_p, a.size(1), M, pk, packed.size(0), packed.size(1), colsum8.data(), cp, N, e);
+  const int64_t rows = u4_block_rows(N);
+  if ((M + rows - 1) / rows >= 8 * at::get_num_threads()) {
+    u4_gemm_epilogue(a_p, a.size(1), M, pk, packed.size(0), packed.size(1), colsum8.data(), cp, N, rows, e);
   } else {
     // too few row blocks to share among the threads (a batch of one image): u4_mm's finer work
     // items (panel x rows), then the epilogue over all rows
     u4_gemm(a_p, a.size(1), M, pk, packed.size(0), packed.size(1), colsum8.data(), cp, N);
-    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-      std::vector<float> oacc(static_cast<size_t>(N));
-      epilogue_rows(e, begin, end, oacc.data());
-    });
+    epilogue_all(e, M);
   }
 #endif
   return c.view(torch::kFloat);
