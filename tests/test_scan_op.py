@@ -184,6 +184,45 @@ def test_float32_matches_reference(shape, opts, softplus, form):
         assert_close_rel(grads[k], ref_grads[k], 1e-4, atol=1e-5, what=f"d{k}")
 
 
+@pytest.mark.parametrize("case", ["positive_A", "negative_delta"])
+def test_float32_growing_states_match_reference(case):
+    # Decays above 1 (dt * A > 0): A > 0 in some channels, or negative steps without softplus. The
+    # CPU kernel leaves exp2's upper clamp out only in blocks of channels whose dt * A are all <= 0,
+    # so the blocks with these channels take the clamped path, next to blocks that do not.
+    args = make_inputs(2, 40, 24, 16, dtype=torch.float32, positive_delta=True)
+    if case == "positive_A":
+        args["A"][3] = args["A"][3].abs() * 0.5
+        args["A"][37, ::2] *= -0.5
+    else:
+        args["delta"][:, 5] *= -1
+        args["delta"][1, 33, 7] *= -1
+    (out, grads), (ref, ref_grads) = run_both(args, False)
+    assert ref.abs().max() > 50  # the states did grow
+    assert_close_rel(out, ref, 1e-5, what="out")
+    for k in ref_grads:
+        assert_close_rel(grads[k], ref_grads[k], 1e-4, what=f"d{k}")
+
+
+def test_float32_decay_past_float_range_saturates():
+    # One step with dt * A * log2(e) > 127 (A > 0 in channel 3): exp2 must take its clamped path
+    # there (2^127.5) and not wrap the exponent into a tiny or negative number.
+    args = make_inputs(2, 40, 4, 16, dtype=torch.float32, positive_delta=True, D=False, z=False)
+    args["A"][3] = 1.0
+    args["delta"][:, 3, 2] = 100.0
+    out = selective_scan(args["u"], args["delta"], args["A"], args["B"], args["C"], None, None,
+                         args["delta_bias"], delta_softplus=False)
+    ref = selective_scan_ref(args["u"], args["delta"], args["A"], args["B"], args["C"], None, None,
+                             args["delta_bias"], delta_softplus=False)
+    def blown_up(v):  # past float range (inf - inf in the sum over states gives NaN), or nearly
+        return bool((~torch.isfinite(v) | (v.abs() > 1e30)).all())
+
+    assert blown_up(ref[:, 3, 2])
+    assert blown_up(out[:, 3, 2]), out[:, 3, 2]
+    others = torch.ones(40, dtype=torch.bool)
+    others[3] = False
+    torch.testing.assert_close(out[:, others], ref[:, others], rtol=1e-4, atol=1e-5)
+
+
 def test_float32_many_threads_of_work():
     # Enough channels and batch for several blocks per task and several tasks per thread, and a
     # batch of one (channel blocks split across tasks).

@@ -242,6 +242,33 @@ struct VecF {
     const I e = ((I)t) << 23;
     return p * (V)e;
   }
+  // exp2 of K vectors, each step applied to all K before the next: the operations of exp2's
+  // generic path per lane, so its bits (not those of the AVX-512 path, which has scalef). One
+  // decay at a time, each is a chain of about 12 dependent operations that fills the out-of-order
+  // window before the next can start; K chains side by side keep the pipes busier.
+  // kNonPos: every x is known to be <= 0 or NaN (the scans' decays with dt >= 0 and A <= 0),
+  // where the upper clamp changes nothing and is left out.
+  template <int K, bool kNonPos>
+  static inline void exp2_k(const V* x, V* out) {
+    V t[K], r[K], p[K];
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) {
+      r[k] = vmax(splat(-127.0f), kNonPos ? x[k] : vmin(splat(127.0f), x[k]));
+      t[k] = r[k] + (kMagic + 127.0f);
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) r[k] = r[k] - (t[k] - (kMagic + 127.0f));
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) p[k] = splat(0.0013267117319628596f) * r[k] + 0.009671597741544247f;
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 0.05550726503133774f;
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 0.24022240936756134f;
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 0.6931470036506653f;
+#pragma GCC unroll 16
+    for (int k = 0; k < K; ++k) out[k] = (p[k] * r[k] + 1.0f) * (V)(((I)t[k]) << 23);
+  }
   static inline V abs(V x) { return (V)((I)x & 0x7fffffff); }  // clears the sign bit (NaN stays NaN)
   static inline V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }
   // F.softplus with threshold 20: x > 20 -> x, else max(x, 0) + log1p(exp(-|x|)), where
