@@ -117,8 +117,12 @@ inline float pick1(float a, float b, int32_t m) {  // a where m is -1, b where m
 // locals: written inside parallel_for's lambda, with the captures read through references, GCC
 // reloaded the bounds every vector and kept each vector's exp / divide chain from overlapping the
 // next one's (5.7 -> 3.0 ms on a Vim-small conv, 2 threads).
+// kK > 0: the kernel width as a constant (4 in every Mamba), so the taps' loop unrolls with its
+// pointers in registers; 0: K at run time.
+template <int kK>
 inline void conv_silu_row(float* __restrict__ dst, const V* const* taps, int64_t K, const float* __restrict__ w,
                           const float* __restrict__ bias, int64_t D) {
+  if constexpr (kK > 0) K = kK;
   const int64_t nb = (D + W - 1) / W, nv = D / W;
   for (int64_t j = 0; j < nb; ++j) {
     const int nl = j < nv ? W : static_cast<int>(D - j * W);
@@ -136,6 +140,29 @@ inline void conv_silu_row(float* __restrict__ dst, const V* const* taps, int64_t
     const int nl = static_cast<int>(D - nv * W);
     const V v = load(dst + nv * W, nl);
     store(dst + nv * W, v / (1.0f + VF::exp(-v)), nl);
+  }
+}
+
+// One input row of the conv into the ring, fake-quantized (round(clamp(x / s, lo, hi)) * s) when
+// fq. A plain function of locals for the same reason as conv_silu_row (as a lambda over the
+// captures it took about a third of the conv's time).
+inline void conv_input_row(V* __restrict__ row, const float* __restrict__ src, int64_t D, bool fq, float s, float lo,
+                           float hi) {
+  const int64_t nv = D / W;
+  if (fq) {
+    for (int64_t j = 0; j < nv; ++j) {
+      V v;
+      std::memcpy(&v, src + j * W, sizeof(V));
+      row[j] = round_even(clamp(v / s, lo, hi)) * s;
+    }
+  } else {
+    for (int64_t j = 0; j < nv; ++j) std::memcpy(&row[j], src + j * W, sizeof(V));
+  }
+  if (nv * W < D) {
+    const int nl = static_cast<int>(D - nv * W);
+    V v = load(src + nv * W, nl);
+    if (fq) v = round_even(clamp(v / s, lo, hi)) * s;
+    row[nv] = v;
   }
 }
 
@@ -181,12 +208,7 @@ torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, to
         lo = float(qmin) - z;
         hi = float(qmax) - z;
       }
-      for (int64_t j = 0; j < nb; ++j) {
-        const int nl = static_cast<int>(std::min<int64_t>(W, D - j * W));
-        V v = load(src + j * W, nl);
-        if (fq) v = round_even(clamp(v / s, lo, hi)) * s;
-        row[j] = v;
-      }
+      conv_input_row(row, src, D, fq, s, lo, hi);
     };
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
@@ -204,7 +226,10 @@ torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, to
         quantized_row(b, t, ring.data() + (t % K) * nb);
         const V* taps[16];  // taps[k]: the quantized row K - 1 - k steps back
         for (int64_t k = 0; k < K; ++k) taps[k] = ring.data() + ((t - (K - 1) + k + K) % K) * nb;
-        conv_silu_row(op + (b * L + t) * D, taps, K, wp, bp, D);
+        if (K == 4)
+          conv_silu_row<4>(op + (b * L + t) * D, taps, K, wp, bp, D);
+        else
+          conv_silu_row<0>(op + (b * L + t) * D, taps, K, wp, bp, D);
       }
     }
   });
