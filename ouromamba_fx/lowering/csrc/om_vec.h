@@ -216,13 +216,13 @@ struct VecF {
   // runs once per channel, state and time step. x below -127 gives 0 (NaN propagates); above 127
   // the generic path saturates at 2^127.5 (decays have x <= 0), the AVX-512 path gives +inf.
   static constexpr float kLog2e = 1.4426950408889634f;
+  static constexpr float kExp2Poly[6] = {0.0013267117319628596f, 0.009671597741544247f, 0.05550726503133774f,
+                                          0.24022240936756134f, 0.6931470036506653f, 1.0f};  // highest first
   static inline V exp2_poly(V r) {
-    V p = splat(0.0013267117319628596f);
-    p = p * r + 0.009671597741544247f;
-    p = p * r + 0.05550726503133774f;
-    p = p * r + 0.24022240936756134f;
-    p = p * r + 0.6931470036506653f;
-    return p * r + 1.0f;
+    V p = splat(kExp2Poly[0]);
+#pragma GCC unroll 8
+    for (int i = 1; i < 6; ++i) p = p * r + kExp2Poly[i];
+    return p;
   }
   static inline V exp2(V x) {
 #if defined(__AVX512F__)
@@ -233,41 +233,37 @@ struct VecF {
       return (V)_mm512_scalef_ps(p, kf);
     }
 #endif
-    const V xc = vmax(splat(-127.0f), vmin(splat(127.0f), x));  // NaN stays NaN
-    // t = 1.5 * 2^23 + 127 + k: its low mantissa bits hold k + 127, which shifted into the
-    // exponent field is 2^k (and +0 for k = -127)
-    const V t = xc + (kMagic + 127.0f);
-    const V kf = t - (kMagic + 127.0f);
-    const V p = exp2_poly(xc - kf);
-    const I e = ((I)t) << 23;
-    return p * (V)e;
+    V out;
+    exp2_k<1, false>(&x, &out);
+    return out;
   }
-  // exp2 of K vectors, each step applied to all K before the next: the operations of exp2's
-  // generic path per lane, so its bits (not those of the AVX-512 path, which has scalef). One
-  // decay at a time, each is a chain of about 12 dependent operations that fills the out-of-order
-  // window before the next can start; K chains side by side keep the pipes busier.
+  // The generic path of exp2 for K vectors, each step applied to all K before the next (exp2 is
+  // K = 1). One decay at a time, each is a chain of about 12 dependent operations that fills the
+  // out-of-order window before the next can start; K chains side by side keep the pipes busier.
   // kNonPos: every x is known to be <= 0 or NaN (the scans' decays with dt >= 0 and A <= 0),
-  // where the upper clamp changes nothing and is left out.
+  // where the upper clamp changes nothing and is left out. NaN stays NaN.
   template <int K, bool kNonPos>
   static inline void exp2_k(const V* x, V* out) {
     V t[K], r[K], p[K];
 #pragma GCC unroll 16
     for (int k = 0; k < K; ++k) {
       r[k] = vmax(splat(-127.0f), kNonPos ? x[k] : vmin(splat(127.0f), x[k]));
+      // t = 1.5 * 2^23 + 127 + k: its low mantissa bits hold k + 127, which shifted into the
+      // exponent field is 2^k (and +0 for k = -127)
       t[k] = r[k] + (kMagic + 127.0f);
     }
 #pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) r[k] = r[k] - (t[k] - (kMagic + 127.0f));
+    for (int k = 0; k < K; ++k) {
+      r[k] = r[k] - (t[k] - (kMagic + 127.0f));
+      p[k] = splat(kExp2Poly[0]);
+    }
+#pragma GCC unroll 8
+    for (int i = 1; i < 6; ++i) {
 #pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) p[k] = splat(0.0013267117319628596f) * r[k] + 0.009671597741544247f;
+      for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + kExp2Poly[i];
+    }
 #pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 0.05550726503133774f;
-#pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 0.24022240936756134f;
-#pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + 0.6931470036506653f;
-#pragma GCC unroll 16
-    for (int k = 0; k < K; ++k) out[k] = (p[k] * r[k] + 1.0f) * (V)(((I)t[k]) << 23);
+    for (int k = 0; k < K; ++k) out[k] = p[k] * (V)(((I)t[k]) << 23);
   }
   static inline V abs(V x) { return (V)((I)x & 0x7fffffff); }  // clears the sign bit (NaN stays NaN)
   static inline V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }

@@ -404,13 +404,6 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
 #if defined(__AVX__) && !defined(__AVX512F__)
 typedef float V8f __attribute__((vector_size(32), may_alias));
 
-// The forward recurrence of one block at the CPU's own width (AVX2: 8 lanes), each 8-lane half of
-// the tiles in turn (see forward_block). The states are updated two at a time, each step of the
-// two decays side by side (exp2_k), and without the decays' upper clamp when kNonPos (every
-// dt * A <= 0, checked per block by decays_nonpos). Same operations per lane as one state at a
-// time with exp2, and the same order of y's sum: the same bits. A plain function of its
-// arguments: as a lambda capturing them by reference, GCC reloaded the bounds and pointers
-// through the captures inside the loop (36% slower).
 // Whether every decay exponent dt * A of a block is <= 0 or NaN, where exp2's upper clamp changes
 // nothing: no A > 0 and no dt < 0 (NaN compares false; padding lanes hold 0). A (N, 16) and dt
 // (L, 16) tiles as 8-lane halves. (Written with GCC's 64-byte vector compares instead, this
@@ -423,6 +416,14 @@ inline bool decays_nonpos(const V8f* A8, int64_t N, const V8f* DT8, int64_t L) {
   return _mm256_movemask_ps(bad) == 0;
 }
 
+// The forward recurrence of one block at the CPU's own width (AVX2: 8 lanes), each 8-lane half of
+// the tiles in turn (see forward_block). The states are updated two at a time, each step of the
+// two decays side by side (exp2_k), and without the decays' upper clamp when kNonPos (every
+// dt * A <= 0, checked per block by decays_nonpos). Same operations per lane as one state at a
+// time with exp2, and the same order of y's sum: the same bits. A plain function of its
+// arguments: as a lambda capturing them by reference, GCC reloaded the bounds and pointers
+// through the captures inside the loop (36% slower); inlined into forward_block twice (with and
+// without the clamp) it cost 15%.
 template <bool VB, bool VC, bool kNonPos>
 __attribute__((noinline)) void forward_avx2(V8f* __restrict__ H8, const V8f* __restrict__ A8, const V8f* __restrict__ B8,
                   const V8f* __restrict__ C8, const V8f* __restrict__ U8, V8f* __restrict__ DT8, const float* Bp,
