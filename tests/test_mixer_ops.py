@@ -263,9 +263,9 @@ def test_u4_linear_is_u4_mm_then_the_epilogue_bit_for_bit(m, k, n, with_bias):
     bias = torch.randn(n, generator=g) if with_bias else torch.empty(0)
     panels, colsum = ext.u4_pack(w)
     a = (q + 8).view(torch.uint8)
-    w_t = w.t().contiguous()
-    expect = ext.w4a4o8_epilogue(ext.u4_mm(a, panels, colsum), s_in, q_out, s_out, w_t, w_scale, bias)
-    got = ext.u4_linear(a, panels, colsum, s_in, q_out, s_out, w_t, w_scale, bias)
+    w_o = ext.outlier_weights(w)
+    expect = ext.w4a4o8_epilogue(ext.u4_mm(a, panels, colsum), s_in, q_out, s_out, w_o, w_scale, bias)
+    got = ext.u4_linear(a, panels, colsum, s_in, q_out, s_out, w_o, w_scale, bias)
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert torch.equal(got, expect)
     # and the formula itself, in float64 (the products are exact integers)
@@ -276,15 +276,43 @@ def test_u4_linear_is_u4_mm_then_the_epilogue_bit_for_bit(m, k, n, with_bias):
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+# K up to Vim-small's 1536 (the largest exact sum: K * 128 * 8 < 2^24); N at, below and past the
+# 64-column tiles; densities from one outlier per row (odd counts: a padded pair) to every channel
+@pytest.mark.parametrize("k,n", [(1, 1), (2, 31), (3, 33), (40, 56), (768, 384), (1536, 100), (97, 64), (5, 65), (64, 130)])
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.3, 1.0])
+def test_epilogue_outlier_term_is_exact(k, n, density):
+    from ouromamba_fx.lowering.mixer import _extension
+
+    ext = _extension()
+    m = 9
+    g = torch.Generator().manual_seed(k * 13 + n + int(density * 100))
+    q_out = torch.randint(-128, 128, (m, k), generator=g)
+    q_out = torch.where(torch.rand(m, k, generator=g) < density, q_out, 0).to(torch.int8)
+    q_out[1] = 0
+    q_out[2, : min(k, 3)] = torch.tensor([-128, 127, -128][: min(k, 3)], dtype=torch.int8)  # odd counts, extremes
+    w = torch.randint(-8, 9, (n, k), dtype=torch.int8, generator=g)
+    w[:, 0] = -8
+    w[:, -1] = 8
+    w_o = ext.outlier_weights(w)
+    assert w_o.dtype == torch.uint8 and w_o.shape == (k, (n + 63) // 64 * 64)
+    assert torch.equal(w_o[:, :n].int() - 8, w.t().int()) and bool((w_o[:, n:] == 8).all())
+    # acc 0, s_in 0, s_out 1, w_scale 1, no bias: y = fma(0, 0, o * 1) * 1 is the outlier term o
+    y = ext.w4a4o8_epilogue(torch.zeros(m, n, dtype=torch.int32), torch.zeros(1), q_out, torch.ones(m), w_o,
+                            torch.ones(n), torch.empty(0))
+    assert torch.equal(y.double(), q_out.double() @ w.double().t())
+
+
 def test_u4_linear_rejects_mismatched_epilogue_operands():
     ext = _u4_ext()
     panels, colsum = ext.u4_pack(torch.ones(3, 10, dtype=torch.int8))
     a = torch.full((4, 10), 8, dtype=torch.uint8)
     ok = dict(s_in=torch.ones(2), q_out=torch.zeros(4, 10, dtype=torch.int8), s_out=torch.ones(4),
-              w_t=torch.ones(10, 3, dtype=torch.int8), w_scale=torch.ones(3), bias=torch.empty(0))
+              w_o=ext.outlier_weights(torch.ones(3, 10, dtype=torch.int8)), w_scale=torch.ones(3),
+              bias=torch.empty(0))
     assert ext.u4_linear(a, panels, colsum, *ok.values()).shape == (4, 3)
     for name, bad, msg in [("s_in", torch.ones(3), "one value per time step"),
-                           ("q_out", torch.zeros(4, 9, dtype=torch.int8), "w_t must be"),
+                           ("q_out", torch.zeros(4, 9, dtype=torch.int8), "w_o must be"),
+                           ("w_o", torch.ones(10, 3, dtype=torch.int8), "w_o must be outlier_weights"),
                            ("s_out", torch.ones(3), "one value per row"),
                            ("w_scale", torch.ones(2), "w_scale"),
                            ("bias", torch.ones(2), "bias")]:
@@ -296,6 +324,8 @@ def test_u4_pack_and_mm_reject_what_they_cannot_compute():
     ext = _u4_ext()
     with pytest.raises(RuntimeError, match=r"\[-8, 8\]"):
         ext.u4_pack(torch.tensor([[9, 0]], dtype=torch.int8))
+    with pytest.raises(RuntimeError, match=r"\[-8, 8\]"):
+        ext.outlier_weights(torch.tensor([[-9, 0]], dtype=torch.int8))
     panels, colsum = ext.u4_pack(torch.ones(3, 10, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="made for 9 or 10"):
         ext.u4_mm(torch.zeros(2, 12, dtype=torch.uint8), panels, colsum)

@@ -17,10 +17,10 @@
 * ``ouromamba::w4a4o8_linear_rt`` -- a whole W4A4O8 linear: the same split into int8 codes, the
   inlier GEMM on the int4 weights unpacked to int8 once and cached beside them (``torch._int_mm``
   where the CPU has VNNI/AMX; without them, :mod:`~ouromamba_fx.lowering.cpu_gemm`, this module's
-  ``u4_mm`` kernel on AVX2 -- 4-bit codes x int4 weights summed in int16, exact, about 3x an
+  ``u4_mm`` kernel on AVX2 -- 4-bit codes x int4 weights summed in int16, exact, about 2.3x an
   fp32 GEMM on a Zen 3 -- else oneDNN u8 x s8 on a weight prepacked once), and an epilogue that adds
-  each token's few outlier channels as vector axpys (exact integer sums) before the scales and
-  the bias, in one pass over the output. (Below ``SMALL_K`` input channels: the fake-quantized
+  each token's few outlier channels (their rows of the weights, two channels per ``vpmaddubsw``
+  on AVX2; exact integer sums) before the scales and the bias, in one pass over the output. (Below ``SMALL_K`` input channels: the fake-quantized
   activations times the dequantized weights, a float GEMM.)
 * ``ouromamba::w4a4o8_linear_mixed`` -- such a short-reduction W4A4O8 linear followed by the
   mixed fake quantization of its output (Vim's dt_proj and the scan's delta) in one pass per row,
@@ -224,28 +224,30 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     offset = 8 if u4 else 128 if u8 else 0
     q_in, q_out, s_out = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), False, offset)
     m = q_in.shape[0] * q_in.shape[1]
-    # int4 -> int8 once per weight (kept beside the model's packed weight while it lives: this CPU
-    # has no int4 GEMM), laid out (K, N): the rows the outlier pass reads, one per outlier channel
-    w_t = cpu_gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
-    # outliers: a few channels per token, each an axpy over N inside the epilogue (the reference's
-    # dense or column-gathered GEMM spends its work on zeros: the union of a batch's outlier
-    # channels is most channels, while each token has only a few)
+    # outliers: a few channels per token, each adding a row of the weights to the output inside
+    # the epilogue (the reference's dense or column-gathered GEMM spends its work on zeros: the
+    # union of a batch's outlier channels is most channels, while each token has only a few);
+    # those rows laid out once per weight, (K, N) as w + 8 (kept beside the model's packed weight
+    # while it lives)
+    w_o = cpu_gemm.cached(w_packed, "int4:outlier", lambda: ext.outlier_weights(unpack_int4(w_packed, k)))
     w_s = cpu_gemm.cached(w_scale, "float", lambda: w_scale.detach().float().reshape(-1).contiguous())
     b = torch.empty(0) if bias is None else bias.detach().float().contiguous()
     if u4:
         # no VNNI/AMX, AVX2: the kernel of 4-bit codes (written as q + 8) x int4 weights with int16
         # accumulation, on the weight laid out in column panels once; each block of rows gets its
         # epilogue while its products are in cache
-        panels, colsum = cpu_gemm.cached(w_packed, "u4", lambda: ext.u4_pack(w_t.t()))
-        y = ext.u4_linear(q_in.view(m, k), panels, colsum, s_in, q_out.view(m, k), s_out.view(m), w_t, w_s, b)
+        panels, colsum = cpu_gemm.cached(w_packed, "u4", lambda: ext.u4_pack(unpack_int4(w_packed, k)))
+        y = ext.u4_linear(q_in.view(m, k), panels, colsum, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
     else:
+        # int4 -> int8 once per weight (this CPU has no int4 GEMM), laid out (K, N)
+        w_t = cpu_gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
         if u8:
             # no VNNI/AMX nor AVX2: oneDNN u8 x s8 on the inliers' u8 codes (q + 128), exact for
             # 4-bit codes x int4 weights (float accumulator)
             acc = cpu_gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
         else:
             acc = _int_mm(q_in.view(m, k), w_t.t()).contiguous()
-        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_t, w_s, b)
+        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
     return y.reshape(*x.shape[:-1], n)
 
 
