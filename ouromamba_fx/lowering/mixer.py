@@ -20,8 +20,9 @@
   ``u4_mm`` kernel on AVX2 -- 4-bit codes x int4 weights summed in int16, exact, about 2.3x an
   fp32 GEMM on a Zen 3 -- else oneDNN u8 x s8 on a weight prepacked once), and an epilogue that adds
   each token's few outlier channels (their rows of the weights, two channels per ``vpmaddubsw``
-  on AVX2; exact integer sums) before the scales and the bias, in one pass over the output. (Below ``SMALL_K`` input channels: the fake-quantized
-  activations times the dequantized weights, a float GEMM.)
+  on AVX2; exact integer sums) before the scales and the bias, in one pass over the output.
+  (Below ``SMALL_K`` input channels: the fake-quantized activations times the dequantized
+  weights, a float GEMM.)
 * ``ouromamba::w4a4o8_linear_mixed`` -- such a short-reduction W4A4O8 linear followed by the
   mixed fake quantization of its output (Vim's dt_proj and the scan's delta) in one pass per row,
   the product kept in the cache between the two.
@@ -227,8 +228,8 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     # outliers: a few channels per token, each adding a row of the weights to the output inside
     # the epilogue (the reference's dense or column-gathered GEMM spends its work on zeros: the
     # union of a batch's outlier channels is most channels, while each token has only a few);
-    # those rows laid out once per weight, (K, N) as w + 8 (kept beside the model's packed weight
-    # while it lives)
+    # those rows laid out once per weight, (K, N rounded up to 64) as w + 8 (kept beside the
+    # model's packed weight while it lives)
     w_o = cpu_gemm.cached(w_packed, "int4:outlier", lambda: ext.outlier_weights(unpack_int4(w_packed, k)))
     w_s = cpu_gemm.cached(w_scale, "float", lambda: w_scale.detach().float().reshape(-1).contiguous())
     b = torch.empty(0) if bias is None else bias.detach().float().contiguous()

@@ -648,26 +648,48 @@ constexpr int64_t kOutCols = 64;  // columns of a tile of the outlier term; w_o'
 
 // Rows of the epilogue's outlier terms computed together (their terms in about 128 KB, 4 to 64
 // rows): the columns of the weights that a tile of the term reads stay in cache over them.
+constexpr int64_t kOutBlockRows = 64;
 inline int64_t outlier_block_rows(int64_t N) {
-  return std::max<int64_t>(4, std::min<int64_t>(64, 128 * 1024 / (4 * std::max<int64_t>(N, 1))));
+  return std::max<int64_t>(4, std::min<int64_t>(kOutBlockRows, 128 * 1024 / (4 * std::max<int64_t>(N, 1))));
 }
 
 // Per-thread scratch of the epilogue, for blocks of up to `rows` rows: their outlier terms
-// (rows x N floats) and, on AVX2, each row's outlier channels (as offsets c * ldw into w_o)
-// and their codes in pairs.
+// (rows x N floats), each row's outlier channels (as offsets c * ldw into w_o) and their codes
+// (on AVX2 in pairs).
 struct EpilogueScratch {
-  int64_t rows, K, N;
+  int64_t rows;
   std::vector<float> o;
   std::unique_ptr<int64_t[]> off;    // rows x (K + 1)
   std::unique_ptr<int16_t[]> codes;  // rows x (K / 2 + 1): two int8 codes each
   std::vector<int64_t> pairs;
   std::vector<int32_t> shift;
   EpilogueScratch(int64_t K_, int64_t N_)
-      : rows(outlier_block_rows(N_)), K(K_), N(N_), o(static_cast<size_t>(rows * N_)),
+      : rows(outlier_block_rows(N_)), o(static_cast<size_t>(rows * N_)),
         off(new int64_t[static_cast<size_t>(rows * (K_ + 1))]),
         codes(new int16_t[static_cast<size_t>(rows * (K_ / 2 + 1))]),
         pairs(static_cast<size_t>(rows)), shift(static_cast<size_t>(rows)) {}
 };
+
+// A row's outlier channels (non-zero codes of q) in channel order: their offsets c * ldw into w_o
+// and their codes; returns their count, *sum the sum of their codes.
+inline int64_t gather_outliers(const int8_t* __restrict__ q, int64_t K, int64_t ldw, int64_t* __restrict__ off,
+                               int8_t* __restrict__ codes, int32_t* sum) {
+  int64_t n = 0;
+  int32_t total = 0;
+  // found 32 bytes at a time (a row holds a few per cent of K)
+  for (int64_t c0 = 0; c0 < K; c0 += 32) {
+    uint32_t bits = nonzero_bits(q + c0, static_cast<int>(std::min<int64_t>(32, K - c0)));
+    while (bits) {
+      const int64_t c = c0 + __builtin_ctz(bits);
+      bits &= bits - 1;
+      off[n] = c * ldw;
+      codes[n++] = q[c];
+      total += q[c];
+    }
+  }
+  *sum = total;
+  return n;
+}
 
 #if OM_U4
 // The outlier term with vpmaddubsw, two outlier channels per instruction:
@@ -729,41 +751,35 @@ void outlier_tile_u4(const uint8_t* __restrict__ w, const int64_t* __restrict__ 
   }
 }
 
-// Row r of the block: its outlier channels and code pairs into the scratch; false when none.
-inline bool gather_outliers(const int8_t* __restrict__ q, int64_t K, int64_t ldw, EpilogueScratch& s, int64_t r) {
-  int64_t* off = s.off.get() + r * (K + 1);
-  int8_t* pc = reinterpret_cast<int8_t*>(s.codes.get() + r * (K / 2 + 1));
-  int64_t n_out = 0;
-  int32_t sum = 0;
-  // found 32 bytes at a time (a row holds a few per cent of K)
-  for (int64_t c0 = 0; c0 < K; c0 += 32) {
-    uint32_t bits = nonzero_bits(q + c0, static_cast<int>(std::min<int64_t>(32, K - c0)));
-    while (bits) {
-      const int64_t c = c0 + __builtin_ctz(bits);
-      bits &= bits - 1;
-      off[n_out] = c * ldw;
-      pc[n_out++] = q[c];
-      sum += q[c];
-    }
-  }
-  if (n_out == 0) return false;
-  if (n_out % 2 == 1) {  // a partner with code 0 (its weights count for nothing)
-    off[n_out] = off[0];
-    pc[n_out++] = 0;
-  }
-  s.pairs[r] = n_out / 2;
-  s.shift[r] = -8 * sum;
-  return true;
-}
 #endif  // OM_U4
 
 // The outlier terms of rows [m0, m1) (at most s.rows) into s.o (row r at r * N); any[r]: row r
 // has outliers (else its term is 0 and not written).
 void outlier_block(const Epilogue& e, int64_t m0, int64_t m1, EpilogueScratch& s, bool* any) {
   const int64_t K = e.K, N = e.N;
+  [[maybe_unused]] bool some = false;  // (read by the AVX2 path)
+  for (int64_t r = 0; r < m1 - m0; ++r) {
+    int64_t* off = s.off.get() + r * (K + 1);
+    int8_t* codes = reinterpret_cast<int8_t*>(s.codes.get() + r * (K / 2 + 1));
+    int32_t sum = 0;
+    int64_t n = gather_outliers(e.q_out + (m0 + r) * K, K, e.ldw, off, codes, &sum);
+    any[r] = n > 0;
+    some |= any[r];
 #if OM_U4
-  bool some = false;
-  for (int64_t m = m0; m < m1; ++m) some |= (any[m - m0] = gather_outliers(e.q_out + m * K, K, e.ldw, s, m - m0));
+    if (n % 2 == 1) {  // a partner with code 0 (its weights count for nothing)
+      off[n] = off[0];
+      codes[n++] = 0;
+    }
+    s.pairs[r] = n / 2;
+    s.shift[r] = -8 * sum;
+#else
+    // the scalar form: an axpy over N per outlier channel, in channel order
+    float* __restrict__ o = s.o.data() + r * N;
+    if (n > 0) std::fill(o, o + N, 0.0f);
+    for (int64_t i = 0; i < n; ++i) axpy_w8(o, static_cast<float>(codes[i]), e.w_o + off[i], N);
+#endif
+  }
+#if OM_U4
   if (!some) return;
   // tile by tile of 64 columns over all rows: the tile's weights stay in cache
   for (int64_t n0 = 0; n0 < N; n0 += kOutCols) {
@@ -772,26 +788,6 @@ void outlier_block(const Epilogue& e, int64_t m0, int64_t m1, EpilogueScratch& s
       if (!any[r]) continue;
       outlier_tile_u4(e.w_o + n0, s.off.get() + r * (K + 1), s.codes.get() + r * (K / 2 + 1), s.pairs[r],
                       s.shift[r], s.o.data() + r * N + n0, cols);
-    }
-  }
-#else
-  // the scalar form: an axpy over N per outlier channel, in channel order
-  for (int64_t m = m0; m < m1; ++m) {
-    const int8_t* q = e.q_out + m * K;
-    float* __restrict__ o = s.o.data() + (m - m0) * N;
-    bool& a = any[m - m0];
-    a = false;
-    for (int64_t c0 = 0; c0 < K; c0 += 32) {
-      uint32_t bits = nonzero_bits(q + c0, static_cast<int>(std::min<int64_t>(32, K - c0)));
-      while (bits) {
-        const int64_t c = c0 + __builtin_ctz(bits);
-        bits &= bits - 1;
-        if (!a) {
-          std::fill(o, o + N, 0.0f);
-          a = true;
-        }
-        axpy_w8(o, static_cast<float>(q[c]), e.w_o + c * e.ldw, N);
-      }
     }
   }
 #endif
@@ -803,7 +799,7 @@ void outlier_block(const Epilogue& e, int64_t m0, int64_t m1, EpilogueScratch& s
 // through the stack).
 void epilogue_rows(const Epilogue& e, int64_t m0, int64_t m1, EpilogueScratch& s) {
   const int64_t N = e.N;
-  bool any[64];
+  bool any[kOutBlockRows];
   for (int64_t b0 = m0; b0 < m1; b0 += s.rows) {
     const int64_t b1 = std::min(m1, b0 + s.rows);
     outlier_block(e, b0, b1, s, any);
