@@ -71,16 +71,20 @@ inline void prefetch_row(const float* x, int64_t C) {
 }
 
 // a * b + c rounded once, lane by lane.
+// (One branch per vector width, chosen by the preprocessor: V is not a template parameter here, so
+// a discarded `if constexpr` branch is still compiled, and a 256-bit cast of a 512-bit V does not.)
 inline V vfma(V a, V b, V c) {
 #if defined(__AVX512F__)
-  if constexpr (W == 16) return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#endif
-#if defined(__FMA__)
-  if constexpr (W == 8) return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#endif
+  static_assert(W == 16, "AVX-512 builds use 64-byte vectors");
+  return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__) && defined(__AVX__)
+  static_assert(W == 8, "AVX2 builds use 32-byte vectors");
+  return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
   V r;
   for (int l = 0; l < W; ++l) r[l] = std::fma(a[l], b[l], c[l]);
   return r;
+#endif
 }
 
 // Round half to even, exact for |x| < 2^22 (callers clamp to the integer range first).
