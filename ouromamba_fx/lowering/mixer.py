@@ -19,8 +19,10 @@
   where the CPU has VNNI/AMX; without them, :mod:`~ouromamba_fx.lowering.cpu_gemm`, this module's
   ``u4_mm`` kernel on AVX2 -- 4-bit codes x int4 weights summed in int16, exact, about 2.3x an
   fp32 GEMM on a Zen 3 -- else oneDNN u8 x s8 on a weight prepacked once), and an epilogue that adds
-  each token's few outlier channels (their rows of the weights, two channels per ``vpmaddubsw``
-  on AVX2; exact integer sums) before the scales and the bias, in one pass over the output.
+  each token's few outlier channels (their rows of the weights, two channels per ``vpmaddubsw``,
+  32 columns at a time on AVX2 and 64 on AVX-512, where the channels are also found 64 at a time
+  with ``vpcompressb``; exact integer sums) before the scales and the bias, in one pass over the
+  output.
   (Below ``SMALL_K`` input channels: the fake-quantized activations times the dequantized
   weights, a float GEMM.)
 * ``ouromamba::w4a4o8_linear_mixed`` -- such a short-reduction W4A4O8 linear followed by the
