@@ -39,8 +39,9 @@ def _native_level() -> str:
     except OSError:
         pass
     words = set(flags.split())
-    if {"avx512f", "avx512bw", "avx512_vbmi2"} <= words:
-        return "icelake-server"
+    if "avx512f" in words:
+        # without BW or VBMI2 the native build is none of LEVELS: all of them are checked
+        return "icelake-server" if {"avx512bw", "avx512_vbmi2"} <= words else "avx512 without vbmi2"
     if "avx2" in words:
         return "x86-64-v3"
     return "x86-64"
