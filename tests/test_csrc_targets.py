@@ -50,8 +50,12 @@ def _native_level() -> str:
 def _check(source: str, level: str) -> tuple[str, str, int, str]:
     from torch.utils.cpp_extension import include_paths
 
-    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-O3", f"-march={level}", "-mprefer-vector-width=512",
-           "-fopenmp", "-Wno-psabi", f"-I{CSRC}", "-isystem", sysconfig.get_paths()["include"]]
+    from ouromamba_fx.lowering.scan import _compile_flags
+
+    # the flags of the real build (load_cpu_extension), with the level in place of -march=native
+    cflags = [f"-march={level}" if f == "-march=native" else f for f in _compile_flags()[0]]
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", *cflags, "-Wno-psabi", f"-I{CSRC}",
+           "-isystem", sysconfig.get_paths()["include"]]
     for p in include_paths():
         cmd += ["-isystem", p]
     proc = subprocess.run(cmd + [str(CSRC / source)], capture_output=True, text=True)

@@ -835,6 +835,15 @@ void outlier_tile_512(const uint8_t* __restrict__ w, const int64_t* __restrict__
 }
 #endif  // __AVX512BW__
 
+#if OM_U4
+// The widest tile this build has.
+#if defined(__AVX512BW__)
+constexpr auto outlier_tile = outlier_tile_512;
+#else
+constexpr auto outlier_tile = outlier_tile_u4;
+#endif
+#endif
+
 // The outlier terms of rows [m0, m1) (at most s.rows) into s.o (row r at r * N); any[r]: row r
 // has outliers (else its term is 0 and not written).
 void outlier_block(const Epilogue& e, int64_t m0, int64_t m1, EpilogueScratch& s, bool* any) {
@@ -868,13 +877,7 @@ void outlier_block(const Epilogue& e, int64_t m0, int64_t m1, EpilogueScratch& s
     const int64_t cols = std::min<int64_t>(kOutCols, N - n0);
     for (int64_t r = 0; r < m1 - m0; ++r) {
       if (!any[r]) continue;
-#if defined(__AVX512BW__)
-      outlier_tile_512(e.w_o + n0, s.off_of(r), s.codes_of(r), s.pairs[r],
-                       s.shift[r], s.o.data() + r * N + n0, cols);
-#else
-      outlier_tile_u4(e.w_o + n0, s.off_of(r), s.codes_of(r), s.pairs[r],
-                      s.shift[r], s.o.data() + r * N + n0, cols);
-#endif
+      outlier_tile(e.w_o + n0, s.off_of(r), s.codes_of(r), s.pairs[r], s.shift[r], s.o.data() + r * N + n0, cols);
     }
   }
 #endif
