@@ -162,24 +162,24 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ouromamba_fx.serialize import read_header
 
-    doc = read_header(args.file)
+    h = read_header(args.file)
     q = _load_quantized(args.file)
     ident = q.model_identity or {}
-    t = Table(title=f"{args.file}", title_justify="left", show_header=False)
+    t = Table(title=escape(str(args.file)), title_justify="left", show_header=False)
     t.add_column("key", style="bold")
     t.add_column("value")
     cfg = ident.get("config") or {}
     arch = ", ".join(f"{k}={cfg[k]}" for k in ("img_size", "patch_size", "embed_dim", "depth", "d_state",
                                                "num_classes", "bimamba") if k in cfg)
-    for k, v in [("format", f"{doc['format']} v{doc['format_version']} (ouromamba-fx {doc['library_version']}, "
-                            f"torch {doc.get('torch_version', '?')})"),
+    for k, v in [("format", f"{h.format} v{h.format_version} (ouromamba-fx {h.library_version}, "
+                            f"torch {h.torch_version})"),
                  ("model", f"{q.model_name} ({ident.get('class', '?')})"),
                  ("architecture", arch or "?"),
                  ("weights fingerprint", (ident.get("fingerprint") or "?")[:16]),
                  ("input", f"(batch, {', '.join(map(str, q.input_shape))})" if q.input_shape else "any"),
                  ("config", _config_line(q.config)),
                  ("passes", " -> ".join(q.passes))]:
-        t.add_row(k, v)
+        t.add_row(k, escape(v))  # values from the file are shown as text, never as markup
     out.print(t)
     out.print(q.report())
     if args.outliers is not None or args.png:

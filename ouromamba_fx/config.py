@@ -216,21 +216,11 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
-        """Inverse of :meth:`to_dict` (validated like any config); unknown keys are an error."""
-        nested = {"weight": WeightQuant, "act": ActQuant, "outliers": OutlierQuant, "kscale": KScale,
-                  "reparam": Reparam}
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ValueError(f"QuantConfig.from_dict: unknown fields {bad} (written by a newer version?)")
-        kw = dict(d)
-        for key, sub in nested.items():
-            if isinstance(kw.get(key), dict):
-                kw[key] = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in kw[key].items()})
-        for key in ("roles", "scan_inputs"):
-            if key in kw:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
+        """Inverse of :meth:`to_dict`: every field type-checked, then validated like any config;
+        unknown keys are an error (``ValueError``)."""
+        from ouromamba_fx.plaindata import from_plain
+
+        return from_plain(cls, d, "QuantConfig")
 
 
 # Presets. The baselines reproduce what the literature compares against.

@@ -25,7 +25,7 @@ from ouromamba_fx.passes.reparam import ObserveScanStates, ReparameterizeScan
 from ouromamba_fx.passes.weights import QuantizeWeights
 from ouromamba_fx.progress import console
 from ouromamba_fx.qparams import sqnr
-from ouromamba_fx.serialize import model_identity
+from ouromamba_fx.models.identity import model_identity
 
 
 def default_passes(config: QuantConfig, input_shape: tuple[int, ...] | None = None) -> list[Pass]:
@@ -129,6 +129,11 @@ class QuantizedModel(nn.Module):
         self.outlier_fraction: dict[str, torch.Tensor] = {}  # site -> fraction flagged per step
         self.outlier_maps: dict[str, torch.Tensor] = {}  # site -> (steps, channels) fraction of samples flagged
         self.model_identity: dict | None = None  # the float model: class, config, weights fingerprint
+        self.example_shape: tuple[int, ...] | None = None  # (C, H, W) of the calibration images
+        self.leaf_modules: list[str] = []  # sub-modules traced as float leaves (a saved file keeps them)
+        self.custom_passes = False  # converted with passes=...: the file format cannot rebuild it
+        self.lower_options: dict[str, bool] | None = None  # set on lowered models: how they were lowered
+        self.reference: "QuantizedModel | None" = None  # a lowered model's reference graph (for save)
 
     @property
     def passes(self) -> list[str]:
@@ -199,6 +204,54 @@ def _capture(model: nn.Module, leaves: tuple) -> fx.GraphModule:
                            f"in float.") from e
 
 
+def leaf_names(model: nn.Module, leaf_modules) -> list[str]:
+    """The qualified names of the sub-modules ``leaf_modules`` (names or types) selects, outermost
+    only: what a saved file records so that loading traces the same leaves."""
+    names = {x for x in leaf_modules if isinstance(x, str)}
+    types_ = tuple(x for x in leaf_modules if isinstance(x, type))
+    found: list[str] = []
+    for name, m in model.named_modules():
+        if name and (name in names or (types_ and isinstance(m, types_))) and \
+                not any(name.startswith(p + ".") for p in found):
+            found.append(name)
+    missing = sorted(names - {n for n, _ in model.named_modules()})
+    if missing:
+        raise CaptureError(f"convert: leaf_modules names not found in the model: {missing}")
+    return found
+
+
+def model_name(model: nn.Module) -> str:
+    name = type(model).__name__
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "embed_dim") and hasattr(cfg, "depth"):
+        name = f"{name}(d={cfg.embed_dim}, depth={cfg.depth})"
+    return name
+
+
+def build(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor], leaves: list[str],
+          *, passes: list[Pass] | None = None, show_progress: bool = False, replay: bool = False,
+          unknown: dict[str, str] | None = None):
+    """Capture a copy of ``model`` and run the pass pipeline on it: the one path both
+    :func:`convert` and :func:`ouromamba_fx.load` (``replay=True``: same graph, tensors to be
+    replaced by a file's) take. Returns (float copy, quantized graph, context, pass manager)."""
+    unknown = unknown if unknown is not None else unknown_mixers(model, leaves)
+    all_leaves = tuple(leaves) + tuple(n for n in unknown if n not in leaves)
+    input_shape = _input_shape(model)
+    work = copy.deepcopy(model).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        gm = _capture(work, all_leaves)
+        ctx = Context(config, calib=batches, example=batches[0][:32], show_progress=show_progress,
+                      replay=replay)
+        ctx.float_reasons.update({m: f"unknown mixer type {t}: kept in float" for m, t in unknown.items()})
+        ctx.float_reasons.update({m: "leaf_modules: kept in float" for m in leaves if m not in unknown})
+        pm = PassManager(passes if passes is not None else default_passes(config, input_shape))
+        gm = pm.run(gm, ctx)
+    for p in gm.parameters():  # a quantized model is for inference: nothing of it is trained
+        p.requires_grad_(False)
+    return work, gm, ctx, pm
+
+
 def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             passes: list[Pass] | None = None, show_progress: bool = True,
             gen_options: dict | None = None, lower: bool = False, strict: bool = False,
@@ -213,7 +266,8 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             (OuroMamba-Gen; about 7 minutes for 128 images of the reference model on 2 CPU cores),
             and the log and report say so.
         config: a :class:`QuantConfig` or preset (``W8A8``, ``W6A6``, ``W4A8``, ``W4A4O8``).
-        passes: replace the default pipeline (see :func:`default_passes`).
+        passes: replace the default pipeline (see :func:`default_passes`). Such a model cannot be
+            saved: loading rebuilds the graph with the default pipeline.
         gen_options: keyword arguments for :func:`ouromamba_fx.gen` when ``calib`` is None
             (e.g. ``{"n": 64, "seed": 1}``); an error if ``calib`` is given.
         lower: return the lowered model (fused integer ops, :meth:`QuantizedModel.lower`) instead
@@ -233,13 +287,13 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     if any(isinstance(m, QuantizedModel) for m in model.modules()):
         raise OuroMambaError("convert: the model contains an already-quantized sub-model")
     check_not_quantized(model)
-    unknown = unknown_mixers(model, leaf_modules)
+    leaves = leaf_names(model, leaf_modules)
+    unknown = unknown_mixers(model, leaves)
     if unknown and strict:
         raise strict_error(unknown)
     for mod, typ in unknown.items():
         warnings.warn(f"convert: '{mod}' ({typ}) looks like a mixer the capture does not know; it stays "
                       f"in float (strict=True makes this an error)", stacklevel=2)
-    leaves = tuple(leaf_modules) + tuple(unknown)
     if not isinstance(config, QuantConfig):
         raise TypeError(f"convert: config must be a QuantConfig (e.g. ouromamba_fx.W8A8), got {type(config).__name__}")
     if calib is not None and gen_options:
@@ -261,26 +315,21 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     batches = _collect_calib(calib, input_shape)
     if calib_note is None:
         calib_note = f"calibration: {sum(len(b) for b in batches)} user-supplied images"
-    work = copy.deepcopy(model).eval()
+    work, gm, ctx, pm = build(model, config, batches, leaves, passes=passes, show_progress=show_progress,
+                              unknown=unknown)
+    ctx.log.insert(0, calib_note)
+    ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
+    # `work` is still a float model (passes only remove modules from the graph's own
+    # hierarchy); folding rescaled x_proj rows exactly, so it is the right float reference.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        gm = _capture(work, leaves)
-        ctx = Context(config, calib=batches, example=batches[0][:32], show_progress=show_progress)
-        ctx.float_reasons.update({m: f"unknown mixer type {t}: kept in float" for m, t in unknown.items()})
-        ctx.float_reasons.update({m: "leaf_modules: kept in float" for m in leaf_modules if isinstance(m, str)})
-        pm = PassManager(passes if passes is not None else default_passes(config, input_shape))
-        gm = pm.run(gm, ctx)
-        ctx.log.insert(0, calib_note)
-        ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
-        # `work` is still a float model (passes only remove modules from the graph's own
-        # hierarchy); folding rescaled x_proj rows exactly, so it is the right float reference.
-        sq, outliers, maps = layer_sqnr(capture(work, leaves), gm, ctx.example)
-    name = type(model).__name__
-    if getattr(model, "cfg", None) is not None and hasattr(model.cfg, "embed_dim"):
-        name = f"{name}(d={model.cfg.embed_dim}, depth={model.cfg.depth})"
+        sq, outliers, maps = layer_sqnr(capture(work, tuple(leaves) + tuple(unknown)), gm, ctx.example)
+    name = model_name(model)
     q = QuantizedModel(gm, config, pm.snapshots, ctx.float_reasons, ctx.log, input_shape, sq, name)
     q.outlier_fraction, q.outlier_maps = outliers, maps
     q.model_identity = model_identity(model, name)
+    q.leaf_modules = leaves
+    q.example_shape = tuple(batches[0].shape[1:])
+    q.custom_passes = passes is not None
     worst = min((v for v in sq.values() if math.isfinite(v)), default=float("inf"))
     if show_progress:
         console.print(f"[green]converted[/] {name} with {config.name}: {len(sq)} ops quantized, "

@@ -1,495 +1,165 @@
-"""Save and load quantized models: one ``.safetensors`` file, no pickle.
+"""Save and load quantized models: one ``.safetensors`` file of tensors and plain data.
 
     >>> q.save("vim_w8a8.safetensors")                       # doctest: +SKIP
     >>> q2 = ouromamba_fx.load("vim_w8a8.safetensors")       # doctest: +SKIP
     >>> torch.equal(q(x), q2(x))                             # doctest: +SKIP
     True
 
-The file format (``FORMAT_VERSION``):
+The file (``FORMAT_VERSION`` 2):
 
-* tensors: every parameter and buffer of the quantized GraphModule under its own name (int8
-  weights, float scales and zero points, float parameters of the parts kept in float); 4-bit
-  weights are packed two per byte (``ouromamba_fx.lowering.qlinear.pack_int4``) under
-  ``<name>.int4``; statistics the report shows (outlier fractions per time-step, outlier maps per
-  time-step x channel) under ``__stats__/...``.
-* the safetensors header metadata key ``"ouromamba_fx"``: one JSON document with
-  ``format_version``, the library version, the :class:`~ouromamba_fx.config.QuantConfig`, the
-  model's identity (class, architecture config, preprocessing, a SHA-256 fingerprint of the float
-  weights), the graph (node list: op, target, args, kwargs, role tags), the submodules kept as
-  modules (type from an allow-list + constructor arguments), the pass snapshots and the report's
-  data (SQNR, what stayed float and why, the conversion log).
+* tensors: every parameter and buffer of the reference quantized graph under its own name (int8
+  weights, scales, zero points, the float parameters of what stayed float); weights of <= 4 bits
+  packed two per byte under ``<name>.int4``; outlier statistics under ``__stats__/...``.
+* the header's metadata key ``"ouromamba_fx"``: one JSON document of plain data (:class:`Header`):
+  the :class:`~ouromamba_fx.config.QuantConfig`, the float model's identity (class, architecture
+  config, weights fingerprint), the calibration image shape, the sub-modules kept as float
+  leaves, the lowering options of a lowered model, the report's numbers and log lines, and a
+  checksum: SHA-256 of the rest of the header and of the tensors. It catches damaged files and
+  files mixed up with another model's (the model fingerprint is part of what it covers), not a
+  deliberate edit (anyone can recompute it): safety does not rest on it.
 
-Loading never unpickles: tensors come from safetensors, everything else from JSON. Call targets are
-resolved by name from an allow-list (:data:`FUNCTIONS`, :data:`METHODS`, :data:`MODULES`) plus any
-registered ``torch.ops.ouromamba.*`` op by its qualified name and any
-module-level function of ``ouromamba_fx.lowering`` / ``ouromamba_fx.kernels`` by its import path,
-so ops and lowering helpers added there need no change here. Extend the allow-lists for your own leaf modules
-or functions with :func:`register_module` / :func:`register_function`.
+Why loading a file cannot run code
+----------------------------------
+The file holds no graph. :func:`load` rebuilds the graph by running the library's own code: the
+float model's class (the user's ``model=``, or one of
+:data:`ouromamba_fx.models.identity.ARCHITECTURES` built from the file's architecture config), its
+capture, and the default pass pipeline for the file's config, on a random input of the recorded
+shape (:func:`ouromamba_fx.convert.build` with ``replay=True``); a lowered model is lowered again
+with the recorded options. What the file contributes is therefore limited to:
+
+1. values of known types: every header field is checked against its annotation by
+   :func:`ouromamba_fx.plaindata.from_plain` (scalars, lists, string-keyed objects; unknown keys
+   are errors) and then by the dataclass that uses it (``QuantConfig`` and ``VimConfig``
+   validate their ranges). No header string is ever used as code, an import path, an attribute
+   path or a node target: config strings are compared with fixed choices (bits, granularities,
+   roles) or matched as ``fnmatch`` patterns against module names; ``leaf_modules`` must name
+   sub-modules of the model (looked up in ``named_modules()``); report keys must name nodes of
+   the rebuilt graph; log lines are only printed, as plain text.
+2. tensors, each matched by name to a tensor the rebuilt graph created, with the same dtype and
+   shape (read from the safetensors header before any tensor data is read), finite where it is
+   floating point, positive where it is a scale, within the integer range of its bit width where
+   it is a quantized weight; copied into the rebuilt tensors. Sizes: a model rebuilt from its
+   config is sized on the ``meta`` device first and must fit the file's tensor bytes, and one
+   image's largest activation is bounded (:data:`~ouromamba_fx.models.identity.MAX_ACTIVATION`).
+
+safetensors itself reads no pickle and checks that every declared tensor lies inside the file.
+So the code that runs at load is the library's (and the user's model's) own, with the same
+structure as at conversion; the file only chooses numbers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
-import operator
-import pkgutil
-import re
-from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
+from ouromamba_fx.config import QuantConfig
 from ouromamba_fx.errors import CheckpointError, OuroMambaError
+from ouromamba_fx.plaindata import PlainDataError, from_plain
 
 FORMAT = "ouromamba_fx.quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_KEY = "ouromamba_fx"
 STATS = "__stats__/"
 INT4 = ".int4"
+MAX_HEADER = 64 * 2**20  # characters of the JSON document
+# Suffixes of the tensors the passes create as scales or scan factors: they must be > 0.
+_POSITIVE = ("_scale", "_r_c", "_r_l", "_r_n")
 
 
 class SerializationError(OuroMambaError):
-    """A quantized model holds something the file format cannot describe safely."""
+    """A quantized model cannot be written in the file format."""
 
 
-# --- allow-lists -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRecord:
+    """The float model a file was quantized from."""
 
-def _functions() -> dict[str, Callable]:
-    fns: dict[str, Callable] = {"builtins.getattr": getattr}
-    for name in ("getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos",
-                 "matmul", "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_", "abs", "iadd",
-                 "imul"):
-        fns[f"operator.{name}"] = getattr(operator, name)
-    for name in ("cat", "stack", "split", "chunk", "flip", "exp", "log", "sigmoid", "tanh", "softmax",
-                 "flatten", "reshape", "transpose", "permute", "matmul", "bmm", "einsum", "add", "sub",
-                 "mul", "div", "neg", "where", "clamp", "sum", "mean", "amax", "amin", "sqrt", "rsqrt",
-                 "zeros", "ones", "zeros_like", "ones_like", "arange", "cumsum", "conv1d", "conv2d",
-                 "unsqueeze", "squeeze", "narrow", "roll", "abs", "round", "softplus", "silu", "relu",
-                 "layer_norm", "rms_norm", "linear", "adaptive_avg_pool1d", "cumprod", "gather",
-                 "index_select", "full", "full_like", "tensor_split", "unbind"):
-        if hasattr(torch, name):
-            fns[f"torch.{name}"] = getattr(torch, name)
-    for name in ("linear", "conv1d", "conv2d", "silu", "gelu", "relu", "softplus", "sigmoid",
-                 "layer_norm", "rms_norm", "group_norm", "pad", "dropout", "softmax", "log_softmax",
-                 "normalize", "interpolate", "adaptive_avg_pool1d", "adaptive_avg_pool2d",
-                 "avg_pool2d", "scaled_dot_product_attention"):
-        if hasattr(F, name):
-            fns[f"torch.nn.functional.{name}"] = getattr(F, name)
-    return fns
+    class_path: str
+    fingerprint: str
+    config: dict[str, Any] | None = None  # architecture config, for classes the library can rebuild
 
 
-#: ``call_function`` targets a saved graph may name (besides ``torch.ops.ouromamba.*`` ops).
-FUNCTIONS: dict[str, Callable] = _functions()
-
-#: ``call_method`` targets (tensor methods) a saved graph may name.
-METHODS: set[str] = {
-    "transpose", "chunk", "float", "half", "bfloat16", "flip", "expand", "expand_as", "view",
-    "reshape", "contiguous", "permute", "flatten", "unflatten", "mean", "sum", "amax", "amin",
-    "size", "unsqueeze", "squeeze", "to", "softmax", "exp", "log", "sigmoid", "tanh", "clamp",
-    "clamp_min", "split", "narrow", "mul", "add", "sub", "div", "neg", "abs", "type_as", "roll",
-    "masked_fill", "repeat", "contiguous", "matmul", "sqrt", "rsqrt", "pow", "cumsum", "gather",
-    "index_select", "new_zeros", "new_ones", "dim", "numel", "silu", "relu", "unbind",
-}
+@dataclass(frozen=True)
+class ReportRecord:
+    sqnr_db: dict[str, float] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+    pass_seconds: list[float] = field(default_factory=list)
 
 
-def _linear(m: nn.Linear) -> dict:
-    return {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None}
+@dataclass(frozen=True)
+class Header:
+    """The JSON document of a saved file; every field typed (see the module docstring)."""
+
+    format: str
+    format_version: int
+    library_version: str
+    torch_version: str
+    config: QuantConfig
+    model: ModelRecord
+    example_shape: tuple[int, ...]
+    input_shape: tuple[int, ...] | None
+    checksum: str
+    leaf_modules: list[str] = field(default_factory=list)
+    lowered: dict[str, bool] | None = None
+    report: ReportRecord = field(default_factory=ReportRecord)
 
 
-def _conv(m: nn.Conv1d) -> dict:
-    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": m.kernel_size,
-            "stride": m.stride, "padding": m.padding, "dilation": m.dilation, "groups": m.groups,
-            "bias": m.bias is not None, "padding_mode": m.padding_mode}
+# --- tensors of a graph ----------------------------------------------------------------------------
+
+def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``gm`` by qualified name (shared ones under each name)."""
+    return {**dict(gm.named_parameters(remove_duplicate=False)),
+            **dict(gm.named_buffers(remove_duplicate=False))}
 
 
-def _layer_norm(m: nn.LayerNorm) -> dict:
-    return {"normalized_shape": tuple(m.normalized_shape), "eps": m.eps,
-            "elementwise_affine": m.elementwise_affine, "bias": getattr(m, "bias", None) is not None}
+def weight_bits(gm: fx.GraphModule) -> dict[str, int]:
+    """get_attr target of each quantized weight -> its bit width (from the consumer's tag)."""
+    from ouromamba_fx.capture import tag
 
-
-def _rms_norm(m) -> dict:
-    return {"channels": m.normalized_shape[0], "eps": m.eps, "affine": m.elementwise_affine}
-
-
-def _patch_embed(m) -> dict:
-    if not isinstance(m.norm, nn.Identity):
-        raise SerializationError(f"PatchEmbed with a norm layer ({type(m.norm).__name__}) is not "
-                                 f"supported by the file format")
-    return {"img_size": m.img_size, "patch_size": m.patch_size, "in_chans": m.proj.in_channels,
-            "embed_dim": m.proj.out_channels, "flatten": m.flatten,
-            "output_fmt": None if m.flatten else m.output_fmt.value, "bias": m.proj.bias is not None,
-            "strict_img_size": m.strict_img_size, "dynamic_img_pad": m.dynamic_img_pad}
-
-
-def _modules() -> dict[str, tuple[type, Callable[[nn.Module], dict]]]:
-    from timm.layers import PatchEmbed, RmsNorm
-
-    return {
-        "torch.nn.Linear": (nn.Linear, _linear),
-        "torch.nn.Conv1d": (nn.Conv1d, _conv),
-        "torch.nn.Conv2d": (nn.Conv2d, _conv),
-        "torch.nn.LayerNorm": (nn.LayerNorm, _layer_norm),
-        "torch.nn.Identity": (nn.Identity, lambda m: {}),
-        "torch.nn.Dropout": (nn.Dropout, lambda m: {"p": m.p}),
-        "torch.nn.SiLU": (nn.SiLU, lambda m: {}),
-        "torch.nn.GELU": (nn.GELU, lambda m: {"approximate": m.approximate}),
-        "timm.layers.RmsNorm": (RmsNorm, _rms_norm),
-        "timm.layers.PatchEmbed": (PatchEmbed, _patch_embed),
-    }
-
-
-#: Module types a saved graph may hold as ``call_module`` submodules: name -> (class, its
-#: constructor arguments from an instance). The module is rebuilt as ``cls(**kwargs)`` and its
-#: tensors loaded strictly.
-MODULES: dict[str, tuple[type, Callable[[nn.Module], dict]]] = _modules()
-
-
-def register_module(cls: type, to_kwargs: Callable[[nn.Module], dict], name: str | None = None) -> None:
-    """Allow ``cls`` as a submodule of saved graphs: ``cls(**to_kwargs(instance))`` must rebuild
-    it (its tensors are then loaded from the file). Register before both save and load.
-
-    Example:
-        >>> register_module(MyGate, lambda m: {"dim": m.dim})   # doctest: +SKIP
-    """
-    MODULES[name or f"{cls.__module__}.{cls.__qualname__}"] = (cls, to_kwargs)
-
-
-def register_function(fn: Callable, name: str | None = None) -> None:
-    """Allow ``fn`` as a ``call_function`` target of saved graphs (register before save and load)."""
-    FUNCTIONS[name or f"{fn.__module__}.{fn.__qualname__}"] = fn
-
-
-# --- values: args, kwargs, tags, configs -----------------------------------------------------------
-
-def encode(v, where: str = "value"):
-    """A JSON-safe form of ``v`` that :func:`decode` turns back into an equal value (tuples,
-    slices, dtypes, non-finite floats and graph-node references included)."""
-    if v is None or isinstance(v, (bool, int, str)):
-        return v
-    if isinstance(v, float):
-        return v if math.isfinite(v) else {"$float": repr(v)}
-    if isinstance(v, fx.Node):
-        return {"$node": v.name}
-    if isinstance(v, torch.Size):
-        return {"$tuple": [encode(x, where) for x in v]}
-    if isinstance(v, tuple):
-        return {"$tuple": [encode(x, where) for x in v]}
-    if isinstance(v, list):
-        return [encode(x, where) for x in v]
-    if isinstance(v, dict):
-        if not all(isinstance(k, str) for k in v):
-            raise SerializationError(f"{where}: dict with non-string keys {list(v)[:4]}")
-        return {"$dict": {k: encode(x, f"{where}.{k}") for k, x in v.items()}}
-    if isinstance(v, slice):
-        return {"$slice": [encode(v.start, where), encode(v.stop, where), encode(v.step, where)]}
-    if v is Ellipsis:
-        return {"$ellipsis": True}
-    if isinstance(v, torch.dtype):
-        return {"$dtype": str(v).removeprefix("torch.")}
-    if isinstance(v, torch.device):
-        return {"$device": str(v)}
-    if isinstance(v, torch.memory_format):
-        return {"$memory_format": str(v).removeprefix("torch.")}
-    raise SerializationError(f"{where}: cannot store a value of type {type(v).__name__} ({v!r:.60})")
-
-
-def decode(v, nodes: dict[str, fx.Node] | None = None):
-    if isinstance(v, list):
-        return [decode(x, nodes) for x in v]
-    if not isinstance(v, dict):
-        return v
-    if len(v) != 1:
-        raise CheckpointError(f"malformed value in the file's JSON: {v!r:.80}")
-    (kind, x), = v.items()
-    if kind == "$tuple":
-        return tuple(decode(y, nodes) for y in x)
-    if kind == "$dict":
-        return {k: decode(y, nodes) for k, y in x.items()}
-    if kind == "$node":
-        if nodes is None or x not in nodes:
-            raise CheckpointError(f"the graph refers to node {x!r} before it is defined")
-        return nodes[x]
-    if kind == "$float":
-        return float(x)
-    if kind == "$slice":
-        return slice(*(decode(y, nodes) for y in x))
-    if kind == "$ellipsis":
-        return Ellipsis
-    if kind == "$dtype":
-        return _torch_attr(x, torch.dtype)
-    if kind == "$memory_format":
-        return _torch_attr(x, torch.memory_format)
-    if kind == "$device":
-        return torch.device(x)
-    raise CheckpointError(f"unknown value kind {kind!r} in the file's JSON")
-
-
-def _torch_attr(name: str, kind: type):
-    v = getattr(torch, name, None) if re.fullmatch(r"[a-z0-9_]+", name) else None
-    if not isinstance(v, kind):
-        raise CheckpointError(f"unknown {kind.__name__} {name!r} in the file")
-    return v
-
-
-# --- targets ---------------------------------------------------------------------------------------
-
-_FN_NAMES = {id(fn): name for name, fn in FUNCTIONS.items()}
-# Only our own ops: aten has file-reading ops (aten::from_file) a crafted file could name.
-_OP_NAMESPACES = ("ouromamba",)
-_PATH = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
-
-
-def target_to_name(node: fx.Node) -> str:
-    t = node.target
-    if node.op in ("call_module", "get_attr", "placeholder", "output"):
-        return t
-    if node.op == "call_method":
-        if t not in METHODS:
-            raise SerializationError(f"node {node.name!r}: tensor method {t!r} is not in the "
-                                     f"allow-list (ouromamba_fx.serialize.METHODS)")
-        return t
-    if isinstance(t, torch._ops.OpOverload):
-        ns = t.namespace
-        if ns in _OP_NAMESPACES:
-            return f"torch.ops.{ns}.{t._opname}.{t._overloadname}"
-    if isinstance(t, torch._ops.OpOverloadPacket) and t._qualified_op_name.split("::")[0] in _OP_NAMESPACES:
-        ns, op = t._qualified_op_name.split("::")
-        return f"torch.ops.{ns}.{op}"
-    name = FUNCTIONS_BY_ID().get(id(t)) or _own_function_name(t)
-    if name is None:
-        raise SerializationError(
-            f"node {node.name!r} calls {getattr(t, '__module__', '?')}.{getattr(t, '__name__', t)}, "
-            f"which is not in the allow-list of functions a saved graph may call. If it is safe, "
-            f"register it before saving and loading: ouromamba_fx.serialize.register_function(fn)")
-    return name
-
-
-# Module-level functions of these packages of ours are allowed by name (lowering rules use helpers
-# such as ``ouromamba_fx.lowering.fused.fake_quant`` as graph targets; new ones need no change here).
-_OWN_PACKAGES = ("ouromamba_fx.lowering", "ouromamba_fx.kernels")
-_OWN_NAME = re.compile(r"(ouromamba_fx\.(?:lowering|kernels)(?:\.\w+)*)\.(\w+)")
-
-
-def _own_function_name(t) -> str | None:
-    mod, name = getattr(t, "__module__", None) or "", getattr(t, "__qualname__", "")
-    if not mod.startswith(tuple(p + "." for p in _OWN_PACKAGES)) or not name.isidentifier():
-        return None
-    try:
-        found = getattr(importlib.import_module(mod), name, None)
-    except ImportError:
-        return None
-    return f"{mod}.{name}" if found is t else None
-
-
-def _own_function(name: str):
-    m = _OWN_NAME.fullmatch(name)
-    if not m:
-        return None
-    try:
-        fn = getattr(importlib.import_module(m.group(1)), m.group(2), None)
-    except ImportError:
-        return None
-    return fn if callable(fn) and getattr(fn, "__module__", None) == m.group(1) else None
-
-
-def FUNCTIONS_BY_ID() -> dict[int, str]:  # noqa: N802 - rebuilt when register_function adds one
-    if len(_FN_NAMES) != len(FUNCTIONS):
-        _FN_NAMES.clear()
-        _FN_NAMES.update({id(fn): name for name, fn in FUNCTIONS.items()})
-    return _FN_NAMES
-
-
-def _import_lowering() -> None:
-    """Import every module of ``ouromamba_fx.lowering`` so all our custom ops are registered."""
-    import ouromamba_fx.lowering as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        try:
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
-        except Exception:  # noqa: BLE001 - an optional backend (e.g. a C++ build) may be missing
-            pass
-
-
-def name_to_target(op: str, name: str, node_name: str):
-    if op in ("placeholder", "output"):
-        return name
-    if op in ("call_module", "get_attr"):
-        if not isinstance(name, str) or not _PATH.fullmatch(name):
-            raise CheckpointError(f"node {node_name!r}: invalid attribute path {name!r}")
-        return name
-    if op == "call_method":
-        if name not in METHODS:
-            raise CheckpointError(f"node {node_name!r}: tensor method {name!r} is not in the allow-list")
-        return name
-    if op != "call_function":
-        raise CheckpointError(f"node {node_name!r}: unknown node op {op!r}")
-    if name in FUNCTIONS:
-        return FUNCTIONS[name]
-    m = re.fullmatch(r"torch\.ops\.(\w+)\.(\w+)(?:\.(\w+))?", name)
-    if m and m.group(1) in _OP_NAMESPACES:
-        ns, opname, overload = m.groups()
-        if ns == "ouromamba" and not hasattr(getattr(torch.ops, ns), opname):
-            _import_lowering()
-        try:
-            packet = getattr(getattr(torch.ops, ns), opname)
-            return getattr(packet, overload) if overload else packet
-        except (AttributeError, RuntimeError):
-            raise CheckpointError(
-                f"node {node_name!r} calls {ns}::{opname}, which is not registered in this "
-                f"installation (a newer ouromamba-fx, or an op from a module not imported?)") from None
-    own = _own_function(name)
-    if own is not None:
-        return own
-    raise CheckpointError(f"node {node_name!r} calls {name!r}, which is not in the allow-list of "
-                          f"functions a saved graph may call")
-
-
-# --- graph and modules -----------------------------------------------------------------------------
-
-def graph_to_json(gm: fx.GraphModule, meta_key: str) -> list[dict]:
-    out = []
+    out = {}
     for n in gm.graph.nodes:
-        where = f"node {n.name!r}"
-        entry = {"name": n.name, "op": n.op, "target": target_to_name(n),
-                 "args": encode(tuple(n.args), where), "kwargs": encode(dict(n.kwargs), where)}
-        if n.meta.get(meta_key) is not None:
-            entry["tag"] = encode(n.meta[meta_key], f"{where} tag")
-        out.append(entry)
+        bits = (tag(n) or {}).get("weight_bits")
+        if bits is None:
+            continue
+        for a in n.all_input_nodes:
+            if (tag(a) or {}).get("kind") == "weight" and a.op == "call_function":
+                wq = a.args[0]
+                if isinstance(wq, fx.Node) and wq.op == "get_attr":
+                    out[wq.target] = bits
     return out
 
 
-def graph_from_json(entries: list[dict], meta_key: str) -> fx.Graph:
-    g = fx.Graph()
-    nodes: dict[str, fx.Node] = {}
-    for e in entries:
-        name = e["name"]
-        target = name_to_target(e["op"], e["target"], name)
-        args, kwargs = decode(e["args"], nodes), decode(e["kwargs"], nodes)
-        if target is getattr and (len(args) != 2 or not isinstance(args[1], str) or args[1].startswith("_")):
-            raise CheckpointError(f"node {name!r}: getattr of {args[1:]!r} is not allowed (only public "
-                                  f"attributes such as 'shape')")
-        if e["op"] == "output":
-            node = g.output(args[0])
-        else:
-            node = g.create_node(e["op"], target, tuple(args), kwargs, name=name)
-        if node.name != name and e["op"] != "output":
-            raise CheckpointError(f"graph node {name!r} could not keep its name (got {node.name!r})")
-        if "tag" in e:
-            node.meta[meta_key] = decode(e["tag"])
-        nodes[name] = node
-    g.lint()
-    return g
+def _int4_names(gm: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k, b in weight_bits(gm).items()
+            if b <= 4 and tensors[k].dtype == torch.int8 and tensors[k].dim() >= 2 and tensors[k].numel()}
 
 
-def _module_name(m: nn.Module) -> str | None:
-    for name, (cls, _) in MODULES.items():
-        if type(m) is cls:
-            return name
-    return None
-
-
-def modules_to_json(gm: fx.GraphModule) -> list[dict]:
-    """The allow-listed submodules (outermost only) with their constructor arguments."""
-    specs, taken = [], []
-    for path, m in gm.named_modules():
-        if path == "" or any(path.startswith(p + ".") for p in taken):
-            continue
-        name = _module_name(m)
-        if name is None:
-            if type(m) is nn.Module:  # a plain container GraphModule made for nested attributes
-                continue
-            raise SerializationError(
-                f"submodule {path!r} ({type(m).__name__}) cannot be saved: rebuilding it would need "
-                f"its class, and only allow-listed classes are rebuilt ({', '.join(sorted(MODULES))}). "
-                f"Register it with ouromamba_fx.serialize.register_module(cls, to_kwargs).")
-        specs.append({"path": path, "type": name, "kwargs": encode(MODULES[name][1](m), path)})
-        taken.append(path)
-    return specs
-
-
-def _set_path(root: nn.Module, path: str, value, kind: str) -> None:
-    parent = root
-    *parts, last = path.split(".")
-    for p in parts:
-        if not hasattr(parent, p):
-            parent.add_module(p, nn.Module())
-        parent = getattr(parent, p)
-    if kind == "module":
-        parent.add_module(last, value)
-    elif kind == "parameter":
-        parent.register_parameter(last, nn.Parameter(value, requires_grad=value.is_floating_point()))
-    else:
-        parent.register_buffer(last, value, persistent=kind == "buffer")
-
-
-# --- tensors ---------------------------------------------------------------------------------------
-
-def _int4_weights(gm: fx.GraphModule, meta_key: str) -> set[str]:
-    """get_attr targets of int8 weights quantized to <= 4 bits (dequantize -> op with weight_bits)."""
-    names = set()
-    for n in gm.graph.nodes:
-        t = n.meta.get(meta_key) or {}
-        if t.get("weight_bits", 99) > 4:
-            continue
-        for a in n.all_input_nodes:
-            if (a.meta.get(meta_key) or {}).get("kind") == "weight" and a.op == "call_function":
-                wq = a.args[0]
-                if isinstance(wq, fx.Node) and wq.op == "get_attr":
-                    names.add(wq.target)
-    return names
-
-
-def _tensor_entries(gm: fx.GraphModule, module_paths: list[str]) -> dict[str, str]:
-    """Every tensor of ``gm`` not owned by a rebuilt submodule -> parameter | buffer | buffer_np."""
-    own = dict.fromkeys(gm.state_dict(keep_vars=True))
-    entries = {}
-    for name, _ in gm.named_parameters(remove_duplicate=False):
-        entries[name] = "parameter"
-    for name, _ in gm.named_buffers(remove_duplicate=False):
-        entries[name] = "buffer" if name in own else "buffer_np"
-    return {k: v for k, v in entries.items() if not any(k.startswith(p + ".") for p in module_paths)}
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, dtypes, shapes and bytes), in key order."""
+def checksum(doc: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a header document (without its ``checksum`` field) and of named tensors
+    (names, dtypes, shapes, bytes, in name order)."""
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        v = v.detach().cpu().contiguous()
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+    rest = {k: v for k, v in doc.items() if k != "checksum"}
+    h.update(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous().reshape(-1)
+        h.update(f"|{k}|{v.dtype}|{tuple(tensors[k].shape)}|".encode())
         h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
     return h.hexdigest()
 
 
-def model_identity(model: nn.Module, name: str | None = None) -> dict:
-    """What a saved file says about the float model it came from."""
-    cls = type(model)
-    cfg = getattr(model, "cfg", None)
-    pcfg = getattr(model, "pretrained_cfg", None)
-    return {"class": f"{cls.__module__}.{cls.__qualname__}", "name": name or cls.__name__,
-            "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
-            "pretrained_cfg": dict(pcfg) if isinstance(pcfg, dict) else None,
-            "fingerprint": model_fingerprint(model)}
-
-
-# --- save / load -----------------------------------------------------------------------------------
-
-def _stats(q) -> dict[str, torch.Tensor]:
-    out = {}
-    for site, f in (getattr(q, "outlier_fraction", None) or {}).items():
-        out[f"{STATS}outlier_fraction/{site}"] = f.detach().float().contiguous()
-    for site, m in (getattr(q, "outlier_maps", None) or {}).items():
-        out[f"{STATS}outlier_map/{site}"] = m.detach().float().contiguous()
-    return out
-
+# --- save ------------------------------------------------------------------------------------------
 
 def save(q, path: str | Path) -> Path:
-    """Write quantized model ``q`` (a :class:`~ouromamba_fx.QuantizedModel`) to ``path``
-    (``.safetensors``). See the module docstring for what the file holds.
+    """Write quantized model ``q`` (a :class:`~ouromamba_fx.QuantizedModel`, reference or lowered)
+    to ``path`` (``.safetensors``). See the module docstring for what the file holds.
 
     Example:
         >>> ouromamba_fx.save(q, "vim_w4a4o8.safetensors")   # doctest: +SKIP
@@ -497,207 +167,336 @@ def save(q, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     import ouromamba_fx
-    from ouromamba_fx.capture import META
     from ouromamba_fx.lowering.qlinear import pack_int4
+    from ouromamba_fx.models.identity import ARCHITECTURES
 
-    gm = q.graph_module
-    modules = modules_to_json(gm)
-    kinds = _tensor_entries(gm, [m["path"] for m in modules])
-    sd = dict(gm.state_dict())
-    named = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
-    int4 = _int4_weights(gm, META)
+    if getattr(q, "custom_passes", False):
+        raise SerializationError(
+            f"{q.model_name} was converted with a custom passes= list; a saved file is rebuilt at "
+            f"load by the default pipeline, so it cannot describe this model")
+    ref = q.reference if getattr(q, "lower_options", None) is not None else q
+    ident = q.model_identity or {}
+    if not ident.get("fingerprint") or not ident.get("class"):
+        raise SerializationError(f"{q.model_name} has no record of its float model (model_identity)")
+    gm = ref.graph_module
+    named = graph_tensors(gm)
+    int4 = _int4_names(gm, named)
     tensors: dict[str, torch.Tensor] = {}
-    packed = {}
-    for k in sorted(set(sd) | set(kinds)):
-        v = (sd[k] if k in sd else named[k]).detach().cpu()
-        if k in int4 and v.dtype == torch.int8 and v.dim() >= 2 and v.numel():
-            packed[k] = list(v.shape)
+    for k, v in named.items():
+        v = v.detach().cpu()
+        if k in int4:
             tensors[k + INT4] = pack_int4(v.reshape(v.shape[0], -1))
         else:
             tensors[k] = v.contiguous().clone()  # clone: safetensors refuses shared storage
-    tensors.update(_stats(q))
-    doc = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": ouromamba_fx.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "config": encode(q.config.to_dict(), "config"),
-        "model": encode(getattr(q, "model_identity", None) or {"name": q.model_name}, "model"),
-        "model_name": q.model_name,
-        "input_shape": encode(tuple(q.input_shape) if q.input_shape is not None else None),
-        "graph": {"class_name": type(gm).__name__ if type(gm).__name__ != "GraphModuleImpl" else
-                  gm._get_name(), "nodes": graph_to_json(gm, META), "modules": modules,
-                  "tensors": {k: kinds.get(k, "buffer") for k in sorted(set(sd) | set(kinds))},
-                  "int4": packed},
-        "report": {"sqnr_db": encode(dict(q.sqnr_db), "sqnr"), "float_reasons": dict(q.float_reasons),
-                   "log": list(q.log),
-                   # safetensors sorts tensor names; keep the graph order of the sites for the report
-                   "outlier_sites": list(getattr(q, "outlier_fraction", None) or {}),
-                   "outlier_map_sites": list(getattr(q, "outlier_maps", None) or {})},
-        "snapshots": [{"pass": s.pass_name, "seconds": s.seconds, "changed": s.changed,
-                       "nodes": [encode((i.name, i.op, i.target, i.args, i.tag), "snapshot") for i in s.nodes]}
-                      for s in q.snapshots],
-    }
+    for site, f in (ref.outlier_fraction or {}).items():
+        tensors[f"{STATS}outlier_fraction/{site}"] = f.detach().float().contiguous()
+    for site, m in (ref.outlier_maps or {}).items():
+        tensors[f"{STATS}outlier_map/{site}"] = m.detach().float().contiguous()
+    example = ref.example_shape or ref.input_shape
+    header = Header(
+        format=FORMAT, format_version=FORMAT_VERSION, library_version=ouromamba_fx.__version__,
+        torch_version=torch.__version__.split("+")[0], config=q.config,
+        model=ModelRecord(ident["class"], ident["fingerprint"],
+                          ident.get("config") if ident["class"] in ARCHITECTURES else None),
+        example_shape=tuple(example), input_shape=tuple(ref.input_shape) if ref.input_shape else None,
+        checksum="", leaf_modules=list(ref.leaf_modules),
+        lowered=dict(q.lower_options) if getattr(q, "lower_options", None) is not None else None,
+        report=ReportRecord({k: float(v) for k, v in ref.sqnr_db.items()}, list(ref.log),
+                            [s.seconds for s in ref.snapshots]))
+    doc = json.loads(json.dumps(asdict(header)))  # tuples as lists: what load will see
+    doc["checksum"] = checksum(doc, tensors)
     path = Path(path)
     save_file(tensors, str(path), metadata={META_KEY: json.dumps(doc, separators=(",", ":"))})
     return path
 
 
-def read_header(path: str | Path) -> dict:
-    """The JSON document of a saved quantized model (no tensors read). Errors name the problem:
-    missing file, not safetensors, a safetensors file not written by ouromamba-fx, another format
-    version."""
+# --- read and check --------------------------------------------------------------------------------
+
+def _open_metadata(path: Path) -> dict:
     from safetensors import safe_open
 
-    path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{str(path)!r} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a file (a quantized model is one .safetensors file)")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise CheckpointError(f"{path.name} is not a safetensors file, so not a quantized model "
-                              f"saved by ouromamba-fx ({type(e).__name__}: {e})") from None
+                              f"saved by ouromamba-fx ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def read_header(path: str | Path) -> Header:
+    """The checked header of a saved quantized model (no tensors read). Errors name the problem:
+    missing file, not safetensors, not written by ouromamba-fx, another format version, a field
+    of the wrong type."""
+    return _read_header(Path(path))[1]
+
+
+def _read_header(path: Path) -> tuple[dict, Header]:
+    meta = _open_metadata(path)
     if META_KEY not in meta:
         raise CheckpointError(
             f"{path.name} is a safetensors file but not a quantized model saved by ouromamba-fx "
             f"(no {META_KEY!r} metadata). A float checkpoint loads with ouromamba_fx.models.load(); "
             f"calibration images with SyntheticCalib.load().")
+    text = meta[META_KEY]
+    if len(text) > MAX_HEADER:
+        raise CheckpointError(f"{path.name}: its {META_KEY} metadata is {len(text):,} characters long "
+                              f"(at most {MAX_HEADER:,})")
     try:
-        doc = json.loads(meta[META_KEY])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path.name}: its ouromamba_fx metadata is not valid JSON ({e})") from None
-    if doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path.name}: unknown format {doc.get('format')!r} (expected {FORMAT!r})")
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path.name}: its {META_KEY} metadata is not valid JSON "
+                              f"({type(e).__name__}: {str(e)[:100]})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        raise CheckpointError(f"{path.name}: unknown format {str(got)[:60]!r} (expected {FORMAT!r})")
     version = doc.get("format_version")
     if version != FORMAT_VERSION:
-        made = doc.get("library_version", "?")
-        hint = ("upgrade ouromamba-fx" if isinstance(version, int) and version > FORMAT_VERSION
-                else "convert the float model again with this version")
+        made = str(doc.get("library_version", "?"))[:20]
+        if version == 1:
+            hint = ("version 1 files carry graph code, which this version no longer reads (loading "
+                    "must not run code from a file): convert the float model again")
+        elif type(version) is int and version > FORMAT_VERSION:
+            hint = "upgrade ouromamba-fx"
+        else:
+            hint = "convert the float model again with this version"
         raise CheckpointError(
-            f"{path.name} has file format version {version} (written by ouromamba-fx {made}); this "
-            f"ouromamba-fx reads version {FORMAT_VERSION}: {hint}")
-    return doc
+            f"{path.name} has file format version {str(version)[:20]} (written by ouromamba-fx "
+            f"{made}); this ouromamba-fx reads version {FORMAT_VERSION}: {hint}")
+    try:
+        header = from_plain(Header, doc, "header")
+        _check_header(header)
+    except (PlainDataError, RecursionError) as e:
+        raise CheckpointError(f"{path.name} is damaged or was edited: {str(e)[:300]}") from None
+    return doc, header
 
 
-# Fields of a Vim config that make it another architecture (not preprocessing or class names).
-_ARCH = ("img_size", "patch_size", "stride", "embed_dim", "depth", "d_state", "expand", "d_conv",
-         "in_chans", "num_classes", "cls_position", "bimamba", "divide_out")
+def _check_header(h: Header) -> None:
+    for shape, name in ((h.example_shape, "example_shape"), (h.input_shape, "input_shape")):
+        if shape is not None and (not 1 <= len(shape) <= 4 or min(shape) < 1 or math.prod(shape) > 2**24):
+            raise PlainDataError(f"header.{name}: {shape} is not an image shape")
+    if h.input_shape is not None and tuple(h.input_shape) != tuple(h.example_shape):
+        raise PlainDataError(f"header: input_shape {h.input_shape} differs from example_shape {h.example_shape}")
+    for digest, name in ((h.checksum, "checksum"), (h.model.fingerprint, "model.fingerprint")):
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise PlainDataError(f"header.{name} is not a SHA-256 hex digest")
+    bad = [s for s in h.report.pass_seconds if not (math.isfinite(s) and s >= 0)]
+    if bad:
+        raise PlainDataError(f"header.report.pass_seconds: {bad[:3]} are not durations")
 
 
-def _check_model(doc: dict, model: nn.Module, path: Path) -> None:
-    saved = decode(doc.get("model")) or {}
-    if saved.get("fingerprint") is None:
-        return
+def _read_tensors(path: Path, doc: dict) -> dict[str, torch.Tensor]:
+    """All tensors of the file, after checking them and the header against its checksum."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{path.name}: its tensors cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+    if checksum(doc, raw) != doc["checksum"]:
+        raise CheckpointError(f"{path.name} is damaged or was edited: its header and tensors do not "
+                              f"match its checksum")
+    return raw
+
+
+def _float_model(path: Path, header: Header, model: nn.Module | None, tensor_bytes: int) -> nn.Module:
+    from ouromamba_fx.models.identity import class_path, model_fingerprint, rebuild
+
+    rec = header.model
+    if model is None:
+        try:
+            return rebuild(rec.class_path, rec.config, 9 * tensor_bytes + 2**20)
+        except ValueError as e:
+            raise CheckpointError(f"{path.name}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load: model must be the float nn.Module, got {type(model).__name__}")
     fp = model_fingerprint(model)
-    if fp == saved["fingerprint"]:
-        return
+    if fp == rec.fingerprint and class_path(model) == rec.class_path:
+        return model
     diffs = []
-    cfg, mine = saved.get("config") or {}, getattr(model, "cfg", None)
-    if mine is not None and hasattr(mine, "to_dict"):
+    mine = getattr(model, "cfg", None)
+    if rec.config and mine is not None and hasattr(mine, "to_dict"):
         mine = mine.to_dict()
-        diffs = [f"{k}: file {cfg[k]!r} vs model {mine.get(k)!r}" for k in _ARCH
-                 if k in cfg and k in mine and cfg[k] != mine[k]]
-    what = "; ".join(diffs) if diffs else "same architecture, different weights"
-    raise CheckpointError(
-        f"{path.name} was quantized from a different model than the one given "
-        f"({saved.get('name', '?')}, fingerprint {saved['fingerprint'][:12]} vs {fp[:12]}): {what}")
+        diffs = [f"{k}: file {rec.config[k]!r} vs model {mine[k]!r}" for k in sorted(rec.config)
+                 if k in mine and _arch_field(k) and json.dumps(rec.config[k]) != json.dumps(_plain(mine[k]))]
+    what = "; ".join(diffs) if diffs else (
+        f"file {rec.class_path} vs model {class_path(model)}" if class_path(model) != rec.class_path
+        else "same architecture, different weights")
+    raise CheckpointError(f"{path.name} was quantized from a different model than the one given "
+                          f"(fingerprint {rec.fingerprint[:12]} vs {fp[:12]}): {what}")
+
+
+def _arch_field(k: str) -> bool:  # preprocessing and class names do not make another architecture
+    return k not in ("mean", "std", "crop_pct", "classes")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _check_value(name: str, v: torch.Tensor, bits: int | None, where: str) -> None:
+    if v.is_floating_point():
+        if not torch.isfinite(v).all():
+            raise CheckpointError(f"{where}: tensor {name!r} holds NaN or Inf values")
+        if name.endswith(_POSITIVE) and v.numel() and not bool((v > 0).all()):
+            raise CheckpointError(f"{where}: scale tensor {name!r} holds values <= 0")
+    elif bits is not None and v.numel():
+        qmax = 2 ** (bits - 1) - 1
+        lo, hi = int(v.min()), int(v.max())
+        if lo < -qmax - 1 or hi > qmax:
+            raise CheckpointError(f"{where}: {bits}-bit weight {name!r} holds values in [{lo}, {hi}]")
+
+
+def _load_tensors(gm: fx.GraphModule, raw: dict[str, torch.Tensor], where: str) -> None:
+    """Copy the file's tensors into the rebuilt graph's, each checked first."""
+    from ouromamba_fx.lowering.qlinear import unpack_int4
+
+    own = graph_tensors(gm)
+    int4 = _int4_names(gm, own)
+    bits = weight_bits(gm)
+    expected = {k + INT4 if k in int4 else k for k in own}
+    found = {k for k in raw if not k.startswith(STATS)}
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        parts = [f"{where} is damaged or was edited: its tensors do not match the rebuilt graph."]
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(k[:80] for k in unexpected[:10])}")
+        raise CheckpointError("\n  ".join(parts))
+    for name, dst in own.items():
+        if name in int4:
+            packed = raw[name + INT4]
+            k = math.prod(dst.shape[1:])
+            if packed.dtype != torch.uint8 or tuple(packed.shape) != (dst.shape[0], (k + 1) // 2):
+                raise CheckpointError(f"{where}: packed int4 tensor {name!r} is {packed.dtype} "
+                                      f"{tuple(packed.shape)}, expected uint8 {(dst.shape[0], (k + 1) // 2)}")
+            v = unpack_int4(packed, k).reshape(dst.shape)
+        else:
+            v = raw[name]
+            if v.dtype != dst.dtype or v.shape != dst.shape:
+                raise CheckpointError(f"{where}: tensor {name!r} is {v.dtype} {tuple(v.shape)}, the "
+                                      f"rebuilt graph expects {dst.dtype} {tuple(dst.shape)}")
+        _check_value(name, v, bits.get(name), where)
+        with torch.no_grad():
+            dst.copy_(v)
+
+
+def _stats(raw: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], kind: str,
+           where: str) -> dict[str, torch.Tensor]:
+    """The file's outlier statistics of ``kind``, for the sites the rebuilt graph has (same
+    shapes, fractions in [0, 1]), in the graph's order."""
+    prefix = f"{STATS}{kind}/"
+    names = {k[len(prefix):] for k in raw if k.startswith(prefix)}
+    unknown = sorted(names - set(expected))
+    if unknown:
+        raise CheckpointError(f"{where}: outlier statistics for sites the graph does not have: "
+                              f"{', '.join(s[:80] for s in unknown[:5])}")
+    out = {}
+    for site, ref in expected.items():
+        if site not in names:
+            continue
+        v = raw[prefix + site]
+        if v.dtype != torch.float32 or v.shape != ref.shape or not bool(((v >= 0) & (v <= 1)).all()):
+            raise CheckpointError(f"{where}: {kind} of {site!r} is not a float32 {tuple(ref.shape)} "
+                                  f"tensor of fractions")
+        out[site] = v
+    return out
+
+
+def _rebuild(header: Header, model: nn.Module, where: str):
+    """Run capture and the default pipeline on ``model`` (same graph as at conversion)."""
+    from ouromamba_fx.convert import _Recorder, _input_shape, build
+
+    want = _input_shape(model)
+    if want is not None and tuple(want) != tuple(header.example_shape):
+        raise CheckpointError(f"{where}: calibrated for images {header.example_shape}, but the model "
+                              f"takes {tuple(want)}")
+    names = {n for n, _ in model.named_modules()}
+    bad = [n for n in header.leaf_modules if n not in names]
+    if bad:
+        raise CheckpointError(f"{where}: leaf_modules {[b[:60] for b in bad[:3]]} are not sub-modules "
+                              f"of the model")
+    x = torch.randn((1, *header.example_shape), generator=torch.Generator().manual_seed(0))
+    try:
+        _, gm, ctx, pm = build(model, header.config, [x], list(header.leaf_modules), replay=True)
+        rec = _Recorder(gm, set())
+        with torch.no_grad():
+            rec.run(x)
+    except Exception as e:  # noqa: BLE001 - whatever the model's code raises, named with the file
+        raise CheckpointError(f"{where}: the graph could not be rebuilt: {type(e).__name__}: "
+                              f"{str(e)[:300]}") from e
+    return gm, ctx, pm, rec
 
 
 def load(path: str | Path, model: nn.Module | None = None):
-    """Rebuild a :class:`~ouromamba_fx.QuantizedModel` saved with :func:`save`, with no pickle.
+    """Rebuild a :class:`~ouromamba_fx.QuantizedModel` saved with :func:`save`: the graph from
+    the library's code, the tensors from the file (see the module docstring: no code from the
+    file runs).
 
     Args:
         path: the ``.safetensors`` file.
-        model: optionally the float model it was quantized from; an error if the file was made from
-            another model (weights fingerprint).
+        model: the float model it was quantized from; checked against the file's fingerprint.
+            Needed for models the library cannot rebuild from their config alone (anything but
+            the classes in :data:`ouromamba_fx.models.identity.ARCHITECTURES`).
 
     Example:
         >>> q = ouromamba_fx.load("vim_w8a8.safetensors")   # doctest: +SKIP
         >>> print(q.report())                               # doctest: +SKIP
     """
-    from safetensors import safe_open
-
-    from ouromamba_fx.capture import META
-    from ouromamba_fx.config import QuantConfig
-    from ouromamba_fx.convert import QuantizedModel
-    from ouromamba_fx.lowering.qlinear import unpack_int4
-    from ouromamba_fx.models.loader import load_state_dict_strict
-    from ouromamba_fx.passes.base import NodeInfo, Snapshot
+    from ouromamba_fx.convert import QuantizedModel, model_name, op_nodes
+    from ouromamba_fx.models.identity import model_identity
 
     path = Path(path)
-    doc = read_header(path)
-    if model is not None:
-        _check_model(doc, model, path)
-    with safe_open(str(path), framework="pt") as f:
-        raw = {k: f.get_tensor(k) for k in f.keys()}
-    g = doc["graph"]
-    tensors: dict[str, torch.Tensor] = {}
-    for k, v in raw.items():
-        if k.startswith(STATS):
-            continue
-        if k.endswith(INT4) and k[: -len(INT4)] in g["int4"]:
-            name, shape = k[: -len(INT4)], g["int4"][k[: -len(INT4)]]
-            k_dim = math.prod(shape[1:])
-            try:
-                tensors[name] = unpack_int4(v, k_dim).reshape(shape)
-            except ValueError as e:
-                raise CheckpointError(f"{path.name}: packed int4 tensor {name!r}: {e}") from None
-        else:
-            tensors[k] = v
-    expected = set(g["tensors"])
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-    if missing or unexpected:
-        parts = [f"{path.name} is damaged or was edited: its tensors do not match its graph."]
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:10])}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}")
-        raise CheckpointError("\n  ".join(parts))
+    doc, header = _read_header(path)
+    raw = _read_tensors(path, doc)
+    float_model = _float_model(path, header, model, sum(v.numel() * v.element_size() for v in raw.values()))
+    gm, ctx, pm, rec = _rebuild(header, float_model, path.name)
+    _load_tensors(gm, raw, path.name)
 
-    root = nn.Module()
-    for spec in g["modules"]:
-        if spec["type"] not in MODULES:
-            raise CheckpointError(f"{path.name}: submodule {spec['path']!r} has type {spec['type']!r}, "
-                                  f"which is not in the allow-list of rebuildable modules")
-        cls, _ = MODULES[spec["type"]]
-        mod = cls(**decode(spec["kwargs"]))
-        prefix = spec["path"] + "."
-        own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        load_state_dict_strict(mod, own, f"{path.name} (submodule {spec['path']})")
-        _set_path(root, spec["path"], mod, "module")
-    for k, kind in g["tensors"].items():
-        if not any(k.startswith(s["path"] + ".") for s in g["modules"]):
-            _set_path(root, k, tensors[k], kind)
-    graph = graph_from_json(g["nodes"], META)
-    gm = fx.GraphModule(root, graph, g.get("class_name") or "GraphModule")
-    gm.eval()
-
-    config = QuantConfig.from_dict(decode(doc["config"]))
-    snapshots = [Snapshot(s["pass"], [NodeInfo(*decode(i)) for i in s["nodes"]], s["seconds"], s["changed"])
-                 for s in doc["snapshots"]]
-    rep = doc["report"]
-    input_shape = decode(doc["input_shape"])
-    q = QuantizedModel(gm, config, snapshots, dict(rep["float_reasons"]), list(rep["log"]), input_shape,
-                       decode(rep["sqnr_db"]), doc.get("model_name", "model"))
-    q.outlier_fraction = {s: raw[f"{STATS}outlier_fraction/{s}"] for s in rep.get("outlier_sites", [])
-                          if f"{STATS}outlier_fraction/{s}" in raw}
-    q.outlier_maps = {s: raw[f"{STATS}outlier_map/{s}"] for s in rep.get("outlier_map_sites", [])
-                      if f"{STATS}outlier_map/{s}" in raw}
-    identity = decode(doc.get("model")) or {}
-    q.model_identity = identity
-    _attach_preprocessing(q, identity)
+    ops = {n.name for n in op_nodes(gm)}
+    rep = header.report
+    unknown = sorted(set(rep.sqnr_db) - ops)
+    if unknown:
+        raise CheckpointError(f"{path.name}: report entries for ops the graph does not have: "
+                              f"{', '.join(u[:60] for u in unknown[:5])}")
+    snapshots = pm.snapshots
+    if len(rep.pass_seconds) == len(snapshots):
+        for s, sec in zip(snapshots, rep.pass_seconds):
+            s.seconds = sec
+    name = model_name(float_model)
+    q = QuantizedModel(gm, header.config, snapshots, ctx.float_reasons, list(rep.log),
+                       header.input_shape, dict(rep.sqnr_db), name)
+    q.outlier_fraction = _stats(raw, rec.outlier_fraction, "outlier_fraction", path.name)
+    q.outlier_maps = _stats(raw, rec.outlier_maps, "outlier_map", path.name)
+    q.model_identity = {**model_identity(float_model, name), "fingerprint": header.model.fingerprint}
+    q.leaf_modules = list(header.leaf_modules)
+    q.example_shape = tuple(header.example_shape)
+    if isinstance(getattr(float_model, "pretrained_cfg", None), dict):
+        q.pretrained_cfg = dict(float_model.pretrained_cfg)
+    if getattr(float_model, "cfg", None) is not None:
+        q.cfg = float_model.cfg
     q.eval()
+    if header.lowered is not None:
+        q = _lower(q, header.lowered, path.name)
     return q
 
 
-def _attach_preprocessing(q, identity: dict) -> None:
-    """Give a loaded model the float model's preprocessing (``pretrained_cfg``) and, for Vim,
-    its config (class names), so ``evaluate(q, folder)`` works without the float model."""
-    if identity.get("pretrained_cfg"):
-        q.pretrained_cfg = dict(identity["pretrained_cfg"])
-    if identity.get("class") == "ouromamba_fx.models.vim.VisionMamba" and identity.get("config"):
-        from ouromamba_fx.models.vim import VimConfig
+def _lower(q, options: dict[str, bool], where: str):
+    import inspect
 
-        try:
-            q.cfg = VimConfig(**identity["config"])
-        except (TypeError, ValueError):
-            pass
+    from ouromamba_fx.lowering.lower import lowering_passes
+
+    known = set(inspect.signature(lowering_passes).parameters)
+    bad = sorted(set(options) - known)
+    if bad:
+        raise CheckpointError(f"{where}: unknown lowering options {[b[:40] for b in bad[:5]]}")
+    try:
+        return q.lower(**options)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"{where}: lowering with {options} failed: {type(e).__name__}: "
+                              f"{str(e)[:300]}") from e

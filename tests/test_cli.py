@@ -47,7 +47,7 @@ def test_inspect_shows_report_and_outlier_maps(saved, files, capsys):
     png = files / "l1.png"
     assert main(["inspect", str(saved), "--outliers", "1", "--png", str(png)]) == 0
     text = _flat(capsys.readouterr().out)
-    assert "ouromamba_fx.quantized v1" in text and "embed_dim=32" in text
+    assert "ouromamba_fx.quantized v2" in text and "embed_dim=32" in text
     assert "W4A4O8: W4 per_channel" in text and "calibration: data-free, 4 OuroMamba-Gen images" in text
     assert "layers.1.mixer.in_proj (time-steps 17 x channels 32" in text  # heat map header
     assert "layers.0.mixer.in_proj (" not in text  # only the layer asked for

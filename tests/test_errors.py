@@ -16,19 +16,16 @@ Where each error of the list is tested:
 * a file from another format version, not ours, or for another model: tests/test_serialize.py.
 """
 
-import json
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 import ouromamba_fx as of
 from ouromamba_fx.errors import CaptureError, CheckpointError, DataError, OuroMambaError
 from ouromamba_fx.lowering.qlinear import pack_int4, unpack_int4
 from ouromamba_fx.passes.base import Pass, PassError
-from ouromamba_fx.serialize import META_KEY
+from tests.qfiles import read, write
 
 X = torch.randn(8, 3, 16, 16)
 
@@ -132,20 +129,20 @@ def test_a_quantized_file_with_a_bad_packed_int4_tensor_or_wrong_keys(tiny_vim, 
     q = of.convert(tiny_vim, calib=X, config=of.W4A4O8, show_progress=False)
     good = tmp_path / "q.safetensors"
     q.save(good)
-    with safe_open(str(good), framework="pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors, doc = read(good)
     name = "layers_0_mixer_dt_proj_weight_q.int4"  # (64, dt_rank 2) -> (64, 1) bytes
-    bad = dict(tensors, **{name: torch.zeros(64, 3, dtype=torch.uint8)})
-    save_file(bad, str(tmp_path / "bad.safetensors"), metadata=meta)
-    with pytest.raises(CheckpointError, match=r"packed int4 tensor 'layers_0_mixer_dt_proj_weight_q': k=2 does not match"):
-        of.load(tmp_path / "bad.safetensors")
+    bad = write(tmp_path / "bad.safetensors", dict(tensors, **{name: torch.zeros(64, 3, dtype=torch.uint8)}), doc)
+    with pytest.raises(CheckpointError, match=r"packed int4 tensor 'layers_0_mixer_dt_proj_weight_q' is "
+                                              r"torch.uint8 \(64, 3\), expected uint8 \(64, 1\)"):
+        of.load(bad)
     bad = {k: v for k, v in tensors.items() if k != "head.bias"}
     bad["head.extra"] = torch.zeros(1)
-    save_file(bad, str(tmp_path / "bad2.safetensors"), metadata=meta)
     with pytest.raises(CheckpointError, match=r"(?s)missing keys \(1\): head.bias.*unexpected keys \(1\): head.extra"):
-        of.load(tmp_path / "bad2.safetensors")
-    doc = json.loads(meta[META_KEY])
-    assert doc["format_version"] == 1
+        of.load(write(tmp_path / "bad2.safetensors", bad, doc))
+    # without the matching checksum, any edit of the tensors is caught before anything is rebuilt
+    write(tmp_path / "bad3.safetensors", dict(tensors, **{name: tensors[name] ^ 1}), doc, sign=False)
+    with pytest.raises(CheckpointError, match="header and tensors do not match its checksum"):
+        of.load(tmp_path / "bad3.safetensors")
 
 
 class _Boom(Pass):

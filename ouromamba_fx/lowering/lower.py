@@ -86,4 +86,8 @@ def lower_quantized(q, **options):
     out.snapshots = list(q.snapshots) + snaps[1:]
     out.log = list(q.log) + log
     out.lowered = True
+    out.lower_options = dict(options)
+    # The reference model's tensors are what a saved file holds. Kept outside the module tree
+    # (not a submodule): its tensors are not the lowered model's parameters.
+    out.__dict__["reference"] = q
     return out

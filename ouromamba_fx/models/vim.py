@@ -38,6 +38,16 @@ class VimConfig:
     classes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        for name in ("img_size", "patch_size", "embed_dim", "d_state", "expand", "d_conv", "in_chans"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VimConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("stride", "dt_rank"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"VimConfig.{name} must be None or >= 1, got {getattr(self, name)}")
+        if self.depth < 0 or self.num_classes < 0 or not self.norm_eps > 0:
+            raise ValueError("VimConfig: depth >= 0, num_classes >= 0 and norm_eps > 0 are required")
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans or min(self.std) <= 0:
+            raise ValueError(f"VimConfig: mean and std need {self.in_chans} values each (std > 0)")
         if self.cls_position not in CLS_POSITIONS:
             raise ValueError(f"VimConfig.cls_position must be one of {CLS_POSITIONS}, "
                              f"got {self.cls_position!r}")
@@ -115,6 +125,14 @@ class VisionMamba(nn.Module):
         if isinstance(self.head, nn.Linear):
             trunc_normal_(self.head.weight, std=0.02)
             nn.init.zeros_(self.head.bias)
+
+    @staticmethod
+    def largest_activation(cfg: VimConfig) -> int:
+        """Elements of the largest tensor one image's forward pass makes (the scan's states
+        when they are recorded for reparameterization: tokens x d_inner x d_state)."""
+        stride = cfg.stride or cfg.patch_size
+        tokens = ((cfg.img_size - cfg.patch_size) // stride + 1) ** 2 + 1
+        return tokens * cfg.expand * cfg.embed_dim * max(cfg.d_state, cfg.in_chans * cfg.patch_size ** 2)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)

@@ -30,19 +30,25 @@ class ChooseActScales(Pass):
             bits = obs.spec.bits
             qmax = 2 ** (bits - 1) - 1
             outlier = (cfg.outliers.bits, obs.outlier_k) if obs.outlier_k is not None else None
-            if cfg.kscale is not None:
+            if ctx.replay and (cfg.kscale is not None or outlier):
+                # Rebuilding a saved model: the scales are read from the file, so only their
+                # shape matters here and the searches are skipped.
+                absmax = obs.tok_inlier_absmax if outlier else obs.tok_absmax
+                s_tok = (absmax / qmax).clamp_min(EPS)
+                obs.granularity = f"k{cfg.kscale.k}-scaled" if cfg.kscale is not None else "per_token"
+            elif cfg.kscale is not None:
                 rows, tok = obs.sampled()
                 absmax = obs.tok_inlier_absmax if outlier else obs.tok_absmax
                 s_tok, obs.groups = kscale_scales(rows, tok, obs.tok_absmean, absmax, bits,
                                                   cfg.kscale, obs.consumer_weight, outlier)
-                obs.granularity = f"k{int(obs.groups.max()) + 1}-scaled"
+                obs.granularity = f"k{cfg.kscale.k}-scaled"
             elif outlier:
                 rows, tok = obs.sampled()
                 base = (obs.tok_inlier_absmax / qmax).clamp_min(EPS)
                 s_tok = mixed_ratio_search(rows, tok, base, bits, outlier)
                 obs.granularity = "per_token"
             else:
-                sample = obs.sampled() if obs.spec.method == "mse" else None
+                sample = obs.sampled() if obs.spec.method == "mse" and not ctx.replay else None
                 scale, zp, qmin, qmax_ = act_qparams(obs.tok_min, obs.tok_max, obs.spec, sample)
                 obs.granularity = obs.spec.granularity
                 obs.qparams = ("affine", *self._broadcast(obs, scale, zp), qmin, qmax_)

@@ -7,6 +7,8 @@ stored as int8 in the GraphModule (4-bit values in [-7, 7]); the float module is
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -44,6 +46,8 @@ class QuantizeWeights(Pass):
                     node.target, "skipped by config.overrides" if skip else f"weight bits {wspec.bits} (float) by config")
                 continue
             mod = gm.get_submodule(node.target)
+            if ctx.replay:  # rebuilding a saved model: its scales come from the file, skip the search
+                wspec = dataclasses.replace(wspec, method="minmax")
             w2d = mod.weight.detach().reshape(mod.weight.shape[0], -1)
             scale, zp = weight_qparams(w2d, wspec)
             qmin, qmax = qrange(wspec.bits, True)
