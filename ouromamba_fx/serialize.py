@@ -345,9 +345,9 @@ def _check_value(name: str, v: torch.Tensor, bits: int | None, where: str) -> No
         if name.endswith(_POSITIVE) and v.numel() and not bool((v > 0).all()):
             raise CheckpointError(f"{where}: scale tensor {name!r} holds values <= 0")
     elif bits is not None and v.numel():
-        qmax = 2 ** (bits - 1) - 1
+        qmax = 2 ** (bits - 1) - 1  # weights are quantized symmetrically: [-qmax, qmax]
         lo, hi = int(v.min()), int(v.max())
-        if lo < -qmax - 1 or hi > qmax:
+        if lo < -qmax or hi > qmax:
             raise CheckpointError(f"{where}: {bits}-bit weight {name!r} holds values in [{lo}, {hi}]")
 
 
