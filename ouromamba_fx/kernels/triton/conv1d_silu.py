@@ -36,14 +36,15 @@ from ouromamba_fx.kernels.triton.common import autotune_configs, device_guard, r
 
 __all__ = ["causal_conv1d_silu", "causal_conv1d_silu_ref", "CONFIGS"]
 
-# (BLOCK_D, BLOCK_L, num_warps, num_stages); the first runs under the interpreter.
+# (BLOCK_D, BLOCK_L, num_warps, num_stages); the first runs under the interpreter. At most 16 tile
+# elements per thread: with more, ptxas spills registers (``ptxas -v``, sm_80).
 CONFIGS = [
     triton.Config({"BLOCK_D": 16, "BLOCK_L": 16}, num_warps=1, num_stages=1),
+    triton.Config({"BLOCK_D": 32, "BLOCK_L": 32}, num_warps=2, num_stages=2),
     triton.Config({"BLOCK_D": 32, "BLOCK_L": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_D": 64, "BLOCK_L": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_D": 128, "BLOCK_L": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_D": 64, "BLOCK_L": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_D": 128, "BLOCK_L": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_D": 64, "BLOCK_L": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_D": 64, "BLOCK_L": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_D": 128, "BLOCK_L": 32}, num_warps=8, num_stages=3),
 ]
 
 

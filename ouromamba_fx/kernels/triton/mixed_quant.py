@@ -62,9 +62,17 @@ CONFIGS = [
     triton.Config({}, num_warps=8, num_stages=2),
     triton.Config({}, num_warps=8, num_stages=3),
 ]
-# A step's channels are held in registers; beyond this the tile would spill. Channel indices of the
-# outlier lists are int16.
-MAX_CHANNELS = 16384
+# A step's channels are held in registers: at most 32 per thread, beyond which ptxas spills (checked
+# with ``ptxas -v``, sm_80: 8192 channels need 8 warps). Channel indices of the outlier lists are int16.
+MAX_CHANNELS = 8192
+_MAX_PER_THREAD = 32
+
+
+def _prune(configs, named_args, **kwargs):
+    """Configs whose warps hold a step's channels without spilling (the widest one if none does)."""
+    block_c = kwargs["BLOCK_C"]
+    fit = [c for c in configs if block_c <= _MAX_PER_THREAD * 32 * c.num_warps]
+    return fit or [max(configs, key=lambda c: c.num_warps)]
 
 
 class OutlierCodes(NamedTuple):
@@ -83,7 +91,8 @@ class OutlierCodes(NamedTuple):
     s_out: Tensor
 
 
-@triton.autotune(configs=autotune_configs(CONFIGS), key=["C", "WINDOW"])
+@triton.autotune(configs=autotune_configs(CONFIGS), key=["C", "WINDOW"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _mixed_quant_kernel(
     # pointers: input, inlier scales (per step or per row), given mask

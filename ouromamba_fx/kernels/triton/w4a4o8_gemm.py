@@ -44,23 +44,25 @@ __all__ = ["w4a4o8_gemm", "w4a4o8_gemm_ref", "w4a4o8_linear", "w4a4o8_linear_ref
            "w4a4o8_linear_detect_ref", "CONFIGS"]
 
 # (BLOCK_M, BLOCK_N, BLOCK_KP packed bytes = 2 * BLOCK_KP channels, num_warps, num_stages). 8-bit
-# tl.dot needs K tiles of at least 32 and M, N tiles of at least 16 on NVIDIA GPUs. First: the
-# interpreter's.
+# tl.dot needs K tiles of at least 32 and M, N tiles of at least 16 on NVIDIA GPUs. None of these
+# spills registers (``ptxas -v``, sm_80, 16-byte aligned operands); 128 x 128 tiles of 64 bytes and
+# 128 x 256 tiles do. First: the interpreter's.
 CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_KP": 32, "GROUP_M": 8}, num_warps=2, num_stages=1),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_KP": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_KP": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_KP": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_KP": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_KP": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_KP": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_KP": 32, "GROUP_M": 8}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_KP": 32, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_KP": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_KP": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_KP": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_KP": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
 ]
 
 
 @triton.jit
-def _signed_nibble(v):
-    """int32 tile of 4-bit two's-complement values (0..15) -> -8..7."""
-    return (v ^ 8) - 8
+def _nibbles(w):
+    """Packed bytes (as int8) -> (low nibbles, high nibbles), sign-extended int8: arithmetic shifts
+    in int8 (no wider temporaries: the weight tile is the kernel's largest register user)."""
+    return (w << 4) >> 4, w >> 4
 
 
 @triton.autotune(configs=autotune_configs(CONFIGS), key=["M", "N", "K"])
@@ -87,13 +89,12 @@ def _w4a4o8_gemm_kernel(
     for j0 in range(0, kp_total, BLOCK_KP):
         rj = j0 + tl.arange(0, BLOCK_KP)
         w_bytes = tl.load(w_ptr + rj[:, None] * s_wp + rn[None, :] * s_wn,
-                          mask=(rj < kp_total)[:, None] & n_ok[None, :], other=0).to(tl.int32)
-        w_even = _signed_nibble(w_bytes & 15).to(tl.int8)
-        w_odd = _signed_nibble((w_bytes >> 4) & 15).to(tl.int8)
-        ke = 2 * rj
-        ko = ke + 1
-        a_e = tl.load(q_ptr + rm[:, None] * s_qm + ke[None, :] * s_qk, mask=m_ok[:, None] & (ke < K)[None, :], other=0)
-        a_o = tl.load(q_ptr + rm[:, None] * s_qm + ko[None, :] * s_qk, mask=m_ok[:, None] & (ko < K)[None, :], other=0)
+                          mask=(rj < kp_total)[:, None] & n_ok[None, :], other=0).to(tl.int8, bitcast=True)
+        w_even, w_odd = _nibbles(w_bytes)
+        # the activation tile's 2 * BLOCK_KP channels in one contiguous load, split into even / odd
+        rk = 2 * j0 + tl.arange(0, 2 * BLOCK_KP)
+        a = tl.load(q_ptr + rm[:, None] * s_qm + rk[None, :] * s_qk, mask=m_ok[:, None] & (rk < K)[None, :], other=0)
+        a_e, a_o = tl.split(tl.reshape(a, (BLOCK_M, BLOCK_KP, 2)))
         acc_in += tl.dot(a_e, w_even, out_dtype=tl.int32)
         acc_in += tl.dot(a_o, w_odd, out_dtype=tl.int32)
     # outliers: each token's own channels, one weight column per token and step
@@ -104,9 +105,9 @@ def _w4a4o8_gemm_kernel(
         ch = tl.load(idx_ptr + rm * s_im + j * s_ij, mask=live, other=0).to(tl.int32)
         v = tl.load(qo_ptr + rm * s_om + j * s_oj, mask=live, other=0).to(tl.int32)
         w_byte = tl.load(w_ptr + (ch >> 1)[:, None] * s_wp + rn[None, :] * s_wn,
-                         mask=live[:, None] & n_ok[None, :], other=0).to(tl.int32)
-        nibble = tl.where((ch & 1)[:, None] != 0, w_byte >> 4, w_byte) & 15
-        acc_out += v[:, None] * _signed_nibble(nibble)
+                         mask=live[:, None] & n_ok[None, :], other=0).to(tl.int8, bitcast=True)
+        lo, hi = _nibbles(w_byte)
+        acc_out += v[:, None] * tl.where((ch & 1)[:, None] != 0, hi, lo).to(tl.int32)
     s_in = tl.load(s_in_ptr + rm * s_sin, mask=m_ok, other=0.0).to(tl.float32)
     s_out = tl.load(s_out_ptr + rm, mask=m_ok, other=0.0).to(tl.float32)
     y = acc_in.to(tl.float32) * s_in[:, None] + acc_out.to(tl.float32) * s_out[:, None]
