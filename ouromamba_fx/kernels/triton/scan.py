@@ -87,7 +87,8 @@ def _softplus(x):
     # with v = 1 + e (exact to a few ulps in float32 and float64; v - 1 is exact).
     e = tl.exp(-tl.abs(x))
     v = 1.0 + e
-    log1p = tl.where(v == 1.0, e, tl.log(v) * (e / (v - 1.0)))
+    exact = v == 1.0  # e below half an ulp of 1: log1p(e) = e
+    log1p = tl.where(exact, e, tl.log(v) * (e / tl.where(exact, 1.0, v - 1.0)))
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + log1p)
 
 
