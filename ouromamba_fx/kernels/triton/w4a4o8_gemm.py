@@ -60,8 +60,8 @@ CONFIGS = [
 
 @triton.jit
 def _nibbles(w):
-    """Packed bytes (as int8) -> (low nibbles, high nibbles), sign-extended int8: arithmetic shifts
-    in int8 (no wider temporaries: the weight tile is the kernel's largest register user)."""
+    """Packed bytes (as int8) -> (low nibbles, high nibbles), sign-extended by arithmetic shifts in
+    int8 (the low nibble moved up first; the shift left wraps modulo 256)."""
     return (w << 4) >> 4, w >> 4
 
 
