@@ -25,6 +25,8 @@ where those axes are in the real tensor.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,9 +35,9 @@ EPS = 1e-8
 
 
 def as_rows(x: Tensor, token_axis: int, channel_axis: int) -> Tensor:
-    """View ``x`` as (batch, L, C) (batch = every other axis)."""
+    """View ``x`` as (batch, L, C) (batch = every other axis; 0 rows for an empty batch)."""
     y = x.movedim((token_axis, channel_axis), (-2, -1))
-    return y.reshape(-1, y.shape[-2], y.shape[-1])
+    return y.reshape(math.prod(y.shape[:-2]), y.shape[-2], y.shape[-1])
 
 
 def from_rows(rows: Tensor, like: Tensor, token_axis: int, channel_axis: int) -> Tensor:
@@ -68,7 +70,7 @@ def outlier_mask(rows: Tensor, s_in: Tensor, qmax: int, k: float, n_refresh: int
     if n_refresh <= 1:
         return flag
     pad = (-length) % n_refresh
-    f = F.pad(flag, (0, 0, 0, pad)).reshape(b, -1, n_refresh, c)
+    f = F.pad(flag, (0, 0, 0, pad)).reshape(b, (length + pad) // n_refresh, n_refresh, c)  # no -1: b may be 0
     # Cumulative OR inside each window: n_refresh - 1 in-place ORs of (b, windows, c) slices,
     # ~30x faster than cummax over uint8, and exact (booleans).
     for j in range(1, n_refresh):
