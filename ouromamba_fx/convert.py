@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from ouromamba_fx.capture import META, capture, tag
 from ouromamba_fx.config import W8A8, QuantConfig
-from ouromamba_fx.checks import check_not_quantized, strict_error, unknown_mixers
-from ouromamba_fx.errors import CaptureError, DataError, OuroMambaError
+from ouromamba_fx.checks import check_model, check_not_quantized, strict_error, unknown_mixers
+from ouromamba_fx.errors import CaptureError, DataError, InferenceOnlyError, InputError, OuroMambaError
 from ouromamba_fx.lowering.outlier import outlier_fraction
 from ouromamba_fx.outliers import site_outlier_map
 from ouromamba_fx.passes.act_scales import ChooseActScales
@@ -107,11 +107,33 @@ def layer_sqnr(float_gm: fx.GraphModule, q_gm: fx.GraphModule, x: torch.Tensor):
     return sq, rq.outlier_fraction, rq.outlier_maps
 
 
+def _nan_rows(t: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN in the rows (first axis) of the samples flagged ``bad``."""
+    if not t.is_floating_point() or t.dim() == 0 or t.shape[0] != bad.shape[0]:
+        return t
+    return t.masked_fill(bad.view(-1, *([1] * (t.dim() - 1))), float("nan"))
+
+
 class QuantizedModel(nn.Module):
     """A quantized model: the reference quantized FX graph plus what conversion learned.
 
     Call it like the original model. ``report()`` shows what was quantized and how well;
     ``diff(a, b)`` shows what a pass changed; ``passes`` lists the passes that ran.
+
+    Inputs (the same for :meth:`lower`'s model and under ``torch.compile``):
+
+    * float32 images ``(batch, C, H, W)`` at the calibrated resolution, normalised as the float
+      model expects; float16, bfloat16 and float64 images are cast to float32 (the logits are
+      float32). Integer images (uint8 pixels) are refused with an :class:`InputError`: normalise
+      them first (``ouromamba_fx.data.model_transform(model)``).
+    * A sample holding a NaN or an infinity gives NaN logits (every output of that sample), as
+      the float model does; the other samples of the batch are computed as if it were not there,
+      bit for bit. (Quantization would otherwise clamp the NaN away into confident logits.)
+    * A batch of 0 images gives an empty ``(0, num_classes)`` result.
+    * Inference only: the parameters do not require gradients, and a call that would record
+      gradients (grad mode on, and an input or parameter that requires them) raises
+      :class:`InferenceOnlyError` (the rounding steps have no useful gradient).
+    * Inputs or a model on the ``meta`` device raise an :class:`InputError`.
     """
 
     def __init__(self, gm: fx.GraphModule, config: QuantConfig, snapshots: list[Snapshot],
@@ -134,19 +156,56 @@ class QuantizedModel(nn.Module):
         self.custom_passes = False  # converted with passes=...: the file format cannot rebuild it
         self.lower_options: dict[str, bool] | None = None  # set on lowered models: how they were lowered
         self.reference: "QuantizedModel | None" = None  # a lowered model's reference graph (for save)
+        for p in gm.parameters():  # inference only (see the class docstring)
+            p.requires_grad_(False)
 
     @property
     def passes(self) -> list[str]:
         return [s.pass_name for s in self.snapshots]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        # Non-finite samples: run them as zeros (no NaN reaches an integer kernel) and give NaN
+        # for all their outputs afterwards; samples are independent, so the others are unchanged.
+        finite = torch.isfinite(x)
+        bad = ~finite.flatten(1).all(1) if x.dim() > 1 else ~finite
+        y = self.graph_module(torch.where(finite, x, 0.0))
+        return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: _nan_rows(t, bad), y)
+
+    def _check_input(self, x) -> torch.Tensor:
+        """``x`` as float32 after the checks of the class docstring, or an error saying what is wrong."""
+        name = self.model_name
+        if not isinstance(x, torch.Tensor):
+            raise InputError(f"{name}: expected a tensor of images, got {type(x).__name__}")
+        ref = next(iter(self.graph_module.parameters()), None)
+        if ref is None:
+            ref = next(iter(self.graph_module.buffers()), None)
+        if x.is_meta or (ref is not None and ref.is_meta):
+            where = "the input is" if x.is_meta else "the quantized model is"
+            raise InputError(f"{name}: {where} on the meta device, which holds shapes but no data; "
+                             f"quantized models run on real tensors (load or convert the model on the "
+                             f"CPU, and pass real images)")
+        if ref is not None and x.device != ref.device:
+            raise InputError(f"{name}: the input is on {x.device} and the model on {ref.device}; move "
+                             f"one of them (x.to({str(ref.device)!r}))")
+        if x.is_complex() or not x.is_floating_point():
+            raise InputError(f"{name}: input of dtype {x.dtype}; a quantized model takes normalised float "
+                             f"images (uint8 pixels: apply the model's transform, "
+                             f"ouromamba_fx.data.model_transform(model), or x.float() / 255 then the "
+                             f"model's mean/std)")
         if self.input_shape is not None and tuple(x.shape[1:]) != tuple(self.input_shape):
-            raise ValueError(
-                f"{self.model_name} was quantized for inputs (batch, {', '.join(map(str, self.input_shape))}) "
+            raise InputError(
+                f"{name} was quantized for inputs (batch, {', '.join(map(str, self.input_shape))}) "
                 f"and its static per-token scales are tied to that sequence length; got "
                 f"{tuple(x.shape)}. Resize inputs to the calibrated resolution, or convert again "
                 f"with calibration data at the new resolution.")
-        return self.graph_module(x)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.graph_module.parameters())):
+            raise InferenceOnlyError(
+                f"{name} is a quantized model for inference only: its rounding steps have no useful "
+                f"gradient, so it computes none. Call it under torch.no_grad() (or "
+                f"torch.inference_mode()) with inputs that do not require grad; for gradients use the "
+                f"float model.")
+        return x if x.dtype == torch.float32 else x.float()
 
     def save(self, path) -> None:
         """Write this model to a ``.safetensors`` file (no pickle); ``ouromamba_fx.load(path)``
@@ -281,9 +340,10 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         >>> q = convert(model, calib=image_loader(model, "calib/", labels=False), config=W8A8)  # doctest: +SKIP
         >>> print(q.report())                                                                      # doctest: +SKIP
     """
-    if isinstance(model, QuantizedModel):
+    if isinstance(model, QuantizedModel):  # before check_model: its message is the clearer one
         raise OuroMambaError(f"convert: {model.model_name} is already quantized "
                              f"({model.config.name}); convert the float model instead")
+    check_model(model, "convert")
     if any(isinstance(m, QuantizedModel) for m in model.modules()):
         raise OuroMambaError("convert: the model contains an already-quantized sub-model")
     check_not_quantized(model)

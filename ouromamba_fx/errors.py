@@ -15,3 +15,11 @@ class CaptureError(OuroMambaError):
 
 class DataError(OuroMambaError):
     """An image folder or calibration data is unusable."""
+
+
+class InputError(OuroMambaError, ValueError):
+    """An input a model cannot take: wrong type, dtype, shape or device."""
+
+
+class InferenceOnlyError(OuroMambaError, RuntimeError):
+    """Gradients were asked of a quantized model, which computes no gradients."""

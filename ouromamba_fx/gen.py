@@ -85,6 +85,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ouromamba_fx.checks import check_model
 from ouromamba_fx.errors import DataError, OuroMambaError
 from ouromamba_fx.models.mixer import MambaMixer
 from ouromamba_fx.progress import console, progress_bar
@@ -521,6 +522,7 @@ def gen(model: nn.Module, n: int = DEFAULTS["n"], num_classes: int | None = None
         >>> synth = gen(model, n=128)                                      # doctest: +SKIP
         >>> q = ouromamba_fx.convert(model, calib=synth, config=ouromamba_fx.W4A8)  # doctest: +SKIP
     """
+    check_model(model, "gen")
     if loss not in LOSSES:
         raise ValueError(f"gen: loss must be one of {LOSSES}, got {loss!r}")
     if n < 1 or iters < 0 or batch_size < 1:

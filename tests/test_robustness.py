@@ -87,3 +87,152 @@ def test_every_op_takes_an_empty_batch(case):
     outs = out if isinstance(out, (tuple, list)) else (out,)
     assert outs[0].shape[0] == 0  # (outlier_mask's second output is the per-step scale)
     opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+# --- inputs of a quantized model --------------------------------------------------------------------
+
+import ouromamba_fx as of  # noqa: E402
+from ouromamba_fx.config import PRESETS  # noqa: E402
+from ouromamba_fx.errors import DataError, InferenceOnlyError, InputError, OuroMambaError  # noqa: E402
+from ouromamba_fx.models import VisionMamba  # noqa: E402
+
+from tests.conftest import tiny_config  # noqa: E402
+
+CALIB = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+X = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+
+def _tiny() -> VisionMamba:
+    torch.manual_seed(0)
+    return VisionMamba(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    """preset name -> (float model, reference quantized model, lowered model), built once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            m = _tiny()
+            q = of.convert(m, calib=CALIB, config=PRESETS[name], show_progress=False)
+            cache[name] = (m, q, q.lower())
+        return cache[name]
+
+    return get
+
+
+def _poisoned(x):
+    """``x`` with a NaN in sample 1 and an infinity in sample 3 (0 and 2 clean)."""
+    bad = x.clone()
+    bad[1, 0, 3, 3] = float("nan")
+    bad[3, 2, 0, 5] = -float("inf")
+    return bad
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_non_finite_samples_give_nan_logits_and_leave_the_others_alone(tiny_models, name):
+    m, q, low = tiny_models(name)
+    bad = _poisoned(X)
+    with torch.no_grad():
+        # the float model: NaN for exactly the poisoned samples
+        fy = m(bad)
+        assert torch.isnan(fy).all(1).tolist() == [False, True, False, True]
+        for mod in (q, low):
+            clean, y = mod(X), mod(bad)
+            assert torch.isnan(y).all(1).tolist() == [False, True, False, True]
+            assert torch.isfinite(y[[0, 2]]).all()
+            assert torch.equal(y[[0, 2]], clean[[0, 2]])  # bit for bit
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_an_empty_batch_gives_an_empty_result(tiny_models, name):
+    _, q, low = tiny_models(name)
+    with torch.no_grad():
+        for mod in (q, low):
+            y = mod(X[:0])
+            assert y.shape == (0, 5) and y.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_are_cast_to_float32(tiny_models, dtype):
+    _, q, low = tiny_models("W4A4O8")
+    xd = X.to(dtype)
+    with torch.no_grad():
+        for mod in (q, low):
+            y = mod(xd)
+            assert y.dtype == torch.float32
+            assert torch.equal(y, mod(xd.float()))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool, torch.complex64])
+def test_integer_images_are_refused_with_a_hint_to_normalise(tiny_models, dtype):
+    _, q, low = tiny_models("W8A8")
+    for mod in (q, low):
+        with pytest.raises(InputError, match=rf"dtype {dtype}.*normalised float images.*model_transform"):
+            mod(torch.zeros(2, 3, 16, 16, dtype=dtype))
+    with pytest.raises(InputError, match="expected a tensor of images, got ndarray"):
+        q(X.numpy())
+
+
+def test_gradients_are_refused_not_silently_zero(tiny_models):
+    _, q, low = tiny_models("W8A8")
+    for mod in (q, low):
+        assert not any(p.requires_grad for p in mod.parameters())
+        with pytest.raises(InferenceOnlyError, match="inference only.*torch.no_grad"):
+            mod(X.clone().requires_grad_(True))
+        # grad mode on with an input that needs none: fine, and nothing to differentiate
+        y = mod(X)
+        assert not y.requires_grad
+        with torch.no_grad():  # under no_grad a requires_grad input is just read
+            assert torch.equal(mod(X.clone().requires_grad_(True)), y)
+    # a parameter switched back on is refused too (its gradient would be through rounding)
+    _, q6, _ = tiny_models("W6A6")
+    p = next(q6.parameters())
+    p.requires_grad_(True)
+    try:
+        with pytest.raises(InferenceOnlyError):
+            q6(X)
+    finally:
+        p.requires_grad_(False)
+    assert issubclass(InferenceOnlyError, OuroMambaError)
+
+
+def test_the_original_model_keeps_its_requires_grad(tiny_models):
+    m, _, _ = tiny_models("W8A8")
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_meta_inputs_and_models_are_named():
+    m = _tiny()
+    q = of.convert(m, calib=CALIB, show_progress=False)
+    with pytest.raises(InputError, match="the input is on the meta device"):
+        q(X.to("meta"))
+    with pytest.raises(InputError, match="the quantized model is on the meta device"):
+        q.to("meta")(X)
+    with torch.device("meta"):
+        meta_model = VisionMamba(tiny_config()).eval()
+    with pytest.raises(InputError, match=r"convert: VisionMamba is on the meta device \('\w+' holds a shape"):
+        of.convert(meta_model, calib=CALIB, show_progress=False)
+    with pytest.raises(InputError, match="gen: VisionMamba is on the meta device"):
+        of.gen(meta_model, n=2, iters=1, show_progress=False)
+    with pytest.raises(DataError, match="calib batch 0 is on the meta device"):
+        of.convert(m, calib=CALIB.to("meta"), show_progress=False)
+    with pytest.raises(InputError, match="expected a torch.nn.Module, got str"):
+        of.convert("model.pt", calib=CALIB, show_progress=False)
+
+
+def test_compiled_model_nan_empty_batch_dtypes_and_gradients(tiny_models):
+    _, q, _ = tiny_models("W4A4O8")
+    torch._dynamo.reset()
+    fast = torch.compile(q, backend="ouromamba")
+    clean, y = fast(X), fast(_poisoned(X))
+    assert torch.isnan(y).all(1).tolist() == [False, True, False, True]
+    assert torch.equal(y[[0, 2]], clean[[0, 2]])
+    torch.testing.assert_close(clean, q.lower()(X), rtol=1e-5, atol=1e-5)
+    assert fast(X[:0]).shape == (0, 5)
+    assert fast(X.half()).dtype == torch.float32
+    with pytest.raises(InferenceOnlyError):
+        fast(X.clone().requires_grad_(True))
+    with pytest.raises(InputError, match="dtype torch.uint8"):
+        fast(X.to(torch.uint8))
