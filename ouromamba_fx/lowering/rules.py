@@ -162,11 +162,13 @@ def keep_tag(src: fx.Node, dst: fx.Node, **extra) -> None:
 
 
 def cleanup(gm: fx.GraphModule) -> None:
-    """Drop dead nodes, then the module buffers no ``get_attr`` reads any more."""
+    """Drop dead nodes, then the module buffers no ``get_attr`` reads any more (buffers of the
+    modules the graph calls, such as a BatchNorm's running statistics, are theirs: kept)."""
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
     for name in [n for n, _ in gm.named_buffers()]:
-        if name not in used:
+        if name not in used and not name.startswith(called):
             *path, leaf = name.split(".")
             owner = gm.get_submodule(".".join(path)) if path else gm
             delattr(owner, leaf)
