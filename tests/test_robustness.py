@@ -282,3 +282,158 @@ def test_a_model_with_zero_dim_parameters_and_buffers_converts_lowers_and_saves(
     q2 = of.load(path, model=m)
     with torch.no_grad():
         assert torch.equal(q2(X), y)
+
+
+# --- files that are not checkpoints -------------------------------------------------------------------
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+
+from safetensors.torch import save_file  # noqa: E402
+
+from ouromamba_fx.errors import CheckpointError  # noqa: E402
+from ouromamba_fx.models import load as load_checkpoint  # noqa: E402
+
+
+class _Marker:
+    """Unpickling this would create a marker file (it must never happen)."""
+
+    path = ""
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+def _bad_checkpoints(d):
+    """name -> (path, pattern the CheckpointError message must match)."""
+    m = _tiny()
+    sd = m.state_dict()
+    good_pt, good_st = d / "good.pt", d / "good.safetensors"
+    torch.save(sd, good_pt)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(good_st))
+    raw_pt, raw_st = good_pt.read_bytes(), good_st.read_bytes()
+    cases = {}
+
+    def put(name, data, pattern):
+        p = d / name
+        p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+        cases[name] = (p, pattern)
+
+    def pt(name, obj, pattern, **kw):
+        torch.save(obj, d / name, **kw)
+        cases[name] = (d / name, pattern)
+
+    def changed(**kv):
+        out = dict(sd)
+        for k, v in kv.items():
+            k = k.replace("__", ".")
+            if v is None:
+                out.pop(k)
+            else:
+                out[k] = v
+        return out
+
+    put("text.pt", "hello, this is not a checkpoint\n", "not a checkpoint .*starts with b'hello")
+    put("text.safetensors", "hello, this is not a checkpoint\n", "not a safetensors file")
+    put("empty.pt", b"", "the file is empty; expected a Vision Mamba checkpoint")
+    put("empty.safetensors", b"", "the file is empty")
+    put("truncated.pt", raw_pt[: len(raw_pt) // 2], "damaged or truncated zip")
+    put("truncated.safetensors", raw_st[: len(raw_st) // 2], "not a readable safetensors file")
+    put("header.safetensors", (20).to_bytes(8, "little") + b"{not json at all!!!}" + b"\0" * 10,
+        "not a readable safetensors file")
+    put("huge_header.safetensors", (2 ** 62).to_bytes(8, "little") + b"{}", "declare a 4611686018427387904-byte header")
+    (d / "folder.pt").mkdir()
+    cases["folder.pt"] = (d / "folder.pt", "is a directory; expected a Vision Mamba checkpoint")
+    cases["missing.pt"] = (d / "missing.pt", "does not exist")
+    _Marker.path = str(d / "MARKER")
+    pt("code.pt", {"model": sd, "hook": _Marker()}, "refusing to unpickle it.*could run arbitrary code")
+    pt("legacy.pt", sd, "legacy \\(pre-zip\\) torch pickle", _use_new_zipfile_serialization=False)
+    pt("list.pt", [1, 2, 3], "expected a dict .*found list")
+    pt("strings.pt", {"a": "b"}, "entries are not tensors \\('a'\\)")
+    pt("shape.pt", changed(head__weight=torch.zeros(7, 31)), r"head.weight has shape \(7, 31\), expected \(classes, 32\)")
+    pt("keys.pt", changed(norm_f__weight=None, extra__w=torch.zeros(3)),
+       r"does not match VisionMamba:\s+missing keys \(1\): norm_f.weight\s+unexpected keys \(1\): extra.w")
+    pt("not_vim.pt", changed(layers__0__mixer__A_log=None), "not a Vision Mamba state dict \\(no 'layers.0.mixer.A_log'\\)")
+    pt("int.pt", changed(head__weight=torch.zeros(5, 32, dtype=torch.int64)), "not dense floating point.*head.weight")
+    pt("nan.pt", changed(head__weight=torch.full((5, 32), float("nan"))), "NaN or infinite values \\(head.weight\\)")
+    pt("proj2d.pt", changed(patch_embed__proj__weight=torch.zeros(32, 48)), "patch_embed.proj.weight has shape \\(32, 48\\)")
+    pt("deep.pt", changed(**{"layers__100000__norm__weight": torch.zeros(32)}), r"layers \[2, 3, 4.*are missing")
+    pt("huge_img.pt", {"model": sd, "args": argparse.Namespace(img_size=60000)},
+       "the file says img_size 60000, but pos_embed holds a 4x4 patch grid")
+    pt("img_range.pt", {"model": sd, "args": argparse.Namespace(img_size=10 ** 9)}, "img_size=1000000000 is out of range")
+    pt("stride.pt", {"model": sd, "args": argparse.Namespace(stride="abc")}, "stride must be an integer, got 'abc'")
+    pt("config.pt", {"model": sd, "config": [1, 2]}, "'config' must be a mapping")
+    pt("mean.pt", {"model": sd, "mean": "red"}, "mean must be 3 finite numbers")
+    pt("std.pt", {"model": sd, "std": [0.2, 0.0, 0.2]}, "std must be 3 finite numbers > 0")
+    pt("classes.pt", {"model": sd, "classes": ["a", "b"]}, "2 class names for a head of 5 classes")
+    for name, text, pattern in [("side_broken", "{not json", "not valid JSON"),
+                                ("side_list", '["a"]', "expected a JSON object")]:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(d / f"{name}.safetensors"))
+        (d / f"{name}.json").write_text(text)
+        cases[f"{name}.safetensors"] = (d / f"{name}.safetensors", pattern)
+    q = of.convert(m, calib=CALIB, show_progress=False)
+    try:
+        q.save(d / "quantized.safetensors")
+        cases["quantized.safetensors"] = (d / "quantized.safetensors",
+                                          "a quantized model saved by ouromamba-fx.*ouromamba_fx.load")
+    except OuroMambaError:
+        pass
+    from ouromamba_fx.gen import SyntheticCalib
+
+    SyntheticCalib(torch.randn(2, 3, 16, 16), torch.tensor([0, 1])).save(d / "synth.safetensors")
+    cases["synth.safetensors"] = (d / "synth.safetensors", "synthetic calibration images.*--calib")
+    return cases
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    return _bad_checkpoints(tmp_path_factory.mktemp("ckpt"))
+
+
+BAD_CHECKPOINT_NAMES = [
+    "text.pt", "text.safetensors", "empty.pt", "empty.safetensors", "truncated.pt", "truncated.safetensors",
+    "header.safetensors", "huge_header.safetensors", "folder.pt", "missing.pt", "code.pt", "legacy.pt",
+    "list.pt", "strings.pt", "shape.pt", "keys.pt", "not_vim.pt", "int.pt", "nan.pt", "proj2d.pt", "deep.pt",
+    "huge_img.pt", "img_range.pt", "stride.pt", "config.pt", "mean.pt", "std.pt", "classes.pt",
+    "side_broken.safetensors", "side_list.safetensors", "quantized.safetensors", "synth.safetensors"]
+
+
+@pytest.mark.parametrize("name", BAD_CHECKPOINT_NAMES)
+def test_a_bad_checkpoint_is_a_checkpoint_error_naming_the_file(bad_checkpoints, name):
+    if name not in bad_checkpoints:
+        pytest.skip("the quantized file could not be written (the file format's business)")
+    path, pattern = bad_checkpoints[name]
+    with pytest.raises(CheckpointError, match=pattern) as info:
+        load_checkpoint(path)
+    assert path.stem in str(info.value)
+    assert not (path.parent / "MARKER").exists()
+
+
+def test_good_checkpoints_still_load(bad_checkpoints):
+    d = bad_checkpoints["text.pt"][0].parent
+    ref = _tiny()
+    for name in ("good.pt", "good.safetensors"):
+        m = load_checkpoint(d / name, mean=(0.5,) * 3, std=(0.25,) * 3)
+        for (k, a), (_, b) in zip(m.state_dict().items(), ref.state_dict().items()):
+            assert torch.equal(a, b), k
+
+
+def test_a_zip_entry_declaring_more_bytes_than_the_file_is_refused_before_torch_reads_it(tmp_path):
+    import struct
+    import zipfile
+
+    torch.save(_tiny().state_dict(), tmp_path / "a.pt")
+    raw = bytearray((tmp_path / "a.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "a.pt") as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    # its central directory entry (signature PK\1\2): sizes at offsets 20 (compressed) and 24
+    at = raw.find(b"PK\x01\x02")
+    while at >= 0:
+        name_len = struct.unpack_from("<H", raw, at + 28)[0]
+        if raw[at + 46: at + 46 + name_len].decode() == info.filename:
+            break
+        at = raw.find(b"PK\x01\x02", at + 4)
+    struct.pack_into("<II", raw, at + 20, 1 << 31, 1 << 31)
+    (tmp_path / "b.pt").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="b.pt: zip entry .* declares 2147483648 bytes beyond the file"):
+        load_checkpoint(tmp_path / "b.pt")
