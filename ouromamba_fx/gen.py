@@ -358,24 +358,59 @@ class SyntheticCalib:
 
     @classmethod
     def load(cls, path: str | Path, batch_size: int = 32) -> "SyntheticCalib":
+        """Read a file written by :meth:`save`. Everything in it is checked before use (tensor
+        names, dtypes and shapes before they are read; finite images; targets in range; the JSON
+        metadata's types); any problem is a :class:`DataError` naming the file."""
         from safetensors import safe_open
 
-        if not Path(path).is_file():
-            raise DataError(f"SyntheticCalib.load: {str(path)!r} does not exist")
+        where = f"SyntheticCalib.load: {str(path)!r}"
+        p = Path(path)
+        if p.is_dir():
+            raise DataError(f"{where} is a directory; expected a .safetensors file written by "
+                            f"'ouromamba-fx gen' (SyntheticCalib.save)")
+        if not p.is_file():
+            raise DataError(f"{where} does not exist")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
-                    raise DataError(f"SyntheticCalib.load: {str(path)!r} is not a file written by "
-                                    f"SyntheticCalib.save (format {meta.get('format')!r})")
+                    what = ("a quantized model saved by ouromamba-fx" if "ouromamba_fx" in meta
+                            else f"format {meta.get('format')!r}" if meta.get("format") else "no format tag")
+                    raise DataError(f"{where} is not a file written by SyntheticCalib.save ({what}); "
+                                    f"expected synthetic calibration images from 'ouromamba-fx gen'")
+                keys = set(f.keys())
+                if keys != {"images", "targets"}:
+                    raise DataError(f"{where}: tensors {sorted(keys)[:6]}, expected exactly 'images' and 'targets'")
+                shapes = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
+                _check_synthetic_layout(where, shapes)
                 images, targets = f.get_tensor("images"), f.get_tensor("targets")
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - any read failure: say which file
-            raise DataError(f"SyntheticCalib.load: cannot read {str(path)!r}: {exc}") from exc
-        return cls(images, targets, settings=json.loads(meta.get("settings", "{}")),
-                   classes=json.loads(meta.get("classes", "[]")), mean=json.loads(meta.get("mean", "null")),
-                   std=json.loads(meta.get("std", "null")), batch_size=batch_size)
+            raise DataError(f"{where}: cannot read it as safetensors ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        settings = _json_field(where, meta, "settings", dict, {})
+        classes = _json_field(where, meta, "classes", list, [])
+        if not all(isinstance(c, str) for c in classes):
+            raise DataError(f"{where}: classes must be a list of names")
+        channels = images.shape[1]
+        mean = _json_field(where, meta, "mean", list, None)
+        std = _json_field(where, meta, "std", list, None)
+        for key, v in (("mean", mean), ("std", std)):
+            if v is not None and not (len(v) == channels and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+                    and (key == "mean" or min(v) > 0)):
+                raise DataError(f"{where}: {key} must be {channels} finite numbers"
+                                f"{' > 0' if key == 'std' else ''}, got {str(v)[:60]}")
+        if not bool(torch.isfinite(images).all()):
+            raise DataError(f"{where}: the images hold NaN or infinite values")
+        num_classes = settings.get("num_classes") or len(classes) or None
+        if targets.numel() and (int(targets.min()) < 0 or (isinstance(num_classes, int) and
+                                                           int(targets.max()) >= num_classes)):
+            raise DataError(f"{where}: targets outside [0, {num_classes}) "
+                            f"(found {int(targets.min())}..{int(targets.max())})")
+        return cls(images.float(), targets.long(), settings=settings, classes=classes, mean=mean, std=std,
+                   batch_size=batch_size)
 
     def to_pixels(self, images: torch.Tensor | None = None) -> torch.Tensor:
         """De-normalised uint8 images ``(N, H, W, C)``."""
@@ -422,6 +457,31 @@ class SyntheticCalib:
         if path is not None:
             sheet.save(str(path), format="PNG")
         return sheet
+
+
+def _check_synthetic_layout(where: str, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """``images`` float (N, C, H, W) with N, C, H, W >= 1; ``targets`` integer (N,)."""
+    (idt, ishape), (tdt, tshape) = shapes["images"], shapes["targets"]
+    if idt not in ("F16", "BF16", "F32", "F64") or len(ishape) != 4 or 0 in ishape:
+        raise DataError(f"{where}: images are {idt} {ishape}; expected float (N, C, H, W), none of them 0")
+    if tdt not in ("I8", "U8", "I16", "I32", "I64") or tshape != ishape[:1]:
+        raise DataError(f"{where}: targets are {tdt} {tshape}; expected integers ({ishape[0]},), one per image")
+
+
+def _json_field(where: str, meta: dict, key: str, kind: type, default):
+    """A JSON value of the file's metadata, of type ``kind`` (or null/absent: ``default``)."""
+    text = meta.get(key)
+    if text is None:
+        return default
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{where}: metadata {key!r} is not valid JSON ({e})") from None
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: metadata {key!r} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 # -------------------------------------------------------------------------------------------------

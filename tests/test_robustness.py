@@ -437,3 +437,60 @@ def test_a_zip_entry_declaring_more_bytes_than_the_file_is_refused_before_torch_
     (tmp_path / "b.pt").write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="b.pt: zip entry .* declares 2147483648 bytes beyond the file"):
         load_checkpoint(tmp_path / "b.pt")
+
+
+# --- synthetic calibration files ----------------------------------------------------------------------
+
+import json  # noqa: E402
+
+from ouromamba_fx.gen import FORMAT as SYNTH_FORMAT, SyntheticCalib  # noqa: E402
+
+_IMAGES, _TARGETS = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+_SYNTH_CASES = {
+    "int images": ({"images": torch.zeros(4, 3, 8, 8, dtype=torch.int32), "targets": _TARGETS}, {},
+                   r"images are I32 \(4, 3, 8, 8\); expected float"),
+    "3-d images": ({"images": torch.randn(4, 8, 8), "targets": _TARGETS}, {}, r"expected float \(N, C, H, W\)"),
+    "no images": ({"images": torch.zeros(0, 3, 8, 8), "targets": torch.zeros(0, dtype=torch.int64)}, {},
+                  "none of them 0"),
+    "nan images": ({"images": torch.full((4, 3, 8, 8), float("nan")), "targets": _TARGETS}, {}, "NaN or infinite"),
+    "float targets": ({"images": _IMAGES, "targets": _TARGETS.float()}, {}, r"targets are F32 \(4,\); expected integers"),
+    "short targets": ({"images": _IMAGES, "targets": _TARGETS[:2]}, {}, r"expected integers \(4,\)"),
+    "big target": ({"images": _IMAGES, "targets": torch.tensor([0, 1, 2, 99])}, {}, r"targets outside \[0, 10\)"),
+    "negative target": ({"images": _IMAGES, "targets": torch.tensor([0, -5, 2, 3])}, {}, "targets outside"),
+    "no targets": ({"images": _IMAGES}, {}, "expected exactly 'images' and 'targets'"),
+    "bad settings": ({"images": _IMAGES, "targets": _TARGETS}, {"settings": "{oops"}, "'settings' is not valid JSON"),
+    "list settings": ({"images": _IMAGES, "targets": _TARGETS}, {"settings": "[1]"}, "must be a JSON dict"),
+    "short mean": ({"images": _IMAGES, "targets": _TARGETS}, {"mean": "[0.5]"}, "mean must be 3 finite numbers"),
+    "zero std": ({"images": _IMAGES, "targets": _TARGETS}, {"std": "[0, 0, 0]"}, "std must be 3 finite numbers > 0"),
+    "numeric classes": ({"images": _IMAGES, "targets": _TARGETS}, {"classes": "[1, 2]"}, "list of names"),
+    "other format": ({"images": _IMAGES, "targets": _TARGETS}, {"format": "something/1"},
+                     "not a file written by SyntheticCalib.save"),
+}
+
+
+@pytest.mark.parametrize("case", list(_SYNTH_CASES))
+def test_a_bad_synthetic_calibration_file_is_a_data_error(tmp_path, case):
+    tensors, meta, pattern = _SYNTH_CASES[case]
+    base = {"format": SYNTH_FORMAT, "settings": json.dumps({"num_classes": 10}), "classes": "[]",
+            "mean": "[0.5, 0.5, 0.5]", "std": "[0.25, 0.25, 0.25]"}
+    path = tmp_path / "synth.safetensors"
+    save_file(tensors, str(path), metadata={**base, **meta})
+    with pytest.raises(DataError, match=pattern) as info:
+        SyntheticCalib.load(path)
+    assert "synth.safetensors" in str(info.value)
+
+
+def test_synthetic_calibration_paths_that_are_not_such_files(tmp_path):
+    (tmp_path / "d.safetensors").mkdir()
+    with pytest.raises(DataError, match="is a directory"):
+        SyntheticCalib.load(tmp_path / "d.safetensors")
+    (tmp_path / "t.safetensors").write_text("hello")
+    with pytest.raises(DataError, match="t.safetensors'?: cannot read it as safetensors"):
+        SyntheticCalib.load(tmp_path / "t.safetensors")
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(DataError, match="not a file written by SyntheticCalib.save"):
+        SyntheticCalib.load(tmp_path / "w.safetensors")
+    good = SyntheticCalib(_IMAGES, _TARGETS, mean=(0.5,) * 3, std=(0.25,) * 3)
+    good.save(tmp_path / "good.safetensors")
+    back = SyntheticCalib.load(tmp_path / "good.safetensors")
+    assert torch.equal(back.images, _IMAGES) and torch.equal(back.targets, _TARGETS)
