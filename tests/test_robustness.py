@@ -494,3 +494,70 @@ def test_synthetic_calibration_paths_that_are_not_such_files(tmp_path):
     good.save(tmp_path / "good.safetensors")
     back = SyntheticCalib.load(tmp_path / "good.safetensors")
     assert torch.equal(back.images, _IMAGES) and torch.equal(back.targets, _TARGETS)
+
+
+# --- image folders ----------------------------------------------------------------------------------
+
+import io  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from ouromamba_fx.data import ImageFolder, image_loader, read_image  # noqa: E402
+
+
+def _jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), "red").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _bomb(side: int) -> bytes:
+    """A PNG of a few kB declaring side x side pixels."""
+    buf = io.BytesIO()
+    Image.new("1", (side, side)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("content,pattern", [
+    (b"not an image", "is not an image PIL can read"),
+    (b"", "is not an image PIL can read"),
+    ("truncated", "cannot be read: OSError.*damaged or truncated"),
+    ("bomb", "decompression bomb"),
+])
+def test_unreadable_images_are_data_errors_naming_the_file(tmp_path, content, pattern):
+    data = {"truncated": _jpeg()[:300], "bomb": _bomb(10_000)}.get(content, content)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(data)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "y.jpg").write_bytes(_jpeg())
+    loader = image_loader(_tiny(), tmp_path, batch_size=2)
+    with pytest.raises(DataError, match=pattern) as info:
+        list(loader)
+    assert "x.jpg" in str(info.value)
+
+
+def test_the_pixel_limit_is_checked_before_decoding(tmp_path):
+    path = tmp_path / "x.png"
+    path.write_bytes(_bomb(64))
+    assert read_image(path).size == (64, 64)
+    with pytest.raises(DataError, match="declares 64x64 pixels, more than the 1000"):
+        read_image(path, max_pixels=1000)
+
+
+def test_image_folder_arguments_and_layouts(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jpg").write_bytes(_jpeg())
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(DataError, match="limit_per_class must be a whole number >= 1"):
+            ImageFolder(tmp_path, limit_per_class=bad)
+    with pytest.raises(DataError, match="batch_size must be a whole number >= 1, got 0"):
+        image_loader(_tiny(), tmp_path, batch_size=0)
+    with pytest.raises(DataError, match="is a file; expected a folder"):
+        ImageFolder(tmp_path / "a" / "x.jpg")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "dir.jpg").mkdir()  # a folder with an image's name is not an image
+    assert len(ImageFolder(tmp_path)) == 1
+    empty = tmp_path / "empty"
+    (empty / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        ImageFolder(empty)
