@@ -4,6 +4,8 @@ to user errors."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -561,3 +563,123 @@ def test_image_folder_arguments_and_layouts(tmp_path):
     (empty / "a").mkdir(parents=True)
     with pytest.raises(DataError, match="no images"):
         ImageFolder(empty)
+
+
+# --- the command line: user errors are one line, exit code 2, no traceback --------------------------
+
+from ouromamba_fx.cli import main as cli_main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_errors")
+    save_file(_tiny().state_dict(), str(d / "tiny.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for c in range(5):
+        (d / "data" / str(c)).mkdir(parents=True)
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(d / "data" / str(c) / "0.jpg")
+    (d / "folder").mkdir()
+    (d / "a_file").write_text("x")
+    return d
+
+
+@pytest.fixture(scope="module")
+def cli_quantized(cli_files):
+    out = cli_files / "q.safetensors"
+    code = cli_main(["convert", "--checkpoint", str(cli_files / "tiny.safetensors"), "--calib",
+                     str(cli_files / "data"), "--config", "W4A4O8", "--out", str(out)])
+    if code != 0 or not out.is_file():
+        pytest.skip("the quantized file could not be written (the file format's business)")
+    return out
+
+
+def _cli_cases():
+    """(id, argv with {d} for the files folder and {q} for a quantized file, message pattern)."""
+    ck = ["--checkpoint", "{d}/tiny.safetensors"]
+    data = ["--calib", "{d}/data"]
+    return [
+        ("config", ["convert", *ck, *data, "--config", "BOGUS"], "argument --config: unknown preset 'BOGUS'; known: W8A8"),
+        ("model", ["convert", "--model", "bogus", *data], "argument --model: unknown model 'bogus'; known: vim_tiny"),
+        ("model eval", ["eval", "--model", "bogus"], "unknown model 'bogus'"),
+        ("model no weights", ["eval", "--model", "vim_tiny_patch16_224"], "no weights are bundled for it.*--checkpoint FILE"),
+        ("gen n", ["gen", *ck, "--n", "0"], "argument --n: must be >= 1, got 0"),
+        ("gen batch", ["gen", *ck, "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        ("gen iters", ["gen", *ck, "--iters", "-1"], "argument --iters: must be >= 0"),
+        ("gen lr", ["gen", *ck, "--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+        ("gen temperature", ["gen", *ck, "--temperature", "0"], "argument --temperature: must be a finite number > 0"),
+        ("gen neighbourhood", ["gen", *ck, "--neighbourhood", "2"], "argument --neighbourhood: must be odd"),
+        ("gen n text", ["gen", *ck, "--n", "many"], "argument --n: 'many' is not a whole number"),
+        ("eval batch", ["eval", *ck, "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+        ("eval limit", ["eval", *ck, "--limit-per-class", "-1"], "argument --limit-per-class: must be >= 1, got -1"),
+        ("convert limit", ["convert", *ck, *data, "--limit-per-class", "-3"], "argument --limit-per-class: must be >= 1"),
+        ("convert gen-n", ["convert", *ck, "--gen-n", "0"], "argument --gen-n: must be >= 1"),
+        ("convert batch", ["convert", *ck, *data, "--eval", "--batch-size", "0"], "argument --batch-size: must be >= 1"),
+        ("bench repeats", ["bench", *ck, "--repeats", "0"], "argument --repeats: must be >= 1"),
+        ("bench threads", ["bench", *ck, "--threads", "0"], "argument --threads: must be >= 1"),
+        ("diff layer", ["diff", *ck, *data, "--layer", "99"], r"--layer 99 is out of range: the model has layers 0..1"),
+        ("diff negative layer", ["diff", *ck, *data, "--layer", "-1"], "argument --layer: must be >= 0"),
+        ("diff role", ["diff", *ck, *data, "--role", "bogus"], "argument --role: invalid choice: 'bogus'"),
+        ("diff pass", ["diff", *ck, *data, "--pass", "nope", "--pass", "calibrate"], "--pass 'nope': no such pass; passes: capture"),
+        ("diff one pass", ["diff", *ck, *data, "--pass", "calibrate"], "give two pass names"),
+        ("out missing folder", ["convert", *ck, *data, "--out", "{d}/nowhere/q.safetensors"],
+         "--out '.*nowhere/q.safetensors': the folder '.*nowhere' does not exist"),
+        ("out under a file", ["convert", *ck, *data, "--out", "{d}/a_file/q.safetensors"], "the folder '.*a_file' does not exist"),
+        ("out a folder", ["convert", *ck, *data, "--out", "{d}/folder"], "--out '.*folder' is a folder; give a file name"),
+        ("gen out a folder", ["gen", *ck, "--n", "2", "--iters", "0", "--out", "{d}/folder"], "--out '.*folder' is a folder"),
+        ("gen grid", ["gen", *ck, "--n", "2", "--iters", "0", "--out", "{d}/s.safetensors", "--grid", "{d}/nowhere/g.png"],
+         "--grid '.*nowhere/g.png': the folder"),
+        ("png", ["inspect", "{q}", "--png", "{d}/nowhere/x.png"], "--png '.*nowhere/x.png': the folder '.*nowhere' does not exist"),
+        ("png a folder", ["inspect", "{q}", "--png", "{d}/folder"], "--png '.*folder' is a folder"),
+        ("outliers layer", ["inspect", "{q}", "--outliers", "99"], r"no outlier map for layer 99; layers with maps: \[0, 1\]"),
+        ("inspect folder", ["inspect", "{d}/folder"], "file '.*folder' is a folder; expected a file"),
+        ("inspect missing", ["inspect", "{d}/missing.safetensors"], "does not exist"),
+        ("inspect float checkpoint", ["inspect", "{d}/tiny.safetensors"], "not a quantized model saved by ouromamba-fx"),
+        ("checkpoint missing", ["eval", "--checkpoint", "{d}/missing.pt"], "checkpoint '.*missing.pt' does not exist"),
+        ("checkpoint folder", ["eval", "--checkpoint", "{d}/folder"], "is a directory; expected a Vision Mamba checkpoint"),
+        ("checkpoint text", ["eval", "--checkpoint", "{d}/a_file"], "a_file: not a checkpoint"),
+        ("checkpoint quantized", ["eval", "--checkpoint", "{q}"], "a quantized model saved by ouromamba-fx.*--quantized"),
+        ("data missing", ["eval", *ck, "--data", "{d}/missing"], "--data '.*missing' does not exist"),
+        ("data a file", ["eval", *ck, "--data", "{d}/a_file"], "--data '.*a_file' is a file; expected a folder"),
+        ("eval folder", ["convert", *ck, *data, "--eval", "{d}/missing"], "--eval '.*missing' does not exist"),
+        ("calib missing", ["convert", *ck, "--calib", "{d}/missing.safetensors"], "--calib '.*missing.safetensors' does not exist"),
+        ("calib a checkpoint", ["convert", *ck, "--calib", "{d}/tiny.safetensors"], "not a file written by SyntheticCalib.save"),
+        ("quantized a float file", ["eval", *ck, "--quantized", "{d}/tiny.safetensors"], "not a quantized model saved by ouromamba-fx"),
+        ("no command", [], "the following arguments are required: command"),
+    ]
+
+
+@pytest.mark.parametrize("case", _cli_cases(), ids=lambda c: c[0])
+def test_cli_user_errors_are_one_line(cli_files, cli_quantized, capsys, case):
+    _, argv, pattern = case
+    argv = [a.replace("{d}", str(cli_files)).replace("{q}", str(cli_quantized)) for a in argv]
+    capsys.readouterr()
+    assert cli_main(argv) == 2
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert lines[0].startswith("ouromamba-fx")
+    # found before any work: nothing converted, generated or written
+    assert "converting" not in captured.out and "OuroMamba-Gen" not in captured.err
+    assert not (cli_files / "s.safetensors").exists()
+
+
+def test_cli_a_write_failing_after_the_work_is_one_line(cli_files, capsys, monkeypatch):
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(SyntheticCalib, "save", full_disk)
+    out = cli_files / "late.safetensors"
+    capsys.readouterr()
+    assert cli_main(["gen", "--checkpoint", str(cli_files / "tiny.safetensors"), "--n", "2", "--iters", "0",
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if "error:" in ln]  # (gen's status line goes to stderr too)
+    assert len(errors) == 1 and "Traceback" not in err and err.splitlines()[-1] == errors[0]
+    assert re.search(r"--out '.*late.safetensors' could not be written: .*No space left on device", errors[0])
+
+
+def test_cli_help_still_exits_zero(capsys):
+    assert cli_main(["convert", "--help"]) == 0
+    assert "examples:" in capsys.readouterr().out
