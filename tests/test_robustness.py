@@ -683,3 +683,12 @@ def test_cli_a_write_failing_after_the_work_is_one_line(cli_files, capsys, monke
 def test_cli_help_still_exits_zero(capsys):
     assert cli_main(["convert", "--help"]) == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_an_unknown_model_name_is_a_library_error_and_still_a_key_error(bad_checkpoints):
+    from ouromamba_fx.errors import UnknownNameError
+
+    good = bad_checkpoints["text.pt"][0].parent / "good.pt"
+    with pytest.raises(UnknownNameError, match="^unknown model 'bogus'; known: vim_tiny") as info:
+        load_checkpoint(good, name="bogus")
+    assert isinstance(info.value, KeyError) and isinstance(info.value, OuroMambaError)

@@ -33,8 +33,10 @@ BUNDLED = {"vim_cifar_d128_l8": "vim_cifar_d128_l8.safetensors"}
 
 
 def config_for(name: str) -> VimConfig:
+    from ouromamba_fx.errors import UnknownNameError
+
     if name not in CONFIGS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
+        raise UnknownNameError(f"unknown model {name!r}; known: {', '.join(CONFIGS)}")
     return CONFIGS[name]
 
 
