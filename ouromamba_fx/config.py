@@ -248,6 +248,9 @@ PRESETS = {c.name: c for c in (W8A8, W8A8O8, W6A6, W4A8, W4A4O8, W8A8_RTN, W8A8_
 
 
 def preset(name: str) -> QuantConfig:
+    """The preset called ``name`` (``"W8A8"``, ``"W4A4O8"``, ...)."""
+    from ouromamba_fx.errors import UnknownNameError
+
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise UnknownNameError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name]

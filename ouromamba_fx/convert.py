@@ -11,7 +11,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ouromamba_fx.capture import META, capture, tag
-from ouromamba_fx.config import W8A8, QuantConfig
+from ouromamba_fx.config import W8A8, QuantConfig, preset
 from ouromamba_fx.checks import check_model, check_not_quantized, strict_error, unknown_mixers
 from ouromamba_fx.errors import CaptureError, DataError, InferenceOnlyError, InputError, OuroMambaError
 from ouromamba_fx.lowering.outlier import outlier_fraction
@@ -324,7 +324,7 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             (the default): data-free, ``ouromamba_fx.gen(model, **gen_options)`` synthesises them
             (OuroMamba-Gen; about 7 minutes for 128 images of the reference model on 2 CPU cores),
             and the log and report say so.
-        config: a :class:`QuantConfig` or preset (``W8A8``, ``W6A6``, ``W4A8``, ``W4A4O8``).
+        config: a :class:`QuantConfig`, a preset (``W8A8``, ``W6A6``, ``W4A8``, ``W4A4O8``) or its name.
         passes: replace the default pipeline (see :func:`default_passes`). Such a model cannot be
             saved: loading rebuilds the graph with the default pipeline.
         gen_options: keyword arguments for :func:`ouromamba_fx.gen` when ``calib`` is None
@@ -354,8 +354,11 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     for mod, typ in unknown.items():
         warnings.warn(f"convert: '{mod}' ({typ}) looks like a mixer the capture does not know; it stays "
                       f"in float (strict=True makes this an error)", stacklevel=2)
+    if isinstance(config, str):
+        config = preset(config)
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"convert: config must be a QuantConfig (e.g. ouromamba_fx.W8A8), got {type(config).__name__}")
+        raise TypeError(f"convert: config must be a QuantConfig or a preset name (e.g. ouromamba_fx.W8A8 "
+                        f"or \"W8A8\"), got {type(config).__name__}")
     if calib is not None and gen_options:
         raise ValueError("convert: gen_options only apply when calib is None (data-free); "
                          "drop one of them")

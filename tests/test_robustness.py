@@ -692,3 +692,14 @@ def test_an_unknown_model_name_is_a_library_error_and_still_a_key_error(bad_chec
     with pytest.raises(UnknownNameError, match="^unknown model 'bogus'; known: vim_tiny") as info:
         load_checkpoint(good, name="bogus")
     assert isinstance(info.value, KeyError) and isinstance(info.value, OuroMambaError)
+
+
+def test_presets_by_name_and_unknown_names():
+    from ouromamba_fx.config import preset
+    from ouromamba_fx.errors import UnknownNameError
+
+    assert preset("W4A4O8") is of.W4A4O8
+    with pytest.raises(UnknownNameError, match="unknown preset 'BOGUS'; known: W8A8"):
+        preset("BOGUS")
+    with pytest.raises(UnknownNameError):
+        of.convert(VisionMamba(tiny_config()).eval(), calib=torch.randn(2, 3, 16, 16), config="BOGUS")
