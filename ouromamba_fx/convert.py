@@ -10,11 +10,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ouromamba_fx.capture import META, capture, tag
+from ouromamba_fx.capture import capture
 from ouromamba_fx.config import W8A8, QuantConfig, preset
 from ouromamba_fx.checks import check_model, check_not_quantized, strict_error, unknown_mixers
 from ouromamba_fx.errors import CaptureError, DataError, InferenceOnlyError, InputError, OuroMambaError
 from ouromamba_fx.lowering.outlier import outlier_fraction
+from ouromamba_fx.numerics import is_float
 from ouromamba_fx.outliers import site_outlier_map
 from ouromamba_fx.passes.act_scales import ChooseActScales
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
@@ -26,6 +27,7 @@ from ouromamba_fx.passes.weights import QuantizeWeights
 from ouromamba_fx.progress import console
 from ouromamba_fx.qparams import sqnr
 from ouromamba_fx.models.identity import model_identity
+from ouromamba_fx.tags import op_nodes, tag
 
 
 def default_passes(config: QuantConfig, input_shape: tuple[int, ...] | None = None) -> list[Pass]:
@@ -74,11 +76,6 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def op_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The mixer operations of a graph (linear, conv, scan), not the q/dq or weight helpers."""
-    return [n for n in gm.graph.nodes if tag(n) is not None and not tag(n).get("kind")]
-
-
 def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
     """For each quantized activation input of ``node``: its input name -> (bits, granularity)."""
     found = {}
@@ -88,7 +85,7 @@ def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
             qt = tag(a.args[0]) or {}
             found[qt.get("input", "x")] = (qt["bits"], qt["granularity"])
         elif t.get("kind") == "quantize_mixed":
-            bits = f"{t['bits']}" + (f"O{t['outlier_bits']}" if t["outlier_bits"] < 16 else "O16")
+            bits = f"{t['bits']}" + ("O16" if is_float(t["outlier_bits"]) else f"O{t['outlier_bits']}")
             found[t.get("input", "x")] = (bits, t["granularity"])
     return found
 

@@ -89,12 +89,13 @@ from ouromamba_fx.checks import check_model
 from ouromamba_fx.errors import DataError, OuroMambaError
 from ouromamba_fx.models.mixer import MambaMixer
 from ouromamba_fx.progress import console, progress_bar
+from ouromamba_fx.version import QUANTIZED_META_KEY, SYNTHETIC_FORMAT
 
 __all__ = ["gen", "SyntheticCalib", "record_scan", "patch_features", "cosine_similarity_matrix",
            "info_nce", "contrastive_loss", "gen_losses", "DEFAULTS"]
 
 LOSSES = ("full", "output", "contrastive")
-FORMAT = "ouromamba_fx.SyntheticCalib/1"
+FORMAT = SYNTHETIC_FORMAT
 
 # Defaults of :func:`gen`, in one place (the CLI and the benchmark read them too). See the module
 # docstring and benchmarks/gen_time.md for how they were chosen on the reference model.
@@ -374,7 +375,7 @@ class SyntheticCalib:
             with safe_open(str(p), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
-                    what = ("a quantized model saved by ouromamba-fx" if "ouromamba_fx" in meta
+                    what = ("a quantized model saved by ouromamba-fx" if QUANTIZED_META_KEY in meta
                             else f"format {meta.get('format')!r}" if meta.get("format") else "no format tag")
                     raise DataError(f"{where} is not a file written by SyntheticCalib.save ({what}); "
                                     f"expected synthetic calibration images from 'ouromamba-fx gen'")

@@ -19,6 +19,7 @@ from rich.style import Style
 from rich.text import Text
 from torch import Tensor
 
+from ouromamba_fx import numerics
 from ouromamba_fx.errors import OuroMambaError
 from ouromamba_fx.lowering.outlier import as_rows, outlier_mask, resample_steps
 
@@ -29,7 +30,7 @@ def site_outlier_map(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_a
     ``quantize_mixed`` node."""
     rows = as_rows(x.float(), token_axis, channel_axis)
     s_in = resample_steps(inlier_scale.reshape(-1), rows.shape[1])
-    mask = outlier_mask(rows, s_in, 2 ** (inlier_bits - 1) - 1, k, n_refresh)
+    mask = outlier_mask(rows, s_in, numerics.qmax(inlier_bits), k, n_refresh)
     return mask.float().mean(dim=0)
 
 

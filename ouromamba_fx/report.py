@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from rich.table import Table
 from rich.text import Text
 
-from ouromamba_fx.capture import tag
 from ouromamba_fx.diff import render
+from ouromamba_fx.numerics import is_float
+from ouromamba_fx.tags import op_nodes, scan_site, tag
 
 
 @dataclass
@@ -29,7 +30,7 @@ def _site_name(node) -> str:
     if t.get("target"):
         return t["target"]
     if t["role"] == "scan":
-        return f"{t['module']}.scan" + ("_b" if t["direction"] == "bwd" else "")
+        return scan_site(t)
     return str(node.target)
 
 
@@ -58,7 +59,7 @@ class Report:
 
     @classmethod
     def of(cls, q) -> "Report":
-        from ouromamba_fx.convert import node_input_bits, op_nodes
+        from ouromamba_fx.convert import node_input_bits
 
         rows = []
         for n in op_nodes(q.graph_module):
@@ -68,7 +69,7 @@ class Report:
                 continue
             weight = f"W{t['weight_bits']} {t['weight_granularity']}" if "weight_bits" in t else "float"
             if t.get("reparam"):
-                weight = ("state float" if t["state_bits"] >= 16 else f"state S{t['state_bits']} per_step") + \
+                weight = ("state float" if is_float(t["state_bits"]) else f"state S{t['state_bits']} per_step") + \
                     (", r_N folded" if t.get("folded_r_n") else "")
             groups: dict = {}
             for name, spec in ins.items():

@@ -60,13 +60,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ouromamba_fx import numerics
 from ouromamba_fx.config import QuantConfig
 from ouromamba_fx.errors import CheckpointError, OuroMambaError
 from ouromamba_fx.plaindata import PlainDataError, from_plain
+from ouromamba_fx.tags import op_nodes, tag
+from ouromamba_fx.version import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, QUANTIZED_META_KEY, __version__
 
-FORMAT = "ouromamba_fx.quantized"
-FORMAT_VERSION = 2
-META_KEY = "ouromamba_fx"
+FORMAT = QUANTIZED_FORMAT
+FORMAT_VERSION = QUANTIZED_FORMAT_VERSION
+META_KEY = QUANTIZED_META_KEY
 STATS = "__stats__/"
 INT4 = ".int4"
 MAX_HEADER = 64 * 2**20  # characters of the JSON document
@@ -122,8 +125,6 @@ def graph_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
 
 def weight_bits(gm: fx.GraphModule) -> dict[str, int]:
     """get_attr target of each quantized weight -> its bit width (from the consumer's tag)."""
-    from ouromamba_fx.capture import tag
-
     out = {}
     for n in gm.graph.nodes:
         bits = (tag(n) or {}).get("weight_bits")
@@ -166,7 +167,6 @@ def save(q, path: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    import ouromamba_fx
     from ouromamba_fx.lowering.qlinear import pack_int4
     from ouromamba_fx.models.identity import ARCHITECTURES
 
@@ -194,7 +194,7 @@ def save(q, path: str | Path) -> Path:
         tensors[f"{STATS}outlier_map/{site}"] = m.detach().float().contiguous()
     example = ref.example_shape or ref.input_shape
     header = Header(
-        format=FORMAT, format_version=FORMAT_VERSION, library_version=ouromamba_fx.__version__,
+        format=FORMAT, format_version=FORMAT_VERSION, library_version=__version__,
         torch_version=torch.__version__.split("+")[0], config=q.config,
         model=ModelRecord(ident["class"], ident["fingerprint"],
                           ident.get("config") if ident["class"] in ARCHITECTURES else None),
@@ -345,7 +345,7 @@ def _check_value(name: str, v: torch.Tensor, bits: int | None, where: str) -> No
         if name.endswith(_POSITIVE) and v.numel() and not bool((v > 0).all()):
             raise CheckpointError(f"{where}: scale tensor {name!r} holds values <= 0")
     elif bits is not None and v.numel():
-        qmax = 2 ** (bits - 1) - 1  # weights are quantized symmetrically: [-qmax, qmax]
+        qmax = numerics.qmax(bits)  # weights are quantized symmetrically: [-qmax, qmax]
         lo, hi = int(v.min()), int(v.max())
         if lo < -qmax or hi > qmax:
             raise CheckpointError(f"{where}: {bits}-bit weight {name!r} holds values in [{lo}, {hi}]")
@@ -448,7 +448,7 @@ def load(path: str | Path, model: nn.Module | None = None):
         >>> q = ouromamba_fx.load("vim_w8a8.safetensors")   # doctest: +SKIP
         >>> print(q.report())                               # doctest: +SKIP
     """
-    from ouromamba_fx.convert import QuantizedModel, model_name, op_nodes
+    from ouromamba_fx.convert import QuantizedModel, model_name
     from ouromamba_fx.models.identity import model_identity
 
     path = Path(path)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.capture import tag
+from ouromamba_fx.tags import tag
 from ouromamba_fx.config import ActQuant, KScale, OutlierQuant, QuantConfig, Reparam, WeightQuant
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref
 from ouromamba_fx.lowering.qscan import SCAN_Q_OP, scan_state_stats, selective_scan_q_ref

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.capture import capture, tag
+from ouromamba_fx.capture import capture
 from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
 from ouromamba_fx.passes import (ActObserver, Calibrate, ChooseActScales, Context, InsertObservers,
                                  Pass, PassError, PassManager, QuantizeActivations, QuantizeWeights)
 from ouromamba_fx.qparams import sqnr
+from ouromamba_fx.tags import tag
 
 X = torch.randn(8, 3, 16, 16)
 

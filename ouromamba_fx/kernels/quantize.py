@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ouromamba_fx.numerics import EPS
+
 __all__ = ["quantize_rows", "quantize_rows_ref", "outlier_split", "outlier_split_ref", "EPS"]
 
-EPS = 1e-8
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: add + subtract rounds a float32 half to even
 
 

@@ -23,9 +23,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ouromamba_fx import numerics
 from ouromamba_fx.lowering import cpu_gemm
-from ouromamba_fx.lowering.outlier import EPS, as_rows, from_rows, outlier_mask, resample_steps
+from ouromamba_fx.lowering.outlier import as_rows, from_rows, outlier_mask, resample_steps
 from ouromamba_fx.lowering.quant import dequantize_ref, quantize_ref
+from ouromamba_fx.numerics import EPS, is_float
 
 
 def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -49,7 +51,7 @@ def outlier_mask_op(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_ax
     1 elsewhere), resampled as the reference does when ``x`` has another sequence length."""
     rows = as_rows(x.float(), token_axis, channel_axis)
     s_in = resample_steps(inlier_scale.reshape(-1).float(), rows.shape[1])
-    mask = outlier_mask(rows, s_in, 2 ** (inlier_bits - 1) - 1, k, n_refresh)
+    mask = outlier_mask(rows, s_in, numerics.qmax(inlier_bits), k, n_refresh)
     mask = from_rows(mask, x, token_axis, channel_axis).contiguous()
     return mask, s_in.reshape(_step_scale_shape(x, token_axis)).clone()
 
@@ -71,11 +73,11 @@ def mixed_fake_quant(x: Tensor, mask: Tensor, step_scale: Tensor, channel_axis: 
     ``outlier_bits >= 16``. Elementwise ops and one exact max: the reference's numbers, and
     plain torch, so Inductor fuses it with what produces ``x``."""
     x = x.float()
-    qi = 2 ** (inlier_bits - 1) - 1
+    qi = numerics.qmax(inlier_bits)
     x_in = torch.round(x.masked_fill(mask, 0.0) / step_scale).clamp(-qi, qi) * step_scale
-    if outlier_bits >= 16:
+    if is_float(outlier_bits):
         return torch.where(mask, x, x_in)
-    qo = 2 ** (outlier_bits - 1) - 1
+    qo = numerics.qmax(outlier_bits)
     out = x.masked_fill(~mask, 0.0)
     s_o = (out.abs().amax(channel_axis, keepdim=True) / qo).clamp_min(EPS)
     return torch.where(mask, torch.round(out / s_o).clamp(-qo, qo) * s_o, x_in)

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ouromamba_fx import numerics
 from ouromamba_fx.lowering.scan import LazyCpuExtension
 
 _EXT = LazyCpuExtension("mixer_ops", Path(__file__).resolve().parent / "csrc" / "mixer_ops.cpp",
@@ -166,7 +167,7 @@ def mixed_fake_quant_op(x: Tensor, inlier_scale: Tensor, token_axis: int, channe
         # the layout the fake implementation promises
         return from_rows(as_rows(ref, token_axis, channel_axis).contiguous(), x, token_axis, channel_axis)
     rows, s_in = _mixed_rows(x, inlier_scale, token_axis, channel_axis)
-    (y,) = _extension().mixed_quant(rows, s_in, 2 ** (inlier_bits - 1) - 1, float(k), int(n_refresh), True, 0)
+    (y,) = _extension().mixed_quant(rows, s_in, numerics.qmax(inlier_bits), float(k), int(n_refresh), True, 0)
     return from_rows(y, x, token_axis, channel_axis)
 
 
@@ -292,7 +293,7 @@ def w4a4o8_linear_mixed(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_sca
                                 lambda: _dequantized_int4(w_packed, w_scale, k).t().contiguous())
     b = torch.empty(0) if bias is None else bias.detach().float().contiguous()
     s_out = _step_scales(out_scale, rows.shape[1])
-    y = ext.linear_mixed_fake(xq, w_kn, b, s_out, 2 ** (out_bits - 1) - 1, float(out_k), int(out_refresh))
+    y = ext.linear_mixed_fake(xq, w_kn, b, s_out, numerics.qmax(out_bits), float(out_k), int(out_refresh))
     return y.view(*x.shape[:-1], w_packed.shape[0])
 
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-8
+from ouromamba_fx import numerics
+from ouromamba_fx.numerics import EPS, is_float
 
 
 def as_rows(x: Tensor, token_axis: int, channel_axis: int) -> Tensor:
@@ -82,12 +83,12 @@ def mixed_fake_quant_rows(rows: Tensor, s_in: Tensor, mask: Tensor, inlier_bits:
                           outlier_bits: int) -> Tensor:
     """Dequantized rows: inliers at ``inlier_bits`` with ``s_in`` (L,), outliers at
     ``outlier_bits`` with a dynamic per-token scale (kept in float when ``outlier_bits >= 16``)."""
-    qi = 2 ** (inlier_bits - 1) - 1
+    qi = numerics.qmax(inlier_bits)
     s = s_in.reshape(1, -1, 1)
     x_in = torch.round(rows.masked_fill(mask, 0.0) / s).clamp_(-qi, qi) * s
-    if outlier_bits >= 16:
+    if is_float(outlier_bits):
         return torch.where(mask, rows, x_in)
-    qo = 2 ** (outlier_bits - 1) - 1
+    qo = numerics.qmax(outlier_bits)
     out = rows.masked_fill(~mask, 0.0)
     s_o = (out.abs().amax(-1, keepdim=True) / qo).clamp_min(EPS)
     x_out = torch.round(out / s_o).clamp_(-qo, qo) * s_o
@@ -98,7 +99,7 @@ def quantize_mixed_ref(x: Tensor, inlier_scale: Tensor, token_axis: int, channel
                        inlier_bits: int, outlier_bits: int, k: float, n_refresh: int) -> Tensor:
     rows = as_rows(x.float(), token_axis, channel_axis)
     s_in = resample_steps(inlier_scale.reshape(-1), rows.shape[1])
-    mask = outlier_mask(rows, s_in, 2 ** (inlier_bits - 1) - 1, k, n_refresh)
+    mask = outlier_mask(rows, s_in, numerics.qmax(inlier_bits), k, n_refresh)
     return from_rows(mixed_fake_quant_rows(rows, s_in, mask, inlier_bits, outlier_bits), x,
                      token_axis, channel_axis)
 
@@ -125,5 +126,5 @@ def outlier_fraction(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_a
     takes the same arguments as ``quantize_mixed`` so reports can call it on a node's inputs."""
     rows = as_rows(x.float(), token_axis, channel_axis)
     s_in = resample_steps(inlier_scale.reshape(-1), rows.shape[1])
-    mask = outlier_mask(rows, s_in, 2 ** (inlier_bits - 1) - 1, k, n_refresh)
+    mask = outlier_mask(rows, s_in, numerics.qmax(inlier_bits), k, n_refresh)
     return mask.float().mean(dim=(0, 2))

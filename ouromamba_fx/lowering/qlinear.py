@@ -69,9 +69,10 @@ from torch import Tensor
 
 from ouromamba_fx.lowering import cpu_gemm
 from ouromamba_fx.lowering.quant import quantize_ref
+from ouromamba_fx.numerics import EPS, int8_qmax
 
 __all__ = [
-    "EPS", "qmax_for_bits", "pack_int4", "unpack_int4", "int_matmul_ref",
+    "pack_int4", "unpack_int4", "int_matmul_ref",
     "quantize_per_token", "quantize_per_token_ref",
     "outlier_split", "outlier_split_ref",
     "int8_linear", "int8_linear_ref",
@@ -79,20 +80,12 @@ __all__ = [
     "w4a4o8_linear", "w4a4o8_linear_ref",
 ]
 
-EPS = 1e-8  # smallest dynamic scale: an all-zero row quantizes to zeros, never divides by zero
 _OUTLIER_BITS = 8
 _W4A4O8_INLIER_BITS = 4
 # Gather the outlier columns for the outlier GEMM when at most this fraction of K holds outliers.
 _SPARSE_OUTLIER_MAX_FRACTION = 0.5
 # Largest K for which an fp32 product of 8-bit activations and int4 weights is exact: 127*8*K < 2**24.
 _FP32_EXACT_MAX_K = (2 ** 24 - 1) // (127 * 8)
-
-
-def qmax_for_bits(bits: int) -> int:
-    """Largest symmetric level for ``bits``: 7 for 4 bits, 127 for 8 bits (int8 storage: 2..8)."""
-    if not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an int in [2, 8] (int8 storage), got {bits!r}")
-    return 2 ** (bits - 1) - 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +149,7 @@ def _quantize_sym_ref(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 def quantize_per_token_ref(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Definition of ``ouromamba::quantize_per_token``."""
-    qmax = qmax_for_bits(bits)
+    qmax = int8_qmax(bits)
     x = x.float()
     scale = _symmetric_scale(_amax_rows(x), qmax)
     return _quantize_sym_ref(x, scale, qmax), scale
@@ -165,8 +158,8 @@ def quantize_per_token_ref(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
 def outlier_split_ref(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor],
                       inlier_bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Definition of ``ouromamba::outlier_split``."""
-    qmax_in = qmax_for_bits(inlier_bits)
-    qmax_out = qmax_for_bits(_OUTLIER_BITS)
+    qmax_in = int8_qmax(inlier_bits)
+    qmax_out = int8_qmax(_OUTLIER_BITS)
     x = x.float()
     x_in = torch.where(mask, 0.0, x)
     x_out = torch.where(mask, x, 0.0)
@@ -265,7 +258,7 @@ def _check_int8_linear(x_q, x_scale, w_q, w_scale, bias) -> None:
 
 
 def _check_outlier_split(x, mask, inlier_scale, inlier_bits) -> None:
-    qmax_for_bits(inlier_bits)
+    int8_qmax(inlier_bits)
     _check_float("x", x)
     if x.dim() != 2:
         raise ValueError(f"outlier_split expects x of shape (M, K), got {tuple(x.shape)}")
@@ -346,14 +339,14 @@ def _quantize_rows(x: Tensor, scale: Tensor, qmax: int) -> Tensor:
 
 
 def _quantize_per_token_fast(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    qmax = qmax_for_bits(bits)
+    qmax = int8_qmax(bits)
     x = x.float()
     scale = _amax_rows(x).div_(qmax).clamp_min_(EPS)
     return _quantize_rows(x, scale, qmax), scale
 
 
 def _outlier_split_fast(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor], inlier_bits: int):
-    qmax_in = qmax_for_bits(inlier_bits)
+    qmax_in = int8_qmax(inlier_bits)
     x = x.float()
     x_in = x.masked_fill(mask, 0.0)
     x_out = x.masked_fill(~mask, 0.0)
@@ -409,7 +402,7 @@ def _w4a4o8_linear_fast(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> Te
     m2 = mask.reshape(-1, k)
     s_static = None if inlier_scale is None else inlier_scale.float().expand(*lead, 1).reshape(-1, 1)
     w = unpack_int4(w_packed, k)
-    qmax_in = qmax_for_bits(_W4A4O8_INLIER_BITS)
+    qmax_in = int8_qmax(_W4A4O8_INLIER_BITS)
     x_in = x2.masked_fill(m2, 0.0)
     s_in = s_static.clone() if s_static is not None else _amax_rows(x_in).div_(qmax_in).clamp_min_(EPS)
     y = _float_in_place(_int_mm(_quantize_rows(x_in, s_in, qmax_in), w)).mul_(s_in)
@@ -445,7 +438,7 @@ def _w4a4o8_linear_fast(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> Te
 def _quantize_per_token_cuda(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     _check_float("x", x)
     from ouromamba_fx.kernels.quantize import quantize_rows
-    q, s = quantize_rows(x.reshape(-1, x.shape[-1]), qmax_for_bits(bits))
+    q, s = quantize_rows(x.reshape(-1, x.shape[-1]), int8_qmax(bits))
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
@@ -453,7 +446,7 @@ def _outlier_split_cuda(x, mask, inlier_scale, inlier_bits):
     _check_outlier_split(x, mask, inlier_scale, inlier_bits)
     from ouromamba_fx.kernels.quantize import outlier_split as outlier_split_triton
     s = None if inlier_scale is None else inlier_scale.float().expand(x.shape[0], 1)
-    return outlier_split_triton(x, mask, s, qmax_for_bits(inlier_bits))
+    return outlier_split_triton(x, mask, s, int8_qmax(inlier_bits))
 
 
 def _int8_linear_cuda(x_q, x_scale, w_q, w_scale, bias):
@@ -479,7 +472,7 @@ def _w4a4o8_linear_cuda(x, mask, inlier_scale, w_packed, w_scale, bias, k):
     lead = x.shape[:-1]
     s = None if inlier_scale is None else inlier_scale.float().expand(*lead, 1).reshape(-1, 1)
     q_in, s_in, q_out, s_out = outlier_split_triton(x.reshape(-1, k), mask.reshape(-1, k), s,
-                                                    qmax_for_bits(_W4A4O8_INLIER_BITS))
+                                                    int8_qmax(_W4A4O8_INLIER_BITS))
     y = int4_gemm(q_in, s_in, w_packed, w_scale, bias, q_out, s_out)
     return y.reshape(*lead, w_packed.shape[0])
 
@@ -492,14 +485,14 @@ def _w4a4o8_linear_cuda(x, mask, inlier_scale, w_packed, w_scale, bias, k):
 def quantize_per_token(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     """Dynamic symmetric per-row quantization of ``x`` (..., K) to ``bits``; see module docstring."""
     _check_float("x", x)
-    qmax_for_bits(bits)
+    int8_qmax(bits)
     return _quantize_per_token_fast(x, bits)
 
 
 @quantize_per_token.register_fake
 def _(x, bits):
     _check_float("x", x)
-    qmax_for_bits(bits)
+    int8_qmax(bits)
     return (torch.empty(x.shape, dtype=torch.int8, device=x.device),
             torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device))
 

@@ -81,8 +81,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ouromamba_fx.kernels.scan_ref import selective_scan_ref  # noqa: F401  (same semantics)
+from ouromamba_fx import numerics
 from ouromamba_fx.lowering.scan import LazyCpuExtension
+from ouromamba_fx.numerics import is_float
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
@@ -171,7 +172,7 @@ def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     n = A.shape[1]
     r_c, r_n = r_c.to(u.dtype), r_n.to(u.dtype)
     r_l, state_scale = _step_params(r_l, state_scale, length, u.dtype)
-    qmax = 2 ** (state_bits - 1) - 1
+    qmax = numerics.qmax(state_bits)
     inv_rcn = 1.0 / (r_c[:, None] * r_n[None, :])  # (d, n)
     out_rcn = r_c[:, None] * r_n[None, :]
     h = u.new_zeros(b, d, n)
@@ -182,7 +183,7 @@ def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
             carry = carry * (r_l[t - 1] / r_l[t])
         drive = (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t] * (inv_rcn / r_l[t])
         h = carry * h + drive
-        if state_bits < 16:
+        if not is_float(state_bits):
             s = state_scale[t]
             h = torch.round(h / s).clamp_(-qmax, qmax) * s
         ys.append((h * (C[:, None, :, t] * out_rcn)).sum(-1) * r_l[t])
@@ -227,7 +228,7 @@ def _cpu_call(ext, ct, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c,
     def seq(x, scale, zp):
         return (x, scale, zp) if x.dtype == torch.int8 else (x.to(ct), None, None)
 
-    qmax = 2 ** (state_bits - 1) - 1 if state_bits < 16 else -1
+    qmax = -1 if is_float(state_bits) else numerics.qmax(state_bits)
     return ext.fwd(fl(u), *seq(*delta), vec(A), *seq(*B), *seq(*C), vec(D), fl(z), vec(delta_bias),
                    bool(delta_softplus), vec(r_c), vec(r_l), vec(r_n), vec(state_scale), qmax)
 
@@ -258,7 +259,7 @@ def _dequant_input(x: Tensor, scale: Tensor | None, zp: Tensor | None, name: str
 def _factors(u, A, r_c, r_l, r_n, state_scale, state_bits):
     """Explicit factors (ones for None) in float32 / the compute dtype handled by the callers."""
     d, length, n = u.shape[1], u.shape[2], A.shape[1]
-    if state_bits < 16 and state_scale is None:
+    if not is_float(state_bits) and state_scale is None:
         raise ValueError("selective_scan_qi: state_bits < 16 needs a state_scale")
     ones = lambda k: torch.ones(k, device=u.device)  # noqa: E731
     r_l = ones(length) if r_l is None else r_l

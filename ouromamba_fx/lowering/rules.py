@@ -52,7 +52,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from ouromamba_fx.capture import META
 from ouromamba_fx.lowering.fused import (OUTLIER_MASK, fake_quant, int8_linear_static, mixed_fake_quant,
                                          w4a4o8_linear_static)
 from ouromamba_fx.lowering.mixer import CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_RT_OP
@@ -62,6 +61,7 @@ from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
 from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE, dequantize_ref, quantize_ref
 from ouromamba_fx.lowering.scan import SCAN_OP
 from ouromamba_fx.passes.base import Context, Pass
+from ouromamba_fx.tags import META
 
 LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)
 CONV1D_TARGETS = (F.conv1d, torch.ops.aten.conv1d.default)

@@ -40,6 +40,7 @@ import torch
 
 from ouromamba_fx.errors import CheckpointError
 from ouromamba_fx.models.vim import VimConfig, VisionMamba
+from ouromamba_fx.version import QUANTIZED_META_KEY, SYNTHETIC_FORMAT
 
 EXPECTED = "a Vision Mamba checkpoint: a .pth/.pt state dict (torch.save) or a .safetensors file"
 SIDE_JSON_LIMIT = 1 << 24  # bytes of a .safetensors file's .json side file
@@ -126,12 +127,10 @@ def _read_safetensors(path: Path, head: bytes, size: int) -> tuple[dict, dict]:
 
 
 def _refuse_other_ouromamba_files(path: Path, file_meta: dict) -> None:
-    from ouromamba_fx.gen import FORMAT as SYNTH_FORMAT
-
-    if "ouromamba_fx" in file_meta:
+    if QUANTIZED_META_KEY in file_meta:
         raise _fail(path, "a quantized model saved by ouromamba-fx, not a float checkpoint: load it "
                           "with ouromamba_fx.load(path) (command line: --quantized FILE)")
-    if file_meta.get("format") == SYNTH_FORMAT:
+    if file_meta.get("format") == SYNTHETIC_FORMAT:
         raise _fail(path, "synthetic calibration images written by 'ouromamba-fx gen', not a "
                           "checkpoint: pass it as calibration data (--calib FILE, or "
                           "ouromamba_fx.SyntheticCalib.load(path))")

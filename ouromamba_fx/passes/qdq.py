@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ouromamba_fx.capture import META
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
 from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
 from ouromamba_fx.passes.base import Context, Pass
+from ouromamba_fx.tags import META
 
 
 class QuantizeActivations(Pass):

@@ -14,12 +14,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ouromamba_fx.capture import META, tag
 from ouromamba_fx.lowering.quant import DEQUANTIZE, quantize_ref
+from ouromamba_fx.numerics import qrange
 from ouromamba_fx.passes.base import Context, Pass
-from ouromamba_fx.qparams import qrange, weight_qparams
-
-WEIGHT_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d")
+from ouromamba_fx.qparams import weight_qparams
+from ouromamba_fx.tags import META, WEIGHT_ROLES, tag
 
 
 def attr_name(target: str, suffix: str) -> str:

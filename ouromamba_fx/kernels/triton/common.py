@@ -22,13 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ouromamba_fx.numerics import EPS
+
 __all__ = ["INTERPRET", "autotune_configs", "device_guard", "round_half_even", "tile_ids", "EPS"]
 
 # Read where triton reads it: at import time, before the first launch.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-# Smallest dynamic quantization scale (an all-zero row quantizes to zeros), as in the references.
-EPS = 1e-8
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23
 

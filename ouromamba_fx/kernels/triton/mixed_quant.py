@@ -47,7 +47,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ouromamba_fx import numerics
 from ouromamba_fx.kernels.triton.common import EPS, autotune_configs, device_guard, round_half_even
+from ouromamba_fx.numerics import is_float
 
 __all__ = ["mixed_fake_quant", "mixed_fake_quant_ref", "outlier_mask", "outlier_mask_ref", "mixed_codes",
            "mixed_codes_ref", "split_codes", "split_codes_ref", "OutlierCodes", "dense_outliers", "CONFIGS",
@@ -181,7 +183,7 @@ def _from_rows(rows: Tensor, like: Tensor, token_axis: int, channel_axis: int) -
 def _qmax(bits: int, what: str, high: int = 8) -> int:
     if not isinstance(bits, int) or not 2 <= bits <= high:
         raise ValueError(f"{_where()}: {what} must be an int in [2, {high}], got {bits!r}")
-    return 2 ** (bits - 1) - 1
+    return numerics.qmax(bits)
 
 
 def _check_x(x: Tensor, min_dim: int = 2) -> None:
@@ -263,9 +265,9 @@ def mixed_fake_quant(x: Tensor, step_scale: Tensor, token_axis: int, channel_axi
     qi = _qmax(inlier_bits, "inlier_bits")
     if not isinstance(outlier_bits, int) or outlier_bits < 2:
         raise ValueError(f"{_where()}: outlier_bits must be an int >= 2, got {outlier_bits!r}")
-    qo = 2 ** (outlier_bits - 1) - 1 if outlier_bits < 16 else 1
+    qo = 1 if is_float(outlier_bits) else numerics.qmax(outlier_bits)
     rows, s, ss, window = _rule_args(x, step_scale, token_axis, channel_axis, n_refresh)
-    out = _launch(rows, s, ss, window, rule=True, qi=qi, qo=qo, k=k, fake=True, outlier_float=outlier_bits >= 16)
+    out = _launch(rows, s, ss, window, rule=True, qi=qi, qo=qo, k=k, fake=True, outlier_float=is_float(outlier_bits))
     return _from_rows(out["y"], x, token_axis, channel_axis)
 
 
@@ -381,12 +383,12 @@ def mixed_fake_quant_ref(x: Tensor, step_scale: Tensor, token_axis: int, channel
                          outlier_bits: int, k: float, n_refresh: int) -> Tensor:
     """Plain-torch twin of :func:`mixed_fake_quant`."""
     rows = _rows(x.float(), token_axis, channel_axis)
-    qi = 2 ** (inlier_bits - 1) - 1
+    qi = numerics.qmax(inlier_bits)
     s = step_scale.reshape(-1).float()
     mask = _rule_mask_ref(rows, s, qi, k, n_refresh)
-    qo = 2 ** (outlier_bits - 1) - 1 if outlier_bits < 16 else 1
+    qo = 1 if is_float(outlier_bits) else numerics.qmax(outlier_bits)
     q_in, s3, q_out, so = _quantize_ref(rows, mask, s.expand(rows.shape[1]).reshape(1, -1, 1), qi, qo)
-    y = torch.where(mask, rows if outlier_bits >= 16 else q_out * so, q_in * s3)
+    y = torch.where(mask, rows if is_float(outlier_bits) else q_out * so, q_in * s3)
     return _from_rows(y.contiguous(), x, token_axis, channel_axis)
 
 
@@ -394,7 +396,7 @@ def outlier_mask_ref(x: Tensor, step_scale: Tensor, token_axis: int, channel_axi
                      n_refresh: int) -> Tensor:
     """Plain-torch twin of :func:`outlier_mask`."""
     rows = _rows(x.float(), token_axis, channel_axis)
-    mask = _rule_mask_ref(rows, step_scale.reshape(-1).float(), 2 ** (inlier_bits - 1) - 1, k, n_refresh)
+    mask = _rule_mask_ref(rows, step_scale.reshape(-1).float(), numerics.qmax(inlier_bits), k, n_refresh)
     return _from_rows(mask, x, token_axis, channel_axis).contiguous()
 
 
@@ -402,7 +404,7 @@ def mixed_codes_ref(x: Tensor, step_scale: Tensor, inlier_bits: int, k: float, n
                     max_outliers: Optional[int] = None) -> OutlierCodes:
     """Plain-torch twin of :func:`mixed_codes`."""
     rows = _rows(x.float(), x.dim() - 2, x.dim() - 1)
-    qi = 2 ** (inlier_bits - 1) - 1
+    qi = numerics.qmax(inlier_bits)
     s = step_scale.reshape(-1).float()
     mask = _rule_mask_ref(rows, s, qi, k, n_refresh)
     return _codes_ref(rows, mask, s.expand(rows.shape[1]).reshape(1, -1, 1), qi, max_outliers)
@@ -412,7 +414,7 @@ def split_codes_ref(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor], inl
                     max_outliers: Optional[int] = None) -> OutlierCodes:
     """Plain-torch twin of :func:`split_codes`."""
     rows = x.float().unsqueeze(1)
-    qi = 2 ** (inlier_bits - 1) - 1
+    qi = numerics.qmax(inlier_bits)
     m3 = mask.unsqueeze(1)
     if inlier_scale is None:
         s = (rows.masked_fill(m3, 0.0).abs().amax(-1, keepdim=True) / qi).clamp_min(EPS)
