@@ -36,10 +36,10 @@ _PTR_TYPES = {
                           "sb_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32"},
 }
 _AOT_CASES = [  # (module, kernel, constexprs, num_warps): the largest and smallest tiles the wrappers pick
-    ("quantize", "_quantize_rows_kernel", dict(STATIC_SCALE=False, BLOCK_M=16, BLOCK_K=256), 4),
-    ("quantize", "_quantize_rows_kernel", dict(STATIC_SCALE=True, BLOCK_M=1, BLOCK_K=16), 4),
-    ("quantize", "_outlier_split_kernel", dict(STATIC_INLIER=False, BLOCK_M=16, BLOCK_K=256), 4),
-    ("quantize", "_outlier_split_kernel", dict(STATIC_INLIER=True, BLOCK_M=1, BLOCK_K=16), 4),
+    ("quantize_rows", "_quantize_rows_kernel", dict(STATIC_SCALE=False, BLOCK_M=16, BLOCK_K=256), 4),
+    ("quantize_rows", "_quantize_rows_kernel", dict(STATIC_SCALE=True, BLOCK_M=1, BLOCK_K=16), 4),
+    ("quantize_rows", "_outlier_split_kernel", dict(STATIC_INLIER=False, BLOCK_M=16, BLOCK_K=256), 4),
+    ("quantize_rows", "_outlier_split_kernel", dict(STATIC_INLIER=True, BLOCK_M=1, BLOCK_K=16), 4),
     ("int8_gemm", "_int8_gemm_kernel", dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 8),
     ("int8_gemm", "_int8_gemm_kernel", dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=8), 4),
     ("int4_gemm", "_int4_gemm_kernel", dict(HAS_OUTLIERS=True, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128,
@@ -61,14 +61,14 @@ def test_kernels_compile_for_nvidia(arch):
     if "nvidia" not in backends:
         pytest.skip("triton has no NVIDIA backend here")
     for module, name, constexprs, warps in _AOT_CASES:
-        fn = getattr(importlib.import_module(f"ouromamba_fx.kernels.{module}"), name)
+        fn = getattr(importlib.import_module(f"ouromamba_fx.kernels.triton.{module}"), name)
         floats = {"qmax", "qmax_in", "eps"}
         sig = {a: "constexpr" if a in constexprs else _PTR_TYPES[name].get(a, "fp32" if a in floats else "i32")
                for a in fn.arg_names}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
         ptx = compiled.asm["ptx"]
-        if module == "quantize":  # a true division, never the approximate one
+        if module == "quantize_rows":  # a true division, never the approximate one
             assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, name
         else:  # int8 tensor-core products
             assert "mma" in ptx, name
@@ -81,9 +81,9 @@ test_kernels_compile_for_nvidia.__test__ = not INTERPRET
 # The kernel tests. The kernels are imported inside the tests, so that the parent never loads them.
 
 def _kernels():
-    from ouromamba_fx.kernels import int4_gemm, int8_gemm, quantize
+    from ouromamba_fx.kernels.triton import int4_gemm, int8_gemm, quantize_rows
     from ouromamba_fx.lowering import qlinear
-    return quantize, int8_gemm, int4_gemm, qlinear
+    return quantize_rows, int8_gemm, int4_gemm, qlinear
 
 
 def _x(m, k, ties=True):

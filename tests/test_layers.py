@@ -41,7 +41,6 @@ ALLOWED_UPWARD: set[tuple[str, str]] = {
 }
 ALLOWED_CYCLES: list[set[str]] = [
     {"convert", "report", "serialize"},
-    {"lowering.cpu_gemm", "lowering.fused", "lowering.mixer", "lowering.qlinear"},
     {"models.loader", "models.registry"},
 ]
 

@@ -1,11 +1,11 @@
-"""The C++ mixer ops (csrc/mixer_ops.cpp) against their plain-torch references."""
+"""The C++ mixer ops (kernels/cpu/mixer_ops.cpp) against their plain-torch references."""
 
 import pytest
 import torch
 
+from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 from ouromamba_fx.lowering.fused import outlier_mask_op
-from ouromamba_fx.lowering.mixer import (SMALL_K, causal_conv1d_silu_ref, mixer_backend, w4a4o8_linear_mixed,
-                                         w4a4o8_linear_rt)
+from ouromamba_fx.lowering.mixer import SMALL_K, causal_conv1d_silu_ref, w4a4o8_linear_mixed, w4a4o8_linear_rt
 from ouromamba_fx.lowering.outlier import quantize_mixed_ref
 from ouromamba_fx.lowering.qlinear import pack_int4
 
@@ -15,7 +15,7 @@ W4 = torch.ops.ouromamba.w4a4o8_linear_rt.default
 
 
 def test_the_cpp_kernels_are_in_use():
-    assert mixer_backend() == "cpp"
+    assert MIXER_OPS.backend() == "cpp"
 
 
 def _conv_case(b, d, length, k, per_step, quant):
@@ -211,9 +211,9 @@ def test_w4a4o8_linear_mixed_on_general_inputs_opcheck_and_long_reductions():
 
 
 def _u4_ext():
-    from ouromamba_fx.lowering.mixer import _extension
+    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 
-    ext = _extension()
+    ext = MIXER_OPS.get()
     if not ext.u4_available():
         pytest.skip("u4_mm needs a build with AVX2 and FMA")
     return ext
@@ -281,9 +281,9 @@ def test_u4_linear_is_u4_mm_then_the_epilogue_bit_for_bit(m, k, n, with_bias):
 @pytest.mark.parametrize("k,n", [(1, 1), (2, 31), (3, 33), (40, 56), (768, 384), (1536, 100), (97, 64), (5, 65), (64, 130)])
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.3, 1.0])
 def test_epilogue_outlier_term_is_exact(k, n, density):
-    from ouromamba_fx.lowering.mixer import _extension
+    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 
-    ext = _extension()
+    ext = MIXER_OPS.get()
     m = 9
     g = torch.Generator().manual_seed(k * 13 + n + int(density * 100))
     q_out = torch.randint(-128, 128, (m, k), generator=g)

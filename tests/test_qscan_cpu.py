@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q
 from ouromamba_fx.lowering import qscan
 
-pytestmark = pytest.mark.skipif(qscan.qscan_backend() != "cpp", reason="C++ quantized scan not built")
+pytestmark = pytest.mark.skipif(SELECTIVE_SCAN_Q.backend() != "cpp", reason="C++ quantized scan not built")
 
 SCAN_Q = torch.ops.ouromamba.selective_scan_q.default
 
@@ -214,8 +215,8 @@ def test_reference_fallback_when_kernel_unavailable(monkeypatch):
     want_q = SCAN_Q(*args, 8)
     qargs, factors = qi_args(2, 9, 5, 3)
     want_qi = SCAN_QI(*qargs, *factors, 8)
-    monkeypatch.setitem(qscan._state, "ext", None)
-    assert qscan.qscan_backend() == "reference"
+    monkeypatch.setattr(SELECTIVE_SCAN_Q, "_ext", None)
+    assert SELECTIVE_SCAN_Q.backend() == "reference"
     assert torch.isclose(SCAN_Q(*args, 8), want_q, rtol=1e-4, atol=1e-4).float().mean() >= 0.99
     assert torch.isclose(SCAN_QI(*qargs, *factors, 8), want_qi, rtol=1e-4, atol=1e-4).float().mean() >= 0.99
     s, m = qscan.scan_state_stats(*args[:5], args[7], True)

@@ -1,4 +1,4 @@
-"""The Triton quantized scan (``ouromamba_fx.kernels.qscan``) against its plain-torch twin and the op
+"""The Triton quantized scan (``ouromamba_fx.kernels.triton.qscan``) against its plain-torch twin and the op
 references, on CPU tensors under ``TRITON_INTERPRET=1`` (no GPU needed).
 
 As in ``test_kernels_triton.py``: the interpreter must be chosen before triton is imported, so
@@ -29,7 +29,7 @@ def test_qscan_compiles_for_nvidia(quant):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ouromamba_fx.kernels.qscan import _qscan_kernel
+    from ouromamba_fx.kernels.triton.qscan import _qscan_kernel
 
     if "nvidia" not in backends:
         pytest.skip("triton has no NVIDIA backend here")
@@ -92,7 +92,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("state_bits", [8, 16])
     @pytest.mark.parametrize("optional", [True, False])
     def test_float_inputs(self, shape, state_bits, optional):
-        from ouromamba_fx.kernels.qscan import qscan, qscan_ref
+        from ouromamba_fx.kernels.triton.qscan import qscan, qscan_ref
         from ouromamba_fx.lowering.qscan import selective_scan_q_ref
 
         args = _case(*shape, optional=optional)
@@ -108,7 +108,7 @@ class TestInInterpreter:
             assert not torch.allclose(y, qscan_ref(*args, 16), rtol=1e-3, atol=1e-3)
 
     def test_state_rounding_half_even_and_clamp(self):
-        from ouromamba_fx.kernels.qscan import qscan
+        from ouromamba_fx.kernels.triton.qscan import qscan
 
         vals = torch.tensor([1.25, 1.75, -1.25, 0.25, 0.75, 100.0, -100.0, 0.3])
         length = vals.numel()
@@ -121,7 +121,7 @@ class TestInInterpreter:
 
     @pytest.mark.parametrize("per_step", [True, False])
     def test_int8_inputs_strided(self, per_step):
-        from ouromamba_fx.kernels.qscan import qscan, qscan_ref
+        from ouromamba_fx.kernels.triton.qscan import qscan, qscan_ref
 
         args = _case(2, 21, 9, 16)
         dq, ds, dz = _codes(args[1], per_step, zp=2.0)
@@ -155,7 +155,7 @@ class TestInInterpreter:
                              lq.selective_scan_qi_ref(*qargs, r_c, r_l, r_n, ss, 8))
 
     def test_wrapper_checks(self):
-        from ouromamba_fx.kernels.qscan import qscan
+        from ouromamba_fx.kernels.triton.qscan import qscan
 
         args = _case(1, 4, 3, 2)
         bad = list(args)

@@ -78,9 +78,9 @@ def describe() -> str:
     m = mode()
     if m == "int_mm":
         return "int8 GEMMs: torch._int_mm (oneDNN; CPU with VNNI/AMX or not x86)"
-    from ouromamba_fx.lowering.mixer import _extension
+    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 
-    ext = _extension()
+    ext = MIXER_OPS.get()
     int4 = "this package's AVX2 int4 kernel" if ext is not None and ext.u4_available() else "oneDNN u8 x s8"
     return ("int8 GEMMs: emulated (x86 CPU without VNNI/AMX, where torch._int_mm is a slow reference loop): "
             f"W4A4O8 inlier products on {int4}, 8-bit x 8-bit as exact fp32 GEMMs")

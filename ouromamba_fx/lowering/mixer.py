@@ -1,4 +1,4 @@
-"""Fused CPU ops for the quantized Mamba mixer around its GEMMs and scan (C++: ``csrc/mixer_ops.cpp``).
+"""Fused CPU ops for the quantized Mamba mixer around its GEMMs and scan (C++: ``kernels/cpu/mixer_ops.cpp``).
 
 * ``ouromamba::causal_conv1d_silu(x, weight, bias, scale, zero_point, qmin, qmax, reverse)`` --
   ``silu(conv1d(fake_quant(x'), weight, bias, padding=K-1, groups=D)[..., :L])`` for ``x`` (B, D, L)
@@ -38,7 +38,6 @@ order (K products per output) and the exp of SiLU (about 1 ulp).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -46,16 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ouromamba_fx import numerics
-from ouromamba_fx.lowering.scan import LazyCpuExtension
-
-_EXT = LazyCpuExtension("mixer_ops", Path(__file__).resolve().parent / "csrc" / "mixer_ops.cpp",
-                        "the C++ mixer kernels")
-_extension = _EXT.get
-
-
-def mixer_backend() -> str:
-    """``"cpp"`` when the C++ kernels of this module are in use on the CPU, else ``"reference"``."""
-    return "reference" if _extension() is None else "cpp"
+from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 
 
 def _steps(t: Optional[Tensor], length: int) -> Optional[Tensor]:
@@ -98,7 +88,7 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale:
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if (scale is None) != (zero_point is None):
         raise ValueError("causal_conv1d_silu: give both scale and zero_point, or neither")
-    ext = _extension() if x.device.type == "cpu" and weight.shape[-1] <= 16 else None
+    ext = MIXER_OPS.get() if x.device.type == "cpu" and weight.shape[-1] <= 16 else None
     if ext is None:
         return causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse)
     xf = x.float()
@@ -148,7 +138,7 @@ def _mixed_rows(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: 
 
 
 def _cpp_mixed(x: Tensor, bits: int, outlier_bits: int) -> bool:
-    return x.device.type == "cpu" and 2 <= bits <= 8 and outlier_bits == 8 and _extension() is not None
+    return x.device.type == "cpu" and 2 <= bits <= 8 and outlier_bits == 8 and MIXER_OPS.get() is not None
 
 
 @torch.library.custom_op("ouromamba::mixed_fake_quant", mutates_args=(),
@@ -167,7 +157,7 @@ def mixed_fake_quant_op(x: Tensor, inlier_scale: Tensor, token_axis: int, channe
         # the layout the fake implementation promises
         return from_rows(as_rows(ref, token_axis, channel_axis).contiguous(), x, token_axis, channel_axis)
     rows, s_in = _mixed_rows(x, inlier_scale, token_axis, channel_axis)
-    (y,) = _extension().mixed_quant(rows, s_in, numerics.qmax(inlier_bits), float(k), int(n_refresh), True, 0)
+    (y,) = MIXER_OPS.get().mixed_quant(rows, s_in, numerics.qmax(inlier_bits), float(k), int(n_refresh), True, 0)
     return from_rows(y, x, token_axis, channel_axis)
 
 
@@ -212,7 +202,7 @@ def w4a4o8_linear_rt(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_scale:
     from ouromamba_fx.lowering.qlinear import _int_mm, unpack_int4
 
     rows, s_in = _mixed_rows(x, inlier_scale, x.dim() - 2, x.dim() - 1)
-    ext = _extension()
+    ext = MIXER_OPS.get()
     n = w_packed.shape[0]
     if k < SMALL_K:
         # A reduction this short gains nothing from an integer GEMM (a (3152, 24) x (24, 768)
@@ -286,7 +276,7 @@ def w4a4o8_linear_mixed(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_sca
                                    out_refresh).contiguous()
     from ouromamba_fx.lowering import cpu_gemm
 
-    ext = _extension()
+    ext = MIXER_OPS.get()
     rows, s_in = _mixed_rows(x, inlier_scale, x.dim() - 2, x.dim() - 1)
     (xq,) = ext.mixed_quant(rows, s_in, 7, float(outlier_k), int(n_refresh), True, 0)
     w_kn = cpu_gemm.cached_pair(w_packed, w_scale, "int4:float:kn",

@@ -437,28 +437,28 @@ def _w4a4o8_linear_fast(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> Te
 
 def _quantize_per_token_cuda(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     _check_float("x", x)
-    from ouromamba_fx.kernels.quantize import quantize_rows
+    from ouromamba_fx.kernels.triton.quantize_rows import quantize_rows
     q, s = quantize_rows(x.reshape(-1, x.shape[-1]), int8_qmax(bits))
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
 def _outlier_split_cuda(x, mask, inlier_scale, inlier_bits):
     _check_outlier_split(x, mask, inlier_scale, inlier_bits)
-    from ouromamba_fx.kernels.quantize import outlier_split as outlier_split_triton
+    from ouromamba_fx.kernels.triton.quantize_rows import outlier_split as outlier_split_triton
     s = None if inlier_scale is None else inlier_scale.float().expand(x.shape[0], 1)
     return outlier_split_triton(x, mask, s, int8_qmax(inlier_bits))
 
 
 def _int8_linear_cuda(x_q, x_scale, w_q, w_scale, bias):
     _check_int8_linear(x_q, x_scale, w_q, w_scale, bias)
-    from ouromamba_fx.kernels.int8_gemm import int8_gemm
+    from ouromamba_fx.kernels.triton.int8_gemm import int8_gemm
     return int8_gemm(x_q, x_scale, w_q, w_scale, bias)
 
 
 def _w8a8_linear_cuda(x, w_q, w_scale, bias, x_scale):
     _check_w8a8(x, w_q, w_scale, bias, x_scale)
-    from ouromamba_fx.kernels.int8_gemm import int8_gemm
-    from ouromamba_fx.kernels.quantize import quantize_rows
+    from ouromamba_fx.kernels.triton.int8_gemm import int8_gemm
+    from ouromamba_fx.kernels.triton.quantize_rows import quantize_rows
     lead, k = x.shape[:-1], x.shape[-1]
     xs = None if x_scale is None else x_scale.float().expand(*lead, 1).reshape(-1, 1)
     x_q, xs = quantize_rows(x.reshape(-1, k), 127, xs)
@@ -467,8 +467,8 @@ def _w8a8_linear_cuda(x, w_q, w_scale, bias, x_scale):
 
 def _w4a4o8_linear_cuda(x, mask, inlier_scale, w_packed, w_scale, bias, k):
     _check_w4a4o8(x, mask, inlier_scale, w_packed, w_scale, bias, k)
-    from ouromamba_fx.kernels.int4_gemm import int4_gemm
-    from ouromamba_fx.kernels.quantize import outlier_split as outlier_split_triton
+    from ouromamba_fx.kernels.triton.int4_gemm import int4_gemm
+    from ouromamba_fx.kernels.triton.quantize_rows import outlier_split as outlier_split_triton
     lead = x.shape[:-1]
     s = None if inlier_scale is None else inlier_scale.float().expand(*lead, 1).reshape(-1, 1)
     q_in, s_in, q_out, s_out = outlier_split_triton(x.reshape(-1, k), mask.reshape(-1, k), s,

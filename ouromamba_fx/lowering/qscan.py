@@ -17,7 +17,7 @@ then the op gets ``r_N = 1``.
 :func:`scan_state_stats` gives the statistics the factors are computed from (mean and max of
 ``|h|`` over the batch, per channel, step and state), without keeping every state.
 
-Kernels: on the CPU both run as fused C++ (``csrc/selective_scan_q.cpp``: threads over blocks of
+Kernels: on the CPU both run as fused C++ (``kernels/cpu/selective_scan_q.cpp``: threads over blocks of
 channels of one batch element, the channels of a block in the lanes of a vector, so every state
 update, the state quantization and the C-contraction are vector operations; no Python loop per
 time-step). It is JIT-built on first use like the float scan's kernel (same compiler flags, same
@@ -29,7 +29,7 @@ Cost, on (16, 256, 65, 16) float32 with 8-bit state: about 1.5x the float scan's
 true division per state update); on one thread 14x less CPU time than the reference loop (29x
 wall on a busy machine), on two threads ~100x wall, where torch's per-op threading overhead
 slows the reference. ``benchmarks/scan_cpu.py`` times both.
-On CUDA both ops run the Triton kernel :func:`ouromamba_fx.kernels.qscan.qscan` (float32; float64
+On CUDA both ops run the Triton kernel :func:`ouromamba_fx.kernels.triton.qscan.qscan` (float32; float64
 inputs, and B / C not of shape (batch, d_state, L), use the reference).
 
 ``ouromamba::selective_scan_qi``: the same scan fed by int8 codes (for lowering)
@@ -75,14 +75,12 @@ reference is :func:`selective_scan_qi_ref`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ouromamba_fx import numerics
-from ouromamba_fx.lowering.scan import LazyCpuExtension
+from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q
 from ouromamba_fx.numerics import is_float
 
 
@@ -100,20 +98,6 @@ def _prep(u, delta, A, B, C, delta_bias, delta_softplus):
     return u, delta, A.to(ct), B.to(ct), C.to(ct)
 
 
-# ---------------------------------------------------------------------------------------------
-# Lazy build of the C++ kernels (same flags, cache and switch as lowering/scan.py's kernel).
-
-_EXT = LazyCpuExtension("selective_scan_q", Path(__file__).resolve().parent / "csrc" / "selective_scan_q.cpp",
-                        "the C++ quantized selective scan")
-_state = _EXT.state
-_extension = _EXT.get
-
-
-def qscan_backend() -> str:
-    """``"cpp"`` when the fused CPU kernels of this module are in use, else ``"reference"``."""
-    return "reference" if _extension() is None else "cpp"
-
-
 @torch.no_grad()
 def scan_state_stats(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                      delta_bias: Tensor | None = None, delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
@@ -125,7 +109,7 @@ def scan_state_stats(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         h_sum, h_max = scan_state_stats(u, delta, A, B, C, delta_bias, delta_softplus=True)
         h_mean = h_sum / u.shape[0]
     """
-    ext = _extension() if u.device.type == "cpu" and B.dim() == 3 else None
+    ext = SELECTIVE_SCAN_Q.get() if u.device.type == "cpu" and B.dim() == 3 else None
     if ext is None:
         return scan_state_stats_ref(u, delta, A, B, C, delta_bias, delta_softplus)
     ct = _compute_dtype(u)
@@ -206,7 +190,7 @@ def selective_scan_q(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, 
 @selective_scan_q.register_kernel("cpu")
 def _selective_scan_q_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
                           state_bits):
-    ext = _extension()
+    ext = SELECTIVE_SCAN_Q.get()
     if ext is None or B.dim() != 3 or C.dim() != 3:
         return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
                                     state_scale, state_bits)
@@ -308,7 +292,7 @@ def _per_step(s: Tensor, length: int, name: str) -> Tensor:
 @selective_scan_qi.register_kernel("cpu")
 def _selective_scan_qi_cpu(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
                            delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
-    ext = _extension()
+    ext = SELECTIVE_SCAN_Q.get()
     if ext is None or B.dim() != 3 or C.dim() != 3:
         return selective_scan_qi_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
                                      D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
@@ -348,7 +332,7 @@ def _selective_scan_q_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, 
     if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
         return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
                                     state_scale, state_bits)
-    from ouromamba_fx.kernels.qscan import qscan
+    from ouromamba_fx.kernels.triton.qscan import qscan
 
     r_l, state_scale = _step_params(r_l, state_scale, u.shape[-1], torch.float32)
     return qscan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
@@ -360,7 +344,7 @@ def _selective_scan_qi_cuda(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp
     if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
         return selective_scan_qi_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
                                      D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
-    from ouromamba_fx.kernels.qscan import qscan
+    from ouromamba_fx.kernels.triton.qscan import qscan
 
     length = u.shape[-1]
     r_c, r_l, r_n, state_scale = _factors(u, A, r_c, r_l, r_n, state_scale, state_bits)

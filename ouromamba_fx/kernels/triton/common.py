@@ -10,7 +10,8 @@ float32 rounding the quantizing kernels share.
   ``(v + 1.5 * 2**23) - 1.5 * 2**23``. (``libdevice.rint`` would do on a GPU, but the interpreter
   has no libdevice.)
 * :func:`tile_ids` -- grouped program order of a GEMM grid: ``GROUP_M`` row tiles share their
-  column tiles while those are in L2.
+  column tiles while those are in L2; :func:`tile_offsets` -- the program's rows and columns and
+  their bounds masks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import triton.language as tl
 
 from ouromamba_fx.numerics import EPS
 
-__all__ = ["INTERPRET", "autotune_configs", "device_guard", "round_half_even", "tile_ids", "EPS"]
+__all__ = ["INTERPRET", "autotune_configs", "device_guard", "round_half_even", "tile_ids", "tile_offsets",
+           "EPS"]
 
 # Read where triton reads it: at import time, before the first launch.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -58,3 +60,12 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
     pid_m = first_m + (pid % per_group) % group_size
     pid_n = (pid % per_group) // group_size
     return pid_m, pid_n
+
+
+@triton.jit
+def tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(rows, columns, rows < M, columns < N) of this program's output tile."""
+    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rm, rn, rm < M, rn < N

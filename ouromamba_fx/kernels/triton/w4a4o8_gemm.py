@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ouromamba_fx.kernels.triton.common import autotune_configs, device_guard, tile_ids
+from ouromamba_fx.kernels.triton.common import autotune_configs, device_guard, tile_offsets
 from ouromamba_fx.kernels.triton.mixed_quant import (OutlierCodes, dense_outliers, mixed_codes, mixed_codes_ref,
                                                      split_codes, split_codes_ref)
 
@@ -78,11 +78,7 @@ def _w4a4o8_gemm_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # inliers: all K channels, the weight tile unpacked into its even and odd columns
     kp_total = (K + 1) // 2
     acc_in = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)

@@ -11,7 +11,7 @@ state in registers while it walks the time-steps:
 ``delta``, ``B`` and ``C`` are float or int8 codes; int8 ones come with per-time-step float32
 ``scale`` and ``zero_point`` vectors of length L (per-tensor parameters expanded by the caller).
 Everything is computed in float32; the division ``h / s`` is a true division (``div_rn``) and the
-rounding uses the float32 add-and-subtract trick after clamping (as ``kernels.quantize`` does), so
+rounding uses the float32 add-and-subtract trick after clamping (as ``quantize_rows`` does), so
 state codes follow :func:`qscan_ref` except at ties created by float rounding (on a GPU the
 products may be contracted to FMAs). :func:`qscan_ref` is the plain-torch twin, with the same
 arguments.
@@ -27,11 +27,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ouromamba_fx import numerics
+from ouromamba_fx.kernels.triton.common import round_half_even
 from ouromamba_fx.numerics import is_float
 
 __all__ = ["qscan", "qscan_ref"]
-
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: add + subtract rounds a float32 half to even
 
 
 @triton.jit
@@ -108,7 +107,7 @@ def _qscan_kernel(
             s = tl.load(ss_ptr + t).to(tl.float32)
             x = tl.math.div_rn(h, tl.zeros_like(h) + s)
             x = tl.minimum(tl.maximum(x, -qmax), qmax)
-            h = ((x + _ROUND_MAGIC) - _ROUND_MAGIC) * s
+            h = round_half_even(x) * s
         y = tl.sum(h * (cv[None, :] * rcn), axis=1) * rl
         if HAS_D:
             y = y + dd * u

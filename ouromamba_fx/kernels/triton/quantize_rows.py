@@ -25,17 +25,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ouromamba_fx.kernels.triton.common import round_half_even
 from ouromamba_fx.numerics import EPS
 
 __all__ = ["quantize_rows", "quantize_rows_ref", "outlier_split", "outlier_split_ref", "EPS"]
-
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: add + subtract rounds a float32 half to even
 
 
 @triton.jit
 def _round_clamp(v, qmax):
     v = tl.minimum(tl.maximum(v, -qmax), qmax)
-    return ((v + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int8)
+    return round_half_even(v).to(tl.int8)
 
 
 @triton.jit
