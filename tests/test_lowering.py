@@ -6,15 +6,15 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.lowering.fused import (OUTLIER_MASK, fake_quant, int8_linear_static,
-                                         mixed_fake_quant, outlier_mask_op, w4a4o8_linear_static)
+from ouromamba_fx.lowering.fused import (OUTLIER_MASK, int8_linear_decomposed, mixed_fake_quant_decomposed,
+                                         outlier_mask_op, w4a4o8_linear_masked_decomposed)
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
 from ouromamba_fx.lowering.mixer import (CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_MIXED_OP,
                                          W4A4O8_LINEAR_RT_OP)
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED, as_rows, outlier_mask, quantize_mixed_ref
 from ouromamba_fx.lowering.qscan import SCAN_QI_OP
-from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
-from ouromamba_fx.lowering.rules import INT8_LINEAR, LINEAR_TARGETS, W4A4O8_LINEAR, W8A8_LINEAR, int8_linear_nd
+from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE, fake_quantize
+from ouromamba_fx.lowering.rules import INT8_LINEAR, LINEAR_TARGETS, W4A4O8_LINEAR, W8A8_LINEAR, int8_linear_codes
 from ouromamba_fx.lowering.scan import SCAN_CL_OP, SCAN_OP
 from ouromamba_fx.models import VisionMamba
 
@@ -22,8 +22,8 @@ from .conftest import tiny_config
 
 CALIB = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 X = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-FUSED = (W8A8_LINEAR, W4A4O8_LINEAR, SCAN_QI_OP, int8_linear_nd, INT8_LINEAR, int8_linear_static,
-         w4a4o8_linear_static)
+FUSED = (W8A8_LINEAR, W4A4O8_LINEAR, SCAN_QI_OP, int8_linear_codes, INT8_LINEAR, int8_linear_decomposed,
+         w4a4o8_linear_masked_decomposed)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_w8a8_linears_become_int8_ops_and_match_reference(models, inline):
     ref_linears = n_linears(q.graph_module)
     low = q.lower(int8_inline=inline)
     gm = low.graph_module
-    fused = calls(gm, int8_linear_static if inline else W8A8_LINEAR)
+    fused = calls(gm, int8_linear_decomposed if inline else W8A8_LINEAR)
     assert ref_linears == 6 and len(fused) == ref_linears
     assert n_linears(gm) == 0
     for n in fused:  # weights stay int8 buffers; the static per-token x scale is passed
@@ -74,7 +74,7 @@ def test_int8_linear_static_equals_the_int8_linear_op():
     s = torch.rand(7, 1) * 0.05 + 0.01
     wq = torch.randint(-127, 128, (19, 33), dtype=torch.int8)
     ws, b = torch.rand(19) * 0.01, torch.randn(19)
-    assert torch.equal(int8_linear_static(x, s, -127, 127, wq, ws, b),
+    assert torch.equal(int8_linear_decomposed(x, s, -127, 127, wq, ws, b),
                        torch.ops.ouromamba.w8a8_linear(x, wq, ws, b, s))
 
 
@@ -82,9 +82,9 @@ def test_int8_linear_static_equals_the_int8_linear_op():
 def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
     q = models["W6A6"]
     gm = q.lower().graph_module
-    assert [n.args[2:4] for n in calls(gm, int8_linear_static)] == [(-31, 31)] * 6
+    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)] * 6
     gm = q.lower(int8_inline=False).graph_module
-    nodes = calls(gm, int8_linear_nd)
+    nodes = calls(gm, int8_linear_codes)
     assert len(nodes) == 6 and not calls(gm, W8A8_LINEAR)
     assert nodes[0].args[0].args[3:5] == (-31, 31)  # the 6-bit quantize feeds the int8 GEMM
     assert close(q.lower()(X), q(X)) and close(q.lower(int8_inline=False)(X), q(X))
@@ -96,7 +96,7 @@ def test_w4a4o8_linears_use_packed_int4_weights_and_the_outlier_rule(models, mod
     q = models["W4A4O8"]
     low = q.lower(mixed_fused=mode == "fused", int4_inline=mode == "inline")
     gm = low.graph_module
-    target = {"fused": W4A4O8_LINEAR_RT_OP, "inline": w4a4o8_linear_static, "op": W4A4O8_LINEAR}[mode]
+    target = {"fused": W4A4O8_LINEAR_RT_OP, "inline": w4a4o8_linear_masked_decomposed, "op": W4A4O8_LINEAR}[mode]
     fused = calls(gm, target)
     if mode == "fused":  # the dt_projs, with the delta quantization they feed
         assert len(fused) == 4
@@ -126,7 +126,7 @@ def test_w4a4o8_linear_static_equals_the_op():
     wq = torch.randint(-7, 8, (21, 37), dtype=torch.int8)
     ws, b = torch.rand(21) * 0.01, torch.randn(21)
     args = (x, mask, step, pack_int4(wq), ws, b, 37)
-    assert torch.equal(w4a4o8_linear_static(*args), torch.ops.ouromamba.w4a4o8_linear(*args))
+    assert torch.equal(w4a4o8_linear_masked_decomposed(*args), torch.ops.ouromamba.w4a4o8_linear(*args))
 
 
 def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():
@@ -138,8 +138,8 @@ def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():
     assert torch.equal(mask.transpose(1, 2), outlier_mask(rows, s, 7, 3.0, 4))
     assert mask[0, 2, 5] and 0 < mask.sum() < mask.numel()
     assert step.shape == (1, 1, 11)
-    # ...and mixed_fake_quant with it reproduces quantize_mixed bit for bit (strided layout too)
-    assert torch.equal(mixed_fake_quant(x, mask, step, 1, 4, 8), quantize_mixed_ref(x, s, 2, 1, 4, 8, 3.0, 4))
+    # ...and mixed_fake_quant_decomposed with it reproduces quantize_mixed bit for bit (strided layout too)
+    assert torch.equal(mixed_fake_quant_decomposed(x, mask, step, 1, 4, 8), quantize_mixed_ref(x, s, 2, 1, 4, 8, 3.0, 4))
     torch.library.opcheck(torch.ops.ouromamba.outlier_mask.default, (x, s, 2, 1, 4, 3.0, 4))
     torch.library.opcheck(torch.ops.ouromamba.outlier_mask.default, (x[:1, :, :1], s, 2, 1, 4, 3.0, 10))
 
@@ -156,7 +156,7 @@ def test_scans_take_int8_codes(models):
     assert len(scans) == 2 and not calls(gm, SCAN_OP) and not calls(gm, SCAN_CL_OP)
     for n in scans:  # delta, B, C arrive as int8 codes of a quantize, with its scale and zero point
         for i in (1, 5, 8):
-            assert n.args[i].target is not fake_quant and n.args[i + 1] is not None
+            assert n.args[i].target is not fake_quantize and n.args[i + 1] is not None
             assert "quantize" in getattr(n.args[i].target, "__name__", "")
 
 
@@ -227,7 +227,7 @@ def test_no_quantize_dequantize_pairs_left_around_fused_ops(models):
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target in FUSED:
                 for a in n.all_input_nodes:
-                    assert a.target not in (DEQUANTIZE, fake_quant, mixed_fake_quant), (name, n.name, a.name)
+                    assert a.target not in (DEQUANTIZE, fake_quantize, mixed_fake_quant_decomposed), (name, n.name, a.name)
 
 
 @torch.no_grad()
@@ -236,14 +236,14 @@ def test_rules_leave_what_they_cannot_fuse_exactly(models):
     (fed by fake quantization) and the model still computes the reference's numbers."""
     q = models["W8A8"]
     gm = q.lower().graph_module  # sanity: all fused normally
-    assert len(calls(gm, int8_linear_static)) == 6
+    assert len(calls(gm, int8_linear_decomposed)) == 6
     import copy
 
     q2 = copy.deepcopy(q)
     zp = q2.graph_module.layers_0_mixer_in_proj_zp
     zp.fill_(1.0)
     low = q2.lower()
-    assert len(calls(low.graph_module, int8_linear_static)) == 5 and n_linears(low.graph_module) == 1
+    assert len(calls(low.graph_module, int8_linear_decomposed)) == 5 and n_linears(low.graph_module) == 1
     assert close(low(X), q2(X))
 
 
@@ -268,7 +268,7 @@ def test_lowering_is_recorded_as_passes_with_diffs(models):
     assert low.passes[:len(q.passes)] == q.passes
     assert {"lower_w8a8_linear", "inline_fake_quant", "fold_weight_dequant"} <= set(low.passes)
     assert low.lower() is low
-    assert "int8_linear_static" in str(low.diff("quantize_activations", "lower_w8a8_linear", verbose=True))
+    assert "int8_linear_decomposed" in str(low.diff("quantize_activations", "lower_w8a8_linear", verbose=True))
 
 
 @torch.no_grad()
@@ -307,5 +307,5 @@ def test_convert_can_return_the_lowered_model(models):
     torch.manual_seed(0)
     m = VisionMamba(tiny_config(depth=1)).eval()
     low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
-    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_static)) == 6
+    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 6
     assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers

@@ -1,18 +1,14 @@
 """Small building blocks the lowering rewrites reference graphs into (besides the integer linear
 ops of :mod:`ouromamba_fx.lowering.qlinear`).
 
-* :func:`fake_quant` -- ``dequantize(quantize(x))`` as plain torch, the same formula as the two
-  reference ops. Custom ops are opaque to Inductor, so a quantize/dequantize pair left in front
-  of a float op (the float scan, until an integer-input scan exists) costs two separate passes
-  over memory; written as plain torch it fuses into the neighbouring pointwise kernels.
 * ``ouromamba::outlier_mask`` -- the OuroMamba outlier mask of a ``quantize_mixed`` site and its
   per-step inlier scales, computed by the very code of the reference
   (:mod:`ouromamba_fx.lowering.outlier`), so the fused W4A4O8 linear sees the same outlier
   channels. A custom op on purpose: Inductor could otherwise recompile the mean/std threshold
   with another summation order and flip channels that sit on the threshold.
-* :func:`mixed_fake_quant` -- the rest of ``quantize_mixed`` (the fake quantization given the
+* :func:`mixed_fake_quant_decomposed` -- the rest of ``quantize_mixed`` (the fake quantization given the
   mask) as plain torch, for sites that feed float ops (the scan's delta/B/C at W4A4O8).
-* :func:`int8_linear_static` -- the W8A8 linear as quantize + ``torch._int_mm`` + epilogue in
+* :func:`int8_linear_decomposed` -- the W8A8 linear as quantize + ``torch._int_mm`` + epilogue in
   plain torch, so Inductor fuses the quantization and the epilogue with the neighbouring ops.
 """
 
@@ -26,13 +22,7 @@ from torch import Tensor
 from ouromamba_fx import numerics
 from ouromamba_fx.lowering import cpu_gemm
 from ouromamba_fx.lowering.outlier import as_rows, from_rows, outlier_mask, resample_steps
-from ouromamba_fx.lowering.quant import dequantize_ref, quantize_ref
 from ouromamba_fx.numerics import EPS, is_float
-
-
-def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """``ouromamba::dequantize(ouromamba::quantize(x, ...))`` in plain torch (same numbers)."""
-    return dequantize_ref(quantize_ref(x, scale, zero_point, qmin, qmax), scale, zero_point)
 
 
 def _step_scale_shape(x: Tensor, token_axis: int) -> list[int]:
@@ -43,7 +33,7 @@ def _step_scale_shape(x: Tensor, token_axis: int) -> list[int]:
 
 @torch.library.custom_op("ouromamba::outlier_mask", mutates_args=(),
                          schema="(Tensor x, Tensor inlier_scale, int token_axis, int channel_axis, "
-                                "int inlier_bits, float k, int n_refresh) -> (Tensor mask, Tensor step_scale)")
+                         "int inlier_bits, float k, int n_refresh) -> (Tensor mask, Tensor step_scale)")
 def outlier_mask_op(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: int,
                     inlier_bits: int, k: float, n_refresh: int) -> tuple[Tensor, Tensor]:
     """The outlier mask (bool, ``x``'s shape) of ``quantize_mixed`` with the same arguments, and its
@@ -65,8 +55,8 @@ def _(x, inlier_scale, token_axis, channel_axis, inlier_bits, k, n_refresh):
 OUTLIER_MASK = torch.ops.ouromamba.outlier_mask.default
 
 
-def mixed_fake_quant(x: Tensor, mask: Tensor, step_scale: Tensor, channel_axis: int, inlier_bits: int,
-                     outlier_bits: int) -> Tensor:
+def mixed_fake_quant_decomposed(x: Tensor, mask: Tensor, step_scale: Tensor, channel_axis: int, inlier_bits: int,
+                                outlier_bits: int) -> Tensor:
     """``quantize_mixed`` given its mask and per-step inlier scale (``ouromamba::outlier_mask``),
     in ``x``'s own layout: inliers at ``inlier_bits`` with the static step scale, outliers at
     ``outlier_bits`` with a dynamic scale per token (max over the channel axis), float when
@@ -83,8 +73,8 @@ def mixed_fake_quant(x: Tensor, mask: Tensor, step_scale: Tensor, channel_axis: 
     return torch.where(mask, torch.round(out / s_o).clamp(-qo, qo) * s_o, x_in)
 
 
-def int8_linear_static(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q: Tensor, w_scale: Tensor,
-                       bias: Optional[Tensor]) -> Tensor:
+def int8_linear_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q: Tensor, w_scale: Tensor,
+                           bias: Optional[Tensor]) -> Tensor:
     """``F.linear(fake_quant(x), dequantize(w_q))`` with integer arithmetic: ``x`` (..., K) is
     quantized with the static symmetric scale ``x_scale`` (broadcastable to (..., 1), zero point 0)
     to ``[qmin, qmax]``, multiplied by the int8 weight ``w_q`` (N, K) exactly in int32
@@ -108,8 +98,8 @@ def int8_linear_static(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q: Te
     return y.reshape(*lead, w_q.shape[0])
 
 
-def w4a4o8_linear_static(x: Tensor, mask: Tensor, step_scale: Tensor, w_packed: Tensor, w_scale: Tensor,
-                         bias: Optional[Tensor], k: int) -> Tensor:
+def w4a4o8_linear_masked_decomposed(x: Tensor, mask: Tensor, step_scale: Tensor, w_packed: Tensor, w_scale: Tensor,
+                                    bias: Optional[Tensor], k: int) -> Tensor:
     """``ouromamba::w4a4o8_linear`` in plain torch for Inductor: inliers (``~mask``) at 4 bits
     with the static step scale, outliers at 8 bits with a dynamic per-row scale, both multiplied
     by the unpacked int4 weight exactly (two dense ``torch._int_mm``), epilogue

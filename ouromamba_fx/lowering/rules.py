@@ -10,14 +10,14 @@ Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs the
 
 * :class:`LowerW8A8Linear` -- ``quantize -> dequantize -> F.linear(., dequantize(w_q))`` with
   symmetric activations (<= 8 bits) and a scale per token (or per tensor) becomes
-  :func:`~ouromamba_fx.lowering.fused.int8_linear_static` (quantize, ``torch._int_mm``,
+  :func:`~ouromamba_fx.lowering.fused.int8_linear_decomposed` (quantize, ``torch._int_mm``,
   epilogue, in plain torch for Inductor to fuse); with ``inline=False`` the custom ops
   ``ouromamba::w8a8_linear`` (8 bits) or ``ouromamba::int8_linear`` on the kept ``quantize``.
 * :class:`LowerW4A4O8Linear` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
   ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes, on weights packed two per
   byte, ``ouromamba::w4a4o8_linear_rt`` (default: outlier rule, split, quantization, int4 GEMM and
   sparse outlier term in one op, :mod:`ouromamba_fx.lowering.mixer`), or with ``fused=False``
-  ``ouromamba::outlier_mask`` + :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (or,
+  ``ouromamba::outlier_mask`` + :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_masked_decomposed` (or,
   ``inline=False``, the op ``ouromamba::w4a4o8_linear``).
 * :class:`LowerIntegerScan` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
   ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
@@ -29,12 +29,12 @@ Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs the
   (through elementwise ops and the transpose to (batch, L, d_inner)) becomes
   ``ouromamba::selective_scan_cl``, the same output in channel-contiguous memory.
 * :class:`InlineFakeQuant` -- any quantize/dequantize pair still left (in front of float ops)
-  becomes :func:`~ouromamba_fx.lowering.fused.fake_quant`, and a ``quantize`` kept for its
+  becomes :func:`~ouromamba_fx.lowering.quant.fake_quantize`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
   torch with the same formula, which Inductor fuses into the kernel producing its input.
 * :class:`InlineMixedFakeQuant` -- ``quantize_mixed`` sites left (feeding float ops) become the
   one-pass ``ouromamba::mixed_fake_quant`` (8-bit outliers), else ``ouromamba::outlier_mask`` +
-  :func:`~ouromamba_fx.lowering.fused.mixed_fake_quant`.
+  :func:`~ouromamba_fx.lowering.fused.mixed_fake_quant_decomposed`.
 * :class:`FuseLinearMixedFakeQuant` -- ``mixed_fake_quant`` of a short-reduction
   ``w4a4o8_linear_rt`` (Vim's dt_proj feeding the scan's delta) becomes
   ``ouromamba::w4a4o8_linear_mixed``, one pass per row.
@@ -52,13 +52,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from ouromamba_fx.lowering.fused import (OUTLIER_MASK, fake_quant, int8_linear_static, mixed_fake_quant,
-                                         w4a4o8_linear_static)
+from ouromamba_fx.lowering.fused import (OUTLIER_MASK, int8_linear_decomposed, mixed_fake_quant_decomposed,
+                                         w4a4o8_linear_masked_decomposed)
 from ouromamba_fx.lowering.mixer import CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_RT_OP
 from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
 from ouromamba_fx.lowering.qlinear import pack_int4
 from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
-from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE, dequantize_ref, quantize_ref
+from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE, dequantize_ref, fake_quantize, quantize_ref
 from ouromamba_fx.lowering.scan import SCAN_OP
 from ouromamba_fx.passes.base import Context, Pass
 from ouromamba_fx.tags import META
@@ -182,7 +182,7 @@ def _flat_float(t: Tensor | None) -> Tensor | None:
 # Rules
 
 class LowerW8A8Linear(Pass):
-    """``inline=True`` (default) emits :func:`~ouromamba_fx.lowering.fused.int8_linear_static`
+    """``inline=True`` (default) emits :func:`~ouromamba_fx.lowering.fused.int8_linear_decomposed`
     (plain torch around ``torch._int_mm``, fused by Inductor); ``inline=False`` the opaque
     custom ops ``w8a8_linear`` / ``int8_linear``. Same integers, same epilogue order."""
 
@@ -212,12 +212,12 @@ class LowerW8A8Linear(Pass):
             inline = self.inline and w[1].shape[1] >= 2
             with gm.graph.inserting_before(node):
                 if inline:
-                    new = gm.graph.call_function(int8_linear_static, (q.args[0], s_n, qmin, qmax, wq_n, ws_n, b))
+                    new = gm.graph.call_function(int8_linear_decomposed, (q.args[0], s_n, qmin, qmax, wq_n, ws_n, b))
                 elif qmax == 127:
                     new = gm.graph.call_function(W8A8_LINEAR, (q.args[0], wq_n, ws_n, b, s_n))
                 else:  # fewer bits: keep the quantize node's integers, int8 GEMM on them
-                    new = gm.graph.call_function(int8_linear_nd, (q, s_n, wq_n, ws_n, b))
-            op = "int8_linear_static" if inline else "w8a8_linear" if qmax == 127 else "int8_linear"
+                    new = gm.graph.call_function(int8_linear_codes, (q, s_n, wq_n, ws_n, b))
+            op = "int8_linear_decomposed" if inline else "w8a8_linear" if qmax == 127 else "int8_linear"
             keep_tag(node, new, kind="fused", op=op, act_bits=qmax.bit_length() + 1)
             new.meta["tensor_meta"] = node.meta.get("tensor_meta")
             node.replace_all_uses_with(new)
@@ -228,7 +228,7 @@ class LowerW8A8Linear(Pass):
         return bool(changed)
 
 
-def int8_linear_nd(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def int8_linear_codes(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     """``ouromamba::int8_linear`` on integers ``x_q`` (..., K) with a scale broadcastable to
     (..., 1) (the per-token static scale of the reference graph)."""
     lead = x_q.shape[:-1]
@@ -242,7 +242,7 @@ class LowerW4A4O8Linear(Pass):
     (:mod:`ouromamba_fx.lowering.mixer`: the outlier rule, the split and the quantization in one
     C++ pass, then the inlier GEMM and each token's outlier channels added in the epilogue). Otherwise
     ``ouromamba::outlier_mask`` (the reference's code) and, with ``inline=True``,
-    :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (plain torch, two dense
+    :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_masked_decomposed` (plain torch, two dense
     ``torch._int_mm``, fused by Inductor), with ``inline=False`` the opaque
     ``ouromamba::w4a4o8_linear``. Same integers, same epilogue (up to outlier channels sitting
     exactly on the threshold, which the summation order of the mean/std decides)."""
@@ -289,7 +289,7 @@ class LowerW4A4O8Linear(Pass):
                                                                  n_refresh))
                     m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
                     inline = self.inline and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
-                    target = w4a4o8_linear_static if inline else W4A4O8_LINEAR
+                    target = w4a4o8_linear_masked_decomposed if inline else W4A4O8_LINEAR
                     new = gm.graph.call_function(target, (x, m, step_s, wp_n, ws_n, b, int(wq.shape[1])))
                 keep_tag(x_mq, mask, kind="outlier_mask")
                 keep_tag(node, new, kind="fused", op=getattr(target, "__name__", "w4a4o8_linear"))
@@ -479,7 +479,7 @@ class ChannelsLastScan(Pass):
     (a view, a reduction, a graph output) are left as they are."""
 
     name = "channels_last_scan"
-    LINEARS = (W4A4O8_LINEAR_RT_OP, W4A4O8_LINEAR, W8A8_LINEAR, INT8_LINEAR, int8_linear_static)
+    LINEARS = (W4A4O8_LINEAR_RT_OP, W4A4O8_LINEAR, W8A8_LINEAR, INT8_LINEAR, int8_linear_decomposed)
 
     def _only_feeds_linears(self, scan: fx.Node) -> bool:
         todo, seen = [scan], set()
@@ -521,7 +521,7 @@ class InlineFakeQuant(Pass):
                 continue
             q, s_n, z_n, qmin, qmax = src
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(fake_quant, (q.args[0], s_n, z_n, qmin, qmax))
+                new = gm.graph.call_function(fake_quantize, (q.args[0], s_n, z_n, qmin, qmax))
             keep_tag(q, new, kind="fake_quant")
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
@@ -545,7 +545,7 @@ class InlineFakeQuant(Pass):
 class InlineMixedFakeQuant(Pass):
     """``quantize_mixed`` sites no linear rule took (the scan's delta/B/C, W4A8O16 inputs) ->
     ``ouromamba::mixed_fake_quant`` (one C++ pass; ``fused=True`` and 8-bit outliers), else
-    ``ouromamba::outlier_mask`` (the reference's code) + :func:`mixed_fake_quant` (plain torch)."""
+    ``ouromamba::outlier_mask`` (the reference's code) + :func:`mixed_fake_quant_decomposed` (plain torch)."""
 
     name = "inline_mixed_fake_quant"
 
@@ -567,7 +567,7 @@ class InlineMixedFakeQuant(Pass):
                     mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
                                                                  n_refresh))
                     m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
-                    new = gm.graph.call_function(mixed_fake_quant, (x, m, step_s, channel_axis, bits, obits))
+                    new = gm.graph.call_function(mixed_fake_quant_decomposed, (x, m, step_s, channel_axis, bits, obits))
                 keep_tag(node, mask, kind="outlier_mask")
                 keep_tag(node, new, kind="fake_quant_mixed")
             node.replace_all_uses_with(new)
