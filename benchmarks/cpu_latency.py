@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.lowering import cpu_gemm
+from ouromamba_fx.ops import gemm as cpu_gemm
 from ouromamba_fx.lowering.lower import lower_quantized
 
 HERE = Path(__file__).resolve().parent
@@ -171,15 +171,17 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 def linear_weight_bytes(lowered) -> tuple[int, int]:
     """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
-    from ouromamba_fx.lowering.fused import int8_linear_decomposed, w4a4o8_linear_masked_decomposed
-    from ouromamba_fx.lowering.mixer import W4A4O8_LINEAR_MIXED_OP, W4A4O8_LINEAR_RT_OP
-    from ouromamba_fx.lowering.rules import W4A4O8_LINEAR, W8A8_LINEAR, const, int8_linear_codes
+    from ouromamba_fx.lowering.rules import const
+    from ouromamba_fx.ops.int8_linear import W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+    from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
+                                                w4a4o8_linear_masked_decomposed)
 
     gm = lowered.graph_module
     q_bytes = f_bytes = 0
-    where = {W8A8_LINEAR: (1, 2), int8_linear_codes: (2, 3), int8_linear_decomposed: (4, 5), W4A4O8_LINEAR: (3, 4),
-             w4a4o8_linear_masked_decomposed: (3, 4), W4A4O8_LINEAR_RT_OP: (2, 3), W4A4O8_LINEAR_MIXED_OP: (2, 3)}
-    k_arg = {W4A4O8_LINEAR: 6, w4a4o8_linear_masked_decomposed: 6, W4A4O8_LINEAR_RT_OP: 5, W4A4O8_LINEAR_MIXED_OP: 5}
+    where = {W8A8_LINEAR_OP: (1, 2), int8_linear_codes: (2, 3), int8_linear_decomposed: (4, 5),
+             W4A4O8_MASKED_OP: (3, 4), w4a4o8_linear_masked_decomposed: (3, 4), W4A4O8_DETECT_OP: (2, 3),
+             W4A4O8_DETECT_REQUANT_OP: (2, 3)}
+    k_arg = {W4A4O8_MASKED_OP: 6, w4a4o8_linear_masked_decomposed: 6, W4A4O8_DETECT_OP: 5, W4A4O8_DETECT_REQUANT_OP: 5}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in where:
             continue
@@ -273,7 +275,7 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
         batches = sorted({b for b, _ in res["times"]})
         for measure, title in (("times", "Median wall time per batch (ms)"),
                                ("cpu", "Median process CPU time per batch (ms; all threads, the steadier "
-                                "measure on a shared machine)")):
+                                       "measure on a shared machine)")):
             lines += [f"{title}:", "",
                       "| batch | " + " | ".join(VARIANTS) + " | W8A8 vs fp32c | W8A8 vs bf16c | W4A4O8 vs fp32c | W4A4O8 vs bf16c |",
                       "|---:|" + "---:|" * (len(VARIANTS) + 4)]

@@ -30,7 +30,7 @@ import torch
 
 import ouromamba_fx as of
 from ouromamba_fx.gen import DEFAULTS, SyntheticCalib, gen, gen_losses
-from ouromamba_fx.lowering.scan import scan_backend
+from ouromamba_fx.ops.scan import scan_backend
 from ouromamba_fx.models import VimConfig, VisionMamba
 
 HERE = Path(__file__).resolve().parent

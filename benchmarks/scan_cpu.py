@@ -50,8 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q  # noqa: E402
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref  # noqa: E402
-from ouromamba_fx.lowering.qscan import scan_state_stats, selective_scan_q_ref  # noqa: E402
-from ouromamba_fx.lowering.scan import scan_backend, selective_scan  # noqa: E402
+from ouromamba_fx.ops.scan import scan_backend, selective_scan  # noqa: E402
+from ouromamba_fx.ops.scan_quant import scan_state_stats  # noqa: E402
+from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref  # noqa: E402
 from ouromamba_fx.passes.reparam import rank1_factors  # noqa: E402
 
 SHAPES = [  # (label, batch, d_inner, L, d_state)

@@ -25,11 +25,9 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, RmsNorm
 
 from ouromamba_fx.errors import CaptureError
-from ouromamba_fx.lowering.scan import selective_scan  # noqa: F401  (registers the op)
 from ouromamba_fx.models.mixer import DIRECTIONS, MambaMixer
+from ouromamba_fx.ops.scan import SCAN_OP
 from ouromamba_fx.tags import META, tag
-
-SCAN_OP = torch.ops.ouromamba.selective_scan.default
 # Child name inside a MambaMixer -> (role, direction).
 _CHILD_ROLES = {"in_proj": ("in_proj", None), "out_proj": ("out_proj", None)}
 for _direction, (_conv, _xp, _dtp, _a, _d) in DIRECTIONS.items():

@@ -14,9 +14,8 @@ from ouromamba_fx.capture import capture
 from ouromamba_fx.config import W8A8, QuantConfig, preset
 from ouromamba_fx.checks import check_model, check_not_quantized, strict_error, unknown_mixers
 from ouromamba_fx.errors import CaptureError, DataError, InferenceOnlyError, InputError, OuroMambaError
-from ouromamba_fx.lowering.outlier import outlier_fraction
+from ouromamba_fx.ops.mixed import outlier_fraction, outlier_map
 from ouromamba_fx.numerics import is_float
-from ouromamba_fx.outliers import site_outlier_map
 from ouromamba_fx.passes.act_scales import ChooseActScales
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 from ouromamba_fx.passes.calibrate import Calibrate, check_batch, iter_batches
@@ -25,7 +24,7 @@ from ouromamba_fx.passes.qdq import QuantizeActivations
 from ouromamba_fx.passes.reparam import ObserveScanStates, ReparameterizeScan
 from ouromamba_fx.passes.weights import QuantizeWeights
 from ouromamba_fx.progress import console
-from ouromamba_fx.qparams import sqnr
+from ouromamba_fx.passes.qparams import sqnr
 from ouromamba_fx.models.identity import model_identity
 from ouromamba_fx.tags import op_nodes, tag
 
@@ -72,7 +71,7 @@ class _Recorder(fx.Interpreter):
         if t.get("kind") == "quantize_mixed":  # outlier statistics for the report
             args, _ = self.fetch_args_kwargs_from_env(n)
             self.outlier_fraction[t["site"]] = outlier_fraction(*args)
-            self.outlier_maps[t["site"]] = site_outlier_map(*args)
+            self.outlier_maps[t["site"]] = outlier_map(*args)
         return out
 
 

@@ -167,7 +167,7 @@ def save(q, path: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    from ouromamba_fx.lowering.qlinear import pack_int4
+    from ouromamba_fx.ops.int4 import pack_int4
     from ouromamba_fx.models.identity import ARCHITECTURES
 
     if getattr(q, "custom_passes", False):
@@ -353,7 +353,7 @@ def _check_value(name: str, v: torch.Tensor, bits: int | None, where: str) -> No
 
 def _load_tensors(gm: fx.GraphModule, raw: dict[str, torch.Tensor], where: str) -> None:
     """Copy the file's tensors into the rebuilt graph's, each checked first."""
-    from ouromamba_fx.lowering.qlinear import unpack_int4
+    from ouromamba_fx.ops.int4 import unpack_int4
 
     own = graph_tensors(gm)
     int4 = _int4_names(gm, own)

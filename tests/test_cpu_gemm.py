@@ -1,4 +1,4 @@
-"""The CPU integer GEMM paths (``ouromamba_fx.lowering.cpu_gemm``): each exact against an int64
+"""The CPU integer GEMM paths (``ouromamba_fx.ops.gemm``): each exact against an int64
 reference, the u8 x s8 exactness bound, the weight cache, and both modes giving the same numbers
 end to end on lowered models, whichever mode this CPU picks by itself."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.lowering import cpu_gemm
+from ouromamba_fx.ops import gemm as cpu_gemm
 from ouromamba_fx.models import VisionMamba
 
 from .conftest import tiny_config

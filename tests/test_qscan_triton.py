@@ -93,7 +93,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("optional", [True, False])
     def test_float_inputs(self, shape, state_bits, optional):
         from ouromamba_fx.kernels.triton.qscan import qscan, qscan_ref
-        from ouromamba_fx.lowering.qscan import selective_scan_q_ref
+        from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref
 
         args = _case(*shape, optional=optional)
         y = qscan(*args, state_bits)
@@ -136,23 +136,23 @@ class TestInInterpreter:
 
     def test_cuda_op_glue(self):
         """The functions registered for CUDA tensors, run on CPU tensors through the interpreter."""
-        from ouromamba_fx.lowering import qscan as lq
+        from ouromamba_fx.ops import scan_quant as lq
 
         args = _case(2, 10, 7, 4)
         lc = [*args[:10], torch.rand(5) + 0.5, args[11], torch.rand(5) * 0.05 + 0.02]  # calibrated at L = 5
-        torch.testing.assert_close(lq._selective_scan_q_cuda(*lc, 16), lq.selective_scan_q_ref(*lc, 16),
+        torch.testing.assert_close(lq._selective_scan_reparam_cuda(*lc, 16), lq.selective_scan_reparam_ref(*lc, 16),
                                    rtol=1e-5, atol=1e-5)
-        assert _mostly_close(lq._selective_scan_q_cuda(*lc, 8), lq.selective_scan_q_ref(*lc, 8))
+        assert _mostly_close(lq._selective_scan_reparam_cuda(*lc, 8), lq.selective_scan_reparam_ref(*lc, 8))
         quant = torch.ops.ouromamba.quantize.default
         u, delta, A, B, C, D, z, bias, sp, r_c, r_l, r_n, ss = args
         s_d, s_b = torch.tensor([0.01]), (B.abs().amax(dim=(0, 1)) / 127).reshape(1, 7)
         zero_d, zero_b = torch.zeros(1), torch.zeros(1, 7)
         qargs = [u, quant(delta, s_d, zero_d, -128, 127), s_d, zero_d, A, quant(B, s_b, zero_b, -128, 127), s_b,
                  zero_b, C, None, None, D, z, bias, sp]
-        torch.testing.assert_close(lq._selective_scan_qi_cuda(*qargs, None, None, None, None, 16),
-                                   lq.selective_scan_qi_ref(*qargs, None, None, None, None, 16), rtol=1e-5, atol=1e-5)
-        assert _mostly_close(lq._selective_scan_qi_cuda(*qargs, r_c, r_l, r_n, ss, 8),
-                             lq.selective_scan_qi_ref(*qargs, r_c, r_l, r_n, ss, 8))
+        torch.testing.assert_close(lq._selective_scan_int8_inputs_cuda(*qargs, None, None, None, None, 16),
+                                   lq.selective_scan_int8_inputs_ref(*qargs, None, None, None, None, 16), rtol=1e-5, atol=1e-5)
+        assert _mostly_close(lq._selective_scan_int8_inputs_cuda(*qargs, r_c, r_l, r_n, ss, 8),
+                             lq.selective_scan_int8_inputs_ref(*qargs, r_c, r_l, r_n, ss, 8))
 
     def test_wrapper_checks(self):
         from ouromamba_fx.kernels.triton.qscan import qscan

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from ouromamba_fx.lowering.qlinear import pack_int4
+from ouromamba_fx.ops.int4 import pack_int4
 
 OPS = torch.ops.ouromamba
 

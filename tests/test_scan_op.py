@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
-from ouromamba_fx.lowering.scan import selective_scan, scan_backend
+from ouromamba_fx.ops.scan import scan_backend, selective_scan
 
 OPT_NAMES = ("D", "z", "delta_bias")
 

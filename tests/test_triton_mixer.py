@@ -108,7 +108,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("reverse", [False, True])
     def test_conv1d_silu(self, shape, width, quant, reverse):
         from ouromamba_fx.kernels.triton.conv1d_silu import causal_conv1d_silu, causal_conv1d_silu_ref
-        from ouromamba_fx.lowering.mixer import causal_conv1d_silu_ref as op_ref
+        from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_ref as op_ref
 
         b, d, length = shape
         g = torch.Generator().manual_seed(length)
@@ -132,7 +132,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_conv1d_silu_low_precision_strided_no_bias(self, dtype):
         from ouromamba_fx.kernels.triton.conv1d_silu import causal_conv1d_silu
-        from ouromamba_fx.lowering.mixer import causal_conv1d_silu_ref as op_ref
+        from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_ref as op_ref
 
         x = torch.randn(2, 21, 6).to(dtype).transpose(1, 2)  # (2, 6, 21), channel-contiguous
         w = torch.randn(6, 1, 4)
@@ -143,7 +143,7 @@ class TestInInterpreter:
         """One unit tap: out = silu(fake_quant(x)), ties at .5 rounding to even, clamped at the
         range (a wrong code would be off by a whole step, 0.5 here)."""
         from ouromamba_fx.kernels.triton.conv1d_silu import causal_conv1d_silu
-        from ouromamba_fx.lowering.quant import dequantize_ref, quantize_ref
+        from ouromamba_fx.ops.quant import dequantize_ref, quantize_ref
 
         codes = torch.tensor([0.5, 1.5, 2.5, -0.5, -2.5, 3.49, 200.0, -200.0, 0.0])
         s, zp = torch.tensor([0.5]), torch.tensor([1.0])
@@ -156,7 +156,7 @@ class TestInInterpreter:
 
     def test_conv1d_other_config_and_errors(self):
         from ouromamba_fx.kernels.triton import conv1d_silu as kc
-        from ouromamba_fx.lowering.mixer import causal_conv1d_silu_ref as op_ref
+        from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_ref as op_ref
 
         args = (torch.randn(1, 40, 70), torch.randn(40, 1, 4), torch.randn(40), None, None, -128, 127, True)
         with _pinned(kc._causal_conv1d_silu_kernel, kc.CONFIGS[2]):
@@ -178,8 +178,8 @@ class TestInInterpreter:
     ])
     def test_mixed_fake_quant_and_mask(self, shape, token_axis, channel_axis, n_refresh, bits):
         from ouromamba_fx.kernels.triton import mixed_quant as km
-        from ouromamba_fx.lowering.fused import outlier_mask_op
-        from ouromamba_fx.lowering.outlier import quantize_mixed_ref
+        from ouromamba_fx.ops.mixed import site_outlier_mask
+        from ouromamba_fx.ops.mixed import quantize_mixed_ref
 
         x = _planted(shape, channel_axis)
         s = _step_scales(shape[token_axis])
@@ -189,7 +189,7 @@ class TestInInterpreter:
         assert y.shape == x.shape and y.dtype == torch.float32
         assert torch.equal(y, want) and torch.equal(km.mixed_fake_quant_ref(*args), want)
         mask = km.outlier_mask(x, s, token_axis, channel_axis, bits[0], 3.0, n_refresh)
-        want_mask, _ = outlier_mask_op(x, s, token_axis, channel_axis, bits[0], 3.0, n_refresh)
+        want_mask, _ = site_outlier_mask(x, s, token_axis, channel_axis, bits[0], 3.0, n_refresh)
         assert mask.dtype == torch.bool and mask.is_contiguous() and torch.equal(mask, want_mask)
         assert torch.equal(km.outlier_mask_ref(x, s, token_axis, channel_axis, bits[0], 3.0, n_refresh), want_mask)
         if shape[channel_axis] > 1:
@@ -198,7 +198,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_mixed_fake_quant_low_precision_strided(self, dtype):
         from ouromamba_fx.kernels.triton.mixed_quant import mixed_fake_quant
-        from ouromamba_fx.lowering.outlier import quantize_mixed_ref
+        from ouromamba_fx.ops.mixed import quantize_mixed_ref
 
         x = _planted((2, 40, 19), 1).to(dtype).transpose(1, 2)  # (2, 19, 40): tokens on 1, channels on 2
         s = _step_scales(19)
@@ -223,13 +223,13 @@ class TestInInterpreter:
     def test_mixed_codes(self):
         """The W4A4O8 input by the rule: q_in / scales / lists against the reference mask and split."""
         from ouromamba_fx.kernels.triton import mixed_quant as km
-        from ouromamba_fx.lowering.fused import outlier_mask_op
-        from ouromamba_fx.lowering.qlinear import outlier_split_ref
+        from ouromamba_fx.ops.mixed import site_outlier_mask
+        from ouromamba_fx.ops.mixed import outlier_split_ref
 
         x = _planted((2, 9, 40), 2)
         s = _step_scales(9)
         codes = km.mixed_codes(x, s, 4, 3.0, 4)
-        mask, step = outlier_mask_op(x, s, 1, 2, 4, 3.0, 4)
+        mask, step = site_outlier_mask(x, s, 1, 2, 4, 3.0, 4)
         q_in, s_in, q_out, s_out = outlier_split_ref(x.reshape(18, 40), mask.reshape(18, 40),
                                                      step.expand(2, 9, 1).reshape(18, 1), 4)
         assert torch.equal(codes.q_in, q_in) and torch.equal(codes.s_in, s_in.flatten())
@@ -254,7 +254,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     def test_split_codes(self, scale, dtype):
         from ouromamba_fx.kernels.triton import mixed_quant as km
-        from ouromamba_fx.lowering.qlinear import outlier_split_ref
+        from ouromamba_fx.ops.mixed import outlier_split_ref
 
         g = torch.Generator().manual_seed(3)
         x = (torch.randn(13, 35, generator=g) * 3).to(dtype)
@@ -289,7 +289,8 @@ class TestInInterpreter:
     def test_w4a4o8_linear(self, b, length, k, n, static):
         """Given the mask (ouromamba::w4a4o8_linear's semantics): equal to the reference, bit for bit."""
         from ouromamba_fx.kernels.triton import w4a4o8_gemm as kw
-        from ouromamba_fx.lowering.qlinear import pack_int4, w4a4o8_linear_ref
+        from ouromamba_fx.ops.int4 import pack_int4
+        from ouromamba_fx.ops.w4a4o8_linear import w4a4o8_linear_masked_ref as w4a4o8_linear_ref
 
         g = torch.Generator().manual_seed(k)
         x = _planted((b, length, k), 2, seed=k, n_big=min(2, k))
@@ -310,15 +311,16 @@ class TestInInterpreter:
         """With the rule (ouromamba::w4a4o8_linear_rt's semantics): the reference's mask op, then the
         reference linear."""
         from ouromamba_fx.kernels.triton import w4a4o8_gemm as kw
-        from ouromamba_fx.lowering.fused import outlier_mask_op
-        from ouromamba_fx.lowering.qlinear import pack_int4, w4a4o8_linear_ref
+        from ouromamba_fx.ops.mixed import site_outlier_mask
+        from ouromamba_fx.ops.int4 import pack_int4
+        from ouromamba_fx.ops.w4a4o8_linear import w4a4o8_linear_masked_ref as w4a4o8_linear_ref
 
         x = _planted((2, 11, 48), 2)
         s = _step_scales(11)
         w_packed = pack_int4(torch.randint(-8, 8, (24, 48), dtype=torch.int8))
         w_scale, bias = torch.rand(24) * 0.01, torch.randn(24)
         y = kw.w4a4o8_linear_detect(x, s, w_packed, w_scale, bias, 48, 3.0, 5)
-        mask, step = outlier_mask_op(x, s, 1, 2, 4, 3.0, 5)
+        mask, step = site_outlier_mask(x, s, 1, 2, 4, 3.0, 5)
         assert mask.any()
         want = w4a4o8_linear_ref(x, mask, step, w_packed, w_scale, bias, 48)
         assert torch.equal(y, want)

@@ -10,31 +10,31 @@ Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs the
 
 * :class:`LowerW8A8Linear` -- ``quantize -> dequantize -> F.linear(., dequantize(w_q))`` with
   symmetric activations (<= 8 bits) and a scale per token (or per tensor) becomes
-  :func:`~ouromamba_fx.lowering.fused.int8_linear_decomposed` (quantize, ``torch._int_mm``,
+  :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed` (quantize, ``torch._int_mm``,
   epilogue, in plain torch for Inductor to fuse); with ``inline=False`` the custom ops
   ``ouromamba::w8a8_linear`` (8 bits) or ``ouromamba::int8_linear`` on the kept ``quantize``.
 * :class:`LowerW4A4O8Linear` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
   ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes, on weights packed two per
   byte, ``ouromamba::w4a4o8_linear_rt`` (default: outlier rule, split, quantization, int4 GEMM and
-  sparse outlier term in one op, :mod:`ouromamba_fx.lowering.mixer`), or with ``fused=False``
-  ``ouromamba::outlier_mask`` + :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_masked_decomposed` (or,
+  sparse outlier term in one op, :mod:`ouromamba_fx.ops.w4a4o8_linear`), or with ``fused=False``
+  ``ouromamba::outlier_mask`` + :func:`~ouromamba_fx.ops.w4a4o8_linear.w4a4o8_linear_masked_decomposed` (or,
   ``inline=False``, the op ``ouromamba::w4a4o8_linear``).
 * :class:`LowerIntegerScan` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
   ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
 * :class:`LowerConv1dSilu` -- ``[flip ->] quantize -> dequantize -> conv1d (depthwise, causal
   padding) -> [..., :L] -> silu`` becomes the C++ op ``ouromamba::causal_conv1d_silu``
-  (:mod:`ouromamba_fx.lowering.mixer`: one pass, input quantization fused, the flip read
+  (:mod:`ouromamba_fx.ops.conv1d_silu`: one pass, input quantization fused, the flip read
   backwards instead of copied, channel-contiguous output).
 * :class:`ChannelsLastScan` -- ``ouromamba::selective_scan`` feeding only lowered linears
   (through elementwise ops and the transpose to (batch, L, d_inner)) becomes
   ``ouromamba::selective_scan_cl``, the same output in channel-contiguous memory.
 * :class:`InlineFakeQuant` -- any quantize/dequantize pair still left (in front of float ops)
-  becomes :func:`~ouromamba_fx.lowering.quant.fake_quantize`, and a ``quantize`` kept for its
+  becomes :func:`~ouromamba_fx.ops.quant.fake_quantize`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
   torch with the same formula, which Inductor fuses into the kernel producing its input.
 * :class:`InlineMixedFakeQuant` -- ``quantize_mixed`` sites left (feeding float ops) become the
   one-pass ``ouromamba::mixed_fake_quant`` (8-bit outliers), else ``ouromamba::outlier_mask`` +
-  :func:`~ouromamba_fx.lowering.fused.mixed_fake_quant_decomposed`.
+  :func:`~ouromamba_fx.ops.mixed.mixed_fake_quant_decomposed`.
 * :class:`FuseLinearMixedFakeQuant` -- ``mixed_fake_quant`` of a short-reduction
   ``w4a4o8_linear_rt`` (Vim's dt_proj feeding the scan's delta) becomes
   ``ouromamba::w4a4o8_linear_mixed``, one pass per row.
@@ -52,22 +52,21 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from ouromamba_fx.lowering.fused import (OUTLIER_MASK, int8_linear_decomposed, mixed_fake_quant_decomposed,
-                                         w4a4o8_linear_masked_decomposed)
-from ouromamba_fx.lowering.mixer import CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_RT_OP
-from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
-from ouromamba_fx.lowering.qlinear import pack_int4
-from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
-from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE, dequantize_ref, fake_quantize, quantize_ref
-from ouromamba_fx.lowering.scan import SCAN_OP
+from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
+from ouromamba_fx.ops.int4 import pack_int4
+from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP,
+                                    mixed_fake_quant_decomposed)
+from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, dequantize_ref, fake_quantize, quantize_ref
+from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
+from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP
+from ouromamba_fx.ops.w4a4o8_linear import (SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
+                                            w4a4o8_linear_masked_decomposed)
 from ouromamba_fx.passes.base import Context, Pass
 from ouromamba_fx.tags import META
 
 LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)
 CONV1D_TARGETS = (F.conv1d, torch.ops.aten.conv1d.default)
-W8A8_LINEAR = torch.ops.ouromamba.w8a8_linear.default
-INT8_LINEAR = torch.ops.ouromamba.int8_linear.default
-W4A4O8_LINEAR = torch.ops.ouromamba.w4a4o8_linear.default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,10 +108,10 @@ def same_const(gm: fx.GraphModule, a, b) -> bool:
 def qdq_source(gm: fx.GraphModule, node) -> tuple[fx.Node, fx.Node, fx.Node, int, int] | None:
     """If ``node`` is ``dequantize(quantize(x, s, z, qmin, qmax), s, z)``: (quantize node, s, z,
     qmin, qmax); else None."""
-    if not is_call(node, DEQUANTIZE):
+    if not is_call(node, DEQUANTIZE_OP):
         return None
     q, s, z = node.args[:3]
-    if not is_call(q, QUANTIZE):
+    if not is_call(q, QUANTIZE_OP):
         return None
     _, qs, qz, qmin, qmax = q.args[:5]
     if not (same_const(gm, s, qs) and same_const(gm, z, qz)):
@@ -123,7 +122,7 @@ def qdq_source(gm: fx.GraphModule, node) -> tuple[fx.Node, fx.Node, fx.Node, int
 def const_weight(gm: fx.GraphModule, node) -> tuple[fx.Node, Tensor, Tensor] | None:
     """If ``node`` is ``dequantize(w_q, w_scale, w_zp)`` of constants with int8 ``w_q`` (N, K), a
     scale per output channel and zero points all 0: (w_q node, w_q, w_scale (N,))."""
-    if not is_call(node, DEQUANTIZE):
+    if not is_call(node, DEQUANTIZE_OP):
         return None
     wq_n, ws_n, wz_n = node.args[:3]
     wq, ws, wz = const(gm, wq_n), const(gm, ws_n), const(gm, wz_n)
@@ -182,7 +181,7 @@ def _flat_float(t: Tensor | None) -> Tensor | None:
 # Rules
 
 class LowerW8A8Linear(Pass):
-    """``inline=True`` (default) emits :func:`~ouromamba_fx.lowering.fused.int8_linear_decomposed`
+    """``inline=True`` (default) emits :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed`
     (plain torch around ``torch._int_mm``, fused by Inductor); ``inline=False`` the opaque
     custom ops ``w8a8_linear`` / ``int8_linear``. Same integers, same epilogue order."""
 
@@ -214,7 +213,7 @@ class LowerW8A8Linear(Pass):
                 if inline:
                     new = gm.graph.call_function(int8_linear_decomposed, (q.args[0], s_n, qmin, qmax, wq_n, ws_n, b))
                 elif qmax == 127:
-                    new = gm.graph.call_function(W8A8_LINEAR, (q.args[0], wq_n, ws_n, b, s_n))
+                    new = gm.graph.call_function(W8A8_LINEAR_OP, (q.args[0], wq_n, ws_n, b, s_n))
                 else:  # fewer bits: keep the quantize node's integers, int8 GEMM on them
                     new = gm.graph.call_function(int8_linear_codes, (q, s_n, wq_n, ws_n, b))
             op = "int8_linear_decomposed" if inline else "w8a8_linear" if qmax == 127 else "int8_linear"
@@ -228,21 +227,12 @@ class LowerW8A8Linear(Pass):
         return bool(changed)
 
 
-def int8_linear_codes(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """``ouromamba::int8_linear`` on integers ``x_q`` (..., K) with a scale broadcastable to
-    (..., 1) (the per-token static scale of the reference graph)."""
-    lead = x_q.shape[:-1]
-    xs = x_scale.expand(*lead, 1).reshape(-1, 1)
-    y = torch.ops.ouromamba.int8_linear(x_q.reshape(-1, x_q.shape[-1]), xs, w_q, w_scale, bias)
-    return y.reshape(*lead, w_q.shape[0])
-
-
 class LowerW4A4O8Linear(Pass):
     """``fused=True`` (default) emits ``ouromamba::w4a4o8_linear_rt``
-    (:mod:`ouromamba_fx.lowering.mixer`: the outlier rule, the split and the quantization in one
+    (:mod:`ouromamba_fx.ops.w4a4o8_linear`: the outlier rule, the split and the quantization in one
     C++ pass, then the inlier GEMM and each token's outlier channels added in the epilogue). Otherwise
     ``ouromamba::outlier_mask`` (the reference's code) and, with ``inline=True``,
-    :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_masked_decomposed` (plain torch, two dense
+    :func:`~ouromamba_fx.ops.w4a4o8_linear.w4a4o8_linear_masked_decomposed` (plain torch, two dense
     ``torch._int_mm``, fused by Inductor), with ``inline=False`` the opaque
     ``ouromamba::w4a4o8_linear``. Same integers, same epilogue (up to outlier channels sitting
     exactly on the threshold, which the summation order of the mean/std decides)."""
@@ -261,7 +251,7 @@ class LowerW4A4O8Linear(Pass):
                 continue
             x_mq, w_dq, b = linear_parts(node)
             w = const_weight(gm, w_dq)
-            if not is_call(x_mq, QUANTIZE_MIXED) or w is None or not bias_ok(gm, b):
+            if not is_call(x_mq, QUANTIZE_MIXED_OP) or w is None or not bias_ok(gm, b):
                 continue
             x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = x_mq.args[:8]
             wq_n, wq, ws = w
@@ -280,16 +270,16 @@ class LowerW4A4O8Linear(Pass):
             steps_ok = token_axis == -2 or (token_axis == ndim - 2 if ndim is not None else token_axis == 1)
             if self.fused and steps_ok:
                 with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(W4A4O8_LINEAR_RT_OP, (x, s_n, wp_n, ws_n, b, int(wq.shape[1]),
-                                                                       float(k), n_refresh))
+                    new = gm.graph.call_function(W4A4O8_DETECT_OP, (x, s_n, wp_n, ws_n, b, int(wq.shape[1]),
+                                                                    float(k), n_refresh))
                 keep_tag(node, new, kind="fused", op="w4a4o8_linear_rt")
             else:
                 with gm.graph.inserting_before(node):
-                    mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
-                                                                 n_refresh))
+                    mask = gm.graph.call_function(OUTLIER_MASK_OP, (x, s_n, token_axis, channel_axis, bits, float(k),
+                                                                    n_refresh))
                     m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
                     inline = self.inline and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
-                    target = w4a4o8_linear_masked_decomposed if inline else W4A4O8_LINEAR
+                    target = w4a4o8_linear_masked_decomposed if inline else W4A4O8_MASKED_OP
                     new = gm.graph.call_function(target, (x, m, step_s, wp_n, ws_n, b, int(wq.shape[1])))
                 keep_tag(x_mq, mask, kind="outlier_mask")
                 keep_tag(node, new, kind="fused", op=getattr(target, "__name__", "w4a4o8_linear"))
@@ -329,9 +319,9 @@ class LowerIntegerScan(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         changed = 0
         for node in list(gm.graph.nodes):
-            if not is_call(node, (SCAN_OP, SCAN_Q_OP)):
+            if not is_call(node, (SCAN_OP, SCAN_REPARAM_OP)):
                 continue
-            names = self._SCAN_ARGS + (self._Q_ARGS if node.target is SCAN_Q_OP else ())
+            names = self._SCAN_ARGS + (self._Q_ARGS if node.target is SCAN_REPARAM_OP else ())
             v = dict(zip(names, node.args))
             v.update(node.kwargs)
             v.setdefault("delta_bias", None)
@@ -346,7 +336,7 @@ class LowerIntegerScan(Pass):
             args = (v["u"], *ins["delta"], v["A"], *ins["B"], *ins["C"], v.get("D"), v.get("z"),
                     v["delta_bias"], v["delta_softplus"], *factors)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(SCAN_QI_OP, args)
+                new = gm.graph.call_function(SCAN_INT8_INPUTS_OP, args)
             keep_tag(node, new, kind="fused", op="selective_scan_qi")
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
@@ -426,7 +416,7 @@ def const_weight_any(gm: fx.GraphModule, node) -> Tensor | None:
     t = const(gm, node)
     if t is not None:
         return t.detach()
-    if is_call(node, DEQUANTIZE):
+    if is_call(node, DEQUANTIZE_OP):
         parts = [const(gm, a) for a in node.args[:3]]
         if all(p is not None for p in parts):
             return dequantize_ref(*parts)
@@ -479,7 +469,7 @@ class ChannelsLastScan(Pass):
     (a view, a reduction, a graph output) are left as they are."""
 
     name = "channels_last_scan"
-    LINEARS = (W4A4O8_LINEAR_RT_OP, W4A4O8_LINEAR, W8A8_LINEAR, INT8_LINEAR, int8_linear_decomposed)
+    LINEARS = (W4A4O8_DETECT_OP, W4A4O8_MASKED_OP, W8A8_LINEAR_OP, INT8_LINEAR_OP, int8_linear_decomposed)
 
     def _only_feeds_linears(self, scan: fx.Node) -> bool:
         todo, seen = [scan], set()
@@ -499,12 +489,10 @@ class ChannelsLastScan(Pass):
         return True
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        from ouromamba_fx.lowering.scan import SCAN_CL_OP
-
         changed = 0
         for node in list(gm.graph.nodes):
             if is_call(node, SCAN_OP) and node.users and self._only_feeds_linears(node):
-                node.target = SCAN_CL_OP
+                node.target = SCAN_CHANNELS_LAST_OP
                 changed += 1
         ctx.log.append(f"{self.name}: {changed} scan(s)")
         return bool(changed)
@@ -530,7 +518,7 @@ class InlineFakeQuant(Pass):
         # Quantize nodes kept for their integers (feeding an integer op) become plain torch too:
         # the same formula, fused by Inductor into the kernel that produces x.
         for node in list(gm.graph.nodes):
-            if is_call(node, QUANTIZE):
+            if is_call(node, QUANTIZE_OP):
                 with gm.graph.inserting_before(node):
                     new = gm.graph.call_function(quantize_ref, tuple(node.args), dict(node.kwargs))
                 keep_tag(node, new)
@@ -555,7 +543,7 @@ class InlineMixedFakeQuant(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         changed = 0
         for node in list(gm.graph.nodes):
-            if not is_call(node, QUANTIZE_MIXED):
+            if not is_call(node, QUANTIZE_MIXED_OP):
                 continue
             x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = node.args[:8]
             if self.fused and obits == 8 and 2 <= bits <= 8:  # one C++ pass on the CPU
@@ -564,8 +552,8 @@ class InlineMixedFakeQuant(Pass):
                 keep_tag(node, new, kind="fake_quant_mixed")
             else:
                 with gm.graph.inserting_before(node):
-                    mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
-                                                                 n_refresh))
+                    mask = gm.graph.call_function(OUTLIER_MASK_OP, (x, s_n, token_axis, channel_axis, bits, float(k),
+                                                                    n_refresh))
                     m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
                     new = gm.graph.call_function(mixed_fake_quant_decomposed, (x, m, step_s, channel_axis, bits, obits))
                 keep_tag(node, mask, kind="outlier_mask")
@@ -589,8 +577,6 @@ class FuseLinearMixedFakeQuant(Pass):
     name = "fuse_linear_mixed_fake_quant"
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        from ouromamba_fx.lowering.mixer import SMALL_K, W4A4O8_LINEAR_MIXED_OP
-
         changed = 0
         for node in list(gm.graph.nodes):
             if not is_call(node, MIXED_FAKE_QUANT_OP) or len(node.args) < 8:
@@ -602,7 +588,7 @@ class FuseLinearMixedFakeQuant(Pass):
             dims = _transpose_dims(x)
             if dims is not None and len(x.users) == 1:
                 lin, swap = x.args[0], dims
-            if not is_call(lin, W4A4O8_LINEAR_RT_OP) or len(lin.users) != 1 or len(lin.args) < 8:
+            if not is_call(lin, W4A4O8_DETECT_OP) or len(lin.users) != 1 or len(lin.args) < 8:
                 continue
             k_in = lin.args[5]
             if not isinstance(k_in, int) or k_in >= SMALL_K or not isinstance(token_axis, int) or \
@@ -615,7 +601,7 @@ class FuseLinearMixedFakeQuant(Pass):
                 other = {swap[0]: swap[1], swap[1]: swap[0]}
                 ta, ca = other.get(ta, ta), other.get(ca, ca)
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(W4A4O8_LINEAR_MIXED_OP,
+                new = gm.graph.call_function(W4A4O8_DETECT_REQUANT_OP,
                                              (*lin.args[:8], s_n, ta, ca, bits, float(k), n_refresh))
                 out = gm.graph.call_method("transpose", (new, *swap)) if swap is not None else new
             keep_tag(node, new, kind="fused", op="w4a4o8_linear_mixed")
@@ -636,7 +622,7 @@ class FoldWeightDequant(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         changed = 0
         for node in list(gm.graph.nodes):
-            if not is_call(node, DEQUANTIZE) or not all(const(gm, a) is not None for a in node.args[:3]):
+            if not is_call(node, DEQUANTIZE_OP) or not all(const(gm, a) is not None for a in node.args[:3]):
                 continue
             w = dequantize_ref(*(const(gm, a) for a in node.args[:3]))
             new = new_const(gm, f"{node.args[0].target}_f", w, node)

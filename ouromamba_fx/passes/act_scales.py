@@ -7,7 +7,7 @@ import torch.fx as fx
 from ouromamba_fx import numerics
 from ouromamba_fx.numerics import EPS
 from ouromamba_fx.passes.base import Context, Pass
-from ouromamba_fx.qparams import act_qparams, kscale_scales, mixed_ratio_search
+from ouromamba_fx.passes.qparams import act_qparams, kscale_scales, mixed_ratio_search
 
 
 class ChooseActScales(Pass):

@@ -18,10 +18,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ouromamba_fx.capture import SCAN_OP
 from ouromamba_fx import numerics
-from ouromamba_fx.lowering.qscan import SCAN_Q_OP, scan_state_stats
 from ouromamba_fx.numerics import EPS
+from ouromamba_fx.ops.scan import SCAN_OP
+from ouromamba_fx.ops.scan_quant import SCAN_REPARAM_OP, scan_state_stats
 from ouromamba_fx.passes.base import Context, Pass
 from ouromamba_fx.passes.graph import nearest_ancestor, split_rows, to_networkx
 from ouromamba_fx.tags import META, scan_site, tag
@@ -110,7 +110,7 @@ class ReparameterizeScan(Pass):
                     a = gm.graph.get_attr(f"{base}_{k}")
                     a.meta[META] = {**tag(node), "kind": "scan_const"}
                     attrs.append(a)
-                new = gm.graph.call_function(SCAN_Q_OP, tuple(node.args) + tuple(attrs) + (spec.state_bits,))
+                new = gm.graph.call_function(SCAN_REPARAM_OP, tuple(node.args) + tuple(attrs) + (spec.state_bits,))
             new.meta[META] = {**tag(node), "reparam": True, "folded_r_n": folded,
                               "state_bits": spec.state_bits, "source": node.meta.get("orig_name", node.name)}
             node.replace_all_uses_with(new)

@@ -8,7 +8,7 @@ For ``x`` (batch, dim, L) and a depthwise weight (dim, 1, K)::
     out = silu(bias + sum_j weight[:, 0, j] * x''[..., t - (K - 1) + j])     (zeros before t = 0)
 
 ``scale`` and ``zero_point`` hold one value or one per time step (of ``x'``). Quantization follows
-:mod:`ouromamba_fx.lowering.quant`: ``q = clamp(round_half_even(x / scale) + zero_point, qmin,
+:mod:`ouromamba_fx.ops.quant`: ``q = clamp(round_half_even(x / scale) + zero_point, qmin,
 qmax)`` with a true division, ``x'' = (q - zero_point) * scale``; the padding zeros are not
 quantized. ``flip`` is never materialised: the kernel reads ``x`` backwards. Output float32 in
 channel-contiguous memory (strides ``(L * dim, 1, dim)``), as the reference and the CPU kernel write

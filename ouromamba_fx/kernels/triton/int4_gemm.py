@@ -3,7 +3,7 @@
 ``y = ((acc_in * s_in + acc_out * s_out) * w_scale) + bias`` in float32, with
 ``acc_in = x_q @ Wq^T`` and (if given) ``acc_out = x_q_out @ Wq^T`` exact in int32, ``Wq`` the int4
 weight unpacked in the kernel from ``w_packed`` (N, ceil(K / 2)) uint8 (the layout of
-:func:`ouromamba_fx.lowering.qlinear.pack_int4`: column ``2j`` in the low nibble of byte ``j``,
+:func:`ouromamba_fx.ops.int4.pack_int4`: column ``2j`` in the low nibble of byte ``j``,
 column ``2j + 1`` in the high nibble). ``x_q`` holds the 4-bit inliers as int8 (any int8 values
 work, so this is also a W4A8 GEMM), ``x_q_out`` the 8-bit outliers; each weight tile is loaded and
 unpacked once and feeds both products.

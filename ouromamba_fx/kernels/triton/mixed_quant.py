@@ -1,7 +1,7 @@
 """Triton OuroMamba-Quant activations: the run-time outlier rule and the mixed-precision quantization
 in one pass per token.
 
-The rule (:mod:`ouromamba_fx.lowering.outlier`, ``outlier_mask``), on ``x`` seen as rows
+The rule (:mod:`ouromamba_fx.ops.mixed`, ``outlier_mask``), on ``x`` seen as rows
 (batch, L, C) (``token_axis`` / ``channel_axis`` say where L and C are): at step ``t`` of a row, with
 ``a = |x_t|`` over the C channels::
 

@@ -1,6 +1,6 @@
 """Triton per-row (per-token) symmetric quantization and the inlier / outlier split.
 
-Numbers (see :mod:`ouromamba_fx.lowering.quant`): ``q = clamp(round_half_even(x / scale), -qmax,
+Numbers (see :mod:`ouromamba_fx.ops.quant`): ``q = clamp(round_half_even(x / scale), -qmax,
 qmax)`` as int8, with a true (round-to-nearest) division ``tl.math.div_rn``; a dynamic scale is
 ``max(amax / qmax, eps)``, also with ``div_rn``. Rounding half to even uses the float32 trick
 ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact for ``|v| < 2**22``; the value is clamped to

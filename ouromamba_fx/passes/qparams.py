@@ -9,8 +9,9 @@ import torch
 
 from ouromamba_fx.config import ActQuant, WeightQuant
 from ouromamba_fx import numerics
-from ouromamba_fx.lowering.quant import fake_quantize
 from ouromamba_fx.numerics import EPS, qrange
+from ouromamba_fx.ops.mixed import mixed_fake_quant_rows, outlier_mask
+from ouromamba_fx.ops.quant import fake_quantize
 
 
 def weight_qparams(w: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,8 +129,6 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def mixed_rows_fq(rows: torch.Tensor, s_rows: torch.Tensor, bits: int, outlier) -> torch.Tensor:
     """Fake-quantize independent rows (n, C) with per-row inlier scales (n,): plain symmetric, or
     OuroMamba mixed precision when ``outlier`` = (outlier_bits, k) (per-row rule, no windows)."""
-    from ouromamba_fx.lowering.outlier import mixed_fake_quant_rows, outlier_mask
-
     qmax = numerics.qmax(bits)
     if outlier is None:
         s = s_rows.reshape(-1, 1)

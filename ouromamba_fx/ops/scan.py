@@ -13,7 +13,8 @@ Kernels, by device:
   (once) and the plain-torch reference :func:`ouromamba_fx.kernels.scan_ref.selective_scan_ref` is
   used instead; :func:`scan_backend` tells which one is active. Setting the environment variable
   ``OUROMAMBA_SCAN_BACKEND=reference`` selects the reference without trying to build.
-* CUDA: the plain-torch reference for now (fused Triton kernels are future work).
+* CUDA: the plain-torch reference (the Triton kernels of :mod:`ouromamba_fx.kernels.triton.scan`
+  are not wired in yet).
 * Any other device: the plain-torch reference.
 
 ``ouromamba::selective_scan_cl`` is the same forward with its output in channel-contiguous memory
@@ -37,7 +38,8 @@ from torch import Tensor
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 
-__all__ = ["selective_scan", "scan_backend", "SCAN_OP", "SCAN_BWD_OP", "SCAN_CL_OP"]
+__all__ = ["selective_scan", "selective_scan_channels_last", "scan_backend", "SCAN_OP", "SCAN_BWD_OP",
+           "SCAN_CHANNELS_LAST_OP"]
 
 
 def scan_backend() -> str:
@@ -164,7 +166,7 @@ def _channels_last(t: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("ouromamba::selective_scan_cl", mutates_args=())
-def _selective_scan_cl_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                           z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
     """``ouromamba::selective_scan`` (same arguments, same numbers) whose output (batch, dim, L) lies
     in channel-contiguous memory, strides ``(L * dim, 1, dim)``: the layout of the transposed input
@@ -175,7 +177,7 @@ def _selective_scan_cl_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
 
 
-@_selective_scan_cl_op.register_kernel("cpu")
+@selective_scan_channels_last.register_kernel("cpu")
 def _selective_scan_cl_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     ext = SELECTIVE_SCAN.get()
     if ext is None:
@@ -183,14 +185,14 @@ def _selective_scan_cl_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True)
 
 
-@_selective_scan_cl_op.register_fake
+@selective_scan_channels_last.register_fake
 def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     torch._check(u.dim() == 3, lambda: f"selective_scan_cl: u must be (batch, d_inner, L), got {tuple(u.shape)}")
     b, d, length = u.shape
     return u.new_empty_strided((b, d, length), (length * d, 1, d))
 
 
-SCAN_CL_OP = torch.ops.ouromamba.selective_scan_cl.default
+SCAN_CHANNELS_LAST_OP = torch.ops.ouromamba.selective_scan_cl.default
 
 
 # ---------------------------------------------------------------------------------------------
