@@ -140,7 +140,8 @@ def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():
     assert mask[0, 2, 5] and 0 < mask.sum() < mask.numel()
     assert step.shape == (1, 1, 11)
     # ...and mixed_fake_quant_decomposed with it reproduces quantize_mixed bit for bit (strided layout too)
-    assert torch.equal(mixed_fake_quant_decomposed(x, mask, step, 1, 4, 8), quantize_mixed_ref(x, s, 2, 1, 4, 8, 3.0, 4))
+    assert torch.equal(mixed_fake_quant_decomposed(x, mask, step, 1, 4, 8),
+                       quantize_mixed_ref(x, s, 2, 1, 4, 8, 3.0, 4))
     torch.library.opcheck(torch.ops.ouromamba.outlier_mask.default, (x, s, 2, 1, 4, 3.0, 4))
     torch.library.opcheck(torch.ops.ouromamba.outlier_mask.default, (x[:1, :, :1], s, 2, 1, 4, 3.0, 10))
 

@@ -11,7 +11,7 @@ from ouromamba_fx.ops.w4a4o8_linear import SMALL_K, w4a4o8_linear_detect, w4a4o8
 
 CONV = torch.ops.ouromamba.causal_conv1d_silu.default
 MIXED = torch.ops.ouromamba.mixed_fake_quant.default
-W4 = torch.ops.ouromamba.w4a4o8_linear_detect.default
+W4 = torch.ops.ouromamba.w4a4o8_linear_rt.default
 
 
 def test_the_cpp_kernels_are_in_use():
@@ -192,7 +192,7 @@ def test_w4a4o8_linear_mixed_on_general_inputs_opcheck_and_long_reductions():
     moved = (y - ref).abs() > 1e-5 * ref.abs().max()
     assert moved.float().mean() < 0.002
     torch.testing.assert_close(y, ref, rtol=0, atol=float(out_s[0]) * 1.01)
-    op = torch.ops.ouromamba.w4a4o8_linear_detect_requant.default
+    op = torch.ops.ouromamba.w4a4o8_linear_mixed.default
     torch.library.opcheck(op, (x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 1, 2, 4, 3.0, 4))
     # K >= SMALL_K: the two ops in turn, exactly
     x2, s2 = _planted(1, 9, SMALL_K + 3, seed=6)
