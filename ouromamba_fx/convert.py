@@ -14,6 +14,7 @@ from ouromamba_fx.capture import capture
 from ouromamba_fx.config import W8A8, QuantConfig, preset
 from ouromamba_fx.checks import check_model, check_not_quantized, strict_error, unknown_mixers
 from ouromamba_fx.errors import CaptureError, DataError, InferenceOnlyError, InputError, OuroMambaError
+from ouromamba_fx.ops import gemm
 from ouromamba_fx.ops.mixed import outlier_fraction, outlier_map
 from ouromamba_fx.numerics import is_float
 from ouromamba_fx.passes.act_scales import ChooseActScales
@@ -151,6 +152,7 @@ class QuantizedModel(nn.Module):
         self.leaf_modules: list[str] = []  # sub-modules traced as float leaves (a saved file keeps them)
         self.custom_passes = False  # converted with passes=...: the file format cannot rebuild it
         self.lower_options: dict[str, bool] | None = None  # set on lowered models: how they were lowered
+        self.cpu_gemm = "auto"  # the integer GEMM path calls run with (ouromamba_fx.ops.gemm.use)
         self.reference: "QuantizedModel | None" = None  # a lowered model's reference graph (for save)
         for p in gm.parameters():  # inference only (see the class docstring)
             p.requires_grad_(False)
@@ -165,7 +167,8 @@ class QuantizedModel(nn.Module):
         # for all their outputs afterwards; samples are independent, so the others are unchanged.
         finite = torch.isfinite(x)
         bad = ~finite.flatten(1).all(1) if x.dim() > 1 else ~finite
-        y = self.graph_module(torch.where(finite, x, 0.0))
+        with gemm.use(self.cpu_gemm):
+            y = self.graph_module(torch.where(finite, x, 0.0))
         return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: _nan_rows(t, bad), y)
 
     def _check_input(self, x) -> torch.Tensor:
@@ -217,15 +220,17 @@ class QuantizedModel(nn.Module):
 
         return select(self.outlier_maps, layer)
 
-    def lower(self, **options) -> "QuantizedModel":
+    def lower(self, cpu_gemm: str = "auto", **options) -> "QuantizedModel":
         """A copy whose graph runs fused integer ops (``w8a8_linear``, ``w4a4o8_linear``,
         ``selective_scan_qi``...) instead of the reference quantize/dequantize arithmetic; its
         :attr:`passes` continue with one entry per lowering rule. ``torch.compile(q,
         backend="ouromamba")`` applies the same rules and then Inductor. Options: see
-        :func:`ouromamba_fx.lowering.lower.lowering_passes`."""
+        :func:`ouromamba_fx.lowering.lower.lowering_passes`; ``cpu_gemm`` (``auto``, ``int_mm``,
+        ``emulated``) chooses the CPU's integer GEMM path for the copy's calls
+        (:mod:`ouromamba_fx.ops.gemm`; the same numbers either way)."""
         from ouromamba_fx.lowering.lower import lower_quantized
 
-        return lower_quantized(self, **options)
+        return lower_quantized(self, cpu_gemm, **options)
 
     def report(self):
         from ouromamba_fx.report import Report

@@ -334,7 +334,7 @@ def test_u4_pack_and_mm_reject_what_they_cannot_compute():
 
 
 @torch.no_grad()
-def test_w4a4o8_linear_rt_runs_u4_mm_without_vnni(monkeypatch):
+def test_w4a4o8_linear_rt_runs_u4_mm_without_vnni():
     from ouromamba_fx.ops import gemm as cpu_gemm
 
     _u4_ext()
@@ -343,7 +343,7 @@ def test_w4a4o8_linear_rt_runs_u4_mm_without_vnni(monkeypatch):
     wp, ws = pack_int4(wq), torch.rand(24) * 0.01 + 1e-3
     outs = {}
     for mode in cpu_gemm.MODES:
-        monkeypatch.setenv(cpu_gemm.ENV, mode)
-        outs[mode] = w4a4o8_linear_detect(x, s_in, wp, ws, None, 40, 2.0, 4)
+        with cpu_gemm.use(mode):
+            outs[mode] = w4a4o8_linear_detect(x, s_in, wp, ws, None, 40, 2.0, 4)
     assert any(key[0] == id(wp) and key[1] == "u4" for key in cpu_gemm._CACHE)
     assert torch.equal(outs["emulated"], outs["int_mm"])

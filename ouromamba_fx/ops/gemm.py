@@ -22,8 +22,11 @@ exact only while ``2 * max|u| * max|w| <= 32767``.
   into chunks where ``K * qmax_a * qmax_w`` would reach it; :func:`float_mm`). Same integers as
   ``torch._int_mm``, so the same numbers end to end.
 
-``OUROMAMBA_CPU_INT8_GEMM=int_mm`` or ``=emulated`` overrides the choice (tests use it to run both
-paths on one machine).
+The choice is this CPU's by default (``"auto"``). It is an option of the lowered model, not of the
+process: :func:`use` sets it for a block (a context variable, so threads and async tasks each see
+their own), and ``q.lower(cpu_gemm=...)`` / ``torch.compile(q, backend="ouromamba",
+options={"cpu_gemm": ...})`` run their graphs inside ``use(...)``. Both modes give the same numbers;
+forcing one serves tests and benchmarks (both paths on one machine).
 
 :func:`exact_int_mm` is what the integer linear ops call: the path of :func:`mode`, with the
 shapes ``torch._int_mm`` gets wrong or refuses handled exactly.
@@ -31,20 +34,22 @@ shapes ``torch._int_mm`` gets wrong or refuses handled exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 import platform
 import warnings
 import weakref
-from typing import Callable
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
 from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 
-ENV = "OUROMAMBA_CPU_INT8_GEMM"
 MODES = ("int_mm", "emulated")
+CHOICES = ("auto",) + MODES
+_MODE: ContextVar[str] = ContextVar("ouromamba_cpu_gemm", default="auto")
 # u8 x s8 pairs are added in saturating int16 (vpmaddubsw): 2 * max|u| * max|w| <= 32767.
 _U8_PAIR_LIMIT = 16383
 # fp32 holds every integer below 2^24 exactly.
@@ -60,15 +65,28 @@ def _detected() -> str:
     return "int_mm" if fast else "emulated"
 
 
+def check_choice(choice: str) -> str:
+    """``choice`` if it is one of :data:`CHOICES` (``auto``, ``int_mm``, ``emulated``), else ``ValueError``."""
+    if choice not in CHOICES:
+        raise ValueError(f"cpu_gemm={choice!r}: expected one of {', '.join(CHOICES)}")
+    return choice
+
+
+@contextlib.contextmanager
+def use(choice: str) -> Iterator[None]:
+    """Run the block with the integer GEMM path ``choice`` (``auto``: this CPU's; see the module
+    docstring)."""
+    token = _MODE.set(check_choice(choice))
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
 def mode() -> str:
-    """``"int_mm"`` or ``"emulated"`` for this CPU (see the module docstring), or the value of
-    ``OUROMAMBA_CPU_INT8_GEMM`` when it is set."""
-    env = os.environ.get(ENV, "").strip()
-    if env:
-        if env not in MODES:
-            raise ValueError(f"{ENV}={env!r}: expected one of {', '.join(MODES)}")
-        return env
-    return _detected()
+    """``"int_mm"`` or ``"emulated"``: the path of the current :func:`use` block, else this CPU's."""
+    choice = _MODE.get()
+    return _detected() if choice == "auto" else choice
 
 
 def emulated(device: torch.device) -> bool:
