@@ -89,7 +89,7 @@ def _preset(text: str) -> str:
 
 
 def _model_name(text: str) -> str:
-    from ouromamba_fx.models.registry import CONFIGS
+    from ouromamba_fx.models.catalog import CONFIGS
 
     if text not in CONFIGS:
         raise argparse.ArgumentTypeError(f"unknown model {text!r}; known: {', '.join(CONFIGS)}")
@@ -147,7 +147,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace):
     from ouromamba_fx import models
-    from ouromamba_fx.models.registry import BUNDLED
+    from ouromamba_fx.models.catalog import BUNDLED
 
     if args.checkpoint:
         return models.load(args.checkpoint, name=args.model), args.model or args.checkpoint

@@ -37,7 +37,6 @@ ALLOWED_UNASSIGNED: set[str] = {"bench"}
 ALLOWED_UPWARD: set[tuple[str, str]] = {("report", "convert")}
 ALLOWED_CYCLES: list[set[str]] = [
     {"convert", "report", "serialize"},
-    {"models.loader", "models.registry"},
 ]
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ouromamba_fx.errors import CheckpointError
+from ouromamba_fx.models.catalog import config_for
 from ouromamba_fx.models.vim import VimConfig, VisionMamba
 from ouromamba_fx.version import QUANTIZED_META_KEY, SYNTHETIC_FORMAT
 
@@ -400,8 +401,6 @@ def load(checkpoint: str | Path, name: str | None = None, **overrides) -> Vision
         >>> model = load("vim_s_midclstok_80p5acc.pth", name="vim_small_patch16_224")  # doctest: +SKIP
     """
     if name is not None:
-        from ouromamba_fx.models.registry import config_for
-
         expected = config_for(name)  # an unknown name is an error before the file is read
     ckpt = read_checkpoint(checkpoint)
     cfg = config_from_checkpoint(ckpt)
