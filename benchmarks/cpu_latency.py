@@ -40,7 +40,6 @@ import torch
 
 import ouromamba_fx as of
 from ouromamba_fx.ops import gemm as cpu_gemm
-from ouromamba_fx.lowering.lower import lower_quantized
 
 HERE = Path(__file__).resolve().parent
 MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_224"}
@@ -206,7 +205,7 @@ def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profil
         t = time.perf_counter()
         q = of.convert(model, calib=calib, config=cfg, show_progress=False)
         res["convert_s"][cname] = time.perf_counter() - t
-        lowered = lower_quantized(q)
+        lowered = q.lower()
         res["size"][cname] = tensor_bytes(lowered.graph_module)
         res["size"][cname + " linears"] = linear_weight_bytes(lowered)
         variants[cname] = (torch.compile(q, backend="ouromamba", dynamic=False), False)

@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 
+import torch.fx as fx
 from rich.table import Table
 from rich.text import Text
 
@@ -34,6 +35,20 @@ def _site_name(node) -> str:
     return str(node.target)
 
 
+def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
+    """For each quantized activation input of ``node``: its input name -> (bits, granularity)."""
+    found = {}
+    for a in node.all_input_nodes:
+        t = tag(a) or {}
+        if t.get("kind") == "dequantize":
+            qt = tag(a.args[0]) or {}
+            found[qt.get("input", "x")] = (qt["bits"], qt["granularity"])
+        elif t.get("kind") == "quantize_mixed":
+            bits = f"{t['bits']}" + ("O16" if is_float(t["outlier_bits"]) else f"O{t['outlier_bits']}")
+            found[t.get("input", "x")] = (bits, t["granularity"])
+    return found
+
+
 def _group_floats(reasons: dict[str, str]) -> list[tuple[str, str]]:
     """Merge entries that differ only by layer index: ``layers.*.mixer.scan:u (8 layers)``."""
     groups: dict[tuple[str, str], set[str]] = {}
@@ -59,8 +74,6 @@ class Report:
 
     @classmethod
     def of(cls, q) -> "Report":
-        from ouromamba_fx.convert import node_input_bits
-
         rows = []
         for n in op_nodes(q.graph_module):
             t = tag(n)

@@ -9,7 +9,8 @@ from ouromamba_fx.ops.scan_quant import SCAN_REPARAM_OP as SCAN_Q_OP
 from ouromamba_fx.ops.scan_quant import scan_state_stats
 from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref
 from ouromamba_fx.passes.reparam import rank1_factors
-from ouromamba_fx.passes.qparams import kmeans_1d, kscale_scales, sqnr
+from ouromamba_fx.measure import sqnr
+from ouromamba_fx.passes.qparams import kmeans_1d, kscale_scales
 
 X = torch.randn(16, 3, 16, 16)
 

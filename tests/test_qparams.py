@@ -3,7 +3,8 @@ import torch
 from ouromamba_fx.config import ActQuant, WeightQuant
 from ouromamba_fx.numerics import qrange
 from ouromamba_fx.ops.quant import fake_quantize
-from ouromamba_fx.passes.qparams import act_qparams, sqnr, weight_qparams
+from ouromamba_fx.measure import sqnr
+from ouromamba_fx.passes.qparams import act_qparams, weight_qparams
 
 
 def test_qrange():

@@ -11,14 +11,11 @@ after each rule, the failing rule named on error).
 
 from __future__ import annotations
 
-import copy
-
 import torch.fx as fx
 
 from ouromamba_fx.lowering.rules import (ChannelsLastScan, FoldWeightDequant, FuseLinearMixedFakeQuant,
                                          InlineFakeQuant, InlineMixedFakeQuant, LowerConv1dSilu,
                                          LowerIntegerScan, LowerW4A4O8Linear, LowerW8A8Linear)
-from ouromamba_fx.ops import gemm
 from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 
 
@@ -73,25 +70,3 @@ def lower_graph(gm: fx.GraphModule, passes: list[Pass] | None = None, ctx: Conte
     pm = PassManager(passes if passes is not None else lowering_passes(**options))
     gm = pm.run(gm, ctx)
     return gm, pm.snapshots, ctx.log
-
-
-def lower_quantized(q, cpu_gemm: str = "auto", **options):
-    """A copy of the :class:`~ouromamba_fx.QuantizedModel` ``q`` whose graph runs fused integer
-    ops; its snapshots continue ``q``'s with one per lowering rule, so ``diff`` shows each rule.
-    ``cpu_gemm``: the integer GEMM path its calls run with (:func:`ouromamba_fx.ops.gemm.use`)."""
-    if getattr(q, "lowered", False):
-        return q
-    gemm.check_choice(cpu_gemm)
-    gm, snaps, log = lower_graph(copy.deepcopy(q.graph_module), **options)
-    out = copy.copy(q)  # shares config, reports and statistics; own module tables and graph
-    out._modules, out._parameters, out._buffers = dict(q._modules), dict(q._parameters), dict(q._buffers)
-    out.graph_module = gm
-    out.snapshots = list(q.snapshots) + snaps[1:]
-    out.log = list(q.log) + log
-    out.lowered = True
-    out.lower_options = dict(options)
-    out.cpu_gemm = cpu_gemm
-    # The reference model's tensors are what a saved file holds. Kept outside the module tree
-    # (not a submodule): its tensors are not the lowered model's parameters.
-    out.__dict__["reference"] = q
-    return out

@@ -91,16 +91,6 @@ def act_qparams(tok_min: torch.Tensor, tok_max: torch.Tensor, spec: ActQuant,
     return scale, zp, qmin, qmax
 
 
-def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when equal)."""
-    ref, app = reference.detach().double(), approx.detach().double()
-    noise = (ref - app).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0:
-        return float("inf")
-    return 10.0 * torch.log10(torch.tensor(signal / noise)).item()
-
-
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> torch.Tensor:
     """Deterministic 1-D k-means (Lloyd, initialised at evenly spaced quantiles).
 
