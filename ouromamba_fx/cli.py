@@ -377,7 +377,7 @@ def _config_line(c) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ouromamba_fx.bench import bench_latency
+    from ouromamba_fx.latency import bench_latency
 
     _check_input(args.quantized, "--quantized")
     model, name = load_model(args)
@@ -481,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="also list constants (get_attr)")
     p.set_defaults(fn=cmd_diff)
 
-    p = _sub(sub, "bench", "latency on this machine: float vs quantized (and compiled, if the backend is there)")
+    p = _sub(sub, "bench", "latency on this machine: float vs quantized (and compiled with --compiled)")
     _add_model_args(p)
     p.add_argument("--quantized", default=None, metavar="FILE",
                    help="a saved quantized model (default: convert now with --config on bundled images)")
@@ -491,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs per model (the median is shown)")
     p.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compiled", action="store_true",
-                   help="also time torch.compile(q, backend='ouromamba') if the backend is installed")
+                   help="also time torch.compile(q, backend='ouromamba') (fused integer kernels)")
     p.set_defaults(fn=cmd_bench)
 
     from ouromamba_fx.gen import DEFAULTS as GEN
