@@ -170,7 +170,7 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 def linear_weight_bytes(lowered) -> tuple[int, int]:
     """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
-    from ouromamba_fx.lowering.rules import const
+    from ouromamba_fx.lowering.patterns import const
     from ouromamba_fx.ops.int8_linear import W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
     from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                                 w4a4o8_linear_masked_decomposed)

@@ -40,7 +40,6 @@ structure as at conversion; the file only chooses numbers.
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from ouromamba_fx.errors import CheckpointError
 from ouromamba_fx.fileformat import (FORMAT_VERSION, META_KEY, Header, SerializationError, load_tensors, read,
                                      read_header, stats)
 from ouromamba_fx.fileformat import write as save
-from ouromamba_fx.lowering.lower import lowering_passes
+from ouromamba_fx.lowering.lower import OPTION_NAMES
 from ouromamba_fx.measure import Recorder
 from ouromamba_fx.models.identity import class_path, model_fingerprint, model_identity, rebuild
 from ouromamba_fx.quantized import QuantizedModel
@@ -167,8 +166,7 @@ def load(path: str | Path, model: nn.Module | None = None):
 
 
 def _lower(q, options: dict[str, bool], where: str):
-    known = set(inspect.signature(lowering_passes).parameters)
-    bad = sorted(set(options) - known)
+    bad = sorted(set(options) - set(OPTION_NAMES))
     if bad:
         raise CheckpointError(f"{where}: unknown lowering options {[b[:40] for b in bad[:5]]}")
     try:

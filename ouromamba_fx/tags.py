@@ -40,3 +40,10 @@ def site_key(site: str, input_name: str) -> str:
 def op_nodes(gm: "fx.GraphModule") -> list["fx.Node"]:
     """The mixer operations of a graph (linear, conv, scan), not the nodes passes added around them."""
     return [n for n in gm.graph.nodes if tag(n) is not None and not tag(n).get("kind")]
+
+
+def keep_tag(src: "fx.Node", dst: "fx.Node", **extra) -> None:
+    """Give ``dst`` a copy of ``src``'s tag with ``extra`` keys (nothing if both are empty)."""
+    t = dict(src.meta.get(META) or {})
+    if t or extra:
+        dst.meta[META] = {**t, **extra}

@@ -7,7 +7,7 @@ import torch
 
 import ouromamba_fx as of
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
-from ouromamba_fx.lowering.rules import LINEAR_TARGETS
+from ouromamba_fx.lowering.patterns import LINEAR_TARGETS
 from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
 from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP, as_rows,
@@ -195,8 +195,11 @@ def test_dt_proj_and_the_delta_quantization_fuse(models):
 
 
 def test_channels_last_scan_leaves_scans_with_other_uses():
-    from ouromamba_fx.lowering.rules import ChannelsLastScan
+    from ouromamba_fx.lowering.rewrite import RewritePass
+    from ouromamba_fx.lowering.rules import lowering_rules
     from ouromamba_fx.passes.base import Context
+
+    channels_last = RewritePass(next(r for r in lowering_rules() if r.name == "channels_last_scan"))
 
     w = torch.randn(4, 6)
 
@@ -218,7 +221,7 @@ def test_channels_last_scan_leaves_scans_with_other_uses():
 
     for fn, expected in ((through_linear, 1), (reshaped, 0), (reduced_too, 0), (transposed_elsewhere, 0)):
         gm = torch.fx.symbolic_trace(fn)
-        ChannelsLastScan().run(gm, Context(config=None, show_progress=False))
+        channels_last.run(gm, Context(config=None, show_progress=False))
         assert (len(calls(gm, SCAN_CHANNELS_LAST_OP)), len(calls(gm, SCAN_OP))) == (expected, 1 - expected), fn.__name__
 
 

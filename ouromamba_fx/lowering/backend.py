@@ -28,11 +28,10 @@ import re
 import torch
 import torch.fx as fx
 
-from ouromamba_fx.lowering.lower import lower_graph
+from ouromamba_fx.lowering.lower import OPTION_NAMES, lower_graph
 from ouromamba_fx.ops import gemm
 
 NAME = "ouromamba"
-LOWERING_OPTIONS = ("conv_silu", "integer_scan", "int8_inline", "int4_inline", "mixed_fused", "scan_cl")
 _MODULE_STATE = re.compile(r"\._(parameters|buffers)\[")
 
 
@@ -81,7 +80,7 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
     from torch._inductor.compile_fx import compile_fx
 
     options = dict(options or {})
-    lowering = {k: options.pop(k) for k in LOWERING_OPTIONS if k in options}
+    lowering = {k: options.pop(k) for k in OPTION_NAMES if k in options}
     cpu_gemm = gemm.check_choice(options.pop("cpu_gemm", "auto"))
     keep = freeze_module_inputs(gm, example_inputs)
     # A fresh GraphModule without Dynamo's metadata: Inductor would otherwise look the frozen
