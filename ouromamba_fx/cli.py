@@ -417,7 +417,9 @@ def cmd_gen(args: argparse.Namespace) -> int:
 
 
 def _add_convert_args(p: argparse.ArgumentParser, default_calib: str) -> None:
-    from ouromamba_fx.gen import DEFAULTS as GEN
+    from ouromamba_fx.gen import GenConfig
+
+    GEN = GenConfig()
 
     _add_model_args(p)
     p.add_argument("--config", default="W8A8", type=_preset, help=f"preset: {', '.join(PRESETS)}")
@@ -426,8 +428,8 @@ def _add_convert_args(p: argparse.ArgumentParser, default_calib: str) -> None:
                         f"sample images), an image folder (<class>/*.jpg) or a .safetensors file from "
                         f"'ouromamba-fx gen' (default: {default_calib})")
     p.add_argument("--limit-per-class", type=POSITIVE, default=None, help="use at most N calibration images per class")
-    p.add_argument("--gen-n", type=POSITIVE, default=GEN["n"], help="data-free: number of synthetic images")
-    p.add_argument("--gen-iters", type=NON_NEGATIVE, default=GEN["iters"], help="data-free: optimisation steps per batch")
+    p.add_argument("--gen-n", type=POSITIVE, default=GEN.n, help="data-free: number of synthetic images")
+    p.add_argument("--gen-iters", type=NON_NEGATIVE, default=GEN.iters, help="data-free: optimisation steps per batch")
     p.add_argument("--seed", type=int, default=0, help="data-free: seed of the synthetic images")
 
 
@@ -494,20 +496,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time torch.compile(q, backend='ouromamba') (fused integer kernels)")
     p.set_defaults(fn=cmd_bench)
 
-    from ouromamba_fx.gen import DEFAULTS as GEN
+    from ouromamba_fx.gen import GenConfig
+
+    GEN = GenConfig()
 
     p = _sub(sub, "gen", "generate data-free synthetic calibration images (OuroMamba-Gen)")
     _add_model_args(p)
-    p.add_argument("--n", type=POSITIVE, default=GEN["n"], help="number of images")
-    p.add_argument("--iters", type=NON_NEGATIVE, default=GEN["iters"], help="optimisation steps per batch")
-    p.add_argument("--lr", type=_float(0.0, strict=True), default=GEN["lr"], help="Adam learning rate")
-    p.add_argument("--batch-size", type=POSITIVE, default=GEN["batch_size"], help="images optimised together")
-    p.add_argument("--loss", choices=("full", "output", "contrastive"), default=GEN["loss"])
-    p.add_argument("--lambda-c", type=_float(0.0, strict=False), default=GEN["lambda_c"],
+    p.add_argument("--n", type=POSITIVE, default=GEN.n, help="number of images")
+    p.add_argument("--iters", type=NON_NEGATIVE, default=GEN.iters, help="optimisation steps per batch")
+    p.add_argument("--lr", type=_float(0.0, strict=True), default=GEN.lr, help="Adam learning rate")
+    p.add_argument("--batch-size", type=POSITIVE, default=GEN.batch_size, help="images optimised together")
+    p.add_argument("--loss", choices=("full", "output", "contrastive"), default=GEN.loss)
+    p.add_argument("--lambda-c", type=_float(0.0, strict=False), default=GEN.lambda_c,
                    help="weight of the contrastive loss")
-    p.add_argument("--temperature", type=_float(0.0, strict=True), default=GEN["temperature"], help="InfoNCE temperature")
-    p.add_argument("--neighbourhood", type=_odd, default=GEN["neighbourhood"], help="odd p of the p x p patch neighbourhood")
-    p.add_argument("--top-k", type=POSITIVE, default=GEN["top_k"], help="positive patches per anchor")
+    p.add_argument("--temperature", type=_float(0.0, strict=True), default=GEN.temperature, help="InfoNCE temperature")
+    p.add_argument("--neighbourhood", type=_odd, default=GEN.neighbourhood, help="odd p of the p x p patch neighbourhood")
+    p.add_argument("--top-k", type=POSITIVE, default=GEN.top_k, help="positive patches per anchor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="synth.safetensors", help="where to save the images (.safetensors)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the images here")
