@@ -16,27 +16,13 @@ from ouromamba_fx.config import W8A8, QuantConfig, preset
 from ouromamba_fx.errors import CaptureError, DataError, OuroMambaError
 from ouromamba_fx.measure import layer_sqnr
 from ouromamba_fx.models.identity import model_identity
-from ouromamba_fx.passes.act_scales import ChooseActScales
 from ouromamba_fx.passes.base import Context, Pass, PassManager
-from ouromamba_fx.passes.calibrate import Calibrate, check_batch, iter_batches
-from ouromamba_fx.passes.observers import InsertObservers
-from ouromamba_fx.passes.qdq import QuantizeActivations
-from ouromamba_fx.passes.reparam import ObserveScanStates, ReparameterizeScan
-from ouromamba_fx.passes.weights import QuantizeWeights
+from ouromamba_fx.passes.calibrate import check_batch, iter_batches
+from ouromamba_fx.passes.pipeline import default_passes
 from ouromamba_fx.progress import console
 from ouromamba_fx.quantized import QuantizedModel
 
-
-def default_passes(config: QuantConfig, input_shape: tuple[int, ...] | None = None) -> list[Pass]:
-    """The pipeline for ``config``. Weights are quantized before calibration so that activation
-    statistics see the quantized weights upstream."""
-    passes: list[Pass] = []
-    if config.reparam is not None:
-        passes += [ObserveScanStates(),
-                   Calibrate(input_shape, "calibrate_states", ("state_observers",), ("states_calibrated",)),
-                   ReparameterizeScan()]
-    return passes + [InsertObservers(), QuantizeWeights(), Calibrate(input_shape), ChooseActScales(),
-                     QuantizeActivations()]
+__all__ = ["convert", "default_passes"]
 
 
 def _input_shape(model: nn.Module) -> tuple[int, ...] | None:

@@ -4,6 +4,7 @@ and the passes extend.
 ``node.meta[META]`` is a dict: ``role`` (one of :data:`ROLES`), ``direction`` (``"fwd"``, ``"bwd"``
 or None), ``layer`` (mixer index) and ``module`` (the mixer's qualified name); nodes the passes
 insert add a ``kind`` (observer, quantize, weight, ...) and what describes them.
+``node.meta[SPEC]`` holds what the config decided for a mixer op (written by the annotate pass).
 
 No torch import at run time (annotations only), so :mod:`ouromamba_fx.config` can use the role
 names without loading anything.
@@ -17,6 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch.fx as fx
 
 META = "ouromamba"
+SPEC = "ouromamba_spec"  # the SiteSpec of a mixer op node (ouromamba_fx.passes.spec), from AnnotateSites
 ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
 LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj")
 WEIGHT_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d")
@@ -47,3 +49,11 @@ def keep_tag(src: "fx.Node", dst: "fx.Node", **extra) -> None:
     t = dict(src.meta.get(META) or {})
     if t or extra:
         dst.meta[META] = {**t, **extra}
+
+
+def carry(src: "fx.Node", dst: "fx.Node", **extra) -> None:
+    """For a pass that replaces ``src`` by ``dst``: the tag (with ``extra`` keys) and the site spec
+    move along, so that later passes and the report still find the decisions."""
+    dst.meta[META] = {**(src.meta.get(META) or {}), **extra}
+    if SPEC in src.meta:
+        dst.meta[SPEC] = src.meta[SPEC]
