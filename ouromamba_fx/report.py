@@ -13,7 +13,7 @@ from rich.text import Text
 from ouromamba_fx.diff import render
 from ouromamba_fx.numerics import is_float
 from ouromamba_fx.passes.spec import SiteSpec, StateSpec, WeightSpec
-from ouromamba_fx.tags import SPEC, op_nodes, scan_site, tag
+from ouromamba_fx.tags import SPEC, SPEC_NODE, tag
 
 
 @dataclass
@@ -25,15 +25,6 @@ class Row:
     weight: str
     inputs: str
     sqnr: float
-
-
-def _site_name(node) -> str:
-    t = tag(node)
-    if t.get("target"):
-        return t["target"]
-    if t["role"] == "scan":
-        return scan_site(t)
-    return str(node.target)
 
 
 def _inputs_text(spec: SiteSpec) -> str:
@@ -63,8 +54,14 @@ def _row(n: fx.Node, sqnr_db: dict[str, float]) -> Row | None:
     if not spec.acts() and not isinstance(spec.weight, WeightSpec) and not isinstance(spec.state, StateSpec):
         return None
     t = tag(n)
-    return Row(_site_name(n), t["role"], t["layer"], t["direction"], _weight_text(spec, t),
-               _inputs_text(spec), sqnr_db.get(n.name, float("nan")))
+    return Row(spec.name, spec.role, t["layer"], t["direction"], _weight_text(spec, t),
+               _inputs_text(spec), sqnr_db.get(n.meta.get(SPEC_NODE, n.name), float("nan")))
+
+
+def _site_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes that carry a site spec: the mixer ops of a reference graph, and in a lowered
+    graph the fused ops that replaced them (and the ops no rule matched)."""
+    return [n for n in gm.graph.nodes if SPEC in n.meta and (tag(n) or {}).get("kind") in (None, "fused")]
 
 
 def _group_floats(reasons: dict[str, str]) -> list[tuple[str, str]]:
@@ -92,7 +89,7 @@ class Report:
 
     @classmethod
     def of(cls, q) -> "Report":
-        rows = [r for r in (_row(n, q.sqnr_db) for n in op_nodes(q.graph_module)) if r is not None]
+        rows = [r for r in (_row(n, q.sqnr_db) for n in _site_nodes(q.graph_module)) if r is not None]
         floats = _group_floats(q.float_reasons)
         floats.append(("patch_embed, norms, head", "outside the mixers: kept in float"))
         outliers = [(site, float(f.mean()), float(f.max())) for site, f in q.outlier_fraction.items()]

@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 META = "ouromamba"
 SPEC = "ouromamba_spec"  # the SiteSpec of a mixer op node (ouromamba_fx.passes.spec), from AnnotateSites
+SPEC_NODE = "ouromamba_spec_node"  # on a fused node: the reference-graph node its spec was on
 ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
 LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj")
 WEIGHT_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d")
@@ -45,10 +46,21 @@ def op_nodes(gm: "fx.GraphModule") -> list["fx.Node"]:
 
 
 def keep_tag(src: "fx.Node", dst: "fx.Node", **extra) -> None:
-    """Give ``dst`` a copy of ``src``'s tag with ``extra`` keys (nothing if both are empty)."""
+    """Give ``dst`` a copy of ``src``'s tag with ``extra`` keys (nothing if both are empty), and
+    ``src``'s site spec (:func:`carry_spec`)."""
     t = dict(src.meta.get(META) or {})
     if t or extra:
         dst.meta[META] = {**t, **extra}
+    carry_spec(src, dst)
+
+
+def carry_spec(src: "fx.Node", dst: "fx.Node") -> None:
+    """For a lowering rule that fuses ``src`` into ``dst``: the site spec, and the name of the
+    reference-graph node it belongs to (what the SQNR table is keyed by), so the lowered model's
+    report still has a row for the site."""
+    if SPEC in src.meta:
+        dst.meta[SPEC] = src.meta[SPEC]
+        dst.meta[SPEC_NODE] = src.meta.get(SPEC_NODE, src.name)
 
 
 def carry(src: "fx.Node", dst: "fx.Node", **extra) -> None:

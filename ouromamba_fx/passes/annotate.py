@@ -64,7 +64,8 @@ class AnnotateSites(Pass):
                 a = self._act(cfg, node, t["role"], idx, site, inp, tok, ch, cfg.seed + n_quantized)
                 n_quantized += isinstance(a, ActSpec)
                 inputs.append(a)
-            spec = SiteSpec(t["role"], self._weight(cfg, node, t["role"]), tuple(inputs),
+            name = scan_site(t) if t["role"] == "scan" else str(node.target)
+            spec = SiteSpec(name, t["role"], self._weight(cfg, node, t["role"]), tuple(inputs),
                             self._state(cfg, t))
             node.meta[SPEC] = spec
             specs.append(spec)

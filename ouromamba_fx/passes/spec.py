@@ -110,6 +110,7 @@ class StateSpec:
 class SiteSpec:
     """``node.meta[tags.SPEC]`` of a mixer op node."""
 
+    name: str  # the op's site: module name, or "<mixer>.scan" / ".scan_b"
     role: str
     weight: WeightSpec | KeptFloat | None  # None: the op has no weight (scan)
     inputs: tuple[ActSpec | KeptFloat, ...]  # argument order
