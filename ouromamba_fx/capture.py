@@ -136,7 +136,7 @@ def capture(
         if node.op == "call_function" and node.target is torch.ops.ouromamba.selective_scan:
             node.target = SCAN_OP
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    annotate(gm, model)
+    tag_roles(gm, model)
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -145,7 +145,7 @@ def capture(
     return gm
 
 
-def annotate(gm: fx.GraphModule, model: nn.Module) -> None:
+def tag_roles(gm: fx.GraphModule, model: nn.Module) -> None:
     """Tag the mixer nodes of ``gm`` (traced from ``model``) with role, direction, layer, module."""
     mixers = [name for name, m in model.named_modules() if isinstance(m, MambaMixer)]
     layer_of = {name: i for i, name in enumerate(mixers)}
