@@ -126,6 +126,24 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         >>> q = convert(model, calib=image_loader(model, "calib/", labels=False), config=W8A8)  # doctest: +SKIP
         >>> print(q.report())                                                                      # doctest: +SKIP
     """
+    config, leaves, unknown = _validate(model, calib, config, gen_options, strict, leaf_modules)
+    batches, calib_note = _calibration(model, calib, gen_options, show_progress)
+    work, gm, ctx, pm = build(model, config, batches, leaves, passes=passes, show_progress=show_progress,
+                              unknown=unknown)
+    ctx.log.insert(0, calib_note)
+    ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
+    q = _measure(model, work, gm, ctx, pm, tuple(leaves) + tuple(unknown), batches)
+    q.leaf_modules = leaves
+    q.custom_passes = passes is not None
+    if show_progress:
+        worst = min((v for v in q.sqnr_db.values() if math.isfinite(v)), default=float("inf"))
+        console.print(f"[green]converted[/] {q.model_name} with {config.name}: {len(q.sqnr_db)} ops "
+                      f"quantized, worst output SQNR {worst:.1f} dB")
+    return q.lower() if lower else q
+
+
+def _validate(model: nn.Module, calib, config, gen_options, strict: bool, leaf_modules) -> tuple:
+    """Check the arguments before any work: (config, leaf module names, unknown mixers)."""
     if isinstance(model, QuantizedModel):  # before check_model: its message is the clearer one
         raise OuroMambaError(f"convert: {model.model_name} is already quantized "
                              f"({model.config.name}); convert the float model instead")
@@ -139,7 +157,7 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         raise strict_error(unknown)
     for mod, typ in unknown.items():
         warnings.warn(f"convert: '{mod}' ({typ}) looks like a mixer the capture does not know; it stays "
-                      f"in float (strict=True makes this an error)", stacklevel=2)
+                      f"in float (strict=True makes this an error)", stacklevel=3)
     if isinstance(config, str):
         config = preset(config)
     if not isinstance(config, QuantConfig):
@@ -148,39 +166,38 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     if calib is not None and gen_options:
         raise ValueError("convert: gen_options only apply when calib is None (data-free); "
                          "drop one of them")
+    return config, leaves, unknown
+
+
+def _calibration(model: nn.Module, calib, gen_options, show_progress: bool) -> tuple[list[torch.Tensor], str]:
+    """The calibration batches (OuroMamba-Gen images when ``calib`` is None) and the log line
+    saying where they came from."""
     from ouromamba_fx.gen import SyntheticCalib, gen
 
-    calib_note = None
     if calib is None:
         if show_progress:
             console.print("[cyan]no calib given[/]: generating data-free calibration images with "
                           "OuroMamba-Gen (pass calib=... to use real images)")
         calib = gen(model, show_progress=show_progress, **(gen_options or {}))
+    batches = _collect_calib(calib, _input_shape(model))
     if isinstance(calib, SyntheticCalib):
         st = calib.settings
-        calib_note = (f"calibration: data-free, {len(calib.images)} OuroMamba-Gen images "
-                      f"(loss={st.get('loss')}, {st.get('iters')} iterations, seed {st.get('seed')})")
-    input_shape = _input_shape(model)
-    batches = _collect_calib(calib, input_shape)
-    if calib_note is None:
-        calib_note = f"calibration: {sum(len(b) for b in batches)} user-supplied images"
-    work, gm, ctx, pm = build(model, config, batches, leaves, passes=passes, show_progress=show_progress,
-                              unknown=unknown)
-    ctx.log.insert(0, calib_note)
-    ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
+        return batches, (f"calibration: data-free, {len(calib.images)} OuroMamba-Gen images "
+                         f"(loss={st.get('loss')}, {st.get('iters')} iterations, seed {st.get('seed')})")
+    return batches, f"calibration: {sum(len(b) for b in batches)} user-supplied images"
+
+
+def _measure(model: nn.Module, work: nn.Module, gm: fx.GraphModule, ctx: Context, pm: PassManager,
+             leaves: tuple, batches: list[torch.Tensor]) -> QuantizedModel:
+    """The QuantizedModel with each op's output SQNR against the float model and the outlier
+    statistics, measured on one calibration batch."""
     # `work` is still a float model (passes only remove modules from the graph's own
     # hierarchy); folding rescaled x_proj rows exactly, so it is the right float reference.
     with torch.random.fork_rng(devices=[]):
-        sq, outliers, maps = layer_sqnr(capture(work, tuple(leaves) + tuple(unknown)), gm, ctx.example)
+        sq, outliers, maps = layer_sqnr(capture(work, leaves), gm, ctx.example)
     name = model_name(model)
-    q = QuantizedModel(gm, config, pm.snapshots, ctx.float_reasons, ctx.log, input_shape, sq, name)
+    q = QuantizedModel(gm, ctx.config, pm.snapshots, ctx.float_reasons, ctx.log, _input_shape(model), sq, name)
     q.outlier_fraction, q.outlier_maps = outliers, maps
     q.model_identity = model_identity(model, name)
-    q.leaf_modules = leaves
     q.example_shape = tuple(batches[0].shape[1:])
-    q.custom_passes = passes is not None
-    worst = min((v for v in sq.values() if math.isfinite(v)), default=float("inf"))
-    if show_progress:
-        console.print(f"[green]converted[/] {name} with {config.name}: {len(sq)} ops quantized, "
-                      f"worst output SQNR {worst:.1f} dB")
-    return q.lower() if lower else q
+    return q
