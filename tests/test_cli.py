@@ -83,6 +83,7 @@ def test_eval_float_and_quantized_side_by_side(saved, files, capsys):
                  "--data", str(files / "data")]) == 0
     text = capsys.readouterr().out
     assert "top-1 on " in text and "agreement with float" in text and "W4A4O8" in text
+    assert "vs float (95% interval)" in text and " ± " in text  # the drop comes with its uncertainty
     # the same file against another float model: refused, with the reason
     assert main(["eval", "--checkpoint", str(files / "other.safetensors"), "--quantized", str(saved),
                  "--data", str(files / "data")]) == 2

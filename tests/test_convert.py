@@ -100,7 +100,7 @@ def test_report_lists_quantized_ops_and_what_stayed_float(tiny_vim):
 def test_reference_model_w8a8_tracks_float(reference):
     from ouromamba_fx.data import bundled_samples, image_loader
 
-    calib = image_loader(reference, bundled_samples(), batch_size=100, labels=False)
+    calib = image_loader(reference, bundled_samples(), batch_size=100, limit_per_class=20, labels=False)
     q = of.convert(reference, calib=calib, config=of.W8A8, show_progress=False)
     x = next(iter(calib))[:32]
     with torch.no_grad():
