@@ -90,18 +90,18 @@ CONFIGS: dict[str, tuple[str, object]] = {
                                                      drop_path_rate=0.3, **_V2)),
     "vmamba_v2_base_s1l20": ("vmamba", VMambaConfig(depths=(2, 2, 20, 2), dims=128, ssm_ratio=1.0,
                                                     drop_path_rate=0.5, **_V2)),
-    # CIFAR-10 models of each family (32 px), trained by tools/train_cifar.py
+    # CIFAR-10 models of each family, trained by tools/train_cifar.py. MambaVision's stem and
+    # three downsamplings divide the input by 32, so at 32 px its hybrid stages would see 2x2 and
+    # 1x1 maps (scans of 4 and 1 tokens); it takes the images upsampled to 64 px instead (4x4 and
+    # 2x2: scans of 16 and 4 tokens). The others take 32 px with 4x4 patches (an 8x8 grid).
     "mambavision_cifar": ("mambavision", MambaVisionConfig(
-        dim=32, in_dim=16, depths=(1, 2, 4, 2), window_size=(8, 8, 2, 1), num_heads=(1, 2, 4, 8),
-        mlp_ratio=2.0, drop_path_rate=0.1, **_CIFAR)),
+        dim=24, in_dim=16, depths=(1, 2, 4, 2), window_size=(8, 8, 4, 2), num_heads=(1, 2, 4, 8),
+        mlp_ratio=4.0, drop_path_rate=0.1, **{**_CIFAR, "img_size": 64})),
     "vmamba_v0_cifar": ("vmamba", VMambaConfig(
-        depths=(2, 4, 2), dims=(64, 128, 256), ssm_d_state=16, ssm_ratio=1.0, drop_path_rate=0.1,
-        forward_type="v0", mlp_ratio=0.0, norm_layer="ln", downsample_version="v1",
-        patchembed_version="v1", patch_size=2, **_CIFAR)),
+        depths=(2, 4, 2), dims=(48, 96, 192), patch_size=4, drop_path_rate=0.1, **_V0, **_CIFAR)),
     "vmamba_v2_cifar": ("vmamba", VMambaConfig(
-        depths=(2, 4, 2), dims=(64, 128, 256), ssm_d_state=1, ssm_ratio=1.0, drop_path_rate=0.1,
-        ssm_conv_bias=False, forward_type="v05_noz", mlp_ratio=2.0, norm_layer="ln2d",
-        downsample_version="v3", patchembed_version="v2", patch_size=2, **_CIFAR)),
+        depths=(2, 4, 2), dims=(48, 96, 192), patch_size=4, ssm_ratio=2.0, drop_path_rate=0.1,
+        **_V2, **_CIFAR)),
     "mamba_stack_cifar": ("mamba", MambaStackConfig(embed_dim=128, depth=8, patch_size=4, **_CIFAR)),
 }
 _TIMM_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
@@ -156,12 +156,10 @@ def create(name: str, pretrained: bool = False, checkpoint: str | None = None, *
 # ------------------------------------------------------------------------------------------------
 # Reading checkpoint files
 
-class _YacsConfig(OrderedDict):
-    """Stand-in under which a pickled ``yacs.config.CfgNode`` is read: its items and attributes
-    become plain data. Never constructed from anything but the unpickler's data."""
-
-
-_SAFE_GLOBALS = [argparse.Namespace, (_YacsConfig, "yacs.config.CfgNode")]
+# A pickled yacs ``CfgNode`` (a dict subclass) is rebuilt as a plain OrderedDict: its items and
+# attributes are data; weights_only only fills dict, OrderedDict and Counter objects, so the
+# stand-in must be OrderedDict itself.
+_SAFE_GLOBALS = [argparse.Namespace, (OrderedDict, "yacs.config.CfgNode")]
 _STATE_KEYS = ("model", "state_dict", "model_state_dict")
 
 
@@ -390,7 +388,7 @@ def load(checkpoint: str | Path, name: str | None = None, family: str | None = N
         if own and meta.get("family") == family:  # written by this package (tools/train_cifar.py)
             cfg = cfg_cls(**own)
         elif family == "mambavision":
-            cfg = _mambavision_config(sd, own, like)
+            cfg = _mambavision_config(sd, {**own, **overrides}, like)
         elif family == "vmamba":
             cfg = _vmamba_config(sd, own)
         else:
