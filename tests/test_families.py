@@ -19,7 +19,6 @@ from ouromamba_fx.lowering.scan import SCAN_OP
 from ouromamba_fx.models import (CanonicalMamba, MambaStack, MambaStackConfig, MambaVision,
                                  MambaVisionConfig, VMambaConfig, VSSM, canonicalize, families)
 from ouromamba_fx.models import mambavision as mv_mod
-from ouromamba_fx.models import vmamba as vm_mod
 from ouromamba_fx.models.vmamba import DIRECTIONS, SS2D, Linear2d
 from tests import upstream
 

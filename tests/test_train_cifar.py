@@ -127,3 +127,20 @@ def test_real_data_few_batches(tmp_path):
     assert result["steps"] == 2
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["train_images"] == 40 and ckpt["val_images"] == 20 and len(ckpt["classes"]) == 10
+
+
+def test_time_budget_ends_the_schedule(cifar_like, tmp_path):
+    out = tmp_path / "b.pt"
+    result = train_cifar().main(["--model", "mamba_stack_cifar", "--data", str(cifar_like), "--out", str(out),
+                                 "--budget-min", "0.002", "--epochs", "1000", "--batch-size", "4",
+                                 "--log-every", "0"])
+    ckpt = torch.load(out, weights_only=True)
+    assert 1 <= result["steps"] < 1000 * 3 and ckpt["recipe"]["budget_min"] == 0.002
+
+
+def test_learning_rate_schedule():
+    lr_at = train_cifar().lr_at
+    assert lr_at(0.0, 1e-3, 0.1, 1e-5) == pytest.approx(1e-6)  # warm-up starts near zero
+    assert lr_at(0.1, 1e-3, 0.1, 1e-5) == pytest.approx(1e-3)  # peak after warm-up
+    assert lr_at(0.55, 1e-3, 0.1, 1e-5) == pytest.approx((1e-3 + 1e-5) / 2)  # cosine midpoint
+    assert lr_at(1.0, 1e-3, 0.1, 1e-5) == pytest.approx(1e-5)  # ends at the floor

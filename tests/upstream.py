@@ -1,7 +1,10 @@
 """Access to the upstream implementations the family tests compare against (never copied here).
 
-* mamba-ssm / mambavision: installed packages (``pip install mamba-ssm mambavision`` with
-  ``MAMBA_SKIP_CUDA_BUILD=TRUE``, see DEVELOPERS.md). mamba-ssm's ``selective_scan_interface``
+* mamba-ssm / mambavision: installed packages. On a CPU-only machine, without letting pip touch
+  torch: ``MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE pip install -c constraints.txt
+  --no-deps --no-build-isolation mamba-ssm``, then ``pip install -c constraints.txt --no-deps
+  mambavision transformers regex tokenizers`` (mamba-ssm's package imports transformers), and
+  ``fvcore iopath portalocker termcolor tabulate`` for VMamba's file. mamba-ssm's ``selective_scan_interface``
   imports its compiled CUDA extension ``selective_scan_cuda`` at import time; on a CPU-only
   machine :func:`install_scan_stub` puts a forward-only stand-in into ``sys.modules`` first, which
   computes with mamba-ssm's own plain-torch ``selective_scan_ref`` (so the comparison is against

@@ -35,7 +35,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 from timm.models import register_model
 
-from ouromamba_fx.errors import CheckpointError, OuroMambaError
+from ouromamba_fx.errors import CheckpointError
 from ouromamba_fx.models import mambavision, vmamba
 from ouromamba_fx.models.loader import Checkpoint, load_state_dict_strict
 from ouromamba_fx.models.mamba_blocks import MambaStack, MambaStackConfig, canonicalize_mamba, is_upstream_mamba
@@ -446,7 +446,7 @@ def canonicalize(model: nn.Module) -> nn.Module:
     A whole upstream model is returned as the package's class (:class:`MambaVision`,
     :class:`VSSM`); inside any other model the outermost recognised modules are swapped in place
     (the upstream objects they replace are left as they were). Modules of these families that
-    cannot be expressed raise :class:`OuroMambaError` naming them.
+    cannot be expressed raise :class:`~ouromamba_fx.errors.OuroMambaError` naming them.
     """
     whole = _canonical_child(model)
     if whole is not None:
@@ -472,4 +472,4 @@ for _name in CONFIGS:
     _register(_name)
 
 __all__ = ["CONFIGS", "FAMILIES", "bundled_checkpoint", "canonicalize", "config_for", "create",
-           "detect_family", "load", "read_checkpoint", "OuroMambaError"]
+           "detect_family", "load", "read_checkpoint"]

@@ -458,8 +458,6 @@ def config_from_upstream(model: nn.Module) -> MambaVisionConfig:
                 qkv_bias = mixer.qkv.bias is not None
                 qk_norm = not isinstance(mixer.q_norm, nn.Identity)
                 attn_drop = float(mixer.attn_drop.p)
-                if getattr(mixer, "fused_attn", True) is False and attn_drop > 0:
-                    raise _refuse(what, "non-fused attention with dropout")
             elif (mixer.d_state, mixer.d_conv, mixer.expand) != (MIXER_D_STATE, MIXER_D_CONV, MIXER_EXPAND):
                 raise _refuse(what, f"stage {i} block {j} mixer has d_state/d_conv/expand "
                                     f"{(mixer.d_state, mixer.d_conv, mixer.expand)}, MambaVision uses "
