@@ -144,3 +144,29 @@ def test_learning_rate_schedule():
     assert lr_at(0.1, 1e-3, 0.1, 1e-5) == pytest.approx(1e-3)  # peak after warm-up
     assert lr_at(0.55, 1e-3, 0.1, 1e-5) == pytest.approx((1e-3 + 1e-5) / 2)  # cosine midpoint
     assert lr_at(1.0, 1e-3, 0.1, 1e-5) == pytest.approx(1e-5)  # ends at the floor
+
+
+def test_config_overrides_and_native_size(cifar_like, tmp_path):
+    out = tmp_path / "mv32.pt"
+    train_cifar().main(["--model", "mambavision_cifar", "--data", str(cifar_like), "--out", str(out),
+                        "--max-steps", "1", "--batch-size", "4", "--log-every", "0",
+                        "--set", "img_size=32", "--set", "window_size=[8, 8, 2, 1]"])
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["config"]["img_size"] == 32 and tuple(ckpt["config"]["window_size"]) == (8, 8, 2, 1)
+    assert ckpt["recipe"]["crop_padding"] == 4
+    assert families.load(out).pretrained_cfg["input_size"] == (3, 32, 32)
+
+
+def test_upsampled_training_images_match_the_eval_transform(cifar_like):
+    from ouromamba_fx.data import model_transform
+    tool = train_cifar()
+    x, _, _ = tool.read_train_tar(cifar_like / "train.tar.gz", limit_per_class=1, size=64)
+    model = families.create("mambavision_cifar")
+    with tarfile.open(cifar_like / "train.tar.gz") as tar:
+        member = next(m for m in tar if m.isfile())
+        img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+    expected = model_transform(model)(img)  # normalised (3, 64, 64)
+    mean = torch.tensor(model.cfg.mean).view(3, 1, 1)
+    std = torch.tensor(model.cfg.std).view(3, 1, 1)
+    got = (x[0].float() / 255.0 - mean) / std
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

@@ -11,8 +11,10 @@
 Recipe (the one the reference Vim checkpoint was trained with): random crop with 4-pixel reflect
 padding, horizontal flip, AdamW (no weight decay on norms, biases and the scans' A/D), linear
 warm-up then a cosine schedule, label smoothing 0.1. Models whose input size is larger than the
-32-px images (``img_size`` in the config) get the augmented batch resized bicubically, as their
-evaluation transform does. The scans run through the package's differentiable fused op.
+32-px images (``img_size`` in the config) get the images resized once with PIL's bicubic filter,
+as their evaluation transform does, and the crop padding scaled with them (8 px at 64 px). The
+scans run through the package's differentiable fused op. ``--set field=value`` changes a field of
+the registered config (``value`` as JSON, e.g. ``--set img_size=32 --set "window_size=[8,8,2,1]"``).
 
 ``--budget-min`` fits the cosine schedule to wall-clock time: the learning rate follows the larger
 of the step fraction (``--epochs``) and the elapsed-time fraction, and training stops when either
@@ -51,8 +53,12 @@ NO_DECAY = {"A_log", "A_b_log", "A_logs", "D", "D_b", "Ds", "pos_embed"}
 STATE_KEY = {"mambavision": "state_dict"}  # others: "model"
 
 
-def read_train_tar(path: Path, limit_per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All images of ``train/<class>/*`` in the tar: uint8 ``(N, 3, 32, 32)``, labels, classes."""
+def read_train_tar(path: Path, limit_per_class: int | None = None,
+                   size: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """All images of ``train/<class>/*`` in the tar: uint8 ``(N, 3, H, W)``, labels, classes.
+
+    ``size``: resize each image to ``size`` x ``size`` with PIL's bicubic filter, as the models'
+    evaluation transform (timm's ``Resize``) does."""
     items: dict[str, list[bytes]] = {}
     with tarfile.open(path, "r:*") as tar:
         for member in tar:
@@ -70,7 +76,10 @@ def read_train_tar(path: Path, limit_per_class: int | None = None) -> tuple[torc
     for label, cls in enumerate(classes):
         for data in items[cls]:
             with Image.open(io.BytesIO(data)) as im:
-                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+                im = im.convert("RGB")
+                if size is not None and im.size != (size, size):
+                    im = im.resize((size, size), Image.BICUBIC)
+                images.append(np.asarray(im, dtype=np.uint8))
             labels.append(label)
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return x, torch.tensor(labels), classes
@@ -90,12 +99,9 @@ def augment(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def prepare(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, size: int, train: bool) -> torch.Tensor:
-    x = x_uint8.float().div_(255.0)
-    if train:
-        x = augment(x)
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+def prepare(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, pad: int) -> torch.Tensor:
+    """A training batch: augmented (crop with ``pad``-pixel reflect padding, flip), normalised."""
+    x = augment(x_uint8.float().div_(255.0), pad)
     return (x - mean) / std
 
 
@@ -137,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests)")
     ap.add_argument("--benchmark-steps", type=int, default=None, help="only time this many steps")
     ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="override a field of the model's config")
     return ap
 
 
@@ -147,15 +155,23 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     if args.threads:
         torch.set_num_threads(args.threads)
-    family, _ = families.config_for(args.model)
+    family, base_cfg = families.config_for(args.model)
+    overrides = {}
+    for item in args.set:
+        field, _, value = item.partition("=")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
+    size = int(overrides.get("img_size", base_cfg.img_size))
     data = Path(args.data)
     t0 = time.perf_counter()
-    x_all, y_all, classes = read_train_tar(data / "train.tar.gz", args.train_limit)
+    x_all, y_all, classes = read_train_tar(data / "train.tar.gz", args.train_limit, size)
     print(f"read {len(y_all)} training images ({len(classes)} classes) in {time.perf_counter() - t0:.1f} s",
           flush=True)
-    model = families.create(args.model, classes=classes, num_classes=len(classes))
+    model = families.create(args.model, **{**overrides, "classes": classes, "num_classes": len(classes)})
     cfg = model.cfg
-    size = cfg.img_size
+    pad = round(4 * size / 32)
     mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.std).view(1, 3, 1, 1)
     n_params = sum(p.numel() for p in model.parameters())
@@ -190,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
-            x = prepare(x_all[idx], mean, std, size, train=True)
+            x = prepare(x_all[idx], mean, std, pad)
             loss = criterion(forward(x), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -229,9 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
             "std": list(cfg.std), "val_acc": val.top1 / 100.0, "val_images": val.total,
             "epoch": int(seen // n), "epochs": seen / n, "steps": step,
             "train_seconds": train_seconds, "train_images": n,
-            "recipe": {k: getattr(args, k) for k in ("batch_size", "lr", "min_lr", "weight_decay",
-                                                     "warmup", "label_smoothing", "grad_clip", "seed",
-                                                     "epochs", "budget_min")}}
+            "recipe": {**{k: getattr(args, k) for k in ("batch_size", "lr", "min_lr", "weight_decay",
+                                                        "warmup", "label_smoothing", "grad_clip", "seed",
+                                                        "epochs", "budget_min")},
+                       "config_overrides": overrides, "crop_padding": pad}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, out)
