@@ -526,3 +526,14 @@ def test_largest_activation_bounds_a_forward_pass():
         for h in handles:
             h.remove()
         assert type(model).largest_activation(cfg) >= biggest[0], name
+
+
+def test_release_config_naming_an_unsupported_forward_type(tmp_path, monkeypatch):
+    m = VSSM(VMambaConfig(**VM_SMALL["v2"], num_classes=10))
+    mod, cfg = _fake_yacs({"MODEL": {"VSSM": {"SSM_FORWARDTYPE": "v052dc_noz"}}})
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", mod)
+    path = tmp_path / "vssm_cascade.pth"
+    torch.save({"model": m.state_dict(), "config": cfg}, path)
+    with pytest.raises(CheckpointError, match=r"vssm_cascade\.pth: its configuration cannot be built.*v052dc_noz"):
+        families.load(path)

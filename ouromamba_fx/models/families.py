@@ -351,8 +351,14 @@ def _mamba_config(sd: dict) -> MambaStackConfig:
 #: Fields that define the architecture (compared against a registered name's config).
 _ARCH = {"mambavision": ("dim", "in_dim", "depths", "mlp_ratio", "in_chans"),
          "vmamba": ("depths", "dims", "patch_size", "ssm_d_state", "ssm_ratio", "forward_type",
-                    "mlp_ratio", "downsample_version", "patchembed_version"),
-         "mamba": ("img_size", "patch_size", "embed_dim", "depth", "d_state", "expand")}
+                    "mlp_ratio", "downsample_version", "patchembed_version", "in_chans"),
+         "mamba": ("img_size", "patch_size", "embed_dim", "depth", "d_state", "expand", "in_chans")}
+
+
+def _arch_value(cfg, field: str):
+    value = getattr(cfg, field)
+    # VMamba forward_type strings that differ only in implementation (v01..v05, v3) are one form.
+    return vmamba.parse_forward_type(value) if field == "forward_type" else value
 
 
 def load(checkpoint: str | Path, name: str | None = None, family: str | None = None, **overrides) -> nn.Module:
@@ -395,13 +401,16 @@ def load(checkpoint: str | Path, name: str | None = None, family: str | None = N
             cfg = _mamba_config(sd)
     except KeyError as e:
         raise CheckpointError(f"{fname}: not a {family} state dict (no {e.args[0]!r})") from None
+    except (TypeError, ValueError) as e:  # e.g. a forward_type the file's config names
+        raise CheckpointError(f"{fname}: its configuration cannot be built: {e}") from None
     if like is not None:
         diff = [f"{f}: checkpoint {getattr(cfg, f)} vs {name} {getattr(like, f)}"
-                for f in _ARCH[family] if getattr(cfg, f) != getattr(like, f)]
+                for f in _ARCH[family] if _arch_value(cfg, f) != _arch_value(like, f)]
         if diff:
             raise CheckpointError(f"{fname} is not a {name}: " + "; ".join(diff))
-        keep = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("mean", "std", "crop_pct")}
-        cfg = cfg_cls(**{**like.to_dict(), **keep, **{k: getattr(like, k) for k in ("mean", "std", "crop_pct")}})
+        # The registered config, with what a fine-tuned file may change (weights not involved
+        # in the architecture check make strict loading fail if they differ).
+        cfg = _with(like, {"num_classes": cfg.num_classes, "classes": cfg.classes})
     for key in ("mean", "std", "classes"):
         if meta.get(key) is not None:
             overrides.setdefault(key, meta[key])
