@@ -505,7 +505,7 @@ def test_mambavision_window_size_cannot_be_guessed(tmp_path):
 def test_unknown_layout_names_the_file(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"model": {"foo.weight": torch.zeros(1)}}, path)
-    with pytest.raises(CheckpointError, match="none of the layouts"):
+    with pytest.raises(CheckpointError, match="x.pt has none of the layouts"):
         families.load(path)
 
 

@@ -245,7 +245,7 @@ def _vmamba_layout(sd: dict) -> dict:
     return out
 
 
-def detect_family(sd: dict) -> str:
+def detect_family(sd: dict, source: str = "the state dict") -> str:
     """The family whose layout ``sd`` has (after prefix stripping)."""
     if "patch_embed.conv_down.0.weight" in sd:
         return "mambavision"
@@ -253,8 +253,8 @@ def detect_family(sd: dict) -> str:
         return "vmamba"
     if "layers.0.mixer.A_log" in sd and "norm_f.bias" in sd and "layers.0.mixer.A_b_log" not in sd:
         return "mamba"
-    raise CheckpointError("the state dict has none of the layouts of MambaVision, VMamba or a "
-                          "mamba-ssm block stack (for hustvl/Vim use ouromamba_fx.models.load)")
+    raise CheckpointError(f"{source} has none of the layouts of MambaVision, VMamba or a "
+                          f"mamba-ssm block stack (for hustvl/Vim use ouromamba_fx.models.load)")
 
 
 def _count(sd: dict, pattern: str) -> int:
@@ -382,9 +382,9 @@ def load(checkpoint: str | Path, name: str | None = None, family: str | None = N
         family = family or family_of_name
         if family != family_of_name:
             raise CheckpointError(f"{fname}: {name} is a {family_of_name} model, not {family}")
-    if family == "vmamba" or (family is None and detect_family(_vmamba_layout(sd)) == "vmamba"):
+    if family == "vmamba" or (family is None and detect_family(_vmamba_layout(sd), fname) == "vmamba"):
         sd = _vmamba_layout(sd)
-    family = family or detect_family(sd)
+    family = family or detect_family(sd, fname)
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     model_cls, cfg_cls = FAMILIES[family]
