@@ -91,10 +91,16 @@ def table_md(title_lines: list[str], rows: dict[str, dict[str, tuple[float, floa
     return "\n".join(lines + [""] + notes)
 
 
-def synthetic(model, loss: str, n: int, seed: int, cache: Path | None, quiet: bool):
-    from ouromamba_fx.gen import DEFAULTS
+GEN_KEY_FIELDS = ("n", "iters", "lr", "betas", "warmup", "batch_size", "neighbourhood", "top_k", "temperature",
+                  "lambda_c", "loss", "jitter", "flip")
 
-    settings = {**DEFAULTS, "n": n, "loss": loss, "seed": seed}
+
+def synthetic(model, loss: str, n: int, seed: int, cache: Path | None, quiet: bool):
+    from ouromamba_fx.gen import GenConfig
+
+    # the cache key of the settings gen() used when the cache was made (files stay valid)
+    defaults = {k: getattr(GenConfig(), k) for k in GEN_KEY_FIELDS}
+    settings = {**defaults, "n": n, "loss": loss, "seed": seed}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
     path = cache / f"synth_{loss}_seed{seed}_{key}.safetensors" if cache else None
     if path is not None and path.is_file():

@@ -39,8 +39,7 @@ from pathlib import Path
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.lowering import cpu_gemm
-from ouromamba_fx.lowering.lower import lower_quantized
+from ouromamba_fx.ops import gemm as cpu_gemm
 
 HERE = Path(__file__).resolve().parent
 MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_224"}
@@ -171,15 +170,17 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 def linear_weight_bytes(lowered) -> tuple[int, int]:
     """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
-    from ouromamba_fx.lowering.fused import int8_linear_static, w4a4o8_linear_static
-    from ouromamba_fx.lowering.mixer import W4A4O8_LINEAR_MIXED_OP, W4A4O8_LINEAR_RT_OP
-    from ouromamba_fx.lowering.rules import W4A4O8_LINEAR, W8A8_LINEAR, const, int8_linear_nd
+    from ouromamba_fx.lowering.patterns import const
+    from ouromamba_fx.ops.int8_linear import W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+    from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
+                                                w4a4o8_linear_masked_decomposed)
 
     gm = lowered.graph_module
     q_bytes = f_bytes = 0
-    where = {W8A8_LINEAR: (1, 2), int8_linear_nd: (2, 3), int8_linear_static: (4, 5), W4A4O8_LINEAR: (3, 4),
-             w4a4o8_linear_static: (3, 4), W4A4O8_LINEAR_RT_OP: (2, 3), W4A4O8_LINEAR_MIXED_OP: (2, 3)}
-    k_arg = {W4A4O8_LINEAR: 6, w4a4o8_linear_static: 6, W4A4O8_LINEAR_RT_OP: 5, W4A4O8_LINEAR_MIXED_OP: 5}
+    where = {W8A8_LINEAR_OP: (1, 2), int8_linear_codes: (2, 3), int8_linear_decomposed: (4, 5),
+             W4A4O8_MASKED_OP: (3, 4), w4a4o8_linear_masked_decomposed: (3, 4), W4A4O8_DETECT_OP: (2, 3),
+             W4A4O8_DETECT_REQUANT_OP: (2, 3)}
+    k_arg = {W4A4O8_MASKED_OP: 6, w4a4o8_linear_masked_decomposed: 6, W4A4O8_DETECT_OP: 5, W4A4O8_DETECT_REQUANT_OP: 5}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in where:
             continue
@@ -204,7 +205,7 @@ def run_model(key: str, batches: list[int], rounds: int, calib_n: int, do_profil
         t = time.perf_counter()
         q = of.convert(model, calib=calib, config=cfg, show_progress=False)
         res["convert_s"][cname] = time.perf_counter() - t
-        lowered = lower_quantized(q)
+        lowered = q.lower()
         res["size"][cname] = tensor_bytes(lowered.graph_module)
         res["size"][cname + " linears"] = linear_weight_bytes(lowered)
         variants[cname] = (torch.compile(q, backend="ouromamba", dynamic=False), False)

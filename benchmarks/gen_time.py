@@ -29,11 +29,15 @@ from pathlib import Path
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.gen import DEFAULTS, SyntheticCalib, gen, gen_losses
-from ouromamba_fx.lowering.scan import scan_backend
+from ouromamba_fx.gen import GenConfig, SyntheticCalib, gen, gen_losses
+from ouromamba_fx.ops.scan import scan_backend
 from ouromamba_fx.models import VimConfig, VisionMamba
 
 HERE = Path(__file__).resolve().parent
+# The settings the cache keys of synthetic sets are made of (those gen() had when the caches were
+# made), so that cached files stay valid.
+GEN_KEY_FIELDS = ("n", "iters", "lr", "betas", "warmup", "batch_size", "neighbourhood", "top_k", "temperature",
+                  "lambda_c", "loss", "jitter", "flip")
 
 
 def load_avg() -> str:
@@ -78,7 +82,7 @@ def random_vim(depth: int, patches: int) -> VisionMamba:
 
 def timing(args) -> str:
     ref = of.models.reference_model()
-    iters = DEFAULTS["iters"]
+    iters = GenConfig().iters
     lines = ["Seconds per step: min / median over the timed steps.", "",
              f"| model | batch | loss | s / step | ms / step / image (min) | 128 images x {iters} steps (min) |",
              "|---|---:|---|---:|---:|---:|"]
@@ -129,7 +133,8 @@ def quality(args) -> str:
         print(lines[-1], flush=True)
 
     def synthetic(loss: str, seed: int) -> SyntheticCalib:
-        settings = {**DEFAULTS, **overrides, "loss": loss, "seed": seed}
+        defaults = {k: getattr(GenConfig(), k) for k in GEN_KEY_FIELDS}
+        settings = {**defaults, **overrides, "loss": loss, "seed": seed}
         key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
         path = cache / f"synth_{loss}_seed{seed}_{key}.safetensors" if cache else None
         if path is not None and path.is_file():
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
               f"load average at start {load_avg()}")
     start = time.perf_counter()
     body = quality(args) if args.quality else timing(args)
-    footer = f"\n\nload average at end {load_avg()}; {time.perf_counter() - start:.0f} s in all. Defaults: {DEFAULTS}"
+    footer = f"\n\nload average at end {load_avg()}; {time.perf_counter() - start:.0f} s in all. Defaults: {GenConfig()}"
     section = "quality" if args.quality else "timing"
     title = "## Quality: calibration source vs top-1" if args.quality else "## Time per generation step"
     write_section(Path(args.out), section, f"{title}\n\n{header}\n\n{body}{footer}")

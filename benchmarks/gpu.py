@@ -35,25 +35,28 @@ SHAPES = [  # (label, M, K, N)
 
 def check(c: dict) -> None:
     """CUDA ops vs the CPU references: exact integer products, float outputs to 1e-5 relative."""
-    from ouromamba_fx.lowering import qlinear as ql
+    from ouromamba_fx.ops import gemm, int8_linear, quant, w4a4o8_linear
+
     ops = torch.ops.ouromamba
     cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
     q, s = ops.quantize_per_token(c["x"], 8)
-    q_ref, s_ref = ql.quantize_per_token_ref(cpu["x"], 8)
+    q_ref, s_ref = quant.quantize_per_token_ref(cpu["x"], 8)
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref), "quantize_per_token"
     y = ops.int8_linear(q, s, c["w8"], torch.ones_like(c["w8_scale"]), None)
-    assert torch.equal(y.cpu(), ql.int_matmul_ref(q_ref, cpu["w8"]).float() * s_ref), "int8_linear"
+    assert torch.equal(y.cpu(), gemm.int_matmul_ref(q_ref, cpu["w8"]).float() * s_ref), "int8_linear"
     for name, got, want in [
         ("w8a8_linear", ops.w8a8_linear(c["x"], c["w8"], c["w8_scale"], c["bias"], None),
-         ql.w8a8_linear_ref(cpu["x"], cpu["w8"], cpu["w8_scale"], cpu["bias"], None)),
+         int8_linear.w8a8_linear_ref(cpu["x"], cpu["w8"], cpu["w8_scale"], cpu["bias"], None)),
         ("w4a4o8_linear", ops.w4a4o8_linear(c["x"], c["mask"], None, c["w4_packed"], c["w4_scale"], c["bias"], c["k"]),
-         ql.w4a4o8_linear_ref(cpu["x"], cpu["mask"], None, cpu["w4_packed"], cpu["w4_scale"], cpu["bias"], cpu["k"])),
+         w4a4o8_linear.w4a4o8_linear_masked_ref(cpu["x"], cpu["mask"], None, cpu["w4_packed"], cpu["w4_scale"],
+                                                 cpu["bias"], cpu["k"])),
     ]:
         torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def make_case(m: int, k: int, n: int, device: str) -> dict:
-    from ouromamba_fx.lowering import qlinear as ql
+    from ouromamba_fx.ops import int4
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g)
     w = torch.randn(n, k, generator=g) / k ** 0.5
@@ -64,7 +67,7 @@ def make_case(m: int, k: int, n: int, device: str) -> dict:
     w4_scale = w.abs().amax(dim=1) / 7
     c = dict(x=x, w=w, bias=torch.randn(n, generator=g), mask=mask, w8_scale=w8_scale, w4_scale=w4_scale,
              w8=torch.round(w / w8_scale[:, None]).to(torch.int8),
-             w4_packed=ql.pack_int4(torch.round(w / w4_scale[:, None]).clamp(-7, 7).to(torch.int8)))
+             w4_packed=int4.pack_int4(torch.round(w / w4_scale[:, None]).clamp(-7, 7).to(torch.int8)))
     c = {key: v.to(device) for key, v in c.items()}
     c["k"] = k
     return c
@@ -79,7 +82,7 @@ def main(argv=None) -> int:
         return 0
     import triton.testing
 
-    import ouromamba_fx.lowering.qlinear  # noqa: F401  (registers the ops)
+    import ouromamba_fx.ops  # noqa: F401  (registers the ops)
     ops = torch.ops.ouromamba
     gpu = torch.cuda.get_device_name()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {gpu}")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ouromamba_fx.lowering import qlinear as ql  # noqa: E402
+from ouromamba_fx.ops.int4 import pack_int4, unpack_int4  # noqa: E402
 
 OPS = torch.ops.ouromamba
 SHAPES = [  # (label, M, K, N)
@@ -82,7 +82,7 @@ def make_case(m: int, k: int, n: int):
     w4_scale = w.abs().amax(dim=1) / 7
     w4 = torch.round(w / w4_scale[:, None]).clamp(-7, 7).to(torch.int8)
     return dict(x=x, w=w, bias=bias, mask_ch=mask_ch, mask_sc=mask_sc, w8=w8, w8_scale=w8_scale,
-                w4=w4, w4_packed=ql.pack_int4(w4), w4_scale=w4_scale)
+                w4=w4, w4_packed=pack_int4(w4), w4_scale=w4_scale)
 
 
 def bench_ops(c: dict, rounds: int) -> dict:
@@ -115,7 +115,7 @@ def bench_w4_strategies(c: dict, rounds: int) -> dict:
     cols = mask.view(torch.uint8).amax(dim=0).nonzero().flatten()
     q_out_cols = q_out[:, cols].contiguous()
     fns = {
-        "unpack int4": lambda: ql.unpack_int4(c["w4_packed"], k),
+        "unpack int4": lambda: unpack_int4(c["w4_packed"], k),
         "inlier GEMM": lambda: torch._int_mm(q_in, w4.t()).float(),
         "two GEMMs": lambda: (torch._int_mm(q_in, w4.t()).float(), torch._int_mm(q_out, w4.t()).float()),
         "one GEMM on [q_in; q_out]": lambda: torch._int_mm(torch.cat([q_in, q_out]), w4.t()).float(),
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         f"- median of {args.rounds} round-robin rounds per shape, milliseconds per call, float32 output",
         f"- outliers: {OUTLIER_FRACTION:.0%} of the K channels (at least one); `w4a4o8` = the same channels "
         "in every row, `w4a4o8 scattered` = random per row",
-        "- the CPU path of `w4a4o8_linear` (see `ouromamba_fx/lowering/qlinear.py`) runs the inlier GEMM over "
+        "- the CPU path of `w4a4o8_linear` (see `ouromamba_fx/ops/w4a4o8_linear.py`) runs the inlier GEMM over "
         "all K and the outlier GEMM over the gathered outlier columns when they are at most half of K "
         "(as an fp32 GEMM, exact for these integers; otherwise over all K, i.e. two int8 GEMMs); the int4 weight is "
         "unpacked on every call",

@@ -48,10 +48,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q  # noqa: E402
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref  # noqa: E402
-from ouromamba_fx.lowering.qscan import (qscan_backend, scan_state_stats,  # noqa: E402
-                                         selective_scan_q_ref)
-from ouromamba_fx.lowering.scan import scan_backend, selective_scan  # noqa: E402
+from ouromamba_fx.ops.scan import scan_backend, selective_scan  # noqa: E402
+from ouromamba_fx.ops.scan_quant import scan_state_stats  # noqa: E402
+from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref  # noqa: E402
 from ouromamba_fx.passes.reparam import rank1_factors  # noqa: E402
 
 SHAPES = [  # (label, batch, d_inner, L, d_state)
@@ -233,8 +234,8 @@ def main() -> None:
 
     qrows, qsingle = [], []
     if args.q_ref_rounds > 0:
-        if qscan_backend() != "cpp":
-            print(f"warning: the quantized-scan C++ kernel is not in use ({qscan_backend()!r})", file=sys.stderr)
+        if SELECTIVE_SCAN_Q.backend() != "cpp":
+            print(f"warning: the quantized-scan C++ kernel is not in use ({SELECTIVE_SCAN_Q.reason})", file=sys.stderr)
         for label, batch, dim, L, N in SHAPES:
             a = make_inputs(batch, dim, L, N)
             fns = q_fns(a, make_q_inputs(a))

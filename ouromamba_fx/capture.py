@@ -25,12 +25,9 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, RmsNorm
 
 from ouromamba_fx.errors import CaptureError
-from ouromamba_fx.lowering.scan import selective_scan  # noqa: F401  (registers the op)
 from ouromamba_fx.models.mixer import DIRECTIONS, MambaMixer
-
-META = "ouromamba"
-SCAN_OP = torch.ops.ouromamba.selective_scan.default
-ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
+from ouromamba_fx.ops.scan import SCAN_OP
+from ouromamba_fx.tags import META, tag
 # Child name inside a MambaMixer -> (role, direction).
 _CHILD_ROLES = {"in_proj": ("in_proj", None), "out_proj": ("out_proj", None)}
 for _direction, (_conv, _xp, _dtp, _a, _d) in DIRECTIONS.items():
@@ -42,11 +39,6 @@ DEFAULT_LEAVES: tuple[type[nn.Module], ...] = (RmsNorm, PatchEmbed, nn.LayerNorm
 
 _FX_DIR = os.path.dirname(fx.__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-def tag(node: fx.Node) -> dict | None:
-    """The ouromamba tag of a node (role, direction, layer, module), or None."""
-    return node.meta.get(META)
 
 
 def scan_nodes(gm: fx.GraphModule) -> list[fx.Node]:

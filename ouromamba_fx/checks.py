@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ouromamba_fx.errors import CaptureError, OuroMambaError
+from ouromamba_fx.errors import CaptureError, InputError, OuroMambaError
 from ouromamba_fx.models.mixer import MambaMixer
 
 # Class names that say "this is a sequence mixer / state-space block" (mamba_ssm's Mamba and
@@ -57,3 +57,16 @@ def check_not_quantized(model: nn.Module) -> None:
                 raise OuroMambaError(
                     f"convert: the model is already quantized (its graph calls ouromamba::{t._opname} "
                     f"at node {n.name!r}); convert the float model instead")
+
+
+def check_model(model, who: str) -> None:
+    """An :class:`InputError` if ``model`` is not a module, or holds tensors on the ``meta``
+    device (shapes without data: nothing can be calibrated, generated or quantized from it)."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"{who}: expected a torch.nn.Module, got {type(model).__name__} (load a checkpoint "
+                         f"with ouromamba_fx.models.load(path) first)")
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_meta:
+            raise InputError(f"{who}: {type(model).__name__} is on the meta device ({name!r} holds a shape "
+                             f"but no data); load its weights first (e.g. model.to_empty(device='cpu') then "
+                             f"load_state_dict, or ouromamba_fx.models.load(path))")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
+import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from ouromamba_fx.config import PRESETS
+from ouromamba_fx.config import PRESETS, ROLES
 from ouromamba_fx.errors import OuroMambaError
 
 out = Console()
@@ -29,8 +34,112 @@ EXAMPLES = """examples:
 """
 
 
+class UsageError(OuroMambaError):
+    """A command-line argument that cannot work (found before any work starts)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), as every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --- argument types: nonsense values are refused while the arguments are parsed ---------------
+
+def _int(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
+        return v
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _float(lo: float, strict: bool):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < lo or (strict and v == lo):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>' if strict else '>='} {lo:g}, got {text}")
+        return v
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _odd(text: str) -> int:
+    v = _int(1)(text)
+    if v % 2 == 0:
+        raise argparse.ArgumentTypeError(f"must be odd (a p x p neighbourhood around a patch), got {v}")
+    return v
+
+
+def _preset(text: str) -> str:
+    if text not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {text!r}; known: {', '.join(PRESETS)}")
+    return text
+
+
+def _model_name(text: str) -> str:
+    from ouromamba_fx.models.catalog import CONFIGS
+
+    if text not in CONFIGS:
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}; known: {', '.join(CONFIGS)}")
+    return text
+
+
+POSITIVE, NON_NEGATIVE = _int(1), _int(0)
+
+
+def _check_output(path: str | None, what: str) -> None:
+    """Before any work: ``path`` can be written (not a folder; its folder exists and is writable)."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{what} {path!r} is a folder; give a file name")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path!r}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UsageError(f"{what} {path!r} cannot be written (permission denied)")
+
+
+def _check_input(path: str | None, what: str, folder: bool = False) -> None:
+    """Before any work: ``path`` exists and is a file (or a folder when ``folder``)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{what} {path!r} does not exist")
+    if folder and not p.is_dir():
+        raise UsageError(f"{what} {path!r} is a file; expected a folder of <class>/*.jpg")
+    if not folder and p.is_dir():
+        raise UsageError(f"{what} {path!r} is a folder; expected a file")
+
+
+@contextlib.contextmanager
+def _writing(path: str, what: str):
+    """Writing an output the checks before the work allowed: a failure now (disk full, the folder
+    gone) is still one line naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        raise UsageError(f"{what} {path!r} could not be written: {' '.join(str(e).split())[:200]}") from e
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None,
+    p.add_argument("--model", default=None, type=_model_name,
                    help="registered model name (default: the bundled reference vim_cifar_d128_l8)")
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint file (hustvl/Vim .pth, state dict, or .safetensors)")
@@ -38,10 +147,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace):
     from ouromamba_fx import models
+    from ouromamba_fx.models.catalog import BUNDLED
 
     if args.checkpoint:
         return models.load(args.checkpoint, name=args.model), args.model or args.checkpoint
     name = args.model or "vim_cifar_d128_l8"
+    if name not in BUNDLED:
+        raise UsageError(f"--model {name}: no weights are bundled for it and none can be downloaded; give "
+                         f"its checkpoint with --checkpoint FILE (bundled: {', '.join(BUNDLED)})")
     return models.create(name, pretrained=True), name
 
 
@@ -64,6 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ouromamba_fx.capture import capture, scan_nodes
     from ouromamba_fx.evaluate import evaluate
 
+    _check_input(args.data, "--data", folder=True)
+    _check_input(args.quantized, "--quantized")
     model, name = load_model(args)
     data, label = _data(args.data)
     runs = [("eager", model)]
@@ -119,10 +234,18 @@ def _calib(args: argparse.Namespace, model, default: str):
     return loader, None, f"{len(loader.dataset)} images from {label}"
 
 
-def _convert(args: argparse.Namespace, default_calib: str):
+def _check_calib(args: argparse.Namespace) -> None:
+    src = args.calib
+    if src in (None, "datafree", "bundled"):
+        return
+    _check_input(src, "--calib", folder=not src.endswith(".safetensors"))
+
+
+def _convert(args: argparse.Namespace, default_calib: str, loaded: tuple | None = None):
     import ouromamba_fx as of
 
-    model, name = load_model(args)
+    _check_calib(args)
+    model, name = loaded or load_model(args)
     calib, gen_options, what = _calib(args, model, default_calib)
     out.print(f"converting {name} with {args.config}; calibration: {what}")
     config = of.config.preset(args.config)
@@ -133,10 +256,13 @@ def _convert(args: argparse.Namespace, default_calib: str):
 def cmd_convert(args: argparse.Namespace) -> int:
     from ouromamba_fx.evaluate import evaluate
 
+    _check_output(args.out, "--out")
+    _check_input(args.eval or None, "--eval", folder=True)
     model, name, q = _convert(args, "datafree")
     out.print(q.report())
     if args.out:
-        q.save(args.out)
+        with _writing(args.out, "--out"):
+            q.save(args.out)
         out.print(f"[green]saved[/] {escape(args.out)}  (inspect it: ouromamba-fx inspect {escape(args.out)})")
     if args.eval is not None:
         data, label = _data(args.eval or None)
@@ -146,14 +272,49 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depth(model) -> int | None:
+    """Number of ``layers.N`` blocks of a float or quantized model (None: not a layered model)."""
+    import re
+
+    names = [n for n, _ in model.named_modules()]
+    gm = getattr(model, "graph_module", None)
+    if gm is not None:
+        names += [str(n.target) for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
+        names += [n.name for n in gm.graph.nodes]
+    found = {int(m.group(1)) for n in names if (m := re.search(r"layers[._](\d+)[._]", n))}
+    return max(found) + 1 if found else None
+
+
+def _check_layer(layer: int | None, model) -> None:
+    depth = _depth(model)
+    if layer is not None and depth is not None and layer >= depth:
+        raise UsageError(f"--layer {layer} is out of range: the model has layers 0..{depth - 1}")
+
+
+def _check_passes(asked: list[str], passes: list[str]) -> None:
+    unknown = [x for x in asked if x not in passes]
+    if unknown:
+        raise UsageError(f"--pass {unknown[0]!r}: no such pass; passes: {', '.join(passes)}")
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
+    if len(args.passes) not in (0, 2):
+        raise UsageError("diff: give two pass names (--pass A --pass B) or none")
     if args.quantized:
+        _check_input(args.quantized, "--quantized")
         q = _load_quantized(args.quantized)
     else:
-        _, _, q = _convert(args, "bundled")
-    a, b = (args.passes + [None, None])[:2] if args.passes else (None, None)
-    if (a is None) != (b is None):
-        raise SystemExit("diff: give two pass names (--pass A --pass B) or none")
+        from ouromamba_fx.config import preset
+        from ouromamba_fx.convert import default_passes
+
+        _check_passes(args.passes, ["capture"] + [p.name for p in default_passes(preset(args.config))])
+        _check_calib(args)
+        loaded = load_model(args)
+        _check_layer(args.layer, loaded[0])  # before converting
+        _, _, q = _convert(args, "bundled", loaded)
+    _check_layer(args.layer, q)
+    _check_passes(args.passes, q.passes)
+    a, b = args.passes if args.passes else (None, None)
     out.print(q.diff(a, b, layer=args.layer, role=args.role, collapse=not args.no_collapse,
                      verbose=args.verbose))
     return 0
@@ -162,6 +323,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ouromamba_fx.serialize import read_header
 
+    _check_input(args.file, "file")
+    _check_output(args.png, "--png")
     h = read_header(args.file)
     q = _load_quantized(args.file)
     ident = q.model_identity or {}
@@ -191,7 +354,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             for site, m in maps.items():
                 out.print(heatmap(m, site))
         if args.png:
-            save_png(maps, args.png, f"{q.model_name} {q.config.name}: outlier channels, layer {layer}")
+            with _writing(args.png, "--png"):
+                save_png(maps, args.png, f"{q.model_name} {q.config.name}: outlier channels, layer {layer}")
             out.print(f"[green]outlier map[/] -> {escape(args.png)}")
     return 0
 
@@ -213,8 +377,9 @@ def _config_line(c) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from ouromamba_fx.bench import bench_latency
+    from ouromamba_fx.latency import bench_latency
 
+    _check_input(args.quantized, "--quantized")
     model, name = load_model(args)
     if args.quantized:
         q = _load_quantized(args.quantized, model)
@@ -232,33 +397,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_gen(args: argparse.Namespace) -> int:
     from ouromamba_fx.gen import gen
 
+    _check_output(args.out, "--out")
+    _check_output(args.grid, "--grid")
     model, name = load_model(args)
     synth = gen(model, n=args.n, iters=args.iters, lr=args.lr, batch_size=args.batch_size,
                 loss=args.loss, lambda_c=args.lambda_c, temperature=args.temperature,
                 neighbourhood=args.neighbourhood, top_k=args.top_k, seed=args.seed)
-    synth.save(args.out)
+    with _writing(args.out, "--out"):
+        synth.save(args.out)
     s = synth.settings
     out.print(f"{name}: {len(synth.images)} synthetic images ({s['loss']} loss, {s['iters']} iterations, "
               f"{s['seconds']:.0f} s, {s['seconds_per_iter']:.2f} s/iteration) -> {args.out}; "
               f"the model predicts the target class for {100 * s['target_accuracy']:.1f}%")
     if args.grid:
-        synth.grid(args.grid)
+        with _writing(args.grid, "--grid"):
+            synth.grid(args.grid)
         out.print(f"image grid -> {args.grid}")
     return 0
 
 
 def _add_convert_args(p: argparse.ArgumentParser, default_calib: str) -> None:
-    from ouromamba_fx.gen import DEFAULTS as GEN
+    from ouromamba_fx.gen import GenConfig
+
+    GEN = GenConfig()
 
     _add_model_args(p)
-    p.add_argument("--config", default="W8A8", help=f"preset: {', '.join(PRESETS)}")
+    p.add_argument("--config", default="W8A8", type=_preset, help=f"preset: {', '.join(PRESETS)}")
     p.add_argument("--calib", default=None, metavar="SOURCE",
                    help=f"calibration: 'datafree' (OuroMamba-Gen synthetic images), 'bundled' (the bundled "
                         f"sample images), an image folder (<class>/*.jpg) or a .safetensors file from "
                         f"'ouromamba-fx gen' (default: {default_calib})")
-    p.add_argument("--limit-per-class", type=int, default=None, help="use at most N calibration images per class")
-    p.add_argument("--gen-n", type=int, default=GEN["n"], help="data-free: number of synthetic images")
-    p.add_argument("--gen-iters", type=int, default=GEN["iters"], help="data-free: optimisation steps per batch")
+    p.add_argument("--limit-per-class", type=POSITIVE, default=None, help="use at most N calibration images per class")
+    p.add_argument("--gen-n", type=POSITIVE, default=GEN.n, help="data-free: number of synthetic images")
+    p.add_argument("--gen-iters", type=NON_NEGATIVE, default=GEN.iters, help="data-free: optimisation steps per batch")
     p.add_argument("--seed", type=int, default=0, help="data-free: seed of the synthetic images")
 
 
@@ -268,7 +439,7 @@ def _sub(sub, name: str, help: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ouromamba-fx", description="Data-free quantization of vision Mamba models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -278,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="image folder (default: the bundled sample)")
     p.add_argument("--quantized", default=None, metavar="FILE",
                    help="also evaluate this saved quantized model (made from the float model given)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--limit-per-class", type=int, default=None, help="use at most N images per class")
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
+    p.add_argument("--limit-per-class", type=POSITIVE, default=None, help="use at most N images per class")
     p.add_argument("--traced", action="store_true", help="also evaluate the captured FX graph")
     p.set_defaults(fn=cmd_eval)
 
@@ -288,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE", help="save the quantized model (.safetensors)")
     p.add_argument("--eval", nargs="?", const="", default=None, metavar="FOLDER",
                    help="measure float and quantized top-1 on an image folder (no value: the bundled sample)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.set_defaults(fn=cmd_convert)
 
     p = _sub(sub, "inspect", "show what a saved quantized model holds: config, report, outlier maps")
@@ -306,37 +477,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diff the passes recorded in a saved model instead of converting")
     p.add_argument("--pass", dest="passes", action="append", default=[],
                    help="compare the graphs after these two passes (give twice)")
-    p.add_argument("--layer", type=int, default=None, help="only this layer")
-    p.add_argument("--role", default=None, help="only this role (in_proj, conv1d, x_proj, dt_proj, scan, out_proj)")
+    p.add_argument("--layer", type=NON_NEGATIVE, default=None, help="only this layer")
+    p.add_argument("--role", default=None, choices=ROLES, help="only this role")
     p.add_argument("--no-collapse", action="store_true", help="show every layer, even identical ones")
     p.add_argument("--verbose", action="store_true", help="also list constants (get_attr)")
     p.set_defaults(fn=cmd_diff)
 
-    p = _sub(sub, "bench", "latency on this machine: float vs quantized (and compiled, if the backend is there)")
+    p = _sub(sub, "bench", "latency on this machine: float vs quantized (and compiled with --compiled)")
     _add_model_args(p)
     p.add_argument("--quantized", default=None, metavar="FILE",
                    help="a saved quantized model (default: convert now with --config on bundled images)")
-    p.add_argument("--config", default="W8A8", help=f"preset, when no --quantized file is given: {', '.join(PRESETS)}")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per model (the median is shown)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--config", default="W8A8", type=_preset,
+                   help=f"preset, when no --quantized file is given: {', '.join(PRESETS)}")
+    p.add_argument("--batch-size", type=POSITIVE, default=32)
+    p.add_argument("--repeats", type=POSITIVE, default=5, help="timed runs per model (the median is shown)")
+    p.add_argument("--threads", type=POSITIVE, default=None, help="torch threads (default: torch's)")
     p.add_argument("--compiled", action="store_true",
-                   help="also time torch.compile(q, backend='ouromamba') if the backend is installed")
+                   help="also time torch.compile(q, backend='ouromamba') (fused integer kernels)")
     p.set_defaults(fn=cmd_bench)
 
-    from ouromamba_fx.gen import DEFAULTS as GEN
+    from ouromamba_fx.gen import GenConfig
+
+    GEN = GenConfig()
 
     p = _sub(sub, "gen", "generate data-free synthetic calibration images (OuroMamba-Gen)")
     _add_model_args(p)
-    p.add_argument("--n", type=int, default=GEN["n"], help="number of images")
-    p.add_argument("--iters", type=int, default=GEN["iters"], help="optimisation steps per batch")
-    p.add_argument("--lr", type=float, default=GEN["lr"], help="Adam learning rate")
-    p.add_argument("--batch-size", type=int, default=GEN["batch_size"], help="images optimised together")
-    p.add_argument("--loss", choices=("full", "output", "contrastive"), default=GEN["loss"])
-    p.add_argument("--lambda-c", type=float, default=GEN["lambda_c"], help="weight of the contrastive loss")
-    p.add_argument("--temperature", type=float, default=GEN["temperature"], help="InfoNCE temperature")
-    p.add_argument("--neighbourhood", type=int, default=GEN["neighbourhood"], help="odd p of the p x p patch neighbourhood")
-    p.add_argument("--top-k", type=int, default=GEN["top_k"], help="positive patches per anchor")
+    p.add_argument("--n", type=POSITIVE, default=GEN.n, help="number of images")
+    p.add_argument("--iters", type=NON_NEGATIVE, default=GEN.iters, help="optimisation steps per batch")
+    p.add_argument("--lr", type=_float(0.0, strict=True), default=GEN.lr, help="Adam learning rate")
+    p.add_argument("--batch-size", type=POSITIVE, default=GEN.batch_size, help="images optimised together")
+    p.add_argument("--loss", choices=("full", "output", "contrastive"), default=GEN.loss)
+    p.add_argument("--lambda-c", type=_float(0.0, strict=False), default=GEN.lambda_c,
+                   help="weight of the contrastive loss")
+    p.add_argument("--temperature", type=_float(0.0, strict=True), default=GEN.temperature, help="InfoNCE temperature")
+    p.add_argument("--neighbourhood", type=_odd, default=GEN.neighbourhood, help="odd p of the p x p patch neighbourhood")
+    p.add_argument("--top-k", type=POSITIVE, default=GEN.top_k, help="positive patches per anchor")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="synth.safetensors", help="where to save the images (.safetensors)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the images here")
@@ -344,13 +519,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error(prog: str, message: str) -> None:
+    """One line on stderr: messages spanning lines (key lists) are joined, and never wrapped."""
+    line = " ".join(str(message).split())
+    err.print(Text.assemble((f"{prog}: error: ", "bold red"), line), soft_wrap=True, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command; every user error (bad argument, unreadable file, unwritable output) is one
+    line on stderr and exit code 2, with no traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argument error (2, its one line already printed)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    prog = f"ouromamba-fx {args.command}"
     try:
         return args.fn(args)
     except OuroMambaError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)  # messages hold [extras], paths
+        _error(prog, str(e))
         return 2
+    except OSError as e:  # a file the command reads or writes: permissions, a full disk...
+        where = f" {e.filename!r}" if e.filename else ""
+        _error(prog, f"{e.strerror or type(e).__name__}{where}" if e.strerror else f"{type(e).__name__}: {e}")
+        return 2
+    except KeyboardInterrupt:
+        _error(prog, "interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,18 +12,24 @@ import dataclasses
 import fnmatch
 from dataclasses import dataclass, field
 
-ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
+from ouromamba_fx.numerics import FLOAT_BITS, is_float
+from ouromamba_fx.tags import ROLES
+
 SCAN_INPUTS = ("u", "delta", "B", "C", "z")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
 WEIGHT_GRANULARITIES = ("per_tensor", "per_channel")
 ACT_METHODS = ("minmax", "mse")
 WEIGHT_METHODS = ("minmax", "lp_clip")
-FLOAT_BITS = 16  # bits >= this mean "keep in floating point"
 
 
 def _check_bits(owner: str, bits: int) -> None:
     if not (2 <= bits <= 8 or bits >= FLOAT_BITS):
         raise ValueError(f"{owner}: bits must be in 2..8 (integer) or >= {FLOAT_BITS} (float), got {bits}")
+
+
+def _check_choice(owner: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{owner} must be one of {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -43,14 +49,12 @@ class ActQuant:
 
     def __post_init__(self) -> None:
         _check_bits("ActQuant", self.bits)
-        if self.granularity not in ACT_GRANULARITIES:
-            raise ValueError(f"ActQuant.granularity must be one of {ACT_GRANULARITIES}, got {self.granularity!r}")
-        if self.method not in ACT_METHODS:
-            raise ValueError(f"ActQuant.method must be one of {ACT_METHODS}, got {self.method!r}")
+        _check_choice("ActQuant.granularity", self.granularity, ACT_GRANULARITIES)
+        _check_choice("ActQuant.method", self.method, ACT_METHODS)
 
     @property
     def is_float(self) -> bool:
-        return self.bits >= FLOAT_BITS
+        return is_float(self.bits)
 
 
 @dataclass(frozen=True)
@@ -67,16 +71,14 @@ class WeightQuant:
 
     def __post_init__(self) -> None:
         _check_bits("WeightQuant", self.bits)
-        if self.granularity not in WEIGHT_GRANULARITIES:
-            raise ValueError(f"WeightQuant.granularity must be one of {WEIGHT_GRANULARITIES}, got {self.granularity!r}")
-        if self.method not in WEIGHT_METHODS:
-            raise ValueError(f"WeightQuant.method must be one of {WEIGHT_METHODS}, got {self.method!r}")
+        _check_choice("WeightQuant.granularity", self.granularity, WEIGHT_GRANULARITIES)
+        _check_choice("WeightQuant.method", self.method, WEIGHT_METHODS)
         if self.p <= 0 or self.candidates < 1 or not 0 < self.min_ratio <= 1:
             raise ValueError("WeightQuant: p > 0, candidates >= 1 and 0 < min_ratio <= 1 are required")
 
     @property
     def is_float(self) -> bool:
-        return self.bits >= FLOAT_BITS
+        return is_float(self.bits)
 
 
 @dataclass(frozen=True)
@@ -187,8 +189,8 @@ class QuantConfig:
                 _check_bits(f"overrides[{pattern!r}].act_bits", spec["act_bits"])
             if "weight_bits" in spec:
                 _check_bits(f"overrides[{pattern!r}].weight_bits", spec["weight_bits"])
-            if spec.get("act_granularity", "per_token") not in ACT_GRANULARITIES:
-                raise ValueError(f"overrides[{pattern!r}].act_granularity must be one of {ACT_GRANULARITIES}")
+            _check_choice(f"overrides[{pattern!r}].act_granularity", spec.get("act_granularity", "per_token"),
+                          ACT_GRANULARITIES)
         if (self.outliers or self.kscale) and not self.act.symmetric:
             raise ValueError("QuantConfig: outliers and kscale need symmetric activations (act.symmetric=True)")
         if self.calib_sample < 16:
@@ -248,6 +250,9 @@ PRESETS = {c.name: c for c in (W8A8, W8A8O8, W6A6, W4A8, W4A4O8, W8A8_RTN, W8A8_
 
 
 def preset(name: str) -> QuantConfig:
+    """The preset called ``name`` (``"W8A8"``, ``"W4A4O8"``, ...)."""
+    from ouromamba_fx.errors import UnknownNameError
+
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        raise UnknownNameError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -1,4 +1,4 @@
-"""``convert``: capture a model, run the pass pipeline, return a quantized module."""
+"""``convert``: capture a model, run the pass pipeline, return a :class:`~ouromamba_fx.quantized.QuantizedModel`."""
 
 from __future__ import annotations
 
@@ -10,22 +10,21 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ouromamba_fx.capture import META, capture, tag
-from ouromamba_fx.config import W8A8, QuantConfig
-from ouromamba_fx.checks import check_not_quantized, strict_error, unknown_mixers
+from ouromamba_fx.capture import capture
+from ouromamba_fx.checks import check_model, check_not_quantized, strict_error, unknown_mixers
+from ouromamba_fx.config import W8A8, QuantConfig, preset
 from ouromamba_fx.errors import CaptureError, DataError, OuroMambaError
-from ouromamba_fx.lowering.outlier import outlier_fraction
-from ouromamba_fx.outliers import site_outlier_map
+from ouromamba_fx.measure import layer_sqnr
+from ouromamba_fx.models.identity import model_identity
 from ouromamba_fx.passes.act_scales import ChooseActScales
-from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
+from ouromamba_fx.passes.base import Context, Pass, PassManager
 from ouromamba_fx.passes.calibrate import Calibrate, check_batch, iter_batches
 from ouromamba_fx.passes.observers import InsertObservers
 from ouromamba_fx.passes.qdq import QuantizeActivations
 from ouromamba_fx.passes.reparam import ObserveScanStates, ReparameterizeScan
 from ouromamba_fx.passes.weights import QuantizeWeights
 from ouromamba_fx.progress import console
-from ouromamba_fx.qparams import sqnr
-from ouromamba_fx.models.identity import model_identity
+from ouromamba_fx.quantized import QuantizedModel
 
 
 def default_passes(config: QuantConfig, input_shape: tuple[int, ...] | None = None) -> list[Pass]:
@@ -51,146 +50,6 @@ def _collect_calib(calib, input_shape) -> list[torch.Tensor]:
     if not batches:
         raise DataError("calib is empty: it yielded no batches")
     return batches
-
-
-class _Recorder(fx.Interpreter):
-    """Runs a graph and keeps the outputs of the named nodes."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]) -> None:
-        super().__init__(gm)
-        self.names, self.outputs = names, {}
-        self.outlier_fraction: dict[str, torch.Tensor] = {}
-        self.outlier_maps: dict[str, torch.Tensor] = {}
-
-    def run_node(self, n: fx.Node):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.outputs[n.name] = out.detach()
-        t = tag(n) or {}
-        if t.get("kind") == "quantize_mixed":  # outlier statistics for the report
-            args, _ = self.fetch_args_kwargs_from_env(n)
-            self.outlier_fraction[t["site"]] = outlier_fraction(*args)
-            self.outlier_maps[t["site"]] = site_outlier_map(*args)
-        return out
-
-
-def op_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The mixer operations of a graph (linear, conv, scan), not the q/dq or weight helpers."""
-    return [n for n in gm.graph.nodes if tag(n) is not None and not tag(n).get("kind")]
-
-
-def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
-    """For each quantized activation input of ``node``: its input name -> (bits, granularity)."""
-    found = {}
-    for a in node.all_input_nodes:
-        t = tag(a) or {}
-        if t.get("kind") == "dequantize":
-            qt = tag(a.args[0]) or {}
-            found[qt.get("input", "x")] = (qt["bits"], qt["granularity"])
-        elif t.get("kind") == "quantize_mixed":
-            bits = f"{t['bits']}" + (f"O{t['outlier_bits']}" if t["outlier_bits"] < 16 else "O16")
-            found[t.get("input", "x")] = (bits, t["granularity"])
-    return found
-
-
-@torch.no_grad()
-def layer_sqnr(float_gm: fx.GraphModule, q_gm: fx.GraphModule, x: torch.Tensor):
-    """SQNR (dB) of every mixer op's output in ``q_gm`` against the same op in ``float_gm`` on
-    input ``x`` (errors accumulate along the network, as they do in use), and the fraction of
-    channels flagged as outliers per time-step at each mixed-precision site."""
-    pairs = {n.name: tag(n).get("source", n.name) for n in op_nodes(q_gm)}
-    rf, rq = _Recorder(float_gm, set(pairs.values())), _Recorder(q_gm, set(pairs))
-    rf.run(x)
-    rq.run(x)
-    sq = {name: sqnr(rf.outputs[src], rq.outputs[name]) for name, src in pairs.items()
-          if src in rf.outputs and name in rq.outputs}
-    return sq, rq.outlier_fraction, rq.outlier_maps
-
-
-class QuantizedModel(nn.Module):
-    """A quantized model: the reference quantized FX graph plus what conversion learned.
-
-    Call it like the original model. ``report()`` shows what was quantized and how well;
-    ``diff(a, b)`` shows what a pass changed; ``passes`` lists the passes that ran.
-    """
-
-    def __init__(self, gm: fx.GraphModule, config: QuantConfig, snapshots: list[Snapshot],
-                 float_reasons: dict[str, str], log: list[str], input_shape: tuple[int, ...] | None,
-                 sqnr_db: dict[str, float], model_name: str = "model") -> None:
-        super().__init__()
-        self.graph_module = gm
-        self.config = config
-        self.snapshots = snapshots
-        self.float_reasons = float_reasons
-        self.log = log
-        self.input_shape = input_shape
-        self.sqnr_db = sqnr_db
-        self.model_name = model_name
-        self.outlier_fraction: dict[str, torch.Tensor] = {}  # site -> fraction flagged per step
-        self.outlier_maps: dict[str, torch.Tensor] = {}  # site -> (steps, channels) fraction of samples flagged
-        self.model_identity: dict | None = None  # the float model: class, config, weights fingerprint
-        self.example_shape: tuple[int, ...] | None = None  # (C, H, W) of the calibration images
-        self.leaf_modules: list[str] = []  # sub-modules traced as float leaves (a saved file keeps them)
-        self.custom_passes = False  # converted with passes=...: the file format cannot rebuild it
-        self.lower_options: dict[str, bool] | None = None  # set on lowered models: how they were lowered
-        self.reference: "QuantizedModel | None" = None  # a lowered model's reference graph (for save)
-
-    @property
-    def passes(self) -> list[str]:
-        return [s.pass_name for s in self.snapshots]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_shape is not None and tuple(x.shape[1:]) != tuple(self.input_shape):
-            raise ValueError(
-                f"{self.model_name} was quantized for inputs (batch, {', '.join(map(str, self.input_shape))}) "
-                f"and its static per-token scales are tied to that sequence length; got "
-                f"{tuple(x.shape)}. Resize inputs to the calibrated resolution, or convert again "
-                f"with calibration data at the new resolution.")
-        return self.graph_module(x)
-
-    def save(self, path) -> None:
-        """Write this model to a ``.safetensors`` file (no pickle); ``ouromamba_fx.load(path)``
-        rebuilds it with bit-identical outputs. See :mod:`ouromamba_fx.serialize`."""
-        from ouromamba_fx.serialize import save
-
-        save(self, path)
-
-    def outlier_map(self, layer: int | str) -> dict[str, torch.Tensor]:
-        """Outlier maps of one layer (index) or site (name part): site -> ``(time-steps, channels)``
-        fraction of calibration samples flagged as outliers. See :mod:`ouromamba_fx.outliers`."""
-        from ouromamba_fx.outliers import select
-
-        return select(self.outlier_maps, layer)
-
-    def lower(self, **options) -> "QuantizedModel":
-        """A copy whose graph runs fused integer ops (``w8a8_linear``, ``w4a4o8_linear``,
-        ``selective_scan_qi``...) instead of the reference quantize/dequantize arithmetic; its
-        :attr:`passes` continue with one entry per lowering rule. ``torch.compile(q,
-        backend="ouromamba")`` applies the same rules and then Inductor. Options: see
-        :func:`ouromamba_fx.lowering.lower.lowering_passes`."""
-        from ouromamba_fx.lowering.lower import lower_quantized
-
-        return lower_quantized(self, **options)
-
-    def report(self):
-        from ouromamba_fx.report import Report
-
-        return Report.of(self)
-
-    def diff(self, pass_a: str | None = None, pass_b: str | None = None, layer: int | None = None,
-             role: str | None = None, collapse: bool = True, verbose: bool = False):
-        """What changed between the graphs after ``pass_a`` and after ``pass_b`` (names from
-        :attr:`passes`; default: every pass against the one before)."""
-        from ouromamba_fx.diff import diff_snapshots, pass_diffs
-
-        if pass_a is None and pass_b is None:
-            return pass_diffs(self.snapshots, layer=layer, role=role, collapse=collapse, verbose=verbose)
-        by_name = {s.pass_name: s for s in self.snapshots}
-        for p in (pass_a, pass_b):
-            if p not in by_name:
-                raise KeyError(f"no pass named {p!r}; passes: {', '.join(by_name)}")
-        return diff_snapshots(by_name[pass_a], by_name[pass_b], layer=layer, role=role, collapse=collapse,
-                              verbose=verbose)
 
 
 def _capture(model: nn.Module, leaves: tuple) -> fx.GraphModule:
@@ -265,7 +124,7 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             (the default): data-free, ``ouromamba_fx.gen(model, **gen_options)`` synthesises them
             (OuroMamba-Gen; about 7 minutes for 128 images of the reference model on 2 CPU cores),
             and the log and report say so.
-        config: a :class:`QuantConfig` or preset (``W8A8``, ``W6A6``, ``W4A8``, ``W4A4O8``).
+        config: a :class:`QuantConfig`, a preset (``W8A8``, ``W6A6``, ``W4A8``, ``W4A4O8``) or its name.
         passes: replace the default pipeline (see :func:`default_passes`). Such a model cannot be
             saved: loading rebuilds the graph with the default pipeline.
         gen_options: keyword arguments for :func:`ouromamba_fx.gen` when ``calib`` is None
@@ -281,9 +140,10 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         >>> q = convert(model, calib=image_loader(model, "calib/", labels=False), config=W8A8)  # doctest: +SKIP
         >>> print(q.report())                                                                      # doctest: +SKIP
     """
-    if isinstance(model, QuantizedModel):
+    if isinstance(model, QuantizedModel):  # before check_model: its message is the clearer one
         raise OuroMambaError(f"convert: {model.model_name} is already quantized "
                              f"({model.config.name}); convert the float model instead")
+    check_model(model, "convert")
     if any(isinstance(m, QuantizedModel) for m in model.modules()):
         raise OuroMambaError("convert: the model contains an already-quantized sub-model")
     check_not_quantized(model)
@@ -294,8 +154,11 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     for mod, typ in unknown.items():
         warnings.warn(f"convert: '{mod}' ({typ}) looks like a mixer the capture does not know; it stays "
                       f"in float (strict=True makes this an error)", stacklevel=2)
+    if isinstance(config, str):
+        config = preset(config)
     if not isinstance(config, QuantConfig):
-        raise TypeError(f"convert: config must be a QuantConfig (e.g. ouromamba_fx.W8A8), got {type(config).__name__}")
+        raise TypeError(f"convert: config must be a QuantConfig or a preset name (e.g. ouromamba_fx.W8A8 "
+                        f"or \"W8A8\"), got {type(config).__name__}")
     if calib is not None and gen_options:
         raise ValueError("convert: gen_options only apply when calib is None (data-free); "
                          "drop one of them")

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
 from importlib import resources
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 
 from ouromamba_fx.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Largest image (pixels) read: its size is checked from the file's header before the pixels are
+# decoded, so a small file declaring a huge image (a decompression bomb) is refused. PIL's own
+# default warning threshold (89.5 M pixels, about 9500 x 9500).
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def bundled_samples() -> str:
@@ -32,9 +37,18 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, transform=None, class_names: list[str] | None = None,
                  limit_per_class: int | None = None) -> None:
         self.root = Path(root)
+        if limit_per_class is not None and (isinstance(limit_per_class, bool) or not isinstance(limit_per_class, int)
+                                            or limit_per_class < 1):
+            raise DataError(f"limit_per_class must be a whole number >= 1 (or None for all images), "
+                            f"got {limit_per_class!r}")
+        if self.root.is_file():
+            raise DataError(f"image folder {str(root)!r} is a file; expected a folder of <class>/*.jpg")
         if not self.root.is_dir():
             raise DataError(f"image folder {str(root)!r} does not exist")
-        folders = sorted(p for p in self.root.iterdir() if p.is_dir())
+        try:
+            folders = sorted(p for p in self.root.iterdir() if p.is_dir())
+        except OSError as e:
+            raise DataError(f"image folder {str(root)!r} cannot be listed ({e.strerror or e})") from None
         if not folders:
             raise DataError(f"{str(root)!r} has no class sub-folders; expected <class>/*.jpg")
         names = [p.name for p in folders]
@@ -48,7 +62,10 @@ class ImageFolder(torch.utils.data.Dataset):
             index = {c: i for i, c in enumerate(names)}
         self.samples: list[tuple[Path, int]] = []
         for folder in folders:
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            try:
+                files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            except OSError as e:
+                raise DataError(f"{str(folder)!r} cannot be listed ({e.strerror or e})") from None
             self.samples += [(p, index[folder.name]) for p in files[:limit_per_class]]
         if not self.samples:
             raise DataError(f"{str(root)!r}: no images ({', '.join(IMAGE_SUFFIXES)}) in its class folders")
@@ -59,9 +76,33 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-        return (self.transform(img) if self.transform else img), label
+        return (self.transform(read_image(path)) if self.transform else read_image(path)), label
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An image file as RGB; a :class:`DataError` naming the file if it cannot be read, is damaged
+    or truncated, or declares more than ``max_pixels`` pixels (checked before decoding)."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (then errors at twice its limit) about huge images: an error here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise DataError(f"image {str(path)!r} declares {w}x{h} pixels, more than the "
+                                    f"{max_pixels} ouromamba_fx.data reads (a damaged file or a "
+                                    f"decompression bomb); resize it or leave it out")
+                return im.convert("RGB")
+    except DataError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"image {str(path)!r}: refused by PIL as a possible decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise DataError(f"image {str(path)!r} is not an image PIL can read (empty, damaged or another "
+                        f"format); remove it or replace it") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated / corrupt data, unreadable file
+        raise DataError(f"image {str(path)!r} cannot be read: {type(e).__name__}: {e}; the file is damaged "
+                        f"or truncated (remove or replace it)") from None
 
 
 def image_loader(model: torch.nn.Module, root: str | Path, batch_size: int = 128,
@@ -71,6 +112,10 @@ def image_loader(model: torch.nn.Module, root: str | Path, batch_size: int = 128
 
     With ``labels=False`` it yields image batches only, ready to pass as ``calib``.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise DataError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
     classes = getattr(getattr(model, "cfg", None), "classes", None) or None
     ds = ImageFolder(root, model_transform(model), classes, limit_per_class)
     collate = None if labels else (lambda batch: torch.stack([x for x, _ in batch]))

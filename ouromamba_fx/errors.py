@@ -15,3 +15,18 @@ class CaptureError(OuroMambaError):
 
 class DataError(OuroMambaError):
     """An image folder or calibration data is unusable."""
+
+
+class InputError(OuroMambaError, ValueError):
+    """An input a model cannot take: wrong type, dtype, shape or device."""
+
+
+class InferenceOnlyError(OuroMambaError, RuntimeError):
+    """Gradients were asked of a quantized model, which computes no gradients."""
+
+
+class UnknownNameError(OuroMambaError, KeyError):
+    """A name (model, preset) that is not registered; still a ``KeyError`` for ``except KeyError``."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""

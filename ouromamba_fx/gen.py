@@ -75,43 +75,79 @@ its parameters are never changed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ouromamba_fx.checks import check_model
 from ouromamba_fx.errors import DataError, OuroMambaError
 from ouromamba_fx.models.mixer import MambaMixer
 from ouromamba_fx.progress import console, progress_bar
+from ouromamba_fx.version import QUANTIZED_META_KEY, SYNTHETIC_FORMAT
 
-__all__ = ["gen", "SyntheticCalib", "record_scan", "patch_features", "cosine_similarity_matrix",
-           "info_nce", "contrastive_loss", "gen_losses", "DEFAULTS"]
+__all__ = ["gen", "GenConfig", "SyntheticCalib", "record_scan", "patch_features", "cosine_similarity_matrix",
+           "info_nce", "contrastive_loss", "gen_losses"]
 
 LOSSES = ("full", "output", "contrastive")
-FORMAT = "ouromamba_fx.SyntheticCalib/1"
+FORMAT = SYNTHETIC_FORMAT
 
-# Defaults of :func:`gen`, in one place (the CLI and the benchmark read them too). See the module
-# docstring and benchmarks/gen_time.md for how they were chosen on the reference model.
-DEFAULTS = dict(
-    n=128,
-    iters=200,
-    lr=0.2,
-    betas=(0.5, 0.9),
-    warmup=0.1,
-    batch_size=32,
-    neighbourhood=3,
-    top_k=12,
-    temperature=0.2,
-    lambda_c=1.0,
-    loss="full",
-    jitter=None,  # None: max(1, min(H, W) // 8) pixels
-    flip=True,
-)
+@dataclass(frozen=True)
+class GenConfig:
+    """The settings of :func:`gen`, validated on construction (see the module docstring for what
+    each does; ``benchmarks/gen_time.md`` for how the defaults were chosen on the reference model).
+
+    n: number of images. iters: optimisation steps per batch. lr, betas: Adam's. warmup: fraction
+    of ``iters`` of linear warm-up before the cosine decay. batch_size: images optimised together.
+    neighbourhood: odd p of the p x p neighbourhood of the patch features. top_k: positives per
+    anchor patch (capped at patches - 2). temperature: InfoNCE temperature T. lambda_c: weight of
+    the contrastive loss in the ``"full"`` loss. loss: ``"full"`` (L_O + lambda_c L_C),
+    ``"output"`` (L_O only) or ``"contrastive"`` (L_C only). layers: indices of the mixers whose
+    features enter L_C (None: all). jitter: maximum random roll in pixels per step (None:
+    ``min(H, W) // 8``, at least 1; 0: none). flip: random horizontal flips. input_size:
+    ``(C, H, W)`` if the model has no ``pretrained_cfg["input_size"]``. num_classes: classes to
+    spread the targets over (None: the model's). seed: everything random (initial pixels, targets,
+    jitter, flips) derives from it.
+    """
+
+    n: int = 128
+    iters: int = 200
+    lr: float = 0.2
+    betas: tuple[float, float] = (0.5, 0.9)
+    warmup: float = 0.1
+    batch_size: int = 32
+    neighbourhood: int = 3
+    top_k: int = 12
+    temperature: float = 0.2
+    lambda_c: float = 1.0
+    loss: str = "full"
+    layers: tuple[int, ...] | None = None
+    jitter: int | None = None
+    flip: bool = True
+    input_size: tuple[int, int, int] | None = None
+    num_classes: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"gen: loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.n < 1 or self.iters < 0 or self.batch_size < 1:
+            raise ValueError(f"gen: need n >= 1, iters >= 0, batch_size >= 1 (got {self.n}, {self.iters}, "
+                             f"{self.batch_size})")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"gen: warmup is a fraction of iters in [0, 1), got {self.warmup}")
+        if self.loss != "output" and (self.neighbourhood < 1 or self.neighbourhood % 2 == 0):
+            raise ValueError(f"gen: neighbourhood must be an odd size >= 1, got {self.neighbourhood}")
+
+    def replace(self, **changes) -> "GenConfig":
+        return dataclasses.replace(self, **changes)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -357,24 +393,59 @@ class SyntheticCalib:
 
     @classmethod
     def load(cls, path: str | Path, batch_size: int = 32) -> "SyntheticCalib":
+        """Read a file written by :meth:`save`. Everything in it is checked before use (tensor
+        names, dtypes and shapes before they are read; finite images; targets in range; the JSON
+        metadata's types); any problem is a :class:`DataError` naming the file."""
         from safetensors import safe_open
 
-        if not Path(path).is_file():
-            raise DataError(f"SyntheticCalib.load: {str(path)!r} does not exist")
+        where = f"SyntheticCalib.load: {str(path)!r}"
+        p = Path(path)
+        if p.is_dir():
+            raise DataError(f"{where} is a directory; expected a .safetensors file written by "
+                            f"'ouromamba-fx gen' (SyntheticCalib.save)")
+        if not p.is_file():
+            raise DataError(f"{where} does not exist")
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
-                    raise DataError(f"SyntheticCalib.load: {str(path)!r} is not a file written by "
-                                    f"SyntheticCalib.save (format {meta.get('format')!r})")
+                    what = ("a quantized model saved by ouromamba-fx" if QUANTIZED_META_KEY in meta
+                            else f"format {meta.get('format')!r}" if meta.get("format") else "no format tag")
+                    raise DataError(f"{where} is not a file written by SyntheticCalib.save ({what}); "
+                                    f"expected synthetic calibration images from 'ouromamba-fx gen'")
+                keys = set(f.keys())
+                if keys != {"images", "targets"}:
+                    raise DataError(f"{where}: tensors {sorted(keys)[:6]}, expected exactly 'images' and 'targets'")
+                shapes = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in keys}
+                _check_synthetic_layout(where, shapes)
                 images, targets = f.get_tensor("images"), f.get_tensor("targets")
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - any read failure: say which file
-            raise DataError(f"SyntheticCalib.load: cannot read {str(path)!r}: {exc}") from exc
-        return cls(images, targets, settings=json.loads(meta.get("settings", "{}")),
-                   classes=json.loads(meta.get("classes", "[]")), mean=json.loads(meta.get("mean", "null")),
-                   std=json.loads(meta.get("std", "null")), batch_size=batch_size)
+            raise DataError(f"{where}: cannot read it as safetensors ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+        settings = _json_field(where, meta, "settings", dict, {})
+        classes = _json_field(where, meta, "classes", list, [])
+        if not all(isinstance(c, str) for c in classes):
+            raise DataError(f"{where}: classes must be a list of names")
+        channels = images.shape[1]
+        mean = _json_field(where, meta, "mean", list, None)
+        std = _json_field(where, meta, "std", list, None)
+        for key, v in (("mean", mean), ("std", std)):
+            if v is not None and not (len(v) == channels and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+                    and (key == "mean" or min(v) > 0)):
+                raise DataError(f"{where}: {key} must be {channels} finite numbers"
+                                f"{' > 0' if key == 'std' else ''}, got {str(v)[:60]}")
+        if not bool(torch.isfinite(images).all()):
+            raise DataError(f"{where}: the images hold NaN or infinite values")
+        num_classes = settings.get("num_classes") or len(classes) or None
+        if targets.numel() and (int(targets.min()) < 0 or (isinstance(num_classes, int) and
+                                                           int(targets.max()) >= num_classes)):
+            raise DataError(f"{where}: targets outside [0, {num_classes}) "
+                            f"(found {int(targets.min())}..{int(targets.max())})")
+        return cls(images.float(), targets.long(), settings=settings, classes=classes, mean=mean, std=std,
+                   batch_size=batch_size)
 
     def to_pixels(self, images: torch.Tensor | None = None) -> torch.Tensor:
         """De-normalised uint8 images ``(N, H, W, C)``."""
@@ -421,6 +492,31 @@ class SyntheticCalib:
         if path is not None:
             sheet.save(str(path), format="PNG")
         return sheet
+
+
+def _check_synthetic_layout(where: str, shapes: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """``images`` float (N, C, H, W) with N, C, H, W >= 1; ``targets`` integer (N,)."""
+    (idt, ishape), (tdt, tshape) = shapes["images"], shapes["targets"]
+    if idt not in ("F16", "BF16", "F32", "F64") or len(ishape) != 4 or 0 in ishape:
+        raise DataError(f"{where}: images are {idt} {ishape}; expected float (N, C, H, W), none of them 0")
+    if tdt not in ("I8", "U8", "I16", "I32", "I64") or tshape != ishape[:1]:
+        raise DataError(f"{where}: targets are {tdt} {tshape}; expected integers ({ishape[0]},), one per image")
+
+
+def _json_field(where: str, meta: dict, key: str, kind: type, default):
+    """A JSON value of the file's metadata, of type ``kind`` (or null/absent: ``default``)."""
+    text = meta.get(key)
+    if text is None:
+        return default
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{where}: metadata {key!r} is not valid JSON ({e})") from None
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise DataError(f"{where}: metadata {key!r} must be a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 # -------------------------------------------------------------------------------------------------
@@ -483,36 +579,88 @@ def _lr_at(step: int, iters: int, lr: float, warmup_steps: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
 
 
-def gen(model: nn.Module, n: int = DEFAULTS["n"], num_classes: int | None = None, *,
-        iters: int = DEFAULTS["iters"], lr: float = DEFAULTS["lr"],
-        betas: tuple[float, float] = DEFAULTS["betas"], warmup: float = DEFAULTS["warmup"],
-        batch_size: int = DEFAULTS["batch_size"], neighbourhood: int = DEFAULTS["neighbourhood"],
-        top_k: int = DEFAULTS["top_k"], temperature: float = DEFAULTS["temperature"],
-        lambda_c: float = DEFAULTS["lambda_c"], loss: str = DEFAULTS["loss"],
-        layers: Sequence[int] | None = None, jitter: int | None = DEFAULTS["jitter"],
-        flip: bool = DEFAULTS["flip"], input_size: tuple[int, int, int] | None = None,
-        seed: int = 0, show_progress: bool = True) -> SyntheticCalib:
-    """Generate ``n`` synthetic calibration images for ``model`` (OuroMamba-Gen, data-free).
+@dataclass(frozen=True)
+class _Setup:
+    """What generation derives from the model and the config before it starts."""
+
+    size: tuple[int, int, int]  # (C, H, W)
+    mean: tuple
+    std: tuple
+    device: torch.device
+    dtype: torch.dtype
+    lo: torch.Tensor  # the valid normalised range per channel, (1, C, 1, 1)
+    hi: torch.Tensor
+    jitter: int
+    warmup_steps: int
+
+
+def _setup(model: nn.Module, cfg: GenConfig) -> _Setup:
+    size, mean, std = _input_spec(model, cfg.input_size)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    jit = max(1, min(size[1], size[2]) // 8) if cfg.jitter is None else int(cfg.jitter)
+    warmup_steps = max(1, round(cfg.warmup * cfg.iters)) if cfg.warmup > 0 else 0
+    return _Setup(size, mean, std, device, dtype, (0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t, jit, warmup_steps)
+
+
+def _settings(model: nn.Module, cfg: GenConfig, setup: _Setup) -> dict:
+    """The settings a :class:`SyntheticCalib` records (plain JSON values; jitter resolved)."""
+    return dict(n=cfg.n, iters=cfg.iters, lr=cfg.lr, betas=list(cfg.betas), warmup=cfg.warmup,
+                batch_size=cfg.batch_size, neighbourhood=cfg.neighbourhood, top_k=cfg.top_k,
+                temperature=cfg.temperature, lambda_c=cfg.lambda_c, loss=cfg.loss,
+                layers=None if cfg.layers is None else [int(i) for i in cfg.layers], jitter=setup.jitter,
+                flip=cfg.flip, seed=cfg.seed, input_size=list(setup.size), model=type(model).__name__,
+                torch=torch.__version__)
+
+
+def _optimise_batch(model: nn.Module, x0: torch.Tensor, t: torch.Tensor, cfg: GenConfig, setup: _Setup,
+                    g: torch.Generator, step_done: Callable[[int, dict], None]) -> torch.Tensor:
+    """Optimise one batch of images ``x0`` toward targets ``t`` for ``cfg.iters`` steps."""
+    x = x0.clone().clamp_(setup.lo, setup.hi).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr, betas=tuple(cfg.betas))
+    jit = setup.jitter
+    for step in range(cfg.iters):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg.iters, cfg.lr, setup.warmup_steps)
+        # one draw per step and batch, always in the same order (determinism)
+        dy, dx = (torch.randint(-jit, jit + 1, (2,), generator=g).tolist() if jit > 0 else (0, 0))
+        do_flip = cfg.flip and bool(torch.rand((), generator=g) < 0.5)
+        xa = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else x
+        if do_flip:
+            xa = xa.flip(3)
+        res = gen_losses(model, xa.to(setup.dtype), t, loss=cfg.loss, layers=cfg.layers,
+                         neighbourhood=cfg.neighbourhood, top_k=cfg.top_k, temperature=cfg.temperature,
+                         lambda_c=cfg.lambda_c)
+        opt.zero_grad(set_to_none=True)
+        res["loss"].backward()
+        opt.step()
+        with torch.no_grad():
+            x.copy_(torch.maximum(torch.minimum(x, setup.hi), setup.lo))
+        step_done(step, {"loss_o": res["loss_o"].item(), "loss_c": res["loss_c"].item()})
+    return x.detach()
+
+
+def _outcome(history: list[dict], seconds: float, iters: int, batches: int, accuracy: float) -> dict:
+    """Timing and the final losses (mean over batches of the last step's), for the settings."""
+    last = {k: sum(h[k] for h in history if h["iter"] == iters - 1) / max(1, batches)
+            for k in ("loss_o", "loss_c")} if history else {}
+    return dict(seconds=round(seconds, 2), seconds_per_iter=round(seconds / max(1, iters * batches), 4),
+                target_accuracy=accuracy, final_loss_o=last.get("loss_o"), final_loss_c=last.get("loss_c"))
+
+
+def gen(model: nn.Module, config: GenConfig | None = None, *, show_progress: bool = True,
+        **settings) -> SyntheticCalib:
+    """Generate synthetic calibration images for ``model`` (OuroMamba-Gen, data-free).
 
     Args:
         model: a vision Mamba built from :mod:`ouromamba_fx.models` (the contrastive loss needs
             its ``MambaMixer`` layers, ``grid_size`` and ``cls_index``); left unchanged.
-        n: number of images.
-        num_classes: classes to spread the targets over (default: the model's).
-        iters: optimisation steps per batch.
-        lr, betas: Adam's; ``warmup``: fraction of ``iters`` of linear warm-up before the cosine decay.
-        batch_size: images optimised together (``n`` is split into batches of this size).
-        neighbourhood: odd p of the p x p neighbourhood of the patch features.
-        top_k: positives per anchor patch (capped at patches - 2).
-        temperature: InfoNCE temperature T.
-        lambda_c: weight of the contrastive loss in the ``"full"`` loss.
-        loss: ``"full"`` (L_O + lambda_c L_C), ``"output"`` (L_O only) or ``"contrastive"`` (L_C only).
-        layers: indices of the mixers whose features enter L_C (default: all).
-        jitter: maximum random roll in pixels per step (default ``min(H, W) // 8``, at least 1; 0: none).
-        flip: random horizontal flips.
-        input_size: ``(C, H, W)`` if the model has no ``pretrained_cfg["input_size"]``.
-        seed: everything random (initial pixels, targets, jitter, flips) derives from it.
+        config: a :class:`GenConfig` (default: ``GenConfig()``).
         show_progress: rich progress bar with the losses (quiet when stderr is not a terminal).
+        settings: :class:`GenConfig` fields to change (``gen(model, n=64, seed=1)``).
 
     Returns:
         A :class:`SyntheticCalib`.
@@ -521,79 +669,38 @@ def gen(model: nn.Module, n: int = DEFAULTS["n"], num_classes: int | None = None
         >>> synth = gen(model, n=128)                                      # doctest: +SKIP
         >>> q = ouromamba_fx.convert(model, calib=synth, config=ouromamba_fx.W4A8)  # doctest: +SKIP
     """
-    if loss not in LOSSES:
-        raise ValueError(f"gen: loss must be one of {LOSSES}, got {loss!r}")
-    if n < 1 or iters < 0 or batch_size < 1:
-        raise ValueError(f"gen: need n >= 1, iters >= 0, batch_size >= 1 (got {n}, {iters}, {batch_size})")
-    if not 0 <= warmup < 1:
-        raise ValueError(f"gen: warmup is a fraction of iters in [0, 1), got {warmup}")
-    if loss != "output":
+    check_model(model, "gen")
+    cfg = (config or GenConfig()).replace(**settings)
+    if cfg.loss != "output":
         _grid_and_cls(model)  # fail early with a clear message
-        if neighbourhood < 1 or neighbourhood % 2 == 0:
-            raise ValueError(f"gen: neighbourhood must be an odd size >= 1, got {neighbourhood}")
-    (channels, height, width), mean, std = _input_spec(model, input_size)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    lo, hi = (0.0 - mean_t) / std_t, (1.0 - mean_t) / std_t
-    jit = max(1, min(height, width) // 8) if jitter is None else int(jitter)
-    warmup_steps = max(1, round(warmup * iters)) if warmup > 0 else 0
-
-    g = torch.Generator().manual_seed(int(seed))
-    images = torch.randn(n, channels, height, width, generator=g).to(device)
+    setup = _setup(model, cfg)
+    g = torch.Generator().manual_seed(int(cfg.seed))
+    images = torch.randn(cfg.n, *setup.size, generator=g).to(setup.device)
     classes = list(getattr(getattr(model, "cfg", None), "classes", None) or [])
-    settings = dict(n=n, iters=iters, lr=lr, betas=list(betas), warmup=warmup, batch_size=batch_size,
-                    neighbourhood=neighbourhood, top_k=top_k, temperature=temperature, lambda_c=lambda_c,
-                    loss=loss, layers=None if layers is None else [int(i) for i in layers], jitter=jit,
-                    flip=flip, seed=seed, input_size=[channels, height, width],
-                    model=type(model).__name__, torch=torch.__version__)
+    record = _settings(model, cfg, setup)
     history: list[dict] = []
     start = time.perf_counter()
     with _frozen(model), torch.enable_grad():
-        ncls = _num_classes(model, num_classes, images[:1].to(dtype))
-        targets = _targets(n, ncls, g).to(device)
-        settings["num_classes"] = ncls
-        chunks = list(zip(images.split(batch_size), targets.split(batch_size)))
+        ncls = _num_classes(model, cfg.num_classes, images[:1].to(setup.dtype))
+        targets = _targets(cfg.n, ncls, g).to(setup.device)
+        record["num_classes"] = ncls
+        chunks = list(zip(images.split(cfg.batch_size), targets.split(cfg.batch_size)))
         out = []
-        with progress_bar(f"OuroMamba-Gen ({loss})", total=iters * len(chunks), enabled=show_progress) as advance:
+        with progress_bar(f"OuroMamba-Gen ({cfg.loss})", total=cfg.iters * len(chunks),
+                          enabled=show_progress) as advance:
             for bi, (x0, t) in enumerate(chunks):
-                x = x0.clone().clamp_(lo, hi).requires_grad_(True)
-                opt = torch.optim.Adam([x], lr=lr, betas=tuple(betas))
-                for step in range(iters):
-                    for group in opt.param_groups:
-                        group["lr"] = _lr_at(step, iters, lr, warmup_steps)
-                    # one draw per step and batch, always in the same order (determinism)
-                    dy, dx = (torch.randint(-jit, jit + 1, (2,), generator=g).tolist() if jit > 0 else (0, 0))
-                    do_flip = flip and bool(torch.rand((), generator=g) < 0.5)
-                    xa = torch.roll(x, shifts=(dy, dx), dims=(2, 3)) if (dy or dx) else x
-                    if do_flip:
-                        xa = xa.flip(3)
-                    res = gen_losses(model, xa.to(dtype), t, loss=loss, layers=layers,
-                                     neighbourhood=neighbourhood, top_k=top_k, temperature=temperature,
-                                     lambda_c=lambda_c)
-                    opt.zero_grad(set_to_none=True)
-                    res["loss"].backward()
-                    opt.step()
-                    with torch.no_grad():
-                        x.copy_(torch.maximum(torch.minimum(x, hi), lo))
-                    info = {"loss_o": res["loss_o"].item(), "loss_c": res["loss_c"].item()}
+                def step_done(step: int, info: dict, bi: int = bi) -> None:
                     history.append({"batch": bi, "iter": step, **info})
                     advance(1, batch=f"{bi + 1}/{len(chunks)}", **info)
-                out.append(x.detach())
+
+                out.append(_optimise_batch(model, x0, t, cfg, setup, g, step_done))
         final = torch.cat(out) if out else images[:0]
         with torch.no_grad():
-            pred = torch.cat([model(xb.to(dtype)).argmax(-1) for xb in final.split(batch_size)])
-    seconds = time.perf_counter() - start
-    last = {k: sum(h[k] for h in history if h["iter"] == iters - 1) / max(1, len(chunks))
-            for k in ("loss_o", "loss_c")} if history else {}
-    settings.update(seconds=round(seconds, 2),
-                    seconds_per_iter=round(seconds / max(1, iters * len(chunks)), 4),
-                    target_accuracy=float((pred == targets).float().mean()),
-                    final_loss_o=last.get("loss_o"), final_loss_c=last.get("loss_c"))
-    synth = SyntheticCalib(final.cpu(), targets.cpu(), settings=settings, classes=classes, mean=mean,
-                           std=std, history=history)
+            pred = torch.cat([model(xb.to(setup.dtype)).argmax(-1) for xb in final.split(cfg.batch_size)])
+    record.update(_outcome(history, time.perf_counter() - start, cfg.iters, len(chunks),
+                           float((pred == targets).float().mean())))
+    synth = SyntheticCalib(final.cpu(), targets.cpu(), settings=record, classes=classes, mean=setup.mean,
+                           std=setup.std, history=history)
     if show_progress:
         console.print(f"[green]generated[/] {synth}")
     return synth

@@ -20,17 +20,6 @@ from rich.text import Text
 from torch import Tensor
 
 from ouromamba_fx.errors import OuroMambaError
-from ouromamba_fx.lowering.outlier import as_rows, outlier_mask, resample_steps
-
-
-def site_outlier_map(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: int,
-                     inlier_bits: int, outlier_bits: int, k: float, n_refresh: int) -> Tensor:
-    """Fraction of samples flagged per (time-step, channel), ``(L, C)``; takes the arguments of a
-    ``quantize_mixed`` node."""
-    rows = as_rows(x.float(), token_axis, channel_axis)
-    s_in = resample_steps(inlier_scale.reshape(-1), rows.shape[1])
-    mask = outlier_mask(rows, s_in, 2 ** (inlier_bits - 1) - 1, k, n_refresh)
-    return mask.float().mean(dim=0)
 
 
 def select(maps: dict[str, Tensor], layer: int | str) -> dict[str, Tensor]:

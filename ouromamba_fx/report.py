@@ -6,11 +6,13 @@ import math
 import re
 from dataclasses import dataclass
 
+import torch.fx as fx
 from rich.table import Table
 from rich.text import Text
 
-from ouromamba_fx.capture import tag
 from ouromamba_fx.diff import render
+from ouromamba_fx.numerics import is_float
+from ouromamba_fx.tags import op_nodes, scan_site, tag
 
 
 @dataclass
@@ -29,8 +31,22 @@ def _site_name(node) -> str:
     if t.get("target"):
         return t["target"]
     if t["role"] == "scan":
-        return f"{t['module']}.scan" + ("_b" if t["direction"] == "bwd" else "")
+        return scan_site(t)
     return str(node.target)
+
+
+def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
+    """For each quantized activation input of ``node``: its input name -> (bits, granularity)."""
+    found = {}
+    for a in node.all_input_nodes:
+        t = tag(a) or {}
+        if t.get("kind") == "dequantize":
+            qt = tag(a.args[0]) or {}
+            found[qt.get("input", "x")] = (qt["bits"], qt["granularity"])
+        elif t.get("kind") == "quantize_mixed":
+            bits = f"{t['bits']}" + ("O16" if is_float(t["outlier_bits"]) else f"O{t['outlier_bits']}")
+            found[t.get("input", "x")] = (bits, t["granularity"])
+    return found
 
 
 def _group_floats(reasons: dict[str, str]) -> list[tuple[str, str]]:
@@ -58,8 +74,6 @@ class Report:
 
     @classmethod
     def of(cls, q) -> "Report":
-        from ouromamba_fx.convert import node_input_bits, op_nodes
-
         rows = []
         for n in op_nodes(q.graph_module):
             t = tag(n)
@@ -68,7 +82,7 @@ class Report:
                 continue
             weight = f"W{t['weight_bits']} {t['weight_granularity']}" if "weight_bits" in t else "float"
             if t.get("reparam"):
-                weight = ("state float" if t["state_bits"] >= 16 else f"state S{t['state_bits']} per_step") + \
+                weight = ("state float" if is_float(t["state_bits"]) else f"state S{t['state_bits']} per_step") + \
                     (", r_N folded" if t.get("folded_r_n") else "")
             groups: dict = {}
             for name, spec in ins.items():

@@ -1,5 +1,8 @@
 """Shared fixtures. The project's data (reference checkpoint, CIFAR-10 folders) lives in a
-``shared/`` folder beside the repository; override with OUROMAMBA_SHARED."""
+``shared/`` folder beside the repository; override with OUROMAMBA_SHARED.
+
+``OUROMAMBA_CPU_INT8_GEMM=int_mm|emulated`` runs every test with that CPU integer GEMM path
+(:func:`ouromamba_fx.ops.gemm.use`), e.g. the emulated one on a CPU that would pick ``int_mm``."""
 
 import os
 from pathlib import Path
@@ -9,6 +12,7 @@ import torch
 
 import ouromamba_fx  # noqa: F401
 from ouromamba_fx.models import VimConfig, VisionMamba
+from ouromamba_fx.ops import gemm
 
 SHARED = Path(os.environ.get("OUROMAMBA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -23,6 +27,12 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _cpu_gemm():
+    with gemm.use(os.environ.get("OUROMAMBA_CPU_INT8_GEMM", "auto")):
+        yield
 
 
 def tiny_config(**kw) -> VimConfig:

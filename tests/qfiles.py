@@ -5,7 +5,7 @@ import json
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ouromamba_fx.serialize import META_KEY, checksum
+from ouromamba_fx.fileformat import META_KEY, checksum
 
 
 def read(path):

@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 
 from ouromamba_fx import capture
-from ouromamba_fx.capture import ROLES, SCAN_OP, scan_nodes, tag
+from ouromamba_fx.capture import SCAN_OP, scan_nodes
+from ouromamba_fx.tags import ROLES, tag
 from ouromamba_fx.errors import CaptureError
 from ouromamba_fx.models import MambaMixer
 

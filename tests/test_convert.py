@@ -5,7 +5,7 @@ import torch
 
 import ouromamba_fx as of
 from ouromamba_fx.errors import DataError, OuroMambaError
-from ouromamba_fx.qparams import sqnr
+from ouromamba_fx.measure import sqnr
 
 X = torch.randn(16, 3, 16, 16)
 

@@ -1,14 +1,15 @@
-"""The CPU integer GEMM paths (``ouromamba_fx.lowering.cpu_gemm``): each exact against an int64
+"""The CPU integer GEMM paths (``ouromamba_fx.ops.gemm``): each exact against an int64
 reference, the u8 x s8 exactness bound, the weight cache, and both modes giving the same numbers
 end to end on lowered models, whichever mode this CPU picks by itself."""
 
 import gc
+import threading
 
 import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.lowering import cpu_gemm
+from ouromamba_fx.ops import gemm as cpu_gemm
 from ouromamba_fx.models import VisionMamba
 
 from .conftest import tiny_config
@@ -38,15 +39,15 @@ def test_float_mm_splits_k_where_fp32_would_round(monkeypatch):
     want = exact(a, b)
     assert want[0, 0] > 2 ** 24  # the case that needs the split
     assert torch.equal(cpu_gemm.float_mm(a, b, 127, 127), want.float())  # = torch._int_mm(...).float()
-    monkeypatch.setenv(cpu_gemm.ENV, "emulated")
-    assert torch.equal(cpu_gemm.int_mm(a, b).double(), want)
+    with cpu_gemm.use("emulated"):
+        assert torch.equal(cpu_gemm.int_mm(a, b).double(), want)
 
 
-def test_int_mm_both_modes_exact(monkeypatch):
+def test_int_mm_both_modes_exact():
     a, b = ints((17, 40), 127, 2), ints((9, 40), 127, 3)
     for mode in cpu_gemm.MODES:
-        monkeypatch.setenv(cpu_gemm.ENV, mode)
-        out = cpu_gemm.int_mm(a, b)
+        with cpu_gemm.use(mode):
+            out = cpu_gemm.int_mm(a, b)
         assert out.dtype == torch.int32 and torch.equal(out.double(), exact(a, b)), mode
 
 
@@ -87,28 +88,45 @@ def test_cache_reuses_rebuilds_and_forgets():
     assert cpu_gemm.cache_size() == before - 1
 
 
-def test_mode_override_and_bad_value(monkeypatch):
-    monkeypatch.setenv(cpu_gemm.ENV, "emulated")
-    assert cpu_gemm.mode() == "emulated" and "emulated" in cpu_gemm.describe()
-    monkeypatch.setenv(cpu_gemm.ENV, "int_mm")
-    assert cpu_gemm.mode() == "int_mm"
-    monkeypatch.setenv(cpu_gemm.ENV, "fast")
-    with pytest.raises(ValueError, match=cpu_gemm.ENV):
-        cpu_gemm.mode()
+def test_mode_is_scoped_to_the_block_and_checked():
+    auto = cpu_gemm.mode()
+    assert auto in cpu_gemm.MODES
+    with cpu_gemm.use("emulated"):
+        assert cpu_gemm.mode() == "emulated" and "emulated" in cpu_gemm.describe()
+        with cpu_gemm.use("int_mm"):
+            assert cpu_gemm.mode() == "int_mm"
+        assert cpu_gemm.mode() == "emulated"
+        with cpu_gemm.use("auto"):
+            assert cpu_gemm.mode() == auto
+    assert cpu_gemm.mode() == auto
+    with pytest.raises(ValueError, match="cpu_gemm='fast'"):
+        with cpu_gemm.use("fast"):
+            pass
+    with pytest.raises(ValueError, match="cpu_gemm='fast'"):
+        of.convert(VisionMamba(tiny_config(depth=1)).eval(), calib=torch.randn(2, 3, 16, 16),
+                   show_progress=False).lower(cpu_gemm="fast")
+
+
+def test_mode_is_per_thread():
+    # a context variable: another thread does not see this block's choice
+    seen = {}
+    with cpu_gemm.use("emulated" if cpu_gemm.mode() == "int_mm" else "int_mm"):
+        inner = cpu_gemm.mode()
+        t = threading.Thread(target=lambda: seen.setdefault("mode", cpu_gemm.mode()))
+        t.start()
+        t.join()
+    assert seen["mode"] == cpu_gemm.mode() != inner
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("preset", ["W8A8", "W4A4O8"])
-def test_lowered_models_same_numbers_in_both_modes(monkeypatch, preset):
+def test_lowered_models_same_numbers_in_both_modes(preset):
     torch.manual_seed(0)
     model = VisionMamba(tiny_config(depth=2)).eval()
     calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     q = of.convert(model, calib=calib, config=getattr(of, preset), show_progress=False)
-    outs = {}
-    for mode in cpu_gemm.MODES:
-        monkeypatch.setenv(cpu_gemm.ENV, mode)
-        outs[mode] = q.lower()(x)
+    outs = {mode: q.lower(cpu_gemm=mode)(x) for mode in cpu_gemm.MODES}
     ref = q(x)
     assert torch.equal(outs["int_mm"], outs["emulated"])
     assert torch.allclose(outs["emulated"], ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parents[1] / "ouromamba_fx" / "lowering" / "csrc"
+CSRC = Path(__file__).resolve().parents[1] / "ouromamba_fx" / "kernels" / "cpu"
 SOURCES = ("selective_scan.cpp", "selective_scan_q.cpp", "mixer_ops.cpp")
 # x86-64: SSE2 only (the generic vector code); v3: AVX2 + FMA; icelake-server: AVX-512 (F, BW, DQ,
 # VL) with VNNI and VBMI2, which the epilogue's outlier gather uses
@@ -50,10 +50,10 @@ def _native_level() -> str:
 def _check(source: str, level: str) -> tuple[str, str, int, str]:
     from torch.utils.cpp_extension import include_paths
 
-    from ouromamba_fx.lowering.scan import _compile_flags
+    from ouromamba_fx.kernels.cpu.build import compile_flags
 
     # the flags of the real build (load_cpu_extension), with the level in place of -march=native
-    cflags = [f"-march={level}" if f == "-march=native" else f for f in _compile_flags()[0]]
+    cflags = [f"-march={level}" if f == "-march=native" else f for f in compile_flags()[0]]
     cmd = ["g++", "-std=c++20", "-fsyntax-only", *cflags, "-Wno-psabi", f"-I{CSRC}",
            "-isystem", sysconfig.get_paths()["include"]]
     for p in include_paths():
@@ -67,6 +67,6 @@ def test_kernels_compile_for_the_other_x86_levels():
     jobs = [(s, lv) for s in SOURCES for lv in LEVELS if lv != native]
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda job: _check(*job), jobs))
-    failed = [f"csrc/{s} for -march={lv}:\n" + "\n".join(line for line in err.splitlines() if "error" in line)[:1500]
+    failed = [f"kernels/cpu/{s} for -march={lv}:\n" + "\n".join(line for line in err.splitlines() if "error" in line)[:1500]
               for s, lv, rc, err in results if rc != 0]
     assert not failed, "\n\n".join(failed)

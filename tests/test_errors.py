@@ -23,7 +23,7 @@ import torch.nn as nn
 
 import ouromamba_fx as of
 from ouromamba_fx.errors import CaptureError, CheckpointError, DataError, OuroMambaError
-from ouromamba_fx.lowering.qlinear import pack_int4, unpack_int4
+from ouromamba_fx.ops.int4 import pack_int4, unpack_int4
 from ouromamba_fx.passes.base import Pass, PassError
 from tests.qfiles import read, write
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ouromamba_fx.errors import CheckpointError, OuroMambaError
-from ouromamba_fx.lowering.scan import SCAN_OP
+from ouromamba_fx.ops.scan import SCAN_OP
 from ouromamba_fx.models import (CanonicalMamba, MambaStack, MambaStackConfig, MambaVision,
                                  MambaVisionConfig, VMambaConfig, VSSM, canonicalize, families)
 from ouromamba_fx.models import mambavision as mv_mod
@@ -143,7 +143,7 @@ def test_mambavision_mixer_counts_dt_bias_twice():
         m.dt_proj.weight.zero_()
     assert not torch.allclose(y, y1)
     # ... which equals shifting a single-use bias by 1.0: check with the op directly.
-    from ouromamba_fx.lowering.scan import selective_scan
+    from ouromamba_fx.ops.scan import selective_scan
     with torch.no_grad():
         xz = m.in_proj(x).transpose(1, 2)
         u, _ = xz.chunk(2, dim=1)

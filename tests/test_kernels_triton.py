@@ -14,6 +14,9 @@ import torch
 
 pytest.importorskip("triton")
 
+from ouromamba_fx.ops import gemm, int4, mixed, quant  # noqa: E402
+from ouromamba_fx.ops import int8_linear as i8  # noqa: E402
+from ouromamba_fx.ops import w4a4o8_linear as w4  # noqa: E402
 from tests.triton_child import INTERPRET, assert_passes_in_interpreter  # noqa: E402
 
 
@@ -36,10 +39,10 @@ _PTR_TYPES = {
                           "sb_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32"},
 }
 _AOT_CASES = [  # (module, kernel, constexprs, num_warps): the largest and smallest tiles the wrappers pick
-    ("quantize", "_quantize_rows_kernel", dict(STATIC_SCALE=False, BLOCK_M=16, BLOCK_K=256), 4),
-    ("quantize", "_quantize_rows_kernel", dict(STATIC_SCALE=True, BLOCK_M=1, BLOCK_K=16), 4),
-    ("quantize", "_outlier_split_kernel", dict(STATIC_INLIER=False, BLOCK_M=16, BLOCK_K=256), 4),
-    ("quantize", "_outlier_split_kernel", dict(STATIC_INLIER=True, BLOCK_M=1, BLOCK_K=16), 4),
+    ("quantize_rows", "_quantize_rows_kernel", dict(STATIC_SCALE=False, BLOCK_M=16, BLOCK_K=256), 4),
+    ("quantize_rows", "_quantize_rows_kernel", dict(STATIC_SCALE=True, BLOCK_M=1, BLOCK_K=16), 4),
+    ("quantize_rows", "_outlier_split_kernel", dict(STATIC_INLIER=False, BLOCK_M=16, BLOCK_K=256), 4),
+    ("quantize_rows", "_outlier_split_kernel", dict(STATIC_INLIER=True, BLOCK_M=1, BLOCK_K=16), 4),
     ("int8_gemm", "_int8_gemm_kernel", dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 8),
     ("int8_gemm", "_int8_gemm_kernel", dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=8), 4),
     ("int4_gemm", "_int4_gemm_kernel", dict(HAS_OUTLIERS=True, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128,
@@ -61,14 +64,14 @@ def test_kernels_compile_for_nvidia(arch):
     if "nvidia" not in backends:
         pytest.skip("triton has no NVIDIA backend here")
     for module, name, constexprs, warps in _AOT_CASES:
-        fn = getattr(importlib.import_module(f"ouromamba_fx.kernels.{module}"), name)
+        fn = getattr(importlib.import_module(f"ouromamba_fx.kernels.triton.{module}"), name)
         floats = {"qmax", "qmax_in", "eps"}
         sig = {a: "constexpr" if a in constexprs else _PTR_TYPES[name].get(a, "fp32" if a in floats else "i32")
                for a in fn.arg_names}
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
         ptx = compiled.asm["ptx"]
-        if module == "quantize":  # a true division, never the approximate one
+        if module == "quantize_rows":  # a true division, never the approximate one
             assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, name
         else:  # int8 tensor-core products
             assert "mma" in ptx, name
@@ -81,9 +84,8 @@ test_kernels_compile_for_nvidia.__test__ = not INTERPRET
 # The kernel tests. The kernels are imported inside the tests, so that the parent never loads them.
 
 def _kernels():
-    from ouromamba_fx.kernels import int4_gemm, int8_gemm, quantize
-    from ouromamba_fx.lowering import qlinear
-    return quantize, int8_gemm, int4_gemm, qlinear
+    from ouromamba_fx.kernels.triton import int4_gemm, int8_gemm, quantize_rows
+    return quantize_rows, int8_gemm, int4_gemm
 
 
 def _x(m, k, ties=True):
@@ -110,13 +112,13 @@ class TestInInterpreter:
     @pytest.mark.parametrize("m,k", [(1, 1), (1, 5), (3, 33), (17, 300)])
     @pytest.mark.parametrize("bits", [4, 8])
     def test_quantize_rows(self, m, k, bits):
-        kq, _, _, ql = _kernels()
+        kq, _, _ = _kernels()
         qmax = 2 ** (bits - 1) - 1
         x = _x(m, k)
         x[-1] = 0.0  # a zero row: scale eps
         q, s = kq.quantize_rows(x, qmax)
         q_twin, s_twin = kq.quantize_rows_ref(x, qmax)
-        q_op, s_op = ql.quantize_per_token_ref(x, bits)
+        q_op, s_op = quant.quantize_per_token_ref(x, bits)
         assert q.dtype == torch.int8 and s.shape == (m, 1)
         assert torch.equal(q, q_twin) and torch.equal(s, s_twin)
         assert torch.equal(q, q_op) and torch.equal(s, s_op)
@@ -127,17 +129,17 @@ class TestInInterpreter:
         assert torch.equal(q, kq.quantize_rows_ref(x, qmax, static)[0]) and torch.equal(s, static)
 
     def test_quantize_rows_strided_and_half_input(self):
-        kq, _, _, ql = _kernels()
+        kq, _, _ = _kernels()
         x = _x(40, 24).t()  # (24, 40), column-major
-        assert torch.equal(kq.quantize_rows(x, 127)[0], ql.quantize_per_token_ref(x, 8)[0])
+        assert torch.equal(kq.quantize_rows(x, 127)[0], quant.quantize_per_token_ref(x, 8)[0])
         xh = torch.randn(5, 33).half()
-        for a, b in zip(kq.quantize_rows(xh, 7), ql.quantize_per_token_ref(xh, 4)):
+        for a, b in zip(kq.quantize_rows(xh, 7), quant.quantize_per_token_ref(xh, 4)):
             assert torch.equal(a, b)
 
     @pytest.mark.parametrize("m,k", [(1, 5), (3, 33), (17, 300)])
     @pytest.mark.parametrize("static", [False, True])
     def test_outlier_split(self, m, k, static):
-        kq, _, _, ql = _kernels()
+        kq, _, _ = _kernels()
         x = _x(m, k)
         mask = torch.rand(m, k) < 0.1
         mask[0] = False  # no outliers: s_out = eps
@@ -145,22 +147,22 @@ class TestInInterpreter:
             mask[-1, : k // 2 + 1] = True
         inlier_scale = torch.rand(m, 1) * 0.3 + 0.1 if static else None
         got = kq.outlier_split(x, mask, inlier_scale, 7)
-        for a, b, c in zip(got, kq.outlier_split_ref(x, mask, inlier_scale, 7), ql.outlier_split_ref(x, mask, inlier_scale, 4)):
+        for a, b, c in zip(got, kq.outlier_split_ref(x, mask, inlier_scale, 7), mixed.outlier_split_ref(x, mask, inlier_scale, 4)):
             assert torch.equal(a, b) and torch.equal(a, c)
 
     @pytest.mark.parametrize("m,k,n", [(1, 5, 3), (3, 33, 17), (17, 1, 70), (17, 200, 130), (200, 64, 300)])
     @pytest.mark.parametrize("per_row,with_bias", [(True, True), (False, False)])
     def test_int8_gemm(self, m, k, n, per_row, with_bias):
-        _, k8, _, ql = _kernels()
+        _, k8, _ = _kernels()
         x_q, x_scale, w_scale, bias = _gemm_case(m, k, n, per_row, with_bias)
         w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         y = k8.int8_gemm(x_q, x_scale, w_q, w_scale, bias)
         assert y.dtype == torch.float32 and y.shape == (m, n)
         torch.testing.assert_close(y, k8.int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias), rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(y, ql.int8_linear_ref(x_q, x_scale, w_q, w_scale, bias), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(y, i8.int8_linear_ref(x_q, x_scale, w_q, w_scale, bias), rtol=1e-6, atol=1e-6)
 
     def test_int8_gemm_integer_part_exact_and_strided(self):
-        _, k8, _, _ = _kernels()
+        _, k8, _ = _kernels()
         x_q = torch.full((19, 1000), -127, dtype=torch.int8)
         x_q[1::2] = torch.randint(-127, 128, (9, 1000), dtype=torch.int8)
         w_q = torch.randint(-127, 128, (1000, 21), dtype=torch.int8).t()  # (21, 1000) column-major
@@ -170,62 +172,62 @@ class TestInInterpreter:
     @pytest.mark.parametrize("m,k,n", [(1, 5, 3), (3, 33, 17), (17, 1, 20), (17, 130, 70), (40, 64, 130)])
     @pytest.mark.parametrize("outliers", [True, False])
     def test_int4_gemm(self, m, k, n, outliers):
-        _, _, k4, ql = _kernels()
+        _, _, k4 = _kernels()
         q_in, s_in, w_scale, bias = _gemm_case(m, k, n, True, outliers)
         q_in = q_in.clamp(-7, 7)
         w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
-        w_packed = ql.pack_int4(w_q)
+        w_packed = int4.pack_int4(w_q)
         q_out, s_out = (torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.rand(m, 1)) if outliers else (None, None)
         y = k4.int4_gemm(q_in, s_in, w_packed, w_scale, bias, q_out, s_out)
         twin = k4.int4_gemm_ref(q_in, s_in, w_packed, w_scale, bias, q_out, s_out)
         torch.testing.assert_close(y, twin, rtol=1e-6, atol=1e-6)
-        want = ql.int_matmul_ref(q_in, w_q).float() * s_in  # the op-level definition, via unpack_int4
+        want = gemm.int_matmul_ref(q_in, w_q).float() * s_in  # the op-level definition, via unpack_int4
         if outliers:
-            want = want + ql.int_matmul_ref(q_out, w_q).float() * s_out
+            want = want + gemm.int_matmul_ref(q_out, w_q).float() * s_out
         want = want * w_scale
         if bias is not None:
             want = want + bias
         torch.testing.assert_close(twin, want, rtol=0, atol=0)
         # integer part alone: unit scales give the exact int32 sum
         y1 = k4.int4_gemm(q_in, torch.ones(1), w_packed, torch.ones(n))
-        assert torch.equal(y1, ql.int_matmul_ref(q_in, w_q).float())
+        assert torch.equal(y1, gemm.int_matmul_ref(q_in, w_q).float())
 
     @pytest.mark.parametrize("static", [False, True])
     def test_cuda_op_glue_w8a8(self, static):
         """The functions registered for CUDA tensors, run on CPU tensors through the interpreter."""
-        _, _, _, ql = _kernels()
+        _kernels()
         x = torch.randn(2, 9, 33)
         w_q = torch.randint(-127, 128, (17, 33), dtype=torch.int8)
         w_scale, bias = torch.rand(17) * 0.01, torch.randn(17)
         x_scale = torch.rand(9, 1) * 0.02 + 0.01 if static else None
-        y = ql._w8a8_linear_cuda(x, w_q, w_scale, bias, x_scale)
-        torch.testing.assert_close(y, ql.w8a8_linear_ref(x, w_q, w_scale, bias, x_scale), rtol=1e-6, atol=1e-6)
-        q, s = ql._quantize_per_token_cuda(x, 8)
-        q_ref, s_ref = ql.quantize_per_token_ref(x, 8)
+        y = i8._w8a8_linear_cuda(x, w_q, w_scale, bias, x_scale)
+        torch.testing.assert_close(y, i8.w8a8_linear_ref(x, w_q, w_scale, bias, x_scale), rtol=1e-6, atol=1e-6)
+        q, s = quant._quantize_per_token_cuda(x, 8)
+        q_ref, s_ref = quant.quantize_per_token_ref(x, 8)
         assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
         x_q = q.reshape(18, 33)
-        torch.testing.assert_close(ql._int8_linear_cuda(x_q, s.reshape(18, 1), w_q, w_scale, None),
-                                   ql.int8_linear_ref(x_q, s.reshape(18, 1), w_q, w_scale, None), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(i8._int8_linear_cuda(x_q, s.reshape(18, 1), w_q, w_scale, None),
+                                   i8.int8_linear_ref(x_q, s.reshape(18, 1), w_q, w_scale, None), rtol=1e-6, atol=1e-6)
 
     @pytest.mark.parametrize("static", [False, True])
     def test_cuda_op_glue_w4a4o8(self, static):
-        _, _, _, ql = _kernels()
+        _kernels()
         x = torch.randn(2, 9, 33)
         mask = torch.zeros(2, 9, 33, dtype=torch.bool)
         mask[..., [3, 20]] = True
         x = torch.where(mask, x * 30, x)
-        w_packed = ql.pack_int4(torch.randint(-7, 8, (17, 33), dtype=torch.int8))
+        w_packed = int4.pack_int4(torch.randint(-7, 8, (17, 33), dtype=torch.int8))
         w_scale, bias = torch.rand(17) * 0.01, torch.randn(17)
         inlier_scale = torch.rand(9, 1) * 0.3 + 0.3 if static else None
-        y = ql._w4a4o8_linear_cuda(x, mask, inlier_scale, w_packed, w_scale, bias, 33)
-        want = ql.w4a4o8_linear_ref(x, mask, inlier_scale, w_packed, w_scale, bias, 33)
+        y = w4._w4a4o8_linear_masked_cuda(x, mask, inlier_scale, w_packed, w_scale, bias, 33)
+        want = w4.w4a4o8_linear_masked_ref(x, mask, inlier_scale, w_packed, w_scale, bias, 33)
         torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
-        split = ql._outlier_split_cuda(x[0], mask[0], None if inlier_scale is None else inlier_scale, 4)
-        for a, b in zip(split, ql.outlier_split_ref(x[0], mask[0], inlier_scale, 4)):
+        split = mixed._outlier_split_cuda(x[0], mask[0], None if inlier_scale is None else inlier_scale, 4)
+        for a, b in zip(split, mixed.outlier_split_ref(x[0], mask[0], inlier_scale, 4)):
             assert torch.equal(a, b)
 
     def test_wrappers_check_shapes(self):
-        kq, k8, k4, _ = _kernels()
+        kq, k8, k4 = _kernels()
         i8 = lambda *s: torch.zeros(*s, dtype=torch.int8)  # noqa: E731
         with pytest.raises(ValueError, match="K=5"):
             k8.int8_gemm(i8(3, 4), torch.ones(1), i8(2, 5), torch.ones(2))

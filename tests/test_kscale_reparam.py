@@ -2,12 +2,15 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.capture import tag
+from ouromamba_fx.tags import tag
 from ouromamba_fx.config import ActQuant, KScale, OutlierQuant, QuantConfig, Reparam, WeightQuant
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref
-from ouromamba_fx.lowering.qscan import SCAN_Q_OP, scan_state_stats, selective_scan_q_ref
+from ouromamba_fx.ops.scan_quant import SCAN_REPARAM_OP as SCAN_Q_OP
+from ouromamba_fx.ops.scan_quant import scan_state_stats
+from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref
 from ouromamba_fx.passes.reparam import rank1_factors
-from ouromamba_fx.qparams import kmeans_1d, kscale_scales, sqnr
+from ouromamba_fx.measure import sqnr
+from ouromamba_fx.passes.qparams import kmeans_1d, kscale_scales
 
 X = torch.randn(16, 3, 16, 16)
 

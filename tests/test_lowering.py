@@ -6,24 +6,25 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.lowering.fused import (OUTLIER_MASK, fake_quant, int8_linear_static,
-                                         mixed_fake_quant, outlier_mask_op, w4a4o8_linear_static)
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
-from ouromamba_fx.lowering.mixer import (CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_MIXED_OP,
-                                         W4A4O8_LINEAR_RT_OP)
-from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED, as_rows, outlier_mask, quantize_mixed_ref
-from ouromamba_fx.lowering.qscan import SCAN_QI_OP
-from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
-from ouromamba_fx.lowering.rules import INT8_LINEAR, LINEAR_TARGETS, W4A4O8_LINEAR, W8A8_LINEAR, int8_linear_nd
-from ouromamba_fx.lowering.scan import SCAN_CL_OP, SCAN_OP
+from ouromamba_fx.lowering.patterns import LINEAR_TARGETS
+from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
+from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP, as_rows,
+                                    mixed_fake_quant_decomposed, outlier_mask, quantize_mixed_ref, site_outlier_mask)
+from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, fake_quantize
+from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
+from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP
+from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
+                                            w4a4o8_linear_masked_decomposed)
 from ouromamba_fx.models import VisionMamba
 
 from .conftest import tiny_config
 
 CALIB = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
 X = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-FUSED = (W8A8_LINEAR, W4A4O8_LINEAR, SCAN_QI_OP, int8_linear_nd, INT8_LINEAR, int8_linear_static,
-         w4a4o8_linear_static)
+FUSED = (W8A8_LINEAR_OP, W4A4O8_MASKED_OP, SCAN_INT8_INPUTS_OP, int8_linear_codes, INT8_LINEAR_OP, int8_linear_decomposed,
+         w4a4o8_linear_masked_decomposed)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_w8a8_linears_become_int8_ops_and_match_reference(models, inline):
     ref_linears = n_linears(q.graph_module)
     low = q.lower(int8_inline=inline)
     gm = low.graph_module
-    fused = calls(gm, int8_linear_static if inline else W8A8_LINEAR)
+    fused = calls(gm, int8_linear_decomposed if inline else W8A8_LINEAR_OP)
     assert ref_linears == 6 and len(fused) == ref_linears
     assert n_linears(gm) == 0
     for n in fused:  # weights stay int8 buffers; the static per-token x scale is passed
@@ -65,7 +66,7 @@ def test_w8a8_linears_become_int8_ops_and_match_reference(models, inline):
     assert close(low(X), q(X))
     assert torch.equal(low(X).argmax(-1), q(X).argmax(-1))
     # the reference model is untouched by lowering
-    assert n_linears(q.graph_module) == ref_linears and not calls(q.graph_module, W8A8_LINEAR)
+    assert n_linears(q.graph_module) == ref_linears and not calls(q.graph_module, W8A8_LINEAR_OP)
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def test_int8_linear_static_equals_the_int8_linear_op():
     s = torch.rand(7, 1) * 0.05 + 0.01
     wq = torch.randint(-127, 128, (19, 33), dtype=torch.int8)
     ws, b = torch.rand(19) * 0.01, torch.randn(19)
-    assert torch.equal(int8_linear_static(x, s, -127, 127, wq, ws, b),
+    assert torch.equal(int8_linear_decomposed(x, s, -127, 127, wq, ws, b),
                        torch.ops.ouromamba.w8a8_linear(x, wq, ws, b, s))
 
 
@@ -82,10 +83,10 @@ def test_int8_linear_static_equals_the_int8_linear_op():
 def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
     q = models["W6A6"]
     gm = q.lower().graph_module
-    assert [n.args[2:4] for n in calls(gm, int8_linear_static)] == [(-31, 31)] * 6
+    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)] * 6
     gm = q.lower(int8_inline=False).graph_module
-    nodes = calls(gm, int8_linear_nd)
-    assert len(nodes) == 6 and not calls(gm, W8A8_LINEAR)
+    nodes = calls(gm, int8_linear_codes)
+    assert len(nodes) == 6 and not calls(gm, W8A8_LINEAR_OP)
     assert nodes[0].args[0].args[3:5] == (-31, 31)  # the 6-bit quantize feeds the int8 GEMM
     assert close(q.lower()(X), q(X)) and close(q.lower(int8_inline=False)(X), q(X))
 
@@ -96,28 +97,28 @@ def test_w4a4o8_linears_use_packed_int4_weights_and_the_outlier_rule(models, mod
     q = models["W4A4O8"]
     low = q.lower(mixed_fused=mode == "fused", int4_inline=mode == "inline")
     gm = low.graph_module
-    target = {"fused": W4A4O8_LINEAR_RT_OP, "inline": w4a4o8_linear_static, "op": W4A4O8_LINEAR}[mode]
+    target = {"fused": W4A4O8_DETECT_OP, "inline": w4a4o8_linear_masked_decomposed, "op": W4A4O8_MASKED_OP}[mode]
     fused = calls(gm, target)
     if mode == "fused":  # the dt_projs, with the delta quantization they feed
         assert len(fused) == 4
-        fused += calls(gm, W4A4O8_LINEAR_MIXED_OP)
-    assert len(fused) == 6 and n_linears(gm) == 0 and not calls(gm, QUANTIZE_MIXED)
+        fused += calls(gm, W4A4O8_DETECT_REQUANT_OP)
+    assert len(fused) == 6 and n_linears(gm) == 0 and not calls(gm, QUANTIZE_MIXED_OP)
     for n in fused:
         w_arg, k = (2, n.args[5]) if mode == "fused" else (3, n.args[6])
         wp = getattr(gm, n.args[w_arg].target)
         assert wp.dtype == torch.uint8 and wp.shape[1] == (k + 1) // 2
         if mode != "fused":
-            assert n.args[1].args[0].target is OUTLIER_MASK
+            assert n.args[1].args[0].target is OUTLIER_MASK_OP
     # the scan's delta/B/C: one C++ pass each when fused, the reference mask + plain torch when not
     assert bool(calls(gm, MIXED_FAKE_QUANT_OP)) == (mode == "fused")
-    assert bool(calls(gm, OUTLIER_MASK)) == (mode != "fused")
+    assert bool(calls(gm, OUTLIER_MASK_OP)) == (mode != "fused")
     assert close(low(X), q(X))
     assert torch.equal(low(X).argmax(-1), q(X).argmax(-1))
 
 
 @torch.no_grad()
 def test_w4a4o8_linear_static_equals_the_op():
-    from ouromamba_fx.lowering.qlinear import pack_int4
+    from ouromamba_fx.ops.int4 import pack_int4
 
     x = torch.randn(3, 9, 37)
     mask = torch.rand(3, 9, 37) < 0.05
@@ -126,20 +127,21 @@ def test_w4a4o8_linear_static_equals_the_op():
     wq = torch.randint(-7, 8, (21, 37), dtype=torch.int8)
     ws, b = torch.rand(21) * 0.01, torch.randn(21)
     args = (x, mask, step, pack_int4(wq), ws, b, 37)
-    assert torch.equal(w4a4o8_linear_static(*args), torch.ops.ouromamba.w4a4o8_linear(*args))
+    assert torch.equal(w4a4o8_linear_masked_decomposed(*args), torch.ops.ouromamba.w4a4o8_linear(*args))
 
 
 def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():
     x = torch.randn(3, 32, 11) * torch.linspace(0.1, 1, 32)[:, None]
     x[0, 2, 5] = 40.0
     s = torch.full((11,), 0.05)
-    mask, step = outlier_mask_op(x, s, 2, 1, 4, 3.0, 4)
+    mask, step = site_outlier_mask(x, s, 2, 1, 4, 3.0, 4)
     rows = as_rows(x, 2, 1)
     assert torch.equal(mask.transpose(1, 2), outlier_mask(rows, s, 7, 3.0, 4))
     assert mask[0, 2, 5] and 0 < mask.sum() < mask.numel()
     assert step.shape == (1, 1, 11)
-    # ...and mixed_fake_quant with it reproduces quantize_mixed bit for bit (strided layout too)
-    assert torch.equal(mixed_fake_quant(x, mask, step, 1, 4, 8), quantize_mixed_ref(x, s, 2, 1, 4, 8, 3.0, 4))
+    # ...and mixed_fake_quant_decomposed with it reproduces quantize_mixed bit for bit (strided layout too)
+    assert torch.equal(mixed_fake_quant_decomposed(x, mask, step, 1, 4, 8),
+                       quantize_mixed_ref(x, s, 2, 1, 4, 8, 3.0, 4))
     torch.library.opcheck(torch.ops.ouromamba.outlier_mask.default, (x, s, 2, 1, 4, 3.0, 4))
     torch.library.opcheck(torch.ops.ouromamba.outlier_mask.default, (x[:1, :, :1], s, 2, 1, 4, 3.0, 10))
 
@@ -148,15 +150,15 @@ def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():
 def test_scans_take_int8_codes(models):
     q = models["W8A8"]
     # default: the float scan on fake-quantized inputs (channel-contiguous output for out_proj)
-    assert calls(q.lower().graph_module, SCAN_CL_OP)
+    assert calls(q.lower().graph_module, SCAN_CHANNELS_LAST_OP)
     low = q.lower(integer_scan=True)
     assert close(low(X), q(X))
     gm = low.graph_module
-    scans = calls(gm, SCAN_QI_OP)
-    assert len(scans) == 2 and not calls(gm, SCAN_OP) and not calls(gm, SCAN_CL_OP)
+    scans = calls(gm, SCAN_INT8_INPUTS_OP)
+    assert len(scans) == 2 and not calls(gm, SCAN_OP) and not calls(gm, SCAN_CHANNELS_LAST_OP)
     for n in scans:  # delta, B, C arrive as int8 codes of a quantize, with its scale and zero point
         for i in (1, 5, 8):
-            assert n.args[i].target is not fake_quant and n.args[i + 1] is not None
+            assert n.args[i].target is not fake_quantize and n.args[i + 1] is not None
             assert "quantize" in getattr(n.args[i].target, "__name__", "")
 
 
@@ -166,10 +168,10 @@ def test_scans_feeding_out_proj_write_channel_contiguous_output(models, name):
     q = models[name]
     low = q.lower()
     gm = low.graph_module
-    assert len(calls(gm, SCAN_CL_OP)) == 2 and not calls(gm, SCAN_OP)
+    assert len(calls(gm, SCAN_CHANNELS_LAST_OP)) == 2 and not calls(gm, SCAN_OP)
     assert any("channels_last_scan: 2 scan(s)" in line for line in low.log)
     off = q.lower(scan_cl=False)
-    assert len(calls(off.graph_module, SCAN_OP)) == 2 and not calls(off.graph_module, SCAN_CL_OP)
+    assert len(calls(off.graph_module, SCAN_OP)) == 2 and not calls(off.graph_module, SCAN_CHANNELS_LAST_OP)
     assert torch.equal(low(X), off(X))
 
 
@@ -178,23 +180,26 @@ def test_dt_proj_and_the_delta_quantization_fuse(models):
     q = models["W4A4O8"]
     low = q.lower()
     gm = low.graph_module
-    fused = calls(gm, W4A4O8_LINEAR_MIXED_OP)
+    fused = calls(gm, W4A4O8_DETECT_REQUANT_OP)
     assert len(fused) == 2 and any("fuse_linear_mixed_fake_quant: 2 linear(s)" in line for line in low.log)
     for n in fused:  # the scan's delta, through the transpose back to (batch, d_inner, L)
         (user,) = n.users
-        assert user.target == "transpose" and all(u.target is SCAN_CL_OP for u in user.users)
+        assert user.target == "transpose" and all(u.target is SCAN_CHANNELS_LAST_OP for u in user.users)
         assert n.args[5] < 32  # dt_rank input channels
     # the remaining mixed fake quantizations are the scans' B and C
     assert len(calls(gm, MIXED_FAKE_QUANT_OP)) == 4
     off = q.lower(mixed_fused=False)
-    assert not calls(off.graph_module, W4A4O8_LINEAR_MIXED_OP)
+    assert not calls(off.graph_module, W4A4O8_DETECT_REQUANT_OP)
     y, ref = low(X), q(X)
     assert torch.allclose(y, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
 
 
 def test_channels_last_scan_leaves_scans_with_other_uses():
-    from ouromamba_fx.lowering.rules import ChannelsLastScan
+    from ouromamba_fx.lowering.rewrite import RewritePass
+    from ouromamba_fx.lowering.rules import lowering_rules
     from ouromamba_fx.passes.base import Context
+
+    channels_last = RewritePass(next(r for r in lowering_rules() if r.name == "channels_last_scan"))
 
     w = torch.randn(4, 6)
 
@@ -216,18 +221,18 @@ def test_channels_last_scan_leaves_scans_with_other_uses():
 
     for fn, expected in ((through_linear, 1), (reshaped, 0), (reduced_too, 0), (transposed_elsewhere, 0)):
         gm = torch.fx.symbolic_trace(fn)
-        ChannelsLastScan().run(gm, Context(config=None, show_progress=False))
-        assert (len(calls(gm, SCAN_CL_OP)), len(calls(gm, SCAN_OP))) == (expected, 1 - expected), fn.__name__
+        channels_last.run(gm, Context(config=None, show_progress=False))
+        assert (len(calls(gm, SCAN_CHANNELS_LAST_OP)), len(calls(gm, SCAN_OP))) == (expected, 1 - expected), fn.__name__
 
 
 def test_no_quantize_dequantize_pairs_left_around_fused_ops(models):
     for name, opts in (("W8A8", {}), ("W8A8", {"integer_scan": True}), ("W4A4O8", {}), ("W6A6", {})):
         gm = models[name].lower(**opts).graph_module
-        assert not calls(gm, QUANTIZE) and not calls(gm, DEQUANTIZE) and not calls(gm, QUANTIZE_MIXED), name
+        assert not calls(gm, QUANTIZE_OP) and not calls(gm, DEQUANTIZE_OP) and not calls(gm, QUANTIZE_MIXED_OP), name
         for n in gm.graph.nodes:
             if n.op == "call_function" and n.target in FUSED:
                 for a in n.all_input_nodes:
-                    assert a.target not in (DEQUANTIZE, fake_quant, mixed_fake_quant), (name, n.name, a.name)
+                    assert a.target not in (DEQUANTIZE_OP, fake_quantize, mixed_fake_quant_decomposed), (name, n.name, a.name)
 
 
 @torch.no_grad()
@@ -236,14 +241,14 @@ def test_rules_leave_what_they_cannot_fuse_exactly(models):
     (fed by fake quantization) and the model still computes the reference's numbers."""
     q = models["W8A8"]
     gm = q.lower().graph_module  # sanity: all fused normally
-    assert len(calls(gm, int8_linear_static)) == 6
+    assert len(calls(gm, int8_linear_decomposed)) == 6
     import copy
 
     q2 = copy.deepcopy(q)
     zp = q2.graph_module.layers_0_mixer_in_proj_zp
     zp.fill_(1.0)
     low = q2.lower()
-    assert len(calls(low.graph_module, int8_linear_static)) == 5 and n_linears(low.graph_module) == 1
+    assert len(calls(low.graph_module, int8_linear_decomposed)) == 5 and n_linears(low.graph_module) == 1
     assert close(low(X), q2(X))
 
 
@@ -268,7 +273,7 @@ def test_lowering_is_recorded_as_passes_with_diffs(models):
     assert low.passes[:len(q.passes)] == q.passes
     assert {"lower_w8a8_linear", "inline_fake_quant", "fold_weight_dequant"} <= set(low.passes)
     assert low.lower() is low
-    assert "int8_linear_static" in str(low.diff("quantize_activations", "lower_w8a8_linear", verbose=True))
+    assert "int8_linear_decomposed" in str(low.diff("quantize_activations", "lower_w8a8_linear", verbose=True))
 
 
 @torch.no_grad()
@@ -298,7 +303,7 @@ def test_entry_point_is_declared():
 def test_getitem_free_graph_has_no_dangling_masks(models):
     """Every outlier_mask result is consumed (mask and step scale), none left dead."""
     gm = models["W4A4O8"].lower().graph_module
-    for n in calls(gm, OUTLIER_MASK):
+    for n in calls(gm, OUTLIER_MASK_OP):
         assert {u.args[1] for u in n.users if u.target is operator.getitem} == {0, 1}
 
 
@@ -307,5 +312,5 @@ def test_convert_can_return_the_lowered_model(models):
     torch.manual_seed(0)
     m = VisionMamba(tiny_config(depth=1)).eval()
     low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
-    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_static)) == 6
+    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 6
     assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers

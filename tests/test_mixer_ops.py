@@ -1,13 +1,13 @@
-"""The C++ mixer ops (csrc/mixer_ops.cpp) against their plain-torch references."""
+"""The C++ mixer ops (kernels/cpu/mixer_ops.cpp) against their plain-torch references."""
 
 import pytest
 import torch
 
-from ouromamba_fx.lowering.fused import outlier_mask_op
-from ouromamba_fx.lowering.mixer import (SMALL_K, causal_conv1d_silu_ref, mixer_backend, w4a4o8_linear_mixed,
-                                         w4a4o8_linear_rt)
-from ouromamba_fx.lowering.outlier import quantize_mixed_ref
-from ouromamba_fx.lowering.qlinear import pack_int4
+from ouromamba_fx.kernels.cpu.build import MIXER_OPS
+from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_ref
+from ouromamba_fx.ops.int4 import pack_int4
+from ouromamba_fx.ops.mixed import quantize_mixed_ref, site_outlier_mask
+from ouromamba_fx.ops.w4a4o8_linear import SMALL_K, w4a4o8_linear_detect, w4a4o8_linear_detect_requant
 
 CONV = torch.ops.ouromamba.causal_conv1d_silu.default
 MIXED = torch.ops.ouromamba.mixed_fake_quant.default
@@ -15,7 +15,7 @@ W4 = torch.ops.ouromamba.w4a4o8_linear_rt.default
 
 
 def test_the_cpp_kernels_are_in_use():
-    assert mixer_backend() == "cpp"
+    assert MIXER_OPS.backend() == "cpp"
 
 
 def _conv_case(b, d, length, k, per_step, quant):
@@ -122,8 +122,8 @@ def test_w4a4o8_linear_rt_equals_mask_then_linear(shape):
     x, s_in = _planted(b, length, k, seed=1)
     wq = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(2))
     ws, bias = torch.rand(n) * 0.01 + 1e-3, torch.randn(n)
-    y = w4a4o8_linear_rt(x, s_in, pack_int4(wq), ws, bias, k, 2.0, 4)
-    mask, step = outlier_mask_op(x, s_in, 1, 2, 4, 2.0, 4)
+    y = w4a4o8_linear_detect(x, s_in, pack_int4(wq), ws, bias, k, 2.0, 4)
+    mask, step = site_outlier_mask(x, s_in, 1, 2, 4, 2.0, 4)
     assert mask.any()
     ref = torch.ops.ouromamba.w4a4o8_linear(x, mask, step, pack_int4(wq), ws, bias, k)
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
@@ -134,9 +134,9 @@ def test_w4a4o8_linear_rt_equals_mask_then_linear(shape):
     # changing the weight scale in place makes a new one
     if k < SMALL_K:
         wp = pack_int4(wq)
-        y1 = w4a4o8_linear_rt(x, s_in, wp, ws, bias, k, 2.0, 4)
+        y1 = w4a4o8_linear_detect(x, s_in, wp, ws, bias, k, 2.0, 4)
         ws.mul_(2.0)
-        y2 = w4a4o8_linear_rt(x, s_in, wp, ws, bias, k, 2.0, 4)
+        y2 = w4a4o8_linear_detect(x, s_in, wp, ws, bias, k, 2.0, 4)
         torch.testing.assert_close(y2 - bias, 2.0 * (y1 - bias), rtol=1e-5, atol=1e-5)
 
 
@@ -170,8 +170,8 @@ def test_w4a4o8_linear_mixed_is_the_linear_then_its_mixed_quantization(shape, wi
     b, length, k, n = shape
     x, s_in, wp, ws, bias, out_s = _exact_small_linear(*shape, seed=k + n)
     bias = bias if with_bias else None
-    y = w4a4o8_linear_mixed(x, s_in, wp, ws, bias, k, 3.0, 10, out_s, 1, 2, 4, 4.0, 10)
-    lin = w4a4o8_linear_rt(x, s_in, wp, ws, bias, k, 3.0, 10)
+    y = w4a4o8_linear_detect_requant(x, s_in, wp, ws, bias, k, 3.0, 10, out_s, 1, 2, 4, 4.0, 10)
+    lin = w4a4o8_linear_detect(x, s_in, wp, ws, bias, k, 3.0, 10)
     ref = MIXED(lin, out_s, 1, 2, 4, 8, 4.0, 10)
     assert y.shape == (b, length, n) and y.is_contiguous()
     assert torch.equal(y, ref)  # exact products: the same floats, hence the same codes
@@ -185,8 +185,8 @@ def test_w4a4o8_linear_mixed_on_general_inputs_opcheck_and_long_reductions():
     wq = torch.randint(-8, 8, (50, 24), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
     wp, ws, bias = pack_int4(wq), torch.rand(50) * 0.01 + 1e-3, torch.randn(50)
     out_s = torch.full((30,), 0.02)
-    y = w4a4o8_linear_mixed(x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 1, 2, 4, 3.0, 4)
-    ref = MIXED(w4a4o8_linear_rt(x, s_in, wp, ws, bias, 24, 2.0, 4), out_s, 1, 2, 4, 8, 3.0, 4)
+    y = w4a4o8_linear_detect_requant(x, s_in, wp, ws, bias, 24, 2.0, 4, out_s, 1, 2, 4, 3.0, 4)
+    ref = MIXED(w4a4o8_linear_detect(x, s_in, wp, ws, bias, 24, 2.0, 4), out_s, 1, 2, 4, 8, 3.0, 4)
     # products summed in another order: equal up to float rounding (an outlier's per-token scale
     # moves by an ulp) and, rarely, a code moved across a rounding boundary
     moved = (y - ref).abs() > 1e-5 * ref.abs().max()
@@ -211,9 +211,9 @@ def test_w4a4o8_linear_mixed_on_general_inputs_opcheck_and_long_reductions():
 
 
 def _u4_ext():
-    from ouromamba_fx.lowering.mixer import _extension
+    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 
-    ext = _extension()
+    ext = MIXER_OPS.get()
     if not ext.u4_available():
         pytest.skip("u4_mm needs a build with AVX2 and FMA")
     return ext
@@ -281,9 +281,9 @@ def test_u4_linear_is_u4_mm_then_the_epilogue_bit_for_bit(m, k, n, with_bias):
 @pytest.mark.parametrize("k,n", [(1, 1), (2, 31), (3, 33), (40, 56), (768, 384), (1536, 100), (97, 64), (5, 65), (64, 130)])
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.3, 1.0])
 def test_epilogue_outlier_term_is_exact(k, n, density):
-    from ouromamba_fx.lowering.mixer import _extension
+    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 
-    ext = _extension()
+    ext = MIXER_OPS.get()
     m = 9
     g = torch.Generator().manual_seed(k * 13 + n + int(density * 100))
     q_out = torch.randint(-128, 128, (m, k), generator=g)
@@ -334,8 +334,8 @@ def test_u4_pack_and_mm_reject_what_they_cannot_compute():
 
 
 @torch.no_grad()
-def test_w4a4o8_linear_rt_runs_u4_mm_without_vnni(monkeypatch):
-    from ouromamba_fx.lowering import cpu_gemm
+def test_w4a4o8_linear_rt_runs_u4_mm_without_vnni():
+    from ouromamba_fx.ops import gemm as cpu_gemm
 
     _u4_ext()
     x, s_in = _planted(2, 17, 40, seed=4)
@@ -343,7 +343,7 @@ def test_w4a4o8_linear_rt_runs_u4_mm_without_vnni(monkeypatch):
     wp, ws = pack_int4(wq), torch.rand(24) * 0.01 + 1e-3
     outs = {}
     for mode in cpu_gemm.MODES:
-        monkeypatch.setenv(cpu_gemm.ENV, mode)
-        outs[mode] = w4a4o8_linear_rt(x, s_in, wp, ws, None, 40, 2.0, 4)
+        with cpu_gemm.use(mode):
+            outs[mode] = w4a4o8_linear_detect(x, s_in, wp, ws, None, 40, 2.0, 4)
     assert any(key[0] == id(wp) and key[1] == "u4" for key in cpu_gemm._CACHE)
     assert torch.equal(outs["emulated"], outs["int_mm"])

@@ -8,7 +8,8 @@ import torch
 from rich.console import Console
 
 from ouromamba_fx.errors import OuroMambaError
-from ouromamba_fx.outliers import heatmap, save_png, select, site_outlier_map
+from ouromamba_fx.ops.mixed import outlier_map
+from ouromamba_fx.outliers import heatmap, save_png, select
 
 
 def _render(obj, color: bool) -> str:
@@ -21,12 +22,12 @@ def _render(obj, color: bool) -> str:
 def test_map_counts_the_samples_flagged_at_each_step_and_channel():
     x = torch.full((4, 3, 5), 0.1)  # (batch, L, C)
     x[:2, 1, 2] = 10.0  # two of four samples spike in channel 2 at step 1
-    m = site_outlier_map(x, torch.full((3,), 0.05), 1, 2, 4, 8, 1.0, 1)
+    m = outlier_map(x, torch.full((3,), 0.05), 1, 2, 4, 8, 1.0, 1)
     expect = torch.zeros(3, 5)
     expect[1, 2] = 0.5
     assert torch.equal(m, expect)
     # the same tensor laid out (batch, C, L), as the scan's inputs are
-    m2 = site_outlier_map(x.transpose(1, 2), torch.full((3,), 0.05), 2, 1, 4, 8, 1.0, 1)
+    m2 = outlier_map(x.transpose(1, 2), torch.full((3,), 0.05), 2, 1, 4, 8, 1.0, 1)
     assert torch.equal(m2, expect)
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from ouromamba_fx.lowering.outlier import (QUANTIZE_MIXED, mixed_fake_quant_rows, outlier_fraction,
-                                           outlier_mask, quantize_mixed_ref, resample_steps)
+from ouromamba_fx.ops.mixed import (QUANTIZE_MIXED_OP, mixed_fake_quant_rows, outlier_fraction, outlier_mask,
+                                    quantize_mixed_ref, resample_steps)
 
 
 def planted(b=2, length=12, c=64, seed=0):
@@ -75,4 +75,4 @@ def test_layouts_agree():
 
 def test_op_opcheck():
     x = torch.randn(2, 6, 8)
-    torch.library.opcheck(QUANTIZE_MIXED, (x, torch.rand(6) + 0.1, 1, 2, 4, 8, 3.0, 2))
+    torch.library.opcheck(QUANTIZE_MIXED_OP, (x, torch.rand(6) + 0.1, 1, 2, 4, 8, 3.0, 2))

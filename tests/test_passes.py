@@ -4,11 +4,13 @@ import pytest
 import torch
 
 import ouromamba_fx as of
-from ouromamba_fx.capture import capture, tag
-from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
+from ouromamba_fx.capture import capture
+from ouromamba_fx.ops.quant import DEQUANTIZE_OP as DEQUANTIZE
+from ouromamba_fx.ops.quant import QUANTIZE_OP as QUANTIZE
 from ouromamba_fx.passes import (ActObserver, Calibrate, ChooseActScales, Context, InsertObservers,
                                  Pass, PassError, PassManager, QuantizeActivations, QuantizeWeights)
-from ouromamba_fx.qparams import sqnr
+from ouromamba_fx.measure import sqnr
+from ouromamba_fx.tags import tag
 
 X = torch.randn(8, 3, 16, 16)
 

@@ -5,8 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch.library import opcheck
 
-from ouromamba_fx.lowering import qlinear as ql
-from ouromamba_fx.lowering.quant import quantize as quantize_op
+from ouromamba_fx import numerics
+from ouromamba_fx.ops import gemm, int4, mixed, quant
+from ouromamba_fx.ops import int8_linear as i8
+from ouromamba_fx.ops import w4a4o8_linear as w4
+from ouromamba_fx.ops.quant import quantize as quantize_op
 
 OPS = torch.ops.ouromamba
 SHAPES = [(1, 5, 3), (3, 33, 17), (17, 33, 70), (16, 64, 32)]  # (M, K, N)
@@ -33,22 +36,22 @@ def _with_ties(x, qmax):
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (4, 8), (7, 33)])
 def test_pack_int4_round_trip(n, k):
     w = torch.randint(-8, 8, (n, k), dtype=torch.int8)
-    p = ql.pack_int4(w)
+    p = int4.pack_int4(w)
     assert p.dtype == torch.uint8 and p.shape == (n, (k + 1) // 2)
-    assert torch.equal(ql.unpack_int4(p, k), w)
+    assert torch.equal(int4.unpack_int4(p, k), w)
 
 
 def test_pack_int4_layout_and_errors():
-    p = ql.pack_int4(torch.tensor([[1, -2, 3]], dtype=torch.int8))
+    p = int4.pack_int4(torch.tensor([[1, -2, 3]], dtype=torch.int8))
     assert p.tolist() == [[0xE1, 0x03]]  # column 0 low nibble, column 1 high nibble, pad 0
     every = torch.arange(-8, 8, dtype=torch.int8).reshape(1, 16)
-    assert torch.equal(ql.unpack_int4(ql.pack_int4(every), 16), every)
+    assert torch.equal(int4.unpack_int4(int4.pack_int4(every), 16), every)
     every_byte = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(2, 128)
-    assert torch.equal(ql.pack_int4(ql.unpack_int4(every_byte, 256)), every_byte)
+    assert torch.equal(int4.pack_int4(int4.unpack_int4(every_byte, 256)), every_byte)
     with pytest.raises(ValueError, match=r"\[-8, 7\]"):
-        ql.pack_int4(torch.tensor([[8]], dtype=torch.int8))
+        int4.pack_int4(torch.tensor([[8]], dtype=torch.int8))
     with pytest.raises(ValueError, match="k=5"):
-        ql.unpack_int4(p, 5)
+        int4.unpack_int4(p, 5)
 
 
 # --- quantization ---------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ def test_quantize_per_token_matches_ref(bits, shape):
     if x.dim() == 2:
         x = _with_ties(x, qmax)
     q, s = OPS.quantize_per_token(x, bits)
-    q_ref, s_ref = ql.quantize_per_token_ref(x, bits)
+    q_ref, s_ref = quant.quantize_per_token_ref(x, bits)
     assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (*shape[:-1], 1)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     assert q.abs().max() <= qmax
@@ -75,7 +78,7 @@ def test_quantize_per_token_round_half_even_and_zero_rows():
     x = torch.zeros(2, 6)
     x[1] = torch.tensor([127, 0.5, 1.5, 2.5, -0.5, -2.5])  # scale exactly 1
     q, s = OPS.quantize_per_token(x, 8)
-    assert s[0, 0].item() == pytest.approx(ql.EPS) and q[0].eq(0).all()
+    assert s[0, 0].item() == pytest.approx(numerics.EPS) and q[0].eq(0).all()
     assert s[1, 0].item() == 1.0
     assert q[1].tolist() == [127, 0, 2, 2, 0, -2]
 
@@ -90,13 +93,13 @@ def test_outlier_split_matches_ref(static, m, k):
         mask[2] = True  # a row of outliers only
     inlier_scale = torch.rand(m, 1) * 0.1 + 0.05 if static else None
     out = OPS.outlier_split(x, mask, inlier_scale, 4)
-    ref = ql.outlier_split_ref(x, mask, inlier_scale, 4)
+    ref = mixed.outlier_split_ref(x, mask, inlier_scale, 4)
     for got, want in zip(out, ref):
         assert torch.equal(got, want)
     q_in, s_in, q_out, s_out = out
     assert q_in[mask].eq(0).all() and q_out[~mask].eq(0).all()
     assert q_in.abs().max() <= 7 and q_out.abs().max() <= 127
-    assert s_out[0, 0].item() == pytest.approx(ql.EPS)
+    assert s_out[0, 0].item() == pytest.approx(numerics.EPS)
     if static:
         assert torch.equal(s_in, inlier_scale)
     else:  # dequantized inliers + outliers reconstruct x within half a step per element
@@ -125,7 +128,7 @@ def test_int8_linear_matches_ref(m, k, n, per_row, with_bias):
     bias = bias if with_bias else None
     y = OPS.int8_linear(x_q, x_scale, w_q, w_scale, bias)
     assert y.dtype == torch.float32 and y.shape == (m, n)
-    torch.testing.assert_close(y, ql.int8_linear_ref(x_q, x_scale, w_q, w_scale, bias), rtol=1e-6, atol=0)
+    torch.testing.assert_close(y, i8.int8_linear_ref(x_q, x_scale, w_q, w_scale, bias), rtol=1e-6, atol=0)
 
 
 def test_int8_linear_integer_part_exact():
@@ -136,14 +139,14 @@ def test_int8_linear_integer_part_exact():
     y = OPS.int8_linear(x_q, torch.ones(1), w_q, torch.ones(7), None)
     acc = x_q.long() @ w_q.long().t()
     assert torch.equal(y, acc.float()) and y[0, 0].item() == -127 * 127 * 1000
-    assert torch.equal(ql._int_mm(x_q, w_q), acc.int())
+    assert torch.equal(gemm.exact_int_mm(x_q, w_q), acc.int())
 
 
 @pytest.mark.parametrize("m,n", [(1, 1), (3, 17), (64, 40)])
 def test_int_mm_k1(m, n):
     # torch._int_mm on CPU is wrong for K == 1 (torch 2.14); the op must not be
     a, b = torch.randint(-127, 128, (m, 1), dtype=torch.int8), torch.randint(-127, 128, (n, 1), dtype=torch.int8)
-    assert torch.equal(ql._int_mm(a, b), (a.long() @ b.long().t()).int())
+    assert torch.equal(gemm.exact_int_mm(a, b), (a.long() @ b.long().t()).int())
     y = OPS.int8_linear(a, torch.ones(1), b, torch.ones(n), None)
     assert torch.equal(y, (a.long() @ b.long().t()).float())
 
@@ -151,7 +154,7 @@ def test_int_mm_k1(m, n):
 def test_int8_linear_weight_scale_shapes_and_noncontiguous():
     x_q = torch.randint(-127, 128, (9, 12), dtype=torch.int8)
     w_q, w_scale, bias = _weights(6, 12)
-    want = ql.int8_linear_ref(x_q, torch.ones(9, 1), w_q, w_scale, bias)
+    want = i8.int8_linear_ref(x_q, torch.ones(9, 1), w_q, w_scale, bias)
     assert torch.equal(OPS.int8_linear(x_q, torch.ones(9, 1), w_q, w_scale.reshape(6, 1), bias), want)
     xt = x_q.t().contiguous().t()  # column-major x_q
     wt = w_q.t().contiguous().t()
@@ -167,7 +170,7 @@ def test_int8_linear_rejects_bad_shapes(bad):
                  "x_scale": dict(x_scale=torch.ones(2, 1)), "w_scale": dict(w_scale=torch.ones(4)),
                  "bias": dict(bias=torch.zeros(3, 1))}[bad])
     with pytest.raises(ValueError):
-        ql.int8_linear(**args)
+        i8.int8_linear(**args)
 
 
 # --- W8A8 ---------------------------------------------------------------------------------------------
@@ -180,7 +183,7 @@ def test_w8a8_dynamic_matches_ref_and_float(m, k, n):
     w_q = torch.round(w / w_scale[:, None]).to(torch.int8)
     bias = torch.randn(n)
     y = OPS.w8a8_linear(x, w_q, w_scale, bias, None)
-    torch.testing.assert_close(y, ql.w8a8_linear_ref(x, w_q, w_scale, bias, None), rtol=1e-6, atol=0)
+    torch.testing.assert_close(y, i8.w8a8_linear_ref(x, w_q, w_scale, bias, None), rtol=1e-6, atol=0)
     # and it is a good approximation of the float linear
     y_f = F.linear(x, w, bias)
     assert (y - y_f).norm() / y_f.norm() < 0.02
@@ -193,7 +196,7 @@ def test_w8a8_static_scale_and_leading_dims(scale_shape):
     x_scale = torch.rand(scale_shape) * 0.02 + 0.01
     y = OPS.w8a8_linear(x, w_q, w_scale, bias, x_scale)
     assert y.shape == (2, 5, 17)
-    want = ql.w8a8_linear_ref(x, w_q, w_scale, bias, x_scale)
+    want = i8.w8a8_linear_ref(x, w_q, w_scale, bias, x_scale)
     torch.testing.assert_close(y, want, rtol=1e-6, atol=0)
     # the same as quantizing with the reference op and running int8_linear
     xs = x_scale.expand(2, 5, 1)
@@ -205,14 +208,14 @@ def test_w8a8_static_scale_and_leading_dims(scale_shape):
 def test_w8a8_rejects_bad_static_scale():
     w_q, w_scale, _ = _weights(4, 8)
     with pytest.raises(ValueError, match="broadcast"):
-        ql.w8a8_linear(torch.randn(6, 8), w_q, w_scale, None, torch.ones(6))
+        i8.w8a8_linear(torch.randn(6, 8), w_q, w_scale, None, torch.ones(6))
 
 
 # --- W4A4 + 8-bit outliers -------------------------------------------------------------------------------
 
 def _w4(n, k):
     w_q = torch.randint(-7, 8, (n, k), dtype=torch.int8)
-    return w_q, ql.pack_int4(w_q), torch.rand(n) * 0.01 + 1e-3, torch.randn(n)
+    return w_q, int4.pack_int4(w_q), torch.rand(n) * 0.01 + 1e-3, torch.randn(n)
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -228,7 +231,7 @@ def test_w4a4o8_matches_ref(m, k, n, mask_kind, static):
     _, w_packed, w_scale, bias = _w4(n, k)
     inlier_scale = torch.rand(m, 1) * 0.3 + 0.2 if static else None
     y = OPS.w4a4o8_linear(x, mask, inlier_scale, w_packed, w_scale, bias, k)
-    want = ql.w4a4o8_linear_ref(x, mask, inlier_scale, w_packed, w_scale, bias, k)
+    want = w4.w4a4o8_linear_masked_ref(x, mask, inlier_scale, w_packed, w_scale, bias, k)
     torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
 
 
@@ -256,7 +259,7 @@ def test_w4a4o8_outlier_paths_bit_exact(n_cols):
     x = torch.where(mask, x * 30, x)
     _, w_packed, w_scale, bias = _w4(n, k)
     y = OPS.w4a4o8_linear(x, mask, None, w_packed, w_scale, bias, k)
-    assert torch.equal(y, ql.w4a4o8_linear_ref(x, mask, None, w_packed, w_scale, bias, k))
+    assert torch.equal(y, w4.w4a4o8_linear_masked_ref(x, mask, None, w_packed, w_scale, bias, k))
 
 
 def test_w4a4o8_leading_dims_odd_k_and_accuracy():
@@ -269,9 +272,9 @@ def test_w4a4o8_leading_dims_odd_k_and_accuracy():
     w_scale = w.abs().amax(dim=1) / 7
     w_q = torch.round(w / w_scale[:, None]).clamp(-7, 7).to(torch.int8)
     inlier_scale = torch.rand(l, 1) * 0.1 + 0.4  # per token position, broadcast over batch
-    y = OPS.w4a4o8_linear(x, mask, inlier_scale, ql.pack_int4(w_q), w_scale, None, k)
+    y = OPS.w4a4o8_linear(x, mask, inlier_scale, int4.pack_int4(w_q), w_scale, None, k)
     assert y.shape == (b, l, n)
-    want = ql.w4a4o8_linear_ref(x, mask, inlier_scale, ql.pack_int4(w_q), w_scale, None, k)
+    want = w4.w4a4o8_linear_masked_ref(x, mask, inlier_scale, int4.pack_int4(w_q), w_scale, None, k)
     torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
     w_hat = w_q.float() * w_scale[:, None]
     y_f = F.linear(x, w_hat)  # only activation quantization error is left
@@ -281,9 +284,9 @@ def test_w4a4o8_leading_dims_odd_k_and_accuracy():
 def test_w4a4o8_rejects_bad_k_and_mask():
     _, w_packed, w_scale, _ = _w4(4, 9)
     with pytest.raises(ValueError, match="k=8"):
-        ql.w4a4o8_linear(torch.randn(3, 8), torch.zeros(3, 8, dtype=torch.bool), None, w_packed, w_scale, None, 8)
+        w4.w4a4o8_linear_masked(torch.randn(3, 8), torch.zeros(3, 8, dtype=torch.bool), None, w_packed, w_scale, None, 8)
     with pytest.raises(ValueError, match="mask"):
-        ql.w4a4o8_linear(torch.randn(3, 9), torch.zeros(3, 9), None, w_packed, w_scale, None, 9)
+        w4.w4a4o8_linear_masked(torch.randn(3, 9), torch.zeros(3, 9), None, w_packed, w_scale, None, 9)
 
 
 # --- registration ---------------------------------------------------------------------------------------
@@ -291,7 +294,7 @@ def test_w4a4o8_rejects_bad_k_and_mask():
 def _opcheck_cases():
     x = torch.randn(5, 33)
     mask = torch.rand(5, 33) < 0.1
-    x_q, s = ql.quantize_per_token_ref(x, 8)
+    x_q, s = quant.quantize_per_token_ref(x, 8)
     w_q, w_scale, bias = _weights(17, 33)
     _, w_packed, w4_scale, _ = _w4(17, 33)
     return [

@@ -1,8 +1,10 @@
 import torch
 
 from ouromamba_fx.config import ActQuant, WeightQuant
-from ouromamba_fx.lowering.quant import fake_quantize
-from ouromamba_fx.qparams import act_qparams, qrange, sqnr, weight_qparams
+from ouromamba_fx.numerics import qrange
+from ouromamba_fx.ops.quant import fake_quantize
+from ouromamba_fx.measure import sqnr
+from ouromamba_fx.passes.qparams import act_qparams, weight_qparams
 
 
 def test_qrange():

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ouromamba_fx.lowering import qscan
+from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q
+from ouromamba_fx.ops import scan_quant as qscan
 
-pytestmark = pytest.mark.skipif(qscan.qscan_backend() != "cpp", reason="C++ quantized scan not built")
+pytestmark = pytest.mark.skipif(SELECTIVE_SCAN_Q.backend() != "cpp", reason="C++ quantized scan not built")
 
 SCAN_Q = torch.ops.ouromamba.selective_scan_q.default
 
@@ -46,7 +47,7 @@ def test_forward_matches_reference(dtype, shape, state_bits):
     b, d, length, n, lc = shape
     args = make(b, d, length, n, dtype, lc, optional=state_bits != 4)
     out = SCAN_Q(*args, state_bits)
-    ref = qscan.selective_scan_q_ref(*args, state_bits)
+    ref = qscan.selective_scan_reparam_ref(*args, state_bits)
     assert out.dtype == dtype and out.shape == ref.shape
     if dtype == torch.float64:
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -57,7 +58,7 @@ def test_forward_matches_reference(dtype, shape, state_bits):
         if state_bits == 16:
             assert close.all()
     if state_bits < 16:  # state quantization really changes the output
-        assert not torch.allclose(out, qscan.selective_scan_q_ref(*args, 16), rtol=1e-3, atol=1e-3)
+        assert not torch.allclose(out, qscan.selective_scan_reparam_ref(*args, 16), rtol=1e-3, atol=1e-3)
 
 
 def test_state_rounding_is_half_even_with_true_division_and_clamped():
@@ -75,7 +76,7 @@ def test_state_rounding_is_half_even_with_true_division_and_clamped():
     out = SCAN_Q(u, delta, A, B, C, None, None, None, False, ones1, onesl, ones1, state_scale, 8)
     codes = torch.tensor([2.0, 4.0, -2.0, 0.0, 2.0, 127.0, -127.0, 1.0])  # 2.5 -> 2, 3.5 -> 4, 0.5 -> 0, 1.5 -> 2
     torch.testing.assert_close(out.flatten(), codes * 0.5, rtol=0, atol=0)
-    ref = qscan.selective_scan_q_ref(u, delta, A, B, C, None, None, None, False, ones1, onesl, ones1, state_scale, 8)
+    ref = qscan.selective_scan_reparam_ref(u, delta, A, B, C, None, None, None, False, ones1, onesl, ones1, state_scale, 8)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
@@ -89,12 +90,12 @@ def test_strided_and_low_precision_inputs():
         args[i] = args[i].transpose(1, 2).contiguous().transpose(1, 2)
     assert not args[0].is_contiguous()
     out = SCAN_Q(*args, 8)
-    ref = qscan.selective_scan_q_ref(*args, 8)
+    ref = qscan.selective_scan_reparam_ref(*args, 8)
     assert torch.isclose(out, ref, rtol=1e-4, atol=1e-4).float().mean() >= 0.99
     half = [a.bfloat16() if isinstance(a, torch.Tensor) and a.dim() == 3 else a for a in args]
     out_h = SCAN_Q(*half, 16)
     assert out_h.dtype == torch.bfloat16
-    torch.testing.assert_close(out_h.float(), qscan.selective_scan_q_ref(*half, 16).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out_h.float(), qscan.selective_scan_reparam_ref(*half, 16).float(), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -165,8 +166,8 @@ def test_qi_equals_dequantize_then_scan(dtype, shape, per_step):
     torch.testing.assert_close(out, torch.ops.ouromamba.selective_scan(*dequant_inputs(qargs)), **tol)
     # reparameterized, quantized state: dequantize -> ouromamba::selective_scan_q
     out = SCAN_QI(*qargs, r_c, r_l, r_n, ss, 8)
-    ref = qscan.selective_scan_q_ref(*dequant_inputs(qargs), r_c, r_l, r_n, ss, 8)
-    torch.testing.assert_close(qscan.selective_scan_qi_ref(*qargs, r_c, r_l, r_n, ss, 8), ref, rtol=0, atol=0)
+    ref = qscan.selective_scan_reparam_ref(*dequant_inputs(qargs), r_c, r_l, r_n, ss, 8)
+    torch.testing.assert_close(qscan.selective_scan_int8_inputs_ref(*qargs, r_c, r_l, r_n, ss, 8), ref, rtol=0, atol=0)
     if dtype == torch.float64:
         torch.testing.assert_close(out, ref, **tol)
     else:
@@ -214,8 +215,8 @@ def test_reference_fallback_when_kernel_unavailable(monkeypatch):
     want_q = SCAN_Q(*args, 8)
     qargs, factors = qi_args(2, 9, 5, 3)
     want_qi = SCAN_QI(*qargs, *factors, 8)
-    monkeypatch.setitem(qscan._state, "ext", None)
-    assert qscan.qscan_backend() == "reference"
+    monkeypatch.setattr(SELECTIVE_SCAN_Q, "_ext", None)
+    assert SELECTIVE_SCAN_Q.backend() == "reference"
     assert torch.isclose(SCAN_Q(*args, 8), want_q, rtol=1e-4, atol=1e-4).float().mean() >= 0.99
     assert torch.isclose(SCAN_QI(*qargs, *factors, 8), want_qi, rtol=1e-4, atol=1e-4).float().mean() >= 0.99
     s, m = qscan.scan_state_stats(*args[:5], args[7], True)

@@ -1,4 +1,4 @@
-"""The Triton quantized scan (``ouromamba_fx.kernels.qscan``) against its plain-torch twin and the op
+"""The Triton quantized scan (``ouromamba_fx.kernels.triton.qscan``) against its plain-torch twin and the op
 references, on CPU tensors under ``TRITON_INTERPRET=1`` (no GPU needed).
 
 As in ``test_kernels_triton.py``: the interpreter must be chosen before triton is imported, so
@@ -29,7 +29,7 @@ def test_qscan_compiles_for_nvidia(quant):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from ouromamba_fx.kernels.qscan import _qscan_kernel
+    from ouromamba_fx.kernels.triton.qscan import _qscan_kernel
 
     if "nvidia" not in backends:
         pytest.skip("triton has no NVIDIA backend here")
@@ -92,8 +92,8 @@ class TestInInterpreter:
     @pytest.mark.parametrize("state_bits", [8, 16])
     @pytest.mark.parametrize("optional", [True, False])
     def test_float_inputs(self, shape, state_bits, optional):
-        from ouromamba_fx.kernels.qscan import qscan, qscan_ref
-        from ouromamba_fx.lowering.qscan import selective_scan_q_ref
+        from ouromamba_fx.kernels.triton.qscan import qscan, qscan_ref
+        from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref
 
         args = _case(*shape, optional=optional)
         y = qscan(*args, state_bits)
@@ -108,7 +108,7 @@ class TestInInterpreter:
             assert not torch.allclose(y, qscan_ref(*args, 16), rtol=1e-3, atol=1e-3)
 
     def test_state_rounding_half_even_and_clamp(self):
-        from ouromamba_fx.kernels.qscan import qscan
+        from ouromamba_fx.kernels.triton.qscan import qscan
 
         vals = torch.tensor([1.25, 1.75, -1.25, 0.25, 0.75, 100.0, -100.0, 0.3])
         length = vals.numel()
@@ -121,7 +121,7 @@ class TestInInterpreter:
 
     @pytest.mark.parametrize("per_step", [True, False])
     def test_int8_inputs_strided(self, per_step):
-        from ouromamba_fx.kernels.qscan import qscan, qscan_ref
+        from ouromamba_fx.kernels.triton.qscan import qscan, qscan_ref
 
         args = _case(2, 21, 9, 16)
         dq, ds, dz = _codes(args[1], per_step, zp=2.0)
@@ -136,26 +136,26 @@ class TestInInterpreter:
 
     def test_cuda_op_glue(self):
         """The functions registered for CUDA tensors, run on CPU tensors through the interpreter."""
-        from ouromamba_fx.lowering import qscan as lq
+        from ouromamba_fx.ops import scan_quant as lq
 
         args = _case(2, 10, 7, 4)
         lc = [*args[:10], torch.rand(5) + 0.5, args[11], torch.rand(5) * 0.05 + 0.02]  # calibrated at L = 5
-        torch.testing.assert_close(lq._selective_scan_q_cuda(*lc, 16), lq.selective_scan_q_ref(*lc, 16),
+        torch.testing.assert_close(lq._selective_scan_reparam_cuda(*lc, 16), lq.selective_scan_reparam_ref(*lc, 16),
                                    rtol=1e-5, atol=1e-5)
-        assert _mostly_close(lq._selective_scan_q_cuda(*lc, 8), lq.selective_scan_q_ref(*lc, 8))
+        assert _mostly_close(lq._selective_scan_reparam_cuda(*lc, 8), lq.selective_scan_reparam_ref(*lc, 8))
         quant = torch.ops.ouromamba.quantize.default
         u, delta, A, B, C, D, z, bias, sp, r_c, r_l, r_n, ss = args
         s_d, s_b = torch.tensor([0.01]), (B.abs().amax(dim=(0, 1)) / 127).reshape(1, 7)
         zero_d, zero_b = torch.zeros(1), torch.zeros(1, 7)
         qargs = [u, quant(delta, s_d, zero_d, -128, 127), s_d, zero_d, A, quant(B, s_b, zero_b, -128, 127), s_b,
                  zero_b, C, None, None, D, z, bias, sp]
-        torch.testing.assert_close(lq._selective_scan_qi_cuda(*qargs, None, None, None, None, 16),
-                                   lq.selective_scan_qi_ref(*qargs, None, None, None, None, 16), rtol=1e-5, atol=1e-5)
-        assert _mostly_close(lq._selective_scan_qi_cuda(*qargs, r_c, r_l, r_n, ss, 8),
-                             lq.selective_scan_qi_ref(*qargs, r_c, r_l, r_n, ss, 8))
+        torch.testing.assert_close(lq._selective_scan_int8_inputs_cuda(*qargs, None, None, None, None, 16),
+                                   lq.selective_scan_int8_inputs_ref(*qargs, None, None, None, None, 16), rtol=1e-5, atol=1e-5)
+        assert _mostly_close(lq._selective_scan_int8_inputs_cuda(*qargs, r_c, r_l, r_n, ss, 8),
+                             lq.selective_scan_int8_inputs_ref(*qargs, r_c, r_l, r_n, ss, 8))
 
     def test_wrapper_checks(self):
-        from ouromamba_fx.kernels.qscan import qscan
+        from ouromamba_fx.kernels.triton.qscan import qscan
 
         args = _case(1, 4, 3, 2)
         bad = list(args)

@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
-from ouromamba_fx.lowering import scan as scan_mod
-from ouromamba_fx.lowering.scan import selective_scan, scan_backend
+from ouromamba_fx.ops.scan import scan_backend, selective_scan
 
 OPT_NAMES = ("D", "z", "delta_bias")
 
@@ -87,7 +87,7 @@ def assert_close_rel(actual, expected, rtol, atol=0.0, what=""):
 def test_backend_is_cpp():
     # The fused kernel must be in use on this machine (a failed build would silently slow
     # everything down; scan_backend() makes that visible).
-    assert scan_backend() == "cpp", scan_mod._state["reason"]
+    assert scan_backend() == "cpp", SELECTIVE_SCAN.reason
 
 
 def test_reference_matches_elementwise_definition():
@@ -358,7 +358,7 @@ def test_channels_last_op_opcheck_and_other_devices(monkeypatch):
     args = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True)
     torch.library.opcheck(SCAN_CL, args)
     # without the C++ kernel: the reference, in the same layout
-    monkeypatch.setattr(scan_mod, "_extension", lambda: None)
+    without_kernels(monkeypatch, SELECTIVE_SCAN)
     ref = SCAN_CL(*args)
     assert ref.stride() == (7 * 20, 1, 20)
     torch.testing.assert_close(ref, selective_scan_ref(*args[:-1], delta_softplus=True), rtol=1e-4, atol=1e-5)
@@ -446,50 +446,51 @@ def test_torch_compile_inductor():
     _compiled_matches_eager("inductor", extra_ops=False)
 
 
+def without_kernels(monkeypatch, ext, build=None):
+    """``ext`` as if it had not been built yet (``build``: what building it does) or, without
+    ``build``, as after a failed build; monkeypatch restores the built module afterwards."""
+    monkeypatch.setattr(ext, "_tried", build is None)
+    monkeypatch.setattr(ext, "_ext", None)
+    monkeypatch.setattr(ext, "_reason", None if build else "simulated")
+    if build is not None:
+        monkeypatch.setattr(ext, "_build", build)
+
+
 def test_build_failure_warns_and_falls_back(monkeypatch):
     # A failing build must not be silent: one RuntimeWarning naming the reason, scan_backend()
     # says "reference", and the results are still right.
-    saved = dict(scan_mod._state)
-
     def broken_build():
         raise OSError("no C++ compiler found (simulated)")
 
-    monkeypatch.setattr(scan_mod, "_build_extension", broken_build)
     monkeypatch.delenv("OUROMAMBA_SCAN_BACKEND", raising=False)
-    scan_mod._state.update(backend=None, ext=None, reason=None)
-    try:
-        a = make_inputs(2, 5, 6, 3, dtype=torch.float64)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            out = selective_scan(**a, delta_softplus=True)
-            out2 = selective_scan(**a, delta_softplus=True)
-        msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-        assert len(msgs) == 1 and "simulated" in msgs[0] and "reference" in msgs[0]
-        assert scan_backend() == "reference"
-        ref = selective_scan_ref(**a, delta_softplus=True)
-        assert_close_rel(out, ref, 1e-12)
-        assert torch.equal(out, out2)
-        # The backward also runs on the reference.
-        (o, grads), (r, ref_grads) = run_both(a, True)
-        for k in ref_grads:
-            assert_close_rel(grads[k], ref_grads[k], 1e-10, what=f"d{k}")
-    finally:
-        scan_mod._state.clear()
-        scan_mod._state.update(saved)
-    assert scan_backend() == saved["backend"]
+    without_kernels(monkeypatch, SELECTIVE_SCAN, broken_build)
+    a = make_inputs(2, 5, 6, 3, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = selective_scan(**a, delta_softplus=True)
+        out2 = selective_scan(**a, delta_softplus=True)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "simulated" in msgs[0] and "reference" in msgs[0]
+    assert "kernels/cpu/selective_scan.cpp" in msgs[0]
+    assert scan_backend() == "reference" and "simulated" in SELECTIVE_SCAN.reason
+    ref = selective_scan_ref(**a, delta_softplus=True)
+    assert_close_rel(out, ref, 1e-12)
+    assert torch.equal(out, out2)
+    # The backward also runs on the reference.
+    (o, grads), (r, ref_grads) = run_both(a, True)
+    for k in ref_grads:
+        assert_close_rel(grads[k], ref_grads[k], 1e-10, what=f"d{k}")
 
 
 def test_env_selects_reference(monkeypatch):
-    saved = dict(scan_mod._state)
+    def no_build():
+        raise AssertionError("OUROMAMBA_SCAN_BACKEND=reference must not build anything")
+
     monkeypatch.setenv("OUROMAMBA_SCAN_BACKEND", "reference")
-    scan_mod._state.update(backend=None, ext=None, reason=None)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            assert scan_backend() == "reference"
-    finally:
-        scan_mod._state.clear()
-        scan_mod._state.update(saved)
+    without_kernels(monkeypatch, SELECTIVE_SCAN, no_build)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert scan_backend() == "reference"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

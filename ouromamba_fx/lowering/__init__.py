@@ -1,10 +1,6 @@
-"""Lowering of traced vision-Mamba graphs to fast kernels.
+"""The compiler: from the reference quantized graph to fused ops.
 
-``ouromamba_fx.lowering.scan`` registers the ``ouromamba::selective_scan`` custom op (and its
-backward, ``ouromamba::selective_scan_bwd``); importing it is enough to make
-``torch.ops.ouromamba.selective_scan`` available.
-
-From the reference quantized graph to fused integer ops: ``rules`` (one pattern each), ``lower``
-(the pipeline, ``QuantizedModel.lower()``), ``fused`` (the plain-torch and custom-op building
-blocks the rules emit) and ``backend`` (``torch.compile(q, backend="ouromamba")``).
+``rules`` (one rewrite each: what to match, what to build), ``lower`` (their order and options,
+``lower_graph``) and ``backend`` (``torch.compile(q, backend="ouromamba")``: freeze, lower,
+Inductor). The ops the rules emit live in :mod:`ouromamba_fx.ops`.
 """

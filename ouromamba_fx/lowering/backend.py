@@ -28,10 +28,10 @@ import re
 import torch
 import torch.fx as fx
 
-from ouromamba_fx.lowering.lower import lower_graph
+from ouromamba_fx.lowering.lower import OPTION_NAMES, lower_graph
+from ouromamba_fx.ops import gemm
 
 NAME = "ouromamba"
-LOWERING_OPTIONS = ("conv_silu", "integer_scan", "int8_inline", "int4_inline", "mixed_fused", "scan_cl")
 _MODULE_STATE = re.compile(r"\._(parameters|buffers)\[")
 
 
@@ -74,23 +74,27 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
 
     ``torch.compile(q, backend="ouromamba", options={...})``: the keys ``conv_silu``,
     ``integer_scan``, ``int8_inline``, ``int4_inline``, ``mixed_fused`` and ``scan_cl`` choose lowering rules
-    (:func:`~ouromamba_fx.lowering.lower.lowering_passes`), any other key is an Inductor config
-    patch."""
+    (:func:`~ouromamba_fx.lowering.lower.lowering_passes`), ``cpu_gemm`` the integer GEMM path
+    (``auto``, ``int_mm``, ``emulated``: :mod:`ouromamba_fx.ops.gemm`; compilation and every call of
+    the compiled function run with it), any other key is an Inductor config patch."""
     from torch._inductor.compile_fx import compile_fx
 
     options = dict(options or {})
-    lowering = {k: options.pop(k) for k in LOWERING_OPTIONS if k in options}
+    lowering = {k: options.pop(k) for k in OPTION_NAMES if k in options}
+    cpu_gemm = gemm.check_choice(options.pop("cpu_gemm", "auto"))
     keep = freeze_module_inputs(gm, example_inputs)
     # A fresh GraphModule without Dynamo's metadata: Inductor would otherwise look the frozen
     # constants up among the parameters Dynamo recorded and not find them.
     gm = fx.GraphModule(gm, gm.graph)
-    gm, _, _ = lower_graph(gm, **lowering)
-    compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=options or None)
+    with gemm.use(cpu_gemm):  # the decomposed linears pick their GEMM while Inductor traces them
+        gm, _, _ = lower_graph(gm, **lowering)
+        compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=options or None)
 
     # compile_fx on a plain GraphModule returns a function of positional tensors (AOT autograd's
     # non-boxed convention for nn.Module inputs).
     def run(*args):
-        return compiled(*[args[i] for i in keep])
+        with gemm.use(cpu_gemm):  # the opaque ops pick theirs at run time
+            return compiled(*[args[i] for i in keep])
 
     return run
 

@@ -1,647 +1,406 @@
-"""Lowering rules: each rewrites one pattern of the reference quantized graph into a fused op.
+"""The lowering rules: each rewrites one pattern of the reference quantized graph into fused ops.
 
-A rule is a :class:`~ouromamba_fx.passes.base.Pass` (so the pass manager lints, recompiles and
-snapshots after it, and ``QuantizedModel.diff`` shows what it changed). Rules look only at graph
-structure and at the *values* of constant inputs (``get_attr`` nodes: quantized weights, scales,
-zero points), never at the ``node.meta`` tags, so they also work on graphs Dynamo captured from a
-``QuantizedModel`` (where the backend first turns module parameters and buffers into constants).
+A rule is a :class:`~ouromamba_fx.lowering.rewrite.Rule`: a ``match`` that reads a node's
+structure and the values of its constant inputs (:mod:`~ouromamba_fx.lowering.patterns`) and a
+``build`` that creates the replacement; :class:`~ouromamba_fx.lowering.rewrite.RewritePass` does
+the rest. :func:`lowering_rules` lists them in the order they run:
 
-Rules, in the order :func:`ouromamba_fx.lowering.lower.lowering_passes` runs them:
-
-* :class:`LowerW8A8Linear` -- ``quantize -> dequantize -> F.linear(., dequantize(w_q))`` with
+* ``lower_w8a8_linear`` -- ``quantize -> dequantize -> F.linear(., dequantize(w_q))`` with
   symmetric activations (<= 8 bits) and a scale per token (or per tensor) becomes
-  :func:`~ouromamba_fx.lowering.fused.int8_linear_static` (quantize, ``torch._int_mm``,
-  epilogue, in plain torch for Inductor to fuse); with ``inline=False`` the custom ops
+  :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed` (quantize, ``torch._int_mm``,
+  epilogue, in plain torch for Inductor to fuse); with ``int8_inline=False`` the custom ops
   ``ouromamba::w8a8_linear`` (8 bits) or ``ouromamba::int8_linear`` on the kept ``quantize``.
-* :class:`LowerW4A4O8Linear` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
+* ``lower_w4a4o8_linear`` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
   ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes, on weights packed two per
-  byte, ``ouromamba::w4a4o8_linear_rt`` (default: outlier rule, split, quantization, int4 GEMM and
-  sparse outlier term in one op, :mod:`ouromamba_fx.lowering.mixer`), or with ``fused=False``
-  ``ouromamba::outlier_mask`` + :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (or,
-  ``inline=False``, the op ``ouromamba::w4a4o8_linear``).
-* :class:`LowerIntegerScan` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
+  byte, ``ouromamba::w4a4o8_linear_rt`` (outlier rule, split, quantization, int4 GEMM and sparse
+  outlier term in one op), or with ``mixed_fused=False`` ``ouromamba::outlier_mask`` +
+  :func:`~ouromamba_fx.ops.w4a4o8_linear.w4a4o8_linear_masked_decomposed` (or, with
+  ``int4_inline=False``, the op ``ouromamba::w4a4o8_linear``). Same integers, same epilogue (up
+  to outlier channels sitting exactly on the threshold, which the summation order of the
+  mean/std decides).
+* ``lower_integer_scan`` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
   ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
-* :class:`LowerConv1dSilu` -- ``[flip ->] quantize -> dequantize -> conv1d (depthwise, causal
-  padding) -> [..., :L] -> silu`` becomes the C++ op ``ouromamba::causal_conv1d_silu``
-  (:mod:`ouromamba_fx.lowering.mixer`: one pass, input quantization fused, the flip read
-  backwards instead of copied, channel-contiguous output).
-* :class:`ChannelsLastScan` -- ``ouromamba::selective_scan`` feeding only lowered linears
-  (through elementwise ops and the transpose to (batch, L, d_inner)) becomes
-  ``ouromamba::selective_scan_cl``, the same output in channel-contiguous memory.
-* :class:`InlineFakeQuant` -- any quantize/dequantize pair still left (in front of float ops)
-  becomes :func:`~ouromamba_fx.lowering.fused.fake_quant`, and a ``quantize`` kept for its
+* ``channels_last_scan`` -- ``ouromamba::selective_scan`` feeding only lowered linears (through
+  elementwise ops and the transpose to (batch, L, d_inner)) becomes ``ouromamba::selective_scan_cl``,
+  the same output in channel-contiguous memory: the transposed tensor the linear reads is then
+  contiguous (the W4A4O8 linear's outlier pass would otherwise gather each token's channels
+  across time-contiguous rows).
+* ``lower_conv1d_silu`` -- ``[flip ->] quantize -> dequantize -> conv1d (depthwise, causal
+  padding) -> [..., :L] -> silu`` becomes ``ouromamba::causal_conv1d_silu`` (one pass, input
+  quantization fused, the flip read backwards instead of copied, channel-contiguous output).
+* ``inline_fake_quant`` -- any quantize/dequantize pair still left (in front of float ops)
+  becomes :func:`~ouromamba_fx.ops.quant.fake_quantize`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
   torch with the same formula, which Inductor fuses into the kernel producing its input.
-* :class:`InlineMixedFakeQuant` -- ``quantize_mixed`` sites left (feeding float ops) become the
+* ``inline_mixed_fake_quant`` -- ``quantize_mixed`` sites left (feeding float ops) become the
   one-pass ``ouromamba::mixed_fake_quant`` (8-bit outliers), else ``ouromamba::outlier_mask`` +
-  :func:`~ouromamba_fx.lowering.fused.mixed_fake_quant`.
-* :class:`FuseLinearMixedFakeQuant` -- ``mixed_fake_quant`` of a short-reduction
+  :func:`~ouromamba_fx.ops.mixed.mixed_fake_quant_decomposed`.
+* ``fuse_linear_mixed_fake_quant`` -- ``mixed_fake_quant`` of a short-reduction
   ``w4a4o8_linear_rt`` (Vim's dt_proj feeding the scan's delta) becomes
   ``ouromamba::w4a4o8_linear_mixed``, one pass per row.
-* :class:`FoldWeightDequant` -- ``dequantize`` of a constant weight (conv1d, or a linear no rule
+* ``fold_weight_dequant`` -- ``dequantize`` of a constant weight (conv1d, or a linear no rule
   took) is computed once into a float constant (the same numbers).
 """
 
 from __future__ import annotations
 
 import operator
-import re
+from dataclasses import dataclass
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import Tensor
 
-from ouromamba_fx.capture import META
-from ouromamba_fx.lowering.fused import (OUTLIER_MASK, fake_quant, int8_linear_static, mixed_fake_quant,
-                                         w4a4o8_linear_static)
-from ouromamba_fx.lowering.mixer import CONV1D_SILU_OP, MIXED_FAKE_QUANT_OP, W4A4O8_LINEAR_RT_OP
-from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
-from ouromamba_fx.lowering.qlinear import pack_int4
-from ouromamba_fx.lowering.qscan import SCAN_Q_OP, SCAN_QI_OP
-from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE, dequantize_ref, quantize_ref
-from ouromamba_fx.lowering.scan import SCAN_OP
-from ouromamba_fx.passes.base import Context, Pass
-
-LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)
-CONV1D_TARGETS = (F.conv1d, torch.ops.aten.conv1d.default)
-W8A8_LINEAR = torch.ops.ouromamba.w8a8_linear.default
-INT8_LINEAR = torch.ops.ouromamba.int8_linear.default
-W4A4O8_LINEAR = torch.ops.ouromamba.w4a4o8_linear.default
+from ouromamba_fx.lowering.patterns import (CONV1D_TARGETS, LINEAR_TARGETS, all_zero, arg, bias_ok, const,
+                                            const_weight, const_weight_any, elementwise, flip_last, is_call,
+                                            linear_parts, ndim, qdq_source, single, swaps_last_two, transpose_dims)
+from ouromamba_fx.lowering.rewrite import Built, Match, Pattern, Rule, new_const
+from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
+from ouromamba_fx.ops.int4 import pack_int4
+from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP,
+                                    mixed_fake_quant_decomposed)
+from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, dequantize_ref, fake_quantize, quantize_ref
+from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
+from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP
+from ouromamba_fx.ops.w4a4o8_linear import (SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
+                                            w4a4o8_linear_masked_decomposed)
 
 
-# ---------------------------------------------------------------------------------------------
-# Matching helpers
+@dataclass(frozen=True)
+class LoweringOptions:
+    """Which rules run and what they emit (the ``options=`` keys of ``torch.compile(q,
+    backend="ouromamba")`` and of ``q.lower()``; see :func:`ouromamba_fx.lowering.lower.lowering_passes`)."""
 
-def const(gm: fx.GraphModule, node) -> Tensor | None:
-    """The tensor a ``get_attr`` node reads, else None."""
-    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
-        return None
-    obj = gm
-    for part in node.target.split("."):
-        obj = getattr(obj, part, None)
-    return obj if isinstance(obj, Tensor) else None
-
-
-def is_call(node, targets) -> bool:
-    targets = targets if isinstance(targets, tuple) else (targets,)
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+    conv_silu: bool = True
+    integer_scan: bool = False
+    int8_inline: bool = True
+    int4_inline: bool = True
+    mixed_fused: bool = True
+    scan_cl: bool = True
 
 
-def arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def all_zero(t: Tensor | None) -> bool:
-    return t is not None and not bool(t.count_nonzero())
-
-
-def same_const(gm: fx.GraphModule, a, b) -> bool:
-    """Same node, or two constants with equal values."""
-    if a is b:
-        return True
-    ta, tb = const(gm, a), const(gm, b)
-    return ta is not None and tb is not None and ta.shape == tb.shape and torch.equal(ta, tb)
-
-
-def qdq_source(gm: fx.GraphModule, node) -> tuple[fx.Node, fx.Node, fx.Node, int, int] | None:
-    """If ``node`` is ``dequantize(quantize(x, s, z, qmin, qmax), s, z)``: (quantize node, s, z,
-    qmin, qmax); else None."""
-    if not is_call(node, DEQUANTIZE):
-        return None
-    q, s, z = node.args[:3]
-    if not is_call(q, QUANTIZE):
-        return None
-    _, qs, qz, qmin, qmax = q.args[:5]
-    if not (same_const(gm, s, qs) and same_const(gm, z, qz)):
-        return None
-    return q, qs, qz, int(qmin), int(qmax)
-
-
-def const_weight(gm: fx.GraphModule, node) -> tuple[fx.Node, Tensor, Tensor] | None:
-    """If ``node`` is ``dequantize(w_q, w_scale, w_zp)`` of constants with int8 ``w_q`` (N, K), a
-    scale per output channel and zero points all 0: (w_q node, w_q, w_scale (N,))."""
-    if not is_call(node, DEQUANTIZE):
-        return None
-    wq_n, ws_n, wz_n = node.args[:3]
-    wq, ws, wz = const(gm, wq_n), const(gm, ws_n), const(gm, wz_n)
-    if wq is None or ws is None or wq.dtype != torch.int8 or wq.dim() != 2 or not all_zero(wz):
-        return None
-    if ws.numel() != wq.shape[0] or not ws.dtype.is_floating_point:
-        return None
-    return wq_n, wq, ws.reshape(-1)
-
-
-def linear_parts(node: fx.Node):
-    """(input, weight, bias) of an ``F.linear`` call."""
-    return arg(node, 0, "input"), arg(node, 1, "weight"), arg(node, 2, "bias")
-
-
-def bias_ok(gm: fx.GraphModule, b) -> bool:
-    return b is None or const(gm, b) is not None or (isinstance(b, fx.Node) and b.op != "get_attr")
-
-
-def new_const(gm: fx.GraphModule, base: str, value: Tensor, before: fx.Node) -> fx.Node:
-    """Register ``value`` as a buffer of ``gm`` under a fresh name from ``base``; a get_attr node."""
-    name = re.sub(r"[^0-9a-zA-Z_]", "_", base)
-    i, cand = 0, name
-    while hasattr(gm, cand):
-        i += 1
-        cand = f"{name}_{i}"
-    gm.register_buffer(cand, value)
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(cand)
-
-
-def keep_tag(src: fx.Node, dst: fx.Node, **extra) -> None:
-    t = dict(src.meta.get(META) or {})
-    if t or extra:
-        dst.meta[META] = {**t, **extra}
-
-
-def cleanup(gm: fx.GraphModule) -> None:
-    """Drop dead nodes, then the module buffers no ``get_attr`` reads any more."""
-    gm.graph.eliminate_dead_code()
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in gm.named_buffers()]:
-        if name not in used:
-            *path, leaf = name.split(".")
-            owner = gm.get_submodule(".".join(path)) if path else gm
-            delattr(owner, leaf)
-
-
-def _flat_float(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach().float().contiguous()
+def _mixed_args(node: fx.Node) -> tuple:
+    """(x, inlier scale, token axis, channel axis, bits, outlier bits, k, n_refresh) of a
+    ``quantize_mixed`` or ``mixed_fake_quant`` node."""
+    return tuple(node.args[:8])
 
 
 # ---------------------------------------------------------------------------------------------
-# Rules
+# lower_w8a8_linear
 
-class LowerW8A8Linear(Pass):
-    """``inline=True`` (default) emits :func:`~ouromamba_fx.lowering.fused.int8_linear_static`
-    (plain torch around ``torch._int_mm``, fused by Inductor); ``inline=False`` the opaque
-    custom ops ``w8a8_linear`` / ``int8_linear``. Same integers, same epilogue order."""
-
-    name = "lower_w8a8_linear"
-
-    def __init__(self, inline: bool = True) -> None:
-        self.inline = inline
-
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        changed = 0
-        for node in list(gm.graph.nodes):
-            if not is_call(node, LINEAR_TARGETS):
-                continue
-            x_dq, w_dq, b = linear_parts(node)
-            src, w = qdq_source(gm, x_dq), const_weight(gm, w_dq)
-            if src is None or w is None or not bias_ok(gm, b):
-                continue
-            q, s_n, z_n, qmin, qmax = src
-            s, z = const(gm, s_n), const(gm, z_n)
-            # symmetric, zero points 0, one scale per row (per token or per tensor)
-            if s is None or not all_zero(z) or qmin != -qmax or qmax > 127:
-                continue
-            if s.numel() != 1 and s.shape[-1] != 1:
-                continue
-            wq_n, _, ws = w
-            ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), node)
-            inline = self.inline and w[1].shape[1] >= 2
-            with gm.graph.inserting_before(node):
-                if inline:
-                    new = gm.graph.call_function(int8_linear_static, (q.args[0], s_n, qmin, qmax, wq_n, ws_n, b))
-                elif qmax == 127:
-                    new = gm.graph.call_function(W8A8_LINEAR, (q.args[0], wq_n, ws_n, b, s_n))
-                else:  # fewer bits: keep the quantize node's integers, int8 GEMM on them
-                    new = gm.graph.call_function(int8_linear_nd, (q, s_n, wq_n, ws_n, b))
-            op = "int8_linear_static" if inline else "w8a8_linear" if qmax == 127 else "int8_linear"
-            keep_tag(node, new, kind="fused", op=op, act_bits=qmax.bit_length() + 1)
-            new.meta["tensor_meta"] = node.meta.get("tensor_meta")
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            changed += 1
-        cleanup(gm)
-        ctx.log.append(f"{self.name}: {changed} linear(s)")
-        return bool(changed)
-
-
-def int8_linear_nd(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """``ouromamba::int8_linear`` on integers ``x_q`` (..., K) with a scale broadcastable to
-    (..., 1) (the per-token static scale of the reference graph)."""
-    lead = x_q.shape[:-1]
-    xs = x_scale.expand(*lead, 1).reshape(-1, 1)
-    y = torch.ops.ouromamba.int8_linear(x_q.reshape(-1, x_q.shape[-1]), xs, w_q, w_scale, bias)
-    return y.reshape(*lead, w_q.shape[0])
-
-
-class LowerW4A4O8Linear(Pass):
-    """``fused=True`` (default) emits ``ouromamba::w4a4o8_linear_rt``
-    (:mod:`ouromamba_fx.lowering.mixer`: the outlier rule, the split and the quantization in one
-    C++ pass, then the inlier GEMM and each token's outlier channels added in the epilogue). Otherwise
-    ``ouromamba::outlier_mask`` (the reference's code) and, with ``inline=True``,
-    :func:`~ouromamba_fx.lowering.fused.w4a4o8_linear_static` (plain torch, two dense
-    ``torch._int_mm``, fused by Inductor), with ``inline=False`` the opaque
-    ``ouromamba::w4a4o8_linear``. Same integers, same epilogue (up to outlier channels sitting
-    exactly on the threshold, which the summation order of the mean/std decides)."""
-
-    name = "lower_w4a4o8_linear"
-
-    def __init__(self, inline: bool = True, fused: bool = True) -> None:
-        self.inline = inline
-        self.fused = fused
-
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        changed = 0
-        packed: dict[str, fx.Node] = {}
-        for node in list(gm.graph.nodes):
-            if not is_call(node, LINEAR_TARGETS):
-                continue
-            x_mq, w_dq, b = linear_parts(node)
-            w = const_weight(gm, w_dq)
-            if not is_call(x_mq, QUANTIZE_MIXED) or w is None or not bias_ok(gm, b):
-                continue
-            x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = x_mq.args[:8]
-            wq_n, wq, ws = w
-            ndim = _ndim(x)
-            # Channels must be the last axis (the one F.linear contracts). Without recorded
-            # shapes, accept the (batch, L, C) layout the reference passes write for linear inputs.
-            last = channel_axis == -1 or (channel_axis == ndim - 1 if ndim is not None
-                                          else (token_axis, channel_axis) == (1, 2))
-            if bits != 4 or obits != 8 or not last or int(wq.min()) < -8 or int(wq.max()) > 7:
-                continue
-            if wq_n.target not in packed:
-                packed[wq_n.target] = new_const(gm, f"{wq_n.target}_int4", pack_int4(wq), x_mq)
-            wp_n = packed[wq_n.target]
-            ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), node)
-            # the fused op reads x as (..., L, C): time-steps on the second-to-last axis
-            steps_ok = token_axis == -2 or (token_axis == ndim - 2 if ndim is not None else token_axis == 1)
-            if self.fused and steps_ok:
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(W4A4O8_LINEAR_RT_OP, (x, s_n, wp_n, ws_n, b, int(wq.shape[1]),
-                                                                       float(k), n_refresh))
-                keep_tag(node, new, kind="fused", op="w4a4o8_linear_rt")
-            else:
-                with gm.graph.inserting_before(node):
-                    mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
-                                                                 n_refresh))
-                    m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
-                    inline = self.inline and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
-                    target = w4a4o8_linear_static if inline else W4A4O8_LINEAR
-                    new = gm.graph.call_function(target, (x, m, step_s, wp_n, ws_n, b, int(wq.shape[1])))
-                keep_tag(x_mq, mask, kind="outlier_mask")
-                keep_tag(node, new, kind="fused", op=getattr(target, "__name__", "w4a4o8_linear"))
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            changed += 1
-        cleanup(gm)
-        ctx.log.append(f"{self.name}: {changed} linear(s)")
-        return bool(changed)
-
-
-def _ndim(node) -> int | None:
-    """Rank of a node's value when the graph records it (FX tensor_meta or Dynamo example_value)."""
-    if not isinstance(node, fx.Node):
+def _match_w8a8(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    if not is_call(node, LINEAR_TARGETS):
         return None
-    for key in ("val", "example_value"):
-        v = node.meta.get(key)
-        if isinstance(v, Tensor):
-            return v.dim()
-    tm = node.meta.get("tensor_meta")
-    if tm is not None and hasattr(tm, "shape"):
-        return len(tm.shape)
-    return None
+    x_dq, w_dq, b = linear_parts(node)
+    src, w = qdq_source(gm, x_dq), const_weight(gm, w_dq)
+    if src is None or w is None or not bias_ok(gm, b):
+        return None
+    q, s_n, z_n, qmin, qmax = src
+    s, z = const(gm, s_n), const(gm, z_n)
+    # symmetric, zero points 0, one scale per row (per token or per tensor)
+    if s is None or not all_zero(z) or qmin != -qmax or qmax > 127:
+        return None
+    if s.numel() != 1 and s.shape[-1] != 1:
+        return None
+    return Match(node, dict(q=q, s_n=s_n, qmin=qmin, qmax=qmax, w=w, b=b))
 
 
-class LowerIntegerScan(Pass):
-    """``selective_scan(u, dequantize(q_delta), A, dequantize(q_B), dequantize(q_C), ...)`` (or
-    ``selective_scan_q`` with its reparameterization) -> ``ouromamba::selective_scan_qi`` on the
-    int8 codes with the quantize nodes' scales and zero points (dequantized inside the kernel,
-    where they are used). Inputs that are not quantize/dequantize pairs (``quantize_mixed``
-    outputs, float inputs) are passed as floats. Scans with no integer input are left alone."""
-
-    name = "lower_integer_scan"
-    _SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus")
-    _Q_ARGS = ("r_c", "r_l", "r_n", "state_scale", "state_bits")
-
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        changed = 0
-        for node in list(gm.graph.nodes):
-            if not is_call(node, (SCAN_OP, SCAN_Q_OP)):
-                continue
-            names = self._SCAN_ARGS + (self._Q_ARGS if node.target is SCAN_Q_OP else ())
-            v = dict(zip(names, node.args))
-            v.update(node.kwargs)
-            v.setdefault("delta_bias", None)
-            v.setdefault("delta_softplus", False)
-            ins = {}
-            for key in ("delta", "B", "C"):
-                src = qdq_source(gm, v[key])
-                ins[key] = (src[0], src[1], src[2]) if src is not None else (v[key], None, None)
-            if all(z is None for _, _, z in ins.values()):
-                continue
-            factors = tuple(v.get(k) for k in self._Q_ARGS[:4]) + (int(v.get("state_bits", 16)),)
-            args = (v["u"], *ins["delta"], v["A"], *ins["B"], *ins["C"], v.get("D"), v.get("z"),
-                    v["delta_bias"], v["delta_softplus"], *factors)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(SCAN_QI_OP, args)
-            keep_tag(node, new, kind="fused", op="selective_scan_qi")
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            changed += 1
-        cleanup(gm)
-        ctx.log.append(f"{self.name}: {changed} scan(s)")
-        return bool(changed)
+def _build_w8a8(inline_option: bool):
+    def build(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+        q, s_n, qmin, qmax, b = (m.fields[k] for k in ("q", "s_n", "qmin", "qmax", "b"))
+        wq_n, wq, ws = m.fields["w"]
+        ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), m.anchor)
+        inline = inline_option and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
+        if inline:
+            new = gm.graph.call_function(int8_linear_decomposed, (q.args[0], s_n, qmin, qmax, wq_n, ws_n, b))
+        elif qmax == 127:
+            new = gm.graph.call_function(W8A8_LINEAR_OP, (q.args[0], wq_n, ws_n, b, s_n))
+        else:  # fewer bits: keep the quantize node's integers, int8 GEMM on them
+            new = gm.graph.call_function(int8_linear_codes, (q, s_n, wq_n, ws_n, b))
+        op = "int8_linear_decomposed" if inline else "w8a8_linear" if qmax == 127 else "int8_linear"
+        return Built(new, ((m.anchor, new, dict(kind="fused", op=op, act_bits=qmax.bit_length() + 1)),),
+                     keep_tensor_meta=True)
+    return build
 
 
-class LowerConv1dSilu(Pass):
-    name = "lower_conv1d_silu"
+# ---------------------------------------------------------------------------------------------
+# lower_w4a4o8_linear
 
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        changed = 0
-        for node in list(gm.graph.nodes):
-            if not is_call(node, F.silu) or not is_call(node.args[0], operator.getitem):
-                continue
-            sl = node.args[0]
-            conv, index = sl.args
-            if not is_call(conv, CONV1D_TARGETS) or len(conv.users) != 1 or len(sl.users) != 1:
-                continue
-            x_in, w_in, b_in = conv.args[0], arg(conv, 1, "weight"), arg(conv, 2, "bias")
-            stride, padding, dilation, groups = (tuple(conv.args[3:7]) + (1, 0, 1, 1)[len(conv.args) - 3:])[:4]
-            w = const_weight_any(gm, w_in)
-            if w is None or w.dim() != 3 or w.shape[1] != 1 or groups != w.shape[0]:
-                continue
-            kk = w.shape[-1]
-            if _one(stride) != 1 or _one(dilation) != 1 or _one(padding) != kk - 1:
-                continue
-            if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis
-                    and index[1] == slice(None, -(kk - 1), None)):
-                continue
-            src = qdq_source(gm, x_in)
-            w_n = new_const(gm, f"{conv.name}_weight_f", w.contiguous(), node)
-            if src is not None:
-                q, s_n, z_n, qmin, qmax = src
-                x_src, qargs = q.args[0], (s_n, z_n, qmin, qmax)
-            else:
-                x_src, qargs = x_in, (None, None, -127, 127)
-            # conv(fq(flip(x))) reads x backwards inside the op: flip(x) is never materialised
-            reverse = _flip_last(x_src)
-            if reverse:
-                x_src = x_src.args[0]
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(CONV1D_SILU_OP, (x_src, w_n, b_in, *qargs, reverse))
-            keep_tag(conv, new, kind="fused", op="causal_conv1d_silu")
-            node.replace_all_uses_with(new)
-            for n in (node, sl, conv):
-                gm.graph.erase_node(n)
-            changed += 1
-        cleanup(gm)
-        ctx.log.append(f"{self.name}: {changed} conv(s)")
-        return bool(changed)
+def _match_w4a4o8(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    if not is_call(node, LINEAR_TARGETS):
+        return None
+    x_mq, w_dq, b = linear_parts(node)
+    w = const_weight(gm, w_dq)
+    if not is_call(x_mq, QUANTIZE_MIXED_OP) or w is None or not bias_ok(gm, b):
+        return None
+    x, _, token_axis, channel_axis, bits, obits, _, _ = _mixed_args(x_mq)
+    wq = w[1]
+    rank = ndim(x)
+    # Channels must be the last axis (the one F.linear contracts). Without recorded shapes, accept
+    # the (batch, L, C) layout the reference passes write for linear inputs.
+    last = channel_axis == -1 or (channel_axis == rank - 1 if rank is not None else (token_axis, channel_axis) == (1, 2))
+    if bits != 4 or obits != 8 or not last or int(wq.min()) < -8 or int(wq.max()) > 7:
+        return None
+    # the detecting op reads x as (..., L, C): time-steps on the second-to-last axis
+    steps_ok = token_axis == -2 or (token_axis == rank - 2 if rank is not None else token_axis == 1)
+    return Match(node, dict(x_mq=x_mq, w=w, b=b, steps_ok=steps_ok))
 
 
-def _flip_last(node) -> bool:
-    """Whether ``node`` is ``x.flip(-1)`` / ``torch.flip(x, [-1])`` (the last axis: time, for a
-    (B, D, L) conv input)."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_method" and node.target == "flip":
-        dims = node.args[1:] or (node.kwargs.get("dims"),)
-    elif is_call(node, (torch.flip, torch.ops.aten.flip.default)):
-        dims = (arg(node, 1, "dims"),)
-    else:
-        return False
-    flat = [d for item in dims for d in (item if isinstance(item, (tuple, list)) else (item,))]
-    return flat == [-1] or (flat == [2] and _ndim(node.args[0]) == 3)
+def _build_w4a4o8(fused: bool, inline_option: bool):
+    def build(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+        x_mq, b = m.fields["x_mq"], m.fields["b"]
+        x, s_n, token_axis, channel_axis, bits, _, k, n_refresh = _mixed_args(x_mq)
+        wq_n, wq, ws = m.fields["w"]
+        packed = state.setdefault("packed", {})  # one packed weight per weight, however many uses
+        if wq_n.target not in packed:
+            packed[wq_n.target] = new_const(gm, f"{wq_n.target}_int4", pack_int4(wq), x_mq)
+        wp_n = packed[wq_n.target]
+        ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), m.anchor)
+        if fused and m.fields["steps_ok"]:
+            new = gm.graph.call_function(W4A4O8_DETECT_OP, (x, s_n, wp_n, ws_n, b, int(wq.shape[1]), float(k),
+                                                            n_refresh))
+            return Built(new, ((m.anchor, new, dict(kind="fused", op="w4a4o8_linear_rt")),))
+        mask = gm.graph.call_function(OUTLIER_MASK_OP, (x, s_n, token_axis, channel_axis, bits, float(k), n_refresh))
+        mask_n, step_n = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+        inline = inline_option and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
+        target = w4a4o8_linear_masked_decomposed if inline else W4A4O8_MASKED_OP
+        new = gm.graph.call_function(target, (x, mask_n, step_n, wp_n, ws_n, b, int(wq.shape[1])))
+        op = getattr(target, "__name__", "w4a4o8_linear")
+        return Built(new, ((x_mq, mask, dict(kind="outlier_mask")), (m.anchor, new, dict(kind="fused", op=op))))
+    return build
 
 
-def _one(v):
-    return v[0] if isinstance(v, (tuple, list)) and len(v) == 1 else v
+# ---------------------------------------------------------------------------------------------
+# lower_integer_scan
+
+_SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus")
+_REPARAM_ARGS = ("r_c", "r_l", "r_n", "state_scale", "state_bits")
 
 
-def const_weight_any(gm: fx.GraphModule, node) -> Tensor | None:
-    """A constant float weight, or the dequantized value of ``dequantize(w_q, s, z)`` of constants."""
-    t = const(gm, node)
-    if t is not None:
-        return t.detach()
-    if is_call(node, DEQUANTIZE):
-        parts = [const(gm, a) for a in node.args[:3]]
-        if all(p is not None for p in parts):
-            return dequantize_ref(*parts)
-    return None
+def _match_integer_scan(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    if not is_call(node, (SCAN_OP, SCAN_REPARAM_OP)):
+        return None
+    names = _SCAN_ARGS + (_REPARAM_ARGS if node.target is SCAN_REPARAM_OP else ())
+    v = dict(zip(names, node.args))
+    v.update(node.kwargs)
+    v.setdefault("delta_bias", None)
+    v.setdefault("delta_softplus", False)
+    ins = {}
+    for key in ("delta", "B", "C"):
+        src = qdq_source(gm, v[key])
+        ins[key] = (src[0], src[1], src[2]) if src is not None else (v[key], None, None)
+    if all(z is None for _, _, z in ins.values()):
+        return None
+    return Match(node, dict(v=v, ins=ins))
 
 
-# Ops that accept any strides and give values independent of them: a chain of them between the
-# scan and the transpose in front of out_proj (Vim's (y_f + flip(y_b)) / 2) keeps the scan's layout.
-_ELEMENTWISE_FNS = (operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, torch.add, torch.sub,
-                    torch.mul, torch.div, torch.flip, torch.ops.aten.flip.default)
-_ELEMENTWISE_METHODS = ("add", "sub", "mul", "div", "neg", "flip")
+def _build_integer_scan(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    v, ins = m.fields["v"], m.fields["ins"]
+    factors = tuple(v.get(k) for k in _REPARAM_ARGS[:4]) + (int(v.get("state_bits", 16)),)
+    args = (v["u"], *ins["delta"], v["A"], *ins["B"], *ins["C"], v.get("D"), v.get("z"), v["delta_bias"],
+            v["delta_softplus"], *factors)
+    new = gm.graph.call_function(SCAN_INT8_INPUTS_OP, args)
+    return Built(new, ((m.anchor, new, dict(kind="fused", op="selective_scan_qi")),))
 
 
-def _elementwise(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ELEMENTWISE_FNS) or \
-        (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS)
+# ---------------------------------------------------------------------------------------------
+# channels_last_scan
+
+_LOWERED_LINEARS = (W4A4O8_DETECT_OP, W4A4O8_MASKED_OP, W8A8_LINEAR_OP, INT8_LINEAR_OP, int8_linear_decomposed)
 
 
-def _transpose_args(node: fx.Node) -> tuple | None:
-    """The two dims of ``x.transpose(d0, d1)`` / ``torch.transpose(x, d0, d1)``, as given; None
-    for any other node."""
-    if node.op == "call_method" and node.target == "transpose":
-        return tuple(node.args[1:3])
-    if is_call(node, (torch.transpose, torch.ops.aten.transpose.int)):
-        return arg(node, 1, "dim0"), arg(node, 2, "dim1")
-    return None
-
-
-def _swaps_last_two(node: fx.Node) -> bool:
-    """Whether ``node`` is ``x.transpose(1, 2)`` (or ``(-1, -2)``, either order) of a 3-d ``x``."""
-    dims = _transpose_args(node)
-    return dims is not None and sorted(d % 3 if isinstance(d, int) else -9 for d in dims) == [1, 2]
-
-
-def _transpose_dims(node: fx.Node) -> tuple[int, int] | None:
-    """The two dims of ``x.transpose(d0, d1)`` / ``torch.transpose(x, d0, d1)`` when both are
-    non-negative ints (so that they name the same axes whatever the rank), else None."""
-    dims = _transpose_args(node)
-    ok = dims is not None and len(dims) == 2 and all(isinstance(d, int) and d >= 0 for d in dims) and dims[0] != dims[1]
-    return dims if ok else None
-
-
-class ChannelsLastScan(Pass):
-    """``ouromamba::selective_scan`` whose output reaches only lowered linears, through
-    elementwise ops and one transpose to (batch, L, d_inner) (the out_proj of a Mamba mixer),
-    becomes ``ouromamba::selective_scan_cl``: the same numbers in channel-contiguous memory, so
-    that the transposed tensor the linear reads is contiguous. Without it, the W4A4O8 linear's
-    outlier pass gathers each token's channels across time-contiguous rows (on a Vim-S out_proj
-    input, (16, 197, 768): 4.6 ms against 1.9 ms contiguous, this CPU). Scans with any other use
-    (a view, a reduction, a graph output) are left as they are."""
-
-    name = "channels_last_scan"
-    LINEARS = (W4A4O8_LINEAR_RT_OP, W4A4O8_LINEAR, W8A8_LINEAR, INT8_LINEAR, int8_linear_static)
-
-    def _only_feeds_linears(self, scan: fx.Node) -> bool:
-        todo, seen = [scan], set()
-        while todo:
-            node = todo.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            for user in node.users:
-                if _elementwise(user):
-                    todo.append(user)
-                elif _swaps_last_two(user) and user.args[0] is node:
-                    if not user.users or not all(is_call(u, self.LINEARS) and u.args[0] is user for u in user.users):
-                        return False
-                else:
+def _only_feeds_lowered_linears(scan: fx.Node) -> bool:
+    todo, seen = [scan], set()
+    while todo:
+        node = todo.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for user in node.users:
+            if elementwise(user):
+                todo.append(user)
+            elif swaps_last_two(user) and user.args[0] is node:
+                if not user.users or not all(is_call(u, _LOWERED_LINEARS) and u.args[0] is user for u in user.users):
                     return False
-        return True
-
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        from ouromamba_fx.lowering.scan import SCAN_CL_OP
-
-        changed = 0
-        for node in list(gm.graph.nodes):
-            if is_call(node, SCAN_OP) and node.users and self._only_feeds_linears(node):
-                node.target = SCAN_CL_OP
-                changed += 1
-        ctx.log.append(f"{self.name}: {changed} scan(s)")
-        return bool(changed)
-
-
-class InlineFakeQuant(Pass):
-    name = "inline_fake_quant"
-
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        changed = 0
-        for node in list(gm.graph.nodes):
-            src = qdq_source(gm, node)
-            if src is None:
-                continue
-            q, s_n, z_n, qmin, qmax = src
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(fake_quant, (q.args[0], s_n, z_n, qmin, qmax))
-            keep_tag(q, new, kind="fake_quant")
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            changed += 1
-        gm.graph.eliminate_dead_code()
-        # Quantize nodes kept for their integers (feeding an integer op) become plain torch too:
-        # the same formula, fused by Inductor into the kernel that produces x.
-        for node in list(gm.graph.nodes):
-            if is_call(node, QUANTIZE):
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(quantize_ref, tuple(node.args), dict(node.kwargs))
-                keep_tag(node, new)
-                node.replace_all_uses_with(new)
-                gm.graph.erase_node(node)
-                changed += 1
-        cleanup(gm)
-        ctx.log.append(f"{self.name}: {changed} pair(s)")
-        return bool(changed)
-
-
-class InlineMixedFakeQuant(Pass):
-    """``quantize_mixed`` sites no linear rule took (the scan's delta/B/C, W4A8O16 inputs) ->
-    ``ouromamba::mixed_fake_quant`` (one C++ pass; ``fused=True`` and 8-bit outliers), else
-    ``ouromamba::outlier_mask`` (the reference's code) + :func:`mixed_fake_quant` (plain torch)."""
-
-    name = "inline_mixed_fake_quant"
-
-    def __init__(self, fused: bool = True) -> None:
-        self.fused = fused
-
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        changed = 0
-        for node in list(gm.graph.nodes):
-            if not is_call(node, QUANTIZE_MIXED):
-                continue
-            x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = node.args[:8]
-            if self.fused and obits == 8 and 2 <= bits <= 8:  # one C++ pass on the CPU
-                with gm.graph.inserting_before(node):
-                    new = gm.graph.call_function(MIXED_FAKE_QUANT_OP, tuple(node.args[:8]))
-                keep_tag(node, new, kind="fake_quant_mixed")
             else:
-                with gm.graph.inserting_before(node):
-                    mask = gm.graph.call_function(OUTLIER_MASK, (x, s_n, token_axis, channel_axis, bits, float(k),
-                                                                 n_refresh))
-                    m, step_s = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
-                    new = gm.graph.call_function(mixed_fake_quant, (x, m, step_s, channel_axis, bits, obits))
-                keep_tag(node, mask, kind="outlier_mask")
-                keep_tag(node, new, kind="fake_quant_mixed")
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            changed += 1
-        cleanup(gm)
-        ctx.log.append(f"{self.name}: {changed} site(s)")
-        return bool(changed)
+                return False
+    return True
 
 
-class FuseLinearMixedFakeQuant(Pass):
-    """``mixed_fake_quant`` (8-bit outliers) of a ``w4a4o8_linear_rt`` output with a short
-    reduction (fewer than ``SMALL_K`` input channels), directly or through a transpose (Vim's
-    to (batch, N, L)), becomes ``ouromamba::w4a4o8_linear_mixed`` with the site's axes mapped onto
-    the linear's output: Vim's dt_proj and the quantization of the scan's delta in one pass per
-    row, the product never written out. Only where the linear output has no other use; the op
-    itself checks at run time that tokens and channels are its output's last two axes."""
-
-    name = "fuse_linear_mixed_fake_quant"
-
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        from ouromamba_fx.lowering.mixer import SMALL_K, W4A4O8_LINEAR_MIXED_OP
-
-        changed = 0
-        for node in list(gm.graph.nodes):
-            if not is_call(node, MIXED_FAKE_QUANT_OP) or len(node.args) < 8:
-                continue
-            x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = node.args[:8]
-            if obits != 8 or not isinstance(x, fx.Node):
-                continue
-            lin, swap = x, None
-            dims = _transpose_dims(x)
-            if dims is not None and len(x.users) == 1:
-                lin, swap = x.args[0], dims
-            if not is_call(lin, W4A4O8_LINEAR_RT_OP) or len(lin.users) != 1 or len(lin.args) < 8:
-                continue
-            k_in = lin.args[5]
-            if not isinstance(k_in, int) or k_in >= SMALL_K or not isinstance(token_axis, int) or \
-                    not isinstance(channel_axis, int) or (swap is None and (token_axis < 0 or channel_axis < 0)):
-                continue
-            # the site's axes, on the linear's output (seen through the transpose); the op runs its
-            # one-pass kernel when they are the last two, else the two ops in turn
-            ta, ca = token_axis, channel_axis
-            if swap is not None:
-                other = {swap[0]: swap[1], swap[1]: swap[0]}
-                ta, ca = other.get(ta, ta), other.get(ca, ca)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(W4A4O8_LINEAR_MIXED_OP,
-                                             (*lin.args[:8], s_n, ta, ca, bits, float(k), n_refresh))
-                out = gm.graph.call_method("transpose", (new, *swap)) if swap is not None else new
-            keep_tag(node, new, kind="fused", op="w4a4o8_linear_mixed")
-            node.replace_all_uses_with(out)
-            gm.graph.erase_node(node)
-            if swap is not None:
-                gm.graph.erase_node(x)
-            gm.graph.erase_node(lin)
-            changed += 1
-        cleanup(gm)
-        ctx.log.append(f"{self.name}: {changed} linear(s)")
-        return bool(changed)
+def _match_channels_last_scan(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    if is_call(node, SCAN_OP) and node.users and _only_feeds_lowered_linears(node):
+        return Match(node)
+    return None
 
 
-class FoldWeightDequant(Pass):
-    name = "fold_weight_dequant"
+def _build_channels_last_scan(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    m.anchor.target = SCAN_CHANNELS_LAST_OP  # same arguments, same numbers, another output layout
+    return Built(None)
 
-    def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        changed = 0
-        for node in list(gm.graph.nodes):
-            if not is_call(node, DEQUANTIZE) or not all(const(gm, a) is not None for a in node.args[:3]):
-                continue
-            w = dequantize_ref(*(const(gm, a) for a in node.args[:3]))
-            new = new_const(gm, f"{node.args[0].target}_f", w, node)
-            keep_tag(node, new, kind="weight_folded")
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            changed += 1
-        cleanup(gm)
-        ctx.log.append(f"{self.name}: {changed} weight(s)")
-        return bool(changed)
+
+# ---------------------------------------------------------------------------------------------
+# lower_conv1d_silu
+
+def _match_conv1d_silu(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    if not is_call(node, F.silu) or not is_call(node.args[0], operator.getitem):
+        return None
+    sl = node.args[0]
+    conv, index = sl.args
+    if not is_call(conv, CONV1D_TARGETS) or len(conv.users) != 1 or len(sl.users) != 1:
+        return None
+    stride, padding, dilation, groups = (tuple(conv.args[3:7]) + (1, 0, 1, 1)[len(conv.args) - 3:])[:4]
+    w = const_weight_any(gm, arg(conv, 1, "weight"))
+    if w is None or w.dim() != 3 or w.shape[1] != 1 or groups != w.shape[0]:
+        return None
+    taps = w.shape[-1]
+    if single(stride) != 1 or single(dilation) != 1 or single(padding) != taps - 1:
+        return None
+    if not (isinstance(index, tuple) and len(index) == 2 and index[0] is Ellipsis
+            and index[1] == slice(None, -(taps - 1), None)):
+        return None
+    return Match(node, dict(conv=conv, w=w), erase=(sl, conv))
+
+
+def _build_conv1d_silu(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    conv, w = m.fields["conv"], m.fields["w"]
+    x_in, b_in = conv.args[0], arg(conv, 2, "bias")
+    src = qdq_source(gm, x_in)
+    w_n = new_const(gm, f"{conv.name}_weight_f", w.contiguous(), m.anchor)
+    if src is not None:
+        q, s_n, z_n, qmin, qmax = src
+        x_src, qargs = q.args[0], (s_n, z_n, qmin, qmax)
+    else:
+        x_src, qargs = x_in, (None, None, -127, 127)
+    # conv(fq(flip(x))) reads x backwards inside the op: flip(x) is never materialised
+    reverse = flip_last(x_src)
+    if reverse:
+        x_src = x_src.args[0]
+    new = gm.graph.call_function(CONV1D_SILU_OP, (x_src, w_n, b_in, *qargs, reverse))
+    return Built(new, ((conv, new, dict(kind="fused", op="causal_conv1d_silu")),))
+
+
+# ---------------------------------------------------------------------------------------------
+# inline_fake_quant
+
+def _match_qdq_pair(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    src = qdq_source(gm, node)
+    return None if src is None else Match(node, dict(src=src))
+
+
+def _build_fake_quantize(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    q, s_n, z_n, qmin, qmax = m.fields["src"]
+    new = gm.graph.call_function(fake_quantize, (q.args[0], s_n, z_n, qmin, qmax))
+    return Built(new, ((q, new, dict(kind="fake_quant")),))
+
+
+def _match_kept_quantize(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    return Match(node) if is_call(node, QUANTIZE_OP) else None
+
+
+def _build_quantize_ref(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    # a quantize kept for its integers (feeding an integer op): the same formula in plain torch
+    new = gm.graph.call_function(quantize_ref, tuple(m.anchor.args), dict(m.anchor.kwargs))
+    return Built(new, ((m.anchor, new, {}),))
+
+
+# ---------------------------------------------------------------------------------------------
+# inline_mixed_fake_quant
+
+def _match_mixed_site(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    return Match(node) if is_call(node, QUANTIZE_MIXED_OP) else None
+
+
+def _build_mixed_site(fused: bool):
+    def build(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+        node = m.anchor
+        x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = _mixed_args(node)
+        if fused and obits == 8 and 2 <= bits <= 8:  # one C++ pass on the CPU
+            new = gm.graph.call_function(MIXED_FAKE_QUANT_OP, _mixed_args(node))
+            return Built(new, ((node, new, dict(kind="fake_quant_mixed")),))
+        mask = gm.graph.call_function(OUTLIER_MASK_OP, (x, s_n, token_axis, channel_axis, bits, float(k), n_refresh))
+        mask_n, step_n = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
+        new = gm.graph.call_function(mixed_fake_quant_decomposed, (x, mask_n, step_n, channel_axis, bits, obits))
+        return Built(new, ((node, mask, dict(kind="outlier_mask")), (node, new, dict(kind="fake_quant_mixed"))))
+    return build
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_linear_mixed_fake_quant
+
+def _match_linear_then_mixed(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    """``mixed_fake_quant`` (8-bit outliers) of a ``w4a4o8_linear_rt`` output with fewer than
+    ``SMALL_K`` input channels, directly or through one transpose (Vim's to (batch, N, L)), where
+    the linear output has no other use. The op checks at run time that tokens and channels are
+    its output's last two axes."""
+    if not is_call(node, MIXED_FAKE_QUANT_OP) or len(node.args) < 8:
+        return None
+    x, _, token_axis, channel_axis, _, obits, _, _ = _mixed_args(node)
+    if obits != 8 or not isinstance(x, fx.Node):
+        return None
+    lin, swap = x, None
+    dims = transpose_dims(x)
+    if dims is not None and len(x.users) == 1:
+        lin, swap = x.args[0], dims
+    if not is_call(lin, W4A4O8_DETECT_OP) or len(lin.users) != 1 or len(lin.args) < 8:
+        return None
+    k_in = lin.args[5]
+    if not isinstance(k_in, int) or k_in >= SMALL_K or not isinstance(token_axis, int) or \
+            not isinstance(channel_axis, int) or (swap is None and (token_axis < 0 or channel_axis < 0)):
+        return None
+    return Match(node, dict(lin=lin, swap=swap), erase=((x,) if swap is not None else ()) + (lin,))
+
+
+def _build_linear_then_mixed(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    lin, swap = m.fields["lin"], m.fields["swap"]
+    _, s_n, token_axis, channel_axis, bits, _, k, n_refresh = _mixed_args(m.anchor)
+    # the site's axes, on the linear's output (seen through the transpose)
+    if swap is not None:
+        other = {swap[0]: swap[1], swap[1]: swap[0]}
+        token_axis, channel_axis = other.get(token_axis, token_axis), other.get(channel_axis, channel_axis)
+    new = gm.graph.call_function(W4A4O8_DETECT_REQUANT_OP,
+                                 (*lin.args[:8], s_n, token_axis, channel_axis, bits, float(k), n_refresh))
+    out = gm.graph.call_method("transpose", (new, *swap)) if swap is not None else new
+    return Built(out, ((m.anchor, new, dict(kind="fused", op="w4a4o8_linear_mixed")),))
+
+
+# ---------------------------------------------------------------------------------------------
+# fold_weight_dequant
+
+def _match_const_dequantize(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    if not is_call(node, DEQUANTIZE_OP) or not all(const(gm, a) is not None for a in node.args[:3]):
+        return None
+    return Match(node)
+
+
+def _build_folded_weight(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    node = m.anchor
+    w = dequantize_ref(*(const(gm, a) for a in node.args[:3]))
+    new = new_const(gm, f"{node.args[0].target}_f", w, node)
+    return Built(new, ((node, new, dict(kind="weight_folded")),))
+
+
+# ---------------------------------------------------------------------------------------------
+
+def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
+    """The rules ``options`` selects, in order: linear rules first (they consume the
+    quantize/dequantize pairs and weight dequantizations they fuse), then the scan, then what is
+    left (see the module docstring)."""
+    o = options
+    rules = [Rule("lower_w8a8_linear", "linear(s)", (Pattern(_match_w8a8, _build_w8a8(o.int8_inline)),)),
+             Rule("lower_w4a4o8_linear", "linear(s)",
+                  (Pattern(_match_w4a4o8, _build_w4a4o8(o.mixed_fused, o.int4_inline)),))]
+    if o.integer_scan:
+        rules.append(Rule("lower_integer_scan", "scan(s)", (Pattern(_match_integer_scan, _build_integer_scan),)))
+    if o.scan_cl:
+        rules.append(Rule("channels_last_scan", "scan(s)",
+                          (Pattern(_match_channels_last_scan, _build_channels_last_scan),), cleanup=False))
+    if o.conv_silu:
+        rules.append(Rule("lower_conv1d_silu", "conv(s)", (Pattern(_match_conv1d_silu, _build_conv1d_silu),)))
+    rules += [Rule("inline_fake_quant", "pair(s)", (Pattern(_match_qdq_pair, _build_fake_quantize),
+                                                    Pattern(_match_kept_quantize, _build_quantize_ref))),
+              Rule("inline_mixed_fake_quant", "site(s)",
+                   (Pattern(_match_mixed_site, _build_mixed_site(o.mixed_fused)),))]
+    if o.mixed_fused:
+        rules.append(Rule("fuse_linear_mixed_fake_quant", "linear(s)",
+                          (Pattern(_match_linear_then_mixed, _build_linear_then_mixed),)))
+    return rules + [Rule("fold_weight_dequant", "weight(s)", (Pattern(_match_const_dequantize, _build_folded_weight),))]

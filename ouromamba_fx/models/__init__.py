@@ -2,7 +2,8 @@
 
 from ouromamba_fx.models.loader import Checkpoint, config_from_checkpoint, load, read_checkpoint
 from ouromamba_fx.models.mixer import MambaMixer
-from ouromamba_fx.models.registry import CONFIGS, bundled_checkpoint, create
+from ouromamba_fx.models.catalog import CONFIGS, bundled_checkpoint
+from ouromamba_fx.models.registry import create
 from ouromamba_fx.models.vim import VimBlock, VimConfig, VisionMamba
 from ouromamba_fx.models import families  # registers the MambaVision / VMamba / Mamba-stack timm names
 from ouromamba_fx.models.families import canonicalize

@@ -40,7 +40,7 @@ from ouromamba_fx.models import mambavision, vmamba
 from ouromamba_fx.models.loader import Checkpoint, load_state_dict_strict
 from ouromamba_fx.models.mamba_blocks import MambaStack, MambaStackConfig, canonicalize_mamba, is_upstream_mamba
 from ouromamba_fx.models.mambavision import MambaVision, MambaVisionConfig
-from ouromamba_fx.models.registry import CIFAR_MEAN, CIFAR_STD
+from ouromamba_fx.models.catalog import CIFAR_MEAN, CIFAR_STD
 from ouromamba_fx.models.vmamba import VSSM, VMambaConfig
 
 #: family -> (model class, config class)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from ouromamba_fx.errors import OuroMambaError
-from ouromamba_fx.lowering.scan import selective_scan
+from ouromamba_fx.ops.scan import selective_scan
 
 # The mixer configuration MambaVision's Block hard-codes.
 MIXER_D_STATE, MIXER_D_CONV, MIXER_EXPAND = 8, 3, 1

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ouromamba_fx.lowering.scan import selective_scan
+from ouromamba_fx.ops.scan import selective_scan
 
 # Names of the sub-modules and parameters of one scan direction: (conv1d, x_proj, dt_proj, A_log, D).
 DIRECTIONS = {

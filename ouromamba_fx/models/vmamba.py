@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from ouromamba_fx.errors import OuroMambaError
-from ouromamba_fx.lowering.scan import selective_scan
+from ouromamba_fx.ops.scan import selective_scan
 
 #: Scan directions of SS2D, in upstream's order k = 0..3 (the index of x_proj / dt_projs and of the
 #: direction's block of d_inner channels in A_logs / Ds).

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from ouromamba_fx import numerics
+from ouromamba_fx.numerics import EPS
 from ouromamba_fx.passes.base import Context, Pass
-from ouromamba_fx.qparams import EPS, act_qparams, kscale_scales, mixed_ratio_search
+from ouromamba_fx.passes.qparams import act_qparams, kscale_scales, mixed_ratio_search
 
 
 class ChooseActScales(Pass):
@@ -28,7 +30,7 @@ class ChooseActScales(Pass):
             if obs.tok_min is None:
                 raise RuntimeError(f"observer {obs.site} saw no data")
             bits = obs.spec.bits
-            qmax = 2 ** (bits - 1) - 1
+            qmax = numerics.qmax(bits)
             outlier = (cfg.outliers.bits, obs.outlier_k) if obs.outlier_k is not None else None
             if ctx.replay and (cfg.kscale is not None or outlier):
                 # Rebuilding a saved model: the scales are read from the file, so only their

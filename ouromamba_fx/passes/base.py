@@ -18,9 +18,9 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ouromamba_fx.capture import META
 from ouromamba_fx.config import QuantConfig
 from ouromamba_fx.errors import OuroMambaError
+from ouromamba_fx.tags import META
 
 
 class PassError(OuroMambaError):

@@ -32,6 +32,9 @@ def check_batch(x, i: int, expect: tuple[int, ...] | None) -> torch.Tensor:
     """Validate calibration batch ``i``; ``expect`` is the (C, H, W) the model takes."""
     if not isinstance(x, torch.Tensor):
         raise DataError(f"calib batch {i}: expected a tensor of images, got {type(x).__name__}")
+    if x.is_meta:
+        raise DataError(f"calib batch {i} is on the meta device (a shape without data); calibration needs "
+                        f"real images")
     if not x.is_floating_point():
         raise DataError(f"calib batch {i}: dtype {x.dtype}; expected normalised float images "
                         f"(use ouromamba_fx.data.image_loader or the model's transform)")

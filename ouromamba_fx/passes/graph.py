@@ -8,7 +8,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from ouromamba_fx.capture import tag
+from ouromamba_fx.tags import tag
 
 # Ops that move data without changing values (so a row of the producer stays a row).
 _VIEW_METHODS = {"transpose", "contiguous", "permute", "reshape", "view", "float"}

@@ -12,13 +12,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ouromamba_fx.capture import META, tag
 from ouromamba_fx.config import ActQuant
 from ouromamba_fx.passes.base import Context, Pass
+from ouromamba_fx.tags import LINEAR_ROLES, META, scan_site, site_key, tag
 
 # Scan argument positions (the op's schema: u, delta, A, B, C, D, z, delta_bias, delta_softplus).
 SCAN_ARG = {"u": 0, "delta": 1, "B": 3, "C": 4, "z": 6}
-LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
 class ActObserver(nn.Module):
@@ -118,14 +117,10 @@ def quant_sites(gm: fx.GraphModule):
         elif role == "conv1d":
             yield node, 0, node.target, "x", 2, 1
         elif role == "scan":
-            scan = f"{t['module']}.scan" + ("_b" if t["direction"] == "bwd" else "")
+            scan = scan_site(t)
             for name, idx in SCAN_ARG.items():
                 if idx < len(node.args) and isinstance(node.args[idx], fx.Node):
                     yield node, idx, scan, name, 2, 1
-
-
-def site_key(site: str, input_name: str) -> str:
-    return site if input_name == "x" else f"{site}:{input_name}"
 
 
 class InsertObservers(Pass):

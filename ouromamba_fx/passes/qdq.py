@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from ouromamba_fx.capture import META
-from ouromamba_fx.lowering.outlier import QUANTIZE_MIXED
-from ouromamba_fx.lowering.quant import DEQUANTIZE, QUANTIZE
+from ouromamba_fx.ops.mixed import QUANTIZE_MIXED_OP
+from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP
 from ouromamba_fx.passes.base import Context, Pass
+from ouromamba_fx.tags import META
 
 
 class QuantizeActivations(Pass):
@@ -38,7 +38,7 @@ class QuantizeActivations(Pass):
                     gm.register_buffer(base + "_inlier_scale", s_in)
                     s = g.get_attr(base + "_inlier_scale")
                     s.meta[META] = {**t, "kind": "act_qparam"}
-                    out = g.call_function(QUANTIZE_MIXED, (node.args[0], s, obs.token_axis,
+                    out = g.call_function(QUANTIZE_MIXED_OP, (node.args[0], s, obs.token_axis,
                                                            obs.channel_axis, bits, obits, float(k), n_refresh))
                     out.meta[META] = {**t, **info, "kind": "quantize_mixed", "outlier_bits": obits,
                                       "k": float(k), "n_refresh": n_refresh}
@@ -49,9 +49,9 @@ class QuantizeActivations(Pass):
                     s, z = g.get_attr(base + "_scale"), g.get_attr(base + "_zp")
                     for n in (s, z):
                         n.meta[META] = {**t, "kind": "act_qparam"}
-                    q = g.call_function(QUANTIZE, (node.args[0], s, z, qmin, qmax))
+                    q = g.call_function(QUANTIZE_OP, (node.args[0], s, z, qmin, qmax))
                     q.meta[META] = {**t, **info, "kind": "quantize"}
-                    out = g.call_function(DEQUANTIZE, (q, s, z))
+                    out = g.call_function(DEQUANTIZE_OP, (q, s, z))
                     out.meta[META] = {**t, "kind": "dequantize"}
             node.replace_all_uses_with(out)
             g.erase_node(node)

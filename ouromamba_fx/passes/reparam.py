@@ -18,11 +18,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ouromamba_fx.capture import META, SCAN_OP, tag
-from ouromamba_fx.lowering.qscan import SCAN_Q_OP, scan_state_stats
+from ouromamba_fx import numerics
+from ouromamba_fx.numerics import EPS
+from ouromamba_fx.ops.scan import SCAN_OP
+from ouromamba_fx.ops.scan_quant import SCAN_REPARAM_OP, scan_state_stats
 from ouromamba_fx.passes.base import Context, Pass
 from ouromamba_fx.passes.graph import nearest_ancestor, split_rows, to_networkx
-from ouromamba_fx.qparams import EPS
+from ouromamba_fx.tags import META, scan_site, tag
 
 
 class ScanStateObserver(nn.Module):
@@ -43,10 +45,6 @@ class ScanStateObserver(nn.Module):
         return SCAN_OP(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
-def _site(t: dict) -> str:
-    return f"{t['module']}.scan" + ("_b" if t["direction"] == "bwd" else "")
-
-
 class ObserveScanStates(Pass):
     name = "observe_scan_states"
     provides = ("state_observers",)
@@ -57,11 +55,12 @@ class ObserveScanStates(Pass):
             if not (node.op == "call_function" and node.target is SCAN_OP and tag(node)):
                 continue
             t = tag(node)
-            if ctx.config.for_module(_site(t))[2]:
-                ctx.float_reasons[_site(t) + ":state"] = "skipped by config.overrides"
+            site = scan_site(t)
+            if ctx.config.for_module(site)[2]:
+                ctx.float_reasons[site + ":state"] = "skipped by config.overrides"
                 continue
-            name = _site(t).replace(".", "_") + "_state_obs"
-            gm.add_submodule(name, ScanStateObserver(_site(t)))
+            name = site.replace(".", "_") + "_state_obs"
+            gm.add_submodule(name, ScanStateObserver(site))
             ctx.state_observers[name] = node.name
             with gm.graph.inserting_before(node):
                 obs = gm.graph.call_module(name, node.args, node.kwargs)
@@ -90,7 +89,7 @@ class ReparameterizeScan(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
         spec = ctx.config.reparam
         g = to_networkx(gm)
-        qmax = 2 ** (spec.state_bits - 1) - 1
+        qmax = numerics.qmax(spec.state_bits)
         ctx.reparam_stats = {}
         for node in list(gm.graph.nodes):
             if node.op != "call_module" or node.target not in ctx.state_observers:
@@ -111,7 +110,7 @@ class ReparameterizeScan(Pass):
                     a = gm.graph.get_attr(f"{base}_{k}")
                     a.meta[META] = {**tag(node), "kind": "scan_const"}
                     attrs.append(a)
-                new = gm.graph.call_function(SCAN_Q_OP, tuple(node.args) + tuple(attrs) + (spec.state_bits,))
+                new = gm.graph.call_function(SCAN_REPARAM_OP, tuple(node.args) + tuple(attrs) + (spec.state_bits,))
             new.meta[META] = {**tag(node), "reparam": True, "folded_r_n": folded,
                               "state_bits": spec.state_bits, "source": node.meta.get("orig_name", node.name)}
             node.replace_all_uses_with(new)

@@ -14,12 +14,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ouromamba_fx.capture import META, tag
-from ouromamba_fx.lowering.quant import DEQUANTIZE, quantize_ref
+from ouromamba_fx.numerics import qrange
+from ouromamba_fx.ops.quant import DEQUANTIZE_OP, quantize_ref
 from ouromamba_fx.passes.base import Context, Pass
-from ouromamba_fx.qparams import qrange, weight_qparams
-
-WEIGHT_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d")
+from ouromamba_fx.passes.qparams import weight_qparams
+from ouromamba_fx.tags import META, WEIGHT_ROLES, tag
 
 
 def attr_name(target: str, suffix: str) -> str:
@@ -62,7 +61,7 @@ class QuantizeWeights(Pass):
             with gm.graph.inserting_before(node):
                 g = gm.graph
                 wq, ws, wz = (g.get_attr(names[k]) for k in ("weight_q", "weight_scale", "weight_zp"))
-                w = g.call_function(DEQUANTIZE, (wq, ws, wz))
+                w = g.call_function(DEQUANTIZE_OP, (wq, ws, wz))
                 b = g.get_attr(names["bias"]) if mod.bias is not None else None
                 if isinstance(mod, nn.Linear):
                     out = g.call_function(F.linear, (node.args[0], w, b))

@@ -8,16 +8,10 @@ from __future__ import annotations
 import torch
 
 from ouromamba_fx.config import ActQuant, WeightQuant
-from ouromamba_fx.lowering.quant import fake_quantize
-
-EPS = 1e-8
-
-
-def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-    """Integer range: symmetric ``[-(2^(b-1)-1), 2^(b-1)-1]`` (e.g. [-7, 7] at 4 bits), else
-    ``[-2^(b-1), 2^(b-1)-1]``."""
-    qmax = 2 ** (bits - 1) - 1
-    return (-qmax, qmax) if symmetric else (-qmax - 1, qmax)
+from ouromamba_fx import numerics
+from ouromamba_fx.numerics import EPS, qrange
+from ouromamba_fx.ops.mixed import mixed_fake_quant_rows, outlier_mask
+from ouromamba_fx.ops.quant import fake_quantize
 
 
 def weight_qparams(w: torch.Tensor, spec: WeightQuant) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,16 +91,6 @@ def act_qparams(tok_min: torch.Tensor, tok_max: torch.Tensor, spec: ActQuant,
     return scale, zp, qmin, qmax
 
 
-def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (inf when equal)."""
-    ref, app = reference.detach().double(), approx.detach().double()
-    noise = (ref - app).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0:
-        return float("inf")
-    return 10.0 * torch.log10(torch.tensor(signal / noise)).item()
-
-
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 100) -> torch.Tensor:
     """Deterministic 1-D k-means (Lloyd, initialised at evenly spaced quantiles).
 
@@ -135,9 +119,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def mixed_rows_fq(rows: torch.Tensor, s_rows: torch.Tensor, bits: int, outlier) -> torch.Tensor:
     """Fake-quantize independent rows (n, C) with per-row inlier scales (n,): plain symmetric, or
     OuroMamba mixed precision when ``outlier`` = (outlier_bits, k) (per-row rule, no windows)."""
-    from ouromamba_fx.lowering.outlier import mixed_fake_quant_rows, outlier_mask
-
-    qmax = 2 ** (bits - 1) - 1
+    qmax = numerics.qmax(bits)
     if outlier is None:
         s = s_rows.reshape(-1, 1)
         return torch.round(rows / s).clamp(-qmax, qmax) * s
@@ -159,7 +141,7 @@ def kscale_scales(rows: torch.Tensor, tok: torch.Tensor, tok_absmean: torch.Tens
     float inputs (``rows @ weight.T`` when the site feeds a linear ``weight``, else the input
     itself). Returns (per-token scales (L,), group labels (L,)).
     """
-    qmax = 2 ** (bits - 1) - 1
+    qmax = numerics.qmax(bits)
     labels = kmeans_1d(tok_absmean, ks.k)
     n_groups = int(labels.max()) + 1
     scales = torch.empty(n_groups)

@@ -11,7 +11,7 @@ state in registers while it walks the time-steps:
 ``delta``, ``B`` and ``C`` are float or int8 codes; int8 ones come with per-time-step float32
 ``scale`` and ``zero_point`` vectors of length L (per-tensor parameters expanded by the caller).
 Everything is computed in float32; the division ``h / s`` is a true division (``div_rn``) and the
-rounding uses the float32 add-and-subtract trick after clamping (as ``kernels.quantize`` does), so
+rounding uses the float32 add-and-subtract trick after clamping (as ``quantize_rows`` does), so
 state codes follow :func:`qscan_ref` except at ties created by float rounding (on a GPU the
 products may be contracted to FMAs). :func:`qscan_ref` is the plain-torch twin, with the same
 arguments.
@@ -26,9 +26,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["qscan", "qscan_ref"]
+from ouromamba_fx import numerics
+from ouromamba_fx.kernels.triton.common import round_half_even
+from ouromamba_fx.numerics import is_float
 
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: add + subtract rounds a float32 half to even
+__all__ = ["qscan", "qscan_ref"]
 
 
 @triton.jit
@@ -105,7 +107,7 @@ def _qscan_kernel(
             s = tl.load(ss_ptr + t).to(tl.float32)
             x = tl.math.div_rn(h, tl.zeros_like(h) + s)
             x = tl.minimum(tl.maximum(x, -qmax), qmax)
-            h = ((x + _ROUND_MAGIC) - _ROUND_MAGIC) * s
+            h = round_half_even(x) * s
         y = tl.sum(h * (cv[None, :] * rcn), axis=1) * rl
         if HAS_D:
             y = y + dd * u
@@ -171,7 +173,7 @@ def qscan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     block_n = max(triton.next_power_of_2(n), 2)
     block_d = max(min(triton.next_power_of_2(dim), 4096 // block_n, 128), 2)
     grid = (batch, triton.cdiv(dim, block_d))
-    qmax = float(2 ** (state_bits - 1) - 1) if state_bits < 16 else 0.0
+    qmax = 0.0 if is_float(state_bits) else float(numerics.qmax(state_bits))
     _qscan_kernel[grid](
         u, delta, B, C, zt, A_, D_, bias, out,
         dts, dtz, bs, bz, cs, cz, rc, rl, rn, ss,
@@ -179,7 +181,7 @@ def qscan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zt.stride(), *out.stride(),
         qmax,
         DT_INT=dt_int, B_INT=b_int, C_INT=c_int, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), QUANT=state_bits < 16,
+        HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), QUANT=not is_float(state_bits),
         BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
     )
     return out
@@ -204,13 +206,13 @@ def qscan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     A, r_c, r_l, r_n, state_scale = A.float(), r_c.float(), r_l.float(), r_n.float(), state_scale.float()
     rcn = r_c[:, None] * r_n[None, :]
     inv_rcn = 1.0 / rcn
-    qmax = 2 ** (state_bits - 1) - 1
+    qmax = numerics.qmax(state_bits)
     h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
     ys = []
     for t in range(u.shape[2]):
         carry = torch.exp(delta[:, :, t, None] * A) * (r_l[max(t - 1, 0)] / r_l[t])
         h = carry * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t] * (inv_rcn / r_l[t])
-        if state_bits < 16:
+        if not is_float(state_bits):
             h = torch.round(h / state_scale[t]).clamp(-qmax, qmax) * state_scale[t]
         ys.append((h * (C[:, None, :, t] * rcn)).sum(-1) * r_l[t])
     y = torch.stack(ys, dim=-1)

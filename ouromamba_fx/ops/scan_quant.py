@@ -1,4 +1,5 @@
-"""The quantized selective scans: ``ouromamba::selective_scan_q`` and ``ouromamba::selective_scan_qi``.
+"""The quantized selective scans: ``ouromamba::selective_scan_q`` (:func:`selective_scan_reparam`) and
+``ouromamba::selective_scan_qi`` (:func:`selective_scan_int8_inputs`).
 
 ``selective_scan_q`` is the reparameterized, state-quantized scan of the reference graph.
 
@@ -17,20 +18,16 @@ then the op gets ``r_N = 1``.
 :func:`scan_state_stats` gives the statistics the factors are computed from (mean and max of
 ``|h|`` over the batch, per channel, step and state), without keeping every state.
 
-Kernels: on the CPU both run as fused C++ (``csrc/selective_scan_q.cpp``: threads over blocks of
-channels of one batch element, the channels of a block in the lanes of a vector, so every state
-update, the state quantization and the C-contraction are vector operations; no Python loop per
-time-step). It is JIT-built on first use like the float scan's kernel (same compiler flags, same
-``OUROMAMBA_SCAN_BACKEND=reference`` switch, same fall-back with a warning when it cannot be
-built). The state quantization divides (``h / s``, not ``h * (1/s)``) and rounds half to even, so
-integer state codes equal the reference's except at ties created by float rounding elsewhere.
-float64 inputs are computed in float64, everything else in float32 (reference and kernel alike).
-Cost, on (16, 256, 65, 16) float32 with 8-bit state: about 1.5x the float scan's C++ kernel (the
-true division per state update); on one thread 14x less CPU time than the reference loop (29x
-wall on a busy machine), on two threads ~100x wall, where torch's per-op threading overhead
-slows the reference. ``benchmarks/scan_cpu.py`` times both.
-On CUDA both ops run the Triton kernel :func:`ouromamba_fx.kernels.qscan.qscan` (float32; float64
-inputs, and B / C not of shape (batch, d_state, L), use the reference).
+Kernels: on the CPU both run as fused C++ (``kernels/cpu/selective_scan_q.cpp``: threads over
+blocks of channels of one batch element, the channels of a block in the lanes of a vector, so
+every state update, the state quantization and the C-contraction are vector operations; no Python
+loop per time-step), built on first use like the float scan's kernel
+(:mod:`ouromamba_fx.kernels.cpu.build`). The state quantization divides (``h / s``, not
+``h * (1/s)``) and rounds half to even, so integer state codes equal the reference's except at
+ties created by float rounding elsewhere. float64 inputs are computed in float64, everything else
+in float32 (reference and kernel alike). ``benchmarks/scan_cpu.py`` times both against the float
+scan. On CUDA both ops run the Triton kernel :func:`ouromamba_fx.kernels.triton.qscan.qscan`
+(float32; float64 inputs, and B / C not of shape (batch, d_state, L), use the reference).
 
 ``ouromamba::selective_scan_qi``: the same scan fed by int8 codes (for lowering)
 -------------------------------------------------------------------------------
@@ -69,20 +66,21 @@ and ``state_bits >= 16``, by ``selective_scan``), so a lowering pass can replace
         -> selective_scan_qi(..., r_c, r_l, r_n, state_scale, state_bits)
 
 when the dequantize nodes have no other users. ``quantize_mixed`` outputs (outlier channels) are
-floats already: pass them as float inputs. :data:`SCAN_QI_OP` is the overload to target; the
-reference is :func:`selective_scan_qi_ref`.
+floats already: pass them as float inputs. :data:`SCAN_INT8_INPUTS_OP` is the overload to target; the
+reference is :func:`selective_scan_int8_inputs_ref`.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ouromamba_fx.kernels.scan_ref import selective_scan_ref  # noqa: F401  (same semantics)
-from ouromamba_fx.lowering.scan import LazyCpuExtension
+from ouromamba_fx import numerics
+from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q
+from ouromamba_fx.numerics import is_float
+from ouromamba_fx.ops.mixed import resample_steps
+from ouromamba_fx.ops.quant import dequantize_ref
 
 
 def _compute_dtype(u: Tensor) -> torch.dtype:
@@ -99,20 +97,6 @@ def _prep(u, delta, A, B, C, delta_bias, delta_softplus):
     return u, delta, A.to(ct), B.to(ct), C.to(ct)
 
 
-# ---------------------------------------------------------------------------------------------
-# Lazy build of the C++ kernels (same flags, cache and switch as lowering/scan.py's kernel).
-
-_EXT = LazyCpuExtension("selective_scan_q", Path(__file__).resolve().parent / "csrc" / "selective_scan_q.cpp",
-                        "the C++ quantized selective scan")
-_state = _EXT.state
-_extension = _EXT.get
-
-
-def qscan_backend() -> str:
-    """``"cpp"`` when the fused CPU kernels of this module are in use, else ``"reference"``."""
-    return "reference" if _extension() is None else "cpp"
-
-
 @torch.no_grad()
 def scan_state_stats(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                      delta_bias: Tensor | None = None, delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
@@ -124,7 +108,7 @@ def scan_state_stats(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         h_sum, h_max = scan_state_stats(u, delta, A, B, C, delta_bias, delta_softplus=True)
         h_mean = h_sum / u.shape[0]
     """
-    ext = _extension() if u.device.type == "cpu" and B.dim() == 3 else None
+    ext = SELECTIVE_SCAN_Q.get() if u.device.type == "cpu" and B.dim() == 3 else None
     if ext is None:
         return scan_state_stats_ref(u, delta, A, B, C, delta_bias, delta_softplus)
     ct = _compute_dtype(u)
@@ -154,16 +138,14 @@ def scan_state_stats_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 def _step_params(r_l: Tensor, state_scale: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """r_l and state_scale for ``length`` steps (resampled when calibrated for another length)."""
     if r_l.numel() != length:
-        from ouromamba_fx.lowering.outlier import resample_steps
-
         r_l, state_scale = resample_steps(r_l, length), resample_steps(state_scale, length)
     return r_l.to(dtype), state_scale.to(dtype)
 
 
-def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                         z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
-                         r_c: Tensor, r_l: Tensor, r_n: Tensor, state_scale: Tensor,
-                         state_bits: int) -> Tensor:
+def selective_scan_reparam_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                               z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
+                               r_c: Tensor, r_l: Tensor, r_n: Tensor, state_scale: Tensor,
+                               state_bits: int) -> Tensor:
     """Reference of ``ouromamba::selective_scan_q`` (module docstring); B, C: (batch, d_state, L)."""
     out_dtype = u.dtype
     u, delta, A, B, C = _prep(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -171,7 +153,7 @@ def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
     n = A.shape[1]
     r_c, r_n = r_c.to(u.dtype), r_n.to(u.dtype)
     r_l, state_scale = _step_params(r_l, state_scale, length, u.dtype)
-    qmax = 2 ** (state_bits - 1) - 1
+    qmax = numerics.qmax(state_bits)
     inv_rcn = 1.0 / (r_c[:, None] * r_n[None, :])  # (d, n)
     out_rcn = r_c[:, None] * r_n[None, :]
     h = u.new_zeros(b, d, n)
@@ -182,7 +164,7 @@ def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
             carry = carry * (r_l[t - 1] / r_l[t])
         drive = (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t] * (inv_rcn / r_l[t])
         h = carry * h + drive
-        if state_bits < 16:
+        if not is_float(state_bits):
             s = state_scale[t]
             h = torch.round(h / s).clamp_(-qmax, qmax) * s
         ys.append((h * (C[:, None, :, t] * out_rcn)).sum(-1) * r_l[t])
@@ -195,20 +177,20 @@ def selective_scan_q_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 
 
 @torch.library.custom_op("ouromamba::selective_scan_q", mutates_args=())
-def selective_scan_q(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
-                     z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, r_c: Tensor,
-                     r_l: Tensor, r_n: Tensor, state_scale: Tensor, state_bits: int) -> Tensor:
-    return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
-                                state_scale, state_bits)
+def selective_scan_reparam(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                           z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool, r_c: Tensor,
+                           r_l: Tensor, r_n: Tensor, state_scale: Tensor, state_bits: int) -> Tensor:
+    return selective_scan_reparam_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
+                                      state_scale, state_bits)
 
 
-@selective_scan_q.register_kernel("cpu")
-def _selective_scan_q_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
-                          state_bits):
-    ext = _extension()
+@selective_scan_reparam.register_kernel("cpu")
+def _selective_scan_reparam_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
+                                state_bits):
+    ext = SELECTIVE_SCAN_Q.get()
     if ext is None or B.dim() != 3 or C.dim() != 3:
-        return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
-                                    state_scale, state_bits)
+        return selective_scan_reparam_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
+                                          state_scale, state_bits)
     ct = _compute_dtype(u)
     r_l, state_scale = _step_params(r_l, state_scale, u.shape[-1], ct)
     return _cpu_call(ext, ct, u, (delta, None, None), A, (B, None, None), (C, None, None), D, z, delta_bias,
@@ -227,25 +209,23 @@ def _cpu_call(ext, ct, u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c,
     def seq(x, scale, zp):
         return (x, scale, zp) if x.dtype == torch.int8 else (x.to(ct), None, None)
 
-    qmax = 2 ** (state_bits - 1) - 1 if state_bits < 16 else -1
+    qmax = -1 if is_float(state_bits) else numerics.qmax(state_bits)
     return ext.fwd(fl(u), *seq(*delta), vec(A), *seq(*B), *seq(*C), vec(D), fl(z), vec(delta_bias),
                    bool(delta_softplus), vec(r_c), vec(r_l), vec(r_n), vec(state_scale), qmax)
 
 
-@selective_scan_q.register_fake
+@selective_scan_reparam.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
     return torch.empty_like(u)
 
 
-SCAN_Q_OP = torch.ops.ouromamba.selective_scan_q.default
+SCAN_REPARAM_OP = torch.ops.ouromamba.selective_scan_q.default
 
 
 # ---------------------------------------------------------------------------------------------
 # Integer-input variant (module docstring): int8 delta / B / C codes dequantized inside the scan.
 
 def _dequant_input(x: Tensor, scale: Tensor | None, zp: Tensor | None, name: str) -> Tensor:
-    from ouromamba_fx.lowering.quant import dequantize_ref
-
     if x.dtype == torch.int8:
         if scale is None or zp is None:
             raise ValueError(f"selective_scan_qi: int8 {name} needs its scale and zero_point")
@@ -258,7 +238,7 @@ def _dequant_input(x: Tensor, scale: Tensor | None, zp: Tensor | None, name: str
 def _factors(u, A, r_c, r_l, r_n, state_scale, state_bits):
     """Explicit factors (ones for None) in float32 / the compute dtype handled by the callers."""
     d, length, n = u.shape[1], u.shape[2], A.shape[1]
-    if state_bits < 16 and state_scale is None:
+    if not is_float(state_bits) and state_scale is None:
         raise ValueError("selective_scan_qi: state_bits < 16 needs a state_scale")
     ones = lambda k: torch.ones(k, device=u.device)  # noqa: E731
     r_l = ones(length) if r_l is None else r_l
@@ -267,31 +247,28 @@ def _factors(u, A, r_c, r_l, r_n, state_scale, state_bits):
     return (ones(d) if r_c is None else r_c, r_l, ones(n) if r_n is None else r_n, state_scale)
 
 
-def selective_scan_qi_ref(u: Tensor, delta: Tensor, delta_scale: Tensor | None, delta_zp: Tensor | None,
-                          A: Tensor, B: Tensor, B_scale: Tensor | None, B_zp: Tensor | None, C: Tensor,
-                          C_scale: Tensor | None, C_zp: Tensor | None, D: Tensor | None, z: Tensor | None,
-                          delta_bias: Tensor | None, delta_softplus: bool, r_c: Tensor | None,
-                          r_l: Tensor | None, r_n: Tensor | None, state_scale: Tensor | None,
-                          state_bits: int) -> Tensor:
-    """Reference of ``ouromamba::selective_scan_qi``: dequantize, then :func:`selective_scan_q_ref`."""
+def selective_scan_int8_inputs_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
+                                   delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits) -> Tensor:
+    """Reference of ``ouromamba::selective_scan_qi`` (the op's arguments): dequantize, then
+    :func:`selective_scan_reparam_ref`."""
     delta = _dequant_input(delta, delta_scale, delta_zp, "delta")
     B = _dequant_input(B, B_scale, B_zp, "B")
     C = _dequant_input(C, C_scale, C_zp, "C")
     r_c, r_l, r_n, state_scale = _factors(u, A, r_c, r_l, r_n, state_scale, state_bits)
-    return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
-                                state_scale, state_bits)
+    return selective_scan_reparam_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
+                                      state_scale, state_bits)
 
 
 @torch.library.custom_op("ouromamba::selective_scan_qi", mutates_args=())
-def selective_scan_qi(u: Tensor, delta: Tensor, delta_scale: Tensor | None, delta_zp: Tensor | None,
-                      A: Tensor, B: Tensor, B_scale: Tensor | None, B_zp: Tensor | None, C: Tensor,
-                      C_scale: Tensor | None, C_zp: Tensor | None, D: Tensor | None, z: Tensor | None,
-                      delta_bias: Tensor | None, delta_softplus: bool, r_c: Tensor | None,
-                      r_l: Tensor | None, r_n: Tensor | None, state_scale: Tensor | None,
-                      state_bits: int) -> Tensor:
+def selective_scan_int8_inputs(u: Tensor, delta: Tensor, delta_scale: Tensor | None, delta_zp: Tensor | None,
+                               A: Tensor, B: Tensor, B_scale: Tensor | None, B_zp: Tensor | None, C: Tensor,
+                               C_scale: Tensor | None, C_zp: Tensor | None, D: Tensor | None, z: Tensor | None,
+                               delta_bias: Tensor | None, delta_softplus: bool, r_c: Tensor | None,
+                               r_l: Tensor | None, r_n: Tensor | None, state_scale: Tensor | None,
+                               state_bits: int) -> Tensor:
     """Selective scan on int8 delta / B / C codes (see the module docstring for the contract)."""
-    return selective_scan_qi_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
-                                 D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
+    return selective_scan_int8_inputs_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
+                                          D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
 
 
 def _per_step(s: Tensor, length: int, name: str) -> Tensor:
@@ -304,13 +281,13 @@ def _per_step(s: Tensor, length: int, name: str) -> Tensor:
                      f"got shape {tuple(s.shape)}")
 
 
-@selective_scan_qi.register_kernel("cpu")
-def _selective_scan_qi_cpu(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
-                           delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
-    ext = _extension()
+@selective_scan_int8_inputs.register_kernel("cpu")
+def _selective_scan_int8_inputs_cpu(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
+                                    delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
+    ext = SELECTIVE_SCAN_Q.get()
     if ext is None or B.dim() != 3 or C.dim() != 3:
-        return selective_scan_qi_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
-                                     D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
+        return selective_scan_int8_inputs_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
+                                              D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
     length = u.shape[-1]
     ct = _compute_dtype(u)
     r_c, r_l, r_n, state_scale = _factors(u, A, r_c, r_l, r_n, state_scale, state_bits)
@@ -328,7 +305,7 @@ def _selective_scan_qi_cpu(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp,
                      state_bits).to(u.dtype)
 
 
-@selective_scan_qi.register_fake
+@selective_scan_int8_inputs.register_fake
 def _(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z, delta_bias,
       delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
     torch._check(u.dim() == 3 and delta.shape == u.shape,
@@ -336,30 +313,30 @@ def _(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D,
     return torch.empty_like(u)
 
 
-SCAN_QI_OP = torch.ops.ouromamba.selective_scan_qi.default
+SCAN_INT8_INPUTS_OP = torch.ops.ouromamba.selective_scan_qi.default
 
 
 # ---------------------------------------------------------------------------------------------
 # CUDA: the Triton kernel (imported on first use, so this module works where triton is absent).
 
-def _selective_scan_q_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
-                           state_bits):
+def _selective_scan_reparam_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
+                                 state_bits):
     if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
-        return selective_scan_q_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
-                                    state_scale, state_bits)
-    from ouromamba_fx.kernels.qscan import qscan
+        return selective_scan_reparam_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
+                                          state_scale, state_bits)
+    from ouromamba_fx.kernels.triton.qscan import qscan
 
     r_l, state_scale = _step_params(r_l, state_scale, u.shape[-1], torch.float32)
     return qscan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
                  state_bits).to(u.dtype)
 
 
-def _selective_scan_qi_cuda(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
-                            delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
+def _selective_scan_int8_inputs_cuda(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
+                                     delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
     if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
-        return selective_scan_qi_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
-                                     D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
-    from ouromamba_fx.kernels.qscan import qscan
+        return selective_scan_int8_inputs_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
+                                              D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
+    from ouromamba_fx.kernels.triton.qscan import qscan
 
     length = u.shape[-1]
     r_c, r_l, r_n, state_scale = _factors(u, A, r_c, r_l, r_n, state_scale, state_bits)
@@ -378,5 +355,5 @@ def _selective_scan_qi_cuda(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp
                  **params).to(u.dtype)
 
 
-selective_scan_q.register_kernel("cuda")(_selective_scan_q_cuda)
-selective_scan_qi.register_kernel("cuda")(_selective_scan_qi_cuda)
+selective_scan_reparam.register_kernel("cuda")(_selective_scan_reparam_cuda)
+selective_scan_int8_inputs.register_kernel("cuda")(_selective_scan_int8_inputs_cuda)

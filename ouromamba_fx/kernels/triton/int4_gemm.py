@@ -3,7 +3,7 @@
 ``y = ((acc_in * s_in + acc_out * s_out) * w_scale) + bias`` in float32, with
 ``acc_in = x_q @ Wq^T`` and (if given) ``acc_out = x_q_out @ Wq^T`` exact in int32, ``Wq`` the int4
 weight unpacked in the kernel from ``w_packed`` (N, ceil(K / 2)) uint8 (the layout of
-:func:`ouromamba_fx.lowering.qlinear.pack_int4`: column ``2j`` in the low nibble of byte ``j``,
+:func:`ouromamba_fx.ops.int4.pack_int4`: column ``2j`` in the low nibble of byte ``j``,
 column ``2j + 1`` in the high nibble). ``x_q`` holds the 4-bit inliers as int8 (any int8 values
 work, so this is also a W4A8 GEMM), ``x_q_out`` the 8-bit outliers; each weight tile is loaded and
 unpacked once and feeds both products.
@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ouromamba_fx.kernels.int8_gemm import _check_operands, _tile_ids, _vector, gemm_blocks
+from ouromamba_fx.kernels.triton.common import tile_offsets
+from ouromamba_fx.kernels.triton.int8_gemm import _check_operands, gemm_blocks
 
 __all__ = ["int4_gemm", "int4_gemm_ref"]
 
@@ -50,11 +51,7 @@ def _int4_gemm_kernel(
     HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < M
-    n_ok = rn < N
+    rm, rn, m_ok, n_ok = tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     kp_total = (K + 1) // 2
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)

@@ -1,6 +1,6 @@
 """Triton per-row (per-token) symmetric quantization and the inlier / outlier split.
 
-Numbers (see :mod:`ouromamba_fx.lowering.quant`): ``q = clamp(round_half_even(x / scale), -qmax,
+Numbers (see :mod:`ouromamba_fx.ops.quant`): ``q = clamp(round_half_even(x / scale), -qmax,
 qmax)`` as int8, with a true (round-to-nearest) division ``tl.math.div_rn``; a dynamic scale is
 ``max(amax / qmax, eps)``, also with ``div_rn``. Rounding half to even uses the float32 trick
 ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact for ``|v| < 2**22``; the value is clamped to
@@ -25,16 +25,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["quantize_rows", "quantize_rows_ref", "outlier_split", "outlier_split_ref", "EPS"]
+from ouromamba_fx.kernels.triton.common import round_half_even
+from ouromamba_fx.numerics import EPS
 
-EPS = 1e-8
-_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: add + subtract rounds a float32 half to even
+__all__ = ["quantize_rows", "quantize_rows_ref", "outlier_split", "outlier_split_ref", "EPS"]
 
 
 @triton.jit
 def _round_clamp(v, qmax):
     v = tl.minimum(tl.maximum(v, -qmax), qmax)
-    return ((v + _ROUND_MAGIC) - _ROUND_MAGIC).to(tl.int8)
+    return round_half_even(v).to(tl.int8)
 
 
 @triton.jit

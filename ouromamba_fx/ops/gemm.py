@@ -1,47 +1,55 @@
-"""Exact integer GEMMs on any x86 CPU: which kernel computes ``a @ b^T`` for small integers.
+"""Exact integer GEMMs on the CPU: which kernel computes ``a @ b^T`` for small integers.
 
 ``torch._int_mm`` (oneDNN s8 x s8 -> s32) is fast only where the CPU has int8 dot-product
-instructions (AVX-512 VNNI, AMX). Without them (AVX2-only CPUs such as AMD Zen 2/3, Intel before
-Cascade Lake) it runs a reference loop: measured on a 2-core AMD EPYC (Zen 3, AVX2), torch 2.14, a
-(3152, 384) x (384, 1536) product takes 3-6 s there against 45-56 ms for fp32 ``mm`` -- a W8A8 Vim
-became 6x slower than its float model. oneDNN's u8 x s8 kernel is fast on those CPUs (about 2x
-fp32), but it multiplies through ``vpmaddubsw``, which adds pairs of u8 x s8 products in
-*saturating* int16: exact only while ``2 * max|u| * max|w| <= 32767``.
+instructions (AVX-512 VNNI, AMX); without them (AVX2-only CPUs such as AMD Zen 2/3, Intel before
+Cascade Lake) it runs a reference loop many times slower than an fp32 GEMM of the same shape
+(``benchmarks/cpu_latency_avx2.md``). oneDNN's u8 x s8 kernel is fast on those CPUs, but it
+multiplies through ``vpmaddubsw``, which adds pairs of u8 x s8 products in *saturating* int16:
+exact only while ``2 * max|u| * max|w| <= 32767``.
 
-:func:`mode` decides once per process:
+:func:`mode` says which path runs:
 
 * ``"int_mm"`` -- CPUs with VNNI or AMX, and non-x86 CPUs: ``torch._int_mm`` for everything.
 * ``"emulated"`` -- x86 CPUs without them. W4A4O8's inlier products (4-bit codes x int4 weights)
   run on this package's own AVX2 kernel where the build has AVX2 and FMA (``u4_mm`` in
-  :mod:`~ouromamba_fx.lowering.mixer`: vpmaddubsw pairs summed in int16, which 4-bit operands
-  cannot overflow; measured 2.5-3x an fp32 GEMM on a Zen 3, against about 2x for oneDNN's u8 x s8
-  kernel, which widens every pair). Otherwise, products whose operands are small enough (activation
-  codes shifted to u8 = q + 128, so ``max|u| = 128 + qmax_a``, against weights of at most
-  ``qmax_w`` in magnitude, with ``(128 + qmax_a) * qmax_w <= 16383``: every int4-weight product of
-  W4A4O8, 4- or 8-bit activations alike) run on oneDNN u8 x s8 with the weight prepacked once
-  (:func:`u8_mm`); everything else (W8A8: 8-bit codes x 8-bit weights) as an fp32 GEMM on the
-  integer values, exact because every partial sum is an integer below 2^24 (K split into chunks
-  where ``K * qmax_a * qmax_w`` would reach it; :func:`float_mm`). Same integers as
-  ``torch._int_mm``, so the same numbers end to end; speed: fp32's for W8A8 (without VNNI no exact
-  8-bit x 8-bit product beats an fp32 FMA), 2-3x fp32's for the int4 GEMMs.
+  ``kernels/cpu/mixer_ops.cpp``: vpmaddubsw pairs summed in int16, which 4-bit operands cannot
+  overflow, so no pair needs widening). Otherwise, products whose operands are small enough
+  (activation codes shifted to u8 = q + 128, so ``max|u| = 128 + qmax_a``, against weights of at
+  most ``qmax_w`` in magnitude, with ``(128 + qmax_a) * qmax_w <= 16383``: every int4-weight
+  product of W4A4O8, 4- or 8-bit activations alike) run on oneDNN u8 x s8 with the weight
+  prepacked once (:func:`u8_mm`); everything else (W8A8: 8-bit codes x 8-bit weights) as an fp32
+  GEMM on the integer values, exact because every partial sum is an integer below 2^24 (K split
+  into chunks where ``K * qmax_a * qmax_w`` would reach it; :func:`float_mm`). Same integers as
+  ``torch._int_mm``, so the same numbers end to end.
 
-``OUROMAMBA_CPU_INT8_GEMM=int_mm`` or ``=emulated`` overrides the choice (tests use it to run both
-paths on one machine).
+The choice is this CPU's by default (``"auto"``). It is an option of the lowered model, not of the
+process: :func:`use` sets it for a block (a context variable, so threads and async tasks each see
+their own), and ``q.lower(cpu_gemm=...)`` / ``torch.compile(q, backend="ouromamba",
+options={"cpu_gemm": ...})`` run their graphs inside ``use(...)``. Both modes give the same numbers;
+forcing one serves tests and benchmarks (both paths on one machine).
+
+:func:`exact_int_mm` is what the integer linear ops call: the path of :func:`mode`, with the
+shapes ``torch._int_mm`` gets wrong or refuses handled exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 import platform
+import warnings
 import weakref
-from typing import Callable
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-ENV = "OUROMAMBA_CPU_INT8_GEMM"
+from ouromamba_fx.kernels.cpu.build import MIXER_OPS
+
 MODES = ("int_mm", "emulated")
+CHOICES = ("auto",) + MODES
+_MODE: ContextVar[str] = ContextVar("ouromamba_cpu_gemm", default="auto")
 # u8 x s8 pairs are added in saturating int16 (vpmaddubsw): 2 * max|u| * max|w| <= 32767.
 _U8_PAIR_LIMIT = 16383
 # fp32 holds every integer below 2^24 exactly.
@@ -57,15 +65,28 @@ def _detected() -> str:
     return "int_mm" if fast else "emulated"
 
 
+def check_choice(choice: str) -> str:
+    """``choice`` if it is one of :data:`CHOICES` (``auto``, ``int_mm``, ``emulated``), else ``ValueError``."""
+    if choice not in CHOICES:
+        raise ValueError(f"cpu_gemm={choice!r}: expected one of {', '.join(CHOICES)}")
+    return choice
+
+
+@contextlib.contextmanager
+def use(choice: str) -> Iterator[None]:
+    """Run the block with the integer GEMM path ``choice`` (``auto``: this CPU's; see the module
+    docstring)."""
+    token = _MODE.set(check_choice(choice))
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
+
+
 def mode() -> str:
-    """``"int_mm"`` or ``"emulated"`` for this CPU (see the module docstring), or the value of
-    ``OUROMAMBA_CPU_INT8_GEMM`` when it is set."""
-    env = os.environ.get(ENV, "").strip()
-    if env:
-        if env not in MODES:
-            raise ValueError(f"{ENV}={env!r}: expected one of {', '.join(MODES)}")
-        return env
-    return _detected()
+    """``"int_mm"`` or ``"emulated"``: the path of the current :func:`use` block, else this CPU's."""
+    choice = _MODE.get()
+    return _detected() if choice == "auto" else choice
 
 
 def emulated(device: torch.device) -> bool:
@@ -78,9 +99,7 @@ def describe() -> str:
     m = mode()
     if m == "int_mm":
         return "int8 GEMMs: torch._int_mm (oneDNN; CPU with VNNI/AMX or not x86)"
-    from ouromamba_fx.lowering.mixer import _extension
-
-    ext = _extension()
+    ext = MIXER_OPS.get()
     int4 = "this package's AVX2 int4 kernel" if ext is not None and ext.u4_available() else "oneDNN u8 x s8"
     return ("int8 GEMMs: emulated (x86 CPU without VNNI/AMX, where torch._int_mm is a slow reference loop): "
             f"W4A4O8 inlier products on {int4}, 8-bit x 8-bit as exact fp32 GEMMs")
@@ -177,3 +196,48 @@ def int_mm(a: Tensor, b: Tensor, qmax_a: int = 127, qmax_w: int = 127) -> Tensor
     if mode() == "int_mm":
         return torch._int_mm(a, b.t())
     return _chunked_mm(a, b, qmax_a, qmax_w).to(torch.int32)
+
+
+def int_matmul_ref(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b^T`` for int8 ``a`` (M, K) and ``b`` (N, K) as int32, computed exactly in int64 on CPU."""
+    return (a.cpu().long() @ b.cpu().long().t()).to(torch.int32).to(a.device)
+
+
+_warned_fallback = False
+
+
+def exact_int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """Exact int32 ``a @ b^T`` for int8 a (M, K), b (N, K), on the CPU (inputs on another device are
+    copied there and the result back)."""
+    global _warned_fallback
+    dev = a.device
+    if dev.type != "cpu":
+        a, b = a.cpu(), b.cpu()
+    try:
+        if a.shape[1] == 1:
+            # torch._int_mm on CPU returns uninitialised memory for K == 1 (torch 2.14, any M, N > 1);
+            # the product is an outer product, exact in int32.
+            out = a.to(torch.int32) * b.to(torch.int32).t()
+        else:
+            # b.t() is a column-major (K, N) view, which oneDNN takes as it is
+            out = int_mm(a, b)
+    except RuntimeError as e:
+        if not _warned_fallback:
+            warnings.warn(f"torch._int_mm refused shapes {tuple(a.shape)} x {tuple(b.shape)} ({e}); "
+                          "using an exact but slower int64 matmul", RuntimeWarning, stacklevel=2)
+            _warned_fallback = True
+        out = (a.long() @ b.long().t()).to(torch.int32)
+    return out if dev.type == "cpu" else out.to(dev)
+
+
+def float_in_place(acc: Tensor) -> Tensor:
+    """int32 -> float32 in the accumulator's own memory (same element size), which saves allocating
+    and page-faulting a fresh (M, N) buffer. Elementwise, each element is read before it is
+    overwritten; falls back to a copy if torch refuses the aliasing."""
+    if not acc.is_contiguous():
+        return acc.float()
+    y = acc.view(torch.float32)
+    try:
+        return y.copy_(acc)
+    except RuntimeError:
+        return acc.float()

@@ -7,14 +7,14 @@ and compilers see the whole scan as one unit.
 
 Kernels, by device:
 
-* CPU: a fused C++ kernel (``csrc/selective_scan.cpp``, OpenMP over (batch, d_inner) rows, never
-  building a ``(batch, d_inner, L, d_state)`` tensor), JIT-compiled with
-  ``torch.utils.cpp_extension.load`` on the first CPU call and cached in the default torch
-  extensions directory. If it cannot be built, a ``RuntimeWarning`` says why (once) and the
-  plain-torch reference :func:`ouromamba_fx.kernels.scan_ref.selective_scan_ref` is used instead;
-  :func:`scan_backend` tells which one is active. Setting the environment variable
+* CPU: a fused C++ kernel (``kernels/cpu/selective_scan.cpp``, OpenMP over (batch, d_inner) rows,
+  never building a ``(batch, d_inner, L, d_state)`` tensor), built on the first CPU call
+  (:mod:`ouromamba_fx.kernels.cpu.build`). If it cannot be built, a ``RuntimeWarning`` says why
+  (once) and the plain-torch reference :func:`ouromamba_fx.kernels.scan_ref.selective_scan_ref` is
+  used instead; :func:`scan_backend` tells which one is active. Setting the environment variable
   ``OUROMAMBA_SCAN_BACKEND=reference`` selects the reference without trying to build.
-* CUDA: the plain-torch reference for now (fused Triton kernels are future work).
+* CUDA: the plain-torch reference (the Triton kernels of :mod:`ouromamba_fx.kernels.triton.scan`
+  are not wired in yet).
 * Any other device: the plain-torch reference.
 
 ``ouromamba::selective_scan_cl`` is the same forward with its output in channel-contiguous memory
@@ -30,151 +30,16 @@ float32; the output has ``u``'s dtype and each gradient its input's dtype.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import sys
-import threading
-import warnings
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 
-__all__ = ["selective_scan", "scan_backend", "SCAN_OP", "SCAN_BWD_OP", "SCAN_CL_OP"]
-
-_CSRC = Path(__file__).resolve().parent / "csrc" / "selective_scan.cpp"
-_ENV_BACKEND = "OUROMAMBA_SCAN_BACKEND"
-
-# ---------------------------------------------------------------------------------------------
-# Lazy, thread-safe build of the C++ extension.
-
-_lock = threading.Lock()
-_state = {"backend": None, "ext": None, "reason": None}  # backend: None (not tried), "cpp", "reference"
-
-
-def _cpu_tag() -> str:
-    """A short hash of the CPU's features, so ``-march=native`` builds are not shared across CPUs."""
-    text = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    text += line
-                    break
-    except OSError:
-        pass
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def _compile_flags() -> tuple[list[str], list[str]]:
-    cflags = ["-O3"]
-    ldflags: list[str] = []
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64", "i686", "i386"):
-        cflags += ["-march=native", "-mprefer-vector-width=512"]
-    elif machine in ("aarch64", "arm64"):
-        cflags += ["-mcpu=native"]
-    if sys.platform != "darwin":  # Apple clang has no -fopenmp
-        cflags += ["-fopenmp"]
-        ldflags += ["-fopenmp"]
-    return cflags, ldflags
-
-
-def load_cpu_extension(stem: str, source: Path):
-    """Compile (or load from torch's extension cache) one C++ kernel file of ``csrc/``.
-
-    The extension's name carries the CPU's feature hash (``-march=native`` builds are not shared
-    across CPUs) and a hash of the source and the shared header ``om_vec.h``: torch's cache only
-    watches the listed sources, so editing the header would otherwise reuse a stale build."""
-    from torch.utils import cpp_extension
-
-    header = source.parent / "om_vec.h"
-    for f in (source, header):
-        if not f.is_file():
-            raise FileNotFoundError(f"the kernel source csrc/{f.name} is missing next to {Path(__file__).name} "
-                                    "(is it listed as package data?)")
-    digest = hashlib.sha1(source.read_bytes() + header.read_bytes()).hexdigest()[:8]
-    cflags, ldflags = _compile_flags()
-    return cpp_extension.load(
-        name=f"ouromamba_{stem}_{_cpu_tag()}_{digest}",
-        sources=[str(source)],
-        extra_cflags=cflags,
-        extra_ldflags=ldflags,
-        extra_include_paths=[str(source.parent)],
-        verbose=False,
-    )
-
-
-def _build_extension():
-    return load_cpu_extension("selective_scan", _CSRC)
-
-
-class LazyCpuExtension:
-    """One more C++ kernel file of ``csrc/``, built on first use (thread-safe) by
-    :func:`load_cpu_extension`. :meth:`get` returns the module, or None when
-    ``OUROMAMBA_SCAN_BACKEND=reference`` or the build failed (warned once, naming ``what`` and the
-    reason, which ``state["reason"]`` keeps); callers then run their plain-torch references."""
-
-    def __init__(self, stem: str, source: Path, what: str) -> None:
-        self.stem, self.source, self.what = stem, source, what
-        self.state = {"tried": False, "ext": None, "reason": None}
-        self._lock = threading.Lock()
-
-    def get(self):
-        st = self.state
-        if not st["tried"]:
-            with self._lock:
-                if not st["tried"]:
-                    if os.environ.get(_ENV_BACKEND, "").strip().lower() == "reference":
-                        st.update(ext=None, reason=f"{_ENV_BACKEND}=reference")
-                    else:
-                        try:
-                            st["ext"] = load_cpu_extension(self.stem, self.source)
-                        except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
-                            st["reason"] = f"{type(exc).__name__}: {exc}"[:2000]
-                            warnings.warn(f"ouromamba_fx: could not build {self.what} (csrc/{self.source.name}): "
-                                          f"{st['reason']}\nUsing the slower plain-torch reference instead.",
-                                          RuntimeWarning, stacklevel=2)
-                    st["tried"] = True
-        return st["ext"]
-
-
-def _extension():
-    """The compiled extension module, or ``None`` when the reference implementation is in use."""
-    if _state["backend"] is None:
-        with _lock:
-            if _state["backend"] is None:
-                forced = os.environ.get(_ENV_BACKEND, "").strip().lower()
-                if forced == "reference":
-                    _state.update(backend="reference", ext=None, reason=f"{_ENV_BACKEND}=reference")
-                else:
-                    if forced not in ("", "cpp"):
-                        warnings.warn(f"ouromamba_fx: ignoring {_ENV_BACKEND}={forced!r} (expected 'cpp' or "
-                                      "'reference')", RuntimeWarning, stacklevel=3)
-                    try:
-                        ext = _build_extension()
-                    except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
-                        reason = f"{type(exc).__name__}: {exc}".strip()
-                        if len(reason) > 2000:
-                            reason = reason[:1000] + "\n[...]\n" + reason[-1000:]
-                        _state.update(backend="reference", ext=None, reason=reason)
-                        warnings.warn(
-                            "ouromamba_fx: could not build the fused C++ selective-scan kernel "
-                            f"(ouromamba_fx/lowering/csrc/selective_scan.cpp), because: {reason}\n"
-                            "Falling back to the plain-torch reference implementation, which is "
-                            "correct but much slower; scan_backend() now returns 'reference'. "
-                            "Install a C++ compiler with OpenMP (e.g. g++) and ninja to get the fast "
-                            "kernel.",
-                            RuntimeWarning,
-                            stacklevel=3,
-                        )
-                    else:
-                        _state.update(backend="cpp", ext=ext, reason=None)
-    return _state["ext"]
+__all__ = ["selective_scan", "selective_scan_channels_last", "scan_backend", "SCAN_OP", "SCAN_BWD_OP",
+           "SCAN_CHANNELS_LAST_OP"]
 
 
 def scan_backend() -> str:
@@ -182,8 +47,7 @@ def scan_backend() -> str:
 
     Triggers the (cached) build of the C++ kernel if no CPU scan has run yet.
     """
-    _extension()
-    return _state["backend"]
+    return SELECTIVE_SCAN.backend()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +82,7 @@ def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 @_selective_scan_op.register_kernel("cpu")
 def _selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    ext = _extension()
+    ext = SELECTIVE_SCAN.get()
     if ext is None:
         return _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
@@ -251,7 +115,7 @@ def _selective_scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
 
 @_selective_scan_bwd_op.register_kernel("cpu")
 def _selective_scan_bwd_cpu(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    ext = _extension()
+    ext = SELECTIVE_SCAN.get()
     if ext is None:
         return _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     grads = ext.bwd(dout, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
@@ -302,7 +166,7 @@ def _channels_last(t: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("ouromamba::selective_scan_cl", mutates_args=())
-def _selective_scan_cl_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                           z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
     """``ouromamba::selective_scan`` (same arguments, same numbers) whose output (batch, dim, L) lies
     in channel-contiguous memory, strides ``(L * dim, 1, dim)``: the layout of the transposed input
@@ -313,22 +177,22 @@ def _selective_scan_cl_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
 
 
-@_selective_scan_cl_op.register_kernel("cpu")
+@selective_scan_channels_last.register_kernel("cpu")
 def _selective_scan_cl_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    ext = _extension()
+    ext = SELECTIVE_SCAN.get()
     if ext is None:
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
     return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True)
 
 
-@_selective_scan_cl_op.register_fake
+@selective_scan_channels_last.register_fake
 def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     torch._check(u.dim() == 3, lambda: f"selective_scan_cl: u must be (batch, d_inner, L), got {tuple(u.shape)}")
     b, d, length = u.shape
     return u.new_empty_strided((b, d, length), (length * d, 1, d))
 
 
-SCAN_CL_OP = torch.ops.ouromamba.selective_scan_cl.default
+SCAN_CHANNELS_LAST_OP = torch.ops.ouromamba.selective_scan_cl.default
 
 
 # ---------------------------------------------------------------------------------------------
