@@ -13,8 +13,10 @@ import torch.nn as nn
 from ouromamba_fx.capture import capture
 from ouromamba_fx.checks import check_model, check_not_quantized, strict_error, unknown_mixers
 from ouromamba_fx.config import W8A8, QuantConfig, preset
+from ouromamba_fx.coverage import attention_matmuls, module_coverage, summary
 from ouromamba_fx.errors import CaptureError, DataError, OuroMambaError
 from ouromamba_fx.measure import layer_sqnr
+from ouromamba_fx.models.families import canonical_copy, upstream_modules
 from ouromamba_fx.models.identity import model_identity
 from ouromamba_fx.passes.act_scales import ChooseActScales
 from ouromamba_fx.passes.base import Context, Pass, PassManager
@@ -106,6 +108,8 @@ def build(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor], le
         ctx.float_reasons.update({m: "leaf_modules: kept in float" for m in leaves if m not in unknown})
         pm = PassManager(passes if passes is not None else default_passes(config, input_shape))
         gm = pm.run(gm, ctx)
+        ctx.float_reasons.update(attention_matmuls(gm))
+        ctx.coverage = module_coverage(work, gm, ctx.float_reasons)
     for p in gm.parameters():  # a quantized model is for inference: nothing of it is trained
         p.requires_grad_(False)
     return work, gm, ctx, pm
@@ -114,11 +118,14 @@ def build(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor], le
 def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             passes: list[Pass] | None = None, show_progress: bool = True,
             gen_options: dict | None = None, lower: bool = False, strict: bool = False,
-            leaf_modules: tuple = ()) -> QuantizedModel:
+            leaf_modules: tuple = (), allow_float: bool = False) -> QuantizedModel:
     """Quantize ``model`` with ``config``; the model itself is not changed.
 
     Args:
-        model: a vision Mamba (e.g. from :mod:`ouromamba_fx.models`).
+        model: a vision Mamba: from :mod:`ouromamba_fx.models`, or the unmodified upstream code
+            of MambaVision (NVlabs), VMamba v0/v2 (MzeroMiko) or a model of mamba-ssm ``Mamba``
+            blocks, which are rebuilt first as the package's equal modules
+            (:func:`ouromamba_fx.models.canonicalize`, sharing the weights; the log says so).
         calib: calibration images: a tensor ``(N, C, H, W)``, or any iterable of image batches or
             ``(images, labels)`` pairs (a DataLoader), normalised as the model expects. ``None``
             (the default): data-free, ``ouromamba_fx.gen(model, **gen_options)`` synthesises them
@@ -135,6 +142,8 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             name, see :func:`ouromamba_fx.checks.unknown_mixers`); without it they stay in float,
             with a warning and a line in the report.
         leaf_modules: module names or types to keep as opaque float modules (see :func:`capture`).
+        allow_float: return the model even if nothing in it was quantized (by default that is
+            an error: a float model handed back with a warning is easily mistaken for success).
 
     Example:
         >>> q = convert(model, calib=image_loader(model, "calib/", labels=False), config=W8A8)  # doctest: +SKIP
@@ -147,6 +156,8 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     if any(isinstance(m, QuantizedModel) for m in model.modules()):
         raise OuroMambaError("convert: the model contains an already-quantized sub-model")
     check_not_quantized(model)
+    rebuilt = upstream_modules(model)
+    model = canonical_copy(model)
     leaves = leaf_names(model, leaf_modules)
     unknown = unknown_mixers(model, leaves)
     if unknown and strict:
@@ -181,6 +192,16 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     work, gm, ctx, pm = build(model, config, batches, leaves, passes=passes, show_progress=show_progress,
                               unknown=unknown)
     ctx.log.insert(0, calib_note)
+    if rebuilt:
+        ctx.log.insert(1, "rebuilt as ouromamba_fx modules (same weights, same outputs): "
+                       + ", ".join(f"{n or 'the model'} ({c})" for n, c in rebuilt.items()))
+    ctx.log.append(summary(ctx.coverage))
+    if not allow_float and not any(c.quantized for c in ctx.coverage.values()):
+        floats = "; ".join(f"{n}: {c.why}" for n, c in list(ctx.coverage.items())[:8])
+        raise OuroMambaError(
+            f"convert: nothing in {model_name(model)} was quantized with {config.name} ({floats}"
+            f"{'; ...' if len(ctx.coverage) > 8 else ''}). Check config.roles / overrides and leaf_modules, "
+            f"or pass allow_float=True to get the float model back on purpose")
     ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
     # `work` is still a float model (passes only remove modules from the graph's own
     # hierarchy); folding rescaled x_proj rows exactly, so it is the right float reference.
@@ -193,6 +214,7 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
     q.leaf_modules = leaves
     q.example_shape = tuple(batches[0].shape[1:])
     q.custom_passes = passes is not None
+    q.coverage = ctx.coverage
     worst = min((v for v in sq.values() if math.isfinite(v)), default=float("inf"))
     if show_progress:
         console.print(f"[green]converted[/] {name} with {config.name}: {len(sq)} ops quantized, "

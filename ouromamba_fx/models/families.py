@@ -437,6 +437,37 @@ def _canonical_child(module: nn.Module) -> nn.Module | None:
     return None
 
 
+def _is_upstream(module: nn.Module) -> bool:
+    return (mambavision.is_upstream_model(module) or vmamba.is_upstream_model(module)
+            or mambavision.is_upstream_mixer(module) or vmamba.is_upstream_ss2d(module)
+            or is_upstream_mamba(module))
+
+
+def has_upstream(model: nn.Module) -> bool:
+    """Whether ``model`` is or holds a module :func:`canonicalize` rebuilds."""
+    return any(_is_upstream(m) for m in model.modules())
+
+
+def upstream_modules(model: nn.Module) -> dict[str, str]:
+    """Qualified name -> class of the outermost upstream modules :func:`canonicalize` rebuilds."""
+    found: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if _is_upstream(m) and not any(name.startswith(p + ".") or p == "" for p in found):
+            found[name] = f"{type(m).__module__}.{type(m).__qualname__}"
+    return found
+
+
+def canonical_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it holds no upstream module, else :func:`canonicalize` of a copy of
+    its module tree that shares the parameters and buffers: the caller's model is not changed."""
+    if not has_upstream(model):
+        return model
+    import copy
+
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return canonicalize(copy.deepcopy(model, memo))
+
+
 def _swap_children(parent: nn.Module) -> None:
     for child_name, child in list(parent.named_children()):
         new = _canonical_child(child)
@@ -481,4 +512,4 @@ for _name in CONFIGS:
     _register(_name)
 
 __all__ = ["CONFIGS", "FAMILIES", "bundled_checkpoint", "canonicalize", "config_for", "create",
-           "detect_family", "load", "read_checkpoint"]
+           "detect_family", "canonical_copy", "has_upstream", "load", "read_checkpoint", "upstream_modules"]

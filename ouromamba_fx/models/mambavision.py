@@ -144,9 +144,30 @@ class MambaVisionMixer(nn.Module):
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj(dt).transpose(1, 2)  # bias included once here ...
         a = -torch.exp(self.A_log.float())
-        y = selective_scan(x, delta, a, b.transpose(1, 2), c.transpose(1, 2), self.D.float(), None,
-                           self.dt_proj.bias.float(), True)  # ... and once more as delta_bias
+        if self._gen_record is not None:  # OuroMamba-Gen recording hook (see below)
+            y = self._scan_recorded(x, delta, a, b, c)
+        else:
+            y = selective_scan(x, delta, a, b.transpose(1, 2), c.transpose(1, 2), self.D.float(), None,
+                               self.dt_proj.bias.float(), True)  # ... and once more as delta_bias
         return self.out_proj(torch.cat([y, z], dim=1).transpose(1, 2))
+
+    # --- OuroMamba-Gen recording hook (ouromamba_fx.gen) ----------------------------------------
+    # ``_gen_record`` is None except inside ``ouromamba_fx.gen.record_scan``. Then the scan runs
+    # without D to get the raw readout ``yhat_t = C_t . h_t``; ``(yhat, softplus(delta + bias))``
+    # is stored under ``"fwd"`` and the window's grid under ``"grid"``: the hybrid stages scan
+    # each window's ws x ws tokens (row-major) as one sequence, so the neighbourhood enrichment and
+    # the contrast run within each window (``L`` not a square: a 1 x L grid). Returns
+    # ``yhat + D*u``, the normal path's output.
+    _gen_record: dict | None = None
+
+    def _scan_recorded(self, x, delta, a, b, c) -> torch.Tensor:
+        step = F.softplus(delta + self.dt_proj.bias.float()[:, None])
+        yhat = selective_scan(x, step, a, b.transpose(1, 2), c.transpose(1, 2), None, None, None, False)
+        length = x.shape[-1]
+        side = math.isqrt(length)
+        self._gen_record["fwd"] = (yhat, step)
+        self._gen_record["grid"] = (side, side) if side * side == length else (1, length)
+        return yhat + self.D.float()[:, None] * x.float()
 
 
 class Attention(nn.Module):

@@ -234,6 +234,8 @@ class SS2D(nn.Module):
     def cross_scan_merge(self, x: torch.Tensor) -> torch.Tensor:
         """The four directional scans of ``x (B, E, H, W)``, merged back to ``(B, E, H, W)``."""
         b, e, h, w = x.shape[0], x.shape[1], x.shape[2], x.shape[3]
+        if self._gen_record is not None:  # OuroMamba-Gen recording hook (see scan)
+            self._gen_record["grid"] = (int(h), int(w))
         x_hw = x.flatten(2)  # (B, E, L), index h*W + w
         x_wh = x.transpose(2, 3).flatten(2)  # index w*H + h
         y_hw = self.scan(x_hw, 0)
@@ -254,8 +256,31 @@ class SS2D(nn.Module):
         dt, b, c = torch.split(x_dbl, [R, N, N], dim=-1)
         delta = self.dt_projs[k](dt).transpose(1, 2)  # (B, E, L), upstream's delta_bias included
         a = -torch.exp(self.A_logs[k * E:(k + 1) * E].float())
+        if self._gen_record is not None:
+            return self._scan_recorded(u, delta, a, b, c, k)
         return selective_scan(u, delta, a, b.transpose(1, 2), c.transpose(1, 2),
                               self.Ds[k * E:(k + 1) * E].float(), None, None, True)
+
+    # --- OuroMamba-Gen recording hook (ouromamba_fx.gen) ----------------------------------------
+    # ``_gen_record`` is None except inside ``ouromamba_fx.gen.record_scan``. Then each direction's
+    # scan runs without D to get the raw readout ``yhat_t = C_t . h_t``, stores ``(yhat,
+    # softplus(delta))`` under the direction's name *in row-major token order* (the ``_rev``
+    # directions flipped back, the column-major ones transposed back), and ``"grid"`` = (H, W),
+    # so that the neighbourhood enrichment sees the 2-D grid of every direction; it returns
+    # ``yhat + D*u``: the same output as the normal path, still differentiable.
+    _gen_record: dict | None = None
+
+    def _scan_recorded(self, u, delta, a, b, c, k: int) -> torch.Tensor:
+        E = self.d_inner
+        step = F.softplus(delta)
+        yhat = selective_scan(u, step, a, b.transpose(1, 2), c.transpose(1, 2), None, None, None, False)
+        h, w = self._gen_record["grid"]
+        name = DIRECTIONS[k]
+        ys, ss = (yhat.flip(-1), step.flip(-1)) if name.endswith("_rev") else (yhat, step)
+        if name.startswith("wh"):
+            ys, ss = (_wh_to_hw(t, t.shape[0], E, h, w) for t in (ys, ss))
+        self._gen_record[name] = (ys, ss)
+        return yhat + self.Ds[k * E:(k + 1) * E].float()[:, None] * u.float()
 
 
 def _wh_to_hw(y: torch.Tensor, b, e, h, w) -> torch.Tensor:

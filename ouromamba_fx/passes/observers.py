@@ -57,6 +57,8 @@ class ActObserver(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_axis < 0 or self.channel_axis < 0:  # counted from the end: fixed on first use
+            self.token_axis, self.channel_axis = self.token_axis % x.dim(), self.channel_axis % x.dim()
         r = self.rows(x.detach().float())
         if not torch.isfinite(r).all():
             raise ValueError(f"observer {self.site}: non-finite activations during calibration")
@@ -106,16 +108,19 @@ class ActObserver(nn.Module):
 
 def quant_sites(gm: fx.GraphModule):
     """Yield (consumer node, arg index, site name, input name, token axis, channel axis) for every
-    activation a config could quantize, in graph order."""
+    activation a config could quantize, in graph order. Linear inputs: channels last, tokens on
+    the axis before (axes counted from the end, fixed by the observer on the first batch; (B, H,
+    W, C) inputs get one scale per image column index); conv inputs (B, C, L) / (B, C, H, W):
+    channels on axis 1, time-steps (rows of the image) on axis 2."""
     for node in list(gm.graph.nodes):
         t = tag(node)
         if t is None or t.get("kind"):
             continue
         role = t["role"]
-        if role in LINEAR_ROLES:
-            yield node, 0, node.target, "x", 1, 2
-        elif role == "conv1d":
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), (nn.Conv1d, nn.Conv2d)):
             yield node, 0, node.target, "x", 2, 1
+        elif role in LINEAR_ROLES or node.op == "call_module":
+            yield node, 0, node.target, "x", -2, -1
         elif role == "scan":
             scan = scan_site(t)
             for name, idx in SCAN_ARG.items():
@@ -153,7 +158,7 @@ class InsertObservers(Pass):
             if cfg.outliers is not None and t["role"] in cfg.outliers.roles:
                 k = cfg.outliers.k_delta if inp == "delta" else cfg.outliers.k
             obs = ActObserver(key, tok_axis, ch_axis, act, cfg.calib_sample, cfg.seed + len(ctx.observers), k)
-            if node.op == "call_module" and t["role"] in LINEAR_ROLES:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear):
                 obs.consumer_weight = gm.get_submodule(node.target).weight.detach()
             gm.add_submodule(obs_name, obs)
             ctx.observers[obs_name] = obs
