@@ -325,8 +325,13 @@ def gen_losses(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None, 
             # VMamba / MambaVision record the grid each scan ran on (stages differ); Vim and Mamba
             # stacks scan the model's one patch grid, with the class token where the model says.
             grid, cls_index = (rec["grid"], None) if "grid" in rec else _grid_and_cls(model)
+            if "grid" in rec and grid[0] * grid[1] < 3:
+                continue  # a 1x1 / 1x2 window or map has no patch to contrast with: left out
             feats = [patch_features(*v, grid, cls_index, neighbourhood) for d, v in rec.items() if d != "grid"]
             per_layer.append(contrastive_loss(feats, top_k, temperature))
+        if not per_layer:
+            raise OuroMambaError("gen: no recorded mixer scans a grid of 3 patches or more; the contrastive "
+                                 "loss needs them (use loss='output', or record other layers)")
         loss_c = torch.stack(per_layer).mean()
     if loss == "contrastive":
         loss_o = zero
