@@ -169,7 +169,7 @@ def capture(
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _linear2d_as_linear(gm)
     gm.meta["folded_bn"] = fold_batchnorm(gm)
-    annotate(gm, model)
+    tag_roles(gm, model)
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -216,7 +216,7 @@ def _owner(gm: fx.GraphModule, parent: str) -> nn.Module:
     return gm.meta.get("_source_modules", {}).get(parent, nn.Module())
 
 
-def annotate(gm: fx.GraphModule, model: nn.Module) -> None:
+def tag_roles(gm: fx.GraphModule, model: nn.Module) -> None:
     """Tag the nodes of ``gm`` (traced from ``model``) with role, direction, layer, module."""
     tables = mixer_table(model)
     layer_of = {name: i for i, name in enumerate(tables)}

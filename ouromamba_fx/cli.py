@@ -443,7 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ouromamba-fx", description="Data-free quantization of vision Mamba models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_eval, _add_convert, _add_inspect, _add_diff, _add_bench, _add_gen):
+        add(sub)
+    return parser
 
+
+def _add_eval(sub) -> None:
     p = _sub(sub, "eval", "top-1 accuracy on an image folder (<class>/*.jpg); float and quantized side by side")
     _add_model_args(p)
     p.add_argument("--data", default=None, help="image folder (default: the bundled sample)")
@@ -454,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--traced", action="store_true", help="also evaluate the captured FX graph")
     p.set_defaults(fn=cmd_eval)
 
+
+def _add_convert(sub) -> None:
     p = _sub(sub, "convert", "quantize a model, show its report, optionally save it")
     _add_convert_args(p, "datafree")
     p.add_argument("--out", default=None, metavar="FILE", help="save the quantized model (.safetensors)")
@@ -462,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE, default=128)
     p.set_defaults(fn=cmd_convert)
 
+
+def _add_inspect(sub) -> None:
     p = _sub(sub, "inspect", "show what a saved quantized model holds: config, report, outlier maps")
     p.add_argument("file", help="a .safetensors file written by 'convert --out' or QuantizedModel.save")
     p.add_argument("--outliers", nargs="?", const="0", default=None, metavar="LAYER",
@@ -471,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the outlier maps of that layer as a PNG (needs matplotlib: pip install 'ouromamba-fx[plot]')")
     p.set_defaults(fn=cmd_inspect)
 
+
+def _add_diff(sub) -> None:
     p = _sub(sub, "diff", "show what each pass changed in the graph")
     _add_convert_args(p, "bundled")
     p.add_argument("--quantized", default=None, metavar="FILE",
@@ -483,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", action="store_true", help="also list constants (get_attr)")
     p.set_defaults(fn=cmd_diff)
 
+
+def _add_bench(sub) -> None:
     p = _sub(sub, "bench", "latency on this machine: float vs quantized (and compiled with --compiled)")
     _add_model_args(p)
     p.add_argument("--quantized", default=None, metavar="FILE",
@@ -496,10 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time torch.compile(q, backend='ouromamba') (fused integer kernels)")
     p.set_defaults(fn=cmd_bench)
 
+
+def _add_gen(sub) -> None:
     from ouromamba_fx.gen import GenConfig
 
     GEN = GenConfig()
-
     p = _sub(sub, "gen", "generate data-free synthetic calibration images (OuroMamba-Gen)")
     _add_model_args(p)
     p.add_argument("--n", type=POSITIVE, default=GEN.n, help="number of images")
@@ -516,7 +530,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="synth.safetensors", help="where to save the images (.safetensors)")
     p.add_argument("--grid", default=None, help="also write a PNG grid of the images here")
     p.set_defaults(fn=cmd_gen)
-    return parser
 
 
 def _error(prog: str, message: str) -> None:

@@ -12,6 +12,7 @@ Roles beyond the mixers (issue: every layer of VMamba / MambaVision): ``mlp`` (M
 inside the blocks: MambaVision's conv stages, VMamba's depthwise conv), ``stem`` (patch-embedding
 convs), ``downsample`` (strided convs / patch-merging linears between stages) and ``head``
 (the classifier; not in the default roles).
+``node.meta[SPEC]`` holds what the config decided for an op (written by the annotate pass).
 
 No torch import at run time (annotations only), so :mod:`ouromamba_fx.config` can use the role
 names without loading anything.
@@ -25,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch.fx as fx
 
 META = "ouromamba"
+SPEC = "ouromamba_spec"  # the SiteSpec of a mixer op node (ouromamba_fx.passes.spec), from AnnotateSites
+SPEC_NODE = "ouromamba_spec_node"  # on a fused node: the reference-graph node its spec was on
 MIXER_ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
 ROLES = MIXER_ROLES + ("conv2d", "mlp", "attn", "stem", "downsample", "head")
 #: What a config quantizes unless told otherwise: everything but the classifier head.
@@ -59,7 +62,26 @@ def op_nodes(gm: "fx.GraphModule") -> list["fx.Node"]:
 
 
 def keep_tag(src: "fx.Node", dst: "fx.Node", **extra) -> None:
-    """Give ``dst`` a copy of ``src``'s tag with ``extra`` keys (nothing if both are empty)."""
+    """Give ``dst`` a copy of ``src``'s tag with ``extra`` keys (nothing if both are empty), and
+    ``src``'s site spec (:func:`carry_spec`)."""
     t = dict(src.meta.get(META) or {})
     if t or extra:
         dst.meta[META] = {**t, **extra}
+    carry_spec(src, dst)
+
+
+def carry_spec(src: "fx.Node", dst: "fx.Node") -> None:
+    """For a lowering rule that fuses ``src`` into ``dst``: the site spec, and the name of the
+    reference-graph node it belongs to (what the SQNR table is keyed by), so the lowered model's
+    report still has a row for the site."""
+    if SPEC in src.meta:
+        dst.meta[SPEC] = src.meta[SPEC]
+        dst.meta[SPEC_NODE] = src.meta.get(SPEC_NODE, src.name)
+
+
+def carry(src: "fx.Node", dst: "fx.Node", **extra) -> None:
+    """For a pass that replaces ``src`` by ``dst``: the tag (with ``extra`` keys) and the site spec
+    move along, so that later passes and the report still find the decisions."""
+    dst.meta[META] = {**(src.meta.get(META) or {}), **extra}
+    if SPEC in src.meta:
+        dst.meta[SPEC] = src.meta[SPEC]

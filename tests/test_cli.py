@@ -74,7 +74,7 @@ def test_error_messages_are_printed_verbatim(saved, files, capsys, monkeypatch):
 def test_diff_from_a_saved_file(saved, capsys):
     assert main(["diff", "--quantized", str(saved), "--layer", "1", "--role", "dt_proj"]) == 0
     text = capsys.readouterr().out
-    assert "capture → insert_observers" in text and "layers_1_mixer_dt_proj_obs" in text
+    assert "annotate → insert_observers" in text and "layers_1_mixer_dt_proj_obs" in text
     assert "layers_0_" not in text
 
 

@@ -18,7 +18,7 @@ def test_convert_leaves_the_user_model_alone(tiny_vim):
     for k, v in tiny_vim.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert isinstance(q, of.QuantizedModel)
-    assert q.passes == ["capture", "insert_observers", "quantize_weights", "calibrate",
+    assert q.passes == ["capture", "annotate", "insert_observers", "quantize_weights", "calibrate",
                         "choose_act_scales", "quantize_activations"]
 
 

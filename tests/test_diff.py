@@ -30,5 +30,5 @@ def test_diff_filters_by_layer_and_role(tiny_vim):
 def test_cli_diff(capsys):
     assert main(["diff", "--limit-per-class", "2", "--layer", "3", "--role", "dt_proj"]) == 0
     text = capsys.readouterr().out
-    assert "capture → insert_observers" in text and "layers_3_mixer_dt_proj_obs" in text
+    assert "annotate → insert_observers" in text and "layers_3_mixer_dt_proj_obs" in text
     assert "layers_2_" not in text

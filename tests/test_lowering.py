@@ -18,6 +18,7 @@ from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP
 from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
 from ouromamba_fx.models import VisionMamba
+from ouromamba_fx.tags import SPEC, tag
 
 from .conftest import tiny_config
 
@@ -314,3 +315,18 @@ def test_convert_can_return_the_lowered_model(models):
     low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
     assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 6
     assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers
+
+
+@pytest.mark.parametrize("name", ["W8A8", "W4A4O8"])
+def test_lowered_report_keeps_a_row_per_quantized_site(models, name):
+    q = models[name]
+    low = q.lower()
+    fused = [n for n in low.graph_module.graph.nodes if (tag(n) or {}).get("kind") == "fused"]
+    assert fused and all(SPEC in n.meta for n in fused)  # the rules carried the decisions along
+    ref_rows = {r.name: r for r in q.report().rows}
+    low_rows = {r.name: r for r in low.report().rows}
+    assert ref_rows and low_rows.keys() == ref_rows.keys()
+    for site, r in ref_rows.items():
+        lr = low_rows[site]
+        assert (lr.role, lr.layer, lr.direction, lr.weight, lr.inputs) == (r.role, r.layer, r.direction, r.weight, r.inputs)
+        assert lr.sqnr == r.sqnr  # measured on the reference graph, found through the fused node

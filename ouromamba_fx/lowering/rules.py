@@ -64,6 +64,7 @@ from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
 from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP
 from ouromamba_fx.ops.w4a4o8_linear import (SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
+from ouromamba_fx.tags import carry_spec
 
 
 @dataclass(frozen=True)
@@ -360,6 +361,7 @@ def _build_linear_then_mixed(gm: fx.GraphModule, m: Match, state: dict) -> Built
     new = gm.graph.call_function(W4A4O8_DETECT_REQUANT_OP,
                                  (*lin.args[:8], s_n, token_axis, channel_axis, bits, float(k), n_refresh))
     out = gm.graph.call_method("transpose", (new, *swap)) if swap is not None else new
+    carry_spec(lin, new)  # the tag follows the re-quantization site (anchor); the spec is the linear's
     return Built(out, ((m.anchor, new, dict(kind="fused", op="w4a4o8_linear_mixed")),))
 
 

@@ -9,7 +9,6 @@ ran before it when one fails.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -177,9 +176,3 @@ class PassManager:
             self.snapshots.append(Snapshot.of(gm, p.name, time.perf_counter() - start, changed))
         return gm
 
-
-def copy_tag(src: fx.Node, dst: fx.Node, **extra) -> None:
-    """Give ``dst`` the ouromamba tag of ``src`` (a copy), plus ``extra`` keys."""
-    tag = copy.deepcopy(src.meta.get(META) or {})
-    tag.update(extra)
-    dst.meta[META] = tag
