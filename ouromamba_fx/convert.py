@@ -13,8 +13,10 @@ import torch.nn as nn
 from ouromamba_fx.capture import capture
 from ouromamba_fx.checks import check_model, check_not_quantized, strict_error, unknown_mixers
 from ouromamba_fx.config import W8A8, QuantConfig, preset
+from ouromamba_fx.coverage import attention_matmuls, module_coverage, summary
 from ouromamba_fx.errors import CaptureError, DataError, OuroMambaError
 from ouromamba_fx.measure import layer_sqnr
+from ouromamba_fx.models.families import canonical_copy, upstream_modules
 from ouromamba_fx.models.identity import model_identity
 from ouromamba_fx.passes.base import Context, Pass, PassManager
 from ouromamba_fx.passes.calibrate import check_batch, iter_batches
@@ -92,6 +94,8 @@ def build(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor], le
         ctx.float_reasons.update({m: "leaf_modules: kept in float" for m in leaves if m not in unknown})
         pm = PassManager(passes if passes is not None else default_passes(config, input_shape))
         gm = pm.run(gm, ctx)
+        ctx.float_reasons.update(attention_matmuls(gm))
+        ctx.coverage = module_coverage(work, gm, ctx.float_reasons)
     for p in gm.parameters():  # a quantized model is for inference: nothing of it is trained
         p.requires_grad_(False)
     return work, gm, ctx, pm
@@ -100,11 +104,14 @@ def build(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor], le
 def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             passes: list[Pass] | None = None, show_progress: bool = True,
             gen_options: dict | None = None, lower: bool = False, strict: bool = False,
-            leaf_modules: tuple = ()) -> QuantizedModel:
+            leaf_modules: tuple = (), allow_float: bool = False) -> QuantizedModel:
     """Quantize ``model`` with ``config``; the model itself is not changed.
 
     Args:
-        model: a vision Mamba (e.g. from :mod:`ouromamba_fx.models`).
+        model: a vision Mamba: from :mod:`ouromamba_fx.models`, or the unmodified upstream code
+            of MambaVision (NVlabs), VMamba v0/v2 (MzeroMiko) or a model of mamba-ssm ``Mamba``
+            blocks, which are rebuilt first as the package's equal modules
+            (:func:`ouromamba_fx.models.canonicalize`, sharing the weights; the log says so).
         calib: calibration images: a tensor ``(N, C, H, W)``, or any iterable of image batches or
             ``(images, labels)`` pairs (a DataLoader), normalised as the model expects. ``None``
             (the default): data-free, ``ouromamba_fx.gen(model, **gen_options)`` synthesises them
@@ -121,16 +128,28 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             name, see :func:`ouromamba_fx.checks.unknown_mixers`); without it they stay in float,
             with a warning and a line in the report.
         leaf_modules: module names or types to keep as opaque float modules (see :func:`capture`).
+        allow_float: return the model even if nothing in it was quantized (by default that is
+            an error: a float model handed back with a warning is easily mistaken for success).
 
     Example:
         >>> q = convert(model, calib=image_loader(model, "calib/", labels=False), config=W8A8)  # doctest: +SKIP
         >>> print(q.report())                                                                      # doctest: +SKIP
     """
-    config, leaves, unknown = _validate(model, calib, config, gen_options, strict, leaf_modules)
+    model, config, leaves, unknown, rebuilt = _validate(model, calib, config, gen_options, strict, leaf_modules)
     batches, calib_note = _calibration(model, calib, gen_options, show_progress)
     work, gm, ctx, pm = build(model, config, batches, leaves, passes=passes, show_progress=show_progress,
                               unknown=unknown)
     ctx.log.insert(0, calib_note)
+    if rebuilt:
+        ctx.log.insert(1, "rebuilt as ouromamba_fx modules (same weights, same outputs): "
+                       + ", ".join(f"{n or 'the model'} ({c})" for n, c in rebuilt.items()))
+    ctx.log.append(summary(ctx.coverage))
+    if not allow_float and not any(c.quantized for c in ctx.coverage.values()):
+        floats = "; ".join(f"{n}: {c.why}" for n, c in list(ctx.coverage.items())[:8])
+        raise OuroMambaError(
+            f"convert: nothing in {model_name(model)} was quantized with {config.name} ({floats}"
+            f"{'; ...' if len(ctx.coverage) > 8 else ''}). Check config.roles / overrides and leaf_modules, "
+            f"or pass allow_float=True to get the float model back on purpose")
     ctx.log.append(f"passes: {', '.join(s.pass_name for s in pm.snapshots)}")
     q = _measure(model, work, gm, ctx, pm, tuple(leaves) + tuple(unknown), batches)
     q.leaf_modules = leaves
@@ -143,7 +162,8 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
 
 
 def _validate(model: nn.Module, calib, config, gen_options, strict: bool, leaf_modules) -> tuple:
-    """Check the arguments before any work: (config, leaf module names, unknown mixers)."""
+    """Check the arguments before any work: (the model, upstream modules rebuilt on a copy, config,
+    leaf module names, unknown mixers, the rebuilt upstream modules)."""
     if isinstance(model, QuantizedModel):  # before check_model: its message is the clearer one
         raise OuroMambaError(f"convert: {model.model_name} is already quantized "
                              f"({model.config.name}); convert the float model instead")
@@ -151,6 +171,8 @@ def _validate(model: nn.Module, calib, config, gen_options, strict: bool, leaf_m
     if any(isinstance(m, QuantizedModel) for m in model.modules()):
         raise OuroMambaError("convert: the model contains an already-quantized sub-model")
     check_not_quantized(model)
+    rebuilt = upstream_modules(model)
+    model = canonical_copy(model)
     leaves = leaf_names(model, leaf_modules)
     unknown = unknown_mixers(model, leaves)
     if unknown and strict:
@@ -166,7 +188,7 @@ def _validate(model: nn.Module, calib, config, gen_options, strict: bool, leaf_m
     if calib is not None and gen_options:
         raise ValueError("convert: gen_options only apply when calib is None (data-free); "
                          "drop one of them")
-    return config, leaves, unknown
+    return model, config, leaves, unknown, rebuilt
 
 
 def _calibration(model: nn.Module, calib, gen_options, show_progress: bool) -> tuple[list[torch.Tensor], str]:
@@ -200,4 +222,5 @@ def _measure(model: nn.Module, work: nn.Module, gm: fx.GraphModule, ctx: Context
     q.outlier_fraction, q.outlier_maps = outliers, maps
     q.model_identity = model_identity(model, name)
     q.example_shape = tuple(batches[0].shape[1:])
+    q.coverage = ctx.coverage
     return q

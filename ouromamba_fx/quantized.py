@@ -71,6 +71,7 @@ class QuantizedModel(nn.Module):
         self.model_identity: dict | None = None  # the float model: class, config, weights fingerprint
         self.example_shape: tuple[int, ...] | None = None  # (C, H, W) of the calibration images
         self.leaf_modules: list[str] = []  # sub-modules traced as float leaves (a saved file keeps them)
+        self.coverage: dict = {}  # parameter-bearing module -> Coverage (ouromamba_fx.coverage)
         self.custom_passes = False  # converted with passes=...: the file format cannot rebuild it
         self.lower_options: dict[str, bool] | None = None  # set on lowered models: how they were lowered
         self.cpu_gemm = "auto"  # the integer GEMM path calls run with (ouromamba_fx.ops.gemm.use)

@@ -10,6 +10,7 @@ import torch.fx as fx
 from rich.table import Table
 from rich.text import Text
 
+from ouromamba_fx.coverage import summary
 from ouromamba_fx.diff import render
 from ouromamba_fx.numerics import is_float
 from ouromamba_fx.passes.spec import SiteSpec, StateSpec, WeightSpec
@@ -90,10 +91,15 @@ class Report:
     @classmethod
     def of(cls, q) -> "Report":
         rows = [r for r in (_row(n, q.sqnr_db) for n in _site_nodes(q.graph_module)) if r is not None]
-        floats = _group_floats(q.float_reasons)
-        floats.append(("patch_embed, norms, head", "outside the mixers: kept in float"))
+        cov = getattr(q, "coverage", {}) or {}
+        shown = set(q.float_reasons)
+        floats = _group_floats({**q.float_reasons, **{n: c.why for n, c in cov.items()
+                                                       if not c.quantized and n not in shown}})
         outliers = [(site, float(f.mean()), float(f.max())) for site, f in q.outlier_fraction.items()]
-        return cls(f"{q.model_name} quantized with {q.config.name}", rows, floats, q.log, outliers)
+        log = list(q.log)
+        if cov and not any(line.startswith("parameter-bearing modules:") for line in log):
+            log.append(summary(cov))
+        return cls(f"{q.model_name} quantized with {q.config.name}", rows, floats, log, outliers)
 
     def __rich_console__(self, console, options):
         table = Table(title=self.title, title_justify="left", header_style="bold")

@@ -1,10 +1,18 @@
 """What graph nodes carry in ``node.meta``: the role tag :func:`ouromamba_fx.capture.capture` writes
 and the passes extend.
 
-``node.meta[META]`` is a dict: ``role`` (one of :data:`ROLES`), ``direction`` (``"fwd"``, ``"bwd"``
-or None), ``layer`` (mixer index) and ``module`` (the mixer's qualified name); nodes the passes
-insert add a ``kind`` (observer, quantize, weight, ...) and what describes them.
-``node.meta[SPEC]`` holds what the config decided for a mixer op (written by the annotate pass).
+``node.meta[META]`` is a dict: ``role`` (one of :data:`ROLES`), ``direction`` (Vim's ``"fwd"`` /
+``"bwd"``, one of VMamba's four cross-scan directions ``"hw"``, ``"wh"``, ``"hw_rev"``, ``"wh_rev"``,
+MambaVision's ``"x"`` / ``"z"`` conv branches, or None), ``layer`` (mixer index, None outside the
+mixers) and ``module`` (the mixer's, or for the other layers the owning block's, qualified name);
+nodes the passes insert add a ``kind`` (observer, quantize, weight, ...) and what describes them.
+
+Roles beyond the mixers (issue: every layer of VMamba / MambaVision): ``mlp`` (MLP fc1/fc2),
+``attn`` (attention qkv/proj; the attention matmuls themselves stay float), ``conv2d`` (Conv2d
+inside the blocks: MambaVision's conv stages, VMamba's depthwise conv), ``stem`` (patch-embedding
+convs), ``downsample`` (strided convs / patch-merging linears between stages) and ``head``
+(the classifier; not in the default roles).
+``node.meta[SPEC]`` holds what the config decided for an op (written by the annotate pass).
 
 No torch import at run time (annotations only), so :mod:`ouromamba_fx.config` can use the role
 names without loading anything.
@@ -20,9 +28,15 @@ if TYPE_CHECKING:  # pragma: no cover
 META = "ouromamba"
 SPEC = "ouromamba_spec"  # the SiteSpec of a mixer op node (ouromamba_fx.passes.spec), from AnnotateSites
 SPEC_NODE = "ouromamba_spec_node"  # on a fused node: the reference-graph node its spec was on
-ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
-LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj")
-WEIGHT_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d")
+MIXER_ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
+ROLES = MIXER_ROLES + ("conv2d", "mlp", "attn", "stem", "downsample", "head")
+#: What a config quantizes unless told otherwise: everything but the classifier head.
+DEFAULT_ROLES = tuple(r for r in ROLES if r != "head")
+#: Roles whose op is a linear layer (input: channels last, tokens on the axis before).
+LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "mlp", "attn", "head")
+#: Roles whose op may be a linear or a convolution (stem, downsample): decided by the module.
+WEIGHT_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d", "conv2d", "mlp", "attn", "stem",
+                "downsample", "head")
 
 
 def tag(node: "fx.Node") -> dict | None:
@@ -31,8 +45,10 @@ def tag(node: "fx.Node") -> dict | None:
 
 
 def scan_site(t: dict) -> str:
-    """The site name of a tagged scan: ``<mixer>.scan``, ``<mixer>.scan_b`` for the backward one."""
-    return f"{t['module']}.scan" + ("_b" if t["direction"] == "bwd" else "")
+    """The site name of a tagged scan: ``<mixer>.scan`` (one direction, or Vim's forward one),
+    ``<mixer>.scan_b`` for Vim's backward one, ``<mixer>.scan_<direction>`` for VMamba's four."""
+    d = t["direction"]
+    return f"{t['module']}.scan" + ("" if d in (None, "fwd") else "_b" if d == "bwd" else f"_{d}")
 
 
 def site_key(site: str, input_name: str) -> str:

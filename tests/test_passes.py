@@ -36,7 +36,8 @@ def test_insert_observers_is_identity_and_covers_every_site(tiny_vim):
     assert len(ctx.observers) == 14 * 2 == kinds(gm).count("observer")
     torch.testing.assert_close(gm(X), tiny_vim(X), rtol=0, atol=0)
     assert set(ctx.float_reasons) == {f"layers.{i}.mixer.{s}:{v}" for i in (0, 1)
-                                      for s in ("scan", "scan_b") for v in ("u", "z")}
+                                      for s in ("scan", "scan_b") for v in ("u", "z")} | {"head"}
+    assert ctx.float_reasons["head"] == "role head not in config.roles"
 
 
 def test_roles_and_overrides_select_sites(tiny_vim):
@@ -80,7 +81,8 @@ def test_quantize_weights_replaces_modules_with_int8_reference(tiny_vim):
     gm = capture(tiny_vim)
     ctx = Context(of.W4A8)
     run(gm, ctx, AnnotateSites(), QuantizeWeights())
-    assert not any(n.op == "call_module" and tag(n) for n in gm.graph.nodes)
+    # every mixer module is gone; the head (not in the default roles) stays a float module
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module" and tag(n)] == ["head"]
     with pytest.raises(AttributeError):  # the float module is gone
         gm.get_submodule("layers.0.mixer.in_proj")
     wq = gm.layers_0_mixer_in_proj_weight_q

@@ -9,6 +9,7 @@ and writes the result into ``node.meta[tags.SPEC]``; the passes after it only ca
 from __future__ import annotations
 
 import torch.fx as fx
+import torch.nn as nn
 
 from ouromamba_fx.config import QuantConfig
 from ouromamba_fx.passes.base import Context, Pass, PassError
@@ -20,19 +21,32 @@ from ouromamba_fx.tags import LINEAR_ROLES, SPEC, WEIGHT_ROLES, scan_site, site_
 SCAN_ARG = {"u": 0, "delta": 1, "B": 3, "C": 4, "z": 6}
 
 
-def quant_sites(node: fx.Node):
-    """(arg index, site name, input name, token axis, channel axis) of every activation of a
-    mixer op ``node`` a config could quantize."""
+def quant_sites(node: fx.Node, gm: fx.GraphModule | None = None):
+    """(arg index, site name, input name, token axis, channel axis) of every activation of an op
+    ``node`` a config could quantize. Linear inputs: channels last, tokens on the axis before
+    (axes counted from the end, fixed by the observer on the first batch: (B, H, W, C) inputs get
+    one scale per image column); conv inputs (B, C, L) / (B, C, H, W): channels on axis 1,
+    time-steps (image rows) on axis 2. Stem and downsampling layers are convs or linears: the
+    module (``gm``) says which."""
     t = tag(node)
     role = t["role"]
-    if role in LINEAR_ROLES:
-        yield 0, node.target, "x", 1, 2
-    elif role == "conv1d":
+    if _is_conv(node, gm) or role in ("conv1d", "conv2d"):
         yield 0, node.target, "x", 2, 1
+    elif role in LINEAR_ROLES or node.op == "call_module":
+        yield 0, node.target, "x", -2, -1
     elif role == "scan":
         for name, idx in SCAN_ARG.items():
             if idx < len(node.args) and isinstance(node.args[idx], fx.Node):
                 yield idx, scan_site(t), name, 2, 1
+
+
+def _is_conv(node: fx.Node, gm: fx.GraphModule | None) -> bool:
+    return gm is not None and node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                                       (nn.Conv1d, nn.Conv2d))
+
+
+def _is_linear(node: fx.Node, gm: fx.GraphModule | None) -> bool:
+    return gm is not None and node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear)
 
 
 def site_spec(node: fx.Node) -> SiteSpec:
@@ -60,8 +74,9 @@ class AnnotateSites(Pass):
             if t is None or t.get("kind"):
                 continue
             inputs = []
-            for idx, site, inp, tok, ch in quant_sites(node):
-                a = self._act(cfg, node, t["role"], idx, site, inp, tok, ch, cfg.seed + n_quantized)
+            for idx, site, inp, tok, ch in quant_sites(node, gm):
+                a = self._act(cfg, node, t["role"], idx, site, inp, tok, ch, cfg.seed + n_quantized,
+                              _is_linear(node, gm))
                 n_quantized += isinstance(a, ActSpec)
                 inputs.append(a)
             name = scan_site(t) if t["role"] == "scan" else str(node.target)
@@ -82,7 +97,7 @@ class AnnotateSites(Pass):
         return False
 
     @staticmethod
-    def _act(cfg: QuantConfig, node, role, idx, site, inp, tok, ch, seed) -> ActSpec | KeptFloat:
+    def _act(cfg: QuantConfig, node, role, idx, site, inp, tok, ch, seed, linear: bool) -> ActSpec | KeptFloat:
         key = site_key(site, inp)
         if role not in cfg.roles:
             return KeptFloat(key, FloatReason.ROLE, (("role", role),))
@@ -98,7 +113,7 @@ class AnnotateSites(Pass):
             o = cfg.outliers
             outliers = OutlierSpec(o.bits, o.k_delta if inp == "delta" else o.k, o.n_refresh)
         return ActSpec(site, inp, idx, tok, ch, act, cfg.kscale, outliers, cfg.calib_sample, seed,
-                       feeds_linear=node.op == "call_module" and role in LINEAR_ROLES)
+                       feeds_linear=linear)
 
     @staticmethod
     def _weight(cfg: QuantConfig, node, role) -> WeightSpec | KeptFloat | None:

@@ -40,6 +40,7 @@ class Context:
     facts: set[str] = field(default_factory=lambda: {"captured"})
     state_observers: dict[str, str] = field(default_factory=dict)  # scan state observer -> scan node
     reparam_stats: dict[str, dict] = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)  # module -> Coverage (ouromamba_fx.coverage), after the passes
     # Rebuilding a saved model (ouromamba_fx.serialize.load): the passes build the same graph, but
     # every tensor they compute is replaced by the file's, so value searches are skipped.
     replay: bool = False

@@ -57,6 +57,8 @@ class ActObserver(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_axis < 0 or self.channel_axis < 0:  # counted from the end: fixed on first use
+            self.token_axis, self.channel_axis = self.token_axis % x.dim(), self.channel_axis % x.dim()
         r = self.rows(x.detach().float())
         if not torch.isfinite(r).all():
             raise ValueError(f"observer {self.site}: non-finite activations during calibration")

@@ -1,7 +1,7 @@
-"""Quantize the weights of the mixers' linear and conv modules.
+"""Quantize the weights of the tagged linear and conv modules (mixers, MLP, attention, convs).
 
 Each selected ``call_module`` node becomes explicit reference arithmetic:
-``get_attr(w_q) -> dequantize(w_q, w_scale) -> F.linear / F.conv1d(x, w, bias)``, with ``w_q``
+``get_attr(w_q) -> dequantize(w_q, w_scale) -> F.linear / F.conv1d / F.conv2d(x, w, bias)``, with ``w_q``
 stored as int8 in the GraphModule (4-bit values in [-7, 7]); the float module is removed.
 """
 
@@ -60,9 +60,10 @@ class QuantizeWeights(Pass):
                 b = g.get_attr(names["bias"]) if mod.bias is not None else None
                 if isinstance(mod, nn.Linear):
                     out = g.call_function(F.linear, (node.args[0], w, b))
-                elif isinstance(mod, nn.Conv1d):
-                    out = g.call_function(F.conv1d, (node.args[0], w, b, mod.stride, mod.padding,
-                                                     mod.dilation, mod.groups))
+                elif isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.padding_mode == "zeros":
+                    conv = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+                    out = g.call_function(conv, (node.args[0], w, b, mod.stride, mod.padding,
+                                                 mod.dilation, mod.groups))
                 else:
                     raise TypeError(f"{node.target}: cannot quantize weights of {type(mod).__name__}")
             t = tag(node)
