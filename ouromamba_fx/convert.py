@@ -16,6 +16,8 @@ from ouromamba_fx.config import W8A8, QuantConfig, preset
 from ouromamba_fx.coverage import attention_matmuls, module_coverage, summary
 from ouromamba_fx.errors import CaptureError, DataError, OuroMambaError
 from ouromamba_fx.measure import layer_sqnr
+from ouromamba_fx.numerics import is_float
+from ouromamba_fx.ops.scan_quant import SCAN_REPARAM_OP
 from ouromamba_fx.models.families import canonical_copy, upstream_modules
 from ouromamba_fx.models.identity import model_identity
 from ouromamba_fx.passes.base import Context, Pass, PassManager
@@ -101,6 +103,14 @@ def build(model: nn.Module, config: QuantConfig, batches: list[torch.Tensor], le
     return work, gm, ctx, pm
 
 
+def _quantizes_states(gm: fx.GraphModule, config: QuantConfig) -> bool:
+    """Whether the graph quantizes scan hidden states (a reparameterized scan with integer state
+    bits): quantization even when every weight and activation stays float."""
+    if config.reparam is None or is_float(config.reparam.state_bits):
+        return False
+    return any(n.op == "call_function" and n.target is SCAN_REPARAM_OP for n in gm.graph.nodes)
+
+
 def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
             passes: list[Pass] | None = None, show_progress: bool = True,
             gen_options: dict | None = None, lower: bool = False, strict: bool = False,
@@ -144,7 +154,7 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         ctx.log.insert(1, "rebuilt as ouromamba_fx modules (same weights, same outputs): "
                        + ", ".join(f"{n or 'the model'} ({c})" for n, c in rebuilt.items()))
     ctx.log.append(summary(ctx.coverage))
-    if not allow_float and not any(c.quantized for c in ctx.coverage.values()):
+    if not allow_float and not any(c.quantized for c in ctx.coverage.values()) and not _quantizes_states(gm, config):
         floats = "; ".join(f"{n}: {c.why}" for n, c in list(ctx.coverage.items())[:8])
         raise OuroMambaError(
             f"convert: nothing in {model_name(model)} was quantized with {config.name} ({floats}"

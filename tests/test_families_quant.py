@@ -180,7 +180,7 @@ def _up_mambavision():
     mod = upstream.mambavision()
     torch.manual_seed(0)
     up = mod.MambaVision(**MV, num_classes=10, drop_path_rate=0.0)
-    up.pretrained_cfg = {**up.pretrained_cfg, "input_size": (3, 32, 32)}  # calibrated at 32 px here
+    up.pretrained_cfg = {**(getattr(up, "pretrained_cfg", None) or {}), "input_size": (3, 32, 32)}  # calibrated at 32 px here
     return perturb(up)
 
 
