@@ -177,6 +177,22 @@ def test_scans_feeding_out_proj_write_channel_contiguous_output(models, name):
 
 
 @torch.no_grad()
+def test_fast_decay_option_marks_the_channel_contiguous_scans(models):
+    q = models["W8A8"]
+    low, fast = q.lower(), q.lower(fast_decay=True)
+    scans = calls(fast.graph_module, SCAN_CHANNELS_LAST_OP)
+    assert len(scans) == 2 and all(n.kwargs.get("fast_decay") is True for n in scans)
+    assert not any("fast_decay" in n.kwargs for n in calls(low.graph_module, SCAN_CHANNELS_LAST_OP))
+    assert fast.lower_options == {"fast_decay": True}
+    # the decays differ by at most 1e-4 relative: the logits stay close, the predictions equal
+    a, b = low(X), fast(X)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * a.abs().max().item())
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    # without the channel-contiguous rewrite the option has nothing to mark
+    assert torch.equal(q.lower(scan_cl=False, fast_decay=True)(X), q.lower(scan_cl=False)(X))
+
+
+@torch.no_grad()
 def test_dt_proj_and_the_delta_quantization_fuse(models):
     q = models["W4A4O8"]
     low = q.lower()
