@@ -68,7 +68,7 @@ def main() -> int:
     out = Path(args.out)
     env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, load average "
            f"at start {os.getloadavg()[0]:.1f}")
-    cmd = (f"python benchmarks/accuracy_families.py --ckpt {Path(args.ckpt).name}"
+    cmd = (f"python benchmarks/accuracy_families.py --ckpt checkpoints/{Path(args.ckpt).name}"
            + (f" --limit-per-class {args.limit_per_class}" if args.limit_per_class else "")
            + (f" --calib-n {args.calib_n}" if args.calib_n != 256 else "")
            + (f" --gen-n {args.gen_n} --gen-iters {args.gen_iters}" if not args.no_data_free else " --no-data-free")
