@@ -172,7 +172,8 @@ def run_gpu(args) -> list[str]:
 
     gpu = torch.cuda.get_device_name()
     head = [f"# Whole-model latency on {gpu}", "",
-            f"Produced by `python benchmarks/gpu.py` on {datetime.date.today().isoformat()}: torch {torch.__version__}, "
+            f"Produced by `python benchmarks/gpu.py` on {datetime.date.today().isoformat()}: "
+            f"torch {torch.__version__}, "
             f"triton {triton.__version__}, {platform.python_implementation()} {platform.python_version()}. "
             "Median milliseconds per forward (CUDA events); speed-up against fp16. Random weights, "
             "calibration on random images (see the script's docstring).", ""]

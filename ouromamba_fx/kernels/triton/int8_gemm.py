@@ -27,7 +27,7 @@ __all__ = ["int8_gemm", "int8_gemm_ref", "CONFIGS"]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 8-bit tl.dot needs K tiles of at least 32 and
 # M, N tiles of at least 16 on NVIDIA GPUs. The first entry is the interpreter's; the 16-row one
 # serves few tokens (batch 1 of a short sequence), the 128 x 128 one the large GEMMs. None of these
-# spills registers (``ptxas -v``, sm_80); 128 x 64 and 64 x 128 tiles on 4 warps and 128 x 128 x 128
+# spills registers (``ptxas -v``, sm_80 and sm_90a); 128 x 64 and 64 x 128 tiles on 4 warps and 128 x 128 x 128
 # tiles on 8 do.
 CONFIGS = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=2, num_stages=1),

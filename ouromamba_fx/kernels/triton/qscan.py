@@ -37,7 +37,7 @@ __all__ = ["qscan", "qscan_ref", "CONFIGS"]
 
 # (BLOCK_D, num_warps, num_stages): a program keeps BLOCK_D channels' (BLOCK_D, d_state) state and
 # its factors in registers and walks the L steps; the first entry is the interpreter's. None spills
-# registers at d_state 16 (``ptxas -v``, sm_80); 128 channels on 8 warps do.
+# registers at d_state 16 (``ptxas -v``, sm_80 and sm_90a); 128 channels on 8 warps do (sm_80).
 CONFIGS = [
     triton.Config({"BLOCK_D": 16}, num_warps=1, num_stages=1),
     triton.Config({"BLOCK_D": 16}, num_warps=1, num_stages=2),
