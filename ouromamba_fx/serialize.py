@@ -168,7 +168,7 @@ def load(path: str | Path, model: nn.Module | None = None):
     return q
 
 
-def _lower(q, options: dict[str, bool], where: str):
+def _lower(q, options: dict[str, bool | str], where: str):
     bad = sorted(set(options) - set(OPTION_NAMES))
     if bad:
         raise CheckpointError(f"{where}: unknown lowering options {[b[:40] for b in bad[:5]]}")
