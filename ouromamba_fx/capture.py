@@ -40,20 +40,20 @@ from ouromamba_fx.models import mambavision as _mv
 from ouromamba_fx.models import vmamba as _vm
 from ouromamba_fx.models.mixer import DIRECTIONS, MambaMixer
 from ouromamba_fx.ops.scan import SCAN_OP
-from ouromamba_fx.tags import META, tag
+from ouromamba_fx.tags import META, Role, tag
 
 # Child name inside a MambaMixer -> (role, direction).
-_CHILD_ROLES = {"in_proj": ("in_proj", None), "out_proj": ("out_proj", None)}
+_CHILD_ROLES = {"in_proj": (Role.IN_PROJ, None), "out_proj": (Role.OUT_PROJ, None)}
 for _direction, (_conv, _xp, _dtp, _a, _d) in DIRECTIONS.items():
-    _CHILD_ROLES.update({_conv: ("conv1d", _direction), _xp: ("x_proj", _direction),
-                         _dtp: ("dt_proj", _direction)})
+    _CHILD_ROLES.update({_conv: (Role.CONV1D, _direction), _xp: (Role.X_PROJ, _direction),
+                         _dtp: (Role.DT_PROJ, _direction)})
 
 # Child names of VMamba's SS2D and MambaVision's mixer -> (role, direction).
-_SS2D_ROLES = {"in_proj": ("in_proj", None), "conv2d": ("conv2d", None), "out_proj": ("out_proj", None)}
+_SS2D_ROLES = {"in_proj": (Role.IN_PROJ, None), "conv2d": (Role.CONV2D, None), "out_proj": (Role.OUT_PROJ, None)}
 for _k, _direction in enumerate(_vm.DIRECTIONS):
-    _SS2D_ROLES.update({f"x_proj.{_k}": ("x_proj", _direction), f"dt_projs.{_k}": ("dt_proj", _direction)})
-_MV_ROLES = {"in_proj": ("in_proj", None), "conv1d_x": ("conv1d", "x"), "conv1d_z": ("conv1d", "z"),
-             "x_proj": ("x_proj", None), "dt_proj": ("dt_proj", None), "out_proj": ("out_proj", None)}
+    _SS2D_ROLES.update({f"x_proj.{_k}": (Role.X_PROJ, _direction), f"dt_projs.{_k}": (Role.DT_PROJ, _direction)})
+_MV_ROLES = {"in_proj": (Role.IN_PROJ, None), "conv1d_x": (Role.CONV1D, "x"), "conv1d_z": (Role.CONV1D, "z"),
+             "x_proj": (Role.X_PROJ, None), "dt_proj": (Role.DT_PROJ, None), "out_proj": (Role.OUT_PROJ, None)}
 
 #: Mixer classes whose children get mixer roles, with their child-name tables.
 MIXER_TYPES: tuple[tuple[type[nn.Module], dict], ...] = (
@@ -196,19 +196,19 @@ def _other_role(gm: fx.GraphModule, target: str) -> str | None:
     path = target.split(".")
     if isinstance(m, nn.Conv2d):
         if path[0] == "patch_embed":
-            return "stem"
-        return "downsample" if "downsample" in path else "conv2d"
+            return Role.STEM
+        return Role.DOWNSAMPLE if "downsample" in path else Role.CONV2D
     if not isinstance(m, nn.Linear):
         return None
     if child in ("fc1", "fc2"):
-        return "mlp"
+        return Role.MLP
     owner = type(_owner(gm, parent)).__name__.lower()
     if child in ("qkv", "proj") and ("attn" in owner or "attention" in owner):
-        return "attn"
+        return Role.ATTN
     if "downsample" in path:
-        return "downsample"
+        return Role.DOWNSAMPLE
     if child == "head" or target in ("classifier.head", "head.fc"):
-        return "head"
+        return Role.HEAD
     return None
 
 
@@ -240,16 +240,16 @@ def tag_roles(gm: fx.GraphModule, model: nn.Module) -> None:
     finally:
         del gm.meta["_source_modules"]
     for node in scan_nodes(gm):
-        src = _nearest_producer(node.args[0], "conv1d")
+        src = _nearest_producer(node.args[0], Role.CONV1D)
         if src is None or tag(src)["direction"] not in ("fwd", "bwd"):
             # VMamba / MambaVision: the direction is the dt_proj's that makes delta
-            src = _nearest_producer(node.args[1], "dt_proj")
+            src = _nearest_producer(node.args[1], Role.DT_PROJ)
         if src is not None:
             t = tag(src)
-            node.meta[META] = {"role": "scan", "direction": t["direction"], "layer": t["layer"],
+            node.meta[META] = {"role": Role.SCAN, "direction": t["direction"], "layer": t["layer"],
                                "module": t["module"]}
         else:  # the op used directly, outside a known mixer
-            node.meta[META] = {"role": "scan", "direction": None, "layer": None, "module": None}
+            node.meta[META] = {"role": Role.SCAN, "direction": None, "layer": None, "module": None}
 
 
 def _plain_linear(m: nn.Linear) -> nn.Linear:

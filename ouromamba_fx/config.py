@@ -13,7 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from ouromamba_fx.numerics import FLOAT_BITS, is_float
-from ouromamba_fx.tags import DEFAULT_ROLES, ROLES
+from ouromamba_fx.tags import DEFAULT_ROLES, ROLES, Role
 
 SCAN_INPUTS = ("u", "delta", "B", "C", "z")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
@@ -96,8 +96,8 @@ class OutlierQuant:
     k: float = 3.0
     k_delta: float = 4.0
     n_refresh: int = 10
-    roles: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj", "scan", "mlp", "attn", "conv2d",
-                              "stem", "downsample")
+    roles: tuple[str, ...] = (Role.IN_PROJ, Role.X_PROJ, Role.DT_PROJ, Role.OUT_PROJ, Role.SCAN, Role.MLP, Role.ATTN,
+                              Role.CONV2D, Role.STEM, Role.DOWNSAMPLE)
 
     def __post_init__(self) -> None:
         _check_bits("OutlierQuant", self.bits)
@@ -105,7 +105,7 @@ class OutlierQuant:
             raise ValueError("OutlierQuant: k > 0, k_delta > 0 and n_refresh >= 1 are required")
         bad = sorted(set(self.roles) - set(ROLES))
         if bad:
-            raise ValueError(f"OutlierQuant.roles: unknown {bad}; known: {ROLES}")
+            raise ValueError(f"OutlierQuant.roles: unknown {bad}; known: {', '.join(ROLES)}")
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         bad = sorted(set(self.roles) - set(ROLES))
         if bad:
-            raise ValueError(f"QuantConfig.roles: unknown {bad}; known: {ROLES}")
+            raise ValueError(f"QuantConfig.roles: unknown {bad}; known: {', '.join(ROLES)}")
         bad = sorted(set(self.scan_inputs) - set(SCAN_INPUTS))
         if bad:
             raise ValueError(f"QuantConfig.scan_inputs: unknown {bad}; known: {SCAN_INPUTS}")
@@ -246,7 +246,8 @@ W4A4O8 = QuantConfig("W4A4O8", WeightQuant(4), ActQuant(4), outliers=OutlierQuan
 # The baselines quantize the linear and convolution layers (the mixers' projections and, in
 # VMamba / MambaVision, the MLP, attention, stem, downsampling and conv-stage layers), not the
 # mixers' conv1d nor the scan.
-_BASELINE_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "mlp", "attn", "conv2d", "stem", "downsample")
+_BASELINE_ROLES = (Role.IN_PROJ, Role.X_PROJ, Role.DT_PROJ, Role.OUT_PROJ, Role.MLP, Role.ATTN, Role.CONV2D, Role.STEM,
+                   Role.DOWNSAMPLE)
 # Round-to-nearest baseline: per-tensor min-max activations, linear inputs only, scan in float.
 W8A8_RTN = QuantConfig("W8A8-RTN", WeightQuant(8, method="minmax"), ActQuant(8, "per_tensor", method="minmax"),
                        roles=_BASELINE_ROLES)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ouromamba_fx.capture import MIXER_TYPES, _nearest_producer
-from ouromamba_fx.tags import tag
+from ouromamba_fx.tags import Role, tag
 
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.RMSNorm)
 _MIXERS = tuple(cls for cls, _ in MIXER_TYPES)
@@ -44,7 +44,7 @@ def attention_matmuls(gm: fx.GraphModule) -> dict[str, str]:
     out = {}
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
-            src = _nearest_producer(n.args[0], "attn", max_depth=12)
+            src = _nearest_producer(n.args[0], Role.ATTN, max_depth=12)
             where = tag(src)["module"] if src is not None else n.name
             out[f"{where}.matmuls"] = SDPA_REASON
     return out

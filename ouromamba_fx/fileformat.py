@@ -38,7 +38,7 @@ from ouromamba_fx.errors import CheckpointError, OuroMambaError
 from ouromamba_fx.models.identity import ARCHITECTURES
 from ouromamba_fx.ops.int4 import pack_int4, unpack_int4
 from ouromamba_fx.plaindata import PlainDataError, from_plain
-from ouromamba_fx.tags import tag
+from ouromamba_fx.tags import Kind, tag
 from ouromamba_fx.version import QUANTIZED_FORMAT, QUANTIZED_FORMAT_VERSION, QUANTIZED_META_KEY, __version__
 
 FORMAT = QUANTIZED_FORMAT
@@ -105,7 +105,7 @@ def weight_bits(gm: fx.GraphModule) -> dict[str, int]:
         if bits is None:
             continue
         for a in n.all_input_nodes:
-            if (tag(a) or {}).get("kind") == "weight" and a.op == "call_function":
+            if (tag(a) or {}).get("kind") == Kind.WEIGHT and a.op == "call_function":
                 wq = a.args[0]
                 if isinstance(wq, fx.Node) and wq.op == "get_attr":
                     out[wq.target] = bits

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from ouromamba_fx.ops.mixed import outlier_fraction, outlier_map
-from ouromamba_fx.tags import op_nodes, tag
+from ouromamba_fx.tags import Kind, op_nodes, tag
 
 
 def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
@@ -34,7 +34,7 @@ class Recorder(fx.Interpreter):
         if n.name in self.names:
             self.outputs[n.name] = out.detach()
         t = tag(n) or {}
-        if t.get("kind") == "quantize_mixed":  # outlier statistics for the report
+        if t.get("kind") == Kind.QUANTIZE_MIXED:  # outlier statistics for the report
             args, _ = self.fetch_args_kwargs_from_env(n)
             self.outlier_fraction[t["site"]] = outlier_fraction(*args)
             self.outlier_maps[t["site"]] = outlier_map(*args)

@@ -14,7 +14,7 @@ from ouromamba_fx.coverage import summary
 from ouromamba_fx.diff import render
 from ouromamba_fx.numerics import is_float
 from ouromamba_fx.passes.spec import SiteSpec, StateSpec, WeightSpec
-from ouromamba_fx.tags import SPEC, SPEC_NODE, tag
+from ouromamba_fx.tags import SPEC, SPEC_NODE, Kind, tag
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _row(n: fx.Node, sqnr_db: dict[str, float]) -> Row | None:
 def _site_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """The nodes that carry a site spec: the mixer ops of a reference graph, and in a lowered
     graph the fused ops that replaced them (and the ops no rule matched)."""
-    return [n for n in gm.graph.nodes if SPEC in n.meta and (tag(n) or {}).get("kind") in (None, "fused")]
+    return [n for n in gm.graph.nodes if SPEC in n.meta and (tag(n) or {}).get("kind") in (None, Kind.FUSED)]
 
 
 def _group_floats(reasons: dict[str, str]) -> list[tuple[str, str]]:

@@ -1,11 +1,11 @@
 """What graph nodes carry in ``node.meta``: the role tag :func:`ouromamba_fx.capture.capture` writes
 and the passes extend.
 
-``node.meta[META]`` is a dict: ``role`` (one of :data:`ROLES`), ``direction`` (Vim's ``"fwd"`` /
+``node.meta[META]`` is a dict: ``role`` (a :class:`Role`), ``direction`` (Vim's ``"fwd"`` /
 ``"bwd"``, one of VMamba's four cross-scan directions ``"hw"``, ``"wh"``, ``"hw_rev"``, ``"wh_rev"``,
 MambaVision's ``"x"`` / ``"z"`` conv branches, or None), ``layer`` (mixer index, None outside the
 mixers) and ``module`` (the mixer's, or for the other layers the owning block's, qualified name);
-nodes the passes insert add a ``kind`` (observer, quantize, weight, ...) and what describes them.
+nodes the passes insert add a ``kind`` (a :class:`Kind`) and what describes them.
 
 Roles beyond the mixers (issue: every layer of VMamba / MambaVision): ``mlp`` (MLP fc1/fc2),
 ``attn`` (attention qkv/proj; the attention matmuls themselves stay float), ``conv2d`` (Conv2d
@@ -20,6 +20,7 @@ names without loading anything.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,15 +29,59 @@ if TYPE_CHECKING:  # pragma: no cover
 META = "ouromamba"
 SPEC = "ouromamba_spec"  # the SiteSpec of a mixer op node (ouromamba_fx.passes.spec), from AnnotateSites
 SPEC_NODE = "ouromamba_spec_node"  # on a fused node: the reference-graph node its spec was on
-MIXER_ROLES = ("in_proj", "conv1d", "x_proj", "dt_proj", "scan", "out_proj")
-ROLES = MIXER_ROLES + ("conv2d", "mlp", "attn", "stem", "downsample", "head")
+
+
+class _Name(StrEnum):
+    """A ``str`` enum that also reads as its string (``repr`` included): members equal their values,
+    so configs, saved files, JSON and printed configs keep using ``"in_proj"`` etc."""
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class Role(_Name):
+    """What a captured op does in the model (``tag(node)["role"]``)."""
+
+    IN_PROJ = "in_proj"
+    CONV1D = "conv1d"
+    X_PROJ = "x_proj"
+    DT_PROJ = "dt_proj"
+    SCAN = "scan"
+    OUT_PROJ = "out_proj"
+    CONV2D = "conv2d"
+    MLP = "mlp"
+    ATTN = "attn"
+    STEM = "stem"
+    DOWNSAMPLE = "downsample"
+    HEAD = "head"
+
+
+class Kind(_Name):
+    """What a node a pass inserted is (``tag(node)["kind"]``); the captured ops themselves have none."""
+
+    OBSERVER = "observer"                  # records an activation's range during calibration
+    ACT_QPARAM = "act_qparam"              # a calibrated activation scale (get_attr)
+    QUANTIZE = "quantize"                  # static quantization of an activation
+    QUANTIZE_MIXED = "quantize_mixed"      # inlier/outlier quantization with the run-time outlier rule
+    DEQUANTIZE = "dequantize"
+    WEIGHT = "weight"                      # a quantized weight and its dequantization
+    SCAN_CONST = "scan_const"              # a reparameterized scan's folded constants
+    FUSED = "fused"                        # a lowering rule's fused op (carries ``op``)
+    OUTLIER_MASK = "outlier_mask"          # the run-time outlier rule as its own op
+    FAKE_QUANT = "fake_quant"              # quantize + dequantize fused into one op
+    FAKE_QUANT_MIXED = "fake_quant_mixed"
+    WEIGHT_FOLDED = "weight_folded"        # a weight dequantized once at lowering
+
+
+MIXER_ROLES = (Role.IN_PROJ, Role.CONV1D, Role.X_PROJ, Role.DT_PROJ, Role.SCAN, Role.OUT_PROJ)
+ROLES = MIXER_ROLES + (Role.CONV2D, Role.MLP, Role.ATTN, Role.STEM, Role.DOWNSAMPLE, Role.HEAD)
 #: What a config quantizes unless told otherwise: everything but the classifier head.
-DEFAULT_ROLES = tuple(r for r in ROLES if r != "head")
+DEFAULT_ROLES = tuple(r for r in ROLES if r != Role.HEAD)
 #: Roles whose op is a linear layer (input: channels last, tokens on the axis before).
-LINEAR_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "mlp", "attn", "head")
+LINEAR_ROLES = (Role.IN_PROJ, Role.X_PROJ, Role.DT_PROJ, Role.OUT_PROJ, Role.MLP, Role.ATTN, Role.HEAD)
 #: Roles whose op may be a linear or a convolution (stem, downsample): decided by the module.
-WEIGHT_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "conv1d", "conv2d", "mlp", "attn", "stem",
-                "downsample", "head")
+WEIGHT_ROLES = (Role.IN_PROJ, Role.X_PROJ, Role.DT_PROJ, Role.OUT_PROJ, Role.CONV1D, Role.CONV2D, Role.MLP,
+                Role.ATTN, Role.STEM, Role.DOWNSAMPLE, Role.HEAD)
 
 
 def tag(node: "fx.Node") -> dict | None:

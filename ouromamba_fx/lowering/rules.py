@@ -70,7 +70,7 @@ from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
 from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP
 from ouromamba_fx.ops.w4a4o8_linear import (SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
-from ouromamba_fx.tags import carry_spec
+from ouromamba_fx.tags import Kind, carry_spec
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ def _build_w8a8(inline_option: bool, target: str):
         else:  # fewer bits: keep the quantize node's integers, int8 GEMM on them
             new = gm.graph.call_function(int8_linear_codes, (q, s_n, wq_n, ws_n, b))
         op = "int8_linear_decomposed" if inline else "w8a8_linear" if qmax == 127 else "int8_linear"
-        return Built(new, ((m.anchor, new, dict(kind="fused", op=op, act_bits=qmax.bit_length() + 1)),),
+        return Built(new, ((m.anchor, new, dict(kind=Kind.FUSED, op=op, act_bits=qmax.bit_length() + 1)),),
                      keep_tensor_meta=True)
     return build
 
@@ -195,14 +195,14 @@ def _build_w4a4o8(fused: bool, inline_option: bool, target: str):
         if fused and m.fields["steps_ok"]:
             new = gm.graph.call_function(W4A4O8_DETECT_OP, (x, s_n, wp_n, ws_n, b, int(wq.shape[1]), float(k),
                                                             n_refresh))
-            return Built(new, ((m.anchor, new, dict(kind="fused", op="w4a4o8_linear_rt")),))
+            return Built(new, ((m.anchor, new, dict(kind=Kind.FUSED, op="w4a4o8_linear_rt")),))
         mask = gm.graph.call_function(OUTLIER_MASK_OP, (x, s_n, token_axis, channel_axis, bits, float(k), n_refresh))
         mask_n, step_n = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
         inline = inline_option and _inline_product(target, wq)
         fn = w4a4o8_linear_masked_decomposed if inline else W4A4O8_MASKED_OP
         new = gm.graph.call_function(fn, (x, mask_n, step_n, wp_n, ws_n, b, int(wq.shape[1])))
         op = getattr(fn, "__name__", "w4a4o8_linear")
-        return Built(new, ((x_mq, mask, dict(kind="outlier_mask")), (m.anchor, new, dict(kind="fused", op=op))))
+        return Built(new, ((x_mq, mask, dict(kind=Kind.OUTLIER_MASK)), (m.anchor, new, dict(kind=Kind.FUSED, op=op))))
     return build
 
 
@@ -236,7 +236,7 @@ def _build_integer_scan(gm: fx.GraphModule, m: Match, state: dict) -> Built:
     args = (v["u"], *ins["delta"], v["A"], *ins["B"], *ins["C"], v.get("D"), v.get("z"), v["delta_bias"],
             v["delta_softplus"], *factors)
     new = gm.graph.call_function(SCAN_INT8_INPUTS_OP, args)
-    return Built(new, ((m.anchor, new, dict(kind="fused", op="selective_scan_qi")),))
+    return Built(new, ((m.anchor, new, dict(kind=Kind.FUSED, op="selective_scan_qi")),))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def _build_conv1d_silu(gm: fx.GraphModule, m: Match, state: dict) -> Built:
     if reverse:
         x_src = x_src.args[0]
     new = gm.graph.call_function(CONV1D_SILU_OP, (x_src, w_n, b_in, *qargs, reverse))
-    return Built(new, ((conv, new, dict(kind="fused", op="causal_conv1d_silu")),))
+    return Built(new, ((conv, new, dict(kind=Kind.FUSED, op="causal_conv1d_silu")),))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def _match_qdq_pair(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | N
 def _build_fake_quantize(gm: fx.GraphModule, m: Match, state: dict) -> Built:
     q, s_n, z_n, qmin, qmax = m.fields["src"]
     new = gm.graph.call_function(fake_quantize, (q.args[0], s_n, z_n, qmin, qmax))
-    return Built(new, ((q, new, dict(kind="fake_quant")),))
+    return Built(new, ((q, new, dict(kind=Kind.FAKE_QUANT)),))
 
 
 def _match_kept_quantize(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
@@ -356,11 +356,11 @@ def _build_mixed_site(fused: bool):
         x, s_n, token_axis, channel_axis, bits, obits, k, n_refresh = _mixed_args(node)
         if fused and obits == 8 and 2 <= bits <= 8:  # one C++ pass on the CPU
             new = gm.graph.call_function(MIXED_FAKE_QUANT_OP, _mixed_args(node))
-            return Built(new, ((node, new, dict(kind="fake_quant_mixed")),))
+            return Built(new, ((node, new, dict(kind=Kind.FAKE_QUANT_MIXED)),))
         mask = gm.graph.call_function(OUTLIER_MASK_OP, (x, s_n, token_axis, channel_axis, bits, float(k), n_refresh))
         mask_n, step_n = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
         new = gm.graph.call_function(mixed_fake_quant_decomposed, (x, mask_n, step_n, channel_axis, bits, obits))
-        return Built(new, ((node, mask, dict(kind="outlier_mask")), (node, new, dict(kind="fake_quant_mixed"))))
+        return Built(new, ((node, mask, dict(kind=Kind.OUTLIER_MASK)), (node, new, dict(kind=Kind.FAKE_QUANT_MIXED))))
     return build
 
 
@@ -401,7 +401,7 @@ def _build_linear_then_mixed(gm: fx.GraphModule, m: Match, state: dict) -> Built
                                  (*lin.args[:8], s_n, token_axis, channel_axis, bits, float(k), n_refresh))
     out = gm.graph.call_method("transpose", (new, *swap)) if swap is not None else new
     carry_spec(lin, new)  # the tag follows the re-quantization site (anchor); the spec is the linear's
-    return Built(out, ((m.anchor, new, dict(kind="fused", op="w4a4o8_linear_mixed")),))
+    return Built(out, ((m.anchor, new, dict(kind=Kind.FUSED, op="w4a4o8_linear_mixed")),))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +417,7 @@ def _build_folded_weight(gm: fx.GraphModule, m: Match, state: dict) -> Built:
     node = m.anchor
     w = dequantize_ref(*(const(gm, a) for a in node.args[:3]))
     new = new_const(gm, f"{node.args[0].target}_f", w, node)
-    return Built(new, ((node, new, dict(kind="weight_folded")),))
+    return Built(new, ((node, new, dict(kind=Kind.WEIGHT_FOLDED)),))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from timm.models import register_model
 
 from ouromamba_fx.errors import CheckpointError
 from ouromamba_fx.models import mambavision, vmamba
@@ -41,6 +40,7 @@ from ouromamba_fx.models.loader import Checkpoint, load_state_dict_strict
 from ouromamba_fx.models.mamba_blocks import MambaStack, MambaStackConfig, canonicalize_mamba, is_upstream_mamba
 from ouromamba_fx.models.mambavision import MambaVision, MambaVisionConfig
 from ouromamba_fx.models.catalog import CIFAR_MEAN, CIFAR_STD
+from ouromamba_fx.models.upstream import register_builders
 from ouromamba_fx.models.vmamba import VSSM, VMambaConfig
 
 #: family -> (model class, config class)
@@ -495,21 +495,8 @@ def canonicalize(model: nn.Module) -> nn.Module:
     return model
 
 
-def _register(name: str) -> None:
-    family = CONFIGS[name][0]
-
-    def fn(pretrained: bool = False, **kwargs) -> nn.Module:
-        return create(name, pretrained=pretrained, **kwargs)
-
-    fn.__name__ = fn.__qualname__ = name
-    fn.__doc__ = f"{FAMILIES[family][0].__name__} {name} (ouromamba-fx)."
-    fn.__module__ = __name__
-    globals()[name] = fn
-    register_model(fn)
-
-
-for _name in CONFIGS:
-    _register(_name)
+register_builders(CONFIGS, create, lambda name: f"{FAMILIES[CONFIGS[name][0]][0].__name__} {name} (ouromamba-fx).",
+                  globals())
 
 __all__ = ["CONFIGS", "FAMILIES", "bundled_checkpoint", "canonicalize", "config_for", "create",
            "detect_family", "canonical_copy", "has_upstream", "load", "read_checkpoint", "upstream_modules"]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 
 from ouromamba_fx.errors import OuroMambaError
+from ouromamba_fx.models.upstream import is_upstream
 from ouromamba_fx.ops.scan import selective_scan
 
 # The mixer configuration MambaVision's Block hard-codes.
@@ -407,20 +408,15 @@ class MambaVision(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Canonicalisation of NVlabs' objects
 
-def _is_upstream(module: nn.Module, class_name: str) -> bool:
-    cls = type(module)
-    return cls.__name__ == class_name and not cls.__module__.startswith("ouromamba_fx.")
-
-
 def is_upstream_model(module: nn.Module) -> bool:
     """True for NVlabs' ``MambaVision`` (pip ``mambavision`` or a copy of its file, e.g. the
     Hugging Face remote code), not for this package's class."""
-    return (_is_upstream(module, "MambaVision") and hasattr(module, "levels")
+    return (is_upstream(module, "MambaVision") and hasattr(module, "levels")
             and hasattr(getattr(module, "patch_embed", None), "conv_down"))
 
 
 def is_upstream_mixer(module: nn.Module) -> bool:
-    return _is_upstream(module, "MambaVisionMixer") and hasattr(module, "conv1d_x")
+    return is_upstream(module, "MambaVisionMixer") and hasattr(module, "conv1d_x")
 
 
 def _refuse(what: str, why: str) -> OuroMambaError:

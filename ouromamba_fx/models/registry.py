@@ -11,10 +11,9 @@ model; for the others pass ``checkpoint=<file>`` (hustvl/Vim ``.pth`` or safeten
 
 from __future__ import annotations
 
-from timm.models import register_model
-
 from ouromamba_fx.models.catalog import BUNDLED, CONFIGS, bundled_checkpoint, config_for
 from ouromamba_fx.models.loader import load
+from ouromamba_fx.models.upstream import register_builders
 from ouromamba_fx.models.vim import VimConfig, VisionMamba
 
 _TIMM_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
@@ -39,17 +38,4 @@ def create(name: str, pretrained: bool = False, checkpoint: str | None = None, *
     return VisionMamba(cfg)
 
 
-def _register(name: str) -> None:
-    def fn(pretrained: bool = False, **kwargs) -> VisionMamba:
-        return create(name, pretrained=pretrained, **kwargs)
-
-    fn.__name__ = name
-    fn.__qualname__ = name
-    fn.__doc__ = f"Vision Mamba {name} (ouromamba-fx)."
-    fn.__module__ = __name__
-    globals()[name] = fn
-    register_model(fn)
-
-
-for _name in CONFIGS:
-    _register(_name)
+register_builders(CONFIGS, create, lambda name: f"Vision Mamba {name} (ouromamba-fx).", globals())

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 from ouromamba_fx.errors import OuroMambaError
+from ouromamba_fx.models.upstream import is_upstream
 from ouromamba_fx.ops.scan import selective_scan
 
 #: Scan directions of SS2D, in upstream's order k = 0..3 (the index of x_proj / dt_projs and of the
@@ -569,18 +570,13 @@ class VSSM(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # Canonicalisation of MzeroMiko/VMamba's objects
 
-def _is_upstream(module: nn.Module, class_name: str) -> bool:
-    cls = type(module)
-    return cls.__name__ == class_name and not cls.__module__.startswith("ouromamba_fx.")
-
-
 def is_upstream_model(module: nn.Module) -> bool:
     """True for MzeroMiko/VMamba's ``VSSM`` (classification file or the single-file version)."""
-    return _is_upstream(module, "VSSM") and hasattr(module, "layers") and hasattr(module, "classifier")
+    return is_upstream(module, "VSSM") and hasattr(module, "layers") and hasattr(module, "classifier")
 
 
 def is_upstream_ss2d(module: nn.Module) -> bool:
-    return _is_upstream(module, "SS2D") and hasattr(module, "A_logs")
+    return is_upstream(module, "SS2D") and hasattr(module, "A_logs")
 
 
 def _what(module: nn.Module) -> str:

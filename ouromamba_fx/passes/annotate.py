@@ -15,7 +15,7 @@ from ouromamba_fx.config import QuantConfig
 from ouromamba_fx.passes.base import Context, Pass, PassError
 from ouromamba_fx.passes.spec import (ActSpec, FloatReason, KeptFloat, OutlierSpec, SiteSpec, StateSpec,
                                       WeightSpec)
-from ouromamba_fx.tags import LINEAR_ROLES, SPEC, WEIGHT_ROLES, scan_site, site_key, tag
+from ouromamba_fx.tags import LINEAR_ROLES, SPEC, WEIGHT_ROLES, Role, scan_site, site_key, tag
 
 # Scan argument positions (the op's schema: u, delta, A, B, C, D, z, delta_bias, delta_softplus).
 SCAN_ARG = {"u": 0, "delta": 1, "B": 3, "C": 4, "z": 6}
@@ -30,11 +30,11 @@ def quant_sites(node: fx.Node, gm: fx.GraphModule | None = None):
     module (``gm``) says which."""
     t = tag(node)
     role = t["role"]
-    if _is_conv(node, gm) or role in ("conv1d", "conv2d"):
+    if _is_conv(node, gm) or role in (Role.CONV1D, Role.CONV2D):
         yield 0, node.target, "x", 2, 1
     elif role in LINEAR_ROLES or node.op == "call_module":
         yield 0, node.target, "x", -2, -1
-    elif role == "scan":
+    elif role == Role.SCAN:
         for name, idx in SCAN_ARG.items():
             if idx < len(node.args) and isinstance(node.args[idx], fx.Node):
                 yield idx, scan_site(t), name, 2, 1
@@ -79,7 +79,7 @@ class AnnotateSites(Pass):
                               _is_linear(node, gm))
                 n_quantized += isinstance(a, ActSpec)
                 inputs.append(a)
-            name = scan_site(t) if t["role"] == "scan" else str(node.target)
+            name = scan_site(t) if t["role"] == Role.SCAN else str(node.target)
             spec = SiteSpec(name, t["role"], self._weight(cfg, node, t["role"]), tuple(inputs),
                             self._state(cfg, t))
             node.meta[SPEC] = spec
@@ -101,7 +101,7 @@ class AnnotateSites(Pass):
         key = site_key(site, inp)
         if role not in cfg.roles:
             return KeptFloat(key, FloatReason.ROLE, (("role", role),))
-        if role == "scan" and inp not in cfg.scan_inputs:
+        if role == Role.SCAN and inp not in cfg.scan_inputs:
             return KeptFloat(key, FloatReason.SCAN_INPUT, (("input", inp),))
         act, _, skip = cfg.for_module(site)
         if skip:
@@ -130,7 +130,7 @@ class AnnotateSites(Pass):
 
     @staticmethod
     def _state(cfg: QuantConfig, t: dict) -> StateSpec | KeptFloat | None:
-        if t["role"] != "scan" or cfg.reparam is None:
+        if t["role"] != Role.SCAN or cfg.reparam is None:
             return None
         site = scan_site(t)
         if cfg.for_module(site)[2]:

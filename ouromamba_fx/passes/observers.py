@@ -15,7 +15,7 @@ import torch.nn as nn
 from ouromamba_fx.passes.annotate import site_spec
 from ouromamba_fx.passes.base import Context, Pass
 from ouromamba_fx.passes.spec import ActSpec
-from ouromamba_fx.tags import META, op_nodes, tag
+from ouromamba_fx.tags import META, Kind, op_nodes, tag
 
 
 class ActObserver(nn.Module):
@@ -125,7 +125,7 @@ class InsertObservers(Pass):
                 ctx.observers[obs_name] = obs
                 with gm.graph.inserting_before(node):
                     obs_node = gm.graph.call_module(obs_name, (node.args[spec.arg_index],))
-                obs_node.meta[META] = {**tag(node), "kind": "observer", "site": spec.key, "input": spec.input}
+                obs_node.meta[META] = {**tag(node), "kind": Kind.OBSERVER, "site": spec.key, "input": spec.input}
                 node.update_arg(spec.arg_index, obs_node)
                 changed = True
         return changed

@@ -13,7 +13,7 @@ import torch.fx as fx
 from ouromamba_fx.ops.mixed import QUANTIZE_MIXED_OP
 from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP
 from ouromamba_fx.passes.base import Context, Pass
-from ouromamba_fx.tags import META
+from ouromamba_fx.tags import META, Kind
 
 
 class QuantizeActivations(Pass):
@@ -37,10 +37,10 @@ class QuantizeActivations(Pass):
                     s_in, bits, obits, k, n_refresh = qp
                     gm.register_buffer(base + "_inlier_scale", s_in)
                     s = g.get_attr(base + "_inlier_scale")
-                    s.meta[META] = {**t, "kind": "act_qparam"}
+                    s.meta[META] = {**t, "kind": Kind.ACT_QPARAM}
                     out = g.call_function(QUANTIZE_MIXED_OP, (node.args[0], s, obs.token_axis,
                                                            obs.channel_axis, bits, obits, float(k), n_refresh))
-                    out.meta[META] = {**t, **info, "kind": "quantize_mixed", "outlier_bits": obits,
+                    out.meta[META] = {**t, **info, "kind": Kind.QUANTIZE_MIXED, "outlier_bits": obits,
                                       "k": float(k), "n_refresh": n_refresh}
                 else:
                     scale, zp, qmin, qmax = qp
@@ -48,11 +48,11 @@ class QuantizeActivations(Pass):
                     gm.register_buffer(base + "_zp", zp.clone())
                     s, z = g.get_attr(base + "_scale"), g.get_attr(base + "_zp")
                     for n in (s, z):
-                        n.meta[META] = {**t, "kind": "act_qparam"}
+                        n.meta[META] = {**t, "kind": Kind.ACT_QPARAM}
                     q = g.call_function(QUANTIZE_OP, (node.args[0], s, z, qmin, qmax))
-                    q.meta[META] = {**t, **info, "kind": "quantize"}
+                    q.meta[META] = {**t, **info, "kind": Kind.QUANTIZE}
                     out = g.call_function(DEQUANTIZE_OP, (q, s, z))
-                    out.meta[META] = {**t, "kind": "dequantize"}
+                    out.meta[META] = {**t, "kind": Kind.DEQUANTIZE}
             node.replace_all_uses_with(out)
             g.erase_node(node)
             changed = True

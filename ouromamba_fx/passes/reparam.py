@@ -26,7 +26,7 @@ from ouromamba_fx.passes.annotate import site_spec
 from ouromamba_fx.passes.base import Context, Pass, PassError
 from ouromamba_fx.passes.graph import nearest_ancestor, split_rows, to_networkx
 from ouromamba_fx.passes.spec import StateSpec
-from ouromamba_fx.tags import META, carry, tag
+from ouromamba_fx.tags import META, Kind, Role, carry, tag
 
 
 class ScanStateObserver(nn.Module):
@@ -112,7 +112,7 @@ class ReparameterizeScan(Pass):
                 for k, v in consts.items():
                     gm.register_buffer(f"{base}_{k}", v.clone())
                     a = gm.graph.get_attr(f"{base}_{k}")
-                    a.meta[META] = {**tag(node), "kind": "scan_const"}
+                    a.meta[META] = {**tag(node), "kind": Kind.SCAN_CONST}
                     attrs.append(a)
                 new = gm.graph.call_function(SCAN_REPARAM_OP, tuple(node.args) + tuple(attrs) + (spec.state_bits,))
             carry(node, new, reparam=True, folded_r_n=folded, state_bits=spec.state_bits,
@@ -130,7 +130,7 @@ class ReparameterizeScan(Pass):
     def _fold(gm: fx.GraphModule, g, scan: fx.Node, r_n: torch.Tensor) -> bool:
         """Scale x_proj's B rows by 1/r_N and C rows by r_N, if the graph shows which rows they are."""
         b_rows, c_rows = split_rows(scan.args[3]), split_rows(scan.args[4])
-        xp = nearest_ancestor(gm, scan.args[3], "x_proj", g)
+        xp = nearest_ancestor(gm, scan.args[3], Role.X_PROJ, g)
         if b_rows is None or c_rows is None or xp is None or xp.op != "call_module":
             return False
         if b_rows[0] is not xp or c_rows[0] is not xp or b_rows[2] != r_n.numel() or c_rows[2] != r_n.numel():

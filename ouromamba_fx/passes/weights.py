@@ -20,7 +20,7 @@ from ouromamba_fx.passes.annotate import site_spec
 from ouromamba_fx.passes.base import Context, Pass
 from ouromamba_fx.passes.qparams import weight_qparams
 from ouromamba_fx.passes.spec import WeightSpec
-from ouromamba_fx.tags import META, carry, op_nodes, tag
+from ouromamba_fx.tags import META, Kind, carry, op_nodes, tag
 
 
 def attr_name(target: str, suffix: str) -> str:
@@ -69,7 +69,7 @@ class QuantizeWeights(Pass):
             t = tag(node)
             wtag = {k: t[k] for k in ("role", "direction", "layer", "module")}
             for n in (wq, ws, wz, w) + ((b,) if b is not None else ()):
-                n.meta[META] = {**wtag, "kind": "weight"}
+                n.meta[META] = {**wtag, "kind": Kind.WEIGHT}
             carry(node, out, source=node.name, target=node.target, weight_bits=wspec.bits,
                   weight_granularity=wspec.granularity)
             out.meta["tensor_meta"] = node.meta.get("tensor_meta")
