@@ -129,6 +129,16 @@ def _reduce_bc_grad(g: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     return g.reshape(batch, groups, d_inner // groups, L, d_state).sum(dim=2).transpose(2, 3)
 
 
+def gate_backward(g_out: torch.Tensor, y: torch.Tensor, z: Optional[torch.Tensor]):
+    """(dy, dz) of ``out = y * silu(z)`` given ``g_out = d out`` (``dz`` None and ``dy = g_out``
+    without a gate), in ``g_out``'s dtype."""
+    if z is None:
+        return g_out, None
+    zc = z.to(g_out.dtype)
+    sz = torch.sigmoid(zc)
+    return g_out * zc * sz, g_out * y * sz * (1 + zc * (1 - sz))
+
+
 def selective_scan_ref_backward(
     dout: torch.Tensor,
     u: torch.Tensor,
@@ -170,15 +180,7 @@ def selective_scan_ref_backward(
     if D is not None:
         y = y + D.to(cdt)[:, None] * uc
 
-    g_out = dout.to(cdt)
-    dz = None
-    if z is not None:
-        zc = z.to(cdt)
-        sz = torch.sigmoid(zc)
-        dz = g_out * y * sz * (1 + zc * (1 - sz))
-        dy = g_out * zc * sz
-    else:
-        dy = g_out
+    dy, dz = gate_backward(dout.to(cdt), y, z)
     dD = (dy * uc).sum(dim=(0, 2)) if D is not None else None
     du = dy * D.to(cdt)[:, None] if D is not None else torch.zeros_like(uc)
 

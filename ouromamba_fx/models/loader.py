@@ -283,87 +283,111 @@ def config_from_checkpoint(ckpt: Checkpoint) -> VimConfig:
     """Infer a :class:`VimConfig` from tensor shapes plus the file's own config or hustvl args."""
     sd, meta = ckpt.state_dict, ckpt.meta
     where = Path(ckpt.path).name or "checkpoint"
+    hints = _hints(where, meta)
+    cfg = _layer_shapes(where, sd)
+    cfg.update(_grid(where, sd, hints, cfg["embed_dim"], cfg["patch_size"]))
+    # hustvl's released models all put the class token in the middle; a file can say otherwise.
+    if "cls_token" not in sd:
+        cfg["cls_position"] = "none"
+    else:
+        cfg["cls_position"] = "middle" if _hint_bool(where, hints, "use_middle_cls_token", True) else "head"
+    cfg["divide_out"] = _hint_bool(where, hints, "if_divide_out", _hint_bool(where, hints, "if_devide_out", True))
+    cfg["bimamba"] = "layers.0.mixer.A_b_log" in sd
+    cfg["num_classes"] = _num_classes(where, sd, cfg["embed_dim"])
+    cfg.update(_preprocessing(where, meta, hints, cfg))
+    try:
+        return VimConfig(**cfg)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
+def _hints(where: str, meta: dict) -> dict:
+    """The file's settings: hustvl's ``args`` overridden by a ``config`` mapping."""
     for key in ("args", "config"):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise CheckpointError(f"{where}: {key!r} must be a mapping of settings, got {type(meta[key]).__name__}")
     hints = {**(meta.get("args") or {}), **(meta.get("config") or {})}
-    name = hints.get("model", "")
-    name = name if isinstance(name, str) else ""
+    if isinstance(hints.get("input_size"), (list, tuple)) and len(hints["input_size"]) == 3:
+        hints["input_size"] = hints["input_size"][-1]  # timm's (C, H, W)
+    return hints
+
+
+def _layer_shapes(where: str, sd: dict) -> dict:
+    """Widths, kernel sizes and depth, from the shapes of the patch embedding and the first mixer."""
     embed_dim, in_chans, patch, patch_w = _shape(where, sd, "patch_embed.proj.weight", 4)
     if patch != patch_w:
         raise CheckpointError(f"{where}: patch_embed.proj.weight has a {patch}x{patch_w} kernel; only square "
                               f"patches are supported")
     d_inner, d_state = _shape(where, sd, "layers.0.mixer.A_log", 2)
-    one, n_pos, pos_dim = _shape(where, sd, "pos_embed", 3)
-    if one != 1 or pos_dim != embed_dim:
-        raise CheckpointError(f"{where}: pos_embed has shape {(one, n_pos, pos_dim)}, expected (1, tokens, "
-                              f"{embed_dim})")
     if d_inner % embed_dim:
         raise CheckpointError(f"{where}: the mixers' inner width {d_inner} is not a multiple of the "
                               f"embedding width {embed_dim}")
-    d_conv = _shape(where, sd, "layers.0.mixer.conv1d.weight", 3)[-1]
-    dt_rank = _shape(where, sd, "layers.0.mixer.dt_proj.weight", 2)[1]
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k))}
     depth = max(layers) + 1
     if len(layers) != depth:  # before anything is built from depth
         missing = sorted(set(range(depth)) - layers)
         raise CheckpointError(f"{where}: layers {missing[:10]} are missing (the file has layer keys up to "
                               f"{depth - 1}, {len(layers)} layers in all)")
+    return dict(embed_dim=embed_dim, in_chans=in_chans, patch_size=patch, depth=depth, d_state=d_state,
+                expand=d_inner // embed_dim, d_conv=_shape(where, sd, "layers.0.mixer.conv1d.weight", 3)[-1],
+                dt_rank=_shape(where, sd, "layers.0.mixer.dt_proj.weight", 2)[1])
+
+
+def _grid(where: str, sd: dict, hints: dict, embed_dim: int, patch: int) -> dict:
+    """``img_size`` and ``stride`` from the position embedding's square patch grid and the file's hints."""
+    one, n_pos, pos_dim = _shape(where, sd, "pos_embed", 3)
+    if one != 1 or pos_dim != embed_dim:
+        raise CheckpointError(f"{where}: pos_embed has shape {(one, n_pos, pos_dim)}, expected (1, tokens, "
+                              f"{embed_dim})")
     has_cls = "cls_token" in sd
+    name = hints.get("model", "")
+    name = name if isinstance(name, str) else ""
     stride = _hint_int(where, hints, "stride", 1, patch) or (8 if "stride8" in name and patch >= 8 else patch)
     side = math.isqrt(max(n_pos - has_cls, 0))
     if side * side != n_pos - has_cls:
         raise CheckpointError(f"{where}: pos_embed has {n_pos} positions, not a square grid of patches"
                               f"{' plus a class token' if has_cls else ''}")
     grid_img = (side - 1) * stride + patch
-    if isinstance(hints.get("input_size"), (list, tuple)) and len(hints["input_size"]) == 3:
-        hints["input_size"] = hints["input_size"][-1]  # timm's (C, H, W)
     img_size = _hint_int(where, hints, "img_size", 1, 1 << 16) or _hint_int(where, hints, "input_size", 1, 1 << 16)
     if img_size is None:
         img_size = grid_img
     elif img_size != grid_img:
         raise CheckpointError(f"{where}: the file says img_size {img_size}, but pos_embed holds a "
                               f"{side}x{side} patch grid (img_size {grid_img} with patch {patch}, stride {stride})")
-    # hustvl's released models all put the class token in the middle; a file can say otherwise.
-    if not has_cls:
-        cls_position = "none"
-    else:
-        cls_position = "middle" if _hint_bool(where, hints, "use_middle_cls_token", True) else "head"
-    divide_out = _hint_bool(where, hints, "if_divide_out", _hint_bool(where, hints, "if_devide_out", True))
+    return dict(img_size=img_size, stride=stride if stride != patch else None)
+
+
+def _num_classes(where: str, sd: dict, embed_dim: int) -> int:
     head = sd.get("head.weight")
-    num_classes = 0
-    if head is not None:
-        if head.dim() != 2 or head.shape[1] != embed_dim:
-            raise CheckpointError(f"{where}: head.weight has shape {tuple(head.shape)}, expected "
-                                  f"(classes, {embed_dim})")
-        num_classes = head.shape[0]
-    cfg = dict(
-        img_size=img_size, patch_size=patch, stride=stride if stride != patch else None,
-        embed_dim=embed_dim, depth=depth, d_state=d_state, expand=d_inner // embed_dim,
-        d_conv=d_conv, dt_rank=dt_rank, in_chans=in_chans, num_classes=num_classes,
-        cls_position=cls_position, bimamba="layers.0.mixer.A_b_log" in sd, divide_out=divide_out,
-    )
+    if head is None:
+        return 0
+    if head.dim() != 2 or head.shape[1] != embed_dim:
+        raise CheckpointError(f"{where}: head.weight has shape {tuple(head.shape)}, expected "
+                              f"(classes, {embed_dim})")
+    return head.shape[0]
+
+
+def _preprocessing(where: str, meta: dict, hints: dict, cfg: dict) -> dict:
+    """Normalisation, class names and crop fraction, checked against the channels and classes."""
+    out = {}
     for key in ("mean", "std"):
         if meta.get(key) is not None:
-            cfg[key] = _floats(where, key, meta[key], in_chans, key == "std")
+            out[key] = _floats(where, key, meta[key], cfg["in_chans"], key == "std")
     classes = meta.get("classes")
     if classes is not None:
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             raise CheckpointError(f"{where}: classes must be a list of names, got {str(classes)[:60]}")
-        if classes and len(classes) != num_classes:
-            raise CheckpointError(f"{where}: {len(classes)} class names for a head of {num_classes} classes")
-        cfg["classes"] = classes
+        if classes and len(classes) != cfg["num_classes"]:
+            raise CheckpointError(f"{where}: {len(classes)} class names for a head of {cfg['num_classes']} classes")
+        out["classes"] = classes
     if "crop_pct" in hints:
         crop = hints["crop_pct"]
         if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
             raise CheckpointError(f"{where}: crop_pct must be a number in (0, 1], got {str(crop)[:40]!r}")
-        cfg["crop_pct"] = float(crop)
-    elif img_size <= 64:  # small-image (CIFAR-style) models are evaluated uncropped
-        cfg["crop_pct"] = 1.0
-    try:
-        return VimConfig(**cfg)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        out["crop_pct"] = float(crop)
+    elif cfg["img_size"] <= 64:  # small-image (CIFAR-style) models are evaluated uncropped
+        out["crop_pct"] = 1.0
+    return out
 
 
 def load_state_dict_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ouromamba_fx.kernels.scan_ref import gate_backward
 from ouromamba_fx.kernels.triton.common import autotune_configs, fit_tiles, launch
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "selective_scan_fwd_ref", "selective_scan_bwd_ref",
@@ -524,18 +525,12 @@ def selective_scan_bwd_ref(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
     for l0 in chunks:
         starts.append(h)
         h = _chunk_states(h, decay[..., l0:l0 + block_l], drive[..., l0:l0 + block_l])[..., -1]
-    g_out = dout.to(cdt)
-    dz = None
+    y = None
     if z is not None:
         hs_all = torch.cat([_chunk_states(s, decay[..., l0:l0 + block_l], drive[..., l0:l0 + block_l])
                             for s, l0 in zip(starts, chunks)], dim=-1)
         y = (hs_all * c_full).sum(2) + (D.to(cdt)[:, None] * uc if D is not None else 0.0)
-        zc = z.to(cdt)
-        sz = torch.sigmoid(zc)
-        dz = g_out * y * sz * (1 + zc * (1 - sz))
-        dy = g_out * zc * sz
-    else:
-        dy = g_out
+    dy, dz = gate_backward(dout.to(cdt), y, z)
     du, ddt = torch.zeros_like(uc), torch.zeros_like(uc)
     dA = torch.zeros(batch, dim, n, dtype=cdt, device=u.device)
     dB_full, dC_full = torch.zeros_like(b_full), torch.zeros_like(c_full)
