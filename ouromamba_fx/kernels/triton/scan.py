@@ -121,6 +121,36 @@ def _chunk_dt(delta_ptr, bias, rd, rl, ok, s_dd, s_dl, ACC: tl.constexpr, HAS_BI
     return x, dt
 
 
+@triton.jit
+def _chunk_forward(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, bias, h_carry, rd, rn, d_ok, l0, L, N,
+                   s_ud, s_ul, s_dd, s_dl, s_ad, s_an, s_bn, s_bl, s_cn, s_cl,
+                   ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, WANT_Y: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """One chunk of the recurrence from the state ``h_carry`` (BLOCK_D, BLOCK_N) at its start: the
+    chunk's ``u`` tile, ``y = sum_n h_n C_n`` (zeros unless ``WANT_Y``; without D and the gate) and
+    the state at its last step. Each state lane's chunk is one associative scan over (decay, drive)."""
+    rl = l0 + tl.arange(0, BLOCK_L)
+    l_ok = rl < L
+    ok = d_ok[:, None] & l_ok[None, :]
+    u = tl.load(u_ptr + rd[:, None] * s_ud + rl[None, :] * s_ul, mask=ok, other=0.0).to(ACC)
+    _, dt = _chunk_dt(delta_ptr, bias, rd, rl, ok, s_dd, s_dl, ACC, HAS_BIAS, SOFTPLUS)
+    dtu = dt * u
+    y = tl.zeros((BLOCK_D, BLOCK_L), dtype=ACC)
+    for n in range(0, N):
+        a_n = tl.load(a_ptr + rd * s_ad + n * s_an, mask=d_ok, other=0.0).to(ACC)
+        b_n = tl.load(b_ptr + n * s_bn + rl * s_bl, mask=l_ok, other=0.0).to(ACC)
+        decay = tl.where(l_ok[None, :], tl.exp(dt * a_n[:, None]), 1.0)
+        drive = dtu * b_n[None, :]
+        h_start = _column(h_carry, rn, n)
+        drive = tl.where(rl[None, :] == l0, decay * h_start[:, None] + drive, drive)
+        _, h = tl.associative_scan((decay, drive), axis=1, combine_fn=_scan_combine)
+        if WANT_Y:
+            c_n = tl.load(c_ptr + n * s_cn + rl * s_cl, mask=l_ok, other=0.0).to(ACC)
+            y += h * c_n[None, :]
+        h_carry = tl.where(rn[None, :] == n, _column(h, rl, l0 + BLOCK_L - 1)[:, None], h_carry)
+    return u, y, h_carry
+
+
 @triton.autotune(configs=autotune_configs(FWD_CONFIGS), key=["DIM", "L", "N", "DIM_PER_GROUP"],
                  prune_configs_by={"early_config_prune": _FIT})
 @triton.jit
@@ -153,24 +183,10 @@ def _selective_scan_fwd_kernel(
     h_carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=ACC)  # state at the end of the previous chunk
     for l0 in range(0, L, BLOCK_L):
         rl = l0 + tl.arange(0, BLOCK_L)
-        l_ok = rl < L
-        ok = d_ok[:, None] & l_ok[None, :]
-        u = tl.load(u_ptr + rd[:, None] * s_ud + rl[None, :] * s_ul, mask=ok, other=0.0).to(ACC)
-        _, dt = _chunk_dt(delta_ptr, bias, rd, rl, ok, s_dd, s_dl, ACC, HAS_BIAS, SOFTPLUS)
-        dtu = dt * u
-        y = tl.zeros((BLOCK_D, BLOCK_L), dtype=ACC)
-        for n in range(0, N):
-            a_n = tl.load(a_ptr + rd * s_ad + n * s_an, mask=d_ok, other=0.0).to(ACC)
-            b_n = tl.load(b_ptr + n * s_bn + rl * s_bl, mask=l_ok, other=0.0).to(ACC)
-            c_n = tl.load(c_ptr + n * s_cn + rl * s_cl, mask=l_ok, other=0.0).to(ACC)
-            decay = tl.where(l_ok[None, :], tl.exp(dt * a_n[:, None]), 1.0)
-            drive = dtu * b_n[None, :]
-            h_start = _column(h_carry, rn, n)
-            drive = tl.where(rl[None, :] == l0, decay * h_start[:, None] + drive, drive)
-            _, h = tl.associative_scan((decay, drive), axis=1, combine_fn=_scan_combine)
-            y += h * c_n[None, :]
-            h_end = _column(h, rl, l0 + BLOCK_L - 1)
-            h_carry = tl.where(rn[None, :] == n, h_end[:, None], h_carry)
+        ok = d_ok[:, None] & (rl < L)[None, :]
+        u, y, h_carry = _chunk_forward(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, bias, h_carry, rd, rn, d_ok, l0, L, N,
+                                       s_ud, s_ul, s_dd, s_dl, s_ad, s_an, s_bn, s_bl, s_cn, s_cl,
+                                       ACC, HAS_BIAS, SOFTPLUS, True, BLOCK_D, BLOCK_L)
         if HAS_D:
             y += tl.load(d_ptr + rd, mask=d_ok, other=0.0).to(ACC)[:, None] * u
         if HAS_Z:
@@ -234,24 +250,11 @@ def _selective_scan_bwd_kernel(
         if c < n_sweep:
             l0 = c * BLOCK_L
             rl = l0 + tl.arange(0, BLOCK_L)
-            l_ok = rl < L
-            ok = d_ok[:, None] & l_ok[None, :]
-            u = tl.load(u_ptr + rd[:, None] * s_ud + rl[None, :] * s_ul, mask=ok, other=0.0).to(ACC)
-            _, dt = _chunk_dt(delta_ptr, bias, rd, rl, ok, s_dd, s_dl, ACC, HAS_BIAS, SOFTPLUS)
-            dtu = dt * u
-            y = tl.zeros((BLOCK_D, BLOCK_L), dtype=ACC)
-            for n in range(0, N):
-                a_n = tl.load(a_ptr + rd * s_ad + n * s_an, mask=d_ok, other=0.0).to(ACC)
-                b_n = tl.load(b_ptr + n * s_bn + rl * s_bl, mask=l_ok, other=0.0).to(ACC)
-                decay = tl.where(l_ok[None, :], tl.exp(dt * a_n[:, None]), 1.0)
-                drive = dtu * b_n[None, :]
-                h_start = _column(h_carry, rn, n)
-                drive = tl.where(rl[None, :] == l0, decay * h_start[:, None] + drive, drive)
-                _, h = tl.associative_scan((decay, drive), axis=1, combine_fn=_scan_combine)
-                if HAS_Z:
-                    c_n = tl.load(c_ptr + n * s_cn + rl * s_cl, mask=l_ok, other=0.0).to(ACC)
-                    y += h * c_n[None, :]
-                h_carry = tl.where(rn[None, :] == n, _column(h, rl, l0 + BLOCK_L - 1)[:, None], h_carry)
+            ok = d_ok[:, None] & (rl < L)[None, :]
+            # y (before D and the gate) only where the gate's gradient needs it
+            u, y, h_carry = _chunk_forward(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, bias, h_carry, rd, rn, d_ok, l0,
+                                           L, N, s_ud, s_ul, s_dd, s_dl, s_ad, s_an, s_bn, s_bl, s_cn, s_cl,
+                                           ACC, HAS_BIAS, SOFTPLUS, HAS_Z, BLOCK_D, BLOCK_L)
             if HAS_Z:
                 y += dd[:, None] * u
                 zz = tl.load(z_ptr + pid_b * s_zb + rd[:, None] * s_zd + rl[None, :] * s_zl,
