@@ -123,3 +123,10 @@ def test_shared_reference_checkpoint_matches_bundled_copy():
     assert model.cfg.mean == pytest.approx((0.4914, 0.4822, 0.4465))
     assert all(re.match(r"(layers\.\d+\.|patch_embed|cls_token|pos_embed|norm_f|head)", k)
                for k in model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["vim_cifar_d128_l8", "vmamba_v2_cifar"])
+def test_timm_hub_options_dropped_when_unset_refused_when_set(name):
+    assert isinstance(timm.create_model(name, cache_dir=None), torch.nn.Module)
+    with pytest.raises(TypeError, match=f"{name}: timm option cache_dir='hub' is not supported"):
+        timm.create_model(name, cache_dir="hub")

@@ -40,7 +40,7 @@ from ouromamba_fx.models.loader import Checkpoint, load_state_dict_strict
 from ouromamba_fx.models.mamba_blocks import MambaStack, MambaStackConfig, canonicalize_mamba, is_upstream_mamba
 from ouromamba_fx.models.mambavision import MambaVision, MambaVisionConfig
 from ouromamba_fx.models.catalog import CIFAR_MEAN, CIFAR_STD
-from ouromamba_fx.models.upstream import register_builders
+from ouromamba_fx.models.upstream import register_builders, without_hub_options
 from ouromamba_fx.models.vmamba import VSSM, VMambaConfig
 
 #: family -> (model class, config class)
@@ -104,7 +104,6 @@ CONFIGS: dict[str, tuple[str, object]] = {
         **_V2, **_CIFAR)),
     "mamba_stack_cifar": ("mamba", MambaStackConfig(embed_dim=128, depth=8, patch_size=4, **_CIFAR)),
 }
-_TIMM_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
 
 
 def config_for(name: str):
@@ -143,10 +142,7 @@ def create(name: str, pretrained: bool = False, checkpoint: str | None = None, *
             raise RuntimeError(f"{name}: no weights are bundled with ouromamba-fx and none can be "
                                f"downloaded; pass checkpoint=<file> (an upstream release file, or "
                                f"one written by tools/train_cifar.py)")
-    kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_KWARGS or v is not None}
-    for k in _TIMM_KWARGS & set(kwargs):
-        raise TypeError(f"{name}: timm option {k}={kwargs[k]!r} is not supported (nothing is "
-                        f"downloaded); pass checkpoint=<file> instead")
+    kwargs = without_hub_options(name, kwargs)
     if checkpoint is not None:
         return load(checkpoint, name=name, **kwargs)
     model_cls, _ = FAMILIES[family]

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from ouromamba_fx.models.catalog import BUNDLED, CONFIGS, bundled_checkpoint, config_for
 from ouromamba_fx.models.loader import load
-from ouromamba_fx.models.upstream import register_builders
+from ouromamba_fx.models.upstream import register_builders, without_hub_options
 from ouromamba_fx.models.vim import VimConfig, VisionMamba
-
-_TIMM_KWARGS = {"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
 
 
 def create(name: str, pretrained: bool = False, checkpoint: str | None = None, **kwargs) -> VisionMamba:
@@ -27,11 +25,7 @@ def create(name: str, pretrained: bool = False, checkpoint: str | None = None, *
                 f"{name}: no weights can be downloaded by ouromamba-fx; pass checkpoint=<file> "
                 f"(a hustvl/Vim .pth or a safetensors file). Bundled: {', '.join(BUNDLED)}")
         checkpoint = bundled_checkpoint(name)
-    # timm.create_model passes its own hub options; nothing is fetched, so they are dropped.
-    kwargs = {k: v for k, v in kwargs.items() if k not in _TIMM_KWARGS or v is not None}
-    for k in _TIMM_KWARGS & set(kwargs):
-        raise TypeError(f"{name}: timm option {k}={kwargs[k]!r} is not supported (nothing is "
-                        f"downloaded); pass checkpoint=<file> instead")
+    kwargs = without_hub_options(name, kwargs)
     if checkpoint is not None:
         return load(checkpoint, name=name, **kwargs)
     cfg = VimConfig(**{**config_for(name).to_dict(), **kwargs})

@@ -16,6 +16,20 @@ def is_upstream(module: nn.Module, class_name: str) -> bool:
     return cls.__name__ == class_name and not cls.__module__.startswith("ouromamba_fx.")
 
 
+#: Hub options ``timm.create_model`` passes to every builder; nothing is fetched, so they are dropped
+#: when unset and refused when set.
+TIMM_HUB_KWARGS = frozenset({"pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
+
+
+def without_hub_options(name: str, kwargs: dict) -> dict:
+    """``kwargs`` without timm's unset hub options; a ``TypeError`` naming the model for a set one."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in TIMM_HUB_KWARGS or v is not None}
+    for k in TIMM_HUB_KWARGS & set(kwargs):
+        raise TypeError(f"{name}: timm option {k}={kwargs[k]!r} is not supported (nothing is "
+                        f"downloaded); pass checkpoint=<file> instead")
+    return kwargs
+
+
 def register_builders(names: Iterable[str], create: Callable[..., nn.Module], describe: Callable[[str], str],
                       namespace: dict) -> None:
     """For each name, a ``name(pretrained=False, **kwargs)`` builder calling ``create(name, ...)``,
