@@ -121,8 +121,8 @@ inline float pick1(float a, float b, int32_t m) {  // a where m is -1, b where m
 // One output row: dst[c] = silu(bias[c] + sum_k w[k, c] * taps[k][c]) for the D channels, in two
 // passes over the row (it stays in L1): the taps' products, then the SiLU. A plain function of
 // locals: written inside parallel_for's lambda, with the captures read through references, GCC
-// reloaded the bounds every vector and kept each vector's exp / divide chain from overlapping the
-// next one's (5.7 -> 3.0 ms on a Vim-small conv, 2 threads).
+// reloads the bounds every vector and keeps each vector's exp / divide chain from overlapping the
+// next one's.
 // kK > 0: the kernel width as a constant (4 in every Mamba), so the taps' loop unrolls with its
 // pointers in registers; 0: K at run time.
 template <int kK>
@@ -690,10 +690,9 @@ inline int64_t gather_outliers(const int8_t* __restrict__ q, int64_t K, int64_t 
 #if defined(__AVX512BW__) && defined(__AVX512VBMI2__)
   // 64 channels at a time without a branch per outlier: the non-zero codes compressed into place
   // (vpcompressb), their offsets 8 at a time (vpcompressq), the codes' sum from vpsadbw of q + 128.
-  // The bit-by-bit loop below (a branch per outlier, its exit mispredicted once per 32 channels)
-  // took about 8x the time of the tiles' arithmetic on x_proj (K = 768, ~65 outliers per token).
-  // Whole epilogue of a Vim-small call at batch 16 (2 threads, Zen 5): x_proj 0.46 -> 0.24 ms,
-  // out_proj 0.82 -> 0.57 ms, in_proj 1.08 -> 1.01 ms.
+  // The bit-by-bit loop below (the other CPUs' path) takes a branch per outlier whose exit is
+  // mispredicted once per 32 channels, which costs more than the tiles' arithmetic at the outlier
+  // counts of real models.
   alignas(64) int64_t lane_off[8];
   for (int i = 0; i < 8; ++i) lane_off[i] = i * ldw;
   const __m512i iota = _mm512_load_si512(lane_off), step = _mm512_set1_epi64(8 * ldw);
@@ -741,8 +740,7 @@ inline int64_t gather_outliers(const int8_t* __restrict__ q, int64_t K, int64_t 
 // pair of codes: |pair sum| <= 2 * 16 * 128 = 4096, so int16 lanes hold kOutPairs = 7 pairs
 // (28,672) before they are widened into int32; the + 8 comes out as -8 * sum_j q_j (`shift`).
 // The sums are integers, so this is exactly the value of the scalar axpys in channel order (each
-// partial sum is below 2^24, exact in float32). 1.6-2.6x faster than the scalar axpys on Vim-small's
-// linears; those were half of out_proj's time at ~70 outliers per token of 768 channels.
+// partial sum is below 2^24, exact in float32), with a fraction of the scalar axpys' instructions.
 constexpr int64_t kOutPairs = 7;
 
 inline void widen_add(int32_t* acc, __m256i v16) {
@@ -797,8 +795,7 @@ void outlier_tile_u4(const uint8_t* __restrict__ w, const int64_t* __restrict__ 
 #if defined(__AVX512BW__)
 // outlier_tile_u4 with 64-byte vectors (AVX-512BW): one load per channel row covers the tile's 64
 // columns, so a pair of channels costs two unpacks, two vpmaddubsw and two adds where the 32-byte
-// form needs four of each (the whole epilogue of a Vim-small call at batch 16, 2 threads of a Zen 5:
-// in_proj 1.40 -> 1.08 ms, out_proj 1.06 -> 0.82 ms, x_proj 0.51 -> 0.46 ms). Same pairs, same int16
+// form needs four of each. Same pairs, same int16
 // bound of kOutPairs pairs, same integer sums. The unpacks work within 128-bit lanes: lane i of
 // the low one holds columns 16 i + 0-7 of the tile, of the high one 16 i + 8-15; the int16 sums
 // are widened into four int32 accumulators in that order and put back in column order once.
