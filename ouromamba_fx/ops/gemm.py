@@ -77,8 +77,10 @@ _CHOICE_CODES = {"auto": 0, "int_mm": 1, "emulated": 2}
 
 def sync_choice() -> None:
     """Pass this thread's choice on to the C++ kernels of the ops (a thread-local there), once the
-    library is loaded; :func:`use` calls it on entry and exit, the library when it loads."""
-    if CPU_LIBRARY.loaded:
+    library is loaded; :func:`use` calls it on entry and exit, the library when it loads. Not
+    while torch.compile or torch.export trace a ``use`` block: the kernels do not run then, and
+    the call would be recorded in the graph."""
+    if CPU_LIBRARY.loaded and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
         torch.ops.ouromamba_cpu.set_gemm_choice(_CHOICE_CODES[_MODE.get()])
 
 
