@@ -50,7 +50,9 @@ EXTRA = {"W8A8 integer scan": ("W8A8", {"integer_scan": True}),
          "W8A8 mkldnn conv": ("W8A8", {"conv_silu": False}),
          "W4A4O8 mask+dense": ("W4A4O8", {"mixed_fused": False}),
          "W4A4O8 mask+op": ("W4A4O8", {"mixed_fused": False, "int4_inline": False}),
-         "W4A4O8 time-contiguous scan": ("W4A4O8", {"scan_cl": False})}
+         "W4A4O8 time-contiguous scan": ("W4A4O8", {"scan_cl": False}),
+         "W8A8 fast decay": ("W8A8", {"fast_decay": True}),
+         "W4A4O8 fast decay": ("W4A4O8", {"fast_decay": True})}
 # Checked in this order (a conv may run as an mkldnn op, so "conv" comes before "mkldnn").
 CATEGORIES = {
     "conv": ("conv",),

@@ -1,125 +1,252 @@
-"""Time the Triton integer kernels against torch's float linear on a CUDA GPU.
+"""Whole-model GPU latency: Vim-T/S/B in float (fp16, bf16) against W8A8 and W4A4O8 (writes gpu.md).
 
-    python benchmarks/gpu.py [--out gpu.md]
+    python benchmarks/gpu.py                      # on a CUDA GPU (an H100: tens of minutes)
+    python benchmarks/gpu.py --models vim_tiny --batches 1,16 --rounds 20
+    python benchmarks/gpu.py --dry-run            # anywhere: the plan, and a tiny Vim through every
+                                                  # variant's code path on the CPU (nothing timed)
 
-Without a CUDA GPU it prints "no CUDA GPU here: nothing measured" and exits 0.
+Variants, for each model and batch size:
 
-For each shape (the same as ``benchmarks/ops_cpu.py``) it first checks the CUDA ops against the
-plain-torch references (integers must match exactly, floats closely), then times with
-``triton.testing.do_bench`` (median): fp16 / bf16 / fp32 ``F.linear``, ``torch._int_mm`` (cuBLAS
-int8, where its shape rules allow), the Triton int8 GEMM with fused epilogue
-(``ouromamba::int8_linear``), W8A8 with quantization (``ouromamba::w8a8_linear``) and W4A4 + 8-bit
-outliers on packed int4 weights (``ouromamba::w4a4o8_linear``, ~2 % outlier channels).
+* ``fp16``, ``bf16``  ``torch.compile(model.to(dtype))`` (Inductor, defaults); the selective scan
+  is the Triton kernel of ``ouromamba_fx.kernels.triton.scan``;
+* ``W8A8``, ``W4A4O8``  ``torch.compile(q, backend="ouromamba")`` of the model converted with that
+  preset: the reference quantized graph lowered for CUDA (Triton int8 GEMMs or ``torch._int_mm``,
+  the W4A4O8 linear with the run-time outlier rule and each token's gathered outlier product,
+  conv1d + SiLU, the mixed quantization of the scan's inputs, the Triton scan) and Inductor
+  around it. Inputs are float32 (the quantized model's contract).
+
+Each is timed as the median of ``--rounds`` calls (``triton.testing.do_bench``-style: CUDA events,
+after warm-up calls that compile and autotune). Agreement: on a fixed batch of ``--agree`` images,
+the top-1 agreement and the largest logit difference (relative to the largest logit) of each
+compiled quantized model with its reference graph (``q`` itself, eager), and of the compiled
+float models with the float32 model.
+
+Models have random weights (seeded) and are calibrated on random images, as in
+``cpu_latency.py``: speed does not depend on the weights' values, except through how many outlier
+channels W4A4O8 finds at run time (real models may find more or fewer). The markdown goes beside
+this script (``gpu.md``) unless ``--out`` says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import platform
+import statistics
 import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = [  # (label, M, K, N)
-    ("Vim-S in_proj", 16 * 197, 384, 1536),
-    ("Vim-S out_proj", 16 * 197, 768, 384),
-    ("Vim-S x_proj", 16 * 197, 768, 56),
-    ("ref in_proj", 64 * 65, 128, 512),
-    ("ref out_proj", 64 * 65, 256, 128),
-    ("ref x_proj", 64 * 65, 256, 40),
-]
+import ouromamba_fx as of  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MODELS = {"vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_224", "vim_base": "vim_base_patch16_224"}
+BATCHES = (1, 16, 64)
+FLOAT = {"fp16": torch.float16, "bf16": torch.bfloat16}
+QUANT = ("W8A8", "W4A4O8")
+VARIANTS = tuple(FLOAT) + QUANT
+# The dry run's model: the test suite's tiny Vim, with dims cuBLAS's int8 GEMM refuses (x_proj N = 10).
+DRY_CONFIG = dict(img_size=16, patch_size=4, embed_dim=16, depth=1, d_state=4, dt_rank=2, num_classes=5)
 
 
-def check(c: dict) -> None:
-    """CUDA ops vs the CPU references: exact integer products, float outputs to 1e-5 relative."""
-    from ouromamba_fx.ops import gemm, int8_linear, quant, w4a4o8_linear
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    p.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma-separated batch sizes")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--rounds", type=int, default=50, help="timed calls per variant and batch (median)")
+    p.add_argument("--calib", type=int, default=32, help="calibration images")
+    p.add_argument("--agree", type=int, default=64, help="images of the agreement batch")
+    p.add_argument("--out", type=Path, default=None, help="markdown file (default: gpu.md beside this script; "
+                                                           "the dry run writes none unless given)")
+    p.add_argument("--dry-run", action="store_true", help="no GPU needed: print the plan and run a tiny Vim "
+                                                          "through every variant on the CPU, untimed")
+    args = p.parse_args(argv)
+    args.models = _names(args.models, MODELS, "--models", p)
+    args.variants = _names(args.variants, VARIANTS, "--variants", p)
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
+    if min(args.batches) < 1 or args.rounds < 1 or args.calib < 1 or args.agree < 1:
+        p.error("--batches, --rounds, --calib and --agree must be >= 1")
+    return args
 
-    ops = torch.ops.ouromamba
-    cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
-    q, s = ops.quantize_per_token(c["x"], 8)
-    q_ref, s_ref = quant.quantize_per_token_ref(cpu["x"], 8)
-    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref), "quantize_per_token"
-    y = ops.int8_linear(q, s, c["w8"], torch.ones_like(c["w8_scale"]), None)
-    assert torch.equal(y.cpu(), gemm.int_matmul_ref(q_ref, cpu["w8"]).float() * s_ref), "int8_linear"
-    for name, got, want in [
-        ("w8a8_linear", ops.w8a8_linear(c["x"], c["w8"], c["w8_scale"], c["bias"], None),
-         int8_linear.w8a8_linear_ref(cpu["x"], cpu["w8"], cpu["w8_scale"], cpu["bias"], None)),
-        ("w4a4o8_linear", ops.w4a4o8_linear(c["x"], c["mask"], None, c["w4_packed"], c["w4_scale"], c["bias"], c["k"]),
-         w4a4o8_linear.w4a4o8_linear_masked_ref(cpu["x"], cpu["mask"], None, cpu["w4_packed"], cpu["w4_scale"],
-                                                 cpu["bias"], cpu["k"])),
-    ]:
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+def _names(text: str, known, flag: str, p) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        p.error(f"{flag}: unknown {bad or text!r}; known: {', '.join(known)}")
+    return names
 
 
-def make_case(m: int, k: int, n: int, device: str) -> dict:
-    from ouromamba_fx.ops import int4
+# ---------------------------------------------------------------------------------------------
+# Models and variants
 
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(m, k, generator=g)
-    w = torch.randn(n, k, generator=g) / k ** 0.5
-    mask = torch.zeros(m, k, dtype=torch.bool)
-    mask[:, torch.randperm(k, generator=g)[: max(1, round(0.02 * k))]] = True
-    x = torch.where(mask, x * 20, x)
-    w8_scale = w.abs().amax(dim=1) / 127
-    w4_scale = w.abs().amax(dim=1) / 7
-    c = dict(x=x, w=w, bias=torch.randn(n, generator=g), mask=mask, w8_scale=w8_scale, w4_scale=w4_scale,
-             w8=torch.round(w / w8_scale[:, None]).to(torch.int8),
-             w4_packed=int4.pack_int4(torch.round(w / w4_scale[:, None]).clamp(-7, 7).to(torch.int8)))
-    c = {key: v.to(device) for key, v in c.items()}
-    c["k"] = k
-    return c
+def float_model(key: str | None, seed: int = 0) -> torch.nn.Module:
+    """A Vim with random weights: ``key`` from :data:`MODELS`, or None for the dry run's tiny one."""
+    torch.manual_seed(seed)
+    if key is None:
+        from ouromamba_fx.models import VimConfig, VisionMamba
+
+        return VisionMamba(VimConfig(**DRY_CONFIG)).eval()
+    return of.models.registry.create(MODELS[key]).eval()
+
+
+def images(model: torch.nn.Module, n: int, seed: int) -> torch.Tensor:
+    size = model.cfg.img_size
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def variants(model: torch.nn.Module, names: list[str], calib: torch.Tensor, device: str, compile: bool) -> dict:
+    """{name: (callable, input dtype, reference callable, what the reference is)}. ``compile``:
+    torch.compile (Inductor, the ``ouromamba`` backend); otherwise eager (the dry run: the float
+    models as they are, the quantized ones lowered for CUDA)."""
+    out = {}
+    base = model.to(device)
+    for name in names:
+        if name in FLOAT:
+            m = float_model_copy(base, FLOAT[name])
+            fn = torch.compile(m, dynamic=False) if compile else m
+            out[name] = (fn, FLOAT[name], base, "float32 model")
+        else:
+            q = of.convert(base, calib=calib.to(device), config=name, show_progress=False)
+            if compile:
+                fn = torch.compile(q, backend="ouromamba", dynamic=False, options={"target": "cuda"})
+            else:
+                fn = q.lower(target="cuda")
+            out[name] = (fn, torch.float32, q, "reference graph")
+    return out
+
+
+def float_model_copy(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(dtype).eval()
+
+
+def agreement(fn, dtype, ref, x: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement in %, max |logits - reference| / max |reference|) on ``x``."""
+    with torch.inference_mode():
+        y = fn(x.to(dtype)).float()
+        r = ref(x).float()
+    top1 = (y.argmax(-1) == r.argmax(-1)).float().mean().item() * 100
+    return top1, ((y - r).abs().max() / r.abs().max()).item()
+
+
+def time_ms(fn, x: torch.Tensor, rounds: int) -> float:
+    """Median milliseconds per call on the GPU (CUDA events), after warm-up calls."""
+    with torch.inference_mode():
+        for _ in range(3):
+            fn(x)
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rounds):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+
+def plan(args) -> list[str]:
+    lines = [f"models: {', '.join(f'{k} ({MODELS[k]})' for k in args.models)}",
+             f"batches: {', '.join(map(str, args.batches))}; variants: {', '.join(args.variants)}",
+             f"{args.rounds} timed calls each (median); calibration {args.calib} images; agreement on "
+             f"{args.agree} images"]
+    return lines
+
+
+def run_gpu(args) -> list[str]:
+    import triton
+
+    gpu = torch.cuda.get_device_name()
+    head = [f"# Whole-model latency on {gpu}", "",
+            f"Produced by `python benchmarks/gpu.py` on {datetime.date.today().isoformat()}: "
+            f"torch {torch.__version__}, "
+            f"triton {triton.__version__}, {platform.python_implementation()} {platform.python_version()}. "
+            "Median milliseconds per forward (CUDA events); speed-up against fp16. Random weights, "
+            "calibration on random images (see the script's docstring).", ""]
+    timing = ["| model | batch | " + " | ".join(args.variants) + " | " +
+              " | ".join(f"{v} vs fp16" for v in args.variants if v != "fp16") + " |",
+              "|---|---:|" + "---:|" * (2 * len(args.variants) - 1)]
+    agree = ["| model | variant | compared with | top-1 agreement | max logit difference / max logit |",
+             "|---|---|---|---:|---:|"]
+    for key in args.models:
+        model = float_model(key)
+        calib = images(model, args.calib, 1)
+        torch._dynamo.reset()
+        fns = variants(model, args.variants, calib, "cuda", compile=True)
+        x_agree = images(model, args.agree, 2).cuda()
+        for name, (fn, dtype, ref, what) in fns.items():
+            top1, rel = agreement(fn, dtype, ref, x_agree)
+            agree.append(f"| {key} | {name} | {what} | {top1:.2f} % | {rel:.2e} |")
+            print(f"{key} {name}: top-1 agreement {top1:.2f} % with the {what}, max rel. logit diff {rel:.2e}",
+                  flush=True)
+        for b in args.batches:
+            x = images(model, b, 3).cuda()
+            t = {name: time_ms(fn, x.to(dt), args.rounds) for name, (fn, dt, _, _) in fns.items()}
+            print(f"{key} batch {b}: " + ", ".join(f"{n} {v:.3f} ms" for n, v in t.items()), flush=True)
+            ratios = [f"{t['fp16'] / t[v]:.2f}x" if "fp16" in t else "-" for v in args.variants if v != "fp16"]
+            timing.append(f"| {key} | {b} | " + " | ".join(f"{t[v]:.3f}" for v in args.variants) + " | "
+                          + " | ".join(ratios) + " |")
+        del fns
+        torch.cuda.empty_cache()
+    return head + ["## Latency (ms)", ""] + timing + ["", "## Agreement", ""] + agree
+
+
+def run_dry(args) -> list[str]:
+    """Every variant's code path on a tiny Vim on the CPU (eager, the quantized models lowered for
+    CUDA; with TRITON_INTERPRET=1 in the environment their ops run their CUDA implementations,
+    the Triton kernels interpreted). Nothing is timed."""
+    import contextlib
+    import os
+
+    from ouromamba_fx.ops.dispatch import cuda_kernels_on_cpu
+
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    model = float_model(None)
+    calib, x = images(model, 8, 1), images(model, 4, 2)
+    lines = ["# Dry run of benchmarks/gpu.py (CPU, nothing timed)", "",
+             f"A tiny Vim ({DRY_CONFIG}) through each variant's code path, eager; the quantized models lowered "
+             f"for CUDA{', their ops on their CUDA implementations (Triton interpreted)' if interpret else ''}.", "",
+             "| variant | compared with | top-1 agreement | max logit difference / max logit |", "|---|---|---:|---:|"]
+    for name, (fn, dtype, ref, what) in variants(model, args.variants, calib, "cpu", compile=False).items():
+        ctx = cuda_kernels_on_cpu() if interpret and name in QUANT else contextlib.nullcontext()
+        with ctx:
+            top1, rel = agreement(fn, dtype, ref, x)
+        lines.append(f"| {name} | {what} | {top1:.2f} % | {rel:.2e} |")
+        print(f"dry run {name}: top-1 agreement {top1:.2f} % with the {what}, max rel. logit diff {rel:.2e}",
+              flush=True)
+    return lines
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=None, help="also write a markdown table here")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA GPU here: nothing measured")
-        return 0
-    import triton.testing
-
-    import ouromamba_fx.ops  # noqa: F401  (registers the ops)
-    ops = torch.ops.ouromamba
-    gpu = torch.cuda.get_device_name()
-    print(f"torch {torch.__version__}, triton {triton.__version__}, {gpu}")
-    cols = ["fp16", "bf16", "fp32", "_int_mm", "int8 GEMM", "w8a8", "w4a4o8"]
-    lines = [f"# Triton integer kernels on {gpu}", "",
-             "Produced by `python benchmarks/gpu.py`; median milliseconds per call (triton.testing.do_bench).", "",
-             "| shape | M | K | N | " + " | ".join(cols) + " | w8a8 vs fp16 | w4a4o8 vs fp16 |",
-             "|---|---:|---:|---:|" + "---:|" * (len(cols) + 2)]
-    for label, m, k, n in SHAPES:
-        c = make_case(m, k, n, "cuda")
-        check(c)
-        x, w, b = c["x"], c["w"], c["bias"]
-        xh, wh, bh = x.half(), w.half(), b.half()
-        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
-        q, s = ops.quantize_per_token(x, 8)
-        fns = {
-            "fp16": lambda: F.linear(xh, wh, bh),
-            "bf16": lambda: F.linear(xb, wb, bb),
-            "fp32": lambda: F.linear(x, w, b),
-            "_int_mm": lambda: torch._int_mm(q, c["w8"].t()),
-            "int8 GEMM": lambda: ops.int8_linear(q, s, c["w8"], c["w8_scale"], b),
-            "w8a8": lambda: ops.w8a8_linear(x, c["w8"], c["w8_scale"], b, None),
-            "w4a4o8": lambda: ops.w4a4o8_linear(x, c["mask"], None, c["w4_packed"], c["w4_scale"], b, k),
-        }
-        t = {}
-        for name, f in fns.items():
-            try:
-                t[name] = triton.testing.do_bench(f, return_mode="median")
-            except RuntimeError as e:  # cuBLAS _int_mm shape rules (M > 16, K and N multiples of 8)
-                print(f"  {label} {name}: not run ({str(e).splitlines()[0][:100]})")
-                t[name] = float("nan")
-        print(f"{label:15s} M={m} K={k} N={n}: " + ", ".join(f"{name} {t[name]:.3f}" for name in cols) + " ms")
-        lines.append(f"| {label} | {m} | {k} | {n} | " + " | ".join(f"{t[c_]:.3f}" for c_ in cols)
-                     + f" | {t['fp16'] / t['w8a8']:.2f} | {t['fp16'] / t['w4a4o8']:.2f} |")
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}")
+    args = parse_args(argv)
+    for line in plan(args):
+        print(line)
+    if args.dry_run:
+        lines = run_dry(args)
+        out = args.out
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA GPU here: nothing measured (--dry-run checks the code paths on the CPU)")
+            return 0
+        lines = run_gpu(args)
+        out = args.out or HERE / "gpu.md"
+    if out is not None:
+        out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"wrote {out}")
     return 0
 
 

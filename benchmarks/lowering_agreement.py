@@ -43,8 +43,16 @@ def main(argv=None) -> None:
     ap.add_argument("--eager", action="store_true",
                     help="also evaluate the lowered graph without Inductor (q.lower()), to separate what the "
                          "lowering changes from what Inductor's float code changes")
+    ap.add_argument("--options", default="",
+                    help="lowering options for the backend, comma-separated name=0|1 (e.g. fast_decay=1)")
     ap.add_argument("--out", default=str(HERE / "lowering_agreement.md"))
     args = ap.parse_args(argv)
+    options = {}
+    for item in filter(None, args.options.split(",")):
+        key, _, value = item.partition("=")
+        if value not in ("0", "1"):
+            ap.error(f"--options: expected name=0 or name=1, got {item!r}")
+        options[key] = value == "1"
     for p in (args.val, args.calib):
         if not Path(p).is_dir():
             ap.error(f"{p} is not a folder (paths are relative to the current directory)")
@@ -62,14 +70,14 @@ def main(argv=None) -> None:
         ref = of.evaluate(q, args.val, batch_size=args.batch_size, limit_per_class=args.limit_per_class,
                           transform_model=model, description=f"{name} reference", show_progress=False)
         print(ref.summary(f"{name} reference"), flush=True)
-        fast = torch.compile(q, backend="ouromamba", dynamic=False)
+        fast = torch.compile(q, backend="ouromamba", dynamic=False, options=options or None)
         low = of.evaluate(fast, args.val, batch_size=args.batch_size, limit_per_class=args.limit_per_class,
                           transform_model=model, description=f"{name} lowered", show_progress=False)
         print(low.summary(f"{name} lowered+compiled"), flush=True)
         agree = ref.agreement(low)
         eager = None
         if args.eager:
-            eager = of.evaluate(q.lower(), args.val, batch_size=args.batch_size, limit_per_class=args.limit_per_class,
+            eager = of.evaluate(q.lower(**options), args.val, batch_size=args.batch_size, limit_per_class=args.limit_per_class,
                                 transform_model=model, description=f"{name} lowered eager", show_progress=False)
             print(eager.summary(f"{name} lowered eager"), flush=True)
         rows.append((name, ref, low, agree, conv_s, eager))
@@ -84,7 +92,8 @@ def main(argv=None) -> None:
         + (f" (first {args.limit_per_class} per class)" if args.limit_per_class else ""),
         f"- calibration: {len(calib)} real images of `{args.calib}` (the first {args.calib_per_class} per class)",
         "- reference = the quantized model called directly (quantize/dequantize around float ops); "
-        "lowered = `torch.compile(q, backend=\"ouromamba\")` (fused integer ops, Inductor for the rest)",
+        "lowered = `torch.compile(q, backend=\"ouromamba\")` (fused integer ops, Inductor for the rest)"
+        + (f", lowering options {options}" if options else ""),
         f"- load average (1 min) at start / end: {load_start:.2f} / {os.getloadavg()[0]:.2f}; torch {torch.__version__}",
         "",
         "| preset | reference top-1 | lowered top-1 | difference (points) | top-1 agreement | target met |",

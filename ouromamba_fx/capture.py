@@ -1,13 +1,24 @@
 """Capture: trace a vision Mamba to a torch.fx GraphModule whose nodes know their role.
 
 Every selective scan is one ``call_function`` node of ``torch.ops.ouromamba.selective_scan``; the
-linear and conv layers of each mixer stay ``call_module`` nodes; and each of those nodes carries
+linear and conv layers stay ``call_module`` nodes; and each of those nodes carries
 ``node.meta["ouromamba"] = {"role", "direction", "layer", "module"}``:
 
-* ``role``: ``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``scan`` or ``out_proj``;
-* ``direction``: ``"fwd"``, ``"bwd"`` (Vim's flipped-sequence branch) or ``None`` (shared);
-* ``layer``: index of the mixer in module order (0-based);
-* ``module``: qualified name of the mixer.
+* ``role``: ``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``scan`` or ``out_proj`` inside a
+  mixer (Vim's :class:`MambaMixer` and mamba-ssm's ``Mamba`` rebuilt as one, VMamba's ``SS2D``,
+  MambaVision's mixer); ``mlp``, ``attn``, ``conv2d``, ``stem``, ``downsample`` or ``head`` for
+  the other layers (:mod:`ouromamba_fx.tags`);
+* ``direction``: ``"fwd"``, ``"bwd"`` (Vim's flipped-sequence branch), VMamba's ``"hw"``,
+  ``"wh"``, ``"hw_rev"``, ``"wh_rev"`` (one scan each), MambaVision's ``"x"`` / ``"z"`` conv
+  branches, or ``None`` (shared);
+* ``layer``: index of the mixer in module order (0-based), None outside the mixers;
+* ``module``: qualified name of the mixer (of the owning block outside the mixers).
+
+Upstream models are rebuilt first (:func:`ouromamba_fx.models.canonicalize`: MambaVision, VMamba,
+mamba-ssm ``Mamba``), and the traced graph is put in a canonical form that computes the same:
+``Linear2d`` (VMamba v2's linear over NCHW channels) becomes ``permute -> nn.Linear -> permute``,
+so that it quantizes and lowers like any linear, and every eval-mode BatchNorm that only follows
+a Conv2d is folded into that conv (``gm.meta["folded_bn"]`` maps the BatchNorm to the conv).
 
 The graph shares parameters with the model it was traced from (like ``torch.fx.symbolic_trace``);
 :func:`ouromamba_fx.convert` copies the model before changing anything.
@@ -25,17 +36,33 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, RmsNorm
 
 from ouromamba_fx.errors import CaptureError
+from ouromamba_fx.models import mambavision as _mv
+from ouromamba_fx.models import vmamba as _vm
 from ouromamba_fx.models.mixer import DIRECTIONS, MambaMixer
 from ouromamba_fx.ops.scan import SCAN_OP
 from ouromamba_fx.tags import META, tag
+
 # Child name inside a MambaMixer -> (role, direction).
 _CHILD_ROLES = {"in_proj": ("in_proj", None), "out_proj": ("out_proj", None)}
 for _direction, (_conv, _xp, _dtp, _a, _d) in DIRECTIONS.items():
     _CHILD_ROLES.update({_conv: ("conv1d", _direction), _xp: ("x_proj", _direction),
                          _dtp: ("dt_proj", _direction)})
 
-# Modules traced as opaque leaves by default: they hold no quantizable mixer parts.
-DEFAULT_LEAVES: tuple[type[nn.Module], ...] = (RmsNorm, PatchEmbed, nn.LayerNorm)
+# Child names of VMamba's SS2D and MambaVision's mixer -> (role, direction).
+_SS2D_ROLES = {"in_proj": ("in_proj", None), "conv2d": ("conv2d", None), "out_proj": ("out_proj", None)}
+for _k, _direction in enumerate(_vm.DIRECTIONS):
+    _SS2D_ROLES.update({f"x_proj.{_k}": ("x_proj", _direction), f"dt_projs.{_k}": ("dt_proj", _direction)})
+_MV_ROLES = {"in_proj": ("in_proj", None), "conv1d_x": ("conv1d", "x"), "conv1d_z": ("conv1d", "z"),
+             "x_proj": ("x_proj", None), "dt_proj": ("dt_proj", None), "out_proj": ("out_proj", None)}
+
+#: Mixer classes whose children get mixer roles, with their child-name tables.
+MIXER_TYPES: tuple[tuple[type[nn.Module], dict], ...] = (
+    (MambaMixer, _CHILD_ROLES), (_vm.SS2D, _SS2D_ROLES), (_mv.MambaVisionMixer, _MV_ROLES))
+
+# Modules traced as opaque leaves by default: they hold no quantizable mixer parts. Linear and
+# convolution subclasses (VMamba's Linear2d) are leaves too, so that they stay one call_module.
+DEFAULT_LEAVES: tuple[type[nn.Module], ...] = (RmsNorm, PatchEmbed, nn.LayerNorm, nn.Linear, nn.Conv1d,
+                                               nn.Conv2d)
 
 _FX_DIR = os.path.dirname(fx.__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -110,7 +137,8 @@ def capture(
     """Trace ``model`` to an FX GraphModule with every scan as one node and role tags on nodes.
 
     Args:
-        model: a model built from :class:`ouromamba_fx.models.MambaMixer` (e.g. a Vim).
+        model: a vision Mamba: built from :mod:`ouromamba_fx.models` (Vim, VMamba, MambaVision,
+            Mamba stacks), or upstream code (rebuilt first, see the module docstring).
         leaf_modules: module names or types to keep opaque (traced as one call, left in float).
         example_inputs: if given, the graph is run once on them to record shapes
             (``node.meta["tensor_meta"]``) and checked to give the model's output.
@@ -120,6 +148,9 @@ def capture(
         >>> len(scan_nodes(gm))                                   # doctest: +SKIP
         16
     """
+    from ouromamba_fx.models.families import canonical_copy
+
+    model = canonical_copy(model)
     leaf_names = {x for x in leaf_modules if isinstance(x, str)}
     leaf_types = DEFAULT_LEAVES + tuple(x for x in leaf_modules if isinstance(x, type))
     unknown = leaf_names - {n for n, _ in model.named_modules()}
@@ -136,7 +167,9 @@ def capture(
         if node.op == "call_function" and node.target is torch.ops.ouromamba.selective_scan:
             node.target = SCAN_OP
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    annotate(gm, model)
+    _linear2d_as_linear(gm)
+    gm.meta["folded_bn"] = fold_batchnorm(gm)
+    tag_roles(gm, model)
     if example_inputs is not None:
         from torch.fx.passes.shape_prop import ShapeProp
 
@@ -145,25 +178,138 @@ def capture(
     return gm
 
 
-def annotate(gm: fx.GraphModule, model: nn.Module) -> None:
-    """Tag the mixer nodes of ``gm`` (traced from ``model``) with role, direction, layer, module."""
-    mixers = [name for name, m in model.named_modules() if isinstance(m, MambaMixer)]
-    layer_of = {name: i for i, name in enumerate(mixers)}
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            parent, _, child = node.target.rpartition(".")
-            if parent in layer_of and child in _CHILD_ROLES:
-                role, direction = _CHILD_ROLES[child]
-                node.meta[META] = {"role": role, "direction": direction,
-                                   "layer": layer_of[parent], "module": parent}
+def mixer_table(model: nn.Module) -> dict[str, dict]:
+    """Qualified name of every mixer in ``model`` (module order) -> its child-role table."""
+    found = {}
+    for name, m in model.named_modules():
+        for cls, table in MIXER_TYPES:
+            if isinstance(m, cls):
+                found[name] = table
+                break
+    return found
+
+
+def _other_role(gm: fx.GraphModule, target: str) -> str | None:
+    """The role of a linear or conv outside the mixers, from its type and where it sits."""
+    m = gm.get_submodule(target)
+    parent, _, child = target.rpartition(".")
+    path = target.split(".")
+    if isinstance(m, nn.Conv2d):
+        if path[0] == "patch_embed":
+            return "stem"
+        return "downsample" if "downsample" in path else "conv2d"
+    if not isinstance(m, nn.Linear):
+        return None
+    if child in ("fc1", "fc2"):
+        return "mlp"
+    owner = type(_owner(gm, parent)).__name__.lower()
+    if child in ("qkv", "proj") and ("attn" in owner or "attention" in owner):
+        return "attn"
+    if "downsample" in path:
+        return "downsample"
+    if child == "head" or target in ("classifier.head", "head.fc"):
+        return "head"
+    return None
+
+
+def _owner(gm: fx.GraphModule, parent: str) -> nn.Module:
+    return gm.meta.get("_source_modules", {}).get(parent, nn.Module())
+
+
+def tag_roles(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Tag the nodes of ``gm`` (traced from ``model``) with role, direction, layer, module."""
+    tables = mixer_table(model)
+    layer_of = {name: i for i, name in enumerate(tables)}
+    gm.meta["_source_modules"] = dict(model.named_modules())
+    try:
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            owner = next((p for p in tables if node.target.startswith(p + ".")), None)
+            if owner is not None:
+                child = node.target[len(owner) + 1:]
+                if child in tables[owner]:
+                    role, direction = tables[owner][child]
+                    node.meta[META] = {"role": role, "direction": direction,
+                                       "layer": layer_of[owner], "module": owner}
+                continue
+            role = _other_role(gm, node.target)
+            if role is not None:
+                node.meta[META] = {"role": role, "direction": None, "layer": None,
+                                   "module": node.target.rpartition(".")[0]}
+    finally:
+        del gm.meta["_source_modules"]
     for node in scan_nodes(gm):
-        conv = _nearest_producer(node.args[0], "conv1d")
-        if conv is not None:
-            t = tag(conv)
+        src = _nearest_producer(node.args[0], "conv1d")
+        if src is None or tag(src)["direction"] not in ("fwd", "bwd"):
+            # VMamba / MambaVision: the direction is the dt_proj's that makes delta
+            src = _nearest_producer(node.args[1], "dt_proj")
+        if src is not None:
+            t = tag(src)
             node.meta[META] = {"role": "scan", "direction": t["direction"], "layer": t["layer"],
                                "module": t["module"]}
-        else:  # the op used directly, outside a MambaMixer
+        else:  # the op used directly, outside a known mixer
             node.meta[META] = {"role": "scan", "direction": None, "layer": None, "module": None}
+
+
+def _plain_linear(m: nn.Linear) -> nn.Linear:
+    """An ``nn.Linear`` holding ``m``'s own parameters (no copy)."""
+    lin = nn.Linear(1, 1, bias=m.bias is not None, device="meta")
+    lin.in_features, lin.out_features = m.in_features, m.out_features
+    lin.weight = m.weight
+    if m.bias is not None:
+        lin.bias = m.bias
+    return lin.train(m.training)
+
+
+def _linear2d_as_linear(gm: fx.GraphModule) -> None:
+    """``Linear2d(x)`` on NCHW -> ``permute -> Linear -> permute``: the same numbers (up to
+    rounding), and a linear over the last axis like every other one."""
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_module":
+            continue
+        m = gm.get_submodule(node.target)
+        if not (isinstance(m, nn.Linear) and getattr(m, "channel_axis", -1) == 1):
+            continue
+        with g.inserting_before(node):
+            cl = g.call_method("permute", (node.args[0], 0, 2, 3, 1))
+        node.args = (cl,)
+        with g.inserting_after(node):
+            back = g.call_method("permute", (node, 0, 3, 1, 2))
+        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        gm.add_submodule(node.target, _plain_linear(m))
+    gm.recompile()
+
+
+def fold_batchnorm(gm: fx.GraphModule) -> dict[str, str]:
+    """Fold every eval-mode ``BatchNorm2d`` whose input is a ``Conv2d`` used by nothing else into
+    that conv (a new module in ``gm``; the traced model's conv is not changed). Returns
+    BatchNorm name -> conv name."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = {}
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_module" or not isinstance(bn := gm.get_submodule(node.target), nn.BatchNorm2d):
+            continue
+        conv_n = node.args[0]
+        if not (isinstance(conv_n, fx.Node) and conv_n.op == "call_module" and len(conv_n.users) == 1):
+            continue
+        conv = gm.get_submodule(conv_n.target)
+        if not isinstance(conv, nn.Conv2d) or bn.training or conv.training or bn.running_mean is None:
+            continue
+        fused = fuse_conv_bn_eval(conv, bn)
+        for p in fused.parameters():
+            p.requires_grad_(False)
+        gm.add_submodule(conv_n.target, fused)
+        node.replace_all_uses_with(conv_n)
+        g.erase_node(node)
+        folded[node.target] = conv_n.target
+    if folded:
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+    return folded
 
 
 def _nearest_producer(start: fx.Node, role: str, max_depth: int = 8) -> fx.Node | None:

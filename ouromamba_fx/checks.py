@@ -13,8 +13,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ouromamba_fx.capture import MIXER_TYPES
 from ouromamba_fx.errors import CaptureError, InputError, OuroMambaError
-from ouromamba_fx.models.mixer import MambaMixer
+
+_KNOWN = tuple(cls for cls, _ in MIXER_TYPES)
 
 # Class names that say "this is a sequence mixer / state-space block" (mamba_ssm's Mamba and
 # Mamba2, VMamba's SS2D, MambaVision's mixer, hand-written S6 blocks...).
@@ -22,18 +24,18 @@ MIXER_NAME = re.compile(r"mamba|mixer|ss2d|ssm|s6|selective|scan", re.IGNORECASE
 
 
 def unknown_mixers(model: nn.Module, leaf_modules=()) -> dict[str, str]:
-    """Sub-modules that look like Mamba mixers (by class name) but are not
-    :class:`~ouromamba_fx.models.MambaMixer` and contain none: qualified name -> class name.
-    Containers of known mixers (a Vim block, the model itself) and modules named in
-    ``leaf_modules`` are not reported; nested hits are reported once, outermost."""
+    """Sub-modules that look like Mamba mixers (by class name) but are none of the mixers capture
+    knows (:data:`ouromamba_fx.capture.MIXER_TYPES`) and contain none: qualified name -> class name.
+    Containers of known mixers (a Vim block, the model itself), the package's own modules (a
+    MambaVision conv stage) and modules named in ``leaf_modules`` are not reported; nested hits are reported once, outermost."""
     found: dict[str, str] = {}
     skip = {x for x in leaf_modules if isinstance(x, str)}
     for name, m in model.named_modules():
-        if not name or name in skip or isinstance(m, MambaMixer):
+        if not name or name in skip or isinstance(m, _KNOWN) or type(m).__module__.startswith("ouromamba_fx."):
             continue
         if any(name.startswith(p + ".") for p in found):
             continue
-        if MIXER_NAME.search(type(m).__name__) and not any(isinstance(s, MambaMixer) for s in m.modules()):
+        if MIXER_NAME.search(type(m).__name__) and not any(isinstance(s, _KNOWN) for s in m.modules()):
             found[name] = type(m).__name__
     return found
 

@@ -13,7 +13,7 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from ouromamba_fx.numerics import FLOAT_BITS, is_float
-from ouromamba_fx.tags import ROLES
+from ouromamba_fx.tags import DEFAULT_ROLES, ROLES
 
 SCAN_INPUTS = ("u", "delta", "B", "C", "z")
 ACT_GRANULARITIES = ("per_tensor", "per_token")
@@ -96,7 +96,8 @@ class OutlierQuant:
     k: float = 3.0
     k_delta: float = 4.0
     n_refresh: int = 10
-    roles: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj", "scan")
+    roles: tuple[str, ...] = ("in_proj", "x_proj", "dt_proj", "out_proj", "scan", "mlp", "attn", "conv2d",
+                              "stem", "downsample")
 
     def __post_init__(self) -> None:
         _check_bits("OutlierQuant", self.bits)
@@ -147,8 +148,11 @@ class QuantConfig:
     Args:
         name: shown in reports.
         weight, act: default weight and activation quantization.
-        roles: which mixer parts are quantized (their input activations and weights):
-            ``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``, ``scan``.
+        roles: which parts are quantized (their input activations and weights): the mixers'
+            ``in_proj``, ``conv1d``, ``x_proj``, ``dt_proj``, ``out_proj``, ``scan``, and the other
+            layers of VMamba / MambaVision: ``mlp``, ``attn`` (qkv and proj linears), ``conv2d``,
+            ``stem``, ``downsample``, ``head`` (see :mod:`ouromamba_fx.tags`). Default: all but
+            ``head``.
         scan_inputs: which inputs of the scan are quantized when ``"scan"`` is in ``roles``.
         overrides: per-module settings by glob pattern on the module name (``"layers.7.*"``,
             ``"*.out_proj"``; scan nodes are named ``<mixer>.scan`` / ``<mixer>.scan_b``), each a
@@ -164,7 +168,7 @@ class QuantConfig:
     name: str = "custom"
     weight: WeightQuant = field(default_factory=WeightQuant)
     act: ActQuant = field(default_factory=ActQuant)
-    roles: tuple[str, ...] = ROLES
+    roles: tuple[str, ...] = DEFAULT_ROLES
     scan_inputs: tuple[str, ...] = ("delta", "B", "C")
     overrides: dict[str, dict] = field(default_factory=dict)
     seed: int = 0
@@ -239,12 +243,16 @@ W6A6 = QuantConfig("W6A6", WeightQuant(6), ActQuant(6))
 # accuracy on top of outliers with per-token scales (benchmarks/accuracy.md).
 W4A8 = QuantConfig("W4A8", WeightQuant(4), ActQuant(8), outliers=OutlierQuant(16))
 W4A4O8 = QuantConfig("W4A4O8", WeightQuant(4), ActQuant(4), outliers=OutlierQuant(8))
+# The baselines quantize the linear and convolution layers (the mixers' projections and, in
+# VMamba / MambaVision, the MLP, attention, stem, downsampling and conv-stage layers), not the
+# mixers' conv1d nor the scan.
+_BASELINE_ROLES = ("in_proj", "x_proj", "dt_proj", "out_proj", "mlp", "attn", "conv2d", "stem", "downsample")
 # Round-to-nearest baseline: per-tensor min-max activations, linear inputs only, scan in float.
 W8A8_RTN = QuantConfig("W8A8-RTN", WeightQuant(8, method="minmax"), ActQuant(8, "per_tensor", method="minmax"),
-                       roles=("in_proj", "x_proj", "dt_proj", "out_proj"))
+                       roles=_BASELINE_ROLES)
 # PTQ4VM-style: per-token static min-max activations, Lp-clipped weights, scan in float.
 W8A8_PER_TOKEN = QuantConfig("W8A8-per-token", WeightQuant(8), ActQuant(8, "per_token", method="minmax"),
-                             roles=("in_proj", "x_proj", "dt_proj", "out_proj"))
+                             roles=_BASELINE_ROLES)
 
 PRESETS = {c.name: c for c in (W8A8, W8A8O8, W6A6, W4A8, W4A4O8, W8A8_RTN, W8A8_PER_TOKEN)}
 

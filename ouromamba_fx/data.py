@@ -20,7 +20,10 @@ MAX_IMAGE_PIXELS = 89_478_485
 
 
 def bundled_samples() -> str:
-    """Folder of the small CIFAR-10 validation sample shipped with the package (20 per class)."""
+    """Folder of the CIFAR-10 validation sample shipped with the package: 100 images per class,
+    1,000 in all, the first 100 of each class of the project's validation split (files
+    4500-4599). With 1,000 images one image is 0.1 point and the 95 % interval of a printed
+    top-1 drop is a few tenths of a point; with the 200 shipped before it was +-1.5 points."""
     return str(resources.files("ouromamba_fx") / "assets" / "samples")
 
 

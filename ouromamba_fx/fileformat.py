@@ -85,7 +85,7 @@ class Header:
     input_shape: tuple[int, ...] | None
     checksum: str
     leaf_modules: list[str] = field(default_factory=list)
-    lowered: dict[str, bool] | None = None
+    lowered: dict[str, bool | str] | None = None
     report: ReportRecord = field(default_factory=ReportRecord)
 
 

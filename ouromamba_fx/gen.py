@@ -89,7 +89,10 @@ import torch.nn.functional as F
 
 from ouromamba_fx.checks import check_model
 from ouromamba_fx.errors import DataError, OuroMambaError
+from ouromamba_fx.models.families import canonical_copy
+from ouromamba_fx.models.mambavision import MambaVisionMixer
 from ouromamba_fx.models.mixer import MambaMixer
+from ouromamba_fx.models.vmamba import SS2D
 from ouromamba_fx.progress import console, progress_bar
 from ouromamba_fx.version import QUANTIZED_META_KEY, SYNTHETIC_FORMAT
 
@@ -153,9 +156,12 @@ class GenConfig:
 # -------------------------------------------------------------------------------------------------
 # Recording the scan readout
 
-def mixers_of(model: nn.Module) -> list[MambaMixer]:
-    """The model's :class:`MambaMixer` modules in module order (layer 0 first)."""
-    return [m for m in model.modules() if isinstance(m, MambaMixer)]
+_MIXERS = (MambaMixer, SS2D, MambaVisionMixer)
+
+def mixers_of(model: nn.Module) -> list[nn.Module]:
+    """The model's mixers in module order (layer 0 first): :class:`MambaMixer` (Vim, Mamba
+    blocks), VMamba's ``SS2D`` and MambaVision's mixer (each has the ``_gen_record`` hook)."""
+    return [m for m in model.modules() if isinstance(m, _MIXERS)]
 
 
 @contextlib.contextmanager
@@ -163,15 +169,17 @@ def record_scan(model: nn.Module, layers: Sequence[int] | None = None) -> Iterat
     """Inside the block, the chosen mixers record ``(yhat, delta)`` per scan direction.
 
     Yields one dict per chosen mixer (in ``layers`` order; default: every mixer); after each
-    forward pass it maps ``"fwd"`` / ``"bwd"`` to ``(yhat, delta)``, both ``(batch, d_inner, L)``
-    in token order, where ``yhat = C_t . h_t`` is the scan's raw readout and ``delta`` its
+    forward pass it maps each scan direction (``"fwd"`` / ``"bwd"``; VMamba's ``"hw"``, ``"wh"``,
+    ``"hw_rev"``, ``"wh_rev"``) to ``(yhat, delta)``, both ``(batch, d_inner, L)`` in token order
+    (row-major on the grid), and for VMamba / MambaVision ``"grid"`` to the (H, W) the scan ran
+    on, where ``yhat = C_t . h_t`` is the scan's raw readout and ``delta`` its
     (softplus-ed) step size. The model's outputs are the same as without recording. On exit the
     mixers are back to the normal code path.
     """
     mixers = mixers_of(model)
     if not mixers:
-        raise OuroMambaError(f"record_scan: {type(model).__name__} has no MambaMixer; OuroMamba-Gen's "
-                             "contrastive loss needs the mixers of ouromamba_fx.models")
+        raise OuroMambaError(f"record_scan: {type(model).__name__} has no mixer of ouromamba_fx.models "
+                             "(MambaMixer, SS2D, MambaVisionMixer); OuroMamba-Gen's contrastive loss needs them")
     if layers is None:
         chosen = mixers
     else:
@@ -308,15 +316,22 @@ def gen_losses(model: nn.Module, x: torch.Tensor, targets: torch.Tensor | None, 
         logits = model(x)
         loss_c = zero
     else:
-        grid, cls_index = _grid_and_cls(model)
         with record_scan(model, layers) as records:
             logits = model(x)
         per_layer = []
         for rec in records:
             if not rec:
                 raise OuroMambaError("gen: a recorded mixer did not run during the forward pass")
-            feats = [patch_features(*rec[d], grid, cls_index, neighbourhood) for d in ("fwd", "bwd") if d in rec]
+            # VMamba / MambaVision record the grid each scan ran on (stages differ); Vim and Mamba
+            # stacks scan the model's one patch grid, with the class token where the model says.
+            grid, cls_index = (rec["grid"], None) if "grid" in rec else _grid_and_cls(model)
+            if "grid" in rec and grid[0] * grid[1] < 3:
+                continue  # a 1x1 / 1x2 window or map has no patch to contrast with: left out
+            feats = [patch_features(*v, grid, cls_index, neighbourhood) for d, v in rec.items() if d != "grid"]
             per_layer.append(contrastive_loss(feats, top_k, temperature))
+        if not per_layer:
+            raise OuroMambaError("gen: no recorded mixer scans a grid of 3 patches or more; the contrastive "
+                                 "loss needs them (use loss='output', or record other layers)")
         loss_c = torch.stack(per_layer).mean()
     if loss == "contrastive":
         loss_o = zero
@@ -670,8 +685,9 @@ def gen(model: nn.Module, config: GenConfig | None = None, *, show_progress: boo
         >>> q = ouromamba_fx.convert(model, calib=synth, config=ouromamba_fx.W4A8)  # doctest: +SKIP
     """
     check_model(model, "gen")
+    model = canonical_copy(model)  # upstream VMamba / MambaVision / Mamba: the package's modules
     cfg = (config or GenConfig()).replace(**settings)
-    if cfg.loss != "output":
+    if cfg.loss != "output" and not any(isinstance(m, _MIXERS[1:]) for m in model.modules()):
         _grid_and_cls(model)  # fail early with a clear message
     setup = _setup(model, cfg)
     g = torch.Generator().manual_seed(int(cfg.seed))

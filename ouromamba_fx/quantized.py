@@ -71,8 +71,9 @@ class QuantizedModel(nn.Module):
         self.model_identity: dict | None = None  # the float model: class, config, weights fingerprint
         self.example_shape: tuple[int, ...] | None = None  # (C, H, W) of the calibration images
         self.leaf_modules: list[str] = []  # sub-modules traced as float leaves (a saved file keeps them)
+        self.coverage: dict = {}  # parameter-bearing module -> Coverage (ouromamba_fx.coverage)
         self.custom_passes = False  # converted with passes=...: the file format cannot rebuild it
-        self.lower_options: dict[str, bool] | None = None  # set on lowered models: how they were lowered
+        self.lower_options: dict[str, bool | str] | None = None  # set on lowered models: how they were lowered
         self.cpu_gemm = "auto"  # the integer GEMM path calls run with (ouromamba_fx.ops.gemm.use)
         self.reference: "QuantizedModel | None" = None  # a lowered model's reference graph (for save)
         for p in gm.parameters():  # inference only (see the class docstring)

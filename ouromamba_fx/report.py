@@ -10,9 +10,11 @@ import torch.fx as fx
 from rich.table import Table
 from rich.text import Text
 
+from ouromamba_fx.coverage import summary
 from ouromamba_fx.diff import render
 from ouromamba_fx.numerics import is_float
-from ouromamba_fx.tags import op_nodes, scan_site, tag
+from ouromamba_fx.passes.spec import SiteSpec, StateSpec, WeightSpec
+from ouromamba_fx.tags import SPEC, SPEC_NODE, tag
 
 
 @dataclass
@@ -26,27 +28,41 @@ class Row:
     sqnr: float
 
 
-def _site_name(node) -> str:
-    t = tag(node)
-    if t.get("target"):
-        return t["target"]
-    if t["role"] == "scan":
-        return scan_site(t)
-    return str(node.target)
+def _inputs_text(spec: SiteSpec) -> str:
+    """``x: A8 per_token``, or the scan's inputs grouped by how they are quantized."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for a in spec.acts():
+        groups.setdefault((a.bits_text(), a.granularity_text()), []).append(a.input)
+    return "; ".join(f"{','.join(names)}: A{b} {g}" for (b, g), names in groups.items()) or "float"
 
 
-def node_input_bits(node: fx.Node) -> dict[str, tuple[int, str]]:
-    """For each quantized activation input of ``node``: its input name -> (bits, granularity)."""
-    found = {}
-    for a in node.all_input_nodes:
-        t = tag(a) or {}
-        if t.get("kind") == "dequantize":
-            qt = tag(a.args[0]) or {}
-            found[qt.get("input", "x")] = (qt["bits"], qt["granularity"])
-        elif t.get("kind") == "quantize_mixed":
-            bits = f"{t['bits']}" + ("O16" if is_float(t["outlier_bits"]) else f"O{t['outlier_bits']}")
-            found[t.get("input", "x")] = (bits, t["granularity"])
-    return found
+def _weight_text(spec: SiteSpec, t: dict) -> str:
+    """The weight column: the weight's bits, or the scan state's (with reparameterization)."""
+    if isinstance(spec.state, StateSpec):
+        bits = spec.state.reparam.state_bits
+        return ("state float" if is_float(bits) else f"state S{bits} per_step") + \
+            (", r_N folded" if t.get("folded_r_n") else "")
+    if isinstance(spec.weight, WeightSpec):
+        return f"W{spec.weight.quant.bits} {spec.weight.quant.granularity}"
+    return "float"
+
+
+def _row(n: fx.Node, sqnr_db: dict[str, float]) -> Row | None:
+    """The report row of a mixer op, from its site spec; None if nothing of it is quantized."""
+    spec = n.meta.get(SPEC)
+    if spec is None:
+        return None
+    if not spec.acts() and not isinstance(spec.weight, WeightSpec) and not isinstance(spec.state, StateSpec):
+        return None
+    t = tag(n)
+    return Row(spec.name, spec.role, t["layer"], t["direction"], _weight_text(spec, t),
+               _inputs_text(spec), sqnr_db.get(n.meta.get(SPEC_NODE, n.name), float("nan")))
+
+
+def _site_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The nodes that carry a site spec: the mixer ops of a reference graph, and in a lowered
+    graph the fused ops that replaced them (and the ops no rule matched)."""
+    return [n for n in gm.graph.nodes if SPEC in n.meta and (tag(n) or {}).get("kind") in (None, "fused")]
 
 
 def _group_floats(reasons: dict[str, str]) -> list[tuple[str, str]]:
@@ -74,26 +90,16 @@ class Report:
 
     @classmethod
     def of(cls, q) -> "Report":
-        rows = []
-        for n in op_nodes(q.graph_module):
-            t = tag(n)
-            ins = node_input_bits(n)
-            if not ins and "weight_bits" not in t and not t.get("reparam"):
-                continue
-            weight = f"W{t['weight_bits']} {t['weight_granularity']}" if "weight_bits" in t else "float"
-            if t.get("reparam"):
-                weight = ("state float" if is_float(t["state_bits"]) else f"state S{t['state_bits']} per_step") + \
-                    (", r_N folded" if t.get("folded_r_n") else "")
-            groups: dict = {}
-            for name, spec in ins.items():
-                groups.setdefault(spec, []).append(name)
-            inputs = "; ".join(f"{','.join(names)}: A{b} {g}" for (b, g), names in groups.items()) or "float"
-            rows.append(Row(_site_name(n), t["role"], t["layer"], t["direction"], weight, inputs,
-                            q.sqnr_db.get(n.name, float("nan"))))
-        floats = _group_floats(q.float_reasons)
-        floats.append(("patch_embed, norms, head", "outside the mixers: kept in float"))
+        rows = [r for r in (_row(n, q.sqnr_db) for n in _site_nodes(q.graph_module)) if r is not None]
+        cov = getattr(q, "coverage", {}) or {}
+        shown = set(q.float_reasons)
+        floats = _group_floats({**q.float_reasons, **{n: c.why for n, c in cov.items()
+                                                       if not c.quantized and n not in shown}})
         outliers = [(site, float(f.mean()), float(f.max())) for site, f in q.outlier_fraction.items()]
-        return cls(f"{q.model_name} quantized with {q.config.name}", rows, floats, q.log, outliers)
+        log = list(q.log)
+        if cov and not any(line.startswith("parameter-bearing modules:") for line in log):
+            log.append(summary(cov))
+        return cls(f"{q.model_name} quantized with {q.config.name}", rows, floats, log, outliers)
 
     def __rich_console__(self, console, options):
         table = Table(title=self.title, title_justify="left", header_style="bold")

@@ -53,6 +53,7 @@ from ouromamba_fx.fileformat import (FORMAT_VERSION, META_KEY, Header, Serializa
 from ouromamba_fx.fileformat import write as save
 from ouromamba_fx.lowering.lower import OPTION_NAMES
 from ouromamba_fx.measure import Recorder
+from ouromamba_fx.models.families import canonical_copy
 from ouromamba_fx.models.identity import class_path, model_fingerprint, model_identity, rebuild
 from ouromamba_fx.quantized import QuantizedModel
 from ouromamba_fx.tags import op_nodes
@@ -69,6 +70,7 @@ def _float_model(path: Path, header: Header, model: nn.Module | None, tensor_byt
             raise CheckpointError(f"{path.name}: {e}") from None
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: model must be the float nn.Module, got {type(model).__name__}")
+    model = canonical_copy(model)  # upstream VMamba / MambaVision / Mamba: rebuilt as at convert
     fp = model_fingerprint(model)
     if fp == rec.fingerprint and class_path(model) == rec.class_path:
         return model
@@ -150,6 +152,7 @@ def load(path: str | Path, model: nn.Module | None = None):
     name = model_name(float_model)
     q = QuantizedModel(gm, header.config, snapshots, ctx.float_reasons, list(rep.log),
                        header.input_shape, dict(rep.sqnr_db), name)
+    q.coverage = ctx.coverage
     q.outlier_fraction = stats(raw, rec.outlier_fraction, "outlier_fraction", path.name)
     q.outlier_maps = stats(raw, rec.outlier_maps, "outlier_map", path.name)
     q.model_identity = {**model_identity(float_model, name), "fingerprint": header.model.fingerprint}
@@ -165,7 +168,7 @@ def load(path: str | Path, model: nn.Module | None = None):
     return q
 
 
-def _lower(q, options: dict[str, bool], where: str):
+def _lower(q, options: dict[str, bool | str], where: str):
     bad = sorted(set(options) - set(OPTION_NAMES))
     if bad:
         raise CheckpointError(f"{where}: unknown lowering options {[b[:40] for b in bad[:5]]}")

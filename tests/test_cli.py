@@ -74,7 +74,7 @@ def test_error_messages_are_printed_verbatim(saved, files, capsys, monkeypatch):
 def test_diff_from_a_saved_file(saved, capsys):
     assert main(["diff", "--quantized", str(saved), "--layer", "1", "--role", "dt_proj"]) == 0
     text = capsys.readouterr().out
-    assert "capture → insert_observers" in text and "layers_1_mixer_dt_proj_obs" in text
+    assert "annotate → insert_observers" in text and "layers_1_mixer_dt_proj_obs" in text
     assert "layers_0_" not in text
 
 
@@ -83,6 +83,7 @@ def test_eval_float_and_quantized_side_by_side(saved, files, capsys):
                  "--data", str(files / "data")]) == 0
     text = capsys.readouterr().out
     assert "top-1 on " in text and "agreement with float" in text and "W4A4O8" in text
+    assert "vs float (95% interval)" in text and " ± " in text  # the drop comes with its uncertainty
     # the same file against another float model: refused, with the reason
     assert main(["eval", "--checkpoint", str(files / "other.safetensors"), "--quantized", str(saved),
                  "--data", str(files / "data")]) == 2

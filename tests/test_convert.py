@@ -18,7 +18,7 @@ def test_convert_leaves_the_user_model_alone(tiny_vim):
     for k, v in tiny_vim.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert isinstance(q, of.QuantizedModel)
-    assert q.passes == ["capture", "insert_observers", "quantize_weights", "calibrate",
+    assert q.passes == ["capture", "annotate", "insert_observers", "quantize_weights", "calibrate",
                         "choose_act_scales", "quantize_activations"]
 
 
@@ -94,13 +94,17 @@ def test_report_lists_quantized_ops_and_what_stayed_float(tiny_vim):
     assert "layers.1.mixer.scan_b" in text and "delta,B,C: A8 per_token" in text
     assert "W8 per_channel" in text
     assert "layers.*.mixer.scan:u (2 layers)" in text and "not in config.scan_inputs" in text
-    assert "outside the mixers" in text
+    # every parameter-bearing module outside the quantized ones, with its reason
+    assert "parameter-bearing modules: 16 of" in text  # per layer: in/out_proj, 2 x (conv1d, x_proj, dt_proj)
+    assert q.coverage["head"].why == "role head not in config.roles"
+    assert q.coverage["norm_f"].why.startswith("normalisation layer")
+    assert q.coverage["patch_embed.proj"].why.startswith("inside patch_embed (PatchEmbed)")
 
 
 def test_reference_model_w8a8_tracks_float(reference):
     from ouromamba_fx.data import bundled_samples, image_loader
 
-    calib = image_loader(reference, bundled_samples(), batch_size=100, labels=False)
+    calib = image_loader(reference, bundled_samples(), batch_size=100, limit_per_class=20, labels=False)
     q = of.convert(reference, calib=calib, config=of.W8A8, show_progress=False)
     x = next(iter(calib))[:32]
     with torch.no_grad():

@@ -8,7 +8,7 @@ def test_diff_per_pass_collapses_identical_layers(tiny_vim):
     q = of.convert(tiny_vim, calib=torch.randn(4, 3, 16, 16), show_progress=False)
     diffs = list(q.diff())
     assert [(d.before, d.after) for d in diffs] == list(zip(q.passes, q.passes[1:]))
-    obs = diffs[0]
+    obs = next(d for d in diffs if d.after == "insert_observers")
     assert obs.counts == {"+": 28, "-": 0, "~": 20}  # 28 observers; 20 consumers rewired
     text = str(obs)
     assert "layers 0-1: identical changes in each, layer 0 shown" in text
@@ -30,5 +30,5 @@ def test_diff_filters_by_layer_and_role(tiny_vim):
 def test_cli_diff(capsys):
     assert main(["diff", "--limit-per-class", "2", "--layer", "3", "--role", "dt_proj"]) == 0
     text = capsys.readouterr().out
-    assert "capture → insert_observers" in text and "layers_3_mixer_dt_proj_obs" in text
+    assert "annotate → insert_observers" in text and "layers_3_mixer_dt_proj_obs" in text
     assert "layers_2_" not in text

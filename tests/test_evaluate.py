@@ -11,8 +11,10 @@ CARD_TOP1 = 73.94  # the reference model card's top-1 on shared/data/cifar10/val
 
 
 def test_bundled_sample_eval_eager_and_traced_agree(reference):
-    eager = evaluate(reference, bundled_samples(), show_progress=False)
-    traced = evaluate(capture(reference), bundled_samples(), transform_model=reference,
+    # the whole bundle is 1,000 images (100 per class); 20 per class keep the test fast
+    assert len(ImageFolder(bundled_samples(), class_names=reference.cfg.classes)) == 1000
+    eager = evaluate(reference, bundled_samples(), limit_per_class=20, show_progress=False)
+    traced = evaluate(capture(reference), bundled_samples(), limit_per_class=20, transform_model=reference,
                       show_progress=False)
     assert eager.total == 200
     assert 55 < eager.top1 < 95  # a trained model, not chance (10%)
@@ -60,3 +62,33 @@ def test_reference_top1_matches_card_eager_and_traced(reference):
     traced = evaluate(capture(reference), val, batch_size=250, transform_model=reference,
                       show_progress=False)
     assert abs(traced.top1 - CARD_TOP1) <= 0.1 and traced.agreement(eager) == 100.0
+
+
+def _result(pred, labels):
+    from ouromamba_fx.evaluate import EvalResult
+
+    pred, labels = torch.tensor(pred), torch.tensor(labels)
+    return EvalResult(int((pred == labels).sum()), len(labels), 1.0, pred, labels)
+
+
+def test_paired_difference_and_its_interval():
+    labels = [0, 1, 2, 3] * 50  # 200 images
+    fp = _result(labels, labels)  # all right
+    assert fp.paired_difference(fp) == (0.0, 0.0)  # same predictions: no uncertainty at all
+    # 3 images wrong out of 200: -1.5 points; d has three -1 and 197 zeros
+    wrong = list(labels)
+    for i in (0, 5, 9):
+        wrong[i] = (wrong[i] + 1) % 4
+    q = _result(wrong, labels)
+    diff, half = q.paired_difference(fp)
+    d = torch.tensor([-1.0] * 3 + [0.0] * 197, dtype=torch.float64)
+    assert diff == pytest.approx(-1.5)
+    assert half == pytest.approx(100 * 1.96 * (d.var() / 200).sqrt().item())
+    assert 1.5 < half < 2.0  # 3 disagreements in 200 images: the drop is not resolved
+    # errors on both sides partly cancel in the mean but widen the interval
+    both = list(wrong)
+    both[1] = (both[1] + 1) % 4
+    other = _result(both, labels)
+    assert other.paired_difference(q)[1] > 0
+    with pytest.raises(ValueError, match="same images"):
+        q.paired_difference(_result(labels, [x ^ 1 for x in labels]))

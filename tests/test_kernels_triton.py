@@ -9,6 +9,8 @@ parent shows one test, the child the kernel tests. Running this file with ``TRIT
 already set runs the kernel tests in place.
 """
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -29,52 +31,29 @@ test_triton_kernels_in_interpreter.__test__ = not INTERPRET
 
 # Ahead-of-time compilation for NVIDIA targets (no GPU needed: triton ships ptxas). This catches
 # what the interpreter does not check, e.g. that 8-bit tl.dot needs K >= 32 on NVIDIA GPUs.
-_PTR_TYPES = {
-    "_quantize_rows_kernel": {"x_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32"},
-    "_outlier_split_kernel": {"x_ptr": "*bf16", "mask_ptr": "*u8", "q_in_ptr": "*i8", "s_in_ptr": "*fp32",
-                              "q_out_ptr": "*i8", "s_out_ptr": "*fp32"},
-    "_int8_gemm_kernel": {"x_ptr": "*i8", "w_ptr": "*i8", "y_ptr": "*fp32", "xs_ptr": "*fp32",
-                          "ws_ptr": "*fp32", "bias_ptr": "*fp32"},
-    "_int4_gemm_kernel": {"a_ptr": "*i8", "b_ptr": "*i8", "w_ptr": "*u8", "y_ptr": "*fp32", "sa_ptr": "*fp32",
-                          "sb_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32"},
-}
-_AOT_CASES = [  # (module, kernel, constexprs, num_warps): the largest and smallest tiles the wrappers pick
-    ("quantize_rows", "_quantize_rows_kernel", dict(STATIC_SCALE=False, BLOCK_M=16, BLOCK_K=256), 4),
-    ("quantize_rows", "_quantize_rows_kernel", dict(STATIC_SCALE=True, BLOCK_M=1, BLOCK_K=16), 4),
-    ("quantize_rows", "_outlier_split_kernel", dict(STATIC_INLIER=False, BLOCK_M=16, BLOCK_K=256), 4),
-    ("quantize_rows", "_outlier_split_kernel", dict(STATIC_INLIER=True, BLOCK_M=1, BLOCK_K=16), 4),
-    ("int8_gemm", "_int8_gemm_kernel", dict(HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 8),
-    ("int8_gemm", "_int8_gemm_kernel", dict(HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=8), 4),
-    ("int4_gemm", "_int4_gemm_kernel", dict(HAS_OUTLIERS=True, HAS_BIAS=True, BLOCK_M=128, BLOCK_N=128,
-                                            BLOCK_KP=64, GROUP_M=8), 8),
-    ("int4_gemm", "_int4_gemm_kernel", dict(HAS_OUTLIERS=False, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=16,
-                                            BLOCK_KP=32, GROUP_M=8), 4),
-]
-
-
 @pytest.mark.parametrize("arch", [80, 90])
 def test_kernels_compile_for_nvidia(arch):
-    import importlib
+    """Each kernel at its smallest (the interpreter's) and largest autotune config."""
+    from ouromamba_fx.kernels.triton import int8_gemm as k8
+    from ouromamba_fx.kernels.triton import quantize_rows as kq
+    from tests.triton_aot import compile_ptx, largest, nvidia_backend
 
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if "nvidia" not in backends:
-        pytest.skip("triton has no NVIDIA backend here")
-    for module, name, constexprs, warps in _AOT_CASES:
-        fn = getattr(importlib.import_module(f"ouromamba_fx.kernels.triton.{module}"), name)
-        floats = {"qmax", "qmax_in", "eps"}
-        sig = {a: "constexpr" if a in constexprs else _PTR_TYPES[name].get(a, "fp32" if a in floats else "i32")
-               for a in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-        ptx = compiled.asm["ptx"]
-        if module == "quantize_rows":  # a true division, never the approximate one
+    nvidia_backend()
+    rows = {"_quantize_rows_kernel": {"x_ptr": "*bf16", "q_ptr": "*i8"},
+            "_outlier_split_kernel": {"x_ptr": "*bf16", "mask_ptr": "*u8", "q_in_ptr": "*i8", "q_out_ptr": "*i8"}}
+    for name, ptrs in rows.items():
+        kernel = getattr(kq, name)
+        flag = "STATIC_SCALE" if name == "_quantize_rows_kernel" else "STATIC_INLIER"
+        wide = kq._prune(kq.CONFIGS, {"M": 4096}, BLOCK_K=256)
+        for config, block_k, static in ((largest(wide, lambda c: c.kwargs["BLOCK_M"]), 256, False),
+                                        (kq.CONFIGS[0], 16, True)):
+            ptx = compile_ptx(kernel, arch, config, {flag: static, "BLOCK_K": block_k}, ptrs,
+                              floats=("qmax", "qmax_in", "eps"))
             assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx, name
-        else:  # int8 tensor-core products
-            assert "mma" in ptx, name
+    tile = lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]  # noqa: E731
+    for config, bias in ((largest(k8.CONFIGS, tile), True), (k8.CONFIGS[0], False)):
+        ptx = compile_ptx(k8._int8_gemm_kernel, arch, config, dict(HAS_BIAS=bias), {"x_ptr": "*i8", "w_ptr": "*i8"})
+        assert "mma" in ptx  # int8 tensor-core products
 
 
 test_kernels_compile_for_nvidia.__test__ = not INTERPRET
@@ -84,8 +63,8 @@ test_kernels_compile_for_nvidia.__test__ = not INTERPRET
 # The kernel tests. The kernels are imported inside the tests, so that the parent never loads them.
 
 def _kernels():
-    from ouromamba_fx.kernels.triton import int4_gemm, int8_gemm, quantize_rows
-    return quantize_rows, int8_gemm, int4_gemm
+    from ouromamba_fx.kernels.triton import int8_gemm, quantize_rows
+    return quantize_rows, int8_gemm
 
 
 def _x(m, k, ties=True):
@@ -94,6 +73,17 @@ def _x(m, k, ties=True):
         x[0] = (torch.rand(k) * 2 - 1) * 100 * 2.0 ** -5
         x[0, :5] = torch.tensor([127.0, 0.5, 2.5, -0.5, -3.5]) * 2.0 ** -5
     return x
+
+
+@contextmanager
+def _pinned(kernel, config):
+    """Runs the autotuned ``kernel`` with ``config`` only (the interpreter otherwise runs the first)."""
+    saved = kernel.configs
+    kernel.configs = [config]
+    try:
+        yield
+    finally:
+        kernel.configs = saved
 
 
 def _gemm_case(m, k, n, per_row, with_bias):
@@ -112,7 +102,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("m,k", [(1, 1), (1, 5), (3, 33), (17, 300)])
     @pytest.mark.parametrize("bits", [4, 8])
     def test_quantize_rows(self, m, k, bits):
-        kq, _, _ = _kernels()
+        kq, _ = _kernels()
         qmax = 2 ** (bits - 1) - 1
         x = _x(m, k)
         x[-1] = 0.0  # a zero row: scale eps
@@ -129,7 +119,7 @@ class TestInInterpreter:
         assert torch.equal(q, kq.quantize_rows_ref(x, qmax, static)[0]) and torch.equal(s, static)
 
     def test_quantize_rows_strided_and_half_input(self):
-        kq, _, _ = _kernels()
+        kq, _ = _kernels()
         x = _x(40, 24).t()  # (24, 40), column-major
         assert torch.equal(kq.quantize_rows(x, 127)[0], quant.quantize_per_token_ref(x, 8)[0])
         xh = torch.randn(5, 33).half()
@@ -139,7 +129,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("m,k", [(1, 5), (3, 33), (17, 300)])
     @pytest.mark.parametrize("static", [False, True])
     def test_outlier_split(self, m, k, static):
-        kq, _, _ = _kernels()
+        kq, _ = _kernels()
         x = _x(m, k)
         mask = torch.rand(m, k) < 0.1
         mask[0] = False  # no outliers: s_out = eps
@@ -153,7 +143,7 @@ class TestInInterpreter:
     @pytest.mark.parametrize("m,k,n", [(1, 5, 3), (3, 33, 17), (17, 1, 70), (17, 200, 130), (200, 64, 300)])
     @pytest.mark.parametrize("per_row,with_bias", [(True, True), (False, False)])
     def test_int8_gemm(self, m, k, n, per_row, with_bias):
-        _, k8, _ = _kernels()
+        _, k8 = _kernels()
         x_q, x_scale, w_scale, bias = _gemm_case(m, k, n, per_row, with_bias)
         w_q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         y = k8.int8_gemm(x_q, x_scale, w_q, w_scale, bias)
@@ -162,35 +152,34 @@ class TestInInterpreter:
         torch.testing.assert_close(y, i8.int8_linear_ref(x_q, x_scale, w_q, w_scale, bias), rtol=1e-6, atol=1e-6)
 
     def test_int8_gemm_integer_part_exact_and_strided(self):
-        _, k8, _ = _kernels()
+        _, k8 = _kernels()
         x_q = torch.full((19, 1000), -127, dtype=torch.int8)
         x_q[1::2] = torch.randint(-127, 128, (9, 1000), dtype=torch.int8)
         w_q = torch.randint(-127, 128, (1000, 21), dtype=torch.int8).t()  # (21, 1000) column-major
         y = k8.int8_gemm(x_q, torch.ones(1), w_q, torch.ones(21))
         assert torch.equal(y, (x_q.long() @ w_q.long().t()).float())  # |acc| < 2**24: exact in fp32
 
-    @pytest.mark.parametrize("m,k,n", [(1, 5, 3), (3, 33, 17), (17, 1, 20), (17, 130, 70), (40, 64, 130)])
-    @pytest.mark.parametrize("outliers", [True, False])
-    def test_int4_gemm(self, m, k, n, outliers):
-        _, _, k4 = _kernels()
-        q_in, s_in, w_scale, bias = _gemm_case(m, k, n, True, outliers)
-        q_in = q_in.clamp(-7, 7)
-        w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
-        w_packed = int4.pack_int4(w_q)
-        q_out, s_out = (torch.randint(-127, 128, (m, k), dtype=torch.int8), torch.rand(m, 1)) if outliers else (None, None)
-        y = k4.int4_gemm(q_in, s_in, w_packed, w_scale, bias, q_out, s_out)
-        twin = k4.int4_gemm_ref(q_in, s_in, w_packed, w_scale, bias, q_out, s_out)
-        torch.testing.assert_close(y, twin, rtol=1e-6, atol=1e-6)
-        want = gemm.int_matmul_ref(q_in, w_q).float() * s_in  # the op-level definition, via unpack_int4
-        if outliers:
-            want = want + gemm.int_matmul_ref(q_out, w_q).float() * s_out
-        want = want * w_scale
-        if bias is not None:
-            want = want + bias
-        torch.testing.assert_close(twin, want, rtol=0, atol=0)
-        # integer part alone: unit scales give the exact int32 sum
-        y1 = k4.int4_gemm(q_in, torch.ones(1), w_packed, torch.ones(n))
-        assert torch.equal(y1, gemm.int_matmul_ref(q_in, w_q).float())
+    def test_every_autotune_config(self):
+        """The configs a GPU's autotuner picks from give the interpreter's numbers: integer products
+        (odd K, N and few rows, which cuBLAS refuses) and row quantization."""
+        kq, k8 = _kernels()
+        x_q, x_scale, w_scale, bias = _gemm_case(40, 150, 36, True, True)
+        w_q = torch.randint(-127, 128, (36, 150), dtype=torch.int8)
+        want = k8.int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias)
+        few = x_q[:5]
+        for config in k8.CONFIGS:
+            with _pinned(k8._int8_gemm_kernel, config):
+                torch.testing.assert_close(k8.int8_gemm(x_q, x_scale, w_q, w_scale, bias), want, rtol=1e-6, atol=1e-6)
+                assert torch.equal(k8.int8_gemm(few, torch.ones(1), w_q, torch.ones(36)),
+                                   (few.long() @ w_q.long().t()).float())
+        x = _x(21, 300)
+        mask = torch.rand(21, 300) < 0.05
+        for config in kq.CONFIGS:
+            with _pinned(kq._quantize_rows_kernel, config), _pinned(kq._outlier_split_kernel, config):
+                for a, b in zip(kq.quantize_rows(x, 127), kq.quantize_rows_ref(x, 127)):
+                    assert torch.equal(a, b)
+                for a, b in zip(kq.outlier_split(x, mask, None, 7), kq.outlier_split_ref(x, mask, None, 7)):
+                    assert torch.equal(a, b)
 
     @pytest.mark.parametrize("static", [False, True])
     def test_cuda_op_glue_w8a8(self, static):
@@ -225,16 +214,16 @@ class TestInInterpreter:
         split = mixed._outlier_split_cuda(x[0], mask[0], None if inlier_scale is None else inlier_scale, 4)
         for a, b in zip(split, mixed.outlier_split_ref(x[0], mask[0], inlier_scale, 4)):
             assert torch.equal(a, b)
+        # the packed weight is read through a K-major copy, made once per weight
+        assert gemm.cached(w_packed, "int4:kmajor", lambda: None).stride() == (1, 17)
 
     def test_wrappers_check_shapes(self):
-        kq, k8, k4 = _kernels()
+        kq, k8 = _kernels()
         i8 = lambda *s: torch.zeros(*s, dtype=torch.int8)  # noqa: E731
         with pytest.raises(ValueError, match="K=5"):
             k8.int8_gemm(i8(3, 4), torch.ones(1), i8(2, 5), torch.ones(2))
         with pytest.raises(ValueError, match="x_scale"):
             k8.int8_gemm(i8(3, 4), torch.ones(2), i8(2, 4), torch.ones(2))
-        with pytest.raises(ValueError, match="bytes per row"):
-            k4.int4_gemm(i8(3, 7), torch.ones(1), torch.zeros(2, 3, dtype=torch.uint8), torch.ones(2))
         with pytest.raises(ValueError, match="mask"):
             kq.outlier_split(torch.randn(3, 4), torch.zeros(3, 4), None, 7)
         with pytest.raises(ValueError, match="qmax"):

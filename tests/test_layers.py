@@ -27,7 +27,7 @@ LAYERS = [
     ("capture", ["capture", "checks"]),
     ("passes", ["passes", "passes.*"]),
     ("lowering", ["lowering", "lowering.*"]),
-    ("results", ["measure", "report", "diff", "outliers", "fileformat"]),
+    ("results", ["measure", "report", "diff", "outliers", "fileformat", "coverage"]),
     ("api", ["", "quantized", "convert", "gen", "serialize", "evaluate", "data", "latency", "export", "cli"]),
 ]
 

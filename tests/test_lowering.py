@@ -18,6 +18,7 @@ from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP
 from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
 from ouromamba_fx.models import VisionMamba
+from ouromamba_fx.tags import SPEC, tag
 
 from .conftest import tiny_config
 
@@ -176,6 +177,22 @@ def test_scans_feeding_out_proj_write_channel_contiguous_output(models, name):
 
 
 @torch.no_grad()
+def test_fast_decay_option_marks_the_channel_contiguous_scans(models):
+    q = models["W8A8"]
+    low, fast = q.lower(), q.lower(fast_decay=True)
+    scans = calls(fast.graph_module, SCAN_CHANNELS_LAST_OP)
+    assert len(scans) == 2 and all(n.kwargs.get("fast_decay") is True for n in scans)
+    assert not any("fast_decay" in n.kwargs for n in calls(low.graph_module, SCAN_CHANNELS_LAST_OP))
+    assert fast.lower_options == {"fast_decay": True}
+    # the decays differ by at most 1e-4 relative: the logits stay close, the predictions equal
+    a, b = low(X), fast(X)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * a.abs().max().item())
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    # without the channel-contiguous rewrite the option has nothing to mark
+    assert torch.equal(q.lower(scan_cl=False, fast_decay=True)(X), q.lower(scan_cl=False)(X))
+
+
+@torch.no_grad()
 def test_dt_proj_and_the_delta_quantization_fuse(models):
     q = models["W4A4O8"]
     low = q.lower()
@@ -314,3 +331,18 @@ def test_convert_can_return_the_lowered_model(models):
     low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
     assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 6
     assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers
+
+
+@pytest.mark.parametrize("name", ["W8A8", "W4A4O8"])
+def test_lowered_report_keeps_a_row_per_quantized_site(models, name):
+    q = models[name]
+    low = q.lower()
+    fused = [n for n in low.graph_module.graph.nodes if (tag(n) or {}).get("kind") == "fused"]
+    assert fused and all(SPEC in n.meta for n in fused)  # the rules carried the decisions along
+    ref_rows = {r.name: r for r in q.report().rows}
+    low_rows = {r.name: r for r in low.report().rows}
+    assert ref_rows and low_rows.keys() == ref_rows.keys()
+    for site, r in ref_rows.items():
+        lr = low_rows[site]
+        assert (lr.role, lr.layer, lr.direction, lr.weight, lr.inputs) == (r.role, r.layer, r.direction, r.weight, r.inputs)
+        assert lr.sqnr == r.sqnr  # measured on the reference graph, found through the fused node

@@ -21,35 +21,22 @@ def test_qscan_triton_in_interpreter():
 test_qscan_triton_in_interpreter.__test__ = not INTERPRET
 
 
-@pytest.mark.parametrize("quant", [True, False])
-def test_qscan_compiles_for_nvidia(quant):
-    """Ahead-of-time compilation for sm80 (triton ships ptxas): catches what the interpreter does not."""
-    import triton
-    from triton.backends import backends
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+@pytest.mark.parametrize("arch", [80, 90])
+def test_qscan_compiles_for_nvidia(arch):
+    """Ahead-of-time compilation (triton ships ptxas), the smallest and the largest autotune config,
+    int8 and float inputs: catches what the interpreter does not."""
+    from ouromamba_fx.kernels.triton import qscan as kqs
+    from tests.triton_aot import compile_ptx, largest, nvidia_backend
 
-    from ouromamba_fx.kernels.triton.qscan import _qscan_kernel
-
-    if "nvidia" not in backends:
-        pytest.skip("triton has no NVIDIA backend here")
-    constexprs = dict(DT_INT=quant, B_INT=quant, C_INT=quant, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
-                      QUANT=quant, BLOCK_D=64, BLOCK_N=16)
-    ptrs = {"dt_ptr": "*i8" if quant else "*fp32", "b_ptr": "*i8" if quant else "*fp32",
-            "c_ptr": "*i8" if quant else "*fp32", "u_ptr": "*bf16", "z_ptr": "*bf16"}
-    sig = {}
-    for a in _qscan_kernel.arg_names:
-        if a in constexprs:
-            sig[a] = "constexpr"
-        elif a.endswith("_ptr"):
-            sig[a] = ptrs.get(a, "*fp32")
-        else:
-            sig[a] = "fp32" if a == "qmax" else "i32"
-    compiled = triton.compile(ASTSource(fn=_qscan_kernel, signature=sig, constexprs=constexprs),
-                              target=GPUTarget("cuda", 80, 32), options={"num_warps": 4})
-    ptx = compiled.asm["ptx"]
-    if quant:  # the state quantization divides exactly
-        assert "div.rn.f32" in ptx
+    nvidia_backend()
+    wide = kqs._prune(kqs.CONFIGS, {"DIM": 4096}, BLOCK_N=16)
+    for config, quant in ((largest(wide, lambda c: c.kwargs["BLOCK_D"]), True), (kqs.CONFIGS[0], False)):
+        constexprs = dict(DT_INT=quant, B_INT=quant, C_INT=quant, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
+                          SOFTPLUS=True, QUANT=quant, BLOCK_N=16)
+        code = "*i8" if quant else "*fp32"
+        ptrs = {"dt_ptr": code, "b_ptr": code, "c_ptr": code, "u_ptr": "*bf16", "z_ptr": "*bf16"}
+        ptx = compile_ptx(kqs._qscan_kernel, arch, config, constexprs, ptrs, floats=("qmax",))
+        assert ("div.rn.f32" in ptx) == quant  # the state quantization divides exactly
 
 
 test_qscan_compiles_for_nvidia.__test__ = not INTERPRET
@@ -153,6 +140,19 @@ class TestInInterpreter:
                                    lq.selective_scan_int8_inputs_ref(*qargs, None, None, None, None, 16), rtol=1e-5, atol=1e-5)
         assert _mostly_close(lq._selective_scan_int8_inputs_cuda(*qargs, r_c, r_l, r_n, ss, 8),
                              lq.selective_scan_int8_inputs_ref(*qargs, r_c, r_l, r_n, ss, 8))
+
+    def test_every_autotune_config(self):
+        from ouromamba_fx.kernels.triton import qscan as kqs
+
+        args = _case(2, 70, 5, 4)
+        want = kqs.qscan_ref(*args, 8)
+        saved = kqs._qscan_kernel.configs
+        try:
+            for config in kqs.CONFIGS:
+                kqs._qscan_kernel.configs = [config]
+                assert _mostly_close(kqs.qscan(*args, 8), want)
+        finally:
+            kqs._qscan_kernel.configs = saved
 
     def test_wrapper_checks(self):
         from ouromamba_fx.kernels.triton.qscan import qscan

@@ -353,6 +353,26 @@ def test_channels_last_op_is_the_scan_in_channel_contiguous_memory(shape, dtype,
     assert torch.equal(out, torch.ops.ouromamba.selective_scan.default(*args))  # the same kernel, bit for bit
 
 
+@pytest.mark.parametrize("shape", [(2, 34, 65, 16), (2, 20, 33, 5)])  # registers (d_state 16) / memory states
+@pytest.mark.parametrize("form", ["var", "const"])
+def test_channels_last_fast_decay_is_close_to_exact(shape, form):
+    if scan_backend() != "cpp":
+        pytest.skip("the C++ scan kernel is not built")
+    a = make_inputs(*shape, dtype=torch.float64, form=form)
+    args64 = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True)
+    args = tuple(t.float() if isinstance(t, torch.Tensor) else t for t in args64)
+    exact, fast = SCAN_CL(*args), SCAN_CL(*args, fast_decay=True)
+    truth = selective_scan_ref(*args64[:-1], delta_softplus=True)
+    assert fast.stride() == exact.stride()
+    assert not torch.equal(fast, exact)  # the flag reaches the kernel
+    err = lambda y: ((y.double() - truth).norm() / truth.norm()).item()
+    # degree-3 decays: relative error 1e-4 per decay, compounding over at most L steps
+    assert err(exact) < 1e-6 and err(fast) < 2e-4
+    # float64 computes exact decays whatever the flag says
+    assert torch.equal(SCAN_CL(*args64, fast_decay=True), SCAN_CL(*args64))
+    torch.library.opcheck(SCAN_CL, args, {"fast_decay": True})
+
+
 def test_channels_last_op_opcheck_and_other_devices(monkeypatch):
     a = make_inputs(2, 20, 7, 3, dtype=torch.float32)
     args = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True)

@@ -359,3 +359,54 @@ class TestInInterpreter:
             kw.w4a4o8_linear(x, mask, None, torch.zeros(5, 3, dtype=torch.uint8), torch.ones(5), None, 8)
         with pytest.raises(ValueError, match="w_scale"):
             kw.w4a4o8_linear(x, mask, None, torch.zeros(5, 4, dtype=torch.uint8), torch.ones(4), None, 8)
+
+    # -- the ops' CUDA implementations (ouromamba_fx.ops.dispatch.CUDA_KERNELS) on CPU tensors -----
+
+    def test_cuda_ops_of_the_outlier_rule(self):
+        """quantize_mixed (the fake's layout: x's strides), mixed_fake_quant (the rows' layout),
+        outlier_mask (mask and step scale), with scales calibrated for another length."""
+        from ouromamba_fx.ops import mixed
+
+        x = _planted((2, 40, 13), 1).transpose(1, 2)  # (2, 13, 40) seen through a transpose
+        s = _step_scales(9)  # calibrated for L = 9: resampled to 13
+        args = (x, s, 1, 2, 4, 8, 3.0, 5)
+        want = mixed.quantize_mixed_ref(*args)
+        y = mixed._quantize_mixed_cuda(*args)
+        assert torch.equal(y, want) and y.stride() == torch.empty_like(x).stride()
+        y = mixed._mixed_fake_quant_cuda(*args)
+        assert torch.equal(y, want) and y.is_contiguous()  # rows (batch, L, C), as the fake says
+        xs = _planted((2, 24, 13), 1)  # the scan's (batch, D, L): channels on axis 1
+        sargs = (xs, s, 2, 1, 4, 8, 3.0, 1)
+        y = mixed._mixed_fake_quant_cuda(*sargs)
+        assert torch.equal(y, mixed.quantize_mixed_ref(*sargs))
+        assert y.stride() == mixed.mixed_fake_quant(*sargs).stride() == (13 * 24, 1, 24)
+        mask, step = mixed._site_outlier_mask_cuda(x, s, 1, 2, 4, 3.0, 5)
+        want_mask, want_step = mixed.site_outlier_mask_ref(x, s, 1, 2, 4, 3.0, 5)
+        assert torch.equal(mask, want_mask) and torch.equal(step, want_step) and step.shape == (1, 13, 1)
+        # W4A8's 16-bit outliers: the kernel keeps them in float
+        fargs = (x, s, 1, 2, 4, 16, 3.0, 5)
+        assert torch.equal(mixed._quantize_mixed_cuda(*fargs), mixed.quantize_mixed_ref(*fargs))
+
+    def test_cuda_ops_of_the_w4a4o8_linears(self):
+        """w4a4o8_linear_rt against the CPU op (the C++ rule and epilogue); w4a4o8_linear_mixed
+        against the references composed: the rule's mask, the masked linear, the output's mixed
+        quantization."""
+        from ouromamba_fx.ops import mixed
+        from ouromamba_fx.ops import w4a4o8_linear as w4
+        from ouromamba_fx.ops.int4 import pack_int4
+
+        x = _planted((2, 11, 48), 2)
+        s = _step_scales(7)
+        w_packed = pack_int4(torch.randint(-8, 8, (24, 48), dtype=torch.int8))
+        w_scale, bias = torch.rand(24) * 0.01, torch.randn(24)
+        args = (x, s, w_packed, w_scale, bias, 48, 3.0, 5)
+        y = w4._w4a4o8_linear_detect_cuda(*args)
+        torch.testing.assert_close(y, w4.w4a4o8_linear_detect(*args), rtol=1e-6, atol=1e-6)
+        xd = _planted((2, 11, 6), 2)  # dt_proj: K = 6 < SMALL_K; its output (batch, L, 24) re-quantized
+        wd = pack_int4(torch.randint(-8, 8, (24, 6), dtype=torch.int8))
+        out_s = _step_scales(11, seed=3)
+        req = (xd, s, wd, w_scale, bias, 6, 3.0, 5, out_s, 1, 2, 4, 3.0, 4)
+        y = w4._w4a4o8_linear_detect_requant_cuda(*req)
+        mask, step = mixed.site_outlier_mask_ref(xd, s, 1, 2, 4, 3.0, 5)
+        lin = w4.w4a4o8_linear_masked_ref(xd, mask, step, wd, w_scale, bias, 6)
+        assert y.is_contiguous() and torch.equal(y, mixed.quantize_mixed_ref(lin, out_s, 1, 2, 4, 8, 3.0, 4))

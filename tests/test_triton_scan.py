@@ -216,3 +216,27 @@ class TestInInterpreter:
             selective_scan_fwd(u, delta, A, B.reshape(2, 1, 4, 5).expand(2, 2, 4, 5), C)
         with pytest.raises(ValueError, match="delta has shape"):
             selective_scan_fwd(u, delta[..., :4], A, B, C)
+
+    def test_cuda_ops(self):
+        """The scan ops' CUDA implementations on CPU tensors: forward (also channel-contiguous),
+        backward in the op's convention (empty for absent inputs), and constant 2-d B / C, which the
+        Triton kernels do not take, on the reference."""
+        from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
+        from ouromamba_fx.ops import scan
+
+        args = (*_case(2, 6, 20, 4), True)
+        want = selective_scan_ref(*args)
+        _close([scan._selective_scan_cuda(*args)], [want], 1e-12, 1e-12)
+        y = scan._selective_scan_cl_cuda(*args)
+        assert y.stride() == (20 * 6, 1, 6)
+        _close([y], [want], 1e-12, 1e-12)
+        dout = torch.randn(2, 6, 20, dtype=torch.float64)
+        u, delta, A, B, C, D, z, bias, sp = args
+        grads = scan._selective_scan_bwd_cuda(dout, u, delta, A, B, C, None, z, None, sp)
+        want = selective_scan_ref_backward(dout, u, delta, A, B, C, None, z, None, sp)
+        assert grads[5].shape == (0,) and grads[7].shape == (0,)
+        _close([g for i, g in enumerate(grads) if i not in (5, 7)],
+               [g for i, g in enumerate(want) if i not in (5, 7)], 1e-11, 1e-11)
+        const = (u, delta, A, torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64), D, z,
+                 bias, sp)
+        _close([scan._selective_scan_cuda(*const)], [selective_scan_ref(*const)], 0, 0)

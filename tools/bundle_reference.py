@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shared", default="../shared", help="folder holding models/ and data/")
-    ap.add_argument("--per-class", type=int, default=20)
+    ap.add_argument("--per-class", type=int, default=100)
     args = ap.parse_args()
     shared = Path(args.shared)
     assets = Path(__file__).resolve().parents[1] / "ouromamba_fx" / "assets"

@@ -23,7 +23,7 @@ from ouromamba_fx.passes.base import Context, Pass, PassManager, Snapshot
 OPTION_NAMES = tuple(f.name for f in fields(LoweringOptions))
 
 
-def lowering_passes(**options: bool) -> list[Pass]:
+def lowering_passes(**options) -> list[Pass]:
     """The lowering pipeline for the :class:`~ouromamba_fx.lowering.rules.LoweringOptions` given by
     keyword (``TypeError`` for an unknown one):
 
@@ -48,12 +48,20 @@ def lowering_passes(**options: bool) -> list[Pass]:
     instead of ``ouromamba::outlier_mask`` followed by plain-torch splitting.
 
     ``scan_cl`` (on): float scans whose output only reaches lowered linears (Vim's out_proj) write
-    it channel-contiguous (``ouromamba::selective_scan_cl``), the layout those linears read."""
+    it channel-contiguous (``ouromamba::selective_scan_cl``), the layout those linears read.
+
+    ``target`` (``"auto"``: the device of the graph's weights; ``"cpu"``, ``"cuda"``): the device
+    the lowered graph will run on. For ``"cuda"``, integer linears whose K or N cuBLAS's
+    ``torch._int_mm`` refuses (not multiples of 8, e.g. Vim-T's x_proj and dt_proj) are not
+    decomposed around it: they become the ops (the Triton int8 / W4A4O8 GEMMs), or, below
+    ``SMALL_K`` input channels, an exact float GEMM of the codes. Lower with ``target="cuda"``
+    when the model moves to a GPU afterwards (the decomposed linears check the shapes at run time
+    too, so nothing fails either way; this only picks the faster path)."""
     return [RewritePass(rule) for rule in lowering_rules(LoweringOptions(**options))]
 
 
 def lower_graph(gm: fx.GraphModule, passes: list[Pass] | None = None, ctx: Context | None = None,
-                **options: bool) -> tuple[fx.GraphModule, list[Snapshot], list[str]]:
+                **options) -> tuple[fx.GraphModule, list[Snapshot], list[str]]:
     """Run the lowering rules on ``gm`` in place; returns (gm, snapshots, log lines)."""
     ctx = ctx if ctx is not None else Context(config=None, show_progress=False)
     pm = PassManager(passes if passes is not None else lowering_passes(**options))

@@ -10,21 +10,26 @@ the rest. :func:`lowering_rules` lists them in the order they run:
   :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed` (quantize, ``torch._int_mm``,
   epilogue, in plain torch for Inductor to fuse); with ``int8_inline=False`` the custom ops
   ``ouromamba::w8a8_linear`` (8 bits) or ``ouromamba::int8_linear`` on the kept ``quantize``.
+  For a GPU (``target``), a weight whose K or N cuBLAS's ``torch._int_mm`` refuses (not multiples
+  of 8) gets the ops (the Triton int8 GEMM), unless K < ``SMALL_K``: so short a reduction stays
+  decomposed and runs as an exact float GEMM of the codes (:func:`~ouromamba_fx.ops.gemm.decomposed_mm`,
+  which also takes the few-token products, M <= 16, that cuBLAS refuses at run time).
 * ``lower_w4a4o8_linear`` -- ``quantize_mixed`` (4-bit inliers, 8-bit outliers, channels last)
   ``-> F.linear(., dequantize(w_q))`` with weights in [-8, 7] becomes, on weights packed two per
   byte, ``ouromamba::w4a4o8_linear_rt`` (outlier rule, split, quantization, int4 GEMM and sparse
   outlier term in one op), or with ``mixed_fused=False`` ``ouromamba::outlier_mask`` +
   :func:`~ouromamba_fx.ops.w4a4o8_linear.w4a4o8_linear_masked_decomposed` (or, with
-  ``int4_inline=False``, the op ``ouromamba::w4a4o8_linear``). Same integers, same epilogue (up
-  to outlier channels sitting exactly on the threshold, which the summation order of the
-  mean/std decides).
+  ``int4_inline=False`` or, for a GPU, shapes cuBLAS refuses as above, the op
+  ``ouromamba::w4a4o8_linear``). Same integers, same epilogue (up to outlier channels sitting
+  exactly on the threshold, which the summation order of the mean/std decides).
 * ``lower_integer_scan`` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
   ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
 * ``channels_last_scan`` -- ``ouromamba::selective_scan`` feeding only lowered linears (through
   elementwise ops and the transpose to (batch, L, d_inner)) becomes ``ouromamba::selective_scan_cl``,
   the same output in channel-contiguous memory: the transposed tensor the linear reads is then
   contiguous (the W4A4O8 linear's outlier pass would otherwise gather each token's channels
-  across time-contiguous rows).
+  across time-contiguous rows). With ``fast_decay`` its decays use the degree-3 exp2 (relative
+  error under 1.02e-4 per decay instead of 2 ulp; about a fifth of the scan's time on AVX-512).
 * ``lower_conv1d_silu`` -- ``[flip ->] quantize -> dequantize -> conv1d (depthwise, causal
   padding) -> [..., :L] -> silu`` becomes ``ouromamba::causal_conv1d_silu`` (one pass, input
   quantization fused, the flip read backwards instead of copied, channel-contiguous output).
@@ -45,7 +50,7 @@ the rest. :func:`lowering_rules` lists them in the order they run:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch.fx as fx
 import torch.nn.functional as F
@@ -54,6 +59,7 @@ from ouromamba_fx.lowering.patterns import (CONV1D_TARGETS, LINEAR_TARGETS, all_
                                             const_weight, const_weight_any, elementwise, flip_last, is_call,
                                             linear_parts, ndim, qdq_source, single, swaps_last_two, transpose_dims)
 from ouromamba_fx.lowering.rewrite import Built, Match, Pattern, Rule, new_const
+from ouromamba_fx.ops import gemm
 from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
 from ouromamba_fx.ops.int4 import pack_int4
 from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
@@ -64,6 +70,7 @@ from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
 from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP
 from ouromamba_fx.ops.w4a4o8_linear import (SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
+from ouromamba_fx.tags import carry_spec
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,35 @@ class LoweringOptions:
     int4_inline: bool = True
     mixed_fused: bool = True
     scan_cl: bool = True
+    # the channel-contiguous scans compute their decays with the degree-3 exp2 (see
+    # ouromamba::selective_scan_cl); only where scan_cl rewrote the scan
+    fast_decay: bool = False
+    target: str = "auto"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if f.type in (bool, "bool") and type(getattr(self, f.name)) is not bool:
+                raise ValueError(f"lowering option {f.name}={getattr(self, f.name)!r}: expected True or False")
+        if self.target not in TARGETS:
+            raise ValueError(f"lowering option target={self.target!r}: expected one of {', '.join(TARGETS)}")
+
+
+#: Devices the lowering can target: ``auto`` is the device of the graph's weights.
+TARGETS = ("auto", "cpu", "cuda")
+
+
+def _for_gpu(target: str, weight) -> bool:
+    return target == "cuda" or (target == "auto" and weight.is_cuda)
+
+
+def _inline_product(target: str, wq) -> bool:
+    """Whether the plain-torch product of the decomposed linears serves this int8 weight (N, K):
+    K >= 2 (``torch._int_mm`` on the CPU is wrong for K == 1) and, for a GPU, a K and N that cuBLAS
+    takes, or a K short enough (< ``SMALL_K``) for the exact float GEMM the product falls back to."""
+    n, k = wq.shape
+    if k < 2:
+        return False
+    return not _for_gpu(target, wq) or gemm.cublas_weight_ok(k, n) or k < SMALL_K
 
 
 def _mixed_args(node: fx.Node) -> tuple:
@@ -105,12 +141,12 @@ def _match_w8a8(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
     return Match(node, dict(q=q, s_n=s_n, qmin=qmin, qmax=qmax, w=w, b=b))
 
 
-def _build_w8a8(inline_option: bool):
+def _build_w8a8(inline_option: bool, target: str):
     def build(gm: fx.GraphModule, m: Match, state: dict) -> Built:
         q, s_n, qmin, qmax, b = (m.fields[k] for k in ("q", "s_n", "qmin", "qmax", "b"))
         wq_n, wq, ws = m.fields["w"]
         ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), m.anchor)
-        inline = inline_option and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
+        inline = inline_option and _inline_product(target, wq)
         if inline:
             new = gm.graph.call_function(int8_linear_decomposed, (q.args[0], s_n, qmin, qmax, wq_n, ws_n, b))
         elif qmax == 127:
@@ -146,7 +182,7 @@ def _match_w4a4o8(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | Non
     return Match(node, dict(x_mq=x_mq, w=w, b=b, steps_ok=steps_ok))
 
 
-def _build_w4a4o8(fused: bool, inline_option: bool):
+def _build_w4a4o8(fused: bool, inline_option: bool, target: str):
     def build(gm: fx.GraphModule, m: Match, state: dict) -> Built:
         x_mq, b = m.fields["x_mq"], m.fields["b"]
         x, s_n, token_axis, channel_axis, bits, _, k, n_refresh = _mixed_args(x_mq)
@@ -162,10 +198,10 @@ def _build_w4a4o8(fused: bool, inline_option: bool):
             return Built(new, ((m.anchor, new, dict(kind="fused", op="w4a4o8_linear_rt")),))
         mask = gm.graph.call_function(OUTLIER_MASK_OP, (x, s_n, token_axis, channel_axis, bits, float(k), n_refresh))
         mask_n, step_n = (gm.graph.call_function(operator.getitem, (mask, i)) for i in (0, 1))
-        inline = inline_option and wq.shape[1] >= 2  # torch._int_mm is wrong for K == 1 on CPU
-        target = w4a4o8_linear_masked_decomposed if inline else W4A4O8_MASKED_OP
-        new = gm.graph.call_function(target, (x, mask_n, step_n, wp_n, ws_n, b, int(wq.shape[1])))
-        op = getattr(target, "__name__", "w4a4o8_linear")
+        inline = inline_option and _inline_product(target, wq)
+        fn = w4a4o8_linear_masked_decomposed if inline else W4A4O8_MASKED_OP
+        new = gm.graph.call_function(fn, (x, mask_n, step_n, wp_n, ws_n, b, int(wq.shape[1])))
+        op = getattr(fn, "__name__", "w4a4o8_linear")
         return Built(new, ((x_mq, mask, dict(kind="outlier_mask")), (m.anchor, new, dict(kind="fused", op=op))))
     return build
 
@@ -233,9 +269,13 @@ def _match_channels_last_scan(gm: fx.GraphModule, node: fx.Node, state: dict) ->
     return None
 
 
-def _build_channels_last_scan(gm: fx.GraphModule, m: Match, state: dict) -> Built:
-    m.anchor.target = SCAN_CHANNELS_LAST_OP  # same arguments, same numbers, another output layout
-    return Built(None)
+def _build_channels_last_scan(fast_decay: bool):
+    def build(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+        m.anchor.target = SCAN_CHANNELS_LAST_OP  # same arguments, same numbers, another output layout
+        if fast_decay:
+            m.anchor.kwargs = {**m.anchor.kwargs, "fast_decay": True}
+        return Built(None)
+    return build
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +400,7 @@ def _build_linear_then_mixed(gm: fx.GraphModule, m: Match, state: dict) -> Built
     new = gm.graph.call_function(W4A4O8_DETECT_REQUANT_OP,
                                  (*lin.args[:8], s_n, token_axis, channel_axis, bits, float(k), n_refresh))
     out = gm.graph.call_method("transpose", (new, *swap)) if swap is not None else new
+    carry_spec(lin, new)  # the tag follows the re-quantization site (anchor); the spec is the linear's
     return Built(out, ((m.anchor, new, dict(kind="fused", op="w4a4o8_linear_mixed")),))
 
 
@@ -386,14 +427,14 @@ def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
     quantize/dequantize pairs and weight dequantizations they fuse), then the scan, then what is
     left (see the module docstring)."""
     o = options
-    rules = [Rule("lower_w8a8_linear", "linear(s)", (Pattern(_match_w8a8, _build_w8a8(o.int8_inline)),)),
+    rules = [Rule("lower_w8a8_linear", "linear(s)", (Pattern(_match_w8a8, _build_w8a8(o.int8_inline, o.target)),)),
              Rule("lower_w4a4o8_linear", "linear(s)",
-                  (Pattern(_match_w4a4o8, _build_w4a4o8(o.mixed_fused, o.int4_inline)),))]
+                  (Pattern(_match_w4a4o8, _build_w4a4o8(o.mixed_fused, o.int4_inline, o.target)),))]
     if o.integer_scan:
         rules.append(Rule("lower_integer_scan", "scan(s)", (Pattern(_match_integer_scan, _build_integer_scan),)))
     if o.scan_cl:
         rules.append(Rule("channels_last_scan", "scan(s)",
-                          (Pattern(_match_channels_last_scan, _build_channels_last_scan),), cleanup=False))
+                          (Pattern(_match_channels_last_scan, _build_channels_last_scan(o.fast_decay)),), cleanup=False))
     if o.conv_silu:
         rules.append(Rule("lower_conv1d_silu", "conv(s)", (Pattern(_match_conv1d_silu, _build_conv1d_silu),)))
     rules += [Rule("inline_fake_quant", "pair(s)", (Pattern(_match_qdq_pair, _build_fake_quantize),

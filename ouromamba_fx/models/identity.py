@@ -14,7 +14,10 @@ import hashlib
 import torch
 import torch.nn as nn
 
+from ouromamba_fx.models.mamba_blocks import MambaStack, MambaStackConfig
+from ouromamba_fx.models.mambavision import MambaVision, MambaVisionConfig
 from ouromamba_fx.models.vim import VimConfig, VisionMamba
+from ouromamba_fx.models.vmamba import VSSM, VMambaConfig
 from ouromamba_fx.plaindata import PlainDataError, from_plain
 
 #: Classes :func:`rebuild` can build from an architecture config: class path -> (class, config
@@ -22,6 +25,9 @@ from ouromamba_fx.plaindata import PlainDataError, from_plain
 #: ``largest_activation(cfg)`` (elements of the largest tensor one image's forward pass makes).
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
     "ouromamba_fx.models.vim.VisionMamba": (VisionMamba, VimConfig),
+    "ouromamba_fx.models.vmamba.VSSM": (VSSM, VMambaConfig),
+    "ouromamba_fx.models.mambavision.MambaVision": (MambaVision, MambaVisionConfig),
+    "ouromamba_fx.models.mamba_blocks.MambaStack": (MambaStack, MambaStackConfig),
 }
 
 #: One image's largest activation a rebuilt model may have (elements): 1 GiB in fp32, about

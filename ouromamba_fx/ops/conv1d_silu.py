@@ -13,9 +13,11 @@ Op (namespace ``ouromamba``):
 
 Kernels: on the CPU one C++ pass over memory (``kernels/cpu/mixer_ops.cpp``, kernels up to 16
 taps), replacing a quantize-and-transpose kernel, the convolution and the SiLU/slice kernel;
-``flip`` is never materialised. Elsewhere (and without the C++ build) :func:`causal_conv1d_silu_ref`,
-the reference graph's ops in order. Numbers: the reference's up to float summation order (K
-products per output) and the exp of SiLU (about 1 ulp).
+``flip`` is never materialised. On CUDA the Triton kernel of
+:mod:`ouromamba_fx.kernels.triton.conv1d_silu` (one pass too, any number of taps). Elsewhere (and
+on the CPU without the C++ build) :func:`causal_conv1d_silu_ref`, the reference graph's ops in
+order. Numbers: the reference's up to float summation order (K products per output) and the exp
+of SiLU (about 1 ulp).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ouromamba_fx.kernels.cpu.build import MIXER_OPS
+from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.quant import dequantize_ref, quantize_ref
 
 
@@ -58,16 +61,20 @@ def causal_conv1d_silu_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], sc
     return y.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-@torch.library.custom_op("ouromamba::causal_conv1d_silu", mutates_args=(),
-                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point, "
-                                "int qmin, int qmax, bool reverse) -> Tensor")
-def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-                       zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool) -> Tensor:
+def _check(x: Tensor, weight: Tensor, scale: Optional[Tensor], zero_point: Optional[Tensor]) -> None:
     if x.dim() != 3 or weight.dim() != 3 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError(f"causal_conv1d_silu: expected x (B, D, L) and a depthwise weight (D, 1, K); got "
                          f"{tuple(x.shape)} and {tuple(weight.shape)}")
     if (scale is None) != (zero_point is None):
         raise ValueError("causal_conv1d_silu: give both scale and zero_point, or neither")
+
+
+@torch.library.custom_op("ouromamba::causal_conv1d_silu", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point, "
+                                "int qmin, int qmax, bool reverse) -> Tensor")
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                       zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool) -> Tensor:
+    _check(x, weight, scale, zero_point)
     ext = MIXER_OPS.get() if x.device.type == "cpu" and weight.shape[-1] <= 16 else None
     if ext is None:
         return causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse)
@@ -82,6 +89,16 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale:
                         empty if s is None else s, empty if z is None else z, int(qmin), int(qmax),
                         bool(reverse))
     return out.transpose(1, 2)
+
+
+@register_cuda(causal_conv1d_silu)
+def _causal_conv1d_silu_cuda(x, weight, bias, scale, zero_point, qmin, qmax, reverse):
+    _check(x, weight, scale, zero_point)
+    from ouromamba_fx.kernels.triton.conv1d_silu import causal_conv1d_silu as conv_silu_triton
+
+    s, z = _steps(scale, x.shape[-1]), _steps(zero_point, x.shape[-1])
+    return conv_silu_triton(x, weight.detach(), None if bias is None else bias.detach(), s, z, int(qmin), int(qmax),
+                            bool(reverse))
 
 
 @causal_conv1d_silu.register_fake

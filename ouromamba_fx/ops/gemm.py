@@ -46,6 +46,7 @@ import torch
 from torch import Tensor
 
 from ouromamba_fx.kernels.cpu.build import CPU_LIBRARY, MIXER_OPS
+from ouromamba_fx.ops.dispatch import on_cuda
 
 MODES = ("int_mm", "emulated")
 CHOICES = ("auto",) + MODES
@@ -223,6 +224,31 @@ def int_mm(a: Tensor, b: Tensor, qmax_a: int = 127, qmax_w: int = 127) -> Tensor
     if mode() == "int_mm":
         return torch._int_mm(a, b.t())
     return _chunked_mm(a, b, qmax_a, qmax_w).to(torch.int32)
+
+
+def cublas_weight_ok(k: int, n: int) -> bool:
+    """The weight's part of cuBLAS's ``torch._int_mm`` shape rules: K and N positive multiples of 8
+    (Vim-T's x_proj has N = 44, its dt_proj K = 12)."""
+    return k > 0 and n > 0 and k % 8 == 0 and n % 8 == 0
+
+
+def cublas_int_mm_ok(m: int, k: int, n: int) -> bool:
+    """Whether cuBLAS's ``torch._int_mm`` takes an (M, K) x (K, N) product: it requires M > 16 and
+    :func:`cublas_weight_ok`, and raises otherwise."""
+    return m > 16 and cublas_weight_ok(k, n)
+
+
+def decomposed_mm(q: Tensor, w: Tensor, qmax_a: int, qmax_w: int) -> Tensor:
+    """Exact ``float(q @ w^T)`` of integer-valued ``q`` (M, K) (int8 or float codes of magnitude <=
+    ``qmax_a``) and int8 ``w`` (N, K) (<= ``qmax_w``), in plain torch for the decomposed linears of
+    the lowering (Inductor compiles it): ``torch._int_mm``, except in the emulated CPU mode and,
+    on a GPU (:func:`ouromamba_fx.ops.dispatch.on_cuda`), for the shapes cuBLAS refuses
+    (:func:`cublas_int_mm_ok`): there exact fp32 GEMMs of the codes (:func:`float_mm`), the same
+    integers. (The lowering sends refused shapes with a long reduction to the Triton int8 GEMM.)"""
+    m, k = q.shape
+    if emulated(q.device) or (on_cuda(q) and not cublas_int_mm_ok(m, k, w.shape[0])):
+        return float_mm(q, w, qmax_a, qmax_w)
+    return torch._int_mm(q.to(torch.int8), w.t()).float()
 
 
 def int_matmul_ref(a: Tensor, b: Tensor) -> Tensor:

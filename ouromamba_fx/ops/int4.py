@@ -1,8 +1,8 @@
 """int4 weights packed two per byte (plain torch, exact round trip).
 
 Layout: two's-complement nibbles; byte ``j`` of a row holds column ``2j`` in its low nibble and
-column ``2j + 1`` in its high nibble; for odd K the last high nibble is 0. The Triton GEMMs
-(:mod:`ouromamba_fx.kernels.triton.int4_gemm`, ``w4a4o8_gemm``) read this layout directly.
+column ``2j + 1`` in its high nibble; for odd K the last high nibble is 0. The Triton GEMM
+(:mod:`ouromamba_fx.kernels.triton.w4a4o8_gemm`) reads this layout directly, through any strides.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ouromamba_fx.ops import gemm
 from ouromamba_fx.ops.checks import check_broadcast_scale, check_float, check_weight
+from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.quant import (dynamic_scale, quantize_per_token_ref, quantize_rows, quantize_symmetric_ref)
 
 __all__ = ["int8_linear", "int8_linear_ref", "w8a8_linear", "w8a8_linear_ref", "int8_linear_decomposed",
@@ -188,8 +189,8 @@ def _(x, w_q, w_scale, bias, x_scale):
     return _output(x.shape[:-1], w_q.shape[0], x)
 
 
-int8_linear.register_kernel("cuda")(_int8_linear_cuda)
-w8a8_linear.register_kernel("cuda")(_w8a8_linear_cuda)
+register_cuda(int8_linear)(_int8_linear_cuda)
+register_cuda(w8a8_linear)(_w8a8_linear_cuda)
 
 INT8_LINEAR_OP = torch.ops.ouromamba.int8_linear.default
 W8A8_LINEAR_OP = torch.ops.ouromamba.w8a8_linear.default
@@ -202,8 +203,9 @@ def int8_linear_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q
                            bias: Optional[Tensor]) -> Tensor:
     """``F.linear(fake_quantize(x), dequantize(w_q))`` with integer arithmetic: ``x`` (..., K) is
     quantized with the static symmetric scale ``x_scale`` (broadcastable to (..., 1), zero point 0)
-    to ``[qmin, qmax]``, multiplied by the int8 weight ``w_q`` (N, K) exactly (``torch._int_mm``, or
-    the exact fp32 GEMM of the codes where :func:`ouromamba_fx.ops.gemm.emulated`), then
+    to ``[qmin, qmax]``, multiplied by the int8 weight ``w_q`` (N, K) exactly
+    (:func:`ouromamba_fx.ops.gemm.decomposed_mm`: ``torch._int_mm``, or exact fp32 GEMMs of the
+    codes where it is slow or, on a GPU, refuses the shape), then
     ``((acc * x_scale) * w_scale) + bias`` in float32 -- the numbers of ``ouromamba::int8_linear``.
     Plain torch, so that under Inductor the quantization fuses into the kernel that produces ``x``
     and the epilogue into the one that consumes ``y``. Needs K >= 2 (``torch._int_mm`` on CPU is
@@ -211,10 +213,7 @@ def int8_linear_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q
     lead, k = x.shape[:-1], x.shape[-1]
     xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
     q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax)
-    if gemm.emulated(x.device):
-        acc = gemm.float_mm(q, w_q, max(-qmin, qmax), 127)
-    else:
-        acc = torch._int_mm(q.to(torch.int8), w_q.t()).float()
+    acc = gemm.decomposed_mm(q, w_q, max(-qmin, qmax), 127)
     y = acc * xs * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()

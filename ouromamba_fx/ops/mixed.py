@@ -54,6 +54,7 @@ from ouromamba_fx import numerics
 from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 from ouromamba_fx.numerics import EPS, int8_qmax, is_float
 from ouromamba_fx.ops.checks import check_broadcast_scale, check_float, check_mask
+from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.quant import amax_rows, dynamic_scale, quantize_rows, quantize_symmetric_ref
 
 OUTLIER_BITS = 8  # the outliers of the lowered ops (outlier_split, the W4A4O8 linears)
@@ -171,6 +172,25 @@ def _(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n
     return torch.empty_like(x, dtype=torch.float32)
 
 
+def triton_mixed(x: Tensor, token_axis: int, channel_axis: int, bits: int, outlier_bits: int) -> bool:
+    """Whether the Triton kernel of :mod:`ouromamba_fx.kernels.triton.mixed_quant` takes this site:
+    float ``x`` of at least two dims, 2..8-bit inliers, integer or float (>= 16) outliers, at most
+    ``MAX_CHANNELS`` channels (a step's channels are held in registers)."""
+    from ouromamba_fx.kernels.triton.mixed_quant import MAX_CHANNELS
+
+    return (x.dtype.is_floating_point and x.dim() >= 2 and 2 <= bits <= 8 and outlier_bits >= 2
+            and x.shape[channel_axis] <= MAX_CHANNELS)
+
+
+@register_cuda(quantize_mixed)
+def _quantize_mixed_cuda(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n_refresh):
+    if not triton_mixed(x, token_axis, channel_axis, inlier_bits, outlier_bits):
+        return quantize_mixed_ref(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n_refresh)
+    y = _mixed_fake_quant_cuda(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n_refresh)
+    out = torch.empty_like(x, dtype=torch.float32)  # the fake's layout (x's strides)
+    return y if out.stride() == y.stride() else out.copy_(y)
+
+
 def step_scales(scale: Tensor, length: int) -> Tensor:
     """A site's calibrated per-step scales for ``length`` steps, float32 contiguous (L,)."""
     return resample_steps(scale.detach().reshape(-1).float(), length).contiguous()
@@ -211,6 +231,18 @@ def _(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n
     return from_rows(rows, x, token_axis, channel_axis)
 
 
+@register_cuda(mixed_fake_quant)
+def _mixed_fake_quant_cuda(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n_refresh):
+    if not triton_mixed(x, token_axis, channel_axis, inlier_bits, outlier_bits):
+        ref = quantize_mixed_ref(x, inlier_scale, token_axis, channel_axis, inlier_bits, outlier_bits, k, n_refresh)
+        return from_rows(as_rows(ref, token_axis, channel_axis).contiguous(), x, token_axis, channel_axis)
+    from ouromamba_fx.kernels.triton import mixed_quant
+
+    # the kernel writes the rows (batch, L, C) contiguous, the layout the fake promises
+    return mixed_quant.mixed_fake_quant(x, step_scales(inlier_scale, x.shape[token_axis]), token_axis, channel_axis,
+                                        inlier_bits, outlier_bits, k, n_refresh)
+
+
 # ---------------------------------------------------------------------------------------------
 # ouromamba::outlier_mask and its plain-torch continuation (lowered graphs, non-fused)
 
@@ -228,9 +260,26 @@ def site_outlier_mask(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_
     """The outlier mask (bool, ``x``'s shape) of ``quantize_mixed`` with the same arguments, and its
     inlier scale per time-step shaped to broadcast against ``x`` (length of the token axis there,
     1 elsewhere), resampled as the reference does when ``x`` has another sequence length."""
+    return site_outlier_mask_ref(x, inlier_scale, token_axis, channel_axis, inlier_bits, k, n_refresh)
+
+
+def site_outlier_mask_ref(x: Tensor, inlier_scale: Tensor, token_axis: int, channel_axis: int, inlier_bits: int,
+                          k: float, n_refresh: int) -> tuple[Tensor, Tensor]:
+    """Plain-torch definition of ``ouromamba::outlier_mask``."""
     _, s_in, mask = site_mask(x, inlier_scale.reshape(-1).float(), token_axis, channel_axis, inlier_bits, k,
                               n_refresh)
     mask = from_rows(mask, x, token_axis, channel_axis).contiguous()
+    return mask, s_in.reshape(_step_scale_shape(x, token_axis)).clone()
+
+
+@register_cuda(site_outlier_mask)
+def _site_outlier_mask_cuda(x, inlier_scale, token_axis, channel_axis, inlier_bits, k, n_refresh):
+    if not triton_mixed(x, token_axis, channel_axis, inlier_bits, OUTLIER_BITS):
+        return site_outlier_mask_ref(x, inlier_scale, token_axis, channel_axis, inlier_bits, k, n_refresh)
+    from ouromamba_fx.kernels.triton import mixed_quant
+
+    s_in = step_scales(inlier_scale, x.shape[token_axis])
+    mask = mixed_quant.outlier_mask(x, s_in, token_axis, channel_axis, inlier_bits, k, n_refresh)
     return mask, s_in.reshape(_step_scale_shape(x, token_axis)).clone()
 
 
@@ -324,7 +373,7 @@ def _(x, mask, inlier_scale, inlier_bits):
     return q(), s(), q(), s()
 
 
-outlier_split.register_kernel("cuda")(_outlier_split_cuda)
+register_cuda(outlier_split)(_outlier_split_cuda)
 
 QUANTIZE_MIXED_OP = torch.ops.ouromamba.quantize_mixed.default
 MIXED_FAKE_QUANT_OP = torch.ops.ouromamba.mixed_fake_quant.default

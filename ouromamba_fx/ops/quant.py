@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ouromamba_fx.numerics import EPS, int8_qmax
 from ouromamba_fx.ops.checks import check_float
+from ouromamba_fx.ops.dispatch import register_cuda
 
 __all__ = ["quantize", "dequantize", "quantize_ref", "dequantize_ref", "fake_quantize", "quantize_per_token",
            "quantize_per_token_ref", "quantize_symmetric_ref", "quantize_rows", "amax_rows", "dynamic_scale",
@@ -155,7 +156,7 @@ def _(x, bits):
             torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device))
 
 
-quantize_per_token.register_kernel("cuda")(_quantize_per_token_cuda)
+register_cuda(quantize_per_token)(_quantize_per_token_cuda)
 
 # The op overloads graph nodes call (stable, printable, picklable targets).
 QUANTIZE_OP = torch.ops.ouromamba.quantize.default

@@ -13,9 +13,10 @@ Kernels, by device:
   (once) and the plain-torch reference :func:`ouromamba_fx.kernels.scan_ref.selective_scan_ref` is
   used instead; :func:`scan_backend` tells which one is active. Setting the environment variable
   ``OUROMAMBA_SCAN_BACKEND=reference`` selects the reference without trying to build.
-* CUDA: the plain-torch reference (the Triton kernels of :mod:`ouromamba_fx.kernels.triton.scan`
-  are not wired in yet).
-* Any other device: the plain-torch reference.
+* CUDA: the chunked Triton scan, forward and backward
+  (:mod:`ouromamba_fx.kernels.triton.scan`); B and C given as constant ``(d_inner, d_state)``
+  matrices (no batch and time axes), which it does not take, and inputs on other devices run the
+  plain-torch reference.
 
 ``ouromamba::selective_scan_cl`` is the same forward with its output in channel-contiguous memory
 (strides ``(L * d_inner, 1, d_inner)``), which the lowering uses where a scan feeds out_proj.
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
+from ouromamba_fx.ops.dispatch import register_cuda
 
 __all__ = ["selective_scan", "selective_scan_channels_last", "scan_backend", "SCAN_OP", "SCAN_BWD_OP",
            "SCAN_CHANNELS_LAST_OP"]
@@ -51,7 +53,7 @@ def scan_backend() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reference implementations (used on CUDA for now, and on CPU when the C++ build failed).
+# Reference implementations (on CPU when the C++ build failed; on CUDA for constant B / C).
 
 def _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus).contiguous()
@@ -89,11 +91,19 @@ def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
 
 
-@_selective_scan_op.register_kernel("cuda")
+def _triton_takes(B: Tensor, C: Tensor) -> bool:
+    """Whether the Triton scan takes these B and C: per sample and step (3-d or grouped 4-d), not
+    constant (d_inner, d_state) matrices."""
+    return B.dim() != 2 and C.dim() != 2
+
+
+@register_cuda(_selective_scan_op)
 def _selective_scan_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    # CUDA: no fused kernel yet (Triton kernels are a later task); the plain-torch reference runs
-    # on the GPU as it is.
-    return _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if not _triton_takes(B, C):
+        return _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    from ouromamba_fx.kernels.triton.scan import selective_scan_fwd
+
+    return selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 @_selective_scan_op.register_fake
@@ -117,10 +127,14 @@ def _selective_scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
     return tuple(ext.bwd(dout, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus)))
 
 
-@_selective_scan_bwd_op.register_kernel("cuda")
+@register_cuda(_selective_scan_bwd_op)
 def _selective_scan_bwd_cuda(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    # CUDA: autograd through the plain-torch reference until the Triton kernels exist.
-    return _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if not _triton_takes(B, C):
+        return _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    from ouromamba_fx.kernels.triton.scan import selective_scan_bwd
+
+    grads = selective_scan_bwd(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return tuple(u.new_empty(0) if g is None else g for g in grads)
 
 
 @_selective_scan_bwd_op.register_fake
@@ -162,21 +176,40 @@ def _channels_last(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("ouromamba::selective_scan_cl", mutates_args=())
 def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-                          z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
+                          z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                          fast_decay: bool = False) -> Tensor:
     """``ouromamba::selective_scan`` (same arguments, same numbers) whose output (batch, dim, L) lies
     in channel-contiguous memory, strides ``(L * dim, 1, dim)``: the layout of the transposed input
     of the out_proj after it, which then reads each token's channels contiguously. The CPU kernel
     writes it directly (its tile rows are a block's channels at one step: plain stores instead
-    of the transposes that time-contiguous output takes); elsewhere the reference's output is
-    copied into it. Forward only: the lowering uses it in inference graphs."""
+    of the transposes that time-contiguous output takes), and so does the Triton kernel on CUDA;
+    elsewhere the reference's output is copied into it. Forward only: the lowering uses it in
+    inference graphs.
+
+    ``fast_decay=True`` lets the CPU kernel compute the decays exp(dt A) in float32 with a degree-3
+    polynomial (relative error under 1.02e-4 per decay, exact at dt A = 0) instead of the degree-5
+    one (under 2 ulp): the lowering option ``fast_decay`` for quantized models, whose scan inputs
+    carry 8-bit quantization error anyway. Other kernels (float64, reference, CUDA) compute the
+    decays exactly and ignore it."""
+    # CPU: the C++ kernel (once the library is loaded, CPU calls go to its registered C++ op
+    # directly, kernels/cpu/ops.cpp); other devices without their own kernel: the reference.
     ext = _cpu_kernels(u)
     if ext is None:
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
-    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True)
+    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True, bool(fast_decay))
+
+
+@register_cuda(selective_scan_channels_last)
+def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False):
+    if not _triton_takes(B, C):
+        return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
+    from ouromamba_fx.kernels.triton.scan import selective_scan_fwd
+
+    return selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, channels_last=True)
 
 
 @selective_scan_channels_last.register_fake
-def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False):
     torch._check(u.dim() == 3, lambda: f"selective_scan_cl: u must be (batch, d_inner, L), got {tuple(u.shape)}")
     b, d, length = u.shape
     return u.new_empty_strided((b, d, length), (length * d, 1, d))

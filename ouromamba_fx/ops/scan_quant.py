@@ -79,6 +79,7 @@ from torch import Tensor
 from ouromamba_fx import numerics
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q
 from ouromamba_fx.numerics import is_float
+from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.mixed import resample_steps
 from ouromamba_fx.ops.quant import dequantize_ref
 
@@ -355,5 +356,5 @@ def _selective_scan_int8_inputs_cuda(u, delta, delta_scale, delta_zp, A, B, B_sc
                  **params).to(u.dtype)
 
 
-selective_scan_reparam.register_kernel("cuda")(_selective_scan_reparam_cuda)
-selective_scan_int8_inputs.register_kernel("cuda")(_selective_scan_int8_inputs_cuda)
+register_cuda(selective_scan_reparam)(_selective_scan_reparam_cuda)
+register_cuda(selective_scan_int8_inputs)(_selective_scan_int8_inputs_cuda)

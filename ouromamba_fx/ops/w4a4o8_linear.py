@@ -34,8 +34,15 @@ Kernels, by device:
   outlier channels (their rows of the weights; exact integer sums) before the scales and the
   bias, in one pass over the output. Below :data:`SMALL_K` input channels, a float GEMM of the
   dequantized values instead. Without the C++ build: ``outlier_mask`` + ``w4a4o8_linear``.
-* CUDA: ``w4a4o8_linear`` on Triton (:mod:`ouromamba_fx.kernels.triton.int4_gemm`); the detecting
-  ops as the two ops in turn.
+* CUDA: Triton (:mod:`ouromamba_fx.kernels.triton.w4a4o8_gemm`): the activation split into 4-bit
+  inlier codes and each token's list of 8-bit outlier channels (by the given mask, or by the rule
+  in one pass per token for the detecting ops), then one kernel for the int4 inlier GEMM plus the
+  product over each token's listed outlier channels (a gather, not a second dense GEMM). The
+  packed weight is read through a K-major copy made once per weight (kept beside it while it
+  lives), so that each token's gather reads contiguous bytes. ``w4a4o8_linear_mixed`` quantizes
+  the linear's output by the rule with the Triton kernel of
+  :mod:`ouromamba_fx.kernels.triton.mixed_quant`. Same integers as the CPU paths; the kernels'
+  epilogue is evaluated as written (no FMA contraction).
 """
 
 from __future__ import annotations
@@ -51,9 +58,10 @@ from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 from ouromamba_fx.numerics import EPS, int8_qmax
 from ouromamba_fx.ops import gemm
 from ouromamba_fx.ops.checks import check_broadcast_scale, check_float, check_mask, check_weight
+from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.int4 import check_packed, dequantized_int4, unpack_int4
-from ouromamba_fx.ops.mixed import (cpp_mixed, mixed_fake_quant, mixed_rows, outlier_split_ref, site_outlier_mask,
-                                    step_scales)
+from ouromamba_fx.ops.mixed import (cpp_mixed, mixed_fake_quant, mixed_rows, outlier_split_ref, quantize_mixed_ref,
+                                    site_outlier_mask, site_outlier_mask_ref, step_scales, triton_mixed)
 from ouromamba_fx.ops.quant import dynamic_scale, quantize_rows
 
 __all__ = ["w4a4o8_linear_masked", "w4a4o8_linear_masked_ref", "w4a4o8_linear_masked_decomposed",
@@ -151,16 +159,23 @@ def _w4a4o8_linear_masked_cpu(x, mask, inlier_scale, w_packed, w_scale, bias, k)
     return y.reshape(*lead, w.shape[0])
 
 
+def _k_major(w_packed: Tensor) -> Tensor:
+    """The packed weight with the same shape and values, its bytes stored K-major (a token's
+    outlier channel is then a contiguous run over N); made once per weight."""
+    if w_packed.stride(0) == 1:
+        return w_packed
+    return gemm.cached(w_packed, "int4:kmajor", lambda: w_packed.detach().t().contiguous().t())
+
+
 def _w4a4o8_linear_masked_cuda(x, mask, inlier_scale, w_packed, w_scale, bias, k):
     _check_masked(x, mask, inlier_scale, w_packed, w_scale, bias, k)
-    from ouromamba_fx.kernels.triton.int4_gemm import int4_gemm
-    from ouromamba_fx.kernels.triton.quantize_rows import outlier_split as outlier_split_triton
+    from ouromamba_fx.kernels.triton import w4a4o8_gemm
+    from ouromamba_fx.kernels.triton.mixed_quant import MAX_CHANNELS
 
-    lead = x.shape[:-1]
-    q_in, s_in, q_out, s_out = outlier_split_triton(x.reshape(-1, k), mask.reshape(-1, k),
-                                                    _row_scales(inlier_scale, lead), int8_qmax(INLIER_BITS))
-    y = int4_gemm(q_in, s_in, w_packed, w_scale, bias, q_out, s_out)
-    return y.reshape(*lead, w_packed.shape[0])
+    if k > MAX_CHANNELS:  # more channels than the split kernel holds per token
+        return w4a4o8_linear_masked_ref(x, mask, inlier_scale, w_packed, w_scale, bias, k)
+    return w4a4o8_gemm.w4a4o8_linear(x, mask, inlier_scale, _k_major(w_packed), w_scale.detach(),
+                                     None if bias is None else bias.detach(), k)
 
 
 @torch.library.custom_op("ouromamba::w4a4o8_linear", mutates_args=(),
@@ -179,14 +194,14 @@ def _(x, mask, inlier_scale, w_packed, w_scale, bias, k):
     return _output(x, w_packed)
 
 
-w4a4o8_linear_masked.register_kernel("cuda")(_w4a4o8_linear_masked_cuda)
+register_cuda(w4a4o8_linear_masked)(_w4a4o8_linear_masked_cuda)
 
 
 def w4a4o8_linear_masked_decomposed(x: Tensor, mask: Tensor, step_scale: Tensor, w_packed: Tensor,
                                     w_scale: Tensor, bias: Optional[Tensor], k: int) -> Tensor:
     """``ouromamba::w4a4o8_linear`` in plain torch for Inductor: inliers (``~mask``) at 4 bits
     with the static step scale, outliers at 8 bits with a dynamic per-row scale, both multiplied
-    by the unpacked int4 weight exactly (two dense ``torch._int_mm``), epilogue
+    by the unpacked int4 weight exactly (two dense :func:`~ouromamba_fx.ops.gemm.decomposed_mm`), epilogue
     ``((acc_in * s_in + acc_out * s_out) * w_scale) + bias``: the op's numbers. Dense where the
     op gathers the outlier columns (data-dependent shapes would split Inductor's graph)."""
     lead = x.shape[:-1]
@@ -198,10 +213,7 @@ def w4a4o8_linear_masked_decomposed(x: Tensor, mask: Tensor, step_scale: Tensor,
     s_out = (x_out.abs().amax(-1, keepdim=True) / 127).clamp_min(EPS)
     q_out = torch.round(x_out / s_out).clamp(-127, 127).to(torch.int8)
     w = unpack_int4(w_packed, k)
-    if gemm.emulated(x.device):
-        acc_in, acc_out = gemm.float_mm(q_in, w, 7, 8), gemm.float_mm(q_out, w, 127, 8)
-    else:
-        acc_in, acc_out = torch._int_mm(q_in, w.t()).float(), torch._int_mm(q_out, w.t()).float()
+    acc_in, acc_out = gemm.decomposed_mm(q_in, w, 7, 8), gemm.decomposed_mm(q_out, w, 127, 8)
     y = acc_in * s_in + acc_out * s_out
     y = y * w_scale.float().reshape(1, -1)
     if bias is not None:
@@ -271,8 +283,7 @@ def w4a4o8_linear_detect(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_sc
     per-token scale, then multiplied by the packed int4 weights. Same numbers as
     ``ouromamba::outlier_mask`` followed by ``ouromamba::w4a4o8_linear`` (up to float rounding of
     the products below ``SMALL_K`` input channels), which is what runs where the C++ kernels do not."""
-    if x.dim() < 2 or x.shape[-1] != k:
-        raise ValueError(f"w4a4o8_linear_rt: x must be (..., L, {k}); got {tuple(x.shape)}")
+    _check_detect(x, k, "w4a4o8_linear_rt")
     if not cpp_mixed(x, INLIER_BITS, 8):
         mask, step = site_outlier_mask(x, inlier_scale, x.dim() - 2, x.dim() - 1, INLIER_BITS, outlier_k, n_refresh)
         return w4a4o8_linear_masked(x, mask, step, w_packed, w_scale, bias, k)
@@ -284,6 +295,25 @@ def w4a4o8_linear_detect(x: Tensor, inlier_scale: Tensor, w_packed: Tensor, w_sc
 @w4a4o8_linear_detect.register_fake
 def _(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh):
     return _output(x, w_packed)
+
+
+def _check_detect(x: Tensor, k: int, op: str) -> None:
+    if x.dim() < 2 or x.shape[-1] != k:
+        raise ValueError(f"{op}: x must be (..., L, {k}); got {tuple(x.shape)}")
+
+
+@register_cuda(w4a4o8_linear_detect)
+def _w4a4o8_linear_detect_cuda(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh):
+    _check_detect(x, k, "w4a4o8_linear_rt")
+    if not triton_mixed(x, -2, -1, INLIER_BITS, 8):  # more channels than a token's tile
+        mask, step = site_outlier_mask_ref(x, inlier_scale, x.dim() - 2, x.dim() - 1, INLIER_BITS, outlier_k,
+                                           n_refresh)
+        return w4a4o8_linear_masked_ref(x, mask, step, w_packed, w_scale, bias, k)
+    from ouromamba_fx.kernels.triton import w4a4o8_gemm
+
+    return w4a4o8_gemm.w4a4o8_linear_detect(x, step_scales(inlier_scale, x.shape[-2]), _k_major(w_packed),
+                                            w_scale.detach(), None if bias is None else bias.detach(), k,
+                                            float(outlier_k), int(n_refresh))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -306,8 +336,7 @@ def w4a4o8_linear_detect_requant(x: Tensor, inlier_scale: Tensor, w_packed: Tens
     weights, then its mixed fake quantization while the row is in the cache; the (batch, L, N)
     float product never goes through memory. Otherwise the two ops in turn. ``x`` is (..., L, K);
     the result (..., L, N)."""
-    if x.dim() < 2 or x.shape[-1] != k:
-        raise ValueError(f"w4a4o8_linear_mixed: x must be (..., L, {k}); got {tuple(x.shape)}")
+    _check_detect(x, k, "w4a4o8_linear_mixed")
     last_two = (out_token_axis % x.dim(), out_channel_axis % x.dim()) == (x.dim() - 2, x.dim() - 1)
     if not (cpp_mixed(x, INLIER_BITS, 8) and cpp_mixed(x, out_bits, 8) and k < SMALL_K and last_two):
         y = w4a4o8_linear_detect(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh)
@@ -328,6 +357,20 @@ def w4a4o8_linear_detect_requant(x: Tensor, inlier_scale: Tensor, w_packed: Tens
 def _(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh, out_scale, out_token_axis, out_channel_axis,
       out_bits, out_k, out_refresh):
     return _output(x, w_packed)
+
+
+@register_cuda(w4a4o8_linear_detect_requant)
+def _w4a4o8_linear_detect_requant_cuda(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh, out_scale,
+                                       out_token_axis, out_channel_axis, out_bits, out_k, out_refresh):
+    _check_detect(x, k, "w4a4o8_linear_mixed")
+    y = _w4a4o8_linear_detect_cuda(x, inlier_scale, w_packed, w_scale, bias, k, outlier_k, n_refresh)
+    if not triton_mixed(y, out_token_axis, out_channel_axis, out_bits, 8):
+        return quantize_mixed_ref(y, out_scale, out_token_axis, out_channel_axis, out_bits, 8, out_k,
+                                  out_refresh).contiguous()
+    from ouromamba_fx.kernels.triton import mixed_quant
+
+    return mixed_quant.mixed_fake_quant(y, step_scales(out_scale, y.shape[out_token_axis]), out_token_axis,
+                                        out_channel_axis, out_bits, 8, float(out_k), int(out_refresh)).contiguous()
 
 
 W4A4O8_MASKED_OP = torch.ops.ouromamba.w4a4o8_linear.default

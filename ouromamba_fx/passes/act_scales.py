@@ -18,6 +18,8 @@ class ChooseActScales(Pass):
     * k-scaled (``config.kscale``): k group scales over token positions -> per-token scales;
     * outlier sites (``config.outliers``): per-token *inlier* scales from the inliers' statistics
       -> ``("mixed", s_in (L,), inlier_bits, outlier_bits, k, n_refresh)``.
+
+    Which one a site gets is its spec's ``search``, decided by the annotate pass.
     """
 
     name = "choose_act_scales"
@@ -25,40 +27,37 @@ class ChooseActScales(Pass):
     provides = ("act_scales",)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        cfg = ctx.config
         for obs in ctx.observers.values():
             if obs.tok_min is None:
                 raise RuntimeError(f"observer {obs.site} saw no data")
-            bits = obs.spec.bits
+            spec = obs.spec
+            bits = spec.quant.bits
             qmax = numerics.qmax(bits)
-            outlier = (cfg.outliers.bits, obs.outlier_k) if obs.outlier_k is not None else None
-            if ctx.replay and (cfg.kscale is not None or outlier):
+            o = spec.outliers
+            outlier = (o.bits, o.k) if o is not None else None
+            obs.granularity = spec.granularity_text()
+            search = spec.search
+            if ctx.replay and search != "affine":
                 # Rebuilding a saved model: the scales are read from the file, so only their
                 # shape matters here and the searches are skipped.
                 absmax = obs.tok_inlier_absmax if outlier else obs.tok_absmax
                 s_tok = (absmax / qmax).clamp_min(EPS)
-                obs.granularity = f"k{cfg.kscale.k}-scaled" if cfg.kscale is not None else "per_token"
-            elif cfg.kscale is not None:
+            elif search == "kscale":
                 rows, tok = obs.sampled()
                 absmax = obs.tok_inlier_absmax if outlier else obs.tok_absmax
                 s_tok, obs.groups = kscale_scales(rows, tok, obs.tok_absmean, absmax, bits,
-                                                  cfg.kscale, obs.consumer_weight, outlier)
-                obs.granularity = f"k{cfg.kscale.k}-scaled"
-            elif outlier:
+                                                  spec.kscale, obs.consumer_weight, outlier)
+            elif search == "mixed":
                 rows, tok = obs.sampled()
                 base = (obs.tok_inlier_absmax / qmax).clamp_min(EPS)
                 s_tok = mixed_ratio_search(rows, tok, base, bits, outlier)
-                obs.granularity = "per_token"
             else:
-                sample = obs.sampled() if obs.spec.method == "mse" and not ctx.replay else None
-                scale, zp, qmin, qmax_ = act_qparams(obs.tok_min, obs.tok_max, obs.spec, sample)
-                obs.granularity = obs.spec.granularity
+                sample = obs.sampled() if spec.quant.method == "mse" and not ctx.replay else None
+                scale, zp, qmin, qmax_ = act_qparams(obs.tok_min, obs.tok_max, spec.quant, sample)
                 obs.qparams = ("affine", *self._broadcast(obs, scale, zp), qmin, qmax_)
                 continue
             if outlier:
-                obs.granularity += "+outliers"
-                obs.qparams = ("mixed", s_tok.clone(), bits, cfg.outliers.bits, obs.outlier_k,
-                               cfg.outliers.n_refresh)
+                obs.qparams = ("mixed", s_tok.clone(), bits, o.bits, o.k, o.n_refresh)
             else:
                 obs.qparams = ("affine", *self._broadcast(obs, s_tok, s_tok.new_zeros(s_tok.shape)),
                                -qmax, qmax)

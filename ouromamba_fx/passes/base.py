@@ -9,7 +9,6 @@ ran before it when one fails.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ class Context:
     facts: set[str] = field(default_factory=lambda: {"captured"})
     state_observers: dict[str, str] = field(default_factory=dict)  # scan state observer -> scan node
     reparam_stats: dict[str, dict] = field(default_factory=dict)
+    coverage: dict = field(default_factory=dict)  # module -> Coverage (ouromamba_fx.coverage), after the passes
     # Rebuilding a saved model (ouromamba_fx.serialize.load): the passes build the same graph, but
     # every tensor they compute is replaced by the file's, so value searches are skipped.
     replay: bool = False
@@ -176,9 +176,3 @@ class PassManager:
             self.snapshots.append(Snapshot.of(gm, p.name, time.perf_counter() - start, changed))
         return gm
 
-
-def copy_tag(src: fx.Node, dst: fx.Node, **extra) -> None:
-    """Give ``dst`` the ouromamba tag of ``src`` (a copy), plus ``extra`` keys."""
-    tag = copy.deepcopy(src.meta.get(META) or {})
-    tag.update(extra)
-    dst.meta[META] = tag

@@ -12,12 +12,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ouromamba_fx.config import ActQuant
+from ouromamba_fx.passes.annotate import site_spec
 from ouromamba_fx.passes.base import Context, Pass
-from ouromamba_fx.tags import LINEAR_ROLES, META, scan_site, site_key, tag
-
-# Scan argument positions (the op's schema: u, delta, A, B, C, D, z, delta_bias, delta_softplus).
-SCAN_ARG = {"u": 0, "delta": 1, "B": 3, "C": 4, "z": 6}
+from ouromamba_fx.passes.spec import ActSpec
+from ouromamba_fx.tags import META, op_nodes, tag
 
 
 class ActObserver(nn.Module):
@@ -28,21 +26,23 @@ class ActObserver(nn.Module):
     token index) for clipping searches.
 
     Args:
-        token_axis, channel_axis: axes of the observed tensor (e.g. 1 and 2 for ``(B, L, C)``).
+        spec: the site (its key names the observer in messages), the observed tensor's token and
+            channel axes (e.g. 1 and 2 for ``(B, L, C)``), the sample size and its seed; with an
+            outlier rule, the per-token max |x| of the inliers (|x| <= theta) is recorded too.
     """
 
-    def __init__(self, site: str, token_axis: int, channel_axis: int, spec: ActQuant,
-                 sample_rows: int = 4096, seed: int = 0, outlier_k: float | None = None) -> None:
+    def __init__(self, spec: ActSpec) -> None:
         super().__init__()
-        self.site, self.spec = site, spec
-        self.outlier_k = outlier_k  # if set: also record per-token max |x| of inliers (|x| <= theta)
+        self.spec = spec
+        self.site = spec.key
+        self.outlier_k = spec.outliers.k if spec.outliers is not None else None
         self.tok_abssum: torch.Tensor | None = None
         self.tok_inlier_absmax: torch.Tensor | None = None
         self.count = 0
         self.consumer_weight: torch.Tensor | None = None  # the float weight the site feeds, if linear
-        self.token_axis, self.channel_axis = token_axis, channel_axis
-        self.sample_rows = sample_rows
-        self.gen = torch.Generator().manual_seed(seed)
+        self.token_axis, self.channel_axis = spec.token_axis, spec.channel_axis
+        self.sample_rows = spec.calib_sample
+        self.gen = torch.Generator().manual_seed(spec.seed)
         self.batches = 0
         self.tok_min: torch.Tensor | None = None
         self.tok_max: torch.Tensor | None = None
@@ -57,6 +57,8 @@ class ActObserver(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.token_axis < 0 or self.channel_axis < 0:  # counted from the end: fixed on first use
+            self.token_axis, self.channel_axis = self.token_axis % x.dim(), self.channel_axis % x.dim()
         r = self.rows(x.detach().float())
         if not torch.isfinite(r).all():
             raise ValueError(f"observer {self.site}: non-finite activations during calibration")
@@ -101,66 +103,29 @@ class ActObserver(nn.Module):
         return torch.cat(self.sample), torch.cat(self.sample_tok)
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, bits={self.spec.bits}, {self.spec.granularity}, batches={self.batches}"
-
-
-def quant_sites(gm: fx.GraphModule):
-    """Yield (consumer node, arg index, site name, input name, token axis, channel axis) for every
-    activation a config could quantize, in graph order."""
-    for node in list(gm.graph.nodes):
-        t = tag(node)
-        if t is None or t.get("kind"):
-            continue
-        role = t["role"]
-        if role in LINEAR_ROLES:
-            yield node, 0, node.target, "x", 1, 2
-        elif role == "conv1d":
-            yield node, 0, node.target, "x", 2, 1
-        elif role == "scan":
-            scan = scan_site(t)
-            for name, idx in SCAN_ARG.items():
-                if idx < len(node.args) and isinstance(node.args[idx], fx.Node):
-                    yield node, idx, scan, name, 2, 1
+        return f"site={self.site!r}, bits={self.spec.quant.bits}, {self.spec.quant.granularity}, batches={self.batches}"
 
 
 class InsertObservers(Pass):
-    """Insert an :class:`ActObserver` before every activation the config quantizes."""
+    """Insert an :class:`ActObserver` before every activation the site specs quantize."""
 
     name = "insert_observers"
+    requires = ("annotated",)
     provides = ("observers",)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        cfg = ctx.config
         changed = False
-        for node, idx, site, inp, tok_axis, ch_axis in quant_sites(gm):
-            t = tag(node)
-            key = site_key(site, inp)
-            if t["role"] not in cfg.roles:
-                ctx.float_reasons[key] = f"role {t['role']} not in config.roles"
-                continue
-            if t["role"] == "scan" and inp not in cfg.scan_inputs:
-                ctx.float_reasons[key] = f"scan input {inp} not in config.scan_inputs"
-                continue
-            act, _, skip = cfg.for_module(site)
-            if skip:
-                ctx.float_reasons[key] = "skipped by config.overrides"
-                continue
-            if act.is_float:
-                ctx.float_reasons[key] = f"activation bits {act.bits} (float) by config"
-                continue
-            obs_name = key.replace(".", "_").replace(":", "_in_") + "_obs"
-            k = None
-            if cfg.outliers is not None and t["role"] in cfg.outliers.roles:
-                k = cfg.outliers.k_delta if inp == "delta" else cfg.outliers.k
-            obs = ActObserver(key, tok_axis, ch_axis, act, cfg.calib_sample, cfg.seed + len(ctx.observers), k)
-            if node.op == "call_module" and t["role"] in LINEAR_ROLES:
-                obs.consumer_weight = gm.get_submodule(node.target).weight.detach()
-            gm.add_submodule(obs_name, obs)
-            ctx.observers[obs_name] = obs
-            src = node.args[idx]
-            with gm.graph.inserting_before(node):
-                obs_node = gm.graph.call_module(obs_name, (src,))
-            obs_node.meta[META] = {**t, "kind": "observer", "site": key, "input": inp}
-            node.update_arg(idx, obs_node)
-            changed = True
+        for node in op_nodes(gm):
+            for spec in site_spec(node).acts():
+                obs_name = spec.key.replace(".", "_").replace(":", "_in_") + "_obs"
+                obs = ActObserver(spec)
+                if spec.feeds_linear:
+                    obs.consumer_weight = gm.get_submodule(node.target).weight.detach()
+                gm.add_submodule(obs_name, obs)
+                ctx.observers[obs_name] = obs
+                with gm.graph.inserting_before(node):
+                    obs_node = gm.graph.call_module(obs_name, (node.args[spec.arg_index],))
+                obs_node.meta[META] = {**tag(node), "kind": "observer", "site": spec.key, "input": spec.input}
+                node.update_arg(spec.arg_index, obs_node)
+                changed = True
         return changed

@@ -30,7 +30,7 @@ class QuantizeActivations(Pass):
             obs = ctx.observers[node.target]
             base = node.target.removesuffix("_obs")
             t = dict(node.meta[META])
-            info = {"bits": obs.spec.bits, "granularity": obs.granularity, "symmetric": obs.spec.symmetric}
+            info = {"bits": obs.spec.quant.bits, "granularity": obs.granularity, "symmetric": obs.spec.quant.symmetric}
             kind, *qp = obs.qparams
             with g.inserting_before(node):
                 if kind == "mixed":

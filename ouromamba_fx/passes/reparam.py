@@ -22,9 +22,11 @@ from ouromamba_fx import numerics
 from ouromamba_fx.numerics import EPS
 from ouromamba_fx.ops.scan import SCAN_OP
 from ouromamba_fx.ops.scan_quant import SCAN_REPARAM_OP, scan_state_stats
-from ouromamba_fx.passes.base import Context, Pass
+from ouromamba_fx.passes.annotate import site_spec
+from ouromamba_fx.passes.base import Context, Pass, PassError
 from ouromamba_fx.passes.graph import nearest_ancestor, split_rows, to_networkx
-from ouromamba_fx.tags import META, scan_site, tag
+from ouromamba_fx.passes.spec import StateSpec
+from ouromamba_fx.tags import META, carry, tag
 
 
 class ScanStateObserver(nn.Module):
@@ -47,6 +49,7 @@ class ScanStateObserver(nn.Module):
 
 class ObserveScanStates(Pass):
     name = "observe_scan_states"
+    requires = ("annotated",)
     provides = ("state_observers",)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
@@ -54,17 +57,18 @@ class ObserveScanStates(Pass):
         for node in list(gm.graph.nodes):
             if not (node.op == "call_function" and node.target is SCAN_OP and tag(node)):
                 continue
-            t = tag(node)
-            site = scan_site(t)
-            if ctx.config.for_module(site)[2]:
-                ctx.float_reasons[site + ":state"] = "skipped by config.overrides"
+            state = site_spec(node).state
+            if state is None:
+                raise PassError(f"{self.name}: config.reparam is not set, so the scan states of "
+                                f"{node.name} have nothing to be reparameterized with")
+            if not isinstance(state, StateSpec):
                 continue
-            name = site.replace(".", "_") + "_state_obs"
-            gm.add_submodule(name, ScanStateObserver(site))
+            name = state.site.replace(".", "_") + "_state_obs"
+            gm.add_submodule(name, ScanStateObserver(state.site))
             ctx.state_observers[name] = node.name
             with gm.graph.inserting_before(node):
                 obs = gm.graph.call_module(name, node.args, node.kwargs)
-            obs.meta[META] = dict(t)  # it *is* the scan while calibrating
+            carry(node, obs)  # it *is* the scan while calibrating
             obs.meta["orig_name"] = node.name
             node.replace_all_uses_with(obs)
             gm.graph.erase_node(node)
@@ -87,13 +91,13 @@ class ReparameterizeScan(Pass):
     provides = ("scan_reparameterized",)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        spec = ctx.config.reparam
         g = to_networkx(gm)
-        qmax = numerics.qmax(spec.state_bits)
         ctx.reparam_stats = {}
         for node in list(gm.graph.nodes):
             if node.op != "call_module" or node.target not in ctx.state_observers:
                 continue
+            spec = site_spec(node).state.reparam
+            qmax = numerics.qmax(spec.state_bits)
             obs: ScanStateObserver = gm.get_submodule(node.target)
             h_mean = obs.h_sum / max(obs.count, 1)
             r_c, r_l, r_n = rank1_factors(h_mean)
@@ -111,8 +115,8 @@ class ReparameterizeScan(Pass):
                     a.meta[META] = {**tag(node), "kind": "scan_const"}
                     attrs.append(a)
                 new = gm.graph.call_function(SCAN_REPARAM_OP, tuple(node.args) + tuple(attrs) + (spec.state_bits,))
-            new.meta[META] = {**tag(node), "reparam": True, "folded_r_n": folded,
-                              "state_bits": spec.state_bits, "source": node.meta.get("orig_name", node.name)}
+            carry(node, new, reparam=True, folded_r_n=folded, state_bits=spec.state_bits,
+                  source=node.meta.get("orig_name", node.name))
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             ctx.reparam_stats[obs.site] = {"folded_r_n": folded,

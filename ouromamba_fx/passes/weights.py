@@ -1,7 +1,7 @@
-"""Quantize the weights of the mixers' linear and conv modules.
+"""Quantize the weights of the tagged linear and conv modules (mixers, MLP, attention, convs).
 
 Each selected ``call_module`` node becomes explicit reference arithmetic:
-``get_attr(w_q) -> dequantize(w_q, w_scale) -> F.linear / F.conv1d(x, w, bias)``, with ``w_q``
+``get_attr(w_q) -> dequantize(w_q, w_scale) -> F.linear / F.conv1d / F.conv2d(x, w, bias)``, with ``w_q``
 stored as int8 in the GraphModule (4-bit values in [-7, 7]); the float module is removed.
 """
 
@@ -16,9 +16,11 @@ import torch.nn.functional as F
 
 from ouromamba_fx.numerics import qrange
 from ouromamba_fx.ops.quant import DEQUANTIZE_OP, quantize_ref
+from ouromamba_fx.passes.annotate import site_spec
 from ouromamba_fx.passes.base import Context, Pass
 from ouromamba_fx.passes.qparams import weight_qparams
-from ouromamba_fx.tags import META, WEIGHT_ROLES, tag
+from ouromamba_fx.passes.spec import WeightSpec
+from ouromamba_fx.tags import META, carry, op_nodes, tag
 
 
 def attr_name(target: str, suffix: str) -> str:
@@ -27,23 +29,16 @@ def attr_name(target: str, suffix: str) -> str:
 
 class QuantizeWeights(Pass):
     name = "quantize_weights"
+    requires = ("annotated",)
     provides = ("weights_quantized",)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        cfg = ctx.config
         changed = False
-        for node in list(gm.graph.nodes):
-            t = tag(node)
-            if node.op != "call_module" or t is None or t.get("kind") or t["role"] not in WEIGHT_ROLES:
+        for node in op_nodes(gm):
+            spec = site_spec(node).weight
+            if not isinstance(spec, WeightSpec):
                 continue
-            if t["role"] not in cfg.roles:
-                ctx.float_reasons.setdefault(node.target, f"role {t['role']} not in config.roles")
-                continue
-            _, wspec, skip = cfg.for_module(node.target)
-            if skip or wspec.is_float:
-                ctx.float_reasons.setdefault(
-                    node.target, "skipped by config.overrides" if skip else f"weight bits {wspec.bits} (float) by config")
-                continue
+            wspec = spec.quant
             mod = gm.get_submodule(node.target)
             if ctx.replay:  # rebuilding a saved model: its scales come from the file, skip the search
                 wspec = dataclasses.replace(wspec, method="minmax")
@@ -65,16 +60,18 @@ class QuantizeWeights(Pass):
                 b = g.get_attr(names["bias"]) if mod.bias is not None else None
                 if isinstance(mod, nn.Linear):
                     out = g.call_function(F.linear, (node.args[0], w, b))
-                elif isinstance(mod, nn.Conv1d):
-                    out = g.call_function(F.conv1d, (node.args[0], w, b, mod.stride, mod.padding,
-                                                     mod.dilation, mod.groups))
+                elif isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.padding_mode == "zeros":
+                    conv = F.conv1d if isinstance(mod, nn.Conv1d) else F.conv2d
+                    out = g.call_function(conv, (node.args[0], w, b, mod.stride, mod.padding,
+                                                 mod.dilation, mod.groups))
                 else:
                     raise TypeError(f"{node.target}: cannot quantize weights of {type(mod).__name__}")
+            t = tag(node)
             wtag = {k: t[k] for k in ("role", "direction", "layer", "module")}
             for n in (wq, ws, wz, w) + ((b,) if b is not None else ()):
                 n.meta[META] = {**wtag, "kind": "weight"}
-            out.meta[META] = {**t, "source": node.name, "target": node.target, "weight_bits": wspec.bits,
-                              "weight_granularity": wspec.granularity}
+            carry(node, out, source=node.name, target=node.target, weight_bits=wspec.bits,
+                  weight_granularity=wspec.granularity)
             out.meta["tensor_meta"] = node.meta.get("tensor_meta")
             node.replace_all_uses_with(out)
             gm.graph.erase_node(node)

@@ -41,7 +41,7 @@ namespace ouromamba_scan {
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                               const at::Tensor& C, const std::optional<at::Tensor>& D,
                               const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-                              bool delta_softplus, bool channels_last);
+                              bool delta_softplus, bool channels_last, bool fast_decay);
 // [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias], nullopt for absent inputs.
 std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -87,7 +87,7 @@ at::Tensor selective_scan(const at::Tensor& u, const at::Tensor& delta, const at
                           bool delta_softplus);
 at::Tensor selective_scan_cl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                              const at::Tensor& C, const OptTensor& D, const OptTensor& z,
-                             const OptTensor& delta_bias, bool delta_softplus);
+                             const OptTensor& delta_bias, bool delta_softplus, bool fast_decay);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                    const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,

@@ -33,7 +33,7 @@ const std::vector<const char*>& public_schemas() {
       "ouromamba::selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? delta_bias, bool delta_softplus) -> Tensor",
       "ouromamba::selective_scan_cl(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-      "Tensor? delta_bias, bool delta_softplus) -> Tensor",
+      "Tensor? delta_bias, bool delta_softplus, bool fast_decay=False) -> Tensor",
       "ouromamba::selective_scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? delta_bias, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)",
@@ -143,7 +143,7 @@ TORCH_LIBRARY(ouromamba_cpu, m) {
   m.def("u4_linear(Tensor a, Tensor packed, Tensor colsum, Tensor s_in, Tensor q_out, Tensor s_out, Tensor w_o, "
         "Tensor w_scale, Tensor bias) -> Tensor");
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "bool delta_softplus, bool channels_last=False) -> Tensor");
+        "bool delta_softplus, bool channels_last=False, bool fast_decay=False) -> Tensor");
   m.def("scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool delta_softplus) -> Tensor[]");
   m.def("qscan_fwd(Tensor u, Tensor delta, Tensor? delta_scale, Tensor? delta_zp, Tensor A, Tensor B, "

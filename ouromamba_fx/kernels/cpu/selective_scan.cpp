@@ -96,6 +96,7 @@ struct Problem {
   const T* bias = nullptr;   // (dim,) or null
   bool softplus = false;
   bool out_cl = false;       // forward output channel-contiguous ((batch, L, dim) memory), else time-contiguous
+  bool fast_decay = false;   // forward decays with the degree-3 exp2 (float32 only; om_vec.h kExp2Poly3)
   struct BC {
     const T* p = nullptr;
     int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
@@ -186,8 +187,14 @@ inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int6
   T* s = reinterpret_cast<T*>(tile);
   if (!x.rows) {
     const T* src = x.p + b * x.sb + d0;
+    // A constant size lets the compiler inline the copy as one vector load: with the size a
+    // variable, each row was a libc memcpy call.
+    if (nl == W) {
+      for (int64_t t = 0; t < L; ++t) std::memcpy(&tile[t], src + t * x.st, sizeof(T) * W);
+      return;
+    }
     for (int64_t t = 0; t < L; ++t) {
-      if (nl < W) tile[t] = Vec<T>::splat(T(0));
+      tile[t] = Vec<T>::splat(T(0));
       std::memcpy(&tile[t], src + t * x.st, sizeof(T) * nl);
     }
     return;
@@ -424,7 +431,7 @@ inline bool decays_nonpos(const V8f* A8, int64_t N, const V8f* DT8, int64_t L) {
 // arguments: as a lambda capturing them by reference, GCC reloaded the bounds and pointers
 // through the captures inside the loop (36% slower); inlined into forward_block twice (with and
 // without the clamp) it cost 15%.
-template <bool VB, bool VC, bool kNonPos>
+template <bool VB, bool VC, bool kNonPos, bool kFast>
 __attribute__((noinline)) void forward_avx2(V8f* __restrict__ H8, const V8f* __restrict__ A8, const V8f* __restrict__ B8,
                   const V8f* __restrict__ C8, const V8f* __restrict__ U8, V8f* __restrict__ DT8, const float* Bp,
                   const float* Cp, int64_t Bst, int64_t Cst, int64_t Bsn, int64_t Csn, int64_t L, int64_t N,
@@ -442,7 +449,7 @@ __attribute__((noinline)) void forward_avx2(V8f* __restrict__ H8, const V8f* __r
       for (; n + 2 <= N; n += 2) {
         const V8f x[2] = {dt * A8[2 * n + half], dt * A8[2 * n + 2 + half]};
         V8f e[2];
-        F8::exp2_k<2, kNonPos>(x, e);
+        F8::exp2_k<2, kNonPos, kFast>(x, e);
 #pragma GCC unroll 2
         for (int k = 0; k < 2; ++k) {
           const V8f bv = VB ? F8::splat(Bt[(n + k) * Bsn]) : B8[2 * (n + k) + half];
@@ -455,7 +462,7 @@ __attribute__((noinline)) void forward_avx2(V8f* __restrict__ H8, const V8f* __r
       if (n < N) {
         const V8f bv = VB ? F8::splat(Bt[n * Bsn]) : B8[2 * n + half];
         const V8f cv = VC ? F8::splat(Ct[n * Csn]) : C8[2 * n + half];
-        const V8f h = F8::exp2(dt * A8[2 * n + half]) * H8[2 * n + half] + dtu * bv;
+        const V8f h = F8::template exp2<kFast>(dt * A8[2 * n + half]) * H8[2 * n + half] + dtu * bv;
         H8[2 * n + half] = h;
         y += cv * h;
       }
@@ -465,7 +472,7 @@ __attribute__((noinline)) void forward_avx2(V8f* __restrict__ H8, const V8f* __r
 }
 #endif
 
-template <typename T, bool VB, bool VC>
+template <typename T, bool VB, bool VC, bool kFast>
 void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, Scratch<T>& S,
                    NextBlock next) {
   using F = Vec<T>;
@@ -503,12 +510,35 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     V8* __restrict__ DT8 = reinterpret_cast<V8*>(S.DT);
     const int halves = nl > 8 ? 2 : 1;
     if (decays_nonpos(A8, N, DT8, L))
-      forward_avx2<VB, VC, true>(H8, A8, B8, C8, U8, DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, halves, pf);
+      forward_avx2<VB, VC, true, kFast>(H8, A8, B8, C8, U8, DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, halves, pf);
     else
-      forward_avx2<VB, VC, false>(H8, A8, B8, C8, U8, DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, halves, pf);
+      forward_avx2<VB, VC, false, kFast>(H8, A8, B8, C8, U8, DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, halves, pf);
   } else
 #endif
-  {
+  if (N == 16) {
+    // d_state 16 (Vim, Mamba, MambaVision): the states live in registers for the whole block
+    // (a compile-time trip count lets the compiler unroll the state loop and keep h[] out of
+    // memory; with N a variable every state was stored and reloaded at every step).
+    V h[16];
+#pragma GCC unroll 16
+    for (int n = 0; n < 16; ++n) h[n] = F::splat(T(0));
+    for (int64_t t = 0; t < L; ++t) {
+      const V dt = S.DT[t];
+      const V dtu = dt * S.U[t];
+      const T* __restrict__ Bt = Bp + t * P.B.s_t;
+      const T* __restrict__ Ct = Cp + t * P.C.s_t;
+      pf.at(t);
+      V y = F::splat(T(0));
+#pragma GCC unroll 16
+      for (int n = 0; n < 16; ++n) {
+        const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
+        const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
+        h[n] = F::template exp2<kFast>(dt * A2[n]) * h[n] + dtu * bv;
+        y += cv * h[n];
+      }
+      S.DT[t] = y;
+    }
+  } else {
     for (int64_t t = 0; t < L; ++t) {
       const V dt = S.DT[t];
       const V dtu = dt * S.U[t];
@@ -519,7 +549,7 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
       for (int64_t n = 0; n < N; ++n) {
         const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
         const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
-        const V h = F::exp2(dt * A2[n]) * H[n] + dtu * bv;
+        const V h = F::template exp2<kFast>(dt * A2[n]) * H[n] + dtu * bv;
         H[n] = h;
         y += cv * h;
       }
@@ -539,7 +569,11 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
   if (P.out_cl) {
     // channel-contiguous output: the tile's rows are the block's channels of each step, as they lie
     T* dst = out + b * L * P.dim + d0;
-    for (int64_t t = 0; t < L; ++t) std::memcpy(dst + t * P.dim, &S.DT[t], sizeof(T) * static_cast<size_t>(nl));
+    if (nl == F::W) {  // a constant size: one vector store per step, not a libc memcpy call
+      for (int64_t t = 0; t < L; ++t) std::memcpy(dst + t * P.dim, &S.DT[t], sizeof(V));
+    } else {
+      for (int64_t t = 0; t < L; ++t) std::memcpy(dst + t * P.dim, &S.DT[t], sizeof(T) * static_cast<size_t>(nl));
+    }
   } else {
     store_tile<T>(out + row0 * L, S.DT, L, nl);
   }
@@ -550,8 +584,15 @@ void forward(const Problem<T>& P, T* out) {
   const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
   const int64_t work_per_block = std::max<int64_t>(1, P.L * P.N);
   const int64_t grain = std::max<int64_t>(1, 16384 / work_per_block);
-  auto fn = P.B.variable ? (P.C.variable ? &forward_block<T, true, true> : &forward_block<T, true, false>)
-                         : (P.C.variable ? &forward_block<T, false, true> : &forward_block<T, false, false>);
+  using Fn = void (*)(const Problem<T>&, int64_t, int64_t, int, T*, Scratch<T>&, NextBlock);
+  // [fast][B variable][C variable]
+  constexpr Fn table[2][2][2] = {
+      {{&forward_block<T, false, false, false>, &forward_block<T, false, true, false>},
+       {&forward_block<T, true, false, false>, &forward_block<T, true, true, false>}},
+      {{&forward_block<T, false, false, true>, &forward_block<T, false, true, true>},
+       {&forward_block<T, true, false, true>, &forward_block<T, true, true, true>}}};
+  const bool fast = P.fast_decay && std::is_same_v<T, float>;
+  const Fn fn = table[fast][P.B.variable][P.C.variable];
   at::parallel_for(0, P.batch * nb, grain, [&](int64_t begin, int64_t end) {
     Scratch<T> S(P.L, P.N, false);
     for (int64_t i = begin; i < end; ++i) {
@@ -982,7 +1023,7 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
                               const at::Tensor& B, const at::Tensor& C,
                               const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                               const c10::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                              bool channels_last) {
+                              bool channels_last, bool fast_decay) {
   Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   // channels_last: (batch, dim, L) seen through a transpose of (batch, L, dim) memory, the layout
   // the transposed out_proj input of a Mamba mixer reads contiguously
@@ -996,6 +1037,7 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
     } else {
       auto P = make_problem<float>(in);
       P.out_cl = channels_last;
+      P.fast_decay = fast_decay;
       forward<float>(P, out.data_ptr<float>());
     }
   }

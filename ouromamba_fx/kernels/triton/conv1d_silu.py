@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ouromamba_fx.kernels.triton.common import autotune_configs, device_guard, round_half_even
+from ouromamba_fx.kernels.triton.common import autotune_configs, fit_tiles, launch, round_half_even
 
 __all__ = ["causal_conv1d_silu", "causal_conv1d_silu_ref", "CONFIGS"]
 
@@ -48,7 +48,8 @@ CONFIGS = [
 ]
 
 
-@triton.autotune(configs=autotune_configs(CONFIGS), key=["DIM", "L", "KW"])
+@triton.autotune(configs=autotune_configs(CONFIGS), key=["DIM", "L", "KW"],
+                 prune_configs_by={"early_config_prune": fit_tiles({"BLOCK_D": "DIM", "BLOCK_L": "L"})})
 @triton.jit
 def _causal_conv1d_silu_kernel(
     # pointers
@@ -140,14 +141,14 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale:
     def grid(meta):
         return (batch, triton.cdiv(dim, meta["BLOCK_D"]), triton.cdiv(length, meta["BLOCK_L"]))
 
-    with device_guard(x):
-        _causal_conv1d_silu_kernel[grid](
-            x, w, bias if bias is not None else w, s if s is not None else w, zp if zp is not None else w, out,
-            dim, length,
-            *x.stride(), *w.stride(), s_step, *out.stride(),
-            float(qmin), float(qmax),
-            KW=w.shape[1], HAS_BIAS=bias is not None, QUANT=s is not None, REVERSE=bool(reverse),
-        )
+    launch(
+        _causal_conv1d_silu_kernel, grid,
+        x, w, bias if bias is not None else w, s if s is not None else w, zp if zp is not None else w, out,
+        dim, length,
+        *x.stride(), *w.stride(), s_step, *out.stride(),
+        float(qmin), float(qmax),
+        KW=w.shape[1], HAS_BIAS=bias is not None, QUANT=s is not None, REVERSE=bool(reverse),
+    )
     return out
 
 

@@ -5,6 +5,10 @@ exactly in int32 by ``tl.dot`` on int8 tiles. ``x_q`` (M, K) int8, ``x_scale`` o
 row, ``w_q`` (N, K) int8 (the ``nn.Linear`` layout, read in place as a (K, N) operand), ``w_scale``
 N elements, ``bias`` (N,) or None; any strides. On a GPU the epilogue may be contracted to FMAs,
 so floats can differ from :func:`int8_gemm_ref` by float rounding; the integers cannot.
+
+Any M, K, N (tails are masked): it serves the shapes cuBLAS's ``torch._int_mm`` refuses (M <= 16,
+K or N not a multiple of 8) as well as the others. Tiles are autotuned over :data:`CONFIGS`
+(pruned to the problem's size; the first one alone under the interpreter).
 """
 
 from __future__ import annotations
@@ -16,11 +20,28 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ouromamba_fx.kernels.triton.common import tile_offsets
+from ouromamba_fx.kernels.triton.common import autotune_configs, fit_tiles, launch, tile_offsets
 
-__all__ = ["int8_gemm", "int8_gemm_ref", "gemm_blocks"]
+__all__ = ["int8_gemm", "int8_gemm_ref", "CONFIGS"]
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 8-bit tl.dot needs K tiles of at least 32 and
+# M, N tiles of at least 16 on NVIDIA GPUs. The first entry is the interpreter's; the 16-row one
+# serves few tokens (batch 1 of a short sequence), the 128 x 128 one the large GEMMs. None of these
+# spills registers (``ptxas -v``, sm_80 and sm_90a); 128 x 64 and 64 x 128 tiles on 4 warps and 128 x 128 x 128
+# tiles on 8 do.
+CONFIGS = [
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=2, num_stages=1),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
 
 
+@triton.autotune(configs=autotune_configs(CONFIGS), key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": fit_tiles({"BLOCK_M": "M", "BLOCK_N": "N"})})
 @triton.jit
 def _int8_gemm_kernel(
     # pointers
@@ -50,15 +71,6 @@ def _int8_gemm_kernel(
         y = y + tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, y,
              mask=m_ok[:, None] & n_ok[None, :])
-
-
-def gemm_blocks(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps): tiles no larger than the problem (>= 16 for tl.dot)."""
-    block_m = min(max(triton.next_power_of_2(m), 16), 128)
-    block_n = min(max(triton.next_power_of_2(n), 16), 128)
-    block_k = min(max(triton.next_power_of_2(k), 32), 128)
-    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return block_m, block_n, block_k, num_warps
 
 
 def _vector(name: str, t: Tensor, n: int, device) -> Tensor:
@@ -96,14 +108,16 @@ def int8_gemm(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor,
     y = torch.empty((m, n), dtype=torch.float32, device=x_q.device)
     if m == 0 or n == 0:
         return y
-    bm, bn, bk, warps = gemm_blocks(m, n, k)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    _int8_gemm_kernel[grid](
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    launch(
+        _int8_gemm_kernel, grid,
         x_q, w_q, y, xs, ws, ws if b is None else b,
         m, n, k,
         x_q.stride(0), x_q.stride(1), w_q.stride(0), w_q.stride(1), y.stride(0), y.stride(1), stride_xs,
         HAS_BIAS=b is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
     )
     return y
 

@@ -48,7 +48,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ouromamba_fx import numerics
-from ouromamba_fx.kernels.triton.common import EPS, autotune_configs, device_guard, round_half_even
+from ouromamba_fx.kernels.triton.common import EPS, autotune_configs, launch, round_half_even
 from ouromamba_fx.numerics import is_float
 
 __all__ = ["mixed_fake_quant", "mixed_fake_quant_ref", "outlier_mask", "outlier_mask_ref", "mixed_codes",
@@ -186,12 +186,12 @@ def _qmax(bits: int, what: str, high: int = 8) -> int:
     return numerics.qmax(bits)
 
 
-def _check_x(x: Tensor, min_dim: int = 2) -> None:
-    if x.dim() < min_dim or not x.dtype.is_floating_point:
-        raise ValueError(f"{_where()}: x must be a floating tensor with at least {min_dim} dims, got "
+def _check_x(x: Tensor, channel_axis: int = -1) -> None:
+    if x.dim() < 2 or not x.dtype.is_floating_point:
+        raise ValueError(f"{_where()}: x must be a floating tensor with at least 2 dims, got "
                          f"{x.dtype} {tuple(x.shape)}")
-    if x.shape[-1] > MAX_CHANNELS:
-        raise ValueError(f"{_where()}: at most {MAX_CHANNELS} channels, got {x.shape[-1]}")
+    if x.shape[channel_axis] > MAX_CHANNELS:
+        raise ValueError(f"{_where()}: at most {MAX_CHANNELS} channels, got {x.shape[channel_axis]}")
 
 
 def _step_vector(step_scale: Tensor, length: int, device) -> Tensor:
@@ -224,18 +224,18 @@ def _launch(rows: Tensor, s: Tensor, s_strides: tuple[int, int], window: int, *,
         mask_out = mk.view(torch.uint8) if mk is not None else None
         placeholder = s
         ms = mask_u8.stride() if mask_u8 is not None else (0, 0, 0)
-        with device_guard(rows):
-            _mixed_quant_kernel[(r, triton.cdiv(length, window))](
-                rows, s, mask_u8 if mask_u8 is not None else placeholder,
-                y if y is not None else placeholder, mask_out if mask_out is not None else placeholder,
-                *((cd.q_in, cd.idx, cd.q_out, cd.count, cd.s_in, cd.s_out) if cd is not None else (placeholder,) * 6),
-                length, c, cap, window,
-                *rows.stride(), *s_strides, *ms,
-                float(qi), float(qo), float(k), float(EPS),
-                RULE=rule, DYNAMIC_INLIER=dynamic_inlier, FAKE=fake, OUTLIER_FLOAT=outlier_float,
-                WRITE_MASK=write_mask, CODES=codes, BLOCK_C=max(triton.next_power_of_2(c), 16),
-                enable_fp_fusion=False,
-            )
+        launch(
+            _mixed_quant_kernel, (r, triton.cdiv(length, window)),
+            rows, s, mask_u8 if mask_u8 is not None else placeholder,
+            y if y is not None else placeholder, mask_out if mask_out is not None else placeholder,
+            *((cd.q_in, cd.idx, cd.q_out, cd.count, cd.s_in, cd.s_out) if cd is not None else (placeholder,) * 6),
+            length, c, cap, window,
+            *rows.stride(), *s_strides, *ms,
+            float(qi), float(qo), float(k), float(EPS),
+            RULE=rule, DYNAMIC_INLIER=dynamic_inlier, FAKE=fake, OUTLIER_FLOAT=outlier_float,
+            WRITE_MASK=write_mask, CODES=codes, BLOCK_C=max(triton.next_power_of_2(c), 16),
+            enable_fp_fusion=False,
+        )
     elif codes and m:  # no channels: all zero, no outliers, scales as the rule gives them
         cd = out["codes"]
         cd.count.zero_()
@@ -261,7 +261,7 @@ def mixed_fake_quant(x: Tensor, step_scale: Tensor, token_axis: int, channel_axi
                      outlier_bits: int, k: float, n_refresh: int) -> Tensor:
     """The outlier rule and the mixed fake quantization (module docstring), float32 in ``x``'s shape;
     ``step_scale``: the inlier scale of each of the L steps (or one value)."""
-    _check_x(x)
+    _check_x(x, channel_axis)
     qi = _qmax(inlier_bits, "inlier_bits")
     if not isinstance(outlier_bits, int) or outlier_bits < 2:
         raise ValueError(f"{_where()}: outlier_bits must be an int >= 2, got {outlier_bits!r}")
@@ -274,7 +274,7 @@ def mixed_fake_quant(x: Tensor, step_scale: Tensor, token_axis: int, channel_axi
 def outlier_mask(x: Tensor, step_scale: Tensor, token_axis: int, channel_axis: int, inlier_bits: int, k: float,
                  n_refresh: int) -> Tensor:
     """The outlier rule's mask alone: bool, ``x``'s shape, contiguous."""
-    _check_x(x)
+    _check_x(x, channel_axis)
     qi = _qmax(inlier_bits, "inlier_bits")
     rows, s, ss, window = _rule_args(x, step_scale, token_axis, channel_axis, n_refresh)
     out = _launch(rows, s, ss, window, rule=True, qi=qi, qo=127, k=k, write_mask=True)

@@ -15,6 +15,9 @@ rounding uses the float32 add-and-subtract trick after clamping (as ``quantize_r
 state codes follow :func:`qscan_ref` except at ties created by float rounding (on a GPU the
 products may be contracted to FMAs). :func:`qscan_ref` is the plain-torch twin, with the same
 arguments.
+
+``BLOCK_D`` and the warps are autotuned over :data:`CONFIGS` (the first one alone under the
+interpreter), pruned to tiles of at most 16 state elements per thread.
 """
 
 from __future__ import annotations
@@ -27,10 +30,31 @@ import triton.language as tl
 from torch import Tensor
 
 from ouromamba_fx import numerics
-from ouromamba_fx.kernels.triton.common import round_half_even
+from ouromamba_fx.kernels.triton.common import autotune_configs, launch, round_half_even
 from ouromamba_fx.numerics import is_float
 
-__all__ = ["qscan", "qscan_ref"]
+__all__ = ["qscan", "qscan_ref", "CONFIGS"]
+
+# (BLOCK_D, num_warps, num_stages): a program keeps BLOCK_D channels' (BLOCK_D, d_state) state and
+# its factors in registers and walks the L steps; the first entry is the interpreter's. None spills
+# registers at d_state 16 (``ptxas -v``, sm_80 and sm_90a); 128 channels on 8 warps do (sm_80).
+CONFIGS = [
+    triton.Config({"BLOCK_D": 16}, num_warps=1, num_stages=1),
+    triton.Config({"BLOCK_D": 16}, num_warps=1, num_stages=2),
+    triton.Config({"BLOCK_D": 32}, num_warps=2, num_stages=2),
+    triton.Config({"BLOCK_D": 64}, num_warps=2, num_stages=2),
+    triton.Config({"BLOCK_D": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_D": 128}, num_warps=4, num_stages=2),
+]
+_MAX_PER_THREAD = 16
+
+
+def _prune(configs, named_args, **kwargs):
+    """Configs of at most ``_MAX_PER_THREAD`` state elements per thread and no more channels than DIM."""
+    block_n, dim = kwargs["BLOCK_N"], int(named_args["DIM"])
+    fit = [c for c in configs if c.kwargs["BLOCK_D"] * block_n <= _MAX_PER_THREAD * 32 * c.num_warps
+           and c.kwargs["BLOCK_D"] <= max(16, triton.next_power_of_2(dim))]
+    return fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_D"], -c.num_warps))]
 
 
 @triton.jit
@@ -50,6 +74,8 @@ def _softplus(x):
     return tl.where(x > 20.0, x, tl.maximum(x, 0.0) + 2.0 * s * q)
 
 
+@triton.autotune(configs=autotune_configs(CONFIGS), key=["DIM", "L", "N"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _qscan_kernel(
     # pointers: sequences, parameters, output
@@ -170,11 +196,13 @@ def qscan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     D_ = vec(D) if D is not None else rc
     bias = vec(delta_bias) if delta_bias is not None else rc
     zt = z if z is not None else u
-    block_n = max(triton.next_power_of_2(n), 2)
-    block_d = max(min(triton.next_power_of_2(dim), 4096 // block_n, 128), 2)
-    grid = (batch, triton.cdiv(dim, block_d))
     qmax = 0.0 if is_float(state_bits) else float(numerics.qmax(state_bits))
-    _qscan_kernel[grid](
+
+    def grid(meta):
+        return (batch, triton.cdiv(dim, meta["BLOCK_D"]))
+
+    launch(
+        _qscan_kernel, grid,
         u, delta, B, C, zt, A_, D_, bias, out,
         dts, dtz, bs, bz, cs, cz, rc, rl, rn, ss,
         dim, length, n,
@@ -182,7 +210,7 @@ def qscan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         qmax,
         DT_INT=dt_int, B_INT=b_int, C_INT=c_int, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), QUANT=not is_float(state_bits),
-        BLOCK_D=block_d, BLOCK_N=block_n, num_warps=4,
+        BLOCK_N=max(triton.next_power_of_2(n), 2),
     )
     return out
 

@@ -14,6 +14,10 @@ Host wrappers (shapes checked, outputs allocated here):
   -> (q_in, s_in, q_out, s_out)``; outliers are always 8-bit (qmax 127).
 
 Each has a plain-torch twin (``*_ref``) with the same signature, following the kernel's steps.
+
+A program quantizes ``BLOCK_M`` rows, walking them in ``BLOCK_K`` columns at a time (``BLOCK_K`` is
+K rounded up to a power of two, at most 256); ``BLOCK_M`` and the warps are autotuned over
+:data:`CONFIGS` (the first one alone under the interpreter).
 """
 
 from __future__ import annotations
@@ -25,10 +29,33 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ouromamba_fx.kernels.triton.common import round_half_even
+from ouromamba_fx.kernels.triton.common import autotune_configs, launch, round_half_even
 from ouromamba_fx.numerics import EPS
 
-__all__ = ["quantize_rows", "quantize_rows_ref", "outlier_split", "outlier_split_ref", "EPS"]
+__all__ = ["quantize_rows", "quantize_rows_ref", "outlier_split", "outlier_split_ref", "EPS", "CONFIGS"]
+
+# (BLOCK_M, num_warps, num_stages); the first is the interpreter's. A program's tile is
+# BLOCK_M x BLOCK_K (BLOCK_K <= 256): configs are pruned to at most 16 tile elements per thread.
+CONFIGS = [
+    triton.Config({"BLOCK_M": 4}, num_warps=1, num_stages=1),
+    triton.Config({"BLOCK_M": 1}, num_warps=1, num_stages=2),
+    triton.Config({"BLOCK_M": 2}, num_warps=2, num_stages=2),
+    triton.Config({"BLOCK_M": 4}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_M": 8}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 16}, num_warps=8, num_stages=3),
+]
+_MAX_PER_THREAD = 16
+
+
+def _prune(configs, named_args, **kwargs):
+    """Configs of at most ``_MAX_PER_THREAD`` tile elements per thread and no more rows than M."""
+    block_k, m = kwargs["BLOCK_K"], int(named_args["M"])
+    fit = [c for c in configs if c.kwargs["BLOCK_M"] * block_k <= _MAX_PER_THREAD * 32 * c.num_warps
+           and c.kwargs["BLOCK_M"] <= triton.next_power_of_2(m)]
+    return fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], -c.num_warps))]
+
+
+_AUTOTUNE = dict(configs=autotune_configs(CONFIGS), key=["M", "K"], prune_configs_by={"early_config_prune": _prune})
 
 
 @triton.jit
@@ -37,6 +64,7 @@ def _round_clamp(v, qmax):
     return round_half_even(v).to(tl.int8)
 
 
+@triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _quantize_rows_kernel(
     # pointers
@@ -72,6 +100,7 @@ def _quantize_rows_kernel(
         tl.store(q_ptr + rm[:, None] * stride_qm + rk[None, :] * stride_qk, _round_clamp(v, qmax), mask=ok)
 
 
+@triton.autotune(**_AUTOTUNE)
 @triton.jit
 def _outlier_split_kernel(
     # pointers
@@ -119,10 +148,12 @@ def _outlier_split_kernel(
         tl.store(q_out_ptr + offs, _round_clamp(v_out, qmax_out), mask=ok)
 
 
-def _blocks(m: int, k: int) -> tuple[int, int]:
-    block_k = min(max(triton.next_power_of_2(k), 16), 256)
-    block_m = min(max(triton.next_power_of_2(m), 1), max(1, 4096 // block_k))
-    return block_m, block_k
+def _block_k(k: int) -> int:
+    return min(max(triton.next_power_of_2(k), 16), 256)
+
+
+def _grid(m: int):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
 
 
 def _check_x(x: Tensor, qmax: int) -> None:
@@ -151,13 +182,13 @@ def quantize_rows(x: Tensor, qmax: int, scale: Optional[Tensor] = None) -> tuple
         s = _check_row_scale("scale", scale, m, x.device).clone()
     if m == 0:
         return q, s.reshape(m, 1)
-    block_m, block_k = _blocks(m, k)
-    _quantize_rows_kernel[(triton.cdiv(m, block_m),)](
+    launch(
+        _quantize_rows_kernel, _grid(m),
         x, q, s,
         m, k,
         x.stride(0), x.stride(1), q.stride(0), q.stride(1),
         float(qmax), float(EPS),
-        STATIC_SCALE=scale is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+        STATIC_SCALE=scale is not None, BLOCK_K=_block_k(k),
     )
     return q, s.reshape(m, 1)
 
@@ -191,13 +222,13 @@ def outlier_split(x: Tensor, mask: Tensor, inlier_scale: Optional[Tensor],
         s_in = _check_row_scale("inlier_scale", inlier_scale, m, x.device).clone()
     if m:
         mask_u8 = mask.view(torch.uint8)  # same bytes; avoids i1 pointers
-        block_m, block_k = _blocks(m, k)
-        _outlier_split_kernel[(triton.cdiv(m, block_m),)](
+        launch(
+            _outlier_split_kernel, _grid(m),
             x, mask_u8, q_in, s_in, q_out, s_out,
             m, k,
             x.stride(0), x.stride(1), mask_u8.stride(0), mask_u8.stride(1), q_in.stride(0), q_in.stride(1),
             float(qmax_in), float(EPS),
-            STATIC_INLIER=inlier_scale is not None, BLOCK_M=block_m, BLOCK_K=block_k,
+            STATIC_INLIER=inlier_scale is not None, BLOCK_K=_block_k(k),
         )
     return q_in, s_in.reshape(m, 1), q_out, s_out.reshape(m, 1)
 

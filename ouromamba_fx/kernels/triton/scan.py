@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ouromamba_fx.kernels.triton.common import autotune_configs, device_guard
+from ouromamba_fx.kernels.triton.common import autotune_configs, fit_tiles, launch
 
 __all__ = ["selective_scan_fwd", "selective_scan_bwd", "selective_scan_fwd_ref", "selective_scan_bwd_ref",
            "FWD_CONFIGS", "BWD_CONFIGS"]
@@ -73,6 +73,9 @@ BWD_CONFIGS = [
     triton.Config({"BLOCK_D": 16, "BLOCK_L": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_D": 16, "BLOCK_L": 64}, num_warps=8, num_stages=2),
 ]
+
+# tiles no larger than the problem (a group's channels, the sequence)
+_FIT = fit_tiles({"BLOCK_D": "DIM_PER_GROUP", "BLOCK_L": "L"}, floor=4)
 
 
 @triton.jit
@@ -117,7 +120,8 @@ def _chunk_dt(delta_ptr, bias, rd, rl, ok, s_dd, s_dl, ACC: tl.constexpr, HAS_BI
     return x, dt
 
 
-@triton.autotune(configs=autotune_configs(FWD_CONFIGS), key=["DIM", "L", "N", "DIM_PER_GROUP"])
+@triton.autotune(configs=autotune_configs(FWD_CONFIGS), key=["DIM", "L", "N", "DIM_PER_GROUP"],
+                 prune_configs_by={"early_config_prune": _FIT})
 @triton.jit
 def _selective_scan_fwd_kernel(
     # pointers
@@ -176,7 +180,7 @@ def _selective_scan_fwd_kernel(
 
 
 @triton.autotune(configs=autotune_configs(BWD_CONFIGS), key=["DIM", "L", "N", "DIM_PER_GROUP"],
-                 reset_to_zero=["db_ptr", "dc_ptr"])
+                 reset_to_zero=["db_ptr", "dc_ptr"], prune_configs_by={"early_config_prune": _FIT})
 @triton.jit
 def _selective_scan_bwd_kernel(
     # pointers: inputs
@@ -396,14 +400,14 @@ def selective_scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     def grid(meta):
         return (batch, groups * triton.cdiv(dpg, meta["BLOCK_D"]))
 
-    with device_guard(u):
-        _selective_scan_fwd_kernel[grid](
-            u, delta, A, b4, c4, D if D is not None else A, zt, delta_bias if delta_bias is not None else A, out,
-            dim, length, n, dpg,
-            *u.stride(), *delta.stride(), *A.stride(), *b4.stride(), *c4.stride(), *zt.stride(), *out.stride(),
-            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-            SOFTPLUS=bool(delta_softplus), ACC=acc, BLOCK_N=max(triton.next_power_of_2(n), 2),
-        )
+    launch(
+        _selective_scan_fwd_kernel, grid,
+        u, delta, A, b4, c4, D if D is not None else A, zt, delta_bias if delta_bias is not None else A, out,
+        dim, length, n, dpg,
+        *u.stride(), *delta.stride(), *A.stride(), *b4.stride(), *c4.stride(), *zt.stride(), *out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus), ACC=acc, BLOCK_N=max(triton.next_power_of_2(n), 2),
+    )
     return out
 
 
@@ -439,17 +443,17 @@ def selective_scan_bwd(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B: Ten
         def grid(meta):
             return (batch, groups * triton.cdiv(dpg, meta["BLOCK_D"]))
 
-        with device_guard(u):
-            _selective_scan_bwd_kernel[grid](
-                dout, u, delta, A, b4, c4, D if D is not None else A, zt,
-                delta_bias if delta_bias is not None else A,
-                du, ddelta, dz if dz is not None else du, db, dc, da, dd, dbias,
-                states, dy,
-                dim, length, n, dpg, groups, chunk_cap,
-                *dout.stride(), *u.stride(), *delta.stride(), *A.stride(), *b4.stride(), *c4.stride(), *zt.stride(),
-                HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-                SOFTPLUS=bool(delta_softplus), ACC=acc, BLOCK_N=max(triton.next_power_of_2(n), 2),
-            )
+        launch(
+            _selective_scan_bwd_kernel, grid,
+            dout, u, delta, A, b4, c4, D if D is not None else A, zt,
+            delta_bias if delta_bias is not None else A,
+            du, ddelta, dz if dz is not None else du, db, dc, da, dd, dbias,
+            states, dy,
+            dim, length, n, dpg, groups, chunk_cap,
+            *dout.stride(), *u.stride(), *delta.stride(), *A.stride(), *b4.stride(), *c4.stride(), *zt.stride(),
+            HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+            SOFTPLUS=bool(delta_softplus), ACC=acc, BLOCK_N=max(triton.next_power_of_2(n), 2),
+        )
     elif dz is not None:
         dz.zero_()
     return (du, ddelta, da.sum(0).to(A.dtype), db.to(B.dtype).reshape(B.shape),

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ouromamba_fx.kernels.triton.common import autotune_configs, device_guard, tile_offsets
+from ouromamba_fx.kernels.triton.common import autotune_configs, fit_tiles, launch, tile_offsets
 from ouromamba_fx.kernels.triton.mixed_quant import (OutlierCodes, dense_outliers, mixed_codes, mixed_codes_ref,
                                                      split_codes, split_codes_ref)
 
@@ -65,7 +65,8 @@ def _nibbles(w):
     return (w << 4) >> 4, w >> 4
 
 
-@triton.autotune(configs=autotune_configs(CONFIGS), key=["M", "N", "K"])
+@triton.autotune(configs=autotune_configs(CONFIGS), key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": fit_tiles({"BLOCK_M": "M", "BLOCK_N": "N"})})
 @triton.jit
 def _w4a4o8_gemm_kernel(
     # pointers
@@ -170,14 +171,14 @@ def w4a4o8_gemm(q_in: Tensor, s_in: Tensor, idx: Tensor, q_out: Tensor, count: T
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    with device_guard(q_in):
-        _w4a4o8_gemm_kernel[grid](
-            q_in, w_packed, y, si, ws, b if b is not None else ws, idx, q_out, count, so,
-            m, n, k, idx.shape[1],
-            *q_in.stride(), *w_packed.stride(), *y.stride(), 1 if si.numel() > 1 else 0, *idx.stride(),
-            *q_out.stride(),
-            HAS_BIAS=b is not None, enable_fp_fusion=False,
-        )
+    launch(
+        _w4a4o8_gemm_kernel, grid,
+        q_in, w_packed, y, si, ws, b if b is not None else ws, idx, q_out, count, so,
+        m, n, k, idx.shape[1],
+        *q_in.stride(), *w_packed.stride(), *y.stride(), 1 if si.numel() > 1 else 0, *idx.stride(),
+        *q_out.stride(),
+        HAS_BIAS=b is not None, enable_fp_fusion=False,
+    )
     return y
 
 
