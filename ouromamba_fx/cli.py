@@ -437,7 +437,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     q = _load_quantized(args.file)
     if q.input_shape is None:
         raise UsageError(f"{args.file}: the model records no input shape to export for")
-    model = q if args.reference else q.lower()
+    model = q if args.reference else q.lower(target=args.device)
     example = torch.randn(2, *q.input_shape, generator=torch.Generator().manual_seed(0))
     if args.device == "cuda":
         model, example = model.to("cuda"), example.to("cuda")

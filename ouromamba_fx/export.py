@@ -133,6 +133,7 @@ def metadata_of(q, ep: torch.export.ExportedProgram | None = None) -> dict:
             "input_shape": list(shape) if shape else None,
             "mean": list(cfg["mean"]) if cfg.get("mean") else None,
             "std": list(cfg["std"]) if cfg.get("std") else None,
+            "crop_pct": cfg.get("crop_pct"),
             "classes": list(cfg.get("classes") or [])}
 
 
