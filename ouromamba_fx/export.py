@@ -141,18 +141,23 @@ def metadata_of(q, ep: torch.export.ExportedProgram | None = None) -> dict:
 # Save, check, load
 
 def save(ep: torch.export.ExportedProgram, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write ``ep`` as a ``.pt2`` without its example inputs, with ``metadata`` as the text record
-    ``extra/ouromamba.json``; the bytes are checked as :func:`load` checks them before they are
-    written (an :class:`~ouromamba_fx.errors.UnsafeFileError` then means the program holds
+    """Write ``ep`` as a ``.pt2`` without its example inputs and its nodes' stack traces, with
+    ``metadata`` as the text record ``extra/ouromamba.json``; the bytes are checked as :func:`load`
+    checks them before they are written (an :class:`~ouromamba_fx.errors.UnsafeFileError` then means the program holds
     something :func:`load` would refuse)."""
     path = Path(path)
     buf = io.BytesIO()
     examples = ep.example_inputs
     ep.example_inputs = None  # torch pickles them; the file then has no pickle at all
+    # Python stack traces of the exporting process: about half the graph's JSON, and they name
+    # that machine's source paths; not needed to load or run the program.
+    traces = {n: n.meta.pop("stack_trace") for n in ep.graph.nodes if "stack_trace" in n.meta}
     try:
         torch.export.save(ep, buf, extra_files={_METADATA: json.dumps(metadata or {}, sort_keys=True)})
     finally:
         ep.example_inputs = examples
+        for n, t in traces.items():
+            n.meta["stack_trace"] = t
     data = buf.getvalue()
     check(data, where=str(path))
     tmp = path.with_name(path.name + ".tmp")

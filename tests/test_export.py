@@ -128,7 +128,10 @@ def test_saved_file_has_no_pickle_and_loads(saved):
     with zipfile.ZipFile(path) as z:
         sample = [n for n in z.namelist() if n.endswith("sample_inputs/model.pt")]
         assert all(z.read(n) == b"" for n in sample)
+        program = z.read(next(n for n in z.namelist() if n.endswith("models/model.json")))
     assert ep.example_inputs is not None  # kept in memory (AOTInductor needs them)
+    # stack traces (the exporting machine's source paths) stay in memory, not in the file
+    assert b'"stack_trace"' not in program and any("stack_trace" in n.meta for n in ep.graph.nodes)
     assert ex.read_metadata(path)["model"] == low.model_name
 
 
