@@ -29,6 +29,7 @@ EXAMPLES = """examples:
   ouromamba-fx diff --quantized q.safetensors --layer 3 --role x_proj   # what each pass did
   ouromamba-fx eval --quantized q.safetensors --limit-per-class 5       # float vs quantized top-1
   ouromamba-fx bench --quantized q.safetensors                  # latency, float vs quantized
+  ouromamba-fx export q.safetensors --out vim.pt2 --aoti        # AOTInductor package (Python or C++)
   ouromamba-fx gen --n 64 --out synth.safetensors --grid synth.png      # synthetic calibration images
   ouromamba-fx eval --checkpoint vim_s.pth --model vim_small_patch16_224 --data imagenet/val
 """
@@ -422,6 +423,47 @@ def cmd_gen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import collections
+
+    import torch
+
+    from ouromamba_fx import export as ex
+
+    _check_input(args.file, "file")
+    _check_output(args.out, "--out")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    q = _load_quantized(args.file)
+    if q.input_shape is None:
+        raise UsageError(f"{args.file}: the model records no input shape to export for")
+    model = q if args.reference else q.lower(target=args.device)
+    example = torch.randn(2, *q.input_shape, generator=torch.Generator().manual_seed(0))
+    if args.device == "cuda":
+        model, example = model.to("cuda"), example.to("cuda")
+    ep = model.export(example, max_batch=args.max_batch)
+    counts = collections.Counter(n.target._opname for n in ep.graph.nodes if n.op == "call_function"
+                                 and getattr(n.target, "namespace", None) == "ouromamba")
+    ops = ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) or "none"
+    out.print(f"exported the {'reference' if args.reference else 'lowered'} graph: batch 1..{args.max_batch}, "
+              f"package ops: {escape(ops)}")
+    meta = ex.metadata_of(q)
+    with _writing(args.out, "--out"):
+        if args.aoti:
+            missing = ex.cpp_missing_ops(ep)
+            path = ex.compile_aoti(ep, args.out, meta)
+            out.print(f"[green]AOTInductor package ({args.device})[/] -> {escape(str(path))} "
+                      f"({path.stat().st_size:,} bytes)")
+            if missing:
+                out.print(f"[yellow]runs from Python only:[/] no C++ kernel for {', '.join(missing)}; a C++ program "
+                          f"cannot load this package (export the lowered graph, without --reference)")
+        else:
+            ex.save(ep, args.out, meta)
+            out.print(f"[green]exported program[/] -> {escape(args.out)} ({Path(args.out).stat().st_size:,} bytes); "
+                      f"load it with ouromamba_fx.export.load")
+    return 0
+
+
 def _add_convert_args(p: argparse.ArgumentParser, default_calib: str) -> None:
     from ouromamba_fx.gen import GenConfig
 
@@ -449,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ouromamba-fx", description="Data-free quantization of vision Mamba models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_eval, _add_convert, _add_inspect, _add_diff, _add_bench, _add_gen):
+    for add in (_add_eval, _add_convert, _add_inspect, _add_diff, _add_bench, _add_export, _add_gen):
         add(sub)
     return parser
 
@@ -514,6 +556,19 @@ def _add_bench(sub) -> None:
     p.add_argument("--compiled", action="store_true",
                    help="also time torch.compile(q, backend='ouromamba') (fused integer kernels)")
     p.set_defaults(fn=cmd_bench)
+
+
+def _add_export(sub) -> None:
+    p = _sub(sub, "export", "export a saved quantized model for deployment: a torch.export program (.pt2) or, "
+                            "with --aoti, an AOTInductor package runnable from Python and from C++ (examples/cpp)")
+    p.add_argument("file", help="a .safetensors file written by 'convert --out' or QuantizedModel.save")
+    p.add_argument("--out", required=True, metavar="FILE", help="the .pt2 file to write")
+    p.add_argument("--aoti", action="store_true", help="compile the program with AOTInductor (needs a C++ compiler)")
+    p.add_argument("--reference", action="store_true",
+                   help="export the reference graph (quantize/dequantize ops) instead of the lowered, fused one")
+    p.add_argument("--max-batch", type=POSITIVE, default=4096, help="largest batch the program accepts")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of the program (default: cpu)")
+    p.set_defaults(fn=cmd_export)
 
 
 def _add_gen(sub) -> None:

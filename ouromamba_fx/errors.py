@@ -30,3 +30,12 @@ class UnknownNameError(OuroMambaError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message quoted
         return str(self.args[0]) if self.args else ""
+
+
+class ExportError(OuroMambaError):
+    """A quantized model cannot be exported or compiled for deployment as asked."""
+
+
+class UnsafeFileError(OuroMambaError, ValueError):
+    """A file refused before anything in it was loaded: it holds something the package never writes
+    (code, pickles, native libraries, ops outside its allowlist)."""

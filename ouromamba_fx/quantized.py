@@ -167,6 +167,18 @@ class QuantizedModel(nn.Module):
         out.__dict__["reference"] = self
         return out
 
+    def export(self, example_input: torch.Tensor, max_batch: int | None = None) -> torch.export.ExportedProgram:
+        """This model as a ``torch.export`` program (``ExportedProgram``) for inputs shaped like
+        ``example_input``, with a dynamic batch size (1 to ``max_batch``, default
+        :data:`ouromamba_fx.export.MAX_BATCH`). The graph holds the package's ops
+        (``torch.ops.ouromamba.*``) and aten ops: the reference graph's ops here, the fused ones
+        of a lowered copy (``q.lower().export(x)``, the one to deploy). Save it with
+        :func:`ouromamba_fx.export.save`, read it back with :func:`ouromamba_fx.export.load`,
+        compile it with :func:`ouromamba_fx.export.compile_aoti`. See :mod:`ouromamba_fx.export`."""
+        from ouromamba_fx.export import MAX_BATCH, export_program
+
+        return export_program(self, example_input, max_batch=max_batch or MAX_BATCH)
+
     def report(self) -> Report:
         """What was quantized and how well (a rich table; ``print`` gives text)."""
         return Report.of(self)

@@ -28,7 +28,7 @@ LAYERS = [
     ("passes", ["passes", "passes.*"]),
     ("lowering", ["lowering", "lowering.*"]),
     ("results", ["measure", "report", "diff", "outliers", "fileformat", "coverage"]),
-    ("api", ["", "quantized", "convert", "gen", "serialize", "evaluate", "data", "latency", "cli"]),
+    ("api", ["", "quantized", "convert", "gen", "serialize", "evaluate", "data", "latency", "export", "cli"]),
 ]
 
 # What the tree still breaks while it is being restructured; each step removes its entries, and an

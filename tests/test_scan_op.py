@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
+from ouromamba_fx.kernels.cpu.build import CPU_LIBRARY, SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 from ouromamba_fx.ops.scan import scan_backend, selective_scan
 
@@ -468,7 +468,10 @@ def test_torch_compile_inductor():
 
 def without_kernels(monkeypatch, ext, build=None):
     """``ext`` as if it had not been built yet (``build``: what building it does) or, without
-    ``build``, as after a failed build; monkeypatch restores the built module afterwards."""
+    ``build``, as after a failed build; monkeypatch restores the built module afterwards. The
+    library's C++ kernels of the public ops are taken out of the dispatcher meanwhile (the ops
+    then run their Python implementations, which consult ``ext``)."""
+    monkeypatch.setattr(CPU_LIBRARY, "dispatching", False)
     monkeypatch.setattr(ext, "_tried", build is None)
     monkeypatch.setattr(ext, "_ext", None)
     monkeypatch.setattr(ext, "_reason", None if build else "simulated")

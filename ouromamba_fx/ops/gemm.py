@@ -45,7 +45,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ouromamba_fx.kernels.cpu.build import MIXER_OPS
+from ouromamba_fx.kernels.cpu.build import CPU_LIBRARY, MIXER_OPS
 from ouromamba_fx.ops.dispatch import on_cuda
 
 MODES = ("int_mm", "emulated")
@@ -73,15 +73,33 @@ def check_choice(choice: str) -> str:
     return choice
 
 
+_CHOICE_CODES = {"auto": 0, "int_mm": 1, "emulated": 2}
+
+
+def sync_choice() -> None:
+    """Pass this thread's choice on to the C++ kernels of the ops (a thread-local there), once the
+    library is loaded; :func:`use` calls it on entry and exit, the library when it loads. Not
+    while torch.compile or torch.export trace a ``use`` block: the kernels do not run then, and
+    the call would be recorded in the graph."""
+    if CPU_LIBRARY.loaded and not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        torch.ops.ouromamba_cpu.set_gemm_choice(_CHOICE_CODES[_MODE.get()])
+
+
+CPU_LIBRARY.on_load.append(sync_choice)
+
+
 @contextlib.contextmanager
 def use(choice: str) -> Iterator[None]:
     """Run the block with the integer GEMM path ``choice`` (``auto``: this CPU's; see the module
-    docstring)."""
+    docstring). The ops' C++ kernels follow it too: they read a per-thread copy of the choice
+    (:func:`sync_choice`), so a block is honoured by the calls made from its own thread."""
     token = _MODE.set(check_choice(choice))
+    sync_choice()
     try:
         yield
     finally:
         _MODE.reset(token)
+        sync_choice()
 
 
 def mode() -> str:
@@ -147,6 +165,15 @@ def cached_pair(key_tensor: Tensor, other: Tensor, tag: str, make: Callable[[], 
 
 def cache_size() -> int:
     return len(_CACHE)
+
+
+def cache_tags(t: Tensor) -> set[str]:
+    """The tags of the cache entries kept for ``t``, here and in the C++ kernels' own cache
+    (which layouts of a weight the integer linears have made)."""
+    tags = {tag for key, (ref, _, _) in list(_CACHE.items()) if key[0] == id(t) and ref() is t for tag in [key[1]]}
+    if CPU_LIBRARY.loaded:
+        tags |= set(torch.ops.ouromamba_cpu.cached_tags(t))
+    return tags
 
 
 # ---------------------------------------------------------------------------------------------

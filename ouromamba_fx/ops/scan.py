@@ -75,16 +75,17 @@ def _empty_to_none(grads, inputs):
 # ---------------------------------------------------------------------------------------------
 # Forward op
 
+def _cpu_kernels(u: Tensor):
+    """The C++ scan kernels for a CPU call (building them on the first), else None."""
+    return SELECTIVE_SCAN.get() if u.device.type == "cpu" else None
+
+
 @torch.library.custom_op("ouromamba::selective_scan", mutates_args=())
 def _selective_scan_op(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                        z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool) -> Tensor:
-    # Devices without a dedicated kernel (registered below for "cpu" and "cuda"): the reference.
-    return _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
-
-@_selective_scan_op.register_kernel("cpu")
-def _selective_scan_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    ext = SELECTIVE_SCAN.get()
+    # CPU: the C++ kernel (once the library is loaded, CPU calls go to its registered C++ op
+    # directly, kernels/cpu/ops.cpp); other devices without their own kernel: the reference.
+    ext = _cpu_kernels(u)
     if ext is None:
         return _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
@@ -120,16 +121,10 @@ def _selective_scan_bwd_op(dout: Tensor, u: Tensor, delta: Tensor, A: Tensor, B:
                            delta_softplus: bool
                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (u, delta, A, B, C, D, z, delta_bias); empty (0,) tensors for absent inputs."""
-    return _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-
-
-@_selective_scan_bwd_op.register_kernel("cpu")
-def _selective_scan_bwd_cpu(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    ext = SELECTIVE_SCAN.get()
+    ext = _cpu_kernels(u)
     if ext is None:
         return _reference_backward(dout, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    grads = ext.bwd(dout, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus))
-    return tuple(u.new_empty(0) if g is None else g for g in grads)
+    return tuple(ext.bwd(dout, u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus)))
 
 
 @register_cuda(_selective_scan_bwd_op)
@@ -196,12 +191,9 @@ def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     one (under 2 ulp): the lowering option ``fast_decay`` for quantized models, whose scan inputs
     carry 8-bit quantization error anyway. Other kernels (float64, reference, CUDA) compute the
     decays exactly and ignore it."""
-    return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
-
-
-@selective_scan_channels_last.register_kernel("cpu")
-def _selective_scan_cl_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False):
-    ext = SELECTIVE_SCAN.get()
+    # CPU: the C++ kernel (once the library is loaded, CPU calls go to its registered C++ op
+    # directly, kernels/cpu/ops.cpp); other devices without their own kernel: the reference.
+    ext = _cpu_kernels(u)
     if ext is None:
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
     return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True, bool(fast_decay))

@@ -1,19 +1,34 @@
-"""Building the C++ CPU kernels: one lazy, thread-safe extension per source file of this folder.
+"""Building the C++ CPU kernels: one shared library of this folder's sources, lazy and thread-safe.
 
-Each ``.cpp`` here is compiled on first use with ``torch.utils.cpp_extension.load`` (``-O3
--march=native``, OpenMP) and cached in torch's extension directory. :class:`CpuExtension` is the
-one way the ops get a module: ``get()`` returns it, or None when the build failed (a
-``RuntimeWarning`` names the file and the reason, once) or when the environment variable
-``OUROMAMBA_SCAN_BACKEND=reference`` asks for the plain-torch references everywhere (machines
-without a C++ compiler); the ops then run their ``*_ref`` twins.
+The sources are plain libtorch code (no Python bindings): the library registers its kernels with
+PyTorch's dispatcher, so the Python package and a C++ program (``examples/cpp/``) use the same
+code. :data:`CPU_LIBRARY` compiles it on first use with ``torch.utils.cpp_extension.load``
+(``-O3 -march=native``, OpenMP; cached in torch's extension directory under a name carrying this
+CPU's feature hash and a hash of the sources) and loads it with ``torch.ops.load_library``.
+Loading does two things:
 
-* :data:`SELECTIVE_SCAN` -- ``selective_scan.cpp``: the float scan, forward and backward.
-* :data:`SELECTIVE_SCAN_Q` -- ``selective_scan_q.cpp``: the reparameterized / integer-input scans
-  and the state statistics of calibration.
-* :data:`MIXER_OPS` -- ``mixer_ops.cpp``: conv1d + SiLU, the outlier rule with mixed
-  quantization, the W4A4O8 epilogue and the AVX2 int4 GEMM.
+* ``torch.ops.ouromamba_cpu.*`` -- the kernels themselves, which the ops of
+  :mod:`ouromamba_fx.ops` call where they still compose them in Python; :data:`SELECTIVE_SCAN`,
+  :data:`SELECTIVE_SCAN_Q` and :data:`MIXER_OPS` hand them out by family (``get()`` returns an
+  object with the kernels as attributes, or None when the references are in use).
+* the C++ CPU kernels of the public ``ouromamba::*`` ops (``kernels/cpu/ops.cpp``: the scans,
+  conv1d + SiLU, quantization, the W8A8 and W4A4O8 linears, mixed fake quantization) are
+  registered with the dispatcher under those ops, which the Python package defines: from then on
+  a CPU call of those ops runs C++ from end to end (no Python per call, in eager mode, under
+  ``torch.compile`` and in AOTInductor packages alike). :attr:`CpuLibrary.dispatching` turns this
+  off and on (the ops then run their Python implementations, which call the same kernels).
 
-Every source includes ``om_vec.h`` (vector helpers for AVX-512, AVX2 and plain C++).
+When the build fails (a ``RuntimeWarning`` names the file and the reason, once per family) or the
+environment variable ``OUROMAMBA_SCAN_BACKEND=reference`` asks for the plain-torch references
+everywhere (machines without a C++ compiler), nothing is loaded and the ops run their ``*_ref``
+twins.
+
+Sources: ``selective_scan.cpp`` (the float scan, forward and backward), ``selective_scan_q.cpp``
+(the reparameterized / integer-input scans and the state statistics of calibration),
+``mixer_ops.cpp`` (conv1d + SiLU, the outlier rule with mixed quantization, the W4A4O8 epilogue and
+the AVX2 int4 GEMM), ``ops.cpp`` (the public ops' C++ kernels) and ``register.cpp`` (the
+registrations); headers ``om_vec.h`` (vector helpers for AVX-512, AVX2 and plain C++) and
+``kernels.h``.
 """
 
 from __future__ import annotations
@@ -25,13 +40,15 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 CSRC = Path(__file__).resolve().parent
-HEADER = "om_vec.h"
+SOURCES = ("selective_scan.cpp", "selective_scan_q.cpp", "mixer_ops.cpp", "ops.cpp", "register.cpp")
+HEADERS = ("om_vec.h", "kernels.h")
 ENV_BACKEND = "OUROMAMBA_SCAN_BACKEND"
 
-__all__ = ["CpuExtension", "compile_flags", "cpu_tag", "load_cpu_extension", "SELECTIVE_SCAN", "SELECTIVE_SCAN_Q",
-           "MIXER_OPS"]
+__all__ = ["CpuExtension", "CpuLibrary", "compile_flags", "cpu_tag", "source_digest", "CPU_LIBRARY",
+           "SELECTIVE_SCAN", "SELECTIVE_SCAN_Q", "MIXER_OPS"]
 
 
 def cpu_tag() -> str:
@@ -63,27 +80,34 @@ def compile_flags() -> tuple[list[str], list[str]]:
     return cflags, ldflags
 
 
-def load_cpu_extension(stem: str, source: Path):
-    """Compile (or load from torch's extension cache) one kernel file of this folder.
-
-    The extension's name carries the CPU's feature hash and a hash of the source and of
-    ``om_vec.h``: torch's cache only watches the listed sources, so editing the header would
-    otherwise reuse a stale build."""
-    from torch.utils import cpp_extension
-
-    header = source.parent / HEADER
-    for f in (source, header):
+def _files() -> list[Path]:
+    files = [CSRC / name for name in SOURCES + HEADERS]
+    for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"the kernel source ouromamba_fx/kernels/cpu/{f.name} is missing "
                                     "(is it listed as package data?)")
-    digest = hashlib.sha1(source.read_bytes() + header.read_bytes()).hexdigest()[:8]
+    return files
+
+
+def source_digest() -> str:
+    """A hash of every source and header: torch's cache only watches the sources it compiles, so
+    editing a header would otherwise reuse a stale build."""
+    return hashlib.sha1(b"".join(f.read_bytes() for f in _files())).hexdigest()[:8]
+
+
+def _build_and_load() -> str:
+    """Compile (or find in torch's extension cache) and load the library; returns its path."""
+    from torch.utils import cpp_extension
+
+    files = _files()
     cflags, ldflags = compile_flags()
     return cpp_extension.load(
-        name=f"ouromamba_{stem}_{cpu_tag()}_{digest}",
-        sources=[str(source)],
+        name=f"ouromamba_cpu_{cpu_tag()}_{source_digest()}",
+        sources=[str(f) for f in files if f.suffix == ".cpp"],
         extra_cflags=cflags,
         extra_ldflags=ldflags,
-        extra_include_paths=[str(source.parent)],
+        extra_include_paths=[str(CSRC)],
+        is_python_module=False,
         verbose=False,
     )
 
@@ -106,11 +130,86 @@ def _short(reason: str) -> str:
     return reason if len(reason) <= 2000 else reason[:1000] + "\n[...]\n" + reason[-1000:]
 
 
-class CpuExtension:
-    """The C++ kernels of ``<stem>.cpp``, built on the first :meth:`get` (thread-safe)."""
+class CpuLibrary:
+    """The compiled library: built and loaded once per process by :meth:`load` (thread-safe)."""
 
-    def __init__(self, stem: str, what: str) -> None:
-        self.stem, self.what = stem, what
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._path: str | None = None
+        self._error: BaseException | None = None
+        self._dispatching = False
+        # called once the library is loaded (ouromamba_fx.ops.gemm passes on the GEMM choice of a
+        # use() block entered before)
+        self.on_load: list = []
+
+    def load(self) -> str:
+        """The library's path, building and loading it on the first call (and registering the
+        public ops' C++ kernels); re-raises the first call's error on later calls."""
+        if self._path is None and self._error is None:
+            with self._lock:
+                if self._path is None and self._error is None:
+                    try:
+                        path = _build_and_load()
+                    except Exception as exc:  # noqa: BLE001 - kept, re-raised to every caller
+                        self._error = exc
+                    else:
+                        self._register()
+                        self._path = path
+        if self._error is not None:
+            raise self._error
+        return self._path
+
+    def _register(self) -> None:
+        import torch
+
+        torch.ops.ouromamba_cpu.set_dispatch(True)
+        self._dispatching = True
+        for hook in self.on_load:
+            hook()
+
+    @property
+    def loaded(self) -> bool:
+        return self._path is not None
+
+    @property
+    def path(self) -> str | None:
+        """The loaded library's file (None before :meth:`load`)."""
+        return self._path
+
+    @property
+    def dispatching(self) -> bool:
+        """Whether CPU calls of the public ops run their C++ kernels (True once loaded). Setting it
+        False makes them run their Python implementations (tests of those; ``monkeypatch.setattr``
+        restores it)."""
+        return self._dispatching
+
+    @dispatching.setter
+    def dispatching(self, on: bool) -> None:
+        if not self.loaded:
+            return
+        import torch
+
+        torch.ops.ouromamba_cpu.set_dispatch(bool(on))
+        self._dispatching = bool(on)
+
+
+CPU_LIBRARY = CpuLibrary()
+
+
+def _kernels(names: dict[str, str]) -> SimpleNamespace:
+    """The library's kernels under the names the ops call them by."""
+    import torch
+
+    ns = torch.ops.ouromamba_cpu
+    return SimpleNamespace(**{attr: getattr(ns, op).default for attr, op in names.items()})
+
+
+class CpuExtension:
+    """One family of kernels of the library (``<stem>.cpp``), loaded on the first :meth:`get`
+    (thread-safe); a failed build is warned about once per family."""
+
+    def __init__(self, stem: str, what: str, names: dict[str, str]) -> None:
+        self.stem, self.what, self.names = stem, what, names
         self.source = CSRC / f"{stem}.cpp"
         self._lock = threading.Lock()
         self._tried = False
@@ -118,10 +217,12 @@ class CpuExtension:
         self._reason: str | None = None
 
     def _build(self):
-        return load_cpu_extension(self.stem, self.source)
+        CPU_LIBRARY.load()
+        return _kernels(self.names)
 
     def get(self):
-        """The compiled module, or None when the plain-torch references are in use (see module docstring)."""
+        """The kernels (attributes named as in ``names``), or None when the plain-torch references
+        are in use (see module docstring)."""
         if not self._tried:
             with self._lock:
                 if not self._tried:
@@ -153,6 +254,11 @@ class CpuExtension:
         return self._reason
 
 
-SELECTIVE_SCAN = CpuExtension("selective_scan", "the fused C++ selective-scan kernel")
-SELECTIVE_SCAN_Q = CpuExtension("selective_scan_q", "the C++ quantized selective scan")
-MIXER_OPS = CpuExtension("mixer_ops", "the C++ mixer kernels")
+SELECTIVE_SCAN = CpuExtension("selective_scan", "the fused C++ selective-scan kernel",
+                              {"fwd": "scan_fwd", "bwd": "scan_bwd"})
+SELECTIVE_SCAN_Q = CpuExtension("selective_scan_q", "the C++ quantized selective scan",
+                                {"fwd": "qscan_fwd", "state_stats": "qscan_state_stats"})
+MIXER_OPS = CpuExtension("mixer_ops", "the C++ mixer kernels",
+                         {name: name for name in ("conv_silu", "linear_mixed_fake", "mixed_quant", "w4a4o8_epilogue",
+                                                  "outlier_weights", "u4_available", "u4_pack", "u4_linear",
+                                                  "u4_mm")})

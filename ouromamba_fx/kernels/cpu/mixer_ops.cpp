@@ -24,7 +24,7 @@
 // codes equal the reference's except where float rounding elsewhere moves a value across a
 // rounding boundary or an outlier threshold.
 
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -1242,21 +1242,3 @@ torch::Tensor u4_linear(torch::Tensor a, torch::Tensor packed, torch::Tensor col
 }
 
 }  // namespace ouromamba_mixer
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("conv_silu", &ouromamba_mixer::conv_silu,
-        "depthwise causal conv1d + SiLU (+ input fake quantization), channel-contiguous output");
-  m.def("linear_mixed_fake", &ouromamba_mixer::linear_mixed_fake,
-        "x @ wt + bias for a short reduction, then its mixed fake quantization, in one pass per row");
-  m.def("mixed_quant", &ouromamba_mixer::mixed_quant,
-        "OuroMamba-Quant mixed-precision quantization: outlier rule, int8 codes or dequantized values");
-  m.def("w4a4o8_epilogue", &ouromamba_mixer::w4a4o8_epilogue,
-        "W4A4O8 epilogue in place of the int32 inlier accumulator: scales, sparse outlier term, bias");
-  m.def("outlier_weights", &ouromamba_mixer::outlier_weights,
-        "int4 weights (N, K) -> the epilogue's outlier rows (K, N padded to 64) uint8, w + 8");
-  m.def("u4_available", &ouromamba_mixer::u4_available, "whether u4_mm has its AVX2 kernel in this build");
-  m.def("u4_pack", &ouromamba_mixer::u4_pack, "int4 weights (N, K) -> u4_mm's column panels and column sums");
-  m.def("u4_linear", &ouromamba_mixer::u4_linear,
-        "u4_mm then w4a4o8_epilogue, a block of rows at a time: the W4A4O8 linear's float32 output");
-  m.def("u4_mm", &ouromamba_mixer::u4_mm, "exact int32 q @ w^T for 4-bit codes (as q + 8, uint8) x int4 weights");
-}

@@ -41,7 +41,7 @@
 // in float32 with om_vec.h's branch-free vector functions: the decays exp(dt A) as
 // exp2(dt * A log2 e) (under 2 ulp), log2 e folded into A once per block.
 
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__) || defined(__AVX__)
@@ -1152,15 +1152,3 @@ std::vector<c10::optional<at::Tensor>> selective_scan_bwd(
 }
 
 }  // namespace ouromamba_scan
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ouromamba_fx fused selective scan (CPU)";
-  m.def("fwd", &ouromamba_scan::selective_scan_fwd, "selective scan forward",
-        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"),
-        py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"), py::arg("channels_last") = false,
-        py::arg("fast_decay") = false);
-  m.def("bwd", &ouromamba_scan::selective_scan_bwd,
-        "selective scan backward: [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias] (None for absent inputs)",
-        py::arg("dout"), py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
-        py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"));
-}

@@ -26,7 +26,7 @@
 // are applied in a different (cheaper) order than the reference, which changes results by a few
 // ulp only. float64 inputs are computed in float64, the rest in float32.
 
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #if defined(__AVX512F__)
@@ -402,15 +402,3 @@ std::vector<at::Tensor> state_stats(const at::Tensor& u, const at::Tensor& delta
 }
 
 }  // namespace ouromamba_qscan
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ouromamba_fx quantized, reparameterized selective scan (CPU)";
-  m.def("fwd", &ouromamba_qscan::qscan_fwd, "quantized selective scan forward",
-        py::arg("u"), py::arg("delta"), py::arg("delta_scale"), py::arg("delta_zp"), py::arg("A"),
-        py::arg("B"), py::arg("B_scale"), py::arg("B_zp"), py::arg("C"), py::arg("C_scale"),
-        py::arg("C_zp"), py::arg("D"), py::arg("z"), py::arg("delta_bias"), py::arg("delta_softplus"),
-        py::arg("r_c"), py::arg("r_l"), py::arg("r_n"), py::arg("state_scale"), py::arg("qmax"));
-  m.def("state_stats", &ouromamba_qscan::state_stats, "[sum_b |h|, max_b |h|], each (d_inner, L, d_state)",
-        py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("delta_bias"),
-        py::arg("delta_softplus"));
-}
