@@ -265,8 +265,7 @@ STATE_NOTES = [
     "quantized to 8 bits (`QuantConfig.reparam = Reparam(8, factors=..., granularity=...)`): 'reparam' = "
     "k-scaled PTQ's rank-1 reparameterization h' = h / (r_C r_L r_N) with r_N folded into x_proj; "
     "'no reparam' = the state quantized as it is; scales are the calibrated max of |h'| / 127, one per "
-    "time-step, per time-step and d_inner channel, or per time-step and d_state index (the two finer "
-    "ones run the plain-torch reference scan).", ""]
+    "time-step, per time-step and d_inner channel, or per time-step and d_state index.", ""]
 
 
 METHOD_NOTES = [

@@ -125,6 +125,11 @@ def test_scan_q_finer_state_scales_match_per_step_and_resample():
     out = SCAN_Q_OP(*args, fine, 8)
     changed = (out - per_step).abs().amax(dim=(0, 2)) > 1e-6
     assert changed.tolist() == [False, False, True, False, False, False]
+    # random finer scales: the C++ kernel equals the reference
+    for fine in (torch.rand(d, length, 1, generator=g) * 0.05 + 0.005, torch.rand(1, length, n, generator=g) * 0.05 + 0.005):
+        torch.testing.assert_close(SCAN_Q_OP(*args, fine, 8), selective_scan_q_ref(*args, fine, 8), rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="state_scale must be"):
+        SCAN_Q_OP(*args, torch.ones(d, length, n), 8)
     # calibrated for another length: resampled along the step axis like per-step scales
     short = SCAN_Q_OP(u[..., :5], delta[..., :5], A, B[..., :5], C[..., :5], D, z[..., :5], None, True, r_c, r_l,
                       r_n, torch.full((d, length, 1), 0.02), 8)

@@ -10,8 +10,8 @@ rescaled state ``h'_t = h_t / (r_C x r_L[t] x r_N)``:
     h'_t = fq(h'_t, state_scale[t])          (one scale per time-step, when state_bits < 16)
     y_t  = r_C r_L[t] * sum_n C_t[n] r_N[n] h'_t[n] + D u_t,   out = y * silu(z)
 
-(``state_scale`` may also be ``(d_inner | 1, L, d_state | 1)``: a scale per time-step and channel or
-state index; the kernels then run the reference), so without state quantization it equals the
+(``state_scale`` may also be ``(d_inner, L, 1)`` or ``(1, L, d_state)``: a scale per time-step and
+channel or state index; the C++ kernel takes them, on CUDA they run the reference), so without state quantization it equals the
 plain scan exactly (up to float rounding). The quantized state feeds both the output and the next
 step, so state quantization is real: it changes the forward output. ``r_N`` can be folded into
 ``x_proj`` (B rows / r_N, C rows * r_N); then the op gets ``r_N = 1``.
@@ -158,7 +158,7 @@ def _step_params(r_l: Tensor, state_scale: Tensor, length: int, dtype: torch.dty
 
 
 def _fine_scales(state_scale: Tensor | None) -> bool:
-    """State scales finer than one per time-step: only the reference scan takes them."""
+    """State scales finer than one per time-step: the Triton kernel does not take them."""
     return state_scale is not None and state_scale.dim() > 1
 
 
@@ -208,7 +208,7 @@ def selective_scan_reparam(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
 def _selective_scan_reparam_cpu(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
                                 state_bits):
     ext = SELECTIVE_SCAN_Q.get()
-    if ext is None or B.dim() != 3 or C.dim() != 3 or _fine_scales(state_scale):
+    if ext is None or B.dim() != 3 or C.dim() != 3:
         return selective_scan_reparam_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
                                           state_scale, state_bits)
     ct = _compute_dtype(u)
@@ -305,7 +305,7 @@ def _per_step(s: Tensor, length: int, name: str) -> Tensor:
 def _selective_scan_int8_inputs_cpu(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
                                     delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
     ext = SELECTIVE_SCAN_Q.get()
-    if ext is None or B.dim() != 3 or C.dim() != 3 or _fine_scales(state_scale):
+    if ext is None or B.dim() != 3 or C.dim() != 3:
         return selective_scan_int8_inputs_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
                                               D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
     length = u.shape[-1]
