@@ -5,7 +5,7 @@ import ouromamba_fx as of
 from ouromamba_fx.tags import tag
 from ouromamba_fx.config import ActQuant, KScale, OutlierQuant, QuantConfig, Reparam, WeightQuant
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref
-from ouromamba_fx.ops.scan_quant import SCAN_REPARAM_OP as SCAN_Q_OP
+from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP as SCAN_Q_OP
 from ouromamba_fx.ops.scan_quant import scan_state_stats
 from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref
 from ouromamba_fx.passes.reparam import rank1_factors
@@ -181,3 +181,16 @@ def test_reparam_config_checks_granularity():
         Reparam(granularity="per_token")
     cfg = QuantConfig("s", reparam=Reparam(8, factors=False, granularity="step_channel"))
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_lowered_model_keeps_finer_state_scales(tiny_vim):
+    # the lowered graph (selective_scan_q, or selective_scan_qi when it takes int8 scan inputs) keeps
+    # the (d_inner, L, 1) state scales and computes the same
+    cfg = QuantConfig("s", WeightQuant(8), ActQuant(8), reparam=Reparam(8, granularity="step_channel"))
+    q = of.convert(tiny_vim, calib=X, config=cfg, show_progress=False)
+    y = torch.randn(4, 3, 16, 16)
+    low = q.lower()
+    assert any(n.target in (SCAN_Q_OP, SCAN_INT8_INPUTS_OP) for n in low.graph_module.graph.nodes)
+    assert any(name.endswith("state_scale") and buf.shape == (64, 17, 1) for name, buf in low.graph_module.named_buffers())
+    with torch.no_grad():
+        torch.testing.assert_close(low(y), q(y), rtol=1e-4, atol=1e-4)
