@@ -178,7 +178,7 @@ def quality(args, write) -> str:
         write("\n".join(lines))
 
     def synthetic(changes: dict, seed: int) -> SyntheticCalib:
-        cfg = GenConfig().replace(n=128, **{**overrides, **changes, "seed": seed})
+        cfg = GenConfig().replace(**{"n": 128, **overrides, **changes, "seed": seed})
         key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
         path = cache / f"synth_{cfg.loss}_seed{seed}_{key}.safetensors" if cache else None
         if path is not None and path.is_file():
