@@ -71,6 +71,21 @@ def methods(w: int, a: int) -> dict[str, of.QuantConfig]:
     return cols
 
 
+def state_methods() -> dict[str, of.QuantConfig]:
+    """Columns of the hidden-state ablation (``--state``): the W8A8 preset with its scan state kept
+    in float, then quantized at 8 bits with and without the reparameterization, with one scale per
+    time-step or finer scales (per time-step and d_inner channel, per time-step and d_state index)."""
+    base = of.PRESETS["W8A8"]
+    cols = {"float state": base}
+    for gran, gname in (("step", "per step"), ("step_channel", "per step x channel"),
+                        ("step_state", "per step x state")):
+        for factors, fname in ((True, "reparam"), (False, "no reparam")):
+            cols[f"S8 {fname} {gname}"] = base.replace(
+                name=f"W8A8-S8-{gran}{'' if factors else '-noreparam'}",
+                reparam=of.Reparam(8, factors=factors, granularity=gran))
+    return cols
+
+
 def write_section(path: Path, key: str, text: str) -> None:
     """Replace the ``<!-- key -->`` section of the markdown file (other sections are kept)."""
     old = path.read_text() if path.is_file() else "# Accuracy: quantized reference Vim (CIFAR-10, d=128, depth 8)\n"
@@ -121,6 +136,9 @@ def main() -> None:
                     "with --sources 8/8,4/8,4/4)")
     ap.add_argument("--columns", default=None, help="comma-separated subset of the columns")
     ap.add_argument("--sources", action="store_true", help="calibration sources as columns")
+    ap.add_argument("--state", action="store_true", help="the hidden-state quantization ablation at W8A8 "
+                    "(real calibration; columns: float state, 8-bit state with/without reparameterization "
+                    "and by scale granularity)")
     ap.add_argument("--gen-cache", default=None, help="folder to keep/reuse synthetic sets (--sources)")
     ap.add_argument("--gen-file", action="append", default=[], metavar="LOSS=PATH",
                     help="use a saved synthetic set (SyntheticCalib.save) for that loss instead of generating; "
@@ -143,7 +161,7 @@ def main() -> None:
     con.print(fp.summary("FP32"))
     pairs = [tuple(int(v) for v in p.split("/")) for p in bits.split(",")]
     wanted = args.columns.split(",") if args.columns else None
-    cmd = "python benchmarks/accuracy.py" + (" --sources" if args.sources else "") + \
+    cmd = "python benchmarks/accuracy.py" + (" --sources" if args.sources else "") + (" --state" if args.state else "") + \
         (f" --limit-per-class {args.limit_per_class}" if args.limit_per_class else "") + \
         (f" --bits {args.bits}" if args.bits else "") + (f" --columns {args.columns}" if args.columns else "") + \
         "".join(f" --gen-file {g.split('=', 1)[0]}=<dir>/{Path(g.split('=', 1)[1]).name}" for g in args.gen_file)
@@ -207,7 +225,22 @@ def main() -> None:
         con.print(f"wrote {out}")
         return
 
-    results: dict[str, dict[str, tuple[float, float]]] = {}
+    if args.state:
+        cols = {k: v for k, v in state_methods().items() if not wanted or k in wanted}
+        results: dict[str, dict] = {}
+        start = time.time()
+        for col, cfg in cols.items():
+            measure(results, "W8A8", col, cfg, calib)
+            write_section(out, args.section or "state", table_md(
+                header("## Scan hidden-state quantization at W8A8 (real calibration)", len(results["W8A8"]) == len(cols),
+                       start) + [
+                 f"Top-1 (%) on {fp.total} held-out val images; calibration on {n_calib} real training images. "
+                 "In brackets: top-1 agreement with the FP32 model.", ""],
+                results, list(cols), fp.top1, STATE_NOTES))
+        con.print(f"wrote {out}")
+        return
+
+    results = {}
     start = time.time()
     plan = {f"W{w}A{a}{'O8' if (w, a) == (4, 4) else ''}":
             {k: v for k, v in methods(w, a).items() if not wanted or k in wanted} for w, a in pairs}
@@ -224,6 +257,15 @@ def main() -> None:
                  f"agreement with the FP32 model.", ""],
                 results, all_cols, fp.top1, METHOD_NOTES))
     con.print(f"wrote {out}")
+
+
+STATE_NOTES = [
+    "Columns: the W8A8 preset (8-bit per-channel weights, 8-bit static per-step activations with the "
+    "clipping search, conv1d and scan inputs quantized) with the scan's hidden state in float, then "
+    "quantized to 8 bits (`QuantConfig.reparam = Reparam(8, factors=..., granularity=...)`): 'reparam' = "
+    "k-scaled PTQ's rank-1 reparameterization h' = h / (r_C r_L r_N) with r_N folded into x_proj; "
+    "'no reparam' = the state quantized as it is; scales are the calibrated max of |h'| / 127, one per "
+    "time-step, per time-step and d_inner channel, or per time-step and d_state index.", ""]
 
 
 METHOD_NOTES = [

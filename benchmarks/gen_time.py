@@ -4,20 +4,28 @@ Timing (default): seconds per optimisation step (forward + backward of the gener
 Adam step excluded) for the reference model at batch 32 and 128, and how it grows with depth and
 token count (random-weight VisionMamba, d_model 128, patch 4, batch 32).
 
-Quality (``--quality``): 128 synthetic images per loss variant, then ``convert`` with W8A8 and
-W4A8 and top-1 on the CIFAR-10 val folder (100 per class), against the same conversions
-calibrated on real images and on Gaussian noise. Needs the shared data folder
-(``--data``, default ``../shared/data/cifar10`` from the repository root).
+Quality (``--quality``): synthetic sets (128 images per loss by default, or one row per
+``--variant`` of GenConfig settings), then ``convert`` with each preset of ``--configs`` and top-1
+on the CIFAR-10 val folder (``--limit`` per class, 0: all 5,000), against the same conversions
+calibrated on real images and on Gaussian noise. Needs the shared data folder (``--data``, default
+``../shared/data/cifar10`` from the repository root).
 
-Both modes write their section of ``benchmarks/gen_time.md`` (the other section is kept).
+Convert time (``--convert``): wall and CPU time of the whole data-free convert of the bundled model
+(generation + calibration + passes) for each ``--variant``, one after the other in one process --
+the before/after of a change to the GenConfig defaults on one machine.
+
+Each mode writes its section of ``benchmarks/gen_time.md`` (the other sections are kept).
 
     python benchmarks/gen_time.py                      # timing
-    python benchmarks/gen_time.py --quality            # accuracy table (long: ~10 min per gen run)
+    python benchmarks/gen_time.py --quality            # accuracy table (long: minutes per gen run)
+    python benchmarks/gen_time.py --quality --limit 0 --variant "cheap:n=64,iters=50" --variant "iters=200"
+    python benchmarks/gen_time.py --convert --variant "before:n=128,iters=200" --variant "after:"
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shlex
@@ -38,6 +46,18 @@ HERE = Path(__file__).resolve().parent
 # made), so that cached files stay valid.
 GEN_KEY_FIELDS = ("n", "iters", "lr", "betas", "warmup", "batch_size", "neighbourhood", "top_k", "temperature",
                   "lambda_c", "loss", "jitter", "flip")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (lscpu's "Model name"), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
 
 
 def load_avg() -> str:
@@ -103,66 +123,118 @@ def timing(args) -> str:
     return "\n".join(lines)
 
 
-def evaluate_q(model, calib, config, data: Path, limit: int) -> float:
+def evaluate_q(model, calib, config, data: Path, limit: int | None) -> float:
     q = of.convert(model, calib=calib, config=config, show_progress=False)
     return of.evaluate(q, str(data / "val"), transform_model=model, limit_per_class=limit,
                        show_progress=False).top1
 
 
-def quality(args) -> str:
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``"name:key=value,key=value"`` (or just ``"key=value,..."``) -> (name, GenConfig overrides).
+    Values are ints, floats, ``none``, or ``a/b/c`` for a tuple of ints (``layers=7`` or ``layers=3/7``)."""
+    name, _, spec = text.rpartition(":")
+    changes: dict = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in {f.name for f in dataclasses.fields(GenConfig)}:
+            raise SystemExit(f"gen_time.py: --variant {text!r}: {key!r} is not a GenConfig field")
+        if key == "layers":
+            changes[key] = None if value == "none" else tuple(int(v) for v in value.split("/"))
+        elif value == "none":
+            changes[key] = None
+        elif key == "loss":
+            changes[key] = value
+        else:
+            changes[key] = float(value) if any(c in value for c in ".e") else int(value)
+    GenConfig().replace(**changes)  # validate now, not after an hour of other rows
+    return name or ",".join(f"{k}={v}" for k, v in changes.items()) or "defaults", changes
+
+
+def quality(args, write) -> str:
     import hashlib
     import json
 
     from ouromamba_fx.data import image_loader
 
     data = Path(args.data)
+    limit = args.limit or None
     model = of.models.reference_model()
-    fp = of.evaluate(model, str(data / "val"), limit_per_class=args.limit, show_progress=False).top1
+    fp_res = of.evaluate(model, str(data / "val"), limit_per_class=limit, show_progress=False)
+    fp, total = fp_res.top1, fp_res.total
     cache = Path(args.cache) if args.cache else None
     overrides = {k: getattr(args, k) for k in ("iters", "lr", "lambda_c", "temperature", "top_k",
                                                 "neighbourhood", "batch_size") if getattr(args, k) is not None}
+    variants = ([parse_variant(v) for v in args.variant] if args.variant else
+                [(f"loss={loss}", {"loss": loss}) for loss in args.losses])
     configs = [of.config.preset(c) for c in args.configs]
-    lines = [f"FP32 top-1: {fp:.2f}% (CIFAR-10 val, {args.limit} per class; one image = "
-             f"{100 / (10 * args.limit):.2f} points)", "",
+    lines = [f"FP32 top-1: {fp:.2f}% (CIFAR-10 val, {total} images; one image = {100 / total:.2f} points)", "",
              "| calibration | seed | " + " | ".join(c.name for c in configs) + " | generation |",
              "|---|---:|" + "---:|" * len(configs) + "---|"]
 
     def row(name: str, seed, calib, note: str = "") -> None:
-        accs = [evaluate_q(model, calib, cfg, data, args.limit) for cfg in configs]
+        accs = [evaluate_q(model, calib, cfg, data, limit) for cfg in configs]
         lines.append(f"| {name} | {seed} | " + " | ".join(f"{a:.2f}" for a in accs) + f" | {note} |")
         print(lines[-1], flush=True)
+        write("\n".join(lines))
 
-    def synthetic(loss: str, seed: int) -> SyntheticCalib:
-        defaults = {k: getattr(GenConfig(), k) for k in GEN_KEY_FIELDS}
-        settings = {**defaults, **overrides, "loss": loss, "seed": seed}
-        key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        path = cache / f"synth_{loss}_seed{seed}_{key}.safetensors" if cache else None
+    def synthetic(changes: dict, seed: int) -> SyntheticCalib:
+        cfg = GenConfig().replace(**{"n": 128, **overrides, **changes, "seed": seed})
+        key = hashlib.sha1(json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()[:10]
+        path = cache / f"synth_{cfg.loss}_seed{seed}_{key}.safetensors" if cache else None
         if path is not None and path.is_file():
             return SyntheticCalib.load(path)
-        synth = gen(model, n=128, loss=loss, seed=seed, show_progress=not args.quiet, **overrides)
+        synth = gen(model, cfg, show_progress=not args.quiet)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             synth.save(path)
         return synth
 
+    baselines = [] if args.no_baselines else args.baselines.split(",")
     real = None
-    if not args.no_baselines:
+    if {"real", "real128"} & set(baselines):
         real = torch.cat(list(image_loader(model, data / "calib", batch_size=100, labels=False)))
+    if "real" in baselines:
         row("real (1000 calib images)", "-", real.split(100))
     for seed in args.seeds:
-        if real is not None:
+        if "real128" in baselines:
             pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:128]
             row("real (128 random calib images)", seed, real[pick])
+        if "noise" in baselines:
             c, h, w = model.pretrained_cfg["input_size"]
             row("Gaussian noise (randn, 128)", seed,
                 torch.randn(128, c, h, w, generator=torch.Generator().manual_seed(seed)))
-        for loss in args.losses:
-            synth = synthetic(loss, seed)
+        for name, changes in variants:
+            synth = synthetic(changes, seed)
             st = synth.settings
-            note = (f"{st['iters']} it, batch {st['batch_size']}, lr {st['lr']}, T {st['temperature']}, "
-                    f"lambda_c {st['lambda_c']}; {st['seconds'] / 60:.1f} min "
-                    f"({st['seconds_per_iter']:.2f} s/step); target acc {100 * st['target_accuracy']:.0f}%")
-            row(f"OuroMamba-Gen loss={loss} (128)", seed, synth, note)
+            layers = "all" if st.get("layers") is None else "/".join(str(i) for i in st["layers"])
+            note = (f"loss {st['loss']}, {st['n']} images x {st['iters']} it, batch {st['batch_size']}, layers "
+                    f"{layers}, lr {st['lr']}; {st['seconds']:.0f} s ({st['seconds_per_iter']:.2f} s/step, load "
+                    f"{load_avg()}); target acc {100 * st['target_accuracy']:.0f}%")
+            row(f"OuroMamba-Gen {name}", seed, synth, note)
+    return "\n".join(lines)
+
+
+def convert_time(args, write) -> str:
+    """Wall and CPU time of the data-free convert of the bundled model (OuroMamba-Gen with the
+    variant's settings, then calibration and the passes), each variant in turn in this process."""
+    model = of.models.reference_model()
+    variants = [parse_variant(v) for v in args.variant] or [("defaults", {})]
+    cfg = of.config.preset(args.configs[0])
+    lines = [f"Data-free `ouromamba_fx.convert(model, config={cfg.name}, gen_options=...)` of the bundled "
+             "reference model (no calib: OuroMamba-Gen, then calibration on its images), one after the "
+             "other in one process; CPU time = user + system of the process (both threads).", "",
+             "| gen settings | images x iters | loss | layers | wall (s) | CPU (s) | load average before |",
+             "|---|---|---|---|---:|---:|---|"]
+    for name, changes in variants:
+        g = GenConfig().replace(**changes)
+        before = load_avg()
+        t0, c0 = time.perf_counter(), time.process_time()
+        of.convert(model, config=cfg, gen_options=changes, show_progress=not args.quiet)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        layers = "all" if g.layers is None else "/".join(str(i) for i in g.layers)
+        lines.append(f"| {name} | {g.n} x {g.iters} | {g.loss} | {layers} | {wall:.0f} | {cpu:.0f} | {before} |")
+        print(lines[-1], flush=True)
+        write("\n".join(lines))
     return "\n".join(lines)
 
 
@@ -180,10 +252,15 @@ def write_section(path: Path, name: str, body: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", action="store_true", help="accuracy table instead of timing")
+    ap.add_argument("--convert", action="store_true", help="wall time of the data-free convert of the bundled "
+                    "model per --variant (before/after in one run)")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per setting")
     ap.add_argument("--data", default=str(HERE.parents[1] / "shared" / "data" / "cifar10"))
-    ap.add_argument("--limit", type=int, default=100, help="val images per class")
+    ap.add_argument("--limit", type=int, default=100, help="val images per class (0: all)")
     ap.add_argument("--losses", nargs="*", default=["full", "output", "contrastive"])
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                    help="a generated row with these GenConfig changes (n=64,iters=50,layers=7,loss=output); "
+                         "repeatable; replaces --losses")
     ap.add_argument("--configs", nargs="+", default=["W8A8", "W4A8", "W6A6", "W4A4O8"],
                     help="presets to convert with (quality mode)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
@@ -194,6 +271,8 @@ def main(argv=None) -> int:
     for k in ("lr", "lambda_c", "temperature"):
         ap.add_argument(f"--{k.replace('_', '-')}", dest=k, type=float, default=None)
     ap.add_argument("--no-baselines", action="store_true", help="skip the real-image and noise rows")
+    ap.add_argument("--baselines", default="real,real128,noise",
+                    help="comma-separated baseline rows: real (all calib images), real128, noise")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out", default=str(HERE / "gen_time.md"))
     args = ap.parse_args(argv)
@@ -201,14 +280,19 @@ def main(argv=None) -> int:
     shown = ["<path>" if a.startswith("/") else shlex.quote(a) for a in (argv or sys.argv[1:])]
     cmd = "python benchmarks/gen_time.py " + " ".join(shown)
     header = (f"Command: `{cmd.strip()}`  \ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{os.cpu_count()} CPUs, scan backend {scan_backend()}, "
+              f"{os.cpu_count()} CPUs ({cpu_name()}), scan backend {scan_backend()}, "
               f"load average at start {load_avg()}")
     start = time.perf_counter()
-    body = quality(args) if args.quality else timing(args)
-    footer = f"\n\nload average at end {load_avg()}; {time.perf_counter() - start:.0f} s in all. Defaults: {GenConfig()}"
-    section = "quality" if args.quality else "timing"
-    title = "## Quality: calibration source vs top-1" if args.quality else "## Time per generation step"
-    write_section(Path(args.out), section, f"{title}\n\n{header}\n\n{body}{footer}")
+    section = "quality" if args.quality else "convert" if args.convert else "timing"
+    title = {"quality": "## Quality: calibration source vs top-1", "timing": "## Time per generation step",
+             "convert": "## Data-free convert of the bundled model: wall time"}[section]
+
+    def write(body: str, footer: str = "\n\n**Partial: the run is still going or was stopped.**") -> None:
+        write_section(Path(args.out), section, f"{title}\n\n{header}\n\n{body}{footer}")
+
+    body = quality(args, write) if args.quality else convert_time(args, write) if args.convert else timing(args)
+    write(body, f"\n\nload average at end {load_avg()}; {time.perf_counter() - start:.0f} s in all. "
+                f"Defaults: {GenConfig()}")
     print(f"wrote {args.out}")
     return 0
 

@@ -22,6 +22,9 @@ ACT_METHODS = ("minmax", "mse")
 WEIGHT_METHODS = ("minmax", "lp_clip")
 
 
+STATE_GRANULARITIES = ("step", "step_channel", "step_state")
+
+
 def _check_bits(owner: str, bits: int) -> None:
     if not (2 <= bits <= 8 or bits >= FLOAT_BITS):
         raise ValueError(f"{owner}: bits must be in 2..8 (integer) or >= {FLOAT_BITS} (float), got {bits}")
@@ -129,16 +132,26 @@ class KScale:
 
 @dataclass(frozen=True)
 class Reparam:
-    """Scan hidden-state reparameterization (k-scaled PTQ, MLSP 2025): rank-1 factors
-    (r_C, r_L, r_N) from calibration; the d_state factor is folded into x_proj's B and C rows
-    (when ``fold``), the rest are constants of the scan; the rescaled state is quantized with one
-    scale per time-step at ``state_bits`` (>= 16: state kept in float)."""
+    """Scan hidden-state quantization, with the reparameterization of k-scaled PTQ (MLSP 2025):
+    rank-1 factors (r_C, r_L, r_N) from calibration; the d_state factor is folded into x_proj's B
+    and C rows (when ``fold``), the rest are constants of the scan; the rescaled state is quantized
+    at ``state_bits`` (>= 16: state kept in float) with max-calibrated static scales.
+
+    ``factors=False`` quantizes the state as it is (all factors 1: the ablation without the
+    reparameterization). ``granularity`` of the state scales: ``"step"`` one per time-step (the
+    paper's; fused kernels), ``"step_channel"`` one per time-step and d_inner channel,
+    ``"step_state"`` one per time-step and d_state index (the finer two run the C++ kernel on the
+    CPU, the reference scan on CUDA).
+    """
 
     state_bits: int = 8
     fold: bool = True
+    factors: bool = True
+    granularity: str = "step"
 
     def __post_init__(self) -> None:
         _check_bits("Reparam.state_bits", self.state_bits)
+        _check_choice("Reparam.granularity", self.granularity, STATE_GRANULARITIES)
 
 
 @dataclass(frozen=True)

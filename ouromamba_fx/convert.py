@@ -125,7 +125,8 @@ def convert(model: nn.Module, calib=None, config: QuantConfig = W8A8, *,
         calib: calibration images: a tensor ``(N, C, H, W)``, or any iterable of image batches or
             ``(images, labels)`` pairs (a DataLoader), normalised as the model expects. ``None``
             (the default): data-free, ``ouromamba_fx.gen(model, **gen_options)`` synthesises them
-            (OuroMamba-Gen; about 7 minutes for 128 images of the reference model on 2 CPU cores),
+            (OuroMamba-Gen; by default 64 images x 50 steps, about 100 steps of ~0.5 s for the
+            reference model on 2 quiet CPU cores: benchmarks/gen_time.md),
             and the log and report say so.
         config: a :class:`QuantConfig`, a preset (``W8A8``, ``W6A6``, ``W4A8``, ``W4A4O8``) or its name.
         passes: replace the default pipeline (see :func:`default_passes`). Such a model cannot be

@@ -39,9 +39,10 @@ def _inputs_text(spec: SiteSpec) -> str:
 def _weight_text(spec: SiteSpec, t: dict) -> str:
     """The weight column: the weight's bits, or the scan state's (with reparameterization)."""
     if isinstance(spec.state, StateSpec):
-        bits = spec.state.reparam.state_bits
-        return ("state float" if is_float(bits) else f"state S{bits} per_step") + \
-            (", r_N folded" if t.get("folded_r_n") else "")
+        rp = spec.state.reparam
+        scales = {"step": "per_step", "step_channel": "per_step_channel", "step_state": "per_step_state"}
+        return ("state float" if is_float(rp.state_bits) else f"state S{rp.state_bits} {scales[rp.granularity]}") + \
+            ("" if rp.factors else ", not reparameterized") + (", r_N folded" if t.get("folded_r_n") else "")
     if isinstance(spec.weight, WeightSpec):
         return f"W{spec.weight.quant.bits} {spec.weight.quant.granularity}"
     return "float"

@@ -10,10 +10,11 @@ rescaled state ``h'_t = h_t / (r_C x r_L[t] x r_N)``:
     h'_t = fq(h'_t, state_scale[t])          (one scale per time-step, when state_bits < 16)
     y_t  = r_C r_L[t] * sum_n C_t[n] r_N[n] h'_t[n] + D u_t,   out = y * silu(z)
 
-so without state quantization it equals the plain scan exactly (up to float rounding). The
-quantized state feeds both the output and the next step, so state quantization is real: it
-changes the forward output. ``r_N`` can be folded into ``x_proj`` (B rows / r_N, C rows * r_N);
-then the op gets ``r_N = 1``.
+(``state_scale`` may also be ``(d_inner, L, 1)`` or ``(1, L, d_state)``: a scale per time-step and
+channel or state index; the C++ kernel takes them, on CUDA they run the reference), so without state quantization it equals the
+plain scan exactly (up to float rounding). The quantized state feeds both the output and the next
+step, so state quantization is real: it changes the forward output. ``r_N`` can be folded into
+``x_proj`` (B rows / r_N, C rows * r_N); then the op gets ``r_N = 1``.
 
 :func:`scan_state_stats` gives the statistics the factors are computed from (mean and max of
 ``|h|`` over the batch, per channel, step and state), without keeping every state.
@@ -137,10 +138,28 @@ def scan_state_stats_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tens
 
 
 def _step_params(r_l: Tensor, state_scale: Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """r_l and state_scale for ``length`` steps (resampled when calibrated for another length)."""
+    """r_l and state_scale for ``length`` steps (resampled when calibrated for another length).
+    ``state_scale`` is ``(L,)`` or, for finer scales, ``(d_inner | 1, L, d_state | 1)``."""
     if r_l.numel() != length:
-        r_l, state_scale = resample_steps(r_l, length), resample_steps(state_scale, length)
+        r_l = resample_steps(r_l, length)
+        if state_scale.dim() == 1:
+            state_scale = resample_steps(state_scale, length)
+    if state_scale.dim() > 1 and state_scale.shape[1] != length:
+        d, steps, n = state_scale.shape
+        flat = state_scale.float().permute(0, 2, 1).reshape(1, d * n, steps)
+        if length == 1:
+            flat = flat.mean(-1, keepdim=True)
+        elif steps == 1:
+            flat = flat.expand(1, d * n, length)
+        else:  # linear along the steps, as resample_steps does for (L,) scales
+            flat = F.interpolate(flat, size=length, mode="linear", align_corners=True)
+        state_scale = flat.reshape(d, n, length).permute(0, 2, 1)
     return r_l.to(dtype), state_scale.to(dtype)
+
+
+def _fine_scales(state_scale: Tensor | None) -> bool:
+    """State scales finer than one per time-step: the Triton kernel does not take them."""
+    return state_scale is not None and state_scale.dim() > 1
 
 
 def selective_scan_reparam_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
@@ -166,7 +185,7 @@ def selective_scan_reparam_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C
         drive = (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t] * (inv_rcn / r_l[t])
         h = carry * h + drive
         if not is_float(state_bits):
-            s = state_scale[t]
+            s = state_scale[t] if state_scale.dim() == 1 else state_scale[:, t]  # scalar or (d|1, n|1)
             h = torch.round(h / s).clamp_(-qmax, qmax) * s
         ys.append((h * (C[:, None, :, t] * out_rcn)).sum(-1) * r_l[t])
     y = torch.stack(ys, dim=-1)
@@ -322,7 +341,7 @@ SCAN_INT8_INPUTS_OP = torch.ops.ouromamba.selective_scan_qi.default
 
 def _selective_scan_reparam_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
                                  state_bits):
-    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
+    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3 or _fine_scales(state_scale):
         return selective_scan_reparam_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
                                           state_scale, state_bits)
     from ouromamba_fx.kernels.triton.qscan import qscan
@@ -334,7 +353,7 @@ def _selective_scan_reparam_cuda(u, delta, A, B, C, D, z, delta_bias, delta_soft
 
 def _selective_scan_int8_inputs_cuda(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
                                      delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
-    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
+    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3 or _fine_scales(state_scale):
         return selective_scan_int8_inputs_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
                                               D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
     from ouromamba_fx.kernels.triton.qscan import qscan

@@ -9,7 +9,9 @@ Three passes:
   the other two axes, raised to ``p_i = std_i / (std_C + std_L + std_N)``), folds ``r_N`` into the
   ``x_proj`` rows that produce B (``/ r_N``) and C (``* r_N``) when the graph shows where those rows
   are, and replaces the scan by ``ouromamba::selective_scan_q`` with ``r_C, r_L`` (and ``r_N`` if
-  not folded) as constants and one state scale per time-step.
+  not folded) as constants and the state scales (one per time-step, or per time-step and channel /
+  state index: ``Reparam.granularity``). ``Reparam(factors=False)`` keeps all factors 1: the state
+  is quantized without the reparameterization.
 """
 
 from __future__ import annotations
@@ -75,6 +77,19 @@ class ObserveScanStates(Pass):
         return bool(ctx.state_observers)
 
 
+def state_amax(scaled_max: torch.Tensor, granularity: str) -> torch.Tensor:
+    """The calibrated max of ``|h'|`` (d_inner, L, d_state) per scale of ``granularity``: ``(L,)``
+    for ``"step"``, ``(d_inner, L, 1)`` for ``"step_channel"``, ``(1, L, d_state)`` for ``"step_state"``
+    (the shapes ``ouromamba::selective_scan_q`` takes as ``state_scale``)."""
+    if granularity == "step":
+        return scaled_max.amax(dim=(0, 2))
+    if granularity == "step_channel":
+        return scaled_max.amax(dim=2, keepdim=True)
+    if granularity == "step_state":
+        return scaled_max.amax(dim=0, keepdim=True)
+    raise ValueError(f"state_amax: unknown granularity {granularity!r}")
+
+
 def rank1_factors(h_mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(r_C, r_L, r_N) from H (d_inner, L, d_state) as in the k-scaled PTQ paper."""
     h = h_mean.double().clamp_min(EPS)
@@ -100,10 +115,13 @@ class ReparameterizeScan(Pass):
             qmax = numerics.qmax(spec.state_bits)
             obs: ScanStateObserver = gm.get_submodule(node.target)
             h_mean = obs.h_sum / max(obs.count, 1)
-            r_c, r_l, r_n = rank1_factors(h_mean)
+            if spec.factors:
+                r_c, r_l, r_n = rank1_factors(h_mean)
+            else:  # the ablation: the state quantized as it is
+                r_c, r_l, r_n = (torch.ones(k, dtype=torch.float32) for k in h_mean.shape)
             scaled_max = obs.h_max / (r_c[:, None, None] * r_l[None, :, None] * r_n[None, None, :])
-            state_scale = (scaled_max.amax(dim=(0, 2)) / qmax).clamp_min(EPS)
-            folded = spec.fold and self._fold(gm, g, node, r_n)
+            state_scale = (state_amax(scaled_max, spec.granularity) / qmax).clamp_min(EPS)
+            folded = spec.factors and spec.fold and self._fold(gm, g, node, r_n)
             base = obs.site.replace(".", "_")
             consts = {"r_c": r_c, "r_l": r_l, "r_n": torch.ones_like(r_n) if folded else r_n,
                       "state_scale": state_scale}
@@ -122,7 +140,9 @@ class ReparameterizeScan(Pass):
             ctx.reparam_stats[obs.site] = {"folded_r_n": folded,
                                            "state_range_before": float(obs.h_max.amax() / obs.h_max.amax(dim=(0, 2)).clamp_min(EPS).min()),
                                            "state_range_after": float(scaled_max.amax() / scaled_max.amax(dim=(0, 2)).clamp_min(EPS).min())}
-            ctx.log.append(f"{obs.site}: state reparameterized" + (", r_N folded into x_proj" if folded else ""))
+            ctx.log.append(f"{obs.site}: state " + ("reparameterized" if spec.factors else "quantized without "
+                           "reparameterization") + (", r_N folded into x_proj" if folded else "")
+                           + f", {spec.granularity} scales")
         gm.delete_all_unused_submodules()
         return True
 

@@ -4,6 +4,7 @@
 //   dt_t  = softplus(delta_t + delta_bias)           (or delta_t + delta_bias)
 //   h'_t  = exp(dt_t A) (r_L[t-1] / r_L[t]) h'_{t-1} + dt_t u_t B_t / (r_C r_L[t] r_N)
 //   h'_t  = clamp(round_half_even(h'_t / s[t]), -qmax, qmax) * s[t]     (qmax >= 0 only)
+//           (s[t] is one scale per step, or per step and channel, or per step and state index)
 //   y_t   = r_C r_L[t] sum_n C_t[n] r_N[n] h'_t[n] + D u_t,   out = y * silu(z)
 //
 // delta, B and C come either as floats or as int8 codes with one (scale, zero_point) per time
@@ -87,7 +88,8 @@ struct Problem {
   const T* rc = nullptr;           // (dim,)
   const T* rl = nullptr;           // (L,)
   const T* rn = nullptr;           // (N,)
-  const T* sscale = nullptr;       // (L,)
+  const T* sscale = nullptr;       // (L,), (dim, L) or (L, N): see sscale_mode
+  int sscale_mode = 0;             // 0: per step; 1: per (channel, step); 2: per (step, state)
   int64_t qmax = -1;               // < 0: no state quantization
 };
 
@@ -157,8 +159,11 @@ void fwd_block(const Problem<T>& P, int64_t b, int64_t d0, const T* BsAll, const
     const T* ct = Cs + t * N;
     V acc = VT::splat(T(0));
     if (quant) {
-      const V s = VT::splat(P.sscale[t]);
+      V sc = VT::splat(P.sscale_mode == 0 ? P.sscale[t] : T(1));  // lanes past nl keep 1
+      if (P.sscale_mode == 1)
+        for (int l = 0; l < nl; ++l) sc[l] = P.sscale[(d0 + l) * L + t];
       for (int64_t n = 0; n < N; ++n) {
+        const V s = P.sscale_mode == 2 ? VT::splat(P.sscale[t * N + n]) : sc;
         const V carry = VT::exp2(d * Av[n]) * ratio;
         V x = (carry * h[n] + du * bt[n]) / s;
         x = VT::vmax(lo, VT::vmin(hi, x));
@@ -305,8 +310,13 @@ at::Tensor qscan_fwd(const at::Tensor& u, const at::Tensor& delta, const c10::op
   TORCH_CHECK(st == at::kFloat || st == at::kDouble, "selective_scan_q: compute dtype must be float32 or float64");
   for (const at::Tensor* t : {&A, &r_c, &r_l, &r_n, &state_scale})
     TORCH_CHECK(t->scalar_type() == st && t->is_contiguous(), "selective_scan_q: A and the factors must be contiguous ", st);
-  TORCH_CHECK(r_c.numel() == dim && r_l.numel() == L && r_n.numel() == N && state_scale.numel() == L,
-              "selective_scan_q: factor shapes must be r_c (d_inner,), r_l (L,), r_n (d_state,), state_scale (L,)");
+  TORCH_CHECK(r_c.numel() == dim && r_l.numel() == L && r_n.numel() == N,
+              "selective_scan_q: factor shapes must be r_c (d_inner,), r_l (L,), r_n (d_state,)");
+  int sscale_mode = -1;
+  if (state_scale.numel() == L) sscale_mode = 0;
+  else if (state_scale.dim() == 3 && state_scale.size(0) == dim && state_scale.size(1) == L && state_scale.size(2) == 1) sscale_mode = 1;
+  else if (state_scale.dim() == 3 && state_scale.size(0) == 1 && state_scale.size(1) == L && state_scale.size(2) == N) sscale_mode = 2;
+  TORCH_CHECK(sscale_mode >= 0, "selective_scan_q: state_scale must be (L,), (d_inner, L, 1) or (1, L, d_state)");
   at::Tensor out = at::empty({batch, dim, L}, u.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(st, "selective_scan_q", [&] {
@@ -330,6 +340,7 @@ at::Tensor qscan_fwd(const at::Tensor& u, const at::Tensor& delta, const c10::op
     P.softplus = delta_softplus;
     P.rc = r_c.data_ptr<T>(); P.rl = r_l.data_ptr<T>(); P.rn = r_n.data_ptr<T>();
     P.sscale = state_scale.data_ptr<T>();
+    P.sscale_mode = sscale_mode;
     P.qmax = qmax;
     constexpr int W = Vec<T>::W;
     const int64_t nb = (dim + W - 1) / W;
