@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+from enum import Enum
 import fnmatch
 from dataclasses import dataclass, field
 
@@ -33,6 +34,12 @@ def _check_bits(owner: str, bits: int) -> None:
 def _check_choice(owner: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{owner} must be one of {allowed}, got {value!r}")
+
+
+def _names(roles) -> tuple:
+    """Role names as plain strings (a config holds plain data: ``to_dict`` and JSON give back
+    what ``from_dict`` takes), whether given as :class:`Role` members or strings."""
+    return tuple(r.value if isinstance(r, Enum) else r for r in roles)
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,7 @@ class OutlierQuant:
         _check_bits("OutlierQuant", self.bits)
         if self.k <= 0 or self.k_delta <= 0 or self.n_refresh < 1:
             raise ValueError("OutlierQuant: k > 0, k_delta > 0 and n_refresh >= 1 are required")
+        object.__setattr__(self, "roles", _names(self.roles))
         bad = sorted(set(self.roles) - set(ROLES))
         if bad:
             raise ValueError(f"OutlierQuant.roles: unknown {bad}; known: {', '.join(ROLES)}")
@@ -191,6 +199,7 @@ class QuantConfig:
     reparam: Reparam | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "roles", _names(self.roles))
         bad = sorted(set(self.roles) - set(ROLES))
         if bad:
             raise ValueError(f"QuantConfig.roles: unknown {bad}; known: {', '.join(ROLES)}")

@@ -40,3 +40,13 @@ def test_overrides_by_pattern_later_wins():
     assert act.is_float and w.bits == 8
     assert cfg.for_module("layers.0.mixer.scan_b")[2] is True
     assert cfg.for_module("layers.0.mixer.scan")[2] is False
+
+
+@pytest.mark.parametrize("name", sorted(of.PRESETS))
+def test_presets_round_trip_through_plain_data(name):
+    """to_dict gives plain data (role names as str, not Role members) that from_dict takes back."""
+    cfg = of.PRESETS[name]
+    d = cfg.to_dict()
+    assert all(type(r) is str for r in d["roles"])
+    assert of.QuantConfig.from_dict(d) == cfg
+    assert of.QuantConfig(roles=(of.tags.Role.MLP, "attn")).roles == ("mlp", "attn")
