@@ -41,23 +41,13 @@ from ouromamba_fx.gen import GenConfig, SyntheticCalib, gen, gen_losses
 from ouromamba_fx.ops.scan import scan_backend
 from ouromamba_fx.models import VimConfig, VisionMamba
 
+from cpu_latency import cpu_name  # noqa: E402 (this folder is on sys.path when a script here runs)
+
 HERE = Path(__file__).resolve().parent
 # The settings the cache keys of synthetic sets are made of (those gen() had when the caches were
 # made), so that cached files stay valid.
 GEN_KEY_FIELDS = ("n", "iters", "lr", "betas", "warmup", "batch_size", "neighbourhood", "top_k", "temperature",
                   "lambda_c", "loss", "jitter", "flip")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (lscpu's "Model name"), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine()
 
 
 def load_avg() -> str:

@@ -9,8 +9,6 @@ parent shows one test, the child the kernel tests. Running this file with ``TRIT
 already set runs the kernel tests in place.
 """
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -19,7 +17,7 @@ pytest.importorskip("triton")
 from ouromamba_fx.ops import gemm, int4, mixed, quant  # noqa: E402
 from ouromamba_fx.ops import int8_linear as i8  # noqa: E402
 from ouromamba_fx.ops import w4a4o8_linear as w4  # noqa: E402
-from tests.triton_child import INTERPRET, assert_passes_in_interpreter  # noqa: E402
+from tests.triton_child import INTERPRET, assert_passes_in_interpreter, pinned  # noqa: E402
 
 
 def test_triton_kernels_in_interpreter():
@@ -73,17 +71,6 @@ def _x(m, k, ties=True):
         x[0] = (torch.rand(k) * 2 - 1) * 100 * 2.0 ** -5
         x[0, :5] = torch.tensor([127.0, 0.5, 2.5, -0.5, -3.5]) * 2.0 ** -5
     return x
-
-
-@contextmanager
-def _pinned(kernel, config):
-    """Runs the autotuned ``kernel`` with ``config`` only (the interpreter otherwise runs the first)."""
-    saved = kernel.configs
-    kernel.configs = [config]
-    try:
-        yield
-    finally:
-        kernel.configs = saved
 
 
 def _gemm_case(m, k, n, per_row, with_bias):
@@ -168,14 +155,14 @@ class TestInInterpreter:
         want = k8.int8_gemm_ref(x_q, x_scale, w_q, w_scale, bias)
         few = x_q[:5]
         for config in k8.CONFIGS:
-            with _pinned(k8._int8_gemm_kernel, config):
+            with pinned(k8._int8_gemm_kernel, config):
                 torch.testing.assert_close(k8.int8_gemm(x_q, x_scale, w_q, w_scale, bias), want, rtol=1e-6, atol=1e-6)
                 assert torch.equal(k8.int8_gemm(few, torch.ones(1), w_q, torch.ones(36)),
                                    (few.long() @ w_q.long().t()).float())
         x = _x(21, 300)
         mask = torch.rand(21, 300) < 0.05
         for config in kq.CONFIGS:
-            with _pinned(kq._quantize_rows_kernel, config), _pinned(kq._outlier_split_kernel, config):
+            with pinned(kq._quantize_rows_kernel, config), pinned(kq._outlier_split_kernel, config):
                 for a, b in zip(kq.quantize_rows(x, 127), kq.quantize_rows_ref(x, 127)):
                     assert torch.equal(a, b)
                 for a, b in zip(kq.outlier_split(x, mask, None, 7), kq.outlier_split_ref(x, mask, None, 7)):

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from tests.triton_child import INTERPRET, assert_passes_in_interpreter  # noqa: E402
+from tests.triton_child import INTERPRET, assert_passes_in_interpreter, pinned  # noqa: E402
 
 
 def test_qscan_triton_in_interpreter():
@@ -146,13 +146,9 @@ class TestInInterpreter:
 
         args = _case(2, 70, 5, 4)
         want = kqs.qscan_ref(*args, 8)
-        saved = kqs._qscan_kernel.configs
-        try:
-            for config in kqs.CONFIGS:
-                kqs._qscan_kernel.configs = [config]
+        for config in kqs.CONFIGS:
+            with pinned(kqs._qscan_kernel, config):
                 assert _mostly_close(kqs.qscan(*args, 8), want)
-        finally:
-            kqs._qscan_kernel.configs = saved
 
     def test_wrapper_checks(self):
         from ouromamba_fx.kernels.triton.qscan import qscan

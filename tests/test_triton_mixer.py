@@ -9,14 +9,12 @@ arithmetic (quantization codes, outlier lists, the W4A4O8 products and, there, t
 epilogue) is compared bit for bit; the conv's float sums with a tolerance.
 """
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from tests.triton_child import INTERPRET, assert_passes_in_interpreter  # noqa: E402
+from tests.triton_child import INTERPRET, assert_passes_in_interpreter, pinned  # noqa: E402
 
 
 def test_triton_mixer_kernels_in_interpreter():
@@ -67,16 +65,6 @@ test_mixer_kernels_compile_for_nvidia.__test__ = not INTERPRET
 
 # --------------------------------------------------------------------------------------------------
 # The kernel tests (child process). Kernels are imported inside the tests.
-
-@contextmanager
-def _pinned(kernel, config):
-    saved = kernel.configs
-    kernel.configs = [config]
-    try:
-        yield
-    finally:
-        kernel.configs = saved
-
 
 def _planted(shape, channel_axis, seed=0, n_big=3, scale=20.0):
     """Normal data with a few channels scaled up (heavy rows, as the rule expects to find)."""
@@ -159,7 +147,7 @@ class TestInInterpreter:
         from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_ref as op_ref
 
         args = (torch.randn(1, 40, 70), torch.randn(40, 1, 4), torch.randn(40), None, None, -128, 127, True)
-        with _pinned(kc._causal_conv1d_silu_kernel, kc.CONFIGS[2]):
+        with pinned(kc._causal_conv1d_silu_kernel, kc.CONFIGS[2]):
             torch.testing.assert_close(kc.causal_conv1d_silu(*args), op_ref(*args), rtol=4e-6, atol=1e-6)
         with pytest.raises(ValueError, match="depthwise"):
             kc.causal_conv1d_silu(torch.randn(1, 4, 5), torch.randn(4, 2, 4), None, None, None, -128, 127, False)
@@ -345,7 +333,7 @@ class TestInInterpreter:
         poisoned = codes._replace(idx=idx, q_out=q_out)
         y = kw.w4a4o8_gemm(*poisoned, w_packed, w_scale)
         assert torch.equal(y, kw.w4a4o8_gemm_ref(*codes, w_packed, w_scale))
-        with _pinned(kw._w4a4o8_gemm_kernel, kw.CONFIGS[1]):
+        with pinned(kw._w4a4o8_gemm_kernel, kw.CONFIGS[1]):
             assert torch.equal(kw.w4a4o8_gemm(*poisoned, w_packed, w_scale), y)
         cut = codes._replace(idx=codes.idx[:, :5].contiguous(), q_out=codes.q_out[:, :5].contiguous())
         assert torch.equal(kw.w4a4o8_gemm(*cut, w_packed, w_scale), kw.w4a4o8_gemm_ref(*cut, w_packed, w_scale))

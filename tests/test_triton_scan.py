@@ -8,14 +8,12 @@ Under the interpreter the autotuned kernels run their first config (4 channels x
 program), so the sequences below cross chunk boundaries (L = 37 = 2 * 16 + 5) and end in tails.
 """
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from tests.triton_child import INTERPRET, assert_passes_in_interpreter  # noqa: E402
+from tests.triton_child import INTERPRET, assert_passes_in_interpreter, pinned  # noqa: E402
 
 
 def test_triton_scan_in_interpreter():
@@ -83,17 +81,6 @@ def _case(b, d, length, n, groups=None, dtype=torch.float64, seed=0, strided=Fal
 def _optional(args, with_d, with_z, with_bias):
     u, delta, A, B, C, D, z, bias = args
     return u, delta, A, B, C, D if with_d else None, z if with_z else None, bias if with_bias else None
-
-
-@contextmanager
-def _pinned(kernel, config):
-    """Runs ``kernel`` with ``config`` only (the interpreter otherwise runs the list's first)."""
-    saved = kernel.configs
-    kernel.configs = [config]
-    try:
-        yield
-    finally:
-        kernel.configs = saved
 
 
 def _close(got, want, rtol, atol):
@@ -173,8 +160,8 @@ class TestInInterpreter:
 
         args = (*_case(1, 11, 70, 4), True)
         dout = torch.randn(1, 11, 70, dtype=torch.float64)
-        with _pinned(ks._selective_scan_fwd_kernel, ks.FWD_CONFIGS[1]), \
-                _pinned(ks._selective_scan_bwd_kernel, ks.BWD_CONFIGS[1]):
+        with pinned(ks._selective_scan_fwd_kernel, ks.FWD_CONFIGS[1]), \
+                pinned(ks._selective_scan_bwd_kernel, ks.BWD_CONFIGS[1]):
             _close([ks.selective_scan_fwd(*args)], [selective_scan_ref(*args)], 1e-12, 1e-12)
             _close(ks.selective_scan_bwd(dout, *args), selective_scan_ref_backward(dout, *args), 1e-11, 1e-11)
 

@@ -7,6 +7,7 @@ interpreter; the parent test passes only if every child test passed and none was
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -19,3 +20,14 @@ def assert_passes_in_interpreter(test_file: str) -> None:
                        capture_output=True, text=True, timeout=600)
     tail = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
     assert r.returncode == 0 and " passed" in tail and "skipped" not in tail, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+@contextmanager
+def pinned(kernel, config):
+    """Runs the autotuned ``kernel`` with ``config`` only (the interpreter otherwise runs the first)."""
+    saved = kernel.configs
+    kernel.configs = [config]
+    try:
+        yield
+    finally:
+        kernel.configs = saved
