@@ -9,9 +9,9 @@
 from __future__ import annotations
 
 import dataclasses
-from enum import Enum
 import fnmatch
 from dataclasses import dataclass, field
+from enum import Enum
 
 from ouromamba_fx.numerics import FLOAT_BITS, is_float
 from ouromamba_fx.tags import DEFAULT_ROLES, ROLES, Role
