@@ -148,8 +148,7 @@ class Reparam:
     ``factors=False`` quantizes the state as it is (all factors 1: the ablation without the
     reparameterization). ``granularity`` of the state scales: ``"step"`` one per time-step (the
     paper's; fused kernels), ``"step_channel"`` one per time-step and d_inner channel,
-    ``"step_state"`` one per time-step and d_state index (the finer two run the C++ kernel on the
-    CPU, the reference scan on CUDA).
+    ``"step_state"`` one per time-step and d_state index.
     """
 
     state_bits: int = 8

@@ -32,7 +32,7 @@ def test_qscan_compiles_for_nvidia(arch):
     wide = kqs._prune(kqs.CONFIGS, {"DIM": 4096}, BLOCK_N=16)
     for config, quant in ((largest(wide, lambda c: c.kwargs["BLOCK_D"]), True), (kqs.CONFIGS[0], False)):
         constexprs = dict(DT_INT=quant, B_INT=quant, C_INT=quant, HAS_D=True, HAS_Z=True, HAS_BIAS=True,
-                          SOFTPLUS=True, QUANT=quant, BLOCK_N=16)
+                          SOFTPLUS=True, QUANT=quant, FINE_SCALES=quant, BLOCK_N=16)
         code = "*i8" if quant else "*fp32"
         ptrs = {"dt_ptr": code, "b_ptr": code, "c_ptr": code, "u_ptr": "*bf16", "z_ptr": "*bf16"}
         ptx = compile_ptx(kqs._qscan_kernel, arch, config, constexprs, ptrs, floats=("qmax",))
@@ -94,6 +94,23 @@ class TestInInterpreter:
             assert _mostly_close(y, twin) and _mostly_close(y, op_ref)
             assert not torch.allclose(y, qscan_ref(*args, 16), rtol=1e-3, atol=1e-3)
 
+    @pytest.mark.parametrize("granularity", ["step_channel", "step_state"])
+    def test_fine_state_scales(self, granularity):
+        """Scales per time-step and channel / state index: the kernel reads them through strides."""
+        from ouromamba_fx.kernels.triton.qscan import qscan, qscan_ref
+        from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref
+
+        b, d, length, n = 2, 19, 7, 5
+        args = _case(b, d, length, n)
+        g = torch.Generator().manual_seed(3)
+        shape = (d, length, 1) if granularity == "step_channel" else (1, length, n)
+        args[-1] = torch.rand(*shape, generator=g) * 0.05 + 0.01
+        y = qscan(*args, 8)
+        assert _mostly_close(y, qscan_ref(*args, 8)) and _mostly_close(y, selective_scan_q_ref(*args, 8))
+        # a per-step scale equal to the fine scales' mean gives another result: the fine ones are read
+        per_step = args[-1].mean(dim=(0, 2))
+        assert not torch.allclose(y, qscan(*args[:-1], per_step, 8), rtol=1e-3, atol=1e-3)
+
     def test_state_rounding_half_even_and_clamp(self):
         from ouromamba_fx.kernels.triton.qscan import qscan
 
@@ -130,6 +147,8 @@ class TestInInterpreter:
         torch.testing.assert_close(lq._selective_scan_reparam_cuda(*lc, 16), lq.selective_scan_reparam_ref(*lc, 16),
                                    rtol=1e-5, atol=1e-5)
         assert _mostly_close(lq._selective_scan_reparam_cuda(*lc, 8), lq.selective_scan_reparam_ref(*lc, 8))
+        fine = [*lc[:12], torch.rand(10, 5, 1) * 0.05 + 0.02]  # per step x channel, calibrated at L = 5
+        assert _mostly_close(lq._selective_scan_reparam_cuda(*fine, 8), lq.selective_scan_reparam_ref(*fine, 8))
         quant = torch.ops.ouromamba.quantize.default
         u, delta, A, B, C, D, z, bias, sp, r_c, r_l, r_n, ss = args
         s_d, s_b = torch.tensor([0.01]), (B.abs().amax(dim=(0, 1)) / 127).reshape(1, 7)
@@ -162,3 +181,7 @@ class TestInInterpreter:
         bad[3] = torch.zeros(1, 3, 3)
         with pytest.raises(ValueError, match="B must"):
             qscan(*bad, 16)
+        bad = list(args)
+        bad[-1] = torch.ones(4, 3, 3)  # (d_inner, L, d_state): one of the two axes must broadcast
+        with pytest.raises(ValueError, match="state_scale"):
+            qscan(*bad, 8)

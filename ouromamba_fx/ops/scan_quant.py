@@ -157,11 +157,6 @@ def _step_params(r_l: Tensor, state_scale: Tensor, length: int, dtype: torch.dty
     return r_l.to(dtype), state_scale.to(dtype)
 
 
-def _fine_scales(state_scale: Tensor | None) -> bool:
-    """State scales finer than one per time-step: the Triton kernel does not take them."""
-    return state_scale is not None and state_scale.dim() > 1
-
-
 def selective_scan_reparam_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
                                z: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
                                r_c: Tensor, r_l: Tensor, r_n: Tensor, state_scale: Tensor,
@@ -341,7 +336,7 @@ SCAN_INT8_INPUTS_OP = torch.ops.ouromamba.selective_scan_qi.default
 
 def _selective_scan_reparam_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale,
                                  state_bits):
-    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3 or _fine_scales(state_scale):
+    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
         return selective_scan_reparam_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r_c, r_l, r_n,
                                           state_scale, state_bits)
     from ouromamba_fx.kernels.triton.qscan import qscan
@@ -353,7 +348,7 @@ def _selective_scan_reparam_cuda(u, delta, A, B, C, D, z, delta_bias, delta_soft
 
 def _selective_scan_int8_inputs_cuda(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp, D, z,
                                      delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits):
-    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3 or _fine_scales(state_scale):
+    if u.dtype == torch.float64 or B.dim() != 3 or C.dim() != 3:
         return selective_scan_int8_inputs_ref(u, delta, delta_scale, delta_zp, A, B, B_scale, B_zp, C, C_scale, C_zp,
                                               D, z, delta_bias, delta_softplus, r_c, r_l, r_n, state_scale, state_bits)
     from ouromamba_fx.kernels.triton.qscan import qscan

@@ -5,11 +5,14 @@ state in registers while it walks the time-steps:
 
     dt    = softplus(delta + bias)  (or delta + bias)        delta = (q - zp[t]) * scale[t] if int8
     h'_t  = exp(dt A) (r_L[t-1] / r_L[t]) h'_{t-1} + dt u B_t / (r_C r_N) / r_L[t]
-    h'_t  = clamp(round_half_even(h'_t / s[t]), -qmax, qmax) * s[t]          (QUANT only)
+    h'_t  = clamp(round_half_even(h'_t / s), -qmax, qmax) * s               (QUANT only)
     y_t   = r_L[t] sum_n h'_t[n] C_t[n] (r_C r_N)[n] + D u_t,   out = y * silu(z)
 
 ``delta``, ``B`` and ``C`` are float or int8 codes; int8 ones come with per-time-step float32
 ``scale`` and ``zero_point`` vectors of length L (per-tensor parameters expanded by the caller).
+The state scale ``s`` is one per time-step ``(L,)`` or finer, ``(d_inner | 1, L, d_state | 1)``
+(per time-step and channel, or per time-step and state index): the kernel reads it through
+strides, 0 along a broadcast axis.
 Everything is computed in float32; the division ``h / s`` is a true division (``div_rn``) and the
 rounding uses the float32 add-and-subtract trick after clamping (as ``quantize_rows`` does), so
 state codes follow :func:`qscan_ref` except at ties created by float rounding (on a GPU the
@@ -80,19 +83,19 @@ def _softplus(x):
 def _qscan_kernel(
     # pointers: sequences, parameters, output
     u_ptr, dt_ptr, b_ptr, c_ptr, z_ptr, a_ptr, d_ptr, bias_ptr, out_ptr,
-    # pointers: per-step dequantization parameters (L,), reparameterization factors
+    # pointers: per-step dequantization parameters (L,), reparameterization factors, state scales
     dts_ptr, dtz_ptr, bs_ptr, bz_ptr, cs_ptr, cz_ptr, rc_ptr, rl_ptr, rn_ptr, ss_ptr,
     # sizes
     DIM, L, N,
-    # strides
+    # strides (of the state scales: 0 along an axis they do not vary on)
     s_ub, s_ud, s_ut, s_db, s_dd, s_dt, s_bb, s_bn, s_bt, s_cb, s_cn, s_ct, s_zb, s_zd, s_zt,
-    s_ob, s_od, s_ot,
+    s_ob, s_od, s_ot, s_sd, s_st, s_sn,
     # scalars
     qmax,
     # meta
     DT_INT: tl.constexpr, B_INT: tl.constexpr, C_INT: tl.constexpr, HAS_D: tl.constexpr,
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, QUANT: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    FINE_SCALES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -130,7 +133,11 @@ def _qscan_kernel(
         drive = (dt * u)[:, None] * bv[None, :] * (inv_rcn / rl)
         h = carry * h + drive
         if QUANT:
-            s = tl.load(ss_ptr + t).to(tl.float32)
+            if FINE_SCALES:
+                s = tl.load(ss_ptr + rd[:, None] * s_sd + t * s_st + rn[None, :] * s_sn,
+                            mask=d_ok[:, None] & n_ok[None, :], other=1.0).to(tl.float32)
+            else:
+                s = tl.load(ss_ptr + t * s_st).to(tl.float32)
             x = tl.math.div_rn(h, tl.zeros_like(h) + s)
             x = tl.minimum(tl.maximum(x, -qmax), qmax)
             h = round_half_even(x) * s
@@ -157,6 +164,17 @@ def _seq(name: str, x: Tensor, shape: tuple, scale: Optional[Tensor], zp: Option
     return False, x, x  # placeholders, never read
 
 
+def _state_scales(state_scale: Tensor, dim: int, length: int, n: int) -> tuple[Tensor, tuple[int, int, int]]:
+    """The state scales as float32 and their (d_inner, step, d_state) strides, 0 where they broadcast."""
+    ss = state_scale.float().contiguous()
+    if ss.dim() == 1 and ss.numel() == length:
+        return ss, (0, 1, 0)
+    if ss.dim() == 3 and ss.shape[1] == length and ss.shape[0] in (1, dim) and ss.shape[2] in (1, n):
+        return ss, tuple(0 if ss.shape[i] == 1 else ss.stride(i) for i in range(3))
+    raise ValueError(f"qscan: state_scale must be ({length},) or ({dim} or 1, {length}, {n} or 1), "
+                     f"got {tuple(state_scale.shape)}")
+
+
 def qscan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
           delta_bias: Optional[Tensor], delta_softplus: bool, r_c: Tensor, r_l: Tensor, r_n: Tensor,
           state_scale: Tensor, state_bits: int, delta_scale: Optional[Tensor] = None,
@@ -165,8 +183,8 @@ def qscan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     """Quantized selective scan, float32 ``(batch, d_inner, L)`` output (module docstring).
 
     u, delta, z: ``(batch, d_inner, L)``; B, C: ``(batch, d_state, L)`` (any strides); A
-    ``(d_inner, d_state)``; D, delta_bias, r_c ``(d_inner,)``; r_l, state_scale ``(L,)``; r_n
-    ``(d_state,)``. ``state_bits >= 16``: no state quantization. For int8 delta / B / C pass their
+    ``(d_inner, d_state)``; D, delta_bias, r_c ``(d_inner,)``; r_l ``(L,)``; state_scale ``(L,)``
+    or ``(d_inner | 1, L, d_state | 1)``; r_n ``(d_state,)``. ``state_bits >= 16``: no state quantization. For int8 delta / B / C pass their
     float32 ``(L,)`` scale and zero point.
 
     Example::
@@ -184,15 +202,16 @@ def qscan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     c_int, cs, cz = _seq("C", C, (batch, n, length), C_scale, C_zp, length)
     if z is not None and tuple(z.shape) != (batch, dim, length):
         raise ValueError(f"qscan: z must have u's shape, got {tuple(z.shape)}")
-    for name, v, k in (("r_c", r_c, dim), ("r_l", r_l, length), ("r_n", r_n, n), ("state_scale", state_scale, length),
-                       ("D", D, dim), ("delta_bias", delta_bias, dim)):
+    for name, v, k in (("r_c", r_c, dim), ("r_l", r_l, length), ("r_n", r_n, n), ("D", D, dim),
+                       ("delta_bias", delta_bias, dim)):
         if v is not None and v.numel() != k:
             raise ValueError(f"qscan: {name} must have {k} elements, got {tuple(v.shape)}")
+    ss, ss_strides = _state_scales(state_scale, dim, length, n)
     out = torch.empty(batch, dim, length, device=u.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
     vec = lambda v: v.float().contiguous()  # noqa: E731
-    A_, rc, rl, rn, ss = vec(A), vec(r_c), vec(r_l), vec(r_n), vec(state_scale)
+    A_, rc, rl, rn = vec(A), vec(r_c), vec(r_l), vec(r_n)
     D_ = vec(D) if D is not None else rc
     bias = vec(delta_bias) if delta_bias is not None else rc
     zt = z if z is not None else u
@@ -206,11 +225,11 @@ def qscan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         u, delta, B, C, zt, A_, D_, bias, out,
         dts, dtz, bs, bz, cs, cz, rc, rl, rn, ss,
         dim, length, n,
-        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zt.stride(), *out.stride(),
+        *u.stride(), *delta.stride(), *B.stride(), *C.stride(), *zt.stride(), *out.stride(), *ss_strides,
         qmax,
         DT_INT=dt_int, B_INT=b_int, C_INT=c_int, HAS_D=D is not None, HAS_Z=z is not None,
         HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus), QUANT=not is_float(state_bits),
-        BLOCK_N=max(triton.next_power_of_2(n), 2),
+        FINE_SCALES=state_scale.dim() > 1, BLOCK_N=max(triton.next_power_of_2(n), 2),
     )
     return out
 
@@ -241,7 +260,8 @@ def qscan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
         carry = torch.exp(delta[:, :, t, None] * A) * (r_l[max(t - 1, 0)] / r_l[t])
         h = carry * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t] * (inv_rcn / r_l[t])
         if not is_float(state_bits):
-            h = torch.round(h / state_scale[t]).clamp(-qmax, qmax) * state_scale[t]
+            s = state_scale[t] if state_scale.dim() == 1 else state_scale[:, t]  # scalar or (d | 1, n | 1)
+            h = torch.round(h / s).clamp(-qmax, qmax) * s
         ys.append((h * (C[:, None, :, t] * rcn)).sum(-1) * r_l[t])
     y = torch.stack(ys, dim=-1)
     if D is not None:
