@@ -61,7 +61,7 @@ def methods(w: int, a: int) -> dict[str, of.QuantConfig]:
     }
     # Ablations: each technique off if the preset has it, on if it does not.
     switches = (("outliers", of.OutlierQuant(16 if (w, a) == (4, 8) else 8)), ("kscale", of.KScale()),
-                ("reparam", of.Reparam(8)))
+                ("reparam", of.Reparam(8, granularity="step")))
     for field, on in switches:
         if getattr(ours, field) is not None:
             cols[f"ours w/o {field}"] = ours.replace(name=f"{ours.name}-no-{field}", **{field: None})

@@ -100,7 +100,7 @@ def test_full_ouromamba_config_runs_and_reports(tiny_vim):
                       kscale=KScale(candidates=11), reparam=Reparam(8))
     q = of.convert(tiny_vim, calib=X, config=cfg, show_progress=False)
     text = str(q.report())
-    assert "A4O8 k4-scaled+outliers" in text and "state S8 per_step, r_N folded" in text
+    assert "A4O8 k4-scaled+outliers" in text and "state S8 per_step_channel, r_N folded" in text
     assert all(v > 5 for k, v in q.sqnr_db.items())  # folded x_proj compared with the folded float model
     assert "outlier channels" in text and "layers.1.mixer.out_proj" in q.outlier_fraction
     assert all(f.shape == (17,) and (f <= 1).all() for f in q.outlier_fraction.values())
