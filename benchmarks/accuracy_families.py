@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 
 import ouromamba_fx as of
+from ouromamba_fx.gen import GenConfig
 from ouromamba_fx.data import image_loader
 from ouromamba_fx.models import families
 
@@ -56,8 +57,9 @@ def main() -> int:
     ap.add_argument("--calib", default=str(SHARED / "data" / "cifar10" / "calib"))
     ap.add_argument("--limit-per-class", type=int, default=None, help="val images per class (default: all)")
     ap.add_argument("--calib-n", type=int, default=256, help="real calibration images")
-    ap.add_argument("--gen-n", type=int, default=128, help="OuroMamba-Gen images (data-free column)")
-    ap.add_argument("--gen-iters", type=int, default=200)
+    ap.add_argument("--gen-n", type=int, default=GenConfig.n, help="OuroMamba-Gen images (data-free column; "
+                    "default: the library's)")
+    ap.add_argument("--gen-iters", type=int, default=GenConfig.iters)
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     ap.add_argument("--no-data-free", action="store_true", help="real calibration only")
     ap.add_argument("--out", default=str(HERE / "accuracy_families.md"))
@@ -66,12 +68,14 @@ def main() -> int:
     model = families.load(args.ckpt).eval()
     name = Path(args.ckpt).stem
     out = Path(args.out)
-    env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, load average "
+    env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s), load average "
            f"at start {os.getloadavg()[0]:.1f}")
     cmd = (f"python benchmarks/accuracy_families.py --ckpt checkpoints/{Path(args.ckpt).name}"
            + (f" --limit-per-class {args.limit_per_class}" if args.limit_per_class else "")
            + (f" --calib-n {args.calib_n}" if args.calib_n != 256 else "")
-           + (f" --gen-n {args.gen_n} --gen-iters {args.gen_iters}" if not args.no_data_free else " --no-data-free")
+           + ("" if args.no_data_free or (args.gen_n, args.gen_iters) == (GenConfig.n, GenConfig.iters)
+              else f" --gen-n {args.gen_n} --gen-iters {args.gen_iters}")
+           + (" --no-data-free" if args.no_data_free else "")
            + (f" --rows {args.rows}" if args.rows != ",".join(ROWS) else ""))
     real = []
     n = 0
