@@ -165,7 +165,7 @@ def main() -> None:
         (f" --limit-per-class {args.limit_per_class}" if args.limit_per_class else "") + \
         (f" --bits {args.bits}" if args.bits else "") + (f" --columns {args.columns}" if args.columns else "") + \
         "".join(f" --gen-file {g.split('=', 1)[0]}=<dir>/{Path(g.split('=', 1)[1]).name}" for g in args.gen_file)
-    env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, load "
+    env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s), load "
            f"average at start {os.getloadavg()[0]:.1f}")
 
     def measure(results: dict, row: str, col: str, cfg: of.QuantConfig, calib_data) -> None:
