@@ -82,10 +82,15 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
     options = dict(options or {})
     lowering = {k: options.pop(k) for k in OPTION_NAMES if k in options}
     cpu_gemm = gemm.check_choice(options.pop("cpu_gemm", "auto"))
+    # Freeze on a copy of the graph: Dynamo passes the compiled function the inputs of the graph it
+    # handed over as that graph looks after the backend returns, so removing its placeholders in
+    # place would make it pass fewer arguments than ``keep`` indexes. The copy is also a fresh
+    # GraphModule without Dynamo's metadata: Inductor would otherwise look the frozen constants up
+    # among the parameters Dynamo recorded and not find them.
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    gm = fx.GraphModule(gm, graph)
     keep = freeze_module_inputs(gm, example_inputs)
-    # A fresh GraphModule without Dynamo's metadata: Inductor would otherwise look the frozen
-    # constants up among the parameters Dynamo recorded and not find them.
-    gm = fx.GraphModule(gm, gm.graph)
     with gemm.use(cpu_gemm):  # the decomposed linears pick their GEMM while Inductor traces them
         gm, _, _ = lower_graph(gm, **lowering)
         compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=options or None)
