@@ -73,7 +73,7 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
     ops, compile the rest with Inductor.
 
     ``torch.compile(q, backend="ouromamba", options={...})``: the keys ``conv_silu``,
-    ``integer_scan``, ``int8_inline``, ``int4_inline``, ``mixed_fused``, ``scan_cl`` and ``fast_decay`` choose lowering rules
+    ``int8_conv2d``, ``conv2d_min_k``, ``integer_scan``, ``int8_inline``, ``int4_inline``, ``mixed_fused``, ``scan_cl`` and ``fast_decay`` choose lowering rules
     (:func:`~ouromamba_fx.lowering.lower.lowering_passes`), ``cpu_gemm`` the integer GEMM path
     (``auto``, ``int_mm``, ``emulated``: :mod:`ouromamba_fx.ops.gemm`; compilation and every call of
     the compiled function run with it), any other key is an Inductor config patch."""
@@ -91,10 +91,18 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
         compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=options or None)
 
     # compile_fx on a plain GraphModule returns a function of positional tensors (AOT autograd's
-    # non-boxed convention for nn.Module inputs).
+    # non-boxed convention for nn.Module inputs). Dynamo (torch 2.14) calls the backend's function
+    # with the inputs of the placeholders left in its graph after the backend ran: the kept ones,
+    # in order, as freeze_module_inputs erased the others. Where a Dynamo passes every original
+    # input, pick the kept ones. (Indexing the kept positions in what it passes would go wrong as
+    # soon as a module buffer's placeholder comes before the input, as in MambaVision's graph.)
+    n_inputs = len(example_inputs)
+
     def run(*args):
+        if len(args) == n_inputs and len(keep) != n_inputs:
+            args = tuple(args[i] for i in keep)
         with gemm.use(cpu_gemm):  # the opaque ops pick theirs at run time
-            return compiled(*[args[i] for i in keep])
+            return compiled(*args)
 
     return run
 
