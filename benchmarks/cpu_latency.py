@@ -56,6 +56,8 @@ VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "W8A8", "W4A4O8")
 EXTRA = {"W8A8 integer scan": ("W8A8", {"integer_scan": True}),
          "W8A8 op": ("W8A8", {"int8_inline": False}),
          "W8A8 mkldnn conv": ("W8A8", {"conv_silu": False}),
+         "W8A8 float conv2d": ("W8A8", {"int8_conv2d": False}),
+         "W8A8 int8 conv2d all": ("W8A8", {"conv2d_min_k": 0}),
          "W4A4O8 mask+dense": ("W4A4O8", {"mixed_fused": False}),
          "W4A4O8 mask+op": ("W4A4O8", {"mixed_fused": False, "int4_inline": False}),
          "W4A4O8 time-contiguous scan": ("W4A4O8", {"scan_cl": False}),

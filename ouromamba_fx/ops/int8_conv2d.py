@@ -42,10 +42,12 @@ __all__ = ["int8_conv2d_decomposed", "int8_conv2d_ref", "conv_weight_rows", "con
 
 
 def conv_weight_rows(w_q: Tensor) -> Tensor:
-    """The int8 weight (N, C, KH, KW) as (N, KH * KW * C): its columns in (kernel row, kernel
-    column, channel) order, the order of the channels-last im2col."""
-    n = w_q.shape[0]
-    return w_q.permute(0, 2, 3, 1).reshape(n, -1).contiguous()
+    """The int8 weight (N, C, KH, KW) as (KH * N, KW * C): one contiguous (N, KW * C) block per
+    kernel row, its columns in (kernel column, channel) order, the order of the channels-last
+    im2col. Each block is the (N, K) operand of one kernel row's GEMM (``torch._int_mm`` reads its
+    transpose as it is), and the whole is the stacked operand of the stride-1 GEMM."""
+    n, c, kh, kw = w_q.shape
+    return w_q.permute(2, 0, 3, 1).reshape(kh * n, kw * c).contiguous()
 
 
 #: The lowering keeps a conv float below this reduction per kernel row (``KW * C``): there the
@@ -54,11 +56,6 @@ def conv_weight_rows(w_q: Tensor) -> Tensor:
 #: than the float conv, C >= 160 faster).
 MIN_ROW_K = 384
 
-
-def _stacked_weight(w_rows: Tensor, kh: int) -> Tensor:
-    """(N, KH * K) as (KH * N, K): the kernel rows stacked as output channels."""
-    n = w_rows.shape[0]
-    return w_rows.reshape(n, kh, -1).transpose(0, 1).reshape(-1, w_rows.shape[1] // kh)
 
 
 def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -79,10 +76,11 @@ def int8_conv2d_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_r
     padding, dilation)`` with exact integer products (see the module docstring). ``x`` (B, C, H,
     W) float, ``x_scale`` one element or one per row (H elements, e.g. (1, 1, H, 1)), symmetric
     codes in ``[qmin, qmax]`` (``qmax <= 127``); ``w_rows`` the int8 weight as
-    :func:`conv_weight_rows` gives it, ``kernel`` its (KH, KW); ``w_scale`` (N,) elements."""
+    :func:`conv_weight_rows` gives it (KH * N, KW * C), ``kernel`` its (KH, KW); ``w_scale`` N
+    elements."""
     b, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    n = w_rows.shape[0]
+    n = w_rows.shape[0] // kh
     oh, ow = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     rows = _row_scales(x_scale, h)
     xs = x_scale.float().reshape(1, 1, h, 1) if rows is not None else x_scale.float().reshape(())
@@ -101,12 +99,13 @@ def int8_conv2d_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_r
 
     if rows is None:  # one scale: all kernel rows in one GEMM
         a = torch.stack([im2col(window_rows(i)) for i in range(kh)], dim=3).reshape(-1, kh * kw * c)
-        acc = gemm.decomposed_mm(a, w_rows, amax, 127).reshape(b, oh, ow, n) * xs
+        w_all = w_rows.reshape(kh, n, kw * c).transpose(0, 1).reshape(n, kh * kw * c)
+        acc = gemm.decomposed_mm(a, w_all, amax, 127).reshape(b, oh, ow, n) * xs
     elif sh == 1:  # every padded input row is read by every kernel row: one GEMM, kernel rows as N
         rows_p = F.pad(rows, (ph, ph))
         hp = h + 2 * ph
         a = im2col(qc).reshape(-1, kw * c)  # (B * Hp * OW, KW * C)
-        y_all = gemm.decomposed_mm(a, _stacked_weight(w_rows, kh), amax, 127).reshape(b, hp, ow, kh, n)
+        y_all = gemm.decomposed_mm(a, w_rows, amax, 127).reshape(b, hp, ow, kh, n)
         acc = None
         for i in range(kh):
             part = y_all[:, i * dh: i * dh + oh, :, i] * rows_p[i * dh: i * dh + oh].reshape(1, oh, 1, 1)
@@ -116,7 +115,7 @@ def int8_conv2d_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_r
         acc = None
         for i in range(kh):
             a = im2col(window_rows(i)).reshape(-1, kw * c)
-            part = gemm.decomposed_mm(a, w_rows[:, i * kw * c:(i + 1) * kw * c], amax, 127)
+            part = gemm.decomposed_mm(a, w_rows[i * n:(i + 1) * n], amax, 127)
             s_i = rows_p[i * dh: i * dh + sh * (oh - 1) + 1: sh].reshape(1, oh, 1, 1)
             part = part.reshape(b, oh, ow, n) * s_i
             acc = part if acc is None else acc + part
