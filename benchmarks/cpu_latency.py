@@ -24,8 +24,8 @@ Vim-tiny / Vim-small-sized models, and the other families at their published tin
 ``mambavision_t`` = MambaVision-T), at 224 px with random weights calibrated on random images
 (speed does not depend on the weights' values, except through how many outlier channels W4A4O8
 finds: real models may find more or fewer). A profile of one call per variant (torch.profiler)
-splits the time into GEMMs, scan, quantization ops, convolutions (conv1d, conv2d, the integer
-conv2d), attention (its matmuls: scaled_dot_product_attention), normalisation layers and the rest
+splits the time into GEMMs, scan, quantization ops, float convolutions (conv1d, conv2d; the
+integer conv2d's GEMMs count as GEMM), attention (its matmuls: scaled_dot_product_attention), normalisation layers and the rest
 (Inductor's fused kernels: residuals, gating, transposes, in-graph quantization, and the norms
 Inductor compiles itself, which then no longer appear as ops).
 """
@@ -74,9 +74,10 @@ CATEGORIES = {
              "aten::_int_mm", "aten::bmm", "aten::matmul", "mkldnn", "_linear_pointwise", "mkl_linear",
              "qlinear_pointwise"),
     "quant": ("quantize", "outlier_mask", "outlier_split", "fake_quant"),
-    # (conv: ouromamba::causal_conv1d_silu and ouromamba::int8_conv2d match "conv"; W4A4O8's
-    # w4a4o8_linear_rt is a GEMM op that also runs its activations' outlier detection and
-    # quantization)
+    # (conv: ouromamba::causal_conv1d_silu matches "conv"; the lowering's integer conv2d is plain
+    # torch, so its torch._int_mm calls count as GEMM and its im2col / epilogue, compiled by
+    # Inductor, as rest; W4A4O8's w4a4o8_linear_rt is a GEMM op that also runs its activations'
+    # outlier detection and quantization)
 }
 
 
@@ -331,7 +332,7 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
                     if c in ("GEMM", "scan", "quant", "conv") or any(p[c] > 0 for p in res["profile"].values())]
             lines += ["Where the time goes (one profiled call, ms; GEMM = float or integer linear ops incl. "
                       "their quantize/epilogue, scan = selective scan op, quant = quantize/outlier-mask ops "
-                      "outside GEMMs, conv = conv1d / conv2d ops (float, or the integer conv2d op), attention "
+                      "outside GEMMs, conv = float conv1d / conv2d ops (the integer conv2d's GEMMs are under GEMM), attention "
                       "= scaled_dot_product_attention (its float matmuls and softmax), norm = normalisation "
                       "ops Inductor left as ops, rest = everything else: Inductor's fused kernels and "
                       "overhead; the profiler adds some time to each op):", "",
