@@ -25,7 +25,8 @@ Vim-tiny / Vim-small-sized models, and the other families at their published tin
 (speed does not depend on the weights' values, except through how many outlier channels W4A4O8
 finds: real models may find more or fewer). A profile of one call per variant (torch.profiler)
 splits the time into GEMMs, scan, quantization ops, float convolutions (conv1d, conv2d; the
-integer conv2d's GEMMs count as GEMM), attention (its matmuls: scaled_dot_product_attention), normalisation layers and the rest
+integer conv2d's GEMMs count as GEMM), attention (its matmuls: scaled_dot_product_attention),
+normalisation layers and the rest
 (Inductor's fused kernels: residuals, gating, transposes, in-graph quantization, and the norms
 Inductor compiles itself, which then no longer appear as ops).
 """
@@ -332,7 +333,8 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
                     if c in ("GEMM", "scan", "quant", "conv") or any(p[c] > 0 for p in res["profile"].values())]
             lines += ["Where the time goes (one profiled call, ms; GEMM = float or integer linear ops incl. "
                       "their quantize/epilogue, scan = selective scan op, quant = quantize/outlier-mask ops "
-                      "outside GEMMs, conv = float conv1d / conv2d ops (the integer conv2d's GEMMs are under GEMM), attention "
+                      "outside GEMMs, conv = float conv1d / conv2d ops (the integer conv2d's GEMMs are under "
+                      "GEMM), attention "
                       "= scaled_dot_product_attention (its float matmuls and softmax), norm = normalisation "
                       "ops Inductor left as ops, rest = everything else: Inductor's fused kernels and "
                       "overhead; the profiler adds some time to each op):", "",

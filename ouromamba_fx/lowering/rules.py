@@ -505,7 +505,8 @@ def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
              Rule("lower_w4a4o8_linear", "linear(s)",
                   (Pattern(_match_w4a4o8, _build_w4a4o8(o.mixed_fused, o.int4_inline, o.target)),))]
     if o.int8_conv2d:
-        rules.append(Rule("lower_int8_conv2d", "conv2d(s)", (Pattern(_match_int8_conv2d(o.target, o.conv2d_min_k), _build_int8_conv2d),)))
+        rules.append(Rule("lower_int8_conv2d", "conv2d(s)",
+                          (Pattern(_match_int8_conv2d(o.target, o.conv2d_min_k), _build_int8_conv2d),)))
     if o.integer_scan:
         rules.append(Rule("lower_integer_scan", "scan(s)", (Pattern(_match_integer_scan, _build_integer_scan),)))
     if o.scan_cl:
