@@ -34,7 +34,7 @@ def lowering_passes(**options) -> list[Pass]:
     ``int8_conv2d`` (on): dense Conv2d (stems, downsampling, conv stages) with a symmetric
     activation scale per image row or per tensor as int8 im2col + integer GEMMs
     (:func:`~ouromamba_fx.ops.int8_conv2d.int8_conv2d_decomposed`), where one kernel row's
-    reduction ``KW * C`` is at least ``conv2d_min_k`` (default 384; 0 takes every dense conv).
+    reduction ``KW * C`` is at least ``conv2d_min_k`` (default 512; 0 takes every dense conv).
     The others stay float convs on the dequantized weights, each counted with its reason in the
     lowering log (``q.lower().log``): narrower convs (the float conv is faster there), depthwise /
     grouped convs, and every conv2d for ``target="cuda"`` (no Triton integer conv kernel).

@@ -51,10 +51,11 @@ def conv_weight_rows(w_q: Tensor) -> Tensor:
 
 
 #: The lowering keeps a conv float below this reduction per kernel row (``KW * C``): there the
-#: im2col copies and the per-row epilogue cost more than the int8 GEMM saves (measured on an
-#: AVX-512 + AMX Xeon with ``benchmarks/ops_cpu.py --conv2d``: 3x3 convs with C = 32..96 slower
-#: than the float conv, C >= 160 faster).
-MIN_ROW_K = 384
+#: im2col copies and the per-row epilogue cost more than the int8 GEMM saves. First reading
+#: (``benchmarks/conv2d_cpu.py``, AVX-512 + AMX Xeon, one thread, a loaded machine): 3x3 convs
+#: with C = 80 at 0.6x the compiled float conv, C = 160 stride 1 at 1.0x, stride 2 at 1.5x,
+#: C = 320 stride 2 at 3.4x; to be settled by a reading on a quiet machine.
+MIN_ROW_K = 512
 
 
 
