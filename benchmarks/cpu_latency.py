@@ -3,6 +3,7 @@
     python benchmarks/cpu_latency.py                          # everything (tens of minutes)
     python benchmarks/cpu_latency.py --quick                  # reference model, batch 16, few rounds
     python benchmarks/cpu_latency.py --models ref,vim_tiny --batches 1,16 --rounds 5
+    python benchmarks/cpu_latency.py --models vmamba_t,mambavision_t --batches 16 --rounds 5
 
 Variants, each timed as the median of ``--rounds`` calls after two warm-up calls (compilation),
 called in turn round by round (a shared machine's drift then slows all of them alike):
@@ -18,11 +19,16 @@ called in turn round by round (a shared machine's drift then slows all of them a
 
 All compiled variants use ``dynamic=False`` (one graph per batch size). Models: the bundled
 reference model (CIFAR-10, 32 px, d=128, depth 8) calibrated on its bundled sample images, and
-Vim-tiny / Vim-small-sized models at 224 px with random weights calibrated on random images
+Vim-tiny / Vim-small-sized models, and the other families at their published tiny sizes
+(``vmamba_t`` = VMamba-T v2 ``vmamba_v2_tiny_s2l5``, ``vmamba_v0_t`` = the vanilla VMamba-T,
+``mambavision_t`` = MambaVision-T), at 224 px with random weights calibrated on random images
 (speed does not depend on the weights' values, except through how many outlier channels W4A4O8
 finds: real models may find more or fewer). A profile of one call per variant (torch.profiler)
-splits the time into GEMMs, scan, quantization ops, conv1d and the rest (Inductor's fused
-kernels: norms, residuals, gating, transposes, in-graph quantization).
+splits the time into GEMMs, scan, quantization ops, float convolutions (conv1d, conv2d; the
+integer conv2d's GEMMs count as GEMM), attention (its matmuls: scaled_dot_product_attention),
+normalisation layers and the rest
+(Inductor's fused kernels: residuals, gating, transposes, in-graph quantization, and the norms
+Inductor compiles itself, which then no longer appear as ops).
 """
 
 from __future__ import annotations
@@ -42,27 +48,37 @@ import ouromamba_fx as of
 from ouromamba_fx.ops import gemm as cpu_gemm
 
 HERE = Path(__file__).resolve().parent
-MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_224"}
+MODELS = {"ref": "vim_cifar_d128_l8", "vim_tiny": "vim_tiny_patch16_224", "vim_small": "vim_small_patch16_224",
+          "vmamba_t": "vmamba_v2_tiny_s2l5", "vmamba_v0_t": "vmamba_v0_tiny", "mambavision_t": "mambavision_tiny"}
+# built by ouromamba_fx.models.families (the others are Vim models of ouromamba_fx.models.registry)
+FAMILY_MODELS = ("vmamba_t", "vmamba_v0_t", "mambavision_t")
 VARIANTS = ("fp32 eager", "fp32 compiled", "bf16 compiled", "W8A8", "W4A4O8")
 # Extra variants (``--extra``): the lowering options, to see what each rule buys.
 EXTRA = {"W8A8 integer scan": ("W8A8", {"integer_scan": True}),
          "W8A8 op": ("W8A8", {"int8_inline": False}),
          "W8A8 mkldnn conv": ("W8A8", {"conv_silu": False}),
+         "W8A8 float conv2d": ("W8A8", {"int8_conv2d": False}),
+         "W8A8 int8 conv2d all": ("W8A8", {"conv2d_min_k": 0}),
          "W4A4O8 mask+dense": ("W4A4O8", {"mixed_fused": False}),
          "W4A4O8 mask+op": ("W4A4O8", {"mixed_fused": False, "int4_inline": False}),
          "W4A4O8 time-contiguous scan": ("W4A4O8", {"scan_cl": False}),
          "W8A8 fast decay": ("W8A8", {"fast_decay": True}),
          "W4A4O8 fast decay": ("W4A4O8", {"fast_decay": True})}
-# Checked in this order (a conv may run as an mkldnn op, so "conv" comes before "mkldnn").
+# Checked in this order (a conv may run as an mkldnn op, so "conv" comes before "mkldnn"; the
+# attention's matmuls before the GEMMs, as its math path runs aten::bmm / matmul inside it).
 CATEGORIES = {
     "conv": ("conv",),
+    "attention": ("scaled_dot_product", "flash_attention", "efficient_attention"),
+    "norm": ("layer_norm", "batch_norm", "group_norm", "rms_norm"),
     "scan": ("selective_scan",),
     "GEMM": ("w8a8_linear", "int8_linear", "w4a4o8_linear", "aten::mm", "aten::addmm", "aten::linear",
              "aten::_int_mm", "aten::bmm", "aten::matmul", "mkldnn", "_linear_pointwise", "mkl_linear",
              "qlinear_pointwise"),
     "quant": ("quantize", "outlier_mask", "outlier_split", "fake_quant"),
-    # (conv: ouromamba::causal_conv1d_silu matches "conv"; W4A4O8's w4a4o8_linear_rt is a GEMM op
-    # that also runs its activations' outlier detection and quantization)
+    # (conv: ouromamba::causal_conv1d_silu matches "conv"; the lowering's integer conv2d is plain
+    # torch, so its torch._int_mm calls count as GEMM and its im2col / epilogue, compiled by
+    # Inductor, as rest; W4A4O8's w4a4o8_linear_rt is a GEMM op that also runs its activations'
+    # outlier detection and quantization)
 }
 
 
@@ -93,7 +109,8 @@ def build(key: str, calib_n: int, seed: int = 0):
             idx = torch.arange(b) % len(imgs)
             return imgs[idx].contiguous()
     else:
-        model = of.models.registry.create(name).eval()
+        create = of.models.families.create if key in FAMILY_MODELS else of.models.registry.create
+        model = create(name).eval()
         shape = (3, model.cfg.img_size, model.cfg.img_size)
         calib = torch.randn(calib_n, *shape)
 
@@ -311,16 +328,22 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
                   f"Conversion time (calibration on {args.calib} images): "
                   + ", ".join(f"{k} {v:.0f} s" for k, v in res["convert_s"].items()), ""]
         if res["profile"]:
+            # a column per category this model spends time in (Vim has no attention nor norms as ops)
+            cols = [c for c in ("GEMM", "scan", "quant", "conv", "attention", "norm")
+                    if c in ("GEMM", "scan", "quant", "conv") or any(p[c] > 0 for p in res["profile"].values())]
             lines += ["Where the time goes (one profiled call, ms; GEMM = float or integer linear ops incl. "
                       "their quantize/epilogue, scan = selective scan op, quant = quantize/outlier-mask ops "
-                      "outside GEMMs, conv = conv1d, rest = everything else: Inductor's fused kernels and "
+                      "outside GEMMs, conv = float conv1d / conv2d ops (the integer conv2d's GEMMs are under "
+                      "GEMM), attention "
+                      "= scaled_dot_product_attention (its float matmuls and softmax), norm = normalisation "
+                      "ops Inductor left as ops, rest = everything else: Inductor's fused kernels and "
                       "overhead; the profiler adds some time to each op):", "",
-                      "| batch | variant | total | GEMM | scan | quant | conv | rest |",
-                      "|---:|---|---:|---:|---:|---:|---:|---:|"]
+                      "| batch | variant | total | " + " | ".join(cols) + " | rest |",
+                      "|---:|---|---:|" + "---:|" * (len(cols) + 1)]
             for (b, v), p in sorted(res["profile"].items()):
                 pct = lambda c: f"{p[c]:.1f} ({100 * p[c] / p['total']:.0f}%)"  # noqa: E731
                 lines.append(f"| {b} | {v} | {p['total']:.1f} | " + " | ".join(
-                    pct(c) for c in ("GEMM", "scan", "quant", "conv", "rest")) + " |")
+                    pct(c) for c in cols + ["rest"]) + " |")
             lines.append("")
     if args.notes and Path(args.notes).is_file():
         lines += [Path(args.notes).read_text().rstrip(), ""]

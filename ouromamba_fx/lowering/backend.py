@@ -73,7 +73,7 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
     ops, compile the rest with Inductor.
 
     ``torch.compile(q, backend="ouromamba", options={...})``: the keys ``conv_silu``,
-    ``integer_scan``, ``int8_inline``, ``int4_inline``, ``mixed_fused``, ``scan_cl`` and ``fast_decay`` choose lowering rules
+    ``int8_conv2d``, ``conv2d_min_k``, ``integer_scan``, ``int8_inline``, ``int4_inline``, ``mixed_fused``, ``scan_cl`` and ``fast_decay`` choose lowering rules
     (:func:`~ouromamba_fx.lowering.lower.lowering_passes`), ``cpu_gemm`` the integer GEMM path
     (``auto``, ``int_mm``, ``emulated``: :mod:`ouromamba_fx.ops.gemm`; compilation and every call of
     the compiled function run with it), any other key is an Inductor config patch."""
@@ -96,7 +96,8 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
         compiled = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=options or None)
 
     # compile_fx on a plain GraphModule returns a function of positional tensors (AOT autograd's
-    # non-boxed convention for nn.Module inputs).
+    # non-boxed convention for nn.Module inputs); Dynamo passes every input of its own (unchanged)
+    # graph, of which the compiled function takes the kept ones.
     def run(*args):
         with gemm.use(cpu_gemm):  # the opaque ops pick theirs at run time
             return compiled(*[args[i] for i in keep])

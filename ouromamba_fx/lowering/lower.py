@@ -31,6 +31,14 @@ def lowering_passes(**options) -> list[Pass]:
     ``ouromamba::causal_conv1d_silu`` (one pass, channel-contiguous output for x_proj and the
     scan); off, the conv1d stays an mkldnn call between Inductor kernels.
 
+    ``int8_conv2d`` (on): dense Conv2d (stems, downsampling, conv stages) with a symmetric
+    activation scale per image row or per tensor as int8 im2col + integer GEMMs
+    (:func:`~ouromamba_fx.ops.int8_conv2d.int8_conv2d_decomposed`), where one kernel row's
+    reduction ``KW * C`` is at least ``conv2d_min_k`` (default 512; 0 takes every dense conv).
+    The others stay float convs on the dequantized weights, each counted with its reason in the
+    lowering log (``q.lower().log``): narrower convs (the float conv is faster there), depthwise /
+    grouped convs, and every conv2d for ``target="cuda"`` (no Triton integer conv kernel).
+
     ``integer_scan`` (off): feed ``ouromamba::selective_scan_qi`` the int8 codes of delta/B/C
     instead of fake-quantized floats to the float scan. Same numbers up to float rounding; off by
     default because the float scan kernel is the faster one on the CPUs measured

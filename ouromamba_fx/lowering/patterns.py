@@ -16,6 +16,7 @@ from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, dequantize_ref
 
 LINEAR_TARGETS = (F.linear, torch.ops.aten.linear.default)
 CONV1D_TARGETS = (F.conv1d, torch.ops.aten.conv1d.default)
+CONV2D_TARGETS = (F.conv2d, torch.ops.aten.conv2d.default)
 
 
 def const(gm: fx.GraphModule, node) -> Tensor | None:
@@ -77,6 +78,30 @@ def const_weight(gm: fx.GraphModule, node) -> tuple[fx.Node, Tensor, Tensor] | N
     if ws.numel() != wq.shape[0] or not ws.dtype.is_floating_point:
         return None
     return wq_n, wq, ws.reshape(-1)
+
+
+def const_conv2d_weight(gm: fx.GraphModule, node) -> tuple[fx.Node, Tensor, Tensor] | None:
+    """If ``node`` is ``dequantize(w_q, w_scale, w_zp)`` of constants with int8 ``w_q`` (N, C, KH,
+    KW), a scale per output channel and zero points all 0: (w_q node, w_q, w_scale (N,))."""
+    if not is_call(node, DEQUANTIZE_OP):
+        return None
+    wq_n, ws_n, wz_n = node.args[:3]
+    wq, ws, wz = const(gm, wq_n), const(gm, ws_n), const(gm, wz_n)
+    if wq is None or ws is None or wq.dtype != torch.int8 or wq.dim() != 4 or not all_zero(wz):
+        return None
+    if ws.numel() != wq.shape[0] or not ws.dtype.is_floating_point:
+        return None
+    return wq_n, wq, ws.reshape(-1)
+
+
+def pair(v) -> tuple | None:
+    """A conv's stride / padding / dilation as a pair of ints (an int, or a 1- or 2-sequence),
+    else None (e.g. padding="same")."""
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(isinstance(i, int) for i in v):
+        return tuple(v) * (2 // len(v))
+    return None
 
 
 def linear_parts(node: fx.Node):

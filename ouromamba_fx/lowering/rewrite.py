@@ -9,12 +9,16 @@ manager lints, recompiles and snapshots after it, and ``QuantizedModel.diff`` sh
 changed): for every node in graph order, match, build with new nodes inserted before the match's
 anchor, copy tags, replace the anchor's uses, erase the anchor and the nodes the match consumed;
 between patterns and at the end, drop dead nodes and buffers; log ``"<name>: <count> <noun>"``.
-``state`` is a dict that lives for one pattern's run (e.g. int4 weights packed once per weight).
+``state`` is a dict that lives for one pattern's run (e.g. int4 weights packed once per weight);
+a match that declines a node for a reason the user should see (an op kept float by choice) counts
+it in ``state["notes"]`` (a Counter of reasons), and the pass logs one line per reason after its
+count: ``"<name>: <reason> (<count>)"``.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -83,8 +87,9 @@ def cleanup(gm: fx.GraphModule) -> None:
             delattr(owner, leaf)
 
 
-def apply(gm: fx.GraphModule, pattern: Pattern) -> int:
-    """Rewrite every match of ``pattern`` in ``gm``; returns how many."""
+def apply(gm: fx.GraphModule, pattern: Pattern, notes: Counter | None = None) -> int:
+    """Rewrite every match of ``pattern`` in ``gm``; returns how many. The reasons the match gave
+    for the nodes it declined (``state["notes"]``) are added to ``notes``."""
     count, state = 0, {}
     for node in list(gm.graph.nodes):
         if node._erased:
@@ -103,6 +108,8 @@ def apply(gm: fx.GraphModule, pattern: Pattern) -> int:
             for n in (m.anchor, *m.erase):
                 gm.graph.erase_node(n)
         count += 1
+    if notes is not None:
+        notes.update(state.get("notes", {}))
     return count
 
 
@@ -114,14 +121,15 @@ class RewritePass(Pass):
         self.name = rule.name
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> bool:
-        changed = 0
+        changed, notes = 0, Counter()
         for i, pattern in enumerate(self.rule.patterns):
             if i:
                 gm.graph.eliminate_dead_code()
-            changed += apply(gm, pattern)
+            changed += apply(gm, pattern, notes)
         if self.rule.cleanup:
             cleanup(gm)
         ctx.log.append(f"{self.name}: {changed} {self.rule.noun}")
+        ctx.log += [f"{self.name}: {why} ({n})" for why, n in notes.items()]
         return bool(changed)
 
     def __repr__(self) -> str:

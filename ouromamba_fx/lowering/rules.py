@@ -22,6 +22,16 @@ the rest. :func:`lowering_rules` lists them in the order they run:
   ``int4_inline=False`` or, for a GPU, shapes cuBLAS refuses as above, the op
   ``ouromamba::w4a4o8_linear``). Same integers, same epilogue (up to outlier channels sitting
   exactly on the threshold, which the summation order of the mean/std decides).
+* ``lower_int8_conv2d`` -- ``quantize -> dequantize -> F.conv2d(., dequantize(w_q))`` (dense,
+  ``groups == 1``) with a symmetric activation scale per image row or per tensor becomes
+  :func:`~ouromamba_fx.ops.int8_conv2d.int8_conv2d_decomposed` (int8 im2col per kernel row and
+  ``torch._int_mm``, or the exact fp32 GEMMs of the codes on CPUs without VNNI / AMX). Only where
+  it is the faster path: one kernel row's reduction ``KW * C`` of at least ``conv2d_min_k``
+  (default :data:`~ouromamba_fx.ops.int8_conv2d.MIN_ROW_K`; below, im2col and the per-row epilogue cost
+  more than the int8 GEMM saves: stems, narrow stages). Depthwise / grouped convs (VMamba's SS2D
+  conv) stay float convs on the dequantized weights; for a GPU (``target``) every conv2d does
+  (no Triton integer conv kernel). Each kept conv is counted in the rule's log lines with its
+  reason.
 * ``lower_integer_scan`` -- ``dequantize`` of delta/B/C into ``ouromamba::selective_scan`` (or
   ``selective_scan_q``) becomes ``ouromamba::selective_scan_qi`` on the int8 codes.
 * ``channels_last_scan`` -- ``ouromamba::selective_scan`` feeding only lowered linears (through
@@ -50,18 +60,21 @@ the rest. :func:`lowering_rules` lists them in the order they run:
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass, fields
 
 import torch.fx as fx
 import torch.nn.functional as F
 
-from ouromamba_fx.lowering.patterns import (CONV1D_TARGETS, LINEAR_TARGETS, all_zero, arg, bias_ok, const,
-                                            const_weight, const_weight_any, elementwise, flip_last, is_call,
-                                            linear_parts, ndim, qdq_source, single, swaps_last_two, transpose_dims)
+from ouromamba_fx.lowering.patterns import (CONV1D_TARGETS, CONV2D_TARGETS, LINEAR_TARGETS, all_zero, arg, bias_ok,
+                                            const, const_conv2d_weight, const_weight, const_weight_any, elementwise,
+                                            flip_last, is_call, linear_parts, ndim, pair, qdq_source, single,
+                                            swaps_last_two, transpose_dims)
 from ouromamba_fx.lowering.rewrite import Built, Match, Pattern, Rule, new_const
 from ouromamba_fx.ops import gemm
 from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
 from ouromamba_fx.ops.int4 import pack_int4
+from ouromamba_fx.ops.int8_conv2d import MIN_ROW_K, conv_weight_rows, int8_conv2d_decomposed
 from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP,
                                     mixed_fake_quant_decomposed)
@@ -79,6 +92,9 @@ class LoweringOptions:
     backend="ouromamba")`` and of ``q.lower()``; see :func:`ouromamba_fx.lowering.lower.lowering_passes`)."""
 
     conv_silu: bool = True
+    int8_conv2d: bool = True
+    # dense conv2d run as integer GEMMs from this reduction per kernel row (KW * C) on; 0: all
+    conv2d_min_k: int = MIN_ROW_K
     integer_scan: bool = False
     int8_inline: bool = True
     int4_inline: bool = True
@@ -93,6 +109,8 @@ class LoweringOptions:
         for f in fields(self):
             if f.type in (bool, "bool") and type(getattr(self, f.name)) is not bool:
                 raise ValueError(f"lowering option {f.name}={getattr(self, f.name)!r}: expected True or False")
+        if type(self.conv2d_min_k) is not int or self.conv2d_min_k < 0:
+            raise ValueError(f"lowering option conv2d_min_k={self.conv2d_min_k!r}: expected an int >= 0")
         if self.target not in TARGETS:
             raise ValueError(f"lowering option target={self.target!r}: expected one of {', '.join(TARGETS)}")
 
@@ -204,6 +222,62 @@ def _build_w4a4o8(fused: bool, inline_option: bool, target: str):
         op = getattr(fn, "__name__", "w4a4o8_linear")
         return Built(new, ((x_mq, mask, dict(kind=Kind.OUTLIER_MASK)), (m.anchor, new, dict(kind=Kind.FUSED, op=op))))
     return build
+
+
+# ---------------------------------------------------------------------------------------------
+# lower_int8_conv2d
+
+def _conv2d_args(node: fx.Node) -> tuple:
+    """(stride, padding, dilation, groups) of an ``F.conv2d`` call, defaults filled in."""
+    return (arg(node, 3, "stride", 1), arg(node, 4, "padding", 0), arg(node, 5, "dilation", 1),
+            arg(node, 6, "groups", 1))
+
+
+def _match_int8_conv2d(target: str, min_k: int):
+    def match(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+        if not is_call(node, CONV2D_TARGETS):
+            return None
+        src = qdq_source(gm, arg(node, 0, "input"))
+        w = const_conv2d_weight(gm, arg(node, 1, "weight"))
+        b = arg(node, 2, "bias")
+        if src is None or w is None:
+            return None
+        notes = state.setdefault("notes", Counter())
+        stride, padding, dilation, groups = _conv2d_args(node)
+        if groups != 1:
+            notes["kept float: grouped / depthwise conv2d (groups > 1), a float conv on the dequantized "
+                  "weights (no integer kernel: a depthwise conv's few products per output are no GEMM)"] += 1
+            return None
+        if _for_gpu(target, w[1]):
+            notes["kept float for CUDA: no Triton integer conv2d kernel; a float conv on the dequantized "
+                  "weights"] += 1
+            return None
+        q, s_n, z_n, qmin, qmax = src
+        s, z = const(gm, s_n), const(gm, z_n)
+        per_row = s is not None and s.dim() == 4 and s.shape[0] == s.shape[1] == s.shape[3] == 1
+        sym = s is not None and all_zero(z) and qmin == -qmax and qmax <= 127
+        sp, pp, dp = pair(stride), pair(padding), pair(dilation)
+        if not sym or not (s.numel() == 1 or per_row) or None in (sp, pp, dp) or not bias_ok(gm, b):
+            notes["kept float: an activation quantizer (asymmetric, or a scale neither per row nor per "
+                  "tensor) or padding mode the integer conv2d does not take"] += 1
+            return None
+        n, c, kh, kw = w[1].shape
+        if kw * c < min_k:
+            notes[f"kept float: one kernel row's reduction KW * C = {kw * c} < conv2d_min_k = {min_k} (there the "
+                  f"float conv is the faster path)"] += 1
+            return None
+        return Match(node, dict(q=q, s_n=s_n, qmin=qmin, qmax=qmax, w=w, b=b, geom=((kh, kw), sp, pp, dp)))
+    return match
+
+
+def _build_int8_conv2d(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    q, s_n, qmin, qmax, b, geom = (m.fields[k] for k in ("q", "s_n", "qmin", "qmax", "b", "geom"))
+    wq_n, wq, ws = m.fields["w"]
+    wr_n = new_const(gm, f"{wq_n.target}_rows", conv_weight_rows(wq), m.anchor)
+    ws_n = new_const(gm, f"{wq_n.target}_wscale", ws.clone(), m.anchor)
+    new = gm.graph.call_function(int8_conv2d_decomposed, (q.args[0], s_n, qmin, qmax, wr_n, ws_n, b, *geom))
+    return Built(new, ((m.anchor, new, dict(kind=Kind.FUSED, op="int8_conv2d_decomposed",
+                                            act_bits=qmax.bit_length() + 1)),), keep_tensor_meta=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -430,6 +504,9 @@ def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
     rules = [Rule("lower_w8a8_linear", "linear(s)", (Pattern(_match_w8a8, _build_w8a8(o.int8_inline, o.target)),)),
              Rule("lower_w4a4o8_linear", "linear(s)",
                   (Pattern(_match_w4a4o8, _build_w4a4o8(o.mixed_fused, o.int4_inline, o.target)),))]
+    if o.int8_conv2d:
+        rules.append(Rule("lower_int8_conv2d", "conv2d(s)",
+                          (Pattern(_match_int8_conv2d(o.target, o.conv2d_min_k), _build_int8_conv2d),)))
     if o.integer_scan:
         rules.append(Rule("lower_integer_scan", "scan(s)", (Pattern(_match_integer_scan, _build_integer_scan),)))
     if o.scan_cl:

@@ -29,12 +29,13 @@ selective_scan_qi         :func:`selective_scan_int8_inputs`          :mod:`.sca
 
 The qualified op names are stable (saved profiles and benchmark tables refer to them); the Python
 names say what each variant does. Besides the ops, :mod:`.gemm` picks the exact integer GEMM of
-this CPU, :mod:`.int4` packs int4 weights and :mod:`.dispatch` holds the ops' CUDA implementations
+this CPU, :mod:`.int8_conv2d` holds the integer Conv2d of the lowering (plain torch around it),
+:mod:`.int4` packs int4 weights and :mod:`.dispatch` holds the ops' CUDA implementations
 (and the switch that runs them on CPU tensors, Triton interpreted, for tests).
 """
 
-from ouromamba_fx.ops import (conv1d_silu, dispatch, gemm, int4, int8_linear, mixed, quant, scan, scan_quant,
-                              w4a4o8_linear)
+from ouromamba_fx.ops import (conv1d_silu, dispatch, gemm, int4, int8_conv2d, int8_linear, mixed, quant, scan,
+                              scan_quant, w4a4o8_linear)
 
-__all__ = ["conv1d_silu", "dispatch", "gemm", "int4", "int8_linear", "mixed", "quant", "scan", "scan_quant",
-           "w4a4o8_linear"]
+__all__ = ["conv1d_silu", "dispatch", "gemm", "int4", "int8_conv2d", "int8_linear", "mixed", "quant", "scan",
+           "scan_quant", "w4a4o8_linear"]
