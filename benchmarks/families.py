@@ -125,7 +125,7 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="also torch.compile the quantized model")
     ap.add_argument("--out", default=str(HERE / "families.md"))
     args = ap.parse_args()
-    env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads, load average "
+    env = (f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} thread(s), load average "
            f"at start {os.getloadavg()[0]:.1f}")
     rows = []
     for name in args.models.split(","):
