@@ -33,6 +33,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cpu_latency import cpu_features, cpu_name  # noqa: E402 (this folder is on sys.path when a script here runs)
 from ouromamba_fx.ops import gemm  # noqa: E402
 from ouromamba_fx.ops.int8_conv2d import conv_weight_rows, int8_conv2d_decomposed  # noqa: E402
 from ouromamba_fx.ops.quant import fake_quantize  # noqa: E402
@@ -104,7 +105,11 @@ def main(argv=None) -> None:
     keys = [k.strip() for k in args.shapes.split(",") if k.strip()]
     shapes = [sh for sh in SHAPES if not keys or any(k in sh[0] for k in keys)]
     load0 = os.getloadavg()[0]
-    lines = [f"batch {args.batch}, {torch.get_num_threads()} thread(s), {gemm.describe()}, load average at start "
+    lines = ["# Integer Conv2d vs float conv on CPU", "",
+             f"CPU: {cpu_name()} ({os.cpu_count()} CPUs; {cpu_features()}), torch {torch.__version__}. "
+             f"Command: `python benchmarks/conv2d_cpu.py --batch {args.batch} --rounds {args.rounds}"
+             f"{f' --threads {args.threads}' if args.threads else ''}`", "",
+             f"batch {args.batch}, {torch.get_num_threads()} thread(s), {gemm.describe()}, load average at start "
              f"{load0:.2f}; median wall / CPU ms per call over {args.rounds} rounds", "",
              "| conv | KW*C | float | int8 | float compiled | int8 compiled | compiled float / int8 (CPU) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
