@@ -121,3 +121,21 @@ def test_refined_model_saves_and_loads_bit_exact(model, converted, tmp_path):
     assert back.config.refine == REFINE
     with torch.no_grad():
         assert torch.equal(back(X), on(X))
+
+
+@pytest.mark.parametrize("family", ["vmamba_v2", "mambavision"])
+def test_other_families_refine_their_mixers_and_lower_the_same(family):
+    from ouromamba_fx.models import MambaVision, MambaVisionConfig, VMambaConfig, VSSM
+
+    from .test_families_quant import MV, VM, perturb
+
+    torch.manual_seed(0)
+    m = VSSM(VMambaConfig(**VM["v2"], num_classes=10, img_size=32, drop_path_rate=0.0)) if family == "vmamba_v2" \
+        else MambaVision(MambaVisionConfig(**MV, num_classes=10, img_size=32, drop_path_rate=0.0))
+    m = perturb(m.eval())
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    q = of.convert(m, x, of.W4A8.replace(refine=of.Refine(iters=3, batch=4)), show_progress=False)
+    assert "2 of 2 mixers refined" in refine_line(q)
+    with torch.no_grad():
+        ref = q(x)
+        assert torch.allclose(q.lower()(x), ref, rtol=1e-3, atol=1e-4 * ref.abs().max().item())
