@@ -11,7 +11,7 @@ Rows are bit-widths; columns are methods:
   ours             the preset of that bit-width (ouromamba_fx.PRESETS): every mixer input
                    quantized (linears, conv1d, scan delta/B/C), per-token static scales with an
                    MSE clipping search, OuroMamba outlier channels at W4A8 (16-bit) and W4A4O8
-  ours w/o X, ours + X   the preset with one technique (outliers, kscale, reparam) off or on
+  ours w/o X, ours + X   the preset with one technique (outliers, kscale, reparam, refine) off or on
 
 Calibration sources (``--sources``, issue: data-free calibration): rows W8A8, W4A8, W4A4O8 with
 the preset of that bit-width; columns real images, OuroMamba-Gen (full loss, output loss only,
@@ -61,7 +61,7 @@ def methods(w: int, a: int) -> dict[str, of.QuantConfig]:
     }
     # Ablations: each technique off if the preset has it, on if it does not.
     switches = (("outliers", of.OutlierQuant(16 if (w, a) == (4, 8) else 8)), ("kscale", of.KScale()),
-                ("reparam", of.Reparam(8, granularity="step")))
+                ("reparam", of.Reparam(8, granularity="step")), ("refine", of.Refine()))
     for field, on in switches:
         if getattr(ours, field) is not None:
             cols[f"ours w/o {field}"] = ours.replace(name=f"{ours.name}-no-{field}", **{field: None})
@@ -281,8 +281,9 @@ METHOD_NOTES = [
     "- ours w/o X / ours + X: the same preset with technique X switched off / on: outliers "
     "(OuroMamba-Quant, 8-bit outliers at A4 and A8, 16-bit at W4A8), kscale (k-scaled PTQ: k=4 "
     "grouped static scales per tensor, cosine search), reparam (scan hidden state reparameterized, "
-    "r_N folded into x_proj, state quantized to 8 bits per time-step). At W8A8, 'ours + outliers' "
-    "is the `W8A8O8` preset.", ""]
+    "r_N folded into x_proj, state quantized to 8 bits per time-step), refine (block-wise "
+    "refinement of the weight scales after the clipping search, `QuantConfig.refine = Refine()`: "
+    f"Adam on 1 - cos of each mixer's output, straight-through rounding; `{of.Refine()!r}`). At W8A8, 'ours + outliers' is the `W8A8O8` preset.", ""]
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from ouromamba_fx import models  # noqa: F401  (registers the Vim variants in ti
 from ouromamba_fx.capture import capture
 from ouromamba_fx.config import (PRESETS, W4A4O8, W4A8, W6A6, W8A8, W8A8_PER_TOKEN, W8A8_RTN, W8A8O8,
                                  ActQuant,
-                                 KScale, OutlierQuant, QuantConfig, Reparam, WeightQuant)
+                                 KScale, OutlierQuant, QuantConfig, Refine, Reparam, WeightQuant)
 from ouromamba_fx.convert import convert
 from ouromamba_fx.errors import (CaptureError, CheckpointError, DataError, InferenceOnlyError, InputError,
                                  OuroMambaError)
@@ -24,6 +24,6 @@ _register_backend()  # torch.compile(q, backend="ouromamba")
 
 
 __all__ = ["PRESETS", "W4A4O8", "W4A8", "W6A6", "W8A8", "W8A8_PER_TOKEN", "W8A8_RTN", "W8A8O8", "ActQuant",
-           "KScale", "OutlierQuant", "QuantConfig", "QuantizedModel", "Reparam", "WeightQuant", "convert", "CaptureError", "CheckpointError", "DataError", "EvalResult", "InferenceOnlyError", "InputError",
+           "KScale", "OutlierQuant", "QuantConfig", "QuantizedModel", "Refine", "Reparam", "WeightQuant", "convert", "CaptureError", "CheckpointError", "DataError", "EvalResult", "InferenceOnlyError", "InputError",
            "OuroMambaError",
            "SyntheticCalib", "capture", "evaluate", "gen", "load", "models", "save", "__version__"]

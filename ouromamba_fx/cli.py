@@ -380,6 +380,8 @@ def _config_line(c) -> str:
         parts.append(f"k-scaled k={c.kscale.k}")
     if c.reparam:
         parts.append(f"state reparam S{c.reparam.state_bits}")
+    if c.refine:
+        parts.append(f"weight scales refined ({c.refine.iters} steps per mixer)")
     return ", ".join(parts)
 
 

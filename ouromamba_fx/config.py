@@ -164,6 +164,41 @@ class Reparam:
 
 
 @dataclass(frozen=True)
+class Refine:
+    """Block-wise refinement of the weight scales after the clipping search (the released
+    OuroMamba code's last step). Mixer by mixer in graph order, the per-channel scales of its
+    quantized weights become learnable (``scale = s0 * exp(t)``, rounding passed through by a
+    straight-through estimator) and are optimised with Adam (cosine learning-rate decay) on
+    ``1 - cosine(float mixer output, quantized mixer output)`` per token: the quantized mixer is
+    fed what the quantized model's earlier (already refined) mixers give, the float target is the
+    float model's own mixer output.
+    Activation scales and the outlier rule are left as calibrated. A mixer keeps its new scales
+    only if they lower its loss on the refinement images.
+
+    iters: Adam steps per mixer. lr: Adam learning rate of ``t`` (a relative scale change).
+    batch: images per step. samples: calibration images used (the first ones; at most this many).
+    budget: seconds for the whole refinement (None: no limit); when spent, refinement stops and
+        the mixers not yet refined keep their clipping-search scales (the report says how many
+        were refined).
+    """
+
+    iters: int = 40
+    lr: float = 5e-3
+    batch: int = 16
+    samples: int = 256
+    budget: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.iters < 1 or self.batch < 1 or self.samples < 1:
+            raise ValueError(f"Refine: iters, batch and samples must be >= 1, got iters={self.iters}, "
+                             f"batch={self.batch}, samples={self.samples}")
+        if not self.lr > 0 or self.lr != self.lr:
+            raise ValueError(f"Refine: lr must be > 0, got {self.lr}")
+        if self.budget is not None and not self.budget >= 0:
+            raise ValueError(f"Refine: budget must be >= 0 seconds or None (no limit), got {self.budget}")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """A quantization scheme for vision Mamba models.
 
@@ -185,6 +220,7 @@ class QuantConfig:
         outliers: OuroMamba-Quant dynamic outlier channels (None: off).
         kscale: k-scaled static activation scales (None: one scale per token position).
         reparam: scan hidden-state reparameterization and quantization (None: off).
+        refine: block-wise refinement of the weight scales after the clipping search (None: off).
     """
 
     name: str = "custom"
@@ -198,6 +234,7 @@ class QuantConfig:
     outliers: OutlierQuant | None = None
     kscale: KScale | None = None
     reparam: Reparam | None = None
+    refine: Refine | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "roles", _names(self.roles))
@@ -222,6 +259,9 @@ class QuantConfig:
             raise ValueError("QuantConfig: outliers and kscale need symmetric activations (act.symmetric=True)")
         if self.calib_sample < 16:
             raise ValueError("QuantConfig.calib_sample must be >= 16")
+        if self.refine is not None and self.reparam is not None:
+            raise ValueError("QuantConfig: refine and reparam cannot be combined yet (the reparameterized "
+                             "scan has no backward for the refinement); set one of them to None")
 
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)

@@ -41,6 +41,10 @@ class Context:
     state_observers: dict[str, str] = field(default_factory=dict)  # scan state observer -> scan node
     reparam_stats: dict[str, dict] = field(default_factory=dict)
     coverage: dict = field(default_factory=dict)  # module -> Coverage (ouromamba_fx.coverage), after the passes
+    # module name -> (float weight, weight_q / weight_scale buffer names, WeightSpec.quant), from
+    # QuantizeWeights: what the weight-scale refinement needs after the float modules are gone
+    quantized_weights: dict[str, tuple] = field(default_factory=dict)
+    refine_stats: dict = field(default_factory=dict)  # what RefineWeights did (mixers refined, losses)
     # Rebuilding a saved model (ouromamba_fx.serialize.load): the passes build the same graph, but
     # every tensor they compute is replaced by the file's, so value searches are skipped.
     replay: bool = False

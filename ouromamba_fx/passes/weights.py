@@ -53,6 +53,8 @@ class QuantizeWeights(Pass):
             gm.register_buffer(names["weight_zp"], zp.reshape(shape).clone())
             if mod.bias is not None:
                 gm.register_buffer(names["bias"], mod.bias.detach().clone())
+            ctx.quantized_weights[node.target] = (mod.weight.detach(), names["weight_q"], names["weight_scale"],
+                                                  wspec)
             with gm.graph.inserting_before(node):
                 g = gm.graph
                 wq, ws, wz = (g.get_attr(names[k]) for k in ("weight_q", "weight_scale", "weight_zp"))
