@@ -66,28 +66,15 @@ def qdq_source(gm: fx.GraphModule, node) -> tuple[fx.Node, fx.Node, fx.Node, int
     return q, qs, qz, int(qmin), int(qmax)
 
 
-def const_weight(gm: fx.GraphModule, node) -> tuple[fx.Node, Tensor, Tensor] | None:
-    """If ``node`` is ``dequantize(w_q, w_scale, w_zp)`` of constants with int8 ``w_q`` (N, K), a
-    scale per output channel and zero points all 0: (w_q node, w_q, w_scale (N,))."""
+def const_weight(gm: fx.GraphModule, node, dim: int = 2) -> tuple[fx.Node, Tensor, Tensor] | None:
+    """If ``node`` is ``dequantize(w_q, w_scale, w_zp)`` of constants with int8 ``w_q`` of ``dim``
+    dimensions (2: a linear's (N, K), 4: a conv's (N, C, KH, KW)), a scale per output channel and
+    zero points all 0: (w_q node, w_q, w_scale (N,))."""
     if not is_call(node, DEQUANTIZE_OP):
         return None
     wq_n, ws_n, wz_n = node.args[:3]
     wq, ws, wz = const(gm, wq_n), const(gm, ws_n), const(gm, wz_n)
-    if wq is None or ws is None or wq.dtype != torch.int8 or wq.dim() != 2 or not all_zero(wz):
-        return None
-    if ws.numel() != wq.shape[0] or not ws.dtype.is_floating_point:
-        return None
-    return wq_n, wq, ws.reshape(-1)
-
-
-def const_conv2d_weight(gm: fx.GraphModule, node) -> tuple[fx.Node, Tensor, Tensor] | None:
-    """If ``node`` is ``dequantize(w_q, w_scale, w_zp)`` of constants with int8 ``w_q`` (N, C, KH,
-    KW), a scale per output channel and zero points all 0: (w_q node, w_q, w_scale (N,))."""
-    if not is_call(node, DEQUANTIZE_OP):
-        return None
-    wq_n, ws_n, wz_n = node.args[:3]
-    wq, ws, wz = const(gm, wq_n), const(gm, ws_n), const(gm, wz_n)
-    if wq is None or ws is None or wq.dtype != torch.int8 or wq.dim() != 4 or not all_zero(wz):
+    if wq is None or ws is None or wq.dtype != torch.int8 or wq.dim() != dim or not all_zero(wz):
         return None
     if ws.numel() != wq.shape[0] or not ws.dtype.is_floating_point:
         return None

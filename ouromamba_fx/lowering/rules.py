@@ -67,7 +67,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ouromamba_fx.lowering.patterns import (CONV1D_TARGETS, CONV2D_TARGETS, LINEAR_TARGETS, all_zero, arg, bias_ok,
-                                            const, const_conv2d_weight, const_weight, const_weight_any, elementwise,
+                                            const, const_weight, const_weight_any, elementwise,
                                             flip_last, is_call, linear_parts, ndim, pair, qdq_source, single,
                                             swaps_last_two, transpose_dims)
 from ouromamba_fx.lowering.rewrite import Built, Match, Pattern, Rule, new_const
@@ -238,7 +238,7 @@ def _match_int8_conv2d(target: str, min_k: int):
         if not is_call(node, CONV2D_TARGETS):
             return None
         src = qdq_source(gm, arg(node, 0, "input"))
-        w = const_conv2d_weight(gm, arg(node, 1, "weight"))
+        w = const_weight(gm, arg(node, 1, "weight"), dim=4)
         b = arg(node, 2, "bias")
         if src is None or w is None:
             return None

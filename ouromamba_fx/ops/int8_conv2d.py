@@ -51,12 +51,9 @@ def conv_weight_rows(w_q: Tensor) -> Tensor:
 
 
 #: The lowering keeps a conv float below this reduction per kernel row (``KW * C``): there the
-#: im2col copies and the per-row epilogue cost more than the int8 GEMM saves. First reading
-#: (``benchmarks/conv2d_cpu.py``, AVX-512 + AMX Xeon, one thread, a loaded machine): 3x3 convs
-#: with C = 80 at 0.6x the compiled float conv, C = 160 stride 1 at 1.0x, stride 2 at 1.5x,
-#: C = 320 stride 2 at 3.4x; to be settled by a reading on a quiet machine.
+#: im2col copies and the per-row epilogue cost more than the int8 GEMM saves
+#: (``benchmarks/conv2d_cpu.py``).
 MIN_ROW_K = 512
-
 
 
 def conv_output_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
@@ -68,6 +65,11 @@ def _row_scales(x_scale: Tensor, h: int) -> Optional[Tensor]:
     if x_scale.numel() == 1:
         return None
     return x_scale.float().reshape(h)
+
+
+def _input_scale(x_scale: Tensor, h: int) -> Tensor:
+    """The activation scale shaped to divide a (B, C, H, W) input: (1, 1, H, 1) per row, else a scalar."""
+    return x_scale.float().reshape(()) if x_scale.numel() == 1 else x_scale.float().reshape(1, 1, h, 1)
 
 
 def int8_conv2d_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_rows: Tensor, w_scale: Tensor,
@@ -84,7 +86,7 @@ def int8_conv2d_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_r
     n = w_rows.shape[0] // kh
     oh, ow = conv_output_size(h, kh, sh, ph, dh), conv_output_size(w, kw, sw, pw, dw)
     rows = _row_scales(x_scale, h)
-    xs = x_scale.float().reshape(1, 1, h, 1) if rows is not None else x_scale.float().reshape(())
+    xs = _input_scale(x_scale, h)
     q = torch.round(x.float() / xs).clamp(qmin, qmax).to(torch.int8)
     # channels-last int8 codes, zero-padded: code 0 is the value 0 the reference pads with
     qc = F.pad(q.permute(0, 2, 3, 1), (0, 0, pw, pw, ph, ph))
@@ -132,8 +134,7 @@ def int8_conv2d_ref(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q: Tenso
     conv of the fake-quantized input and the dequantized weight."""
     from ouromamba_fx.ops.quant import fake_quantize
 
-    h = x.shape[2]
-    xs = x_scale.float().reshape(1, 1, h, 1) if x_scale.numel() != 1 else x_scale.float().reshape(())
+    xs = _input_scale(x_scale, x.shape[2])
     xq = fake_quantize(x, xs, torch.zeros_like(xs), qmin, qmax)
     wf = w_q.float() * w_scale.float().reshape(-1, 1, 1, 1)
     return F.conv2d(xq, wf, bias, stride, padding, dilation)
