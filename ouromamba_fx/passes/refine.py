@@ -97,13 +97,14 @@ class _Runner:
     rounding when grad is enabled)."""
 
     def __init__(self, gm: fx.GraphModule, ctx: Context) -> None:
-        self.gm, self.ctx = gm, ctx
+        self.gm = gm
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((self.index[u] for u in n.users), default=i) for i, n in enumerate(self.nodes)}
         self.float_mode = False
         self.weights: dict[str, _Weight] = {}  # scale buffer name -> weight under refinement
-        self.float_weights = {e[2]: e[0] for e in ctx.quantized_weights.values()}
+        # scale buffer name -> (module name, its ctx.quantized_weights entry)
+        self.by_scale = {e[2]: (m, e) for m, e in ctx.quantized_weights.items()}
 
     def advance(self, env: dict, lo: int, hi: int) -> None:
         """Execute nodes ``lo..hi-1`` into ``env``, dropping values no later node needs."""
@@ -129,7 +130,7 @@ class _Runner:
         if t is DEQUANTIZE_OP and (tag(n) or {}).get("kind") == Kind.WEIGHT:
             scale_attr = n.args[1].target
             if self.float_mode:
-                return self.float_weights[scale_attr].float()
+                return self.by_scale[scale_attr][1][0].float()
             if scale_attr in self.weights:
                 return self.weights[scale_attr].value()
             return t(*args, **kwargs)
@@ -146,12 +147,11 @@ class _Runner:
         return t(*args, **kwargs)
 
 
-def _regions(runner: _Runner, ctx: Context) -> list[tuple[int, int, list[str]]]:
+def _regions(runner: _Runner) -> list[tuple[int, int, list[str]]]:
     """(first node index, last node index, scale buffers of its quantized weights) per mixer
     with quantized weights, in graph order."""
     spans: dict[int, list[int]] = {}
     weights: dict[int, list[str]] = {}
-    scale_attrs = {e[2] for e in ctx.quantized_weights.values()}
     for i, n in enumerate(runner.nodes):
         layer = (tag(n) or {}).get("layer")
         if layer is None:
@@ -159,7 +159,7 @@ def _regions(runner: _Runner, ctx: Context) -> list[tuple[int, int, list[str]]]:
         span = spans.setdefault(layer, [i, i])
         span[1] = i
         if n.op == "call_function" and n.target is DEQUANTIZE_OP and tag(n).get("kind") == Kind.WEIGHT \
-                and n.args[1].target in scale_attrs:
+                and n.args[1].target in runner.by_scale:
             weights.setdefault(layer, []).append(n.args[1].target)
     out = sorted((lo, hi, weights[layer]) for layer, (lo, hi) in spans.items() if layer in weights)
     for (_, hi_a, _), (lo_b, _, _) in zip(out, out[1:]):
@@ -206,7 +206,7 @@ class RefineWeights(Pass):
             return False
         start, cpu_start = time.perf_counter(), time.process_time()
         runner = _Runner(gm, ctx)
-        regions = _regions(runner, ctx)
+        regions = _regions(runner)
         if not regions:
             ctx.log.append("refine weights: no mixer with quantized weights, nothing refined")
             return False
@@ -253,7 +253,7 @@ class RefineWeights(Pass):
                     break
                 ins = {a: _batched([env[a] for env in envs], sizes) for a in inputs[r]}
                 tgt = [torch.cat(t) for t in targets[r]]
-                weights = {s: _Weight(gm, self._module(ctx, s), self._entry(ctx, s)) for s in scale_attrs}
+                weights = {s: _Weight(gm, *runner.by_scale[s]) for s in scale_attrs}
                 runner.weights = weights
                 done, before, after = self._optimise(runner, lo, hi, ins, tgt, outputs[r], n_img, rc, gen,
                                                      weights, start, advance)
@@ -296,14 +296,6 @@ class RefineWeights(Pass):
             if n >= samples:
                 break
         return out
-
-    @staticmethod
-    def _entry(ctx: Context, scale_attr: str) -> tuple:
-        return next(e for e in ctx.quantized_weights.values() if e[2] == scale_attr)
-
-    @staticmethod
-    def _module(ctx: Context, scale_attr: str) -> str:
-        return next(m for m, e in ctx.quantized_weights.items() if e[2] == scale_attr)
 
     @staticmethod
     def _optimise(runner: _Runner, lo: int, hi: int, ins: dict, tgt: list, outs: list, n_img: int, rc, gen,
