@@ -136,6 +136,22 @@ def test_convert_every_layer_lower_save_load(family, tmp_path):
         torch.testing.assert_close(back(x), out, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w4a4o8_lowering_takes_every_quantized_linear(family):
+    """Every quantized linear runs the integer W4A4O8 op, VMamba v2's Linear2d on (B, H, W, C)
+    pixels included (no recorded shapes: its input's axes come from the site spec)."""
+    m = build(family)
+    calib = torch.randn(4, 3, 32, 32)
+    q = of.convert(m, calib, of.W4A4O8.replace(weight=WeightQuant(4, candidates=4), calib_sample=256),
+                   show_progress=False)
+    low = q.lower()
+    n_linear = sum(1 for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and q.coverage[n].quantized)
+    assert f"lower_w4a4o8_linear: {n_linear} linear(s)" in low.log
+    assert not [n for n in low.graph_module.graph.nodes if n.target is torch.nn.functional.linear]
+    with torch.no_grad():
+        assert sqnr(q(calib), low(calib)) > 30
+
+
 @torch.no_grad()
 def test_compiled_mambavision_matches_the_reference_graph():
     """torch.compile(q, backend="ouromamba") on a graph whose first placeholders are module

@@ -83,7 +83,8 @@ from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
 from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP
 from ouromamba_fx.ops.w4a4o8_linear import (SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
-from ouromamba_fx.tags import Kind, carry_spec
+from ouromamba_fx.passes.spec import ActSpec
+from ouromamba_fx.tags import SPEC, Kind, carry_spec
 
 
 @dataclass(frozen=True)
@@ -189,15 +190,29 @@ def _match_w4a4o8(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | Non
         return None
     x, _, token_axis, channel_axis, bits, obits, _, _ = _mixed_args(x_mq)
     wq = w[1]
-    rank = ndim(x)
-    # Channels must be the last axis (the one F.linear contracts). Without recorded shapes, accept
-    # the (batch, L, C) layout the reference passes write for linear inputs.
-    last = channel_axis == -1 or (channel_axis == rank - 1 if rank is not None else (token_axis, channel_axis) == (1, 2))
+    # Channels must be the last axis (the one F.linear contracts) and, for the detecting op, which
+    # reads x as (..., L, C), time-steps the second-to-last. The site's axes are positive (fixed by
+    # the observer); they are read against the rank the graph records or, in a graph without
+    # shapes, against the axes the annotate pass gave the linear's input (counted from the end:
+    # (B, L, C) Vim tokens and (B, H, W, C) VMamba / Linear2d pixels alike).
+    rank, given = ndim(x), _linear_input_axes(node)
+    if rank is not None:
+        last, steps_ok = channel_axis in (-1, rank - 1), token_axis in (-2, rank - 2)
+    elif given is not None:
+        last, steps_ok = given[1] == -1, given[0] == -2
+    else:
+        last, steps_ok = channel_axis == -1 or (token_axis, channel_axis) == (1, 2), token_axis in (-2, 1)
     if bits != 4 or obits != 8 or not last or int(wq.min()) < -8 or int(wq.max()) > 7:
         return None
-    # the detecting op reads x as (..., L, C): time-steps on the second-to-last axis
-    steps_ok = token_axis == -2 or (token_axis == rank - 2 if rank is not None else token_axis == 1)
     return Match(node, dict(x_mq=x_mq, w=w, b=b, steps_ok=steps_ok))
+
+
+def _linear_input_axes(node: fx.Node) -> tuple[int, int] | None:
+    """(token axis, channel axis) the annotate pass gave a linear's input (its site spec), or None
+    (a graph the pipeline did not annotate, e.g. Dynamo's, which records shapes instead)."""
+    spec = node.meta.get(SPEC)
+    a = spec.inputs[0] if spec is not None and spec.inputs else None
+    return (a.token_axis, a.channel_axis) if isinstance(a, ActSpec) else None
 
 
 def _build_w4a4o8(fused: bool, inline_option: bool, target: str):
