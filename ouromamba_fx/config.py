@@ -36,6 +36,19 @@ def _check_choice(owner: str, value, allowed: tuple) -> None:
         raise ValueError(f"{owner} must be one of {allowed}, got {value!r}")
 
 
+_OVERRIDE_KEYS = ("act_bits", "weight_bits", "act_granularity", "skip")
+
+
+def _check_override(owner: str, spec) -> None:
+    if not isinstance(spec, dict) or set(spec) - set(_OVERRIDE_KEYS):
+        raise ValueError(f"QuantConfig.{owner}: expected a dict with keys from {list(_OVERRIDE_KEYS)}, got {spec!r}")
+    if "act_bits" in spec:
+        _check_bits(f"{owner}.act_bits", spec["act_bits"])
+    if "weight_bits" in spec:
+        _check_bits(f"{owner}.weight_bits", spec["weight_bits"])
+    _check_choice(f"{owner}.act_granularity", spec.get("act_granularity", "per_token"), ACT_GRANULARITIES)
+
+
 def _names(roles) -> tuple:
     """Role names as plain strings (a config holds plain data: ``to_dict`` and JSON give back
     what ``from_dict`` takes), whether given as :class:`Role` members or strings."""
@@ -211,6 +224,9 @@ class QuantConfig:
             ``stem``, ``downsample``, ``head`` (see :mod:`ouromamba_fx.tags`). Default: all but
             ``head``.
         scan_inputs: which inputs of the scan are quantized when ``"scan"`` is in ``roles``.
+        role_overrides: per-role settings, by role name (``{"conv2d": {"act_bits": 8}}``), each
+            a dict with the keys ``overrides`` takes but ``skip`` (a role is kept float by leaving
+            it out of ``roles``); ``overrides`` patterns win over them.
         overrides: per-module settings by glob pattern on the module name (``"layers.7.*"``,
             ``"*.out_proj"``; scan nodes are named ``<mixer>.scan`` / ``<mixer>.scan_b``), each a
             dict with any of ``act_bits``, ``weight_bits``, ``act_granularity``, ``skip`` (True:
@@ -228,6 +244,7 @@ class QuantConfig:
     act: ActQuant = field(default_factory=ActQuant)
     roles: tuple[str, ...] = DEFAULT_ROLES
     scan_inputs: tuple[str, ...] = ("delta", "B", "C")
+    role_overrides: dict[str, dict] = field(default_factory=dict)
     overrides: dict[str, dict] = field(default_factory=dict)
     seed: int = 0
     calib_sample: int = 1024
@@ -244,17 +261,16 @@ class QuantConfig:
         bad = sorted(set(self.scan_inputs) - set(SCAN_INPUTS))
         if bad:
             raise ValueError(f"QuantConfig.scan_inputs: unknown {bad}; known: {SCAN_INPUTS}")
-        allowed = {"act_bits", "weight_bits", "act_granularity", "skip"}
+        bad = sorted(set(self.role_overrides) - set(ROLES))
+        if bad:
+            raise ValueError(f"QuantConfig.role_overrides: unknown roles {bad}; known: {', '.join(ROLES)}")
+        for role, spec in self.role_overrides.items():
+            if isinstance(spec, dict) and "skip" in spec:
+                raise ValueError(f"QuantConfig.role_overrides[{role!r}]: 'skip' is not a role setting; "
+                                 f"leave {role!r} out of QuantConfig.roles to keep that role float")
+            _check_override(f"role_overrides[{role!r}]", spec)
         for pattern, spec in self.overrides.items():
-            if not isinstance(spec, dict) or set(spec) - allowed:
-                raise ValueError(f"QuantConfig.overrides[{pattern!r}]: expected a dict with keys "
-                                 f"from {sorted(allowed)}, got {spec!r}")
-            if "act_bits" in spec:
-                _check_bits(f"overrides[{pattern!r}].act_bits", spec["act_bits"])
-            if "weight_bits" in spec:
-                _check_bits(f"overrides[{pattern!r}].weight_bits", spec["weight_bits"])
-            _check_choice(f"overrides[{pattern!r}].act_granularity", spec.get("act_granularity", "per_token"),
-                          ACT_GRANULARITIES)
+            _check_override(f"overrides[{pattern!r}]", spec)
         if (self.outliers or self.kscale) and not self.act.symmetric:
             raise ValueError("QuantConfig: outliers and kscale need symmetric activations (act.symmetric=True)")
         if self.calib_sample < 16:
@@ -266,18 +282,21 @@ class QuantConfig:
     def replace(self, **changes) -> "QuantConfig":
         return dataclasses.replace(self, **changes)
 
-    def for_module(self, name: str) -> tuple[ActQuant, WeightQuant, bool]:
-        """(activation spec, weight spec, skipped) for the module or scan named ``name``."""
+    def for_module(self, name: str, role: str | None = None) -> tuple[ActQuant, WeightQuant, bool]:
+        """(activation spec, weight spec, skipped) for the module or scan named ``name`` whose
+        role is ``role``: the defaults, then ``role_overrides[role]``, then the ``overrides``
+        patterns that match ``name`` in order."""
         act, weight, skip = self.act, self.weight, False
-        for pattern, spec in self.overrides.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                if "act_bits" in spec:
-                    act = dataclasses.replace(act, bits=spec["act_bits"])
-                if "act_granularity" in spec:
-                    act = dataclasses.replace(act, granularity=spec["act_granularity"])
-                if "weight_bits" in spec:
-                    weight = dataclasses.replace(weight, bits=spec["weight_bits"])
-                skip = bool(spec.get("skip", skip))
+        specs = [self.role_overrides[role]] if role in self.role_overrides else []
+        specs += [spec for pattern, spec in self.overrides.items() if fnmatch.fnmatchcase(name, pattern)]
+        for spec in specs:
+            if "act_bits" in spec:
+                act = dataclasses.replace(act, bits=spec["act_bits"])
+            if "act_granularity" in spec:
+                act = dataclasses.replace(act, granularity=spec["act_granularity"])
+            if "weight_bits" in spec:
+                weight = dataclasses.replace(weight, bits=spec["weight_bits"])
+            skip = bool(spec.get("skip", skip))
         return act, weight, skip
 
     def to_dict(self) -> dict:

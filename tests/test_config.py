@@ -13,6 +13,9 @@ from ouromamba_fx.config import ActQuant, QuantConfig, WeightQuant, preset
     (lambda: QuantConfig(scan_inputs=("h",)), "scan_inputs"),
     (lambda: QuantConfig(overrides={"layers.0.*": {"bits": 4}}), "overrides"),
     (lambda: QuantConfig(overrides={"*": {"act_bits": 9}}), "act_bits"),
+    (lambda: QuantConfig(role_overrides={"norm": {"act_bits": 8}}), r"role_overrides: unknown roles \['norm'\]"),
+    (lambda: QuantConfig(role_overrides={"mlp": {"act_bits": 1}}), r"role_overrides\['mlp'\]\.act_bits"),
+    (lambda: QuantConfig(role_overrides={"mlp": {"skip": True}}), "leave 'mlp' out of QuantConfig.roles"),
 ])
 def test_invalid_configs_are_rejected_with_the_field_named(make, msg):
     with pytest.raises(ValueError, match=msg):
@@ -40,6 +43,18 @@ def test_overrides_by_pattern_later_wins():
     assert act.is_float and w.bits == 8
     assert cfg.for_module("layers.0.mixer.scan_b")[2] is True
     assert cfg.for_module("layers.0.mixer.scan")[2] is False
+
+
+def test_role_overrides_apply_by_role_and_module_patterns_win():
+    cfg = of.W4A8.replace(role_overrides={"conv2d": {"act_bits": 8, "weight_bits": 8}, "mlp": {"act_bits": 6}},
+                          overrides={"levels.0.*": {"act_bits": 16}})
+    act, w, skip = cfg.for_module("levels.1.blocks.0.conv1", "conv2d")
+    assert (act.bits, w.bits, skip) == (8, 8, False)
+    assert cfg.for_module("levels.1.blocks.0.conv1")[0].bits == 8  # no role given: the defaults
+    assert cfg.for_module("levels.1.blocks.0.conv1")[1].bits == 4
+    assert cfg.for_module("levels.0.blocks.0.conv1", "conv2d")[0].is_float  # the module pattern wins
+    assert cfg.for_module("levels.2.blocks.0.mlp.fc1", "mlp")[0].bits == 6
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
 
 
 @pytest.mark.parametrize("name", sorted(of.PRESETS))

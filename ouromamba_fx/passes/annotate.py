@@ -103,7 +103,7 @@ class AnnotateSites(Pass):
             return KeptFloat(key, FloatReason.ROLE, (("role", role),))
         if role == Role.SCAN and inp not in cfg.scan_inputs:
             return KeptFloat(key, FloatReason.SCAN_INPUT, (("input", inp),))
-        act, _, skip = cfg.for_module(site)
+        act, _, skip = cfg.for_module(site, role)
         if skip:
             return KeptFloat(key, FloatReason.OVERRIDE)
         if act.is_float:
@@ -121,7 +121,7 @@ class AnnotateSites(Pass):
             return None
         if role not in cfg.roles:
             return KeptFloat(node.target, FloatReason.ROLE, (("role", role),))
-        _, wq, skip = cfg.for_module(node.target)
+        _, wq, skip = cfg.for_module(node.target, role)
         if skip:
             return KeptFloat(node.target, FloatReason.OVERRIDE)
         if wq.is_float:
@@ -133,6 +133,6 @@ class AnnotateSites(Pass):
         if t["role"] != Role.SCAN or cfg.reparam is None:
             return None
         site = scan_site(t)
-        if cfg.for_module(site)[2]:
+        if cfg.for_module(site, Role.SCAN)[2]:
             return KeptFloat(site + ":state", FloatReason.OVERRIDE)
         return StateSpec(site, cfg.reparam)
