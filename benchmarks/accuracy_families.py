@@ -138,7 +138,8 @@ def main() -> int:
             lines += ["", "W8A8-RTN / W8A8-per-token: the Vim table's two baselines over every linear and conv "
                       "layer (scan and conv1d in float); W8A8, W4A8 (outliers kept 16-bit), W4A4O8: the presets "
                       "(every mixer input incl. the scan's delta/B/C, MLP, attention qkv/proj, stem, downsampling "
-                      "and conv-stage convs; head float).", ""] + ([gen_note] if gen_note else [])
+                      "and conv-stage convs; head float; W4A4O8 keeps the stem, downsampling and conv-stage "
+                      "inputs at 8 bits without outlier channels).", ""] + ([gen_note] if gen_note else [])
             write_section(out, name, "\n".join(lines))
     con.print(f"wrote {out}")
     return 0

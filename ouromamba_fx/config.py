@@ -261,6 +261,8 @@ class QuantConfig:
         bad = sorted(set(self.scan_inputs) - set(SCAN_INPUTS))
         if bad:
             raise ValueError(f"QuantConfig.scan_inputs: unknown {bad}; known: {SCAN_INPUTS}")
+        object.__setattr__(self, "role_overrides", dict(zip(_names(self.role_overrides),
+                                                            self.role_overrides.values())))
         bad = sorted(set(self.role_overrides) - set(ROLES))
         if bad:
             raise ValueError(f"QuantConfig.role_overrides: unknown roles {bad}; known: {', '.join(ROLES)}")
@@ -323,8 +325,16 @@ W6A6 = QuantConfig("W6A6", WeightQuant(6), ActQuant(6))
 # paper's W4A8O16), 8-bit at W4A4O8. k-scales and the state reparameterization are switches
 # (``.replace(kscale=KScale(), reparam=Reparam())``): on the reference model they did not add
 # accuracy on top of outliers with per-token scales (benchmarks/accuracy.md).
+# W4A4O8 keeps the convolution layers of VMamba / MambaVision (stem, downsampling, conv stages;
+# Vim and Mamba stacks have none) at 8-bit activations without outlier channels, as 4-bit
+# networks usually keep their first layers: on MambaVision the 4-bit activations of its conv
+# stages were most of W4A4O8's loss (benchmarks/accuracy_families.md); 8-bit codes also run
+# the integer Conv2d of the lowering.
+CONV_ROLES = (Role.CONV2D, Role.STEM, Role.DOWNSAMPLE)
 W4A8 = QuantConfig("W4A8", WeightQuant(4), ActQuant(8), outliers=OutlierQuant(16))
-W4A4O8 = QuantConfig("W4A4O8", WeightQuant(4), ActQuant(4), outliers=OutlierQuant(8))
+W4A4O8 = QuantConfig("W4A4O8", WeightQuant(4), ActQuant(4),
+                     outliers=OutlierQuant(8, roles=tuple(r for r in OutlierQuant.roles if r not in CONV_ROLES)),
+                     role_overrides={r: {"act_bits": 8} for r in CONV_ROLES})
 # The baselines quantize the linear and convolution layers (the mixers' projections and, in
 # VMamba / MambaVision, the MLP, attention, stem, downsampling and conv-stage layers), not the
 # mixers' conv1d nor the scan.

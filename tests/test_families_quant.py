@@ -19,7 +19,7 @@ from ouromamba_fx.measure import sqnr
 from ouromamba_fx.models import (MambaStack, MambaStackConfig, MambaVision, MambaVisionConfig, VMambaConfig,
                                  VSSM)
 from ouromamba_fx.ops.int8_conv2d import int8_conv2d_decomposed
-from ouromamba_fx.tags import scan_site, tag
+from ouromamba_fx.tags import SPEC, scan_site, tag
 from tests import upstream
 
 # A fast weight search: the tests check structure and end-to-end numbers, not the clipping search.
@@ -138,15 +138,20 @@ def test_convert_every_layer_lower_save_load(family, tmp_path):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_w4a4o8_lowering_takes_every_quantized_linear(family):
-    """Every quantized linear runs the integer W4A4O8 op, VMamba v2's Linear2d on (B, H, W, C)
-    pixels included (no recorded shapes: its input's axes come from the site spec)."""
+    """Every quantized linear runs an integer op: W4A4O8 ones, VMamba v2's Linear2d on (B, H, W, C)
+    pixels included (no recorded shapes: its input's axes come from the site spec), and the 8-bit
+    integer linear for the conv roles the preset keeps at 8-bit activations (VMamba v0's
+    patch-merging linear)."""
     m = build(family)
     calib = torch.randn(4, 3, 32, 32)
     q = of.convert(m, calib, of.W4A4O8.replace(weight=WeightQuant(4, candidates=4), calib_sample=256),
                    show_progress=False)
     low = q.lower()
     n_linear = sum(1 for n, mod in m.named_modules() if isinstance(mod, nn.Linear) and q.coverage[n].quantized)
-    assert f"lower_w4a4o8_linear: {n_linear} linear(s)" in low.log
+    a8 = sum(1 for n in q.graph_module.graph.nodes if n.target is torch.nn.functional.linear
+             and tag(n)["role"] in ("stem", "downsample", "conv2d"))
+    assert f"lower_w4a4o8_linear: {n_linear - a8} linear(s)" in low.log
+    assert f"lower_w8a8_linear: {a8} linear(s)" in low.log
     assert not [n for n in low.graph_module.graph.nodes if n.target is torch.nn.functional.linear]
     with torch.no_grad():
         assert sqnr(q(calib), low(calib)) > 30
@@ -171,11 +176,20 @@ def test_convert_w4a4o8_conv_and_mlp_sites():
     calib = torch.randn(4, 3, 32, 32)
     q = of.convert(m, calib, of.W4A4O8.replace(weight=WeightQuant(4, candidates=4), calib_sample=256),
                    show_progress=False)
-    kinds = Counter(tag(n).get("role") for n in q.graph_module.graph.nodes
-                    if tag(n) and tag(n).get("kind") == "quantize_mixed")
-    assert kinds["mlp"] and kinds["conv2d"] and kinds["attn"] and kinds["scan"]
+    kinds = Counter((tag(n).get("role"), tag(n).get("kind")) for n in q.graph_module.graph.nodes if tag(n))
+    assert kinds["mlp", "quantize_mixed"] and kinds["attn", "quantize_mixed"] and kinds["scan", "quantize_mixed"]
+    # the conv layers: 8-bit activations, no outlier channels (the preset's role_overrides)
+    for role in ("conv2d", "stem", "downsample"):
+        assert kinds[role, "quantize"] and not kinds[role, "quantize_mixed"], role
+        spec = next(n.meta[SPEC] for n in q.graph_module.graph.nodes if n.meta.get(SPEC) and n.meta[SPEC].role == role)
+        assert spec.inputs[0].quant.bits == 8 and spec.inputs[0].outliers is None and spec.weight.quant.bits == 4
     with torch.no_grad():
         assert sqnr(m(calib), q(calib)) > 5
+        # their 8-bit codes run the integer conv (at these widths when asked), with the same numbers
+        low = q.lower(conv2d_min_k=0)
+        dense = sum(1 for mod in m.modules() if isinstance(mod, nn.Conv2d) and mod.groups == 1)
+        assert f"lower_int8_conv2d: {dense} conv2d(s)" in low.log
+        assert sqnr(q(calib), low(calib)) > 30
 
 
 def test_convert_that_quantizes_nothing_is_an_error():
