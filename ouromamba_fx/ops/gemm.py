@@ -59,7 +59,7 @@ _FP32_EXACT = 2 ** 24
 
 @functools.lru_cache(maxsize=None)
 def _detected() -> str:
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if not _x86():
         return "int_mm"
     probes = ("_is_vnni_supported", "_is_amx_tile_supported")
     fast = any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
@@ -209,13 +209,40 @@ def u8_mm(q: Tensor, w: Tensor, key: Tensor) -> Tensor:
     :func:`u8_exact` holds for the operands' ranges: callers check. ``w`` is prepacked once per
     ``key`` (the model's own weight tensor, e.g. its packed int4 form). A uint8 ``q`` is taken as
     already shifted (the codes + 128, as ``mixed_quant`` writes them on request)."""
-    n = w.shape[0]
-    packed, ones, zps = cached(key, "onednn", lambda: (torch.ops.onednn.qlinear_prepack(w.contiguous(), None),
-                                                     torch.ones(n), torch.zeros(n, dtype=torch.long)))
+    packed, ones, zps = cached(key, "onednn", lambda: _prepack(w))
     q = q.contiguous()
     u = q if q.dtype == torch.uint8 else q.view(torch.uint8) ^ 0x80  # two's complement q + 128
     return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, packed, ones, zps, None, 1.0, 0, torch.float32,
                                               "none", [], "")
+
+
+def onednn_s8() -> bool:
+    """Whether :func:`s8_mm` can run here: an x86 CPU with torch's oneDNN and its quantized linear ops."""
+    return _x86() and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def s8_mm(q: Tensor, weight: Callable[[], Tensor], key: Tensor) -> Tensor:
+    """``q @ w^T`` as float32 for int8 ``q`` (M, K) and the int8 weight ``w`` (N, K) that ``weight()``
+    makes, on oneDNN's matmul with ``w`` prepacked once per ``key`` (the model's own weight tensor;
+    the same cache entry as :func:`u8_mm`'s). Exact as ``torch._int_mm(q, w.t()).float()`` is: int32
+    sums (s8 x s8 on AMX; on VNNI oneDNN shifts the activations to u8 and subtracts the shift's
+    term in int32), converted to float32 once (every scale 1). On CPUs with AMX this is oneDNN's
+    AMX kernel with the weight in its blocked layout, where ``torch._int_mm`` (oneDNN's
+    ``gemm_s8s8s32`` API, the weight reordered on every call) runs on AVX-512 VNNI: 2-3x less time
+    for Vim-S's in_proj (``benchmarks/ops_cpu.py``). Callers check :func:`onednn_s8`; on CPUs without
+    VNNI the s8 x s8 product goes through saturating int16 pairs (see :func:`u8_exact`)."""
+    packed, ones, zps = cached(key, "onednn", lambda: _prepack(weight()))
+    return torch.ops.onednn.qlinear_pointwise(q.contiguous(), 1.0, 0, packed, ones, zps, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def _prepack(w: Tensor) -> tuple:
+    n = w.shape[0]
+    return torch.ops.onednn.qlinear_prepack(w.contiguous(), None), torch.ones(n), torch.zeros(n, dtype=torch.long)
 
 
 def int_mm(a: Tensor, b: Tensor, qmax_a: int = 127, qmax_w: int = 127) -> Tensor:
