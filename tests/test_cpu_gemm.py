@@ -86,6 +86,50 @@ def test_s8_mm_exact(qa, w_lo, w_hi, m, k, n):
     assert len(made) == 1 and "onednn" in cpu_gemm.cache_tags(key)  # prepacked once
 
 
+@pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
+@pytest.mark.parametrize("kh,block", [(0, 0), (3, 0), (3, 2), (3, -1)])
+def test_s8_mm_op_weight_operands_exact_and_prepacked_once(kh, block):
+    """The op of the decomposed linears / convs: a linear's weight, one kernel row of a conv's
+    rows, or all its rows side by side; exact, and the operand prepacked once per weight."""
+    n, kwc = 24, 40
+    w = torch.randint(-127, 128, ((kh or 1) * n, kwc), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    operand = cpu_gemm.weight_operand(w, kh, block)
+    assert operand.shape == (n, kwc * (kh if block == -1 else 1))
+    if kh and block >= 0:
+        assert torch.equal(operand, w[block * n:(block + 1) * n])
+    a = ints((37, operand.shape[1]), 127, 9)
+    before = cpu_gemm.cache_size()
+    with cpu_gemm.use("int_mm"):
+        out = cpu_gemm.decomposed_mm(a.float(), w, 127, 127, kh=kh, block=block, prepack=True)
+        again = cpu_gemm.decomposed_mm(a[:5].float(), w, 127, 127, kh=kh, block=block, prepack=True)
+    assert torch.equal(out.double(), exact(a, operand).float().double())
+    assert torch.equal(again, out[:5])
+    assert cpu_gemm.cache_size() == before + 1
+    with pytest.raises(ValueError, match="s8_mm expects"):
+        cpu_gemm.S8_MM_OP(a, w, 5, 0)
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
+def test_compiled_w8a8_prepacks_each_weight_once():
+    """Compiled, the W8A8 linears call the prepacked op with the graph's own weights: a second
+    call makes no new prepacked copies."""
+    torch.manual_seed(0)
+    model = VisionMamba(tiny_config(depth=2)).eval()
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    q = of.convert(model, calib=calib, config=of.W8A8, show_progress=False)
+    fast = torch.compile(q, backend="ouromamba")
+    n0 = cpu_gemm.cache_size()
+    y = fast(x)
+    n = cpu_gemm.cache_size()
+    assert n >= n0 + 2 * 4  # at least in_proj, x_proj, dt_proj, out_proj of both layers prepacked
+    torch.testing.assert_close(fast(x), y, rtol=0, atol=0)
+    assert cpu_gemm.cache_size() == n
+    ref = q(x)
+    assert torch.allclose(y, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
 @torch.no_grad()
 @pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
 def test_w4a4o8_detect_runs_onednn_prepacked_in_int_mm_mode():
