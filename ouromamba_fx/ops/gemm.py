@@ -9,10 +9,12 @@ exact only while ``2 * max|u| * max|w| <= 32767``.
 
 :func:`mode` says which path runs:
 
-* ``"int_mm"`` -- CPUs with VNNI or AMX, and non-x86 CPUs: ``torch._int_mm``, except W4A4O8's
-  inlier products on x86, which run on oneDNN's matmul with the weight prepacked once
-  (:func:`s8_mm`): on a CPU with AMX, ``torch._int_mm`` (oneDNN's ``gemm_s8s8s32`` API) stays on
-  AVX-512 VNNI and reorders the weight on every call, the prepacked matmul runs on AMX.
+* ``"int_mm"`` -- CPUs with VNNI or AMX, and non-x86 CPUs: ``torch._int_mm``, except, on x86,
+  the products of the lowered graph's weights (W8A8 linears and integer convs through
+  :func:`decomposed_mm` with ``prepack``, W4A4O8's inlier products), which run on oneDNN's matmul
+  with the weight prepacked once (:func:`s8_mm`, :data:`S8_MM_OP`): on a CPU with AMX,
+  ``torch._int_mm`` (oneDNN's ``gemm_s8s8s32`` API) stays on AVX-512 VNNI and reorders the weight
+  on every call, the prepacked matmul runs on AMX.
 * ``"emulated"`` -- x86 CPUs without them. W4A4O8's inlier products (4-bit codes x int4 weights)
   run on this package's own AVX2 kernel where the build has AVX2 and FMA (``u4_mm`` in
   ``kernels/cpu/mixer_ops.cpp``: vpmaddubsw pairs summed in int16, which 4-bit operands cannot
