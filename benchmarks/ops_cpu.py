@@ -10,10 +10,16 @@ Shapes: Vim-small-like linears (M = 16 images x 197 tokens) and the reference mo
 * ``w8a8``: ``ouromamba::w8a8_linear`` on float32 x (per-token quantization included).
 * ``int8 GEMM``: ``ouromamba::int8_linear`` on pre-quantized x (GEMM + dequant epilogue).
 * ``_int_mm``: the bare ``torch._int_mm`` (int32 out), to show what the epilogue costs.
+* ``prepacked``: the same product on oneDNN's matmul with the weight prepacked once, float32 out
+  (:func:`ouromamba_fx.ops.gemm.s8_mm`; x86 only, elsewhere the column times an empty call).
 * ``w4a4o8``: ``ouromamba::w4a4o8_linear`` on float32 x with ~2 % outlier channels (the same
   channels in every row, as outlier channels are), packed int4 weight unpacked per call.
 * ``w4a4o8 scattered``: the same op with ~2 % outliers scattered at random per row (their union
   covers most columns, so the outlier GEMM runs over all of K): the worst case.
+* ``w4a4o8_rt``: ``ouromamba::w4a4o8_linear_rt``, the op the lowering emits: the outlier rule, the
+  split and the quantization in one pass, the inlier GEMM on the int4 weights unpacked and laid out
+  once (on x86 CPUs with VNNI/AMX oneDNN's matmul on the prepacked weight), each token's outliers
+  added in the epilogue. x as (images, tokens, K), step scales from the inliers' range.
 
 The machine may be shared: variants are timed round-robin (one call of each per round, after a
 warm-up), so a burst of load hits all of them alike; the tables give the median over rounds, and
@@ -38,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ouromamba_fx.ops import gemm  # noqa: E402
 from ouromamba_fx.ops.int4 import pack_int4, unpack_int4  # noqa: E402
 
 OPS = torch.ops.ouromamba
@@ -50,6 +57,7 @@ SHAPES = [  # (label, M, K, N)
     ("ref x_proj", 64 * 65, 256, 40),
 ]
 OUTLIER_FRACTION = 0.02
+TOKENS = {"Vim-S": 197, "ref": 65}  # time steps per image, by the shape label's first word
 
 
 def time_round_robin(fns: dict, rounds: int, warmup: int = 3) -> dict:
@@ -85,20 +93,26 @@ def make_case(m: int, k: int, n: int):
                 w4=w4, w4_packed=pack_int4(w4), w4_scale=w4_scale)
 
 
-def bench_ops(c: dict, rounds: int) -> dict:
+def bench_ops(c: dict, rounds: int, steps: int) -> dict:
     x, w, bias = c["x"], c["w"], c["bias"]
     xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
     x_q, x_s = OPS.quantize_per_token(x, 8)
     k = x.shape[1]
+    x3 = x.view(-1, steps, k)
+    # static step scales: half the inliers' largest magnitude per step, over 7 levels
+    s_steps = (x3.masked_fill(c["mask_ch"].view(x3.shape), 0).abs().amax(-1).mean(0) / 14).contiguous()
     fns = {
         "fp32": lambda: F.linear(x, w, bias),
         "bf16": lambda: F.linear(xb, wb, bb),
         "w8a8": lambda: OPS.w8a8_linear(x, c["w8"], c["w8_scale"], bias, None),
         "int8 GEMM": lambda: OPS.int8_linear(x_q, x_s, c["w8"], c["w8_scale"], bias),
         "_int_mm": lambda: torch._int_mm(x_q, c["w8"].t()),
+        # the same product on oneDNN's matmul with the weight prepacked once (float32 out), x86 only
+        "prepacked": (lambda: gemm.s8_mm(x_q, lambda: c["w8"], c["w8"])) if gemm.onednn_s8() else (lambda: None),
         "w4a4o8": lambda: OPS.w4a4o8_linear(x, c["mask_ch"], None, c["w4_packed"], c["w4_scale"], bias, k),
         "w4a4o8 scattered": lambda: OPS.w4a4o8_linear(x, c["mask_sc"], None, c["w4_packed"], c["w4_scale"],
                                                       bias, k),
+        "w4a4o8_rt": lambda: OPS.w4a4o8_linear_rt(x3, s_steps, c["w4_packed"], c["w4_scale"], bias, k, 3.0, 4),
     }
     return time_round_robin(fns, rounds)
 
@@ -114,6 +128,7 @@ def bench_w4_strategies(c: dict, rounds: int) -> dict:
     w4 = c["w4"]
     cols = mask.view(torch.uint8).amax(dim=0).nonzero().flatten()
     q_out_cols = q_out[:, cols].contiguous()
+    key = torch.zeros(1)  # the cache key of the prepacked weight
     fns = {
         "unpack int4": lambda: unpack_int4(c["w4_packed"], k),
         "inlier GEMM": lambda: torch._int_mm(q_in, w4.t()).float(),
@@ -124,6 +139,8 @@ def bench_w4_strategies(c: dict, rounds: int) -> dict:
         "inlier GEMM + gathered outlier fp32 GEMM": lambda: (torch._int_mm(q_in, w4.t()).float(),
                                                              q_out_cols.float() @ w4[:, cols].float().t()),
     }
+    if gemm.onednn_s8():  # x86: oneDNN's matmul on the weight prepacked once (AMX where the CPU has it)
+        fns["inlier GEMM, oneDNN prepacked"] = lambda: gemm.s8_mm(q_in, lambda: w4, key)
     return time_round_robin(fns, rounds)
 
 
@@ -143,11 +160,12 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
     torch.set_num_threads(threads)
     print(f"torch.get_num_threads() = {torch.get_num_threads()}")
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    op_cols = ["fp32", "bf16", "w8a8", "int8 GEMM", "_int_mm", "w4a4o8", "w4a4o8 scattered"]
+    op_cols = ["fp32", "bf16", "w8a8", "int8 GEMM", "_int_mm", "prepacked", "w4a4o8", "w4a4o8 scattered",
+               "w4a4o8_rt"]
     rows, strat_rows = [], []
     for label, m, k, n in SHAPES:
         c = make_case(m, k, n)
-        t, t_min = bench_ops(c, rounds)
+        t, t_min = bench_ops(c, rounds, TOKENS[label.split()[0]])
         s, _ = bench_w4_strategies(c, rounds)
         rows.append((label, m, k, n, t, t_min))
         strat_rows.append((label, int(c["mask_ch"][0].sum()), k, s))
@@ -167,7 +185,7 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
     for label, m, k, n, t, t_min in rows:
         lines.append(f"| {label} | {m} | {k} | {n} | "
                      + " | ".join(f"{t[c]:.2f} / {t_min[c]:.2f}" for c in op_cols) + " |")
-    ratio_cols = ["w8a8", "int8 GEMM", "w4a4o8", "w4a4o8 scattered"]
+    ratio_cols = ["w8a8", "int8 GEMM", "w4a4o8", "w4a4o8 scattered", "w4a4o8_rt"]
     lines += [
         "",
         "### Speed-up (median time of the float linear / median time of the op; > 1 is faster)",
@@ -192,7 +210,7 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
         lines.append(f"| {label} | {n_out} of {k} | " + " | ".join(f"{s[c]:.2f}" for c in strat_cols) + " |")
     lines += ["", "### Reading", ""]
     for (label, m, k, n, t, _), (*_, s) in zip(rows, strat_rows):
-        cands = {c: s[c] for c in strat_cols if c not in ("unpack int4", "inlier GEMM")}
+        cands = {c: s[c] for c in strat_cols if c not in ("unpack int4", "inlier GEMM", "inlier GEMM, oneDNN prepacked")}
         best = min(cands, key=cands.get)
         lines.append(
             f"- {label}: dequant epilogue = {100 * (t['int8 GEMM'] - t['_int_mm']) / t['int8 GEMM']:.0f} % of the "

@@ -70,6 +70,88 @@ def test_u8_mm_exact_for_int4_weights(qa, m, k, n):
     assert out.dtype == torch.float32 and torch.equal(out.double(), exact(a, b))
 
 
+@pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
+@pytest.mark.parametrize("qa,w_lo,w_hi", [(7, -8, 7), (127, -127, 127)])  # W4A4O8's inliers, W8A8's ranges
+@pytest.mark.parametrize("m,k,n", [(1, 2, 1), (13, 31, 7), (200, 384, 160), (300, 768, 56)])
+def test_s8_mm_exact(qa, w_lo, w_hi, m, k, n):
+    # full-range codes of both signs, a row and a weight row at the extremes
+    a = ints((m, k), qa, 6)
+    b = torch.randint(w_lo, w_hi + 1, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(7))
+    a[0], a[-1] = qa, -qa
+    b[0] = w_lo
+    key, made = torch.zeros(1), []
+    out = cpu_gemm.s8_mm(a, lambda: made.append(1) or b, key)
+    assert out.dtype == torch.float32 and torch.equal(out.double(), exact(a, b).float().double())
+    assert torch.equal(cpu_gemm.s8_mm(a[:5], lambda: made.append(1) or b, key).double(), exact(a[:5], b).float().double())
+    assert len(made) == 1 and "onednn" in cpu_gemm.cache_tags(key)  # prepacked once
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
+@pytest.mark.parametrize("kh,block", [(0, 0), (3, 0), (3, 2), (3, -1)])
+def test_s8_mm_op_weight_operands_exact_and_prepacked_once(kh, block):
+    """The op of the decomposed linears / convs: a linear's weight, one kernel row of a conv's
+    rows, or all its rows side by side; exact, and the operand prepacked once per weight."""
+    n, kwc = 24, 40
+    w = torch.randint(-127, 128, ((kh or 1) * n, kwc), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    operand = cpu_gemm.weight_operand(w, kh, block)
+    assert operand.shape == (n, kwc * (kh if block == -1 else 1))
+    if kh and block >= 0:
+        assert torch.equal(operand, w[block * n:(block + 1) * n])
+    a = ints((37, operand.shape[1]), 127, 9)
+    before = cpu_gemm.cache_size()
+    with cpu_gemm.use("int_mm"):
+        out = cpu_gemm.decomposed_mm(a.float(), w, 127, 127, kh=kh, block=block, prepack=True)
+        again = cpu_gemm.decomposed_mm(a[:5].float(), w, 127, 127, kh=kh, block=block, prepack=True)
+    assert torch.equal(out.double(), exact(a, operand).float().double())
+    assert torch.equal(again, out[:5])
+    assert cpu_gemm.cache_size() == before + 1
+    with pytest.raises(ValueError, match="s8_mm expects"):
+        cpu_gemm.S8_MM_OP(a, w, 5, 0)
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
+def test_compiled_w8a8_prepacks_each_weight_once():
+    """Compiled, the W8A8 linears call the prepacked op with the graph's own weights: a second
+    call makes no new prepacked copies."""
+    torch.manual_seed(0)
+    model = VisionMamba(tiny_config(depth=2)).eval()
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    q = of.convert(model, calib=calib, config=of.W8A8, show_progress=False)
+    fast = torch.compile(q, backend="ouromamba")
+    n0 = cpu_gemm.cache_size()
+    y = fast(x)
+    n = cpu_gemm.cache_size()
+    assert n >= n0 + 2 * 4  # at least in_proj, x_proj, dt_proj, out_proj of both layers prepacked
+    torch.testing.assert_close(fast(x), y, rtol=0, atol=0)
+    assert cpu_gemm.cache_size() == n
+    ref = q(x)
+    assert torch.allclose(y, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
+def test_w4a4o8_detect_runs_onednn_prepacked_in_int_mm_mode():
+    from ouromamba_fx.ops.int4 import pack_int4
+    from ouromamba_fx.ops.mixed import outlier_split_ref, site_outlier_mask_ref
+    from ouromamba_fx.ops.w4a4o8_linear import w4a4o8_linear_detect, w4a4o8_linear_masked_ref
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 20, 96, generator=g)
+    x[:, :, 5] *= 30  # an outlier channel
+    s = torch.rand(20, generator=g) * 0.1 + 0.2
+    wq = torch.randint(-8, 8, (40, 96), dtype=torch.int8, generator=g)
+    wp, ws, b = pack_int4(wq), torch.rand(40, generator=g) * 0.01 + 1e-3, torch.randn(40, generator=g)
+    with cpu_gemm.use("int_mm"):
+        y = w4a4o8_linear_detect(x, s, wp, ws, b, 96, 2.0, 4)
+    assert "onednn" in cpu_gemm.cache_tags(wp) and "int4:kn" not in cpu_gemm.cache_tags(wp)
+    mask, step = site_outlier_mask_ref(x, s, 1, 2, 4, 2.0, 4)
+    assert mask.any()
+    ref = w4a4o8_linear_masked_ref(x, mask, step, wp, ws, b, 96)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_cache_reuses_rebuilds_and_forgets():
     key = torch.zeros(3)
     made = []

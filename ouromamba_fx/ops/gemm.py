@@ -9,7 +9,12 @@ exact only while ``2 * max|u| * max|w| <= 32767``.
 
 :func:`mode` says which path runs:
 
-* ``"int_mm"`` -- CPUs with VNNI or AMX, and non-x86 CPUs: ``torch._int_mm`` for everything.
+* ``"int_mm"`` -- CPUs with VNNI or AMX, and non-x86 CPUs: ``torch._int_mm``, except, on x86,
+  the products of the lowered graph's weights (W8A8 linears and integer convs through
+  :func:`decomposed_mm` with ``prepack``, W4A4O8's inlier products), which run on oneDNN's matmul
+  with the weight prepacked once (:func:`s8_mm`, :data:`S8_MM_OP`): on a CPU with AMX,
+  ``torch._int_mm`` (oneDNN's ``gemm_s8s8s32`` API) stays on AVX-512 VNNI and reorders the weight
+  on every call, the prepacked matmul runs on AMX.
 * ``"emulated"`` -- x86 CPUs without them. W4A4O8's inlier products (4-bit codes x int4 weights)
   run on this package's own AVX2 kernel where the build has AVX2 and FMA (``u4_mm`` in
   ``kernels/cpu/mixer_ops.cpp``: vpmaddubsw pairs summed in int16, which 4-bit operands cannot
@@ -59,7 +64,7 @@ _FP32_EXACT = 2 ** 24
 
 @functools.lru_cache(maxsize=None)
 def _detected() -> str:
-    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if not _x86():
         return "int_mm"
     probes = ("_is_vnni_supported", "_is_amx_tile_supported")
     fast = any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
@@ -209,13 +214,80 @@ def u8_mm(q: Tensor, w: Tensor, key: Tensor) -> Tensor:
     :func:`u8_exact` holds for the operands' ranges: callers check. ``w`` is prepacked once per
     ``key`` (the model's own weight tensor, e.g. its packed int4 form). A uint8 ``q`` is taken as
     already shifted (the codes + 128, as ``mixed_quant`` writes them on request)."""
-    n = w.shape[0]
-    packed, ones, zps = cached(key, "onednn", lambda: (torch.ops.onednn.qlinear_prepack(w.contiguous(), None),
-                                                     torch.ones(n), torch.zeros(n, dtype=torch.long)))
+    packed, ones, zps = cached(key, "onednn", lambda: _prepack(w))
     q = q.contiguous()
     u = q if q.dtype == torch.uint8 else q.view(torch.uint8) ^ 0x80  # two's complement q + 128
     return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, packed, ones, zps, None, 1.0, 0, torch.float32,
                                               "none", [], "")
+
+
+def onednn_s8() -> bool:
+    """Whether :func:`s8_mm` can run here: an x86 CPU with torch's oneDNN and its quantized linear ops."""
+    return _x86() and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def s8_mm(q: Tensor, weight: Callable[[], Tensor], key: Tensor, tag: str = "onednn") -> Tensor:
+    """``q @ w^T`` as float32 for int8 ``q`` (M, K) and the int8 weight ``w`` (N, K) that ``weight()``
+    makes, on oneDNN's matmul with ``w`` prepacked once per ``key`` (the model's own weight tensor;
+    the same cache entry as :func:`u8_mm`'s). Exact as ``torch._int_mm(q, w.t()).float()`` is: int32
+    sums (s8 x s8 on AMX; on VNNI oneDNN shifts the activations to u8 and subtracts the shift's
+    term in int32), converted to float32 once (every scale 1). On CPUs with AMX this is oneDNN's
+    AMX kernel with the weight in its blocked layout, where ``torch._int_mm`` (oneDNN's
+    ``gemm_s8s8s32`` API, the weight reordered on every call) runs on AVX-512 VNNI: 2-3x less time
+    for Vim-S's in_proj (``benchmarks/ops_cpu.py``). Callers check :func:`onednn_s8`; on CPUs without
+    VNNI the s8 x s8 product goes through saturating int16 pairs (see :func:`u8_exact`)."""
+    packed, ones, zps = cached(key, tag, lambda: _prepack(weight()))
+    return torch.ops.onednn.qlinear_pointwise(q.contiguous(), 1.0, 0, packed, ones, zps, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+def weight_operand(w: Tensor, kh: int = 0, block: int = 0) -> Tensor:
+    """The int8 (N', K') weight operand a GEMM of the lowering reads from the constant ``w``: ``w``
+    itself (``kh == 0``: a linear's (N, K)), or from a conv's kernel rows ``w`` (KH * N, KW * C)
+    (``kh`` = KH) the rows of kernel row ``block``, or with ``block == -1`` all kernel rows side by
+    side, (N, KH * KW * C)."""
+    if kh == 0:
+        return w
+    n = w.shape[0] // kh
+    if block >= 0:
+        return w[block * n:(block + 1) * n]
+    return w.reshape(kh, n, -1).transpose(0, 1).reshape(n, -1)
+
+
+@torch.library.custom_op("ouromamba::s8_mm", mutates_args=(), schema="(Tensor q, Tensor w, int kh, int block) -> Tensor")
+def s8_mm_op(q: Tensor, w: Tensor, kh: int, block: int) -> Tensor:
+    """float32 ``q @ weight_operand(w, kh, block)^T`` for int8 ``q`` on oneDNN's matmul, the operand
+    prepacked once per (``w``, ``kh``, ``block``) (:func:`s8_mm`): an opaque op, so that a compiled
+    graph calls it with the graph's own weight constant and the prepacked copy is made once."""
+    _check_s8(q, w, kh, block)
+    return s8_mm(q, lambda: weight_operand(w, kh, block), w, f"onednn:{kh}:{block}" if kh else "onednn")
+
+
+@s8_mm_op.register_fake
+def _(q, w, kh, block):
+    _check_s8(q, w, kh, block)
+    return q.new_empty((q.shape[0], w.shape[0] // kh if kh else w.shape[0]), dtype=torch.float32)
+
+
+def _check_s8(q: Tensor, w: Tensor, kh: int, block: int) -> None:
+    k = w.shape[1] * (kh if kh and block == -1 else 1)
+    if q.dim() != 2 or q.dtype != torch.int8 or w.dim() != 2 or w.dtype != torch.int8 or q.shape[1] != k \
+            or kh < 0 or (kh and (w.shape[0] % kh or not -1 <= block < kh)):
+        raise ValueError(f"s8_mm expects int8 q (M, K) and int8 w (N, K) (or a conv's KH * N kernel rows with "
+                         f"0 <= block < kh or block == -1), got q {q.dtype} {tuple(q.shape)}, w {w.dtype} "
+                         f"{tuple(w.shape)}, kh={kh}, block={block}")
+
+
+S8_MM_OP = torch.ops.ouromamba.s8_mm.default
+
+
+def _prepack(w: Tensor) -> tuple:
+    n = w.shape[0]
+    return torch.ops.onednn.qlinear_prepack(w.contiguous(), None), torch.ones(n), torch.zeros(n, dtype=torch.long)
 
 
 def int_mm(a: Tensor, b: Tensor, qmax_a: int = 127, qmax_w: int = 127) -> Tensor:
@@ -238,17 +310,25 @@ def cublas_int_mm_ok(m: int, k: int, n: int) -> bool:
     return m > 16 and cublas_weight_ok(k, n)
 
 
-def decomposed_mm(q: Tensor, w: Tensor, qmax_a: int, qmax_w: int) -> Tensor:
-    """Exact ``float(q @ w^T)`` of integer-valued ``q`` (M, K) (int8 or float codes of magnitude <=
-    ``qmax_a``) and int8 ``w`` (N, K) (<= ``qmax_w``), in plain torch for the decomposed linears of
-    the lowering (Inductor compiles it): ``torch._int_mm``, except in the emulated CPU mode and,
-    on a GPU (:func:`ouromamba_fx.ops.dispatch.on_cuda`), for the shapes cuBLAS refuses
-    (:func:`cublas_int_mm_ok`): there exact fp32 GEMMs of the codes (:func:`float_mm`), the same
-    integers. (The lowering sends refused shapes with a long reduction to the Triton int8 GEMM.)"""
+def decomposed_mm(q: Tensor, w: Tensor, qmax_a: int, qmax_w: int, kh: int = 0, block: int = 0,
+                  prepack: bool = False) -> Tensor:
+    """Exact ``float(q @ W^T)`` of integer-valued ``q`` (M, K) (int8 or float codes of magnitude <=
+    ``qmax_a``) and the int8 weight operand ``W = weight_operand(w, kh, block)`` (<= ``qmax_w``), in
+    plain torch for the decomposed linears and convs of the lowering (Inductor compiles it): with
+    ``prepack`` (``w`` is a constant of the graph, not made per call) on x86 CPUs with VNNI / AMX,
+    oneDNN's matmul on the weight prepacked once (:data:`S8_MM_OP`; AMX where the CPU has it, which
+    ``torch._int_mm`` does not use), else ``torch._int_mm``, except in the
+    emulated CPU mode and, on a GPU (:func:`ouromamba_fx.ops.dispatch.on_cuda`), for the shapes
+    cuBLAS refuses (:func:`cublas_int_mm_ok`): there exact fp32 GEMMs of the codes
+    (:func:`float_mm`), the same integers. (The lowering sends refused shapes with a long reduction
+    to the Triton int8 GEMM.)"""
     m, k = q.shape
-    if emulated(q.device) or (on_cuda(q) and not cublas_int_mm_ok(m, k, w.shape[0])):
-        return float_mm(q, w, qmax_a, qmax_w)
-    return torch._int_mm(q.to(torch.int8), w.t()).float()
+    if prepack and q.device.type == "cpu" and not emulated(q.device) and onednn_s8():
+        return S8_MM_OP(q.to(torch.int8), w, kh, block)
+    wo = weight_operand(w, kh, block)
+    if emulated(q.device) or (on_cuda(q) and not cublas_int_mm_ok(m, k, wo.shape[0])):
+        return float_mm(q, wo, qmax_a, qmax_w)
+    return torch._int_mm(q.to(torch.int8), wo.t()).float()
 
 
 def int_matmul_ref(a: Tensor, b: Tensor) -> Tensor:

@@ -14,8 +14,9 @@ integer product is split by kernel row. For kernel row ``i`` the codes of the in
 ``oh * stride + i * dilation`` (channels last, zero-padded) are gathered into an im2col matrix of
 ``KW * C`` columns (for a patchify conv, kernel = stride and no padding, the gather is a reshape
 of contiguous memory) and multiplied by the weight's kernel row ``i`` (N, KW * C) exactly
-(:func:`ouromamba_fx.ops.gemm.decomposed_mm`: ``torch._int_mm``, oneDNN with VNNI / AMX; on x86
-CPUs without them exact fp32 GEMMs of the codes, the same integers). Each row's int32 sums are
+(:func:`ouromamba_fx.ops.gemm.decomposed_mm`: on x86 CPUs with VNNI / AMX oneDNN's matmul on the
+kernel rows prepacked once per weight, ``torch._int_mm`` on other CPUs with int8 dot products; on
+x86 CPUs without VNNI exact fp32 GEMMs of the codes, the same integers). Each row's int32 sums are
 scaled by their input row's scale, summed over the kernel rows, then ``* w_scale + bias``: the
 reference's numbers up to float summation order. With stride 1 every input row meets every kernel
 row, so one im2col of all padded rows (``KW * C`` columns) is multiplied by the kernel rows stacked
@@ -102,13 +103,13 @@ def int8_conv2d_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_r
 
     if rows is None:  # one scale: all kernel rows in one GEMM
         a = torch.stack([im2col(window_rows(i)) for i in range(kh)], dim=3).reshape(-1, kh * kw * c)
-        w_all = w_rows.reshape(kh, n, kw * c).transpose(0, 1).reshape(n, kh * kw * c)
-        acc = gemm.decomposed_mm(a, w_all, amax, 127).reshape(b, oh, ow, n) * xs
+        # w_all: all kernel rows side by side, (N, KH * KW * C)
+        acc = gemm.decomposed_mm(a, w_rows, amax, 127, kh=kh, block=-1, prepack=True).reshape(b, oh, ow, n) * xs
     elif sh == 1:  # every padded input row is read by every kernel row: one GEMM, kernel rows as N
         rows_p = F.pad(rows, (ph, ph))
         hp = h + 2 * ph
         a = im2col(qc).reshape(-1, kw * c)  # (B * Hp * OW, KW * C)
-        y_all = gemm.decomposed_mm(a, w_rows, amax, 127).reshape(b, hp, ow, kh, n)
+        y_all = gemm.decomposed_mm(a, w_rows, amax, 127, prepack=True).reshape(b, hp, ow, kh, n)
         acc = None
         for i in range(kh):
             part = y_all[:, i * dh: i * dh + oh, :, i] * rows_p[i * dh: i * dh + oh].reshape(1, oh, 1, 1)
@@ -118,7 +119,7 @@ def int8_conv2d_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_r
         acc = None
         for i in range(kh):
             a = im2col(window_rows(i)).reshape(-1, kw * c)
-            part = gemm.decomposed_mm(a, w_rows[i * n:(i + 1) * n], amax, 127)
+            part = gemm.decomposed_mm(a, w_rows, amax, 127, kh=kh, block=i, prepack=True)
             s_i = rows_p[i * dh: i * dh + sh * (oh - 1) + 1: sh].reshape(1, oh, 1, 1)
             part = part.reshape(b, oh, ow, n) * s_i
             acc = part if acc is None else acc + part

@@ -204,8 +204,9 @@ def int8_linear_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q
     """``F.linear(fake_quantize(x), dequantize(w_q))`` with integer arithmetic: ``x`` (..., K) is
     quantized with the static symmetric scale ``x_scale`` (broadcastable to (..., 1), zero point 0)
     to ``[qmin, qmax]``, multiplied by the int8 weight ``w_q`` (N, K) exactly
-    (:func:`ouromamba_fx.ops.gemm.decomposed_mm`: ``torch._int_mm``, or exact fp32 GEMMs of the
-    codes where it is slow or, on a GPU, refuses the shape), then
+    (:func:`ouromamba_fx.ops.gemm.decomposed_mm`: oneDNN's matmul on the weight prepacked once on
+    x86 CPUs with VNNI / AMX, ``torch._int_mm``, or exact fp32 GEMMs of the codes where it is slow
+    or, on a GPU, refuses the shape), then
     ``((acc * x_scale) * w_scale) + bias`` in float32 -- the numbers of ``ouromamba::int8_linear``.
     Plain torch, so that under Inductor the quantization fuses into the kernel that produces ``x``
     and the epilogue into the one that consumes ``y``. Needs K >= 2 (``torch._int_mm`` on CPU is
@@ -213,7 +214,7 @@ def int8_linear_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q
     lead, k = x.shape[:-1], x.shape[-1]
     xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
     q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax)
-    acc = gemm.decomposed_mm(q, w_q, max(-qmin, qmax), 127)
+    acc = gemm.decomposed_mm(q, w_q, max(-qmin, qmax), 127, prepack=True)
     y = acc * xs * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()

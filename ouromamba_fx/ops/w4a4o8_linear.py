@@ -29,8 +29,9 @@ Kernels, by device:
   full-K GEMM when more than half of the columns hold outliers; all give the same integers.
 * CPU, the detecting ops: the rule, the split and the quantization in one C++ pass
   (``kernels/cpu/mixer_ops.cpp``), the inlier GEMM on the int4 weights unpacked once and cached
-  beside them (the path of :mod:`ouromamba_fx.ops.gemm`: ``torch._int_mm``, or without VNNI the
-  package's AVX2 int4 kernel or oneDNN u8 x s8), and an epilogue that adds each token's few
+  beside them (x86 CPUs with VNNI/AMX: oneDNN's matmul on the weight prepacked once,
+  :func:`~ouromamba_fx.ops.gemm.s8_mm`, AMX where the CPU has it; other CPUs with int8 dot products:
+  ``torch._int_mm``; without VNNI the package's AVX2 int4 kernel or oneDNN u8 x s8), and an epilogue that adds each token's few
   outlier channels (their rows of the weights; exact integer sums) before the scales and the
   bias, in one pass over the output. Below :data:`SMALL_K` input channels, a float GEMM of the
   dequantized values instead. Without the C++ build: ``outlier_mask`` + ``w4a4o8_linear``.
@@ -259,6 +260,12 @@ def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_
         # epilogue while its products are in cache
         panels, colsum = gemm.cached(w_packed, "u4", lambda: ext.u4_pack(unpack_int4(w_packed, k)))
         y = ext.u4_linear(q_in.view(m, k), panels, colsum, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
+    elif not emulated and gemm.onednn_s8():
+        # VNNI/AMX x86: oneDNN's matmul on the int4 weights unpacked to int8 and prepacked once
+        # (AMX where the CPU has it; torch._int_mm would run oneDNN's VNNI gemm API on a weight
+        # reordered per call), float32 products straight into the epilogue
+        acc = gemm.s8_mm(q_in.view(m, k), lambda: unpack_int4(w_packed, k), w_packed)
+        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
     else:
         # int4 -> int8 once per weight (there is no int4 GEMM on the CPU), laid out (K, N)
         w_t = gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())

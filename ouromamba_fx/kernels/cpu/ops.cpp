@@ -224,21 +224,47 @@ std::vector<Tensor> cached_pair(const Tensor& key, const Tensor& other, const st
   return cached(key, t.str(), make);
 }
 
-Tensor u8_mm(const Tensor& q_in, const Tensor& w, const Tensor& key) {
+// gemm._prepack: the weight (N, K) int8 prepacked for oneDNN's matmul, unit scales, zero points 0
+std::vector<Tensor> onednn_prepack(const Tensor& w) {
   static const auto prepack = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
-  static const auto pointwise = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
   const int64_t n = w.size(0);
-  const auto packed = cached(key, "onednn", [&] {
-    torch::jit::Stack st{w.contiguous(), c10::IValue()};
-    prepack.callBoxed(&st);
-    return std::vector<Tensor>{st[0].toTensor(), at::ones({n}), at::zeros({n}, at::kLong)};
-  });
-  const Tensor q = q_in.contiguous();
-  const Tensor u = q.scalar_type() == at::kByte ? q : q.view(at::kByte).bitwise_xor(0x80);  // q + 128
-  torch::jit::Stack st{u, 1.0, int64_t(128), packed[0], packed[1], packed[2], c10::IValue(), 1.0, int64_t(0),
+  torch::jit::Stack st{w.contiguous(), c10::IValue()};
+  prepack.callBoxed(&st);
+  return std::vector<Tensor>{st[0].toTensor(), at::ones({n}), at::zeros({n}, at::kLong)};
+}
+
+// q (uint8 shifted by zp, or int8 with zp 0) times a prepacked weight, float32 out
+Tensor onednn_pointwise(const Tensor& q, int64_t zp, const std::vector<Tensor>& packed) {
+  static const auto pointwise = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
+  torch::jit::Stack st{q, 1.0, zp, packed[0], packed[1], packed[2], c10::IValue(), 1.0, int64_t(0),
                        at::kFloat, std::string("none"), c10::List<std::optional<at::Scalar>>(), std::string("")};
   pointwise.callBoxed(&st);
   return st[0].toTensor();
+}
+
+Tensor u8_mm(const Tensor& q_in, const Tensor& w, const Tensor& key) {
+  const auto packed = cached(key, "onednn", [&] { return onednn_prepack(w); });
+  const Tensor q = q_in.contiguous();
+  const Tensor u = q.scalar_type() == at::kByte ? q : q.view(at::kByte).bitwise_xor(0x80);  // q + 128
+  return onednn_pointwise(u, 128, packed);
+}
+
+// gemm.onednn_s8
+bool onednn_s8() {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+  static const bool ok = at::hasMKLDNN() &&
+                         c10::Dispatcher::singleton().findSchema({"onednn::qlinear_pointwise", ""}).has_value();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// gemm.s8_mm: weight() makes the int8 (N, K) weight, prepacked once per key
+template <typename Make>
+Tensor s8_mm(const Tensor& q, Make weight, const Tensor& key) {
+  const auto packed = cached(key, "onednn", [&] { return onednn_prepack(weight()); });
+  return onednn_pointwise(q.contiguous(), 0, packed);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -581,6 +607,9 @@ Tensor detect_int_gemm(const Tensor& x, const Tensor& rows, const Tensor& s_in, 
     const auto pc = cached(w_packed, "u4", [&] { return ouromamba_mixer::u4_pack(unpack_int4(w_packed, k)); });
     y = ouromamba_mixer::u4_linear(q_in.view({m, k}), pc[0], pc[1], s_in, q_out.view({m, k}), s_out.view({m}), w_o,
                                    w_s, b);
+  } else if (!emu && onednn_s8()) {
+    const Tensor acc = s8_mm(q_in.view({m, k}), [&] { return unpack_int4(w_packed, k); }, w_packed);
+    y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o, w_s, b);
   } else {
     const Tensor w_t = cached(w_packed, "int4:kn", [&] {
       return std::vector<Tensor>{unpack_int4(w_packed, k).t().contiguous()};
