@@ -735,7 +735,9 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
   const T* Cp = P.C.at(b, d0);
   const int64_t Bsn = P.B.s_n, Csn = P.C.s_n;
 
-  // Forward recomputation.
+  // Forward recomputation (the decays through exp2_prod where the block's products allow it,
+  // as in the forward; a loop-invariant branch, which the compiler takes out of the loop).
+  const bool in_range = F::prod_in_range(S.DT, L, A2, N);
   for (int64_t n = 0; n < N; ++n) HS[n] = F::splat(T(0));
   for (int64_t t = 0; t < L; ++t) {
     const V dt = S.DT[t];
@@ -750,7 +752,7 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
       const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
-      const V a = F::exp2(dt * A2[n]);
+      const V a = in_range ? F::exp2_prod(dt, A2[n]) : F::exp2(dt * A2[n]);
       const V h = a * hp[n] + dtu * bv;
       dec[n] = a;
       hn[n] = h;
