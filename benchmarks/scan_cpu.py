@@ -21,7 +21,11 @@ cores, though it counts OpenMP threads spinning at barriers too), and the load a
 
 A second table repeats the comparison on one thread (``torch.set_num_threads(1)``) and gives the
 minimum CPU time of the calling thread per call: not what a user sees, but nearly immune to other
-jobs on a shared machine, so it shows the kernels' own cost.
+jobs on a shared machine, so it shows the kernels' own cost. It adds the fused forward's state
+updates per second (batch * d_inner * L * d_state per call) beside an FMA-peak estimate of the CPU
+(2 FMA ports x vector lanes x the clock in /proc/cpuinfo, which is the nominal clock, not the turbo
+one), and the forward of ``ouromamba::selective_scan_cl`` with ``fast_decay=True`` (the lowering
+option for quantized models).
 
 A third part times the quantized scans (forward only, ``torch.no_grad()``), on the same inputs:
 the float scan (C++), ``ouromamba::selective_scan_q`` (C++; reparameterization factors and 8-bit
@@ -50,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q  # noqa: E402
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref  # noqa: E402
-from ouromamba_fx.ops.scan import scan_backend, selective_scan  # noqa: E402
+from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, scan_backend, selective_scan  # noqa: E402
 from ouromamba_fx.ops.scan_quant import scan_state_stats  # noqa: E402
 from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_scan_q_ref  # noqa: E402
 from ouromamba_fx.passes.reparam import rank1_factors  # noqa: E402
@@ -85,6 +89,31 @@ def forward_fn(fn, a):
         with torch.no_grad():
             call(fn, a)
     return run
+
+
+def fast_decay_fn(a):
+    """The channel-contiguous forward with the lowering's fast decays (no grad)."""
+    def run():
+        with torch.no_grad():
+            SCAN_CHANNELS_LAST_OP(a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"], a["z"], a["delta_bias"], True,
+                                  fast_decay=True)
+    return run
+
+
+def fma_peak() -> tuple[float, str]:
+    """(fp32 lane-FMAs per second, how it was estimated): 2 FMA ports x lanes x nominal clock."""
+    mhz, flags = 0.0, ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("cpu MHz") and not mhz:
+                    mhz = float(line.split(":", 1)[1])
+                elif line.startswith("flags") and not flags:
+                    flags = line
+    except OSError:
+        pass
+    lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
+    return 2 * lanes * mhz * 1e6, f"2 FMA ports x {lanes} fp32 lanes x {mhz / 1e3:.2f} GHz (/proc/cpuinfo)"
 
 
 def forward_backward_fn(fn, a, dout):
@@ -226,11 +255,16 @@ def main() -> None:
                   f" reference {rw * 1e3:8.1f} ms, x{rw / fw:6.1f} | CPU time: fused {fc * 1e3:8.2f} ms,"
                   f" reference {rc * 1e3:8.1f} ms, x{rc / fc:6.1f}", flush=True)
             if args.single_rounds > 0:
-                t1 = time_single_thread({"fused": make(selective_scan), "reference": make(selective_scan_ref)},
-                                        {"fused": 2 * args.single_rounds, "reference": args.single_rounds})
-                single.append((label, (batch, dim, L, N), pass_name, t1["fused"], t1["reference"]))
+                fns1 = {"fused": make(selective_scan), "reference": make(selective_scan_ref)}
+                rounds1 = {"fused": 2 * args.single_rounds, "reference": args.single_rounds}
+                if pass_name == "forward":
+                    fns1["fast"], rounds1["fast"] = fast_decay_fn(a), 2 * args.single_rounds
+                t1 = time_single_thread(fns1, rounds1)
+                single.append((label, (batch, dim, L, N), pass_name, t1["fused"], t1["reference"], t1.get("fast")))
                 print(f"{'':30s} {'':18s} {'':19s} 1 thread (min thread CPU time): fused {t1['fused'] * 1e3:8.2f} ms,"
-                      f" reference {t1['reference'] * 1e3:8.1f} ms, x{t1['reference'] / t1['fused']:6.1f}", flush=True)
+                      + (f" {batch * dim * L * N / t1['fused'] / 1e9:.2f} G state updates/s,"
+                         f" fast_decay {t1['fast'] * 1e3:8.2f} ms," if "fast" in t1 else "")
+                      + f" reference {t1['reference'] * 1e3:8.1f} ms, x{t1['reference'] / t1['fused']:6.1f}", flush=True)
 
     qrows, qsingle = [], []
     if args.q_ref_rounds > 0:
@@ -291,16 +325,23 @@ def main() -> None:
         "",
     ]
     if single:
+        peak, peak_how = fma_peak()
         lines += [
             f"One thread (`torch.set_num_threads(1)`), minimum CPU time of the calling thread over "
             f"{2 * args.single_rounds} (fused) / {args.single_rounds} (reference) calls: the kernels' own cost, "
-            "nearly independent of other jobs on the machine.",
+            "nearly independent of other jobs on the machine. \"state updates/s\": batch * d_inner * L * d_state "
+            f"per fused forward call, against an FMA peak of {peak / 1e9:.1f} G fp32 lane-FMAs/s ({peak_how}); "
+            "\"fast_decay\": `ouromamba::selective_scan_cl` with `fast_decay=True`.",
             "",
-            "| shape | (batch, d_inner, L, d_state) | pass | fused (ms) | reference (ms) | speed-up |",
-            "|---|---|---|---:|---:|---:|",
+            "| shape | (batch, d_inner, L, d_state) | pass | fused (ms) | state updates/s | fast_decay (ms) "
+            "| reference (ms) | speed-up |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
         ]
-        for label, shape, pass_name, tf, tr in single:
-            lines.append(f"| {label} | {shape} | {pass_name} | {tf * 1e3:.2f} | {tr * 1e3:.1f} | {tr / tf:.1f}x |")
+        for label, shape, pass_name, tf, tr, tfast in single:
+            ups = f"{math.prod(shape) / tf / 1e9:.2f} G" if pass_name == "forward" else ""
+            fast = f"{tfast * 1e3:.2f}" if tfast is not None else ""
+            lines.append(f"| {label} | {shape} | {pass_name} | {tf * 1e3:.2f} | {ups} | {fast} | {tr * 1e3:.1f} "
+                         f"| {tr / tf:.1f}x |")
         lines.append("")
     if qrows:
         lines += [

@@ -218,16 +218,18 @@ struct VecF {
   static constexpr float kLog2e = 1.4426950408889634f;
   static constexpr float kExp2Poly[6] = {0.0013267117319628596f, 0.009671597741544247f, 0.05550726503133774f,
                                           0.24022240936756134f, 0.6931470036506653f, 1.0f};  // highest first
-  // The fast decays of the lowered quantized models (kFast below): 2^r = 1 + r (c1 + r (c2 + r c3)),
-  // degree 3, fitted for minimal relative error with 2^0 = 1 exact (so a decay near 1 has no
-  // bias that would compound over the steps): under 1.02e-4 relative in float arithmetic, against
-  // the 8-bit quantization steps (about 4e-3) of the inputs it sees there. Two multiply-adds
-  // fewer per decay than the degree-5 polynomial.
-  static constexpr float kExp2Poly3[4] = {0.055008791387081146f, 0.2422107458114624f, 0.6932829022407532f, 1.0f};
+  // The fast decays of the lowered quantized models (kFast below): 2^r = 1 + r (c1 + r (c2 + r (c3
+  // + r c4))), degree 4, fitted for minimal relative error with 2^0 = 1 exact (so a decay near 1
+  // has no bias that would compound over the steps): under 2.9e-6 relative in float arithmetic,
+  // against the 8-bit quantization steps (about 4e-3) of the inputs it sees there. One
+  // multiply-add fewer per decay than the degree-5 polynomial. (Degree 3, 1.02e-4 relative, moved
+  // too many predictions of a lowered W8A8 model away from its reference graph.)
+  static constexpr float kExp2Poly4[5] = {0.009582852944731712f, 0.055906426161527634f, 0.24024099111557007f,
+                                          0.6931241750717163f, 1.0f};
   template <bool kFast = false>
   static inline V exp2_poly(V r) {
-    constexpr const float* c = kFast ? kExp2Poly3 : kExp2Poly;
-    constexpr int n = kFast ? 4 : 6;
+    constexpr const float* c = kFast ? kExp2Poly4 : kExp2Poly;
+    constexpr int n = kFast ? 5 : 6;
     V p = splat(c[0]);
 #pragma GCC unroll 8
     for (int i = 1; i < n; ++i) p = p * r + c[i];
@@ -252,11 +254,11 @@ struct VecF {
   // out-of-order window before the next can start; K chains side by side keep the pipes busier.
   // kNonPos: every x is known to be <= 0 or NaN (the scans' decays with dt >= 0 and A <= 0),
   // where the upper clamp changes nothing and is left out. NaN stays NaN.
-  // kFast: the degree-3 polynomial (kExp2Poly3).
+  // kFast: the degree-4 polynomial (kExp2Poly4).
   template <int K, bool kNonPos, bool kFast = false>
   static inline void exp2_k(const V* x, V* out) {
-    constexpr const float* c = kFast ? kExp2Poly3 : kExp2Poly;
-    constexpr int deg = kFast ? 3 : 5;
+    constexpr const float* c = kFast ? kExp2Poly4 : kExp2Poly;
+    constexpr int deg = kFast ? 4 : 5;
     V t[K], r[K], p[K];
 #pragma GCC unroll 16
     for (int k = 0; k < K; ++k) {
@@ -278,14 +280,69 @@ struct VecF {
 #pragma GCC unroll 16
     for (int k = 0; k < K; ++k) out[k] = p[k] * (V)(((I)t[k]) << 23);
   }
+  // 2^(a * b) where every product a * b is known to lie in [-kProdRange, kProdRange] or be NaN
+  // (the scans' decays dt * (A log2 e), checked per block with prod_in_range). On AVX-512 the
+  // rounding comes out of the product itself: t = a * b + 1.5 * 2^23 in one multiply-add puts
+  // k = round(a * b) in t's low mantissa bits, k = t - 1.5 * 2^23 exactly, and r = a * b - k is
+  // a second multiply-add (one rounding, from the exact product: at least as accurate as rounding
+  // a * b first). Four instructions fewer per decay than exp2(a * b) (product, two clamps,
+  // vrndscaleps, which is two micro-ops, and a subtraction against two multiply-adds and a
+  // subtraction): the same polynomial and vscalefps, so the same accuracy (under 2 ulp). Other
+  // builds: exp2(a * b).
+  static constexpr float kProdRange = 4194304.0f;  // 2^22: a * b + 1.5 * 2^23 stays in [2^23, 2^24)
+  template <bool kFast = false>
+  static inline V exp2_prod(V a, V b) {
+#if defined(__AVX512F__)
+    if constexpr (k512) {
+      const __m512 M = _mm512_set1_ps(kMagic);
+      const __m512 kf = _mm512_sub_ps(_mm512_fmadd_ps((__m512)a, (__m512)b, M), M);
+      const __m512 r = _mm512_fmsub_ps((__m512)a, (__m512)b, kf);
+      return (V)_mm512_scalef_ps((__m512)exp2_poly<kFast>((V)r), kf);
+    }
+#endif
+    return exp2<kFast>(a * b);
+  }
+  // Whether max |a[i]| * max |b[j]| <= kProdRange over a (na vectors) and b (nb vectors), so
+  // that exp2_prod takes every a[i] * b[j] (NaN lanes are ignored: they stay NaN there). Padding
+  // lanes must hold finite values.
+  static inline bool prod_in_range(const V* a, int64_t na, const V* b, int64_t nb) {
+    V ma = splat(0.0f), mb = splat(0.0f);
+    for (int64_t i = 0; i < na; ++i) ma = vmax(ma, abs(a[i]));
+    for (int64_t j = 0; j < nb; ++j) mb = vmax(mb, abs(b[j]));
+    float xa = 0.0f, xb = 0.0f;
+    for (int l = 0; l < W; ++l) {
+      xa = ma[l] > xa ? ma[l] : xa;
+      xb = mb[l] > xb ? mb[l] : xb;
+    }
+    return xa <= kProdRange && xb <= kProdRange && xa * xb <= kProdRange;
+  }
+  // 1 / x to about 1 ulp for finite x != 0: on AVX-512 vrcp14ps (relative error 2^-14) and one
+  // Newton step (two multiply-adds) instead of a division, which takes about ten cycles per
+  // 16-lane vector on one port. Other builds: the division.
+  static inline V recip(V x) {
+#if defined(__AVX512F__)
+    if constexpr (k512) {
+      const __m512 r0 = _mm512_rcp14_ps((__m512)x);
+      const __m512 e = _mm512_fnmadd_ps((__m512)x, r0, _mm512_set1_ps(1.0f));
+      return (V)_mm512_fmadd_ps(r0, e, r0);
+    }
+#endif
+    return 1.0f / x;
+  }
   static inline V abs(V x) { return (V)((I)x & 0x7fffffff); }  // clears the sign bit (NaN stays NaN)
   static inline V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }
+  // sigmoid through recip (the scans' gates): exp(-x) is capped at e^87 so that 1 + exp(-x)
+  // stays finite (recip(inf) would be NaN), which gives about 1.6e-38 instead of 0 or a tiny
+  // value below x = -87.
+  static inline V sigmoid_rcp(V x) { return recip(1.0f + exp(vmin(-x, splat(87.0f)))); }
   // F.softplus with threshold 20: x > 20 -> x, else max(x, 0) + log1p(exp(-|x|)), where
   // log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3], as an odd series up to s^15.
+  // kRcp: the division through recip (2 + e is in [2, 3]).
+  template <bool kRcp = false>
   static inline V softplus(V x) {
     V ax = abs(x);
     V e = exp(-ax);
-    V s = e / (2.0f + e);
+    V s = kRcp ? e * recip(2.0f + e) : e / (2.0f + e);
     V s2 = s * s;
     V q = splat(1.0f / 15.0f);
     q = q * s2 + 1.0f / 13.0f;
@@ -328,11 +385,16 @@ struct Vec<double> {
     for (int l = 0; l < W; ++l) r[l] = std::exp2(x[l]);
     return r;
   }
+  template <bool kFast = false>
+  static inline V exp2_prod(V a, V b) { return exp2(a * b); }
+  static inline bool prod_in_range(const V*, int64_t, const V*, int64_t) { return true; }
   static inline V sigmoid(V x) {
     V r;
     for (int l = 0; l < W; ++l) r[l] = 1.0 / (1.0 + std::exp(-x[l]));
     return r;
   }
+  static inline V sigmoid_rcp(V x) { return sigmoid(x); }  // (float64: always the division)
+  template <bool kRcp = false>
   static inline V softplus(V x) {
     V r;
     for (int l = 0; l < W; ++l) r[l] = x[l] > 20.0 ? x[l] : std::log1p(std::exp(x[l]));

@@ -39,7 +39,9 @@
 //
 // float64 inputs are computed in float64 (with libm's exp / log1p, lane by lane); everything else
 // in float32 with om_vec.h's branch-free vector functions: the decays exp(dt A) as
-// exp2(dt * A log2 e) (under 2 ulp), log2 e folded into A once per block.
+// exp2(dt * A log2 e) (under 2 ulp), log2 e folded into A once per block; on AVX-512 the forward
+// rounds the product inside multiply-adds (exp2_prod) where a block's products are in its range,
+// and its softplus and gate divide through recip (vrcp14ps and a Newton step, about 1 ulp).
 
 #include "kernels.h"
 #include <ATen/Parallel.h>
@@ -96,7 +98,7 @@ struct Problem {
   const T* bias = nullptr;   // (dim,) or null
   bool softplus = false;
   bool out_cl = false;       // forward output channel-contiguous ((batch, L, dim) memory), else time-contiguous
-  bool fast_decay = false;   // forward decays with the degree-3 exp2 (float32 only; om_vec.h kExp2Poly3)
+  bool fast_decay = false;   // forward decays with the degree-4 exp2 (float32 only; om_vec.h kExp2Poly4)
   struct BC {
     const T* p = nullptr;
     int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
@@ -386,7 +388,7 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
   for (int64_t t = 0; t < L; ++t) {
     const V x = S.DT[t] + bias;
     if (P.softplus) {
-      S.DT[t] = F::softplus(x);
+      S.DT[t] = F::template softplus<true>(x);  // (the division through recip: see om_vec.h)
       if (DSP) DSP[t] = F::dsoftplus(x);
     } else {
       S.DT[t] = x;
@@ -472,6 +474,70 @@ __attribute__((noinline)) void forward_avx2(V8f* __restrict__ H8, const V8f* __r
 }
 #endif
 
+// The forward recurrence of one block (AVX-512 and other builds without the AVX2 path below): the
+// dt tile S.DT becomes y. kInRange: every decay exponent dt * A log2 e of the block is within
+// exp2_prod's range (F::prod_in_range), so the decays take exp2_prod (on AVX-512 four
+// instructions fewer per decay); otherwise exp2 of the rounded product, with its clamps.
+template <typename T, bool VB, bool VC, bool kFast, bool kInRange>
+inline void forward_recurrence(const Problem<T>& P, Scratch<T>& S, const T* Bp, const T* Cp, const Prefetcher<T>& pf) {
+  using F = Vec<T>;
+  using V = typename F::V;
+  const int64_t L = P.L, N = P.N;
+  V* __restrict__ H = S.H;
+  const V* __restrict__ A2 = S.A2;  // A log2 e
+  const V* __restrict__ BT = S.BT;
+  const V* __restrict__ CT = S.CT;
+  const int64_t Bsn = P.B.s_n, Csn = P.C.s_n;
+  auto decay = [](V dt, V a2) {
+    if constexpr (kInRange) {
+      return F::template exp2_prod<kFast>(dt, a2);
+    } else {
+      return F::template exp2<kFast>(dt * a2);
+    }
+  };
+  if (N == 16) {
+    // d_state 16 (Vim, Mamba, MambaVision): the states live in registers for the whole block
+    // (a compile-time trip count lets the compiler unroll the state loop and keep h[] out of
+    // memory; with N a variable every state was stored and reloaded at every step).
+    V h[16];
+#pragma GCC unroll 16
+    for (int n = 0; n < 16; ++n) h[n] = F::splat(T(0));
+    for (int64_t t = 0; t < L; ++t) {
+      const V dt = S.DT[t];
+      const V dtu = dt * S.U[t];
+      const T* __restrict__ Bt = Bp + t * P.B.s_t;
+      const T* __restrict__ Ct = Cp + t * P.C.s_t;
+      pf.at(t);
+      V y = F::splat(T(0));
+#pragma GCC unroll 16
+      for (int n = 0; n < 16; ++n) {
+        const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
+        const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
+        h[n] = decay(dt, A2[n]) * h[n] + dtu * bv;
+        y += cv * h[n];
+      }
+      S.DT[t] = y;
+    }
+  } else {
+    for (int64_t t = 0; t < L; ++t) {
+      const V dt = S.DT[t];
+      const V dtu = dt * S.U[t];
+      const T* __restrict__ Bt = Bp + t * P.B.s_t;
+      const T* __restrict__ Ct = Cp + t * P.C.s_t;
+      pf.at(t);
+      V y = F::splat(T(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
+        const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
+        const V h = decay(dt, A2[n]) * H[n] + dtu * bv;
+        H[n] = h;
+        y += cv * h;
+      }
+      S.DT[t] = y;  // dt[t] is no longer needed: the tile now holds y
+    }
+  }
+}
+
 template <typename T, bool VB, bool VC, bool kFast>
 void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, Scratch<T>& S,
                    NextBlock next) {
@@ -489,12 +555,12 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
   }
   V* __restrict__ H = S.H;
   const V* __restrict__ A2 = S.A2;  // A log2 e
-  const V* __restrict__ BT = S.BT;
-  const V* __restrict__ CT = S.CT;
+  [[maybe_unused]] const V* __restrict__ BT = S.BT;  // (the AVX2 path's; forward_recurrence reads S)
+  [[maybe_unused]] const V* __restrict__ CT = S.CT;
   for (int64_t n = 0; n < N; ++n) H[n] = F::splat(T(0));
   const T* Bp = P.B.at(b, d0);
   const T* Cp = P.C.at(b, d0);
-  const int64_t Bsn = P.B.s_n, Csn = P.C.s_n;
+  [[maybe_unused]] const int64_t Bsn = P.B.s_n, Csn = P.C.s_n;
 #if defined(__AVX__) && !defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
     // Without AVX-512 the 16 lanes are two 256-bit registers, and GCC moves whole 64-byte vectors
@@ -515,53 +581,17 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
       forward_avx2<VB, VC, false, kFast>(H8, A8, B8, C8, U8, DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, halves, pf);
   } else
 #endif
-  if (N == 16) {
-    // d_state 16 (Vim, Mamba, MambaVision): the states live in registers for the whole block
-    // (a compile-time trip count lets the compiler unroll the state loop and keep h[] out of
-    // memory; with N a variable every state was stored and reloaded at every step).
-    V h[16];
-#pragma GCC unroll 16
-    for (int n = 0; n < 16; ++n) h[n] = F::splat(T(0));
-    for (int64_t t = 0; t < L; ++t) {
-      const V dt = S.DT[t];
-      const V dtu = dt * S.U[t];
-      const T* __restrict__ Bt = Bp + t * P.B.s_t;
-      const T* __restrict__ Ct = Cp + t * P.C.s_t;
-      pf.at(t);
-      V y = F::splat(T(0));
-#pragma GCC unroll 16
-      for (int n = 0; n < 16; ++n) {
-        const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
-        const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
-        h[n] = F::template exp2<kFast>(dt * A2[n]) * h[n] + dtu * bv;
-        y += cv * h[n];
-      }
-      S.DT[t] = y;
-    }
+  if (F::prod_in_range(S.DT, L, A2, N)) {
+    forward_recurrence<T, VB, VC, kFast, true>(P, S, Bp, Cp, pf);
   } else {
-    for (int64_t t = 0; t < L; ++t) {
-      const V dt = S.DT[t];
-      const V dtu = dt * S.U[t];
-      const T* __restrict__ Bt = Bp + t * P.B.s_t;
-      const T* __restrict__ Ct = Cp + t * P.C.s_t;
-      pf.at(t);
-      V y = F::splat(T(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
-        const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
-        const V h = F::template exp2<kFast>(dt * A2[n]) * H[n] + dtu * bv;
-        H[n] = h;
-        y += cv * h;
-      }
-      S.DT[t] = y;  // dt[t] is no longer needed: the tile now holds y
-    }
+    forward_recurrence<T, VB, VC, kFast, false>(P, S, Bp, Cp, pf);
   }
   const V Dv = lanes<T>(P.D ? P.D + d0 : nullptr, nl);
   if (P.z) {
     load_tile<T>(S.X, P.z, b, d0, nl, L);
     for (int64_t t = 0; t < L; ++t) {
       const V z = S.X[t];
-      S.DT[t] = (S.DT[t] + Dv * S.U[t]) * (z * F::sigmoid(z));
+      S.DT[t] = (S.DT[t] + Dv * S.U[t]) * (z * F::sigmoid_rcp(z));
     }
   } else {
     for (int64_t t = 0; t < L; ++t) S.DT[t] += Dv * S.U[t];
@@ -705,7 +735,9 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
   const T* Cp = P.C.at(b, d0);
   const int64_t Bsn = P.B.s_n, Csn = P.C.s_n;
 
-  // Forward recomputation.
+  // Forward recomputation (the decays through exp2_prod where the block's products allow it,
+  // as in the forward; a loop-invariant branch, which the compiler takes out of the loop).
+  const bool in_range = F::prod_in_range(S.DT, L, A2, N);
   for (int64_t n = 0; n < N; ++n) HS[n] = F::splat(T(0));
   for (int64_t t = 0; t < L; ++t) {
     const V dt = S.DT[t];
@@ -720,7 +752,7 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
       const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
-      const V a = F::exp2(dt * A2[n]);
+      const V a = in_range ? F::exp2_prod(dt, A2[n]) : F::exp2(dt * A2[n]);
       const V h = a * hp[n] + dtu * bv;
       dec[n] = a;
       hn[n] = h;
