@@ -122,7 +122,10 @@ def describe() -> str:
     """One line for reports and benchmarks: which integer GEMM this CPU runs."""
     m = mode()
     if m == "int_mm":
-        return "int8 GEMMs: torch._int_mm (oneDNN; CPU with VNNI/AMX or not x86)"
+        if onednn_s8():
+            return ("int8 GEMMs: the lowered graph's on oneDNN's matmul with prepacked weights (AMX where the CPU "
+                    "has it), other products torch._int_mm (x86 CPU with VNNI/AMX)")
+        return "int8 GEMMs: torch._int_mm (CPU with VNNI/AMX, or not x86)"
     ext = MIXER_OPS.get()
     int4 = "this package's AVX2 int4 kernel" if ext is not None and ext.u4_available() else "oneDNN u8 x s8"
     return ("int8 GEMMs: emulated (x86 CPU without VNNI/AMX, where torch._int_mm is a slow reference loop): "
