@@ -109,6 +109,20 @@ def test_s8_mm_op_weight_operands_exact_and_prepacked_once(kh, block):
         cpu_gemm.S8_MM_OP(a, w, 5, 0)
 
 
+@pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
+def test_short_reductions_skip_the_prepacked_matmul():
+    """Below PREPACK_MIN_K the product stays on torch._int_mm (oneDNN's prepacked matmul is
+    pathologically slow there): exact, and nothing prepacked."""
+    k = cpu_gemm.PREPACK_MIN_K - 1
+    w = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    a = ints((50, k), 127, 5)
+    before = cpu_gemm.cache_size()
+    with cpu_gemm.use("int_mm"):
+        out = cpu_gemm.decomposed_mm(a.float(), w, 127, 127, prepack=True)
+    assert torch.equal(out.double(), exact(a, w).float().double())
+    assert cpu_gemm.cache_size() == before
+
+
 @torch.no_grad()
 @pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")
 def test_compiled_w8a8_prepacks_each_weight_once():

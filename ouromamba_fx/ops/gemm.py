@@ -287,6 +287,11 @@ def _check_s8(q: Tensor, w: Tensor, kh: int, block: int) -> None:
 
 S8_MM_OP = torch.ops.ouromamba.s8_mm.default
 
+# Shortest reduction :func:`decomposed_mm` sends to the prepacked matmul. With K <= 16 oneDNN picks
+# a kernel 40-400x slower than ``torch._int_mm`` at many rows (a VMamba-T dt_proj, K = 6 and
+# 50,176 rows: 2.4 s against 62 ms on an AMX Xeon); from K = 24 up it was as fast or faster.
+PREPACK_MIN_K = 32
+
 
 def _prepack(w: Tensor) -> tuple:
     n = w.shape[0]
@@ -318,7 +323,8 @@ def decomposed_mm(q: Tensor, w: Tensor, qmax_a: int, qmax_w: int, kh: int = 0, b
     """Exact ``float(q @ W^T)`` of integer-valued ``q`` (M, K) (int8 or float codes of magnitude <=
     ``qmax_a``) and the int8 weight operand ``W = weight_operand(w, kh, block)`` (<= ``qmax_w``), in
     plain torch for the decomposed linears and convs of the lowering (Inductor compiles it): with
-    ``prepack`` (``w`` is a constant of the graph, not made per call) on x86 CPUs with VNNI / AMX,
+    ``prepack`` (``w`` is a constant of the graph, not made per call) and K >= :data:`PREPACK_MIN_K`
+    on x86 CPUs with VNNI / AMX,
     oneDNN's matmul on the weight prepacked once (:data:`S8_MM_OP`; AMX where the CPU has it, which
     ``torch._int_mm`` does not use), else ``torch._int_mm``, except in the
     emulated CPU mode and, on a GPU (:func:`ouromamba_fx.ops.dispatch.on_cuda`), for the shapes
@@ -326,7 +332,7 @@ def decomposed_mm(q: Tensor, w: Tensor, qmax_a: int, qmax_w: int, kh: int = 0, b
     (:func:`float_mm`), the same integers. (The lowering sends refused shapes with a long reduction
     to the Triton int8 GEMM.)"""
     m, k = q.shape
-    if prepack and q.device.type == "cpu" and not emulated(q.device) and onednn_s8():
+    if prepack and k >= PREPACK_MIN_K and q.device.type == "cpu" and not emulated(q.device) and onednn_s8():
         return S8_MM_OP(q.to(torch.int8), w, kh, block)
     wo = weight_operand(w, kh, block)
     if emulated(q.device) or (on_cuda(q) and not cublas_int_mm_ok(m, k, wo.shape[0])):
