@@ -261,6 +261,9 @@ class QuantConfig:
         bad = sorted(set(self.scan_inputs) - set(SCAN_INPUTS))
         if bad:
             raise ValueError(f"QuantConfig.scan_inputs: unknown {bad}; known: {SCAN_INPUTS}")
+        if not isinstance(self.role_overrides, dict):
+            raise ValueError(f"QuantConfig.role_overrides: expected a dict of role name -> settings, "
+                             f"got {type(self.role_overrides).__name__}")
         object.__setattr__(self, "role_overrides", dict(zip(_names(self.role_overrides),
                                                             self.role_overrides.values())))
         bad = sorted(set(self.role_overrides) - set(ROLES))

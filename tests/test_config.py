@@ -16,6 +16,7 @@ from ouromamba_fx.config import ActQuant, QuantConfig, WeightQuant, preset
     (lambda: QuantConfig(role_overrides={"norm": {"act_bits": 8}}), r"role_overrides: unknown roles \['norm'\]"),
     (lambda: QuantConfig(role_overrides={"mlp": {"act_bits": 1}}), r"role_overrides\['mlp'\]\.act_bits"),
     (lambda: QuantConfig(role_overrides={"mlp": {"skip": True}}), "leave 'mlp' out of QuantConfig.roles"),
+    (lambda: QuantConfig(role_overrides=[("mlp", {"act_bits": 8})]), "role_overrides: expected a dict"),
 ])
 def test_invalid_configs_are_rejected_with_the_field_named(make, msg):
     with pytest.raises(ValueError, match=msg):
