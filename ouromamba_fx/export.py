@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from ouromamba_fx.errors import ExportError, UnsafeFileError
+from ouromamba_fx.ops import gemm
 from ouromamba_fx.version import __version__
 
 __all__ = ["ALLOWED_TARGETS", "PACKAGE_OPS", "MAX_BATCH", "export_program", "save", "check", "load",
@@ -51,7 +52,12 @@ __all__ = ["ALLOWED_TARGETS", "PACKAGE_OPS", "MAX_BATCH", "export_program", "sav
 #: The largest batch an exported program accepts (the upper bound of its dynamic batch dimension).
 MAX_BATCH = 4096
 
-#: Every ``ouromamba::*`` op of the package (:mod:`ouromamba_fx.ops`).
+#: The package's ops that never appear in an exported program: ``s8_mm`` (the prepacked oneDNN
+#: matmul of the decomposed linears, a Python-only op) is traced as ``torch._int_mm`` there
+#: (:func:`ouromamba_fx.ops.gemm.without_prepack`).
+PYTHON_ONLY_OPS = ("s8_mm",)
+
+#: Every other ``ouromamba::*`` op of the package (:mod:`ouromamba_fx.ops`).
 PACKAGE_OPS = ("quantize", "dequantize", "quantize_per_token", "quantize_mixed", "mixed_fake_quant", "outlier_mask",
                "outlier_split", "int8_linear", "w8a8_linear", "w4a4o8_linear", "w4a4o8_linear_rt",
                "w4a4o8_linear_mixed", "causal_conv1d_silu", "selective_scan", "selective_scan_bwd",
@@ -109,7 +115,8 @@ def export_program(q, example_input: torch.Tensor, max_batch: int = MAX_BATCH) -
         raise ExportError(f"export: max_batch={max_batch} must be at least the example's batch ({x.shape[0]})")
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     try:
-        with torch.no_grad():
+        # the integer products as torch._int_mm: the prepacked-matmul op is Python-only
+        with torch.no_grad(), gemm.without_prepack():
             ep = torch.export.export(q, (x,), dynamic_shapes={"x": {0: batch}}, strict=False)
     except Exception as e:  # noqa: BLE001 - torch's many export errors, named with the model
         raise ExportError(f"export: torch.export could not trace {getattr(q, 'model_name', 'the model')} "

@@ -107,6 +107,21 @@ def use(choice: str) -> Iterator[None]:
         sync_choice()
 
 
+_PREPACK: ContextVar[bool] = ContextVar("ouromamba_prepack", default=True)
+
+
+@contextlib.contextmanager
+def without_prepack() -> Iterator[None]:
+    """Trace the block's :func:`decomposed_mm` calls without :data:`S8_MM_OP` (``torch._int_mm``
+    instead): for graphs that leave Python, e.g. exported programs, whose loaders and C++ runners
+    know the package's serialisable ops but not this Python-only one."""
+    token = _PREPACK.set(False)
+    try:
+        yield
+    finally:
+        _PREPACK.reset(token)
+
+
 def mode() -> str:
     """``"int_mm"`` or ``"emulated"``: the path of the current :func:`use` block, else this CPU's."""
     choice = _MODE.get()
@@ -332,7 +347,7 @@ def decomposed_mm(q: Tensor, w: Tensor, qmax_a: int, qmax_w: int, kh: int = 0, b
     (:func:`float_mm`), the same integers. (The lowering sends refused shapes with a long reduction
     to the Triton int8 GEMM.)"""
     m, k = q.shape
-    if prepack and k >= PREPACK_MIN_K and q.device.type == "cpu" and not emulated(q.device) and onednn_s8():
+    if prepack and k >= PREPACK_MIN_K and _PREPACK.get() and q.device.type == "cpu" and not emulated(q.device) and onednn_s8():
         return S8_MM_OP(q.to(torch.int8), w, kh, block)
     wo = weight_operand(w, kh, block)
     if emulated(q.device) or (on_cuda(q) and not cublas_int_mm_ok(m, k, wo.shape[0])):
