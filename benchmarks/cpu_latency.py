@@ -217,8 +217,11 @@ def runtime_linear_bytes(lowered) -> int:
     K >= SMALL_K: the int4 codes unpacked to int8 for the inlier GEMM (oneDNN's prepacked weight, or
     the (K, N) int8 copy / the AVX2 kernel's panels: N * K bytes either way) and the outlier
     epilogue's rows (K x N rounded up to 64, one byte each); K < SMALL_K: the dequantized float32
-    weight. W8A8's int8 weights are used as they are (``torch._int_mm`` reorders them per call)."""
+    weight. W8A8's int8 linears with K >= ``gemm.PREPACK_MIN_K`` on x86 CPUs with VNNI/AMX: oneDNN's
+    prepacked copy beside the graph's weight (N * K bytes); elsewhere the weights as they are."""
     from ouromamba_fx.lowering.patterns import const
+    from ouromamba_fx.ops import gemm
+    from ouromamba_fx.ops.int8_linear import int8_linear_decomposed
     from ouromamba_fx.ops.w4a4o8_linear import SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP
 
     q_bytes, _ = linear_weight_bytes(lowered)
@@ -228,6 +231,9 @@ def runtime_linear_bytes(lowered) -> int:
         if n.op == "call_function" and n.target in (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP):
             n_out, k = const(gm, n.args[2]).shape[0], n.args[5]
             extra += n_out * k * 4 if k < SMALL_K else n_out * k + k * ((n_out + 63) // 64 * 64)
+        elif n.op == "call_function" and n.target is int8_linear_decomposed and gemm.onednn_s8():
+            n_out, k = const(gm, n.args[4]).shape
+            extra += n_out * k if k >= gemm.PREPACK_MIN_K else 0
     return q_bytes + extra
 
 
