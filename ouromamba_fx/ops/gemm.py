@@ -232,11 +232,9 @@ def u8_mm(q: Tensor, w: Tensor, key: Tensor) -> Tensor:
     :func:`u8_exact` holds for the operands' ranges: callers check. ``w`` is prepacked once per
     ``key`` (the model's own weight tensor, e.g. its packed int4 form). A uint8 ``q`` is taken as
     already shifted (the codes + 128, as ``mixed_quant`` writes them on request)."""
-    packed, ones, zps = cached(key, "onednn", lambda: _prepack(w))
     q = q.contiguous()
     u = q if q.dtype == torch.uint8 else q.view(torch.uint8) ^ 0x80  # two's complement q + 128
-    return torch.ops.onednn.qlinear_pointwise(u, 1.0, 128, packed, ones, zps, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+    return _pointwise(u, 128, cached(key, "onednn", lambda: _prepack(w)))
 
 
 def onednn_s8() -> bool:
@@ -258,9 +256,7 @@ def s8_mm(q: Tensor, weight: Callable[[], Tensor], key: Tensor, tag: str = "oned
     ``gemm_s8s8s32`` API, the weight reordered on every call) runs on AVX-512 VNNI: 2-3x less time
     for Vim-S's in_proj (``benchmarks/ops_cpu.py``). Callers check :func:`onednn_s8`; on CPUs without
     VNNI the s8 x s8 product goes through saturating int16 pairs (see :func:`u8_exact`)."""
-    packed, ones, zps = cached(key, tag, lambda: _prepack(weight()))
-    return torch.ops.onednn.qlinear_pointwise(q.contiguous(), 1.0, 0, packed, ones, zps, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+    return _pointwise(q.contiguous(), 0, cached(key, tag, lambda: _prepack(weight())))
 
 
 def weight_operand(w: Tensor, kh: int = 0, block: int = 0) -> Tensor:
@@ -313,6 +309,12 @@ def _prepack(w: Tensor) -> tuple:
     return torch.ops.onednn.qlinear_prepack(w.contiguous(), None), torch.ones(n), torch.zeros(n, dtype=torch.long)
 
 
+def _pointwise(q: Tensor, zp: int, prepacked: tuple) -> Tensor:
+    """``q`` (uint8 shifted by ``zp``, or int8 with ``zp`` 0) times a :func:`_prepack` weight, float32."""
+    packed, ones, zps = prepacked
+    return torch.ops.onednn.qlinear_pointwise(q, 1.0, zp, packed, ones, zps, None, 1.0, 0, torch.float32, "none", [], "")
+
+
 def int_mm(a: Tensor, b: Tensor, qmax_a: int = 127, qmax_w: int = 127) -> Tensor:
     """Exact int32 ``a @ b^T`` for int8 ``a`` (M, K), ``b`` (N, K) on the CPU by this CPU's fast path:
     ``torch._int_mm`` in mode ``int_mm``, else an exact fp32 GEMM (:func:`float_mm`)."""
@@ -339,15 +341,15 @@ def decomposed_mm(q: Tensor, w: Tensor, qmax_a: int, qmax_w: int, kh: int = 0, b
     ``qmax_a``) and the int8 weight operand ``W = weight_operand(w, kh, block)`` (<= ``qmax_w``), in
     plain torch for the decomposed linears and convs of the lowering (Inductor compiles it): with
     ``prepack`` (``w`` is a constant of the graph, not made per call) and K >= :data:`PREPACK_MIN_K`
-    on x86 CPUs with VNNI / AMX,
-    oneDNN's matmul on the weight prepacked once (:data:`S8_MM_OP`; AMX where the CPU has it, which
-    ``torch._int_mm`` does not use), else ``torch._int_mm``, except in the
-    emulated CPU mode and, on a GPU (:func:`ouromamba_fx.ops.dispatch.on_cuda`), for the shapes
+    on x86 CPUs with VNNI / AMX, oneDNN's matmul on the weight prepacked once (:data:`S8_MM_OP`; AMX
+    where the CPU has it, which ``torch._int_mm`` does not use), else ``torch._int_mm``, except in
+    the emulated CPU mode and, on a GPU (:func:`ouromamba_fx.ops.dispatch.on_cuda`), for the shapes
     cuBLAS refuses (:func:`cublas_int_mm_ok`): there exact fp32 GEMMs of the codes
     (:func:`float_mm`), the same integers. (The lowering sends refused shapes with a long reduction
     to the Triton int8 GEMM.)"""
     m, k = q.shape
-    if prepack and k >= PREPACK_MIN_K and _PREPACK.get() and q.device.type == "cpu" and not emulated(q.device) and onednn_s8():
+    if (prepack and k >= PREPACK_MIN_K and _PREPACK.get() and q.device.type == "cpu" and not emulated(q.device)
+            and onednn_s8()):
         return S8_MM_OP(q.to(torch.int8), w, kh, block)
     wo = weight_operand(w, kh, block)
     if emulated(q.device) or (on_cuda(q) and not cublas_int_mm_ok(m, k, wo.shape[0])):

@@ -103,7 +103,7 @@ def int8_conv2d_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_r
 
     if rows is None:  # one scale: all kernel rows in one GEMM
         a = torch.stack([im2col(window_rows(i)) for i in range(kh)], dim=3).reshape(-1, kh * kw * c)
-        # w_all: all kernel rows side by side, (N, KH * KW * C)
+        # block -1: the weight's kernel rows side by side, (N, KH * KW * C)
         acc = gemm.decomposed_mm(a, w_rows, amax, 127, kh=kh, block=-1, prepack=True).reshape(b, oh, ow, n) * xs
     elif sh == 1:  # every padded input row is read by every kernel row: one GEMM, kernel rows as N
         rows_p = F.pad(rows, (ph, ph))

@@ -30,9 +30,9 @@ Kernels, by device:
 * CPU, the detecting ops: the rule, the split and the quantization in one C++ pass
   (``kernels/cpu/mixer_ops.cpp``), the inlier GEMM on the int4 weights unpacked once and cached
   beside them (x86 CPUs with VNNI/AMX: oneDNN's matmul on the weight prepacked once,
-  :func:`~ouromamba_fx.ops.gemm.s8_mm`, AMX where the CPU has it; other CPUs with int8 dot products:
-  ``torch._int_mm``; without VNNI the package's AVX2 int4 kernel or oneDNN u8 x s8), and an epilogue that adds each token's few
-  outlier channels (their rows of the weights; exact integer sums) before the scales and the
+  :func:`~ouromamba_fx.ops.gemm.s8_mm`, AMX where the CPU has it; other CPUs with int8 dot
+  products: ``torch._int_mm``; without VNNI the package's AVX2 int4 kernel or oneDNN u8 x s8), and
+  an epilogue that adds each token's few outlier channels (their rows of the weights; exact integer sums) before the scales and the
   bias, in one pass over the output. Below :data:`SMALL_K` input channels, a float GEMM of the
   dequantized values instead. Without the C++ build: ``outlier_mask`` + ``w4a4o8_linear``.
 * CUDA: Triton (:mod:`ouromamba_fx.kernels.triton.w4a4o8_gemm`): the activation split into 4-bit
