@@ -246,6 +246,9 @@ def test_w4a4o8_linear_rt_dense_outlier_term_is_the_tiles_bit_for_bit(n, monkeyp
     with gemm.use("int_mm"):
         dense_here = gemm.onednn_s8() and gemm.amx()
         assert w4._dense_outliers(ext, q_out.view(-1, k), n) == dense_here
+        # the tiles' weight layout is made only when the tiles run
+        OPS.w4a4o8_linear_rt.default(x, s, w_p, w_s, bias, k, 0.5, 8)
+        assert ("int4:outlier" in gemm.cache_tags(w_p)) == (not dense_here)
         for b in (bias, None):
             cpp = OPS.w4a4o8_linear_rt.default(x, s, w_p, w_s, b, k, 0.5, 8)
             monkeypatch.setattr(gemm, "amx", lambda: False)

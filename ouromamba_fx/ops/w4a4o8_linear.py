@@ -268,7 +268,10 @@ def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_
     # of a batch's outlier channels is most channels, while each token has only a few). Those rows
     # are laid out once per weight, (K, N rounded up to 64) as w + 8, and kept beside the model's
     # packed weight while it lives.
-    w_o = gemm.cached(w_packed, "int4:outlier", lambda: ext.outlier_weights(unpack_int4(w_packed, k)))
+    # (made only where the epilogue's tiles run: the dense outlier GEMM does not read it)
+    def w_o():
+        return gemm.cached(w_packed, "int4:outlier", lambda: ext.outlier_weights(unpack_int4(w_packed, k)))
+
     w_s = gemm.cached(w_scale, "float", lambda: w_scale.detach().float().reshape(-1).contiguous())
     b = torch.empty(0) if bias is None else bias.detach().float().contiguous()
     if u4:
@@ -276,7 +279,7 @@ def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_
         # accumulation, on the weight laid out in column panels once; each block of rows gets its
         # epilogue while its products are in cache
         panels, colsum = gemm.cached(w_packed, "u4", lambda: ext.u4_pack(unpack_int4(w_packed, k)))
-        y = ext.u4_linear(q_in.view(m, k), panels, colsum, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
+        y = ext.u4_linear(q_in.view(m, k), panels, colsum, s_in, q_out.view(m, k), s_out.view(m), w_o(), w_s, b)
     elif not emulated and gemm.onednn_s8():
         # VNNI/AMX x86: oneDNN's matmul on the int4 weights unpacked to int8 and prepacked once
         # (AMX where the CPU has it; torch._int_mm would run oneDNN's VNNI gemm API on a weight
@@ -286,7 +289,7 @@ def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_
             o = gemm.s8_mm(q_out.view(m, k), lambda: unpack_int4(w_packed, k), w_packed)
             y = ext.w4a4o8_finish(acc, o, s_in, q_out.view(m, k), s_out.view(m), w_s, b)
         else:
-            y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
+            y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o(), w_s, b)
     else:
         # int4 -> int8 once per weight (there is no int4 GEMM on the CPU), laid out (K, N)
         w_t = gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
@@ -296,7 +299,7 @@ def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_
             acc = gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
         else:
             acc = gemm.exact_int_mm(q_in.view(m, k), w_t.t()).contiguous()
-        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
+        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o(), w_s, b)
     return y.reshape(*x.shape[:-1], w_packed.shape[0])
 
 

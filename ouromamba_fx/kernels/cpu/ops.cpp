@@ -619,9 +619,12 @@ Tensor detect_int_gemm(const Tensor& x, const Tensor& rows, const Tensor& s_in, 
   auto split = ouromamba_mixer::mixed_quant(rows, s_in, 7, outlier_k, n_refresh, false, offset);
   const Tensor &q_in = split[0], &q_out = split[1], &s_out = split[2];
   const int64_t m = q_in.size(0) * q_in.size(1);
-  const Tensor w_o = cached(w_packed, "int4:outlier", [&] {
-    return std::vector<Tensor>{ouromamba_mixer::outlier_weights(unpack_int4(w_packed, k))};
-  })[0];
+  // made (and cached) only where the epilogue's tiles run: the dense outlier GEMM does not read it
+  const auto w_o = [&] {
+    return cached(w_packed, "int4:outlier", [&] {
+      return std::vector<Tensor>{ouromamba_mixer::outlier_weights(unpack_int4(w_packed, k))};
+    })[0];
+  };
   const Tensor w_s = cached(w_scale, "float", [&] {
     return std::vector<Tensor>{w_scale.detach().to(at::kFloat).reshape({-1}).contiguous()};
   })[0];
@@ -629,7 +632,7 @@ Tensor detect_int_gemm(const Tensor& x, const Tensor& rows, const Tensor& s_in, 
   Tensor y;
   if (u4) {
     const auto pc = cached(w_packed, "u4", [&] { return ouromamba_mixer::u4_pack(unpack_int4(w_packed, k)); });
-    y = ouromamba_mixer::u4_linear(q_in.view({m, k}), pc[0], pc[1], s_in, q_out.view({m, k}), s_out.view({m}), w_o,
+    y = ouromamba_mixer::u4_linear(q_in.view({m, k}), pc[0], pc[1], s_in, q_out.view({m, k}), s_out.view({m}), w_o(),
                                    w_s, b);
   } else if (!emu && onednn_s8()) {
     const auto weight = [&] { return unpack_int4(w_packed, k); };
@@ -638,7 +641,7 @@ Tensor detect_int_gemm(const Tensor& x, const Tensor& rows, const Tensor& s_in, 
       const Tensor o = s8_mm(q_out.view({m, k}), weight, w_packed);
       y = ouromamba_mixer::w4a4o8_finish(acc, o, s_in, q_out.view({m, k}), s_out.view({m}), w_s, b);
     } else {
-      y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o, w_s, b);
+      y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o(), w_s, b);
     }
   } else {
     const Tensor w_t = cached(w_packed, "int4:kn", [&] {
@@ -646,7 +649,7 @@ Tensor detect_int_gemm(const Tensor& x, const Tensor& rows, const Tensor& s_in, 
     })[0];
     const Tensor acc = u8 ? u8_mm(q_in.view({m, k}), w_t.t(), w_packed)
                           : exact_int_mm(q_in.view({m, k}), w_t.t()).contiguous();
-    y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o, w_s, b);
+    y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o(), w_s, b);
   }
   return y.reshape(out_shape(x, w_packed.size(0)));
 }
