@@ -164,7 +164,7 @@ def _exact_small_linear(b, length, k, n, seed):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(2, 17, 24, 40), (1, 1, 5, 7), (3, 23, 12, 768), (2, 30, 8, 33)])
+@pytest.mark.parametrize("shape", [(2, 17, 24, 40), (1, 1, 5, 7), (3, 23, 12, 768), (2, 30, 8, 33), (2, 9, 20, 100)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_w4a4o8_linear_mixed_is_the_linear_then_its_mixed_quantization(shape, with_bias):
     b, length, k, n = shape

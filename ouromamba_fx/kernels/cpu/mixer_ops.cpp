@@ -508,10 +508,11 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
 // products go into a per-thread (steps, N) buffer four steps at a time (the four share each
 // weight load), and each step is then quantized into the output. Vim's dt_proj, whose output is
 // the scan's delta. The products are summed in k order with fused multiply-adds.
+// Columns [j_begin, N) of MR rows, two vectors of columns at a time (any N: partial vectors).
 template <int MR>
 inline void small_gemm_rows(const float* __restrict__ x, int64_t K, const float* __restrict__ wt,
-                            const float* __restrict__ bias, float* __restrict__ y, int64_t N) {
-  for (int64_t j0 = 0; j0 < N; j0 += 2 * W) {
+                            const float* __restrict__ bias, float* __restrict__ y, int64_t N, int64_t j_begin = 0) {
+  for (int64_t j0 = j_begin; j0 < N; j0 += 2 * W) {
     const int n0 = static_cast<int>(std::min<int64_t>(W, N - j0));
     const int n1 = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(W, N - j0 - W)));
     V acc[MR][2];
@@ -532,6 +533,37 @@ inline void small_gemm_rows(const float* __restrict__ x, int64_t K, const float*
       if (n1) store(y + r * N + j0 + W, acc[r][1], n1);
     }
   }
+}
+
+// The whole tiles of kCols = 4 vectors of columns of MR rows (16 accumulators: enough independent
+// FMA chains to keep both FMA units busy, where the two-vector tiles above waited on the FMA's
+// latency); returns the first column left (small_gemm_rows does the rest). Each output is the same
+// chain of FMAs in k order from the bias, so the same numbers as small_gemm_rows.
+constexpr int kWideVecs = 4;
+template <int MR>
+inline int64_t small_gemm_rows_wide(const float* __restrict__ x, int64_t K, const float* __restrict__ wt,
+                                    const float* __restrict__ bias, float* __restrict__ y, int64_t N) {
+  constexpr int64_t kCols = kWideVecs * W;
+  int64_t j0 = 0;
+  for (; j0 + kCols <= N; j0 += kCols) {
+    V acc[MR][kWideVecs];
+    for (int v = 0; v < kWideVecs; ++v) {
+      const V b = bias ? load(bias + j0 + v * W, W) : VF::splat(0.0f);
+      for (int r = 0; r < MR; ++r) acc[r][v] = b;
+    }
+    for (int64_t kk = 0; kk < K; ++kk) {
+      V w[kWideVecs];
+      for (int v = 0; v < kWideVecs; ++v) w[v] = load(wt + kk * N + j0 + v * W, W);
+      for (int r = 0; r < MR; ++r) {
+        const V xb = VF::splat(x[r * K + kk]);
+        for (int v = 0; v < kWideVecs; ++v) acc[r][v] = vfma(xb, w[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < kWideVecs; ++v) store(y + r * N + j0 + v * W, acc[r][v], W);
+    }
+  }
+  return j0;
 }
 
 torch::Tensor linear_mixed_fake(torch::Tensor x, torch::Tensor wt, torch::Tensor bias, torch::Tensor s_out,
@@ -565,8 +597,16 @@ torch::Tensor linear_mixed_fake(torch::Tensor x, torch::Tensor wt, torch::Tensor
       const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
       const float* xr = xp + (r * L + t0) * K;
       int64_t t = t0;
-      for (; t + 4 <= t1; t += 4) small_gemm_rows<4>(xr + (t - t0) * K, K, wp, bp, buf.data() + (t - t0) * N, N);
-      for (; t < t1; ++t) small_gemm_rows<1>(xr + (t - t0) * K, K, wp, bp, buf.data() + (t - t0) * N, N);
+      for (; t + 4 <= t1; t += 4) {
+        const float* xt = xr + (t - t0) * K;
+        float* yt = buf.data() + (t - t0) * N;
+        small_gemm_rows<4>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<4>(xt, K, wp, bp, yt, N));
+      }
+      for (; t < t1; ++t) {
+        const float* xt = xr + (t - t0) * K;
+        float* yt = buf.data() + (t - t0) * N;
+        small_gemm_rows<1>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<1>(xt, K, wp, bp, yt, N));
+      }
       for (t = t0; t < t1; ++t) {
         const float* src = buf.data() + (t - t0) * N;
         bool any_out = false;
