@@ -216,7 +216,9 @@ def runtime_linear_bytes(lowered) -> int:
     keep beside each weight (``ouromamba_fx.ops.gemm.cached``), by their shapes. W4A4O8 linears with
     K >= SMALL_K: the int4 codes unpacked to int8 for the inlier GEMM (oneDNN's prepacked weight, or
     the (K, N) int8 copy / the AVX2 kernel's panels: N * K bytes either way) and the outlier
-    epilogue's rows (K x N rounded up to 64, one byte each); K < SMALL_K: the dequantized float32
+    epilogue's rows (K x N rounded up to 64, one byte each; an upper bound on CPUs with AMX, where a
+    linear builds them only once a call's outliers take the epilogue's tiles rather than the dense
+    outlier GEMM, ``w4a4o8_linear.DENSE_OUTLIER_RATIO``); K < SMALL_K: the dequantized float32
     weight. W8A8's int8 linears with K >= ``gemm.PREPACK_MIN_K`` on x86 CPUs with VNNI/AMX: oneDNN's
     prepacked copy beside the graph's weight (N * K bytes); elsewhere the weights as they are."""
     from ouromamba_fx.lowering.patterns import const

@@ -224,3 +224,38 @@ def test_errors_are_the_python_ones(case):
     with python_impl():
         py = _error(op, *args)
     assert cpp is not None and cpp == py
+
+
+@pytest.mark.parametrize("n", [56, 70, 384])
+def test_w4a4o8_linear_rt_dense_outlier_term_is_the_tiles_bit_for_bit(n, monkeypatch):
+    # many outliers per token (a low threshold): on CPUs with AMX the outlier term is a second
+    # oneDNN GEMM (w4a4o8_linear.DENSE_OUTLIER_RATIO); the Python path told there is no AMX keeps
+    # the epilogue's tiles, and both give the same numbers
+    from ouromamba_fx.ops import w4a4o8_linear as w4
+
+    k = 96
+    x = torch.randn(2, 19, k, generator=gen(40)) * torch.rand(k, generator=gen(41)) * 3
+    s = torch.rand(19, generator=gen(42)) * 0.2 + 0.05
+    w_q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen(43))
+    w_p, w_s = pack_int4(w_q), torch.rand(n, generator=gen(44)) * 0.01 + 1e-3
+    bias = torch.randn(n, generator=gen(45))
+    ext = MIXER_OPS.get()
+    rows, s_in = w4.mixed_rows(x, s, 1, 2)
+    _, q_out, _ = ext.mixed_quant(rows, s_in, 7, 0.5, 8, False, 0)
+    assert ext.outlier_density(q_out.view(-1, k)) > 0.2
+    with gemm.use("int_mm"):
+        dense_here = gemm.onednn_s8() and gemm.amx()
+        assert w4._dense_outliers(ext, q_out.view(-1, k), n) == dense_here
+        # the tiles' weight layout is made only when the tiles run
+        OPS.w4a4o8_linear_rt.default(x, s, w_p, w_s, bias, k, 0.5, 8)
+        assert ("int4:outlier" in gemm.cache_tags(w_p)) == (not dense_here)
+        for b in (bias, None):
+            cpp = OPS.w4a4o8_linear_rt.default(x, s, w_p, w_s, b, k, 0.5, 8)
+            monkeypatch.setattr(gemm, "amx", lambda: False)
+            with python_impl():
+                tiles = OPS.w4a4o8_linear_rt.default(x, s, w_p, w_s, b, k, 0.5, 8)
+            monkeypatch.undo()
+            assert_same(cpp, tiles)
+            mask, step = w4.site_outlier_mask(x, s, 1, 2, 4, 0.5, 8)
+            ref = OPS.w4a4o8_linear.default(x, mask, step, w_p, w_s, b, k)
+            torch.testing.assert_close(cpp, ref, rtol=1e-6, atol=1e-5)

@@ -164,7 +164,7 @@ def _exact_small_linear(b, length, k, n, seed):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("shape", [(2, 17, 24, 40), (1, 1, 5, 7), (3, 23, 12, 768), (2, 30, 8, 33)])
+@pytest.mark.parametrize("shape", [(2, 17, 24, 40), (1, 1, 5, 7), (3, 23, 12, 768), (2, 30, 8, 33), (2, 9, 20, 100)])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_w4a4o8_linear_mixed_is_the_linear_then_its_mixed_quantization(shape, with_bias):
     b, length, k, n = shape
@@ -347,3 +347,44 @@ def test_w4a4o8_linear_rt_runs_u4_mm_without_vnni():
             outs[mode] = w4a4o8_linear_detect(x, s_in, wp, ws, None, 40, 2.0, 4)
     assert "u4" in cpu_gemm.cache_tags(wp)
     assert torch.equal(outs["emulated"], outs["int_mm"])
+
+
+# (1, 1, 1): one row; odd M (not a multiple of the 8-row sample), K and N past and below the
+# 64-byte vectors and tiles
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (9, 3, 33), (37, 65, 56), (64, 130, 384), (150, 768, 70)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_w4a4o8_finish_is_the_epilogue_bit_for_bit(m, k, n, with_bias):
+    ext = MIXER_OPS.get()
+    g = torch.Generator().manual_seed(m * 5 + k * 3 + n)
+    w = torch.randint(-8, 9, (n, k), dtype=torch.int8, generator=g)
+    acc = (torch.randint(-7, 8, (m, k), generator=g).double() @ w.double().t()).float()
+    q_out = torch.where(torch.rand(m, k, generator=g) < 0.3, torch.randint(-128, 128, (m, k), generator=g), 0)
+    q_out = q_out.to(torch.int8)
+    q_out[0] = 0  # a row without outliers (its term 0 is not added, as in the epilogue)
+    o = (q_out.double() @ w.double().t()).float()  # exact: integers below 2^24
+    steps = 1 if m % 3 else 3
+    s_in = torch.rand(steps, generator=g) * 0.1 + 0.01
+    s_out = torch.rand(m, generator=g) * 0.5
+    s_out[0] = float("inf")  # the epilogue never multiplies a row's absent term by its scale
+    w_scale = torch.rand(n, generator=g) * 0.02
+    bias = torch.randn(n, generator=g) if with_bias else torch.empty(0)
+    expect = ext.w4a4o8_epilogue(acc.clone(), s_in, q_out, s_out, ext.outlier_weights(w), w_scale, bias)
+    got = acc.clone()
+    out = ext.w4a4o8_finish(got, o, s_in, q_out, s_out, w_scale, bias)
+    assert out.data_ptr() == got.data_ptr()  # in place
+    assert torch.equal(out, expect)
+    assert not out.isnan().any()
+    with pytest.raises(RuntimeError, match="o must be"):
+        ext.w4a4o8_finish(acc.clone(), o[:, :-1] if n > 1 else o[:0], s_in, q_out, s_out, w_scale, bias)
+
+
+@pytest.mark.parametrize("m,k", [(1, 1), (8, 64), (9, 65), (17, 130), (3152, 768)])
+def test_outlier_density_counts_every_eighth_row(m, k):
+    ext = MIXER_OPS.get()
+    g = torch.Generator().manual_seed(m + k)
+    q = torch.where(torch.rand(m, k, generator=g) < 0.1, torch.randint(-128, 128, (m, k), generator=g), 0)
+    q = q.to(torch.int8)
+    sample = q[::8]
+    assert ext.outlier_density(q) == pytest.approx((sample != 0).sum().item() / sample.numel(), rel=1e-12)
+    assert ext.outlier_density(torch.zeros(m, k, dtype=torch.int8)) == 0.0
+    assert ext.outlier_density(torch.zeros(0, k, dtype=torch.int8)) == 0.0

@@ -242,6 +242,12 @@ def onednn_s8() -> bool:
     return _x86() and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
+@functools.lru_cache(maxsize=None)
+def amx() -> bool:
+    """Whether this CPU has AMX tiles, where :func:`s8_mm` runs oneDNN's int8 AMX kernel."""
+    return _x86() and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def _x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 

@@ -33,7 +33,9 @@ Kernels, by device:
   :func:`~ouromamba_fx.ops.gemm.s8_mm`, AMX where the CPU has it; other CPUs with int8 dot
   products: ``torch._int_mm``; without VNNI the package's AVX2 int4 kernel or oneDNN u8 x s8), and
   an epilogue that adds each token's few outlier channels (their rows of the weights; exact integer sums) before the scales and the
-  bias, in one pass over the output. Below :data:`SMALL_K` input channels, a float GEMM of the
+  bias, in one pass over the output. On CPUs with AMX, where the tiles would do at least
+  1/:data:`DENSE_OUTLIER_RATIO` of a dense product's work, the outlier term is instead a second
+  prepacked GEMM, of the outlier codes (same integers, same epilogue arithmetic). Below :data:`SMALL_K` input channels, a float GEMM of the
   dequantized values instead. Without the C++ build: ``outlier_mask`` + ``w4a4o8_linear``.
 * CUDA: Triton (:mod:`ouromamba_fx.kernels.triton.w4a4o8_gemm`): the activation split into 4-bit
   inlier codes and each token's list of 8-bit outlier channels (by the given mask, or by the rule
@@ -78,6 +80,12 @@ FP32_EXACT_MAX_K = (2 ** 24 - 1) // (127 * 8)
 # as a float GEMM of the dequantized values: so short a reduction gains nothing from an integer
 # GEMM, and the outlier epilogue would cost more than the product.
 SMALL_K = 32
+# On CPUs with AMX, the detecting linears' outlier term is a second oneDNN GEMM (of the outlier
+# codes, dense) instead of the epilogue's tiles when the tiles would do at least 1/DENSE_OUTLIER_RATIO
+# of its multiply-adds (their columns rounded up to the tiles' 64): the AMX kernel does a dense
+# multiply-add that much faster than the tiles do a useful one (Vim-S on a Xeon with AMX: x_proj and
+# out_proj, ~9 % of their channels outliers per token, go dense; in_proj, ~5 %, keeps the tiles).
+DENSE_OUTLIER_RATIO = 16
 
 
 def _check_masked(x, mask, inlier_scale, w_packed, w_scale, bias, k) -> None:
@@ -235,6 +243,15 @@ def _detect_float_product(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tenso
     return F.linear(y.view(*x.shape[:-1], k), w_f, b_f)
 
 
+def _dense_outliers(ext, q_out: Tensor, n: int) -> bool:
+    """Whether the outlier term of a product with ``n`` outputs is a dense GEMM of the outlier codes
+    ``q_out`` (M, K) rather than the epilogue's tiles (:data:`DENSE_OUTLIER_RATIO`; CPUs with AMX)."""
+    if not gemm.amx():
+        return False
+    cols = -(-n // 64) * 64
+    return ext.outlier_density(q_out) * cols * DENSE_OUTLIER_RATIO >= n
+
+
 def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_scale: Tensor,
                      bias: Optional[Tensor], k: int, outlier_k: float, n_refresh: int) -> Tensor:
     """The integer path: codes from the C++ split, the inlier GEMM by :mod:`ouromamba_fx.ops.gemm`'s
@@ -251,7 +268,10 @@ def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_
     # of a batch's outlier channels is most channels, while each token has only a few). Those rows
     # are laid out once per weight, (K, N rounded up to 64) as w + 8, and kept beside the model's
     # packed weight while it lives.
-    w_o = gemm.cached(w_packed, "int4:outlier", lambda: ext.outlier_weights(unpack_int4(w_packed, k)))
+    # (made only where the epilogue's tiles run: the dense outlier GEMM does not read it)
+    def w_o():
+        return gemm.cached(w_packed, "int4:outlier", lambda: ext.outlier_weights(unpack_int4(w_packed, k)))
+
     w_s = gemm.cached(w_scale, "float", lambda: w_scale.detach().float().reshape(-1).contiguous())
     b = torch.empty(0) if bias is None else bias.detach().float().contiguous()
     if u4:
@@ -259,13 +279,17 @@ def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_
         # accumulation, on the weight laid out in column panels once; each block of rows gets its
         # epilogue while its products are in cache
         panels, colsum = gemm.cached(w_packed, "u4", lambda: ext.u4_pack(unpack_int4(w_packed, k)))
-        y = ext.u4_linear(q_in.view(m, k), panels, colsum, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
+        y = ext.u4_linear(q_in.view(m, k), panels, colsum, s_in, q_out.view(m, k), s_out.view(m), w_o(), w_s, b)
     elif not emulated and gemm.onednn_s8():
         # VNNI/AMX x86: oneDNN's matmul on the int4 weights unpacked to int8 and prepacked once
         # (AMX where the CPU has it; torch._int_mm would run oneDNN's VNNI gemm API on a weight
         # reordered per call), float32 products straight into the epilogue
         acc = gemm.s8_mm(q_in.view(m, k), lambda: unpack_int4(w_packed, k), w_packed)
-        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
+        if _dense_outliers(ext, q_out.view(m, k), w_packed.shape[0]):
+            o = gemm.s8_mm(q_out.view(m, k), lambda: unpack_int4(w_packed, k), w_packed)
+            y = ext.w4a4o8_finish(acc, o, s_in, q_out.view(m, k), s_out.view(m), w_s, b)
+        else:
+            y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o(), w_s, b)
     else:
         # int4 -> int8 once per weight (there is no int4 GEMM on the CPU), laid out (K, N)
         w_t = gemm.cached(w_packed, "int4:kn", lambda: unpack_int4(w_packed, k).t().contiguous())
@@ -275,7 +299,7 @@ def _detect_int_gemm(x: Tensor, rows: Tensor, s_in: Tensor, w_packed: Tensor, w_
             acc = gemm.u8_mm(q_in.view(m, k), w_t.t(), w_packed)
         else:
             acc = gemm.exact_int_mm(q_in.view(m, k), w_t.t()).contiguous()
-        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o, w_s, b)
+        y = ext.w4a4o8_epilogue(acc, s_in, q_out.view(m, k), s_out.view(m), w_o(), w_s, b)
     return y.reshape(*x.shape[:-1], w_packed.shape[0])
 
 

@@ -28,6 +28,11 @@ at::Tensor outlier_weights(at::Tensor w);
 // In place on acc; returns acc seen as float32.
 at::Tensor w4a4o8_epilogue(at::Tensor acc, at::Tensor s_in, at::Tensor q_out, at::Tensor s_out, at::Tensor w_o,
                            at::Tensor w_scale, at::Tensor bias);
+// The fraction of non-zero codes of q_out (M, K) int8, sampled on every 8th row.
+double outlier_density(at::Tensor q_out);
+// w4a4o8_epilogue with the outlier term o (M, N) float32 given; in place on acc (float32).
+at::Tensor w4a4o8_finish(at::Tensor acc, at::Tensor o, at::Tensor s_in, at::Tensor q_out, at::Tensor s_out,
+                         at::Tensor w_scale, at::Tensor bias);
 bool u4_available();
 std::vector<at::Tensor> u4_pack(at::Tensor w);
 at::Tensor u4_mm(at::Tensor a, at::Tensor packed, at::Tensor colsum);

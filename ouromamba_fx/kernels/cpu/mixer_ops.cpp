@@ -14,6 +14,8 @@
 // w4a4o8_epilogue the W4A4O8 linear's epilogue over the int32 inlier accumulator, with each
 //                 token's few outlier channels added as rows of the weights (exact integer sums, two
 //                 channels per vpmaddubsw on AVX2) instead of a GEMM.
+// w4a4o8_finish   the same epilogue with the outlier term from a dense GEMM of the outlier codes
+//                 (CPUs with AMX, where that GEMM costs less than the tiles at many outliers per row).
 // u4_mm           the inlier GEMM itself on AVX2 CPUs without VNNI/AMX: 4-bit codes x int4
 //                 weights, exact, with int16 accumulation (u4_pack lays the weights out for it).
 // u4_linear       u4_mm and the epilogue, a block of rows at a time, so that the epilogue reads
@@ -257,10 +259,21 @@ inline float lane_sum(V v) {
   for (int l = 0; l < W; ++l) s += v[l];
   return s;
 }
+// The largest lane, or 0 (the lanes hold values >= 0, or NaN, which is skipped): a tree of
+// vmaxps on AVX-512 (a chain of W dependent compares otherwise, about 60 cycles per row twice per
+// time step, which short rows feel); max is exact in any order, so the same value either way.
 inline float lane_max(V v) {
+#if defined(__AVX512F__)
+  static_assert(W == 16, "AVX-512 builds use 64-byte vectors");
+  const __m512 x = reinterpret_cast<__m512>(v);
+  const __m512 no_nan = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), x);
+  const float m = _mm512_reduce_max_ps(no_nan);
+  return m > 0.0f ? m : 0.0f;
+#else
   float m = 0.0f;
   for (int l = 0; l < W; ++l) m = v[l] > m ? v[l] : m;
   return m;
+#endif
 }
 inline RowStats row_stats(const float* __restrict__ x, int64_t C) {
   const int64_t nv = C / W, n4 = nv / 4 * 4;
@@ -506,10 +519,11 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
 // products go into a per-thread (steps, N) buffer four steps at a time (the four share each
 // weight load), and each step is then quantized into the output. Vim's dt_proj, whose output is
 // the scan's delta. The products are summed in k order with fused multiply-adds.
+// Columns [j_begin, N) of MR rows, two vectors of columns at a time (any N: partial vectors).
 template <int MR>
 inline void small_gemm_rows(const float* __restrict__ x, int64_t K, const float* __restrict__ wt,
-                            const float* __restrict__ bias, float* __restrict__ y, int64_t N) {
-  for (int64_t j0 = 0; j0 < N; j0 += 2 * W) {
+                            const float* __restrict__ bias, float* __restrict__ y, int64_t N, int64_t j_begin = 0) {
+  for (int64_t j0 = j_begin; j0 < N; j0 += 2 * W) {
     const int n0 = static_cast<int>(std::min<int64_t>(W, N - j0));
     const int n1 = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(W, N - j0 - W)));
     V acc[MR][2];
@@ -530,6 +544,37 @@ inline void small_gemm_rows(const float* __restrict__ x, int64_t K, const float*
       if (n1) store(y + r * N + j0 + W, acc[r][1], n1);
     }
   }
+}
+
+// The whole tiles of kCols = 4 vectors of columns of MR rows (16 accumulators: enough independent
+// FMA chains to keep both FMA units busy, where the two-vector tiles above waited on the FMA's
+// latency); returns the first column left (small_gemm_rows does the rest). Each output is the same
+// chain of FMAs in k order from the bias, so the same numbers as small_gemm_rows.
+constexpr int kWideVecs = 4;
+template <int MR>
+inline int64_t small_gemm_rows_wide(const float* __restrict__ x, int64_t K, const float* __restrict__ wt,
+                                    const float* __restrict__ bias, float* __restrict__ y, int64_t N) {
+  constexpr int64_t kCols = kWideVecs * W;
+  int64_t j0 = 0;
+  for (; j0 + kCols <= N; j0 += kCols) {
+    V acc[MR][kWideVecs];
+    for (int v = 0; v < kWideVecs; ++v) {
+      const V b = bias ? load(bias + j0 + v * W, W) : VF::splat(0.0f);
+      for (int r = 0; r < MR; ++r) acc[r][v] = b;
+    }
+    for (int64_t kk = 0; kk < K; ++kk) {
+      V w[kWideVecs];
+      for (int v = 0; v < kWideVecs; ++v) w[v] = load(wt + kk * N + j0 + v * W, W);
+      for (int r = 0; r < MR; ++r) {
+        const V xb = VF::splat(x[r * K + kk]);
+        for (int v = 0; v < kWideVecs; ++v) acc[r][v] = vfma(xb, w[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int v = 0; v < kWideVecs; ++v) store(y + r * N + j0 + v * W, acc[r][v], W);
+    }
+  }
+  return j0;
 }
 
 torch::Tensor linear_mixed_fake(torch::Tensor x, torch::Tensor wt, torch::Tensor bias, torch::Tensor s_out,
@@ -563,8 +608,16 @@ torch::Tensor linear_mixed_fake(torch::Tensor x, torch::Tensor wt, torch::Tensor
       const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
       const float* xr = xp + (r * L + t0) * K;
       int64_t t = t0;
-      for (; t + 4 <= t1; t += 4) small_gemm_rows<4>(xr + (t - t0) * K, K, wp, bp, buf.data() + (t - t0) * N, N);
-      for (; t < t1; ++t) small_gemm_rows<1>(xr + (t - t0) * K, K, wp, bp, buf.data() + (t - t0) * N, N);
+      for (; t + 4 <= t1; t += 4) {
+        const float* xt = xr + (t - t0) * K;
+        float* yt = buf.data() + (t - t0) * N;
+        small_gemm_rows<4>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<4>(xt, K, wp, bp, yt, N));
+      }
+      for (; t < t1; ++t) {
+        const float* xt = xr + (t - t0) * K;
+        float* yt = buf.data() + (t - t0) * N;
+        small_gemm_rows<1>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<1>(xt, K, wp, bp, yt, N));
+      }
       for (t = t0; t < t1; ++t) {
         const float* src = buf.data() + (t - t0) * N;
         bool any_out = false;
@@ -970,6 +1023,83 @@ torch::Tensor w4a4o8_epilogue(torch::Tensor acc, torch::Tensor s_in, torch::Tens
                            bias),
                M);
   return acc_float ? acc : acc.view(torch::kFloat);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The outlier term as a dense product (CPUs whose int8 matmul is much faster than the tiles above)
+
+// Whether a row of n int8 codes holds a non-zero one (the epilogue's test for an outlier row).
+inline bool any_nonzero(const int8_t* __restrict__ q, int64_t n) {
+  int64_t c = 0;
+#if defined(__AVX512BW__)
+  for (; c + 64 <= n; c += 64) {
+    const __m512i v = _mm512_loadu_si512(q + c);
+    if (_mm512_test_epi8_mask(v, v)) return true;
+  }
+#endif
+  int8_t any = 0;
+  for (; c < n; ++c) any |= q[c];
+  return any != 0;
+}
+
+// The fraction of non-zero outlier codes in q_out (M, K), counted on every 8th row (a sample that
+// costs little next to the GEMMs): how much of a dense outlier GEMM's work the tiles would do.
+double outlier_density(torch::Tensor q_out) {
+  TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8,
+              "outlier_density: q_out must be contiguous int8 (M, K)");
+  const int64_t M = q_out.size(0), K = q_out.size(1);
+  if (M == 0 || K == 0) return 0.0;
+  const int8_t* q = q_out.data_ptr<int8_t>();
+  int64_t nnz = 0, rows = 0;
+  for (int64_t m = 0; m < M; m += 8, ++rows) {
+    const int8_t* r = q + m * K;
+    int64_t c = 0;
+#if defined(__AVX512BW__)
+    for (; c + 64 <= K; c += 64) {
+      const __m512i v = _mm512_loadu_si512(r + c);
+      nnz += __builtin_popcountll(_mm512_test_epi8_mask(v, v));
+    }
+#endif
+    for (; c < K; ++c) nnz += r[c] != 0;
+  }
+  return static_cast<double>(nnz) / static_cast<double>(rows * K);
+}
+
+// The epilogue of w4a4o8_epilogue with the outlier term given: o (M, N) float32 holding the exact
+// integer sums q_out @ w^T (a GEMM of the outlier codes), y written over acc (float32 holding the
+// inlier products). The same finish_row arithmetic, with the term taken from o on the rows whose
+// codes hold a non-zero one (as the tiles do), so the same numbers as w4a4o8_epilogue.
+torch::Tensor w4a4o8_finish(torch::Tensor acc, torch::Tensor o, torch::Tensor s_in, torch::Tensor q_out,
+                            torch::Tensor s_out, torch::Tensor w_scale, torch::Tensor bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.is_contiguous() && acc.scalar_type() == torch::kFloat,
+              "w4a4o8_finish: acc must be a contiguous float32 (M, N) matrix");
+  const int64_t M = acc.size(0), N = acc.size(1);
+  TORCH_CHECK(o.sizes() == acc.sizes() && o.is_contiguous() && o.scalar_type() == torch::kFloat,
+              "w4a4o8_finish: o must be a contiguous float32 matrix shaped like acc");
+  TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
+              "w4a4o8_finish: q_out must be contiguous int8 (M, K) outlier codes");
+  const int64_t steps = s_in.numel(), K = q_out.size(1);
+  TORCH_CHECK(s_in.is_contiguous() && s_in.scalar_type() == torch::kFloat && steps > 0 && M % steps == 0,
+              "w4a4o8_finish: s_in must be float32 with one value per time step (rows are (batch, step))");
+  TORCH_CHECK(s_out.is_contiguous() && s_out.numel() == M && s_out.scalar_type() == torch::kFloat,
+              "w4a4o8_finish: s_out must be float32 with one value per row");
+  TORCH_CHECK(w_scale.is_contiguous() && w_scale.numel() == N && w_scale.scalar_type() == torch::kFloat,
+              "w4a4o8_finish: w_scale must be float32 with one value per output channel");
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
+              "w4a4o8_finish: bias must be empty or float32 with one value per output channel");
+  float* y = acc.data_ptr<float>();
+  const float* op = o.data_ptr<float>();
+  const int8_t* q = q_out.data_ptr<int8_t>();
+  const float *si = s_in.data_ptr<float>(), *so = s_out.data_ptr<float>(), *ws = w_scale.data_ptr<float>();
+  const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* om = any_nonzero(q + m * K, K) ? op + m * N : nullptr;
+      finish_row(y + m * N, y + m * N, om, si[m % steps], so[m], ws, b, N);
+    }
+  });
+  return acc;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ constexpr int64_t kInlierBits = 4;  // W4A4O8
 constexpr int64_t kSmallK = 32;  // ouromamba_fx.ops.w4a4o8_linear.SMALL_K
 constexpr int64_t kU8PairLimit = 16383;  // ouromamba_fx.ops.gemm._U8_PAIR_LIMIT
 constexpr int64_t kFp32Exact = int64_t(1) << 24;
+constexpr int64_t kDenseOutlierRatio = 16;  // ouromamba_fx.ops.w4a4o8_linear.DENSE_OUTLIER_RATIO
+constexpr int64_t kOutCols = 64;  // mixer_ops.cpp: the epilogue's tiles are this many columns wide
 
 // ---------------------------------------------------------------------------------------------
 // Messages in the Python implementations' words (torch dtypes and shapes as Python prints them)
@@ -129,6 +131,20 @@ bool cpu_has_int8_dot() {
 }
 
 bool emulated() { return gemm_mode() == 2; }
+
+// gemm.amx: the CPU has AMX tiles (oneDNN's matmul runs its int8 AMX kernel there)
+bool cpu_has_amx() {
+  static const bool amx = [] {
+#if defined(__x86_64__) || defined(_M_X64) || defined(__i386__) || defined(_M_IX86)
+    const auto caps = at::cpu::get_cpu_capabilities();
+    auto it = caps.find("amx_tile");
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+#else
+    return false;
+#endif
+  }();
+  return amx;
+}
 
 // float32 when one chunk covers K (every partial sum an integer below 2^24), else int32
 Tensor chunked_mm(const Tensor& a, const Tensor& b, int64_t qmax_a, int64_t qmax_w) {
@@ -586,6 +602,14 @@ Tensor detect_float_product(const Tensor& x, const Tensor& rows, const Tensor& s
   return at::linear(y[0].view(out_shape(x, k)), w_f, b_f);
 }
 
+// w4a4o8_linear._dense_outliers
+bool dense_outliers(const Tensor& q_out, int64_t n) {
+  if (!cpu_has_amx()) return false;
+  const int64_t np = (n + kOutCols - 1) / kOutCols * kOutCols;
+  return ouromamba_mixer::outlier_density(q_out) * static_cast<double>(np * kDenseOutlierRatio) >=
+         static_cast<double>(n);
+}
+
 Tensor detect_int_gemm(const Tensor& x, const Tensor& rows, const Tensor& s_in, const Tensor& w_packed,
                        const Tensor& w_scale, const OptTensor& bias, int64_t k, double outlier_k, int64_t n_refresh) {
   const bool emu = emulated();
@@ -595,9 +619,12 @@ Tensor detect_int_gemm(const Tensor& x, const Tensor& rows, const Tensor& s_in, 
   auto split = ouromamba_mixer::mixed_quant(rows, s_in, 7, outlier_k, n_refresh, false, offset);
   const Tensor &q_in = split[0], &q_out = split[1], &s_out = split[2];
   const int64_t m = q_in.size(0) * q_in.size(1);
-  const Tensor w_o = cached(w_packed, "int4:outlier", [&] {
-    return std::vector<Tensor>{ouromamba_mixer::outlier_weights(unpack_int4(w_packed, k))};
-  })[0];
+  // made (and cached) only where the epilogue's tiles run: the dense outlier GEMM does not read it
+  const auto w_o = [&] {
+    return cached(w_packed, "int4:outlier", [&] {
+      return std::vector<Tensor>{ouromamba_mixer::outlier_weights(unpack_int4(w_packed, k))};
+    })[0];
+  };
   const Tensor w_s = cached(w_scale, "float", [&] {
     return std::vector<Tensor>{w_scale.detach().to(at::kFloat).reshape({-1}).contiguous()};
   })[0];
@@ -605,18 +632,24 @@ Tensor detect_int_gemm(const Tensor& x, const Tensor& rows, const Tensor& s_in, 
   Tensor y;
   if (u4) {
     const auto pc = cached(w_packed, "u4", [&] { return ouromamba_mixer::u4_pack(unpack_int4(w_packed, k)); });
-    y = ouromamba_mixer::u4_linear(q_in.view({m, k}), pc[0], pc[1], s_in, q_out.view({m, k}), s_out.view({m}), w_o,
+    y = ouromamba_mixer::u4_linear(q_in.view({m, k}), pc[0], pc[1], s_in, q_out.view({m, k}), s_out.view({m}), w_o(),
                                    w_s, b);
   } else if (!emu && onednn_s8()) {
-    const Tensor acc = s8_mm(q_in.view({m, k}), [&] { return unpack_int4(w_packed, k); }, w_packed);
-    y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o, w_s, b);
+    const auto weight = [&] { return unpack_int4(w_packed, k); };
+    const Tensor acc = s8_mm(q_in.view({m, k}), weight, w_packed);
+    if (dense_outliers(q_out.view({m, k}), w_packed.size(0))) {
+      const Tensor o = s8_mm(q_out.view({m, k}), weight, w_packed);
+      y = ouromamba_mixer::w4a4o8_finish(acc, o, s_in, q_out.view({m, k}), s_out.view({m}), w_s, b);
+    } else {
+      y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o(), w_s, b);
+    }
   } else {
     const Tensor w_t = cached(w_packed, "int4:kn", [&] {
       return std::vector<Tensor>{unpack_int4(w_packed, k).t().contiguous()};
     })[0];
     const Tensor acc = u8 ? u8_mm(q_in.view({m, k}), w_t.t(), w_packed)
                           : exact_int_mm(q_in.view({m, k}), w_t.t()).contiguous();
-    y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o, w_s, b);
+    y = ouromamba_mixer::w4a4o8_epilogue(acc, s_in, q_out.view({m, k}), s_out.view({m}), w_o(), w_s, b);
   }
   return y.reshape(out_shape(x, w_packed.size(0)));
 }

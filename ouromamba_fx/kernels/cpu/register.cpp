@@ -138,6 +138,9 @@ TORCH_LIBRARY(ouromamba_cpu, m) {
   m.def("outlier_weights(Tensor w) -> Tensor");
   m.def("w4a4o8_epilogue(Tensor(a!) acc, Tensor s_in, Tensor q_out, Tensor s_out, Tensor w_o, Tensor w_scale, "
         "Tensor bias) -> Tensor(a)");
+  m.def("outlier_density(Tensor q_out) -> float");
+  m.def("w4a4o8_finish(Tensor(a!) acc, Tensor o, Tensor s_in, Tensor q_out, Tensor s_out, Tensor w_scale, "
+        "Tensor bias) -> Tensor(a)");
   m.def("u4_pack(Tensor w) -> Tensor[]");
   m.def("u4_mm(Tensor a, Tensor packed, Tensor colsum) -> Tensor");
   m.def("u4_linear(Tensor a, Tensor packed, Tensor colsum, Tensor s_in, Tensor q_out, Tensor s_out, Tensor w_o, "
@@ -167,6 +170,8 @@ TORCH_LIBRARY_IMPL(ouromamba_cpu, CPU, m) {
   m.impl("linear_mixed_fake", TORCH_FN(ouromamba_mixer::linear_mixed_fake));
   m.impl("outlier_weights", TORCH_FN(ouromamba_mixer::outlier_weights));
   m.impl("w4a4o8_epilogue", TORCH_FN(ouromamba_mixer::w4a4o8_epilogue));
+  m.impl("outlier_density", TORCH_FN(ouromamba_mixer::outlier_density));
+  m.impl("w4a4o8_finish", TORCH_FN(ouromamba_mixer::w4a4o8_finish));
   m.impl("u4_pack", TORCH_FN(ouromamba_mixer::u4_pack));
   m.impl("u4_mm", TORCH_FN(ouromamba_mixer::u4_mm));
   m.impl("u4_linear", TORCH_FN(ouromamba_mixer::u4_linear));
