@@ -48,15 +48,15 @@ the rest. :func:`lowering_rules` lists them in the order they run:
   becomes :func:`~ouromamba_fx.ops.quant.fake_quantize`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
   torch with the same formula, which Inductor fuses into the kernel producing its input.
+* ``inline_mixed_fake_quant`` -- ``quantize_mixed`` sites left (feeding float ops) become the
+  one-pass ``ouromamba::mixed_fake_quant`` (8-bit outliers), else ``ouromamba::outlier_mask`` +
+  :func:`~ouromamba_fx.ops.mixed.mixed_fake_quant_decomposed`.
 * ``fuse_dt_scan`` -- a float scan whose delta is ``fake_quantize(int8_linear_decomposed(dt_in,
   ...).transpose(1, 2))`` (W8A8's dt_proj, Vim / Mamba mixers), the linear and the fake quantization
   used by nothing else, becomes ``ouromamba::selective_scan_dt``: the scan computes that delta
   itself from ``dt_in`` (the x_proj output's columns), the same numbers bit for bit, without the
   short-reduction GEMM and the epilogue pass over a (batch, L, d_inner) tensor in between. CPU
   targets only (lowering option ``dt_scan``).
-* ``inline_mixed_fake_quant`` -- ``quantize_mixed`` sites left (feeding float ops) become the
-  one-pass ``ouromamba::mixed_fake_quant`` (8-bit outliers), else ``ouromamba::outlier_mask`` +
-  :func:`~ouromamba_fx.ops.mixed.mixed_fake_quant_decomposed`.
 * ``fuse_linear_mixed_fake_quant`` -- ``mixed_fake_quant`` of a short-reduction
   ``w4a4o8_linear_rt`` (Vim's dt_proj feeding the scan's delta) becomes
   ``ouromamba::w4a4o8_linear_mixed``, one pass per row.
