@@ -14,7 +14,7 @@ from ouromamba_fx.coverage import summary
 from ouromamba_fx.diff import render
 from ouromamba_fx.numerics import is_float
 from ouromamba_fx.passes.spec import SiteSpec, StateSpec, WeightSpec
-from ouromamba_fx.tags import SPEC, SPEC_NODE, Kind, tag
+from ouromamba_fx.tags import ABSORBED, SPEC, SPEC_NODE, Kind, tag
 
 
 @dataclass
@@ -48,16 +48,20 @@ def _weight_text(spec: SiteSpec, t: dict) -> str:
     return "float"
 
 
-def _row(n: fx.Node, sqnr_db: dict[str, float]) -> Row | None:
-    """The report row of a mixer op, from its site spec; None if nothing of it is quantized."""
-    spec = n.meta.get(SPEC)
+def _site_row(spec, t: dict, spec_node: str, sqnr_db: dict[str, float]) -> Row | None:
     if spec is None:
         return None
     if not spec.acts() and not isinstance(spec.weight, WeightSpec) and not isinstance(spec.state, StateSpec):
         return None
-    t = tag(n)
     return Row(spec.name, spec.role, t["layer"], t["direction"], _weight_text(spec, t),
-               _inputs_text(spec), sqnr_db.get(n.meta.get(SPEC_NODE, n.name), float("nan")))
+               _inputs_text(spec), sqnr_db.get(spec_node, float("nan")))
+
+
+def _rows(n: fx.Node, sqnr_db: dict[str, float]) -> list[Row | None]:
+    """The report rows of a mixer op, from its site spec (None if nothing of it is quantized):
+    first those of the sites a fused op computes inside it (a scan's dt_proj), then its own."""
+    rows = [_site_row(spec, t, name, sqnr_db) for spec, t, name in n.meta.get(ABSORBED, ())]
+    return rows + [_site_row(n.meta.get(SPEC), tag(n), n.meta.get(SPEC_NODE, n.name), sqnr_db)]
 
 
 def _site_nodes(gm: fx.GraphModule) -> list[fx.Node]:
@@ -91,7 +95,7 @@ class Report:
 
     @classmethod
     def of(cls, q) -> "Report":
-        rows = [r for r in (_row(n, q.sqnr_db) for n in _site_nodes(q.graph_module)) if r is not None]
+        rows = [r for n in _site_nodes(q.graph_module) for r in _rows(n, q.sqnr_db) if r is not None]
         cov = getattr(q, "coverage", {}) or {}
         shown = set(q.float_reasons)
         floats = _group_floats({**q.float_reasons, **{n: c.why for n, c in cov.items()

@@ -29,6 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
 META = "ouromamba"
 SPEC = "ouromamba_spec"  # the SiteSpec of a mixer op node (ouromamba_fx.passes.spec), from AnnotateSites
 SPEC_NODE = "ouromamba_spec_node"  # on a fused node: the reference-graph node its spec was on
+# on a fused node that absorbed another site (a scan computing its dt_proj): that site's
+# (spec, tag, reference-graph node name) entries, so the report keeps its row
+ABSORBED = "ouromamba_absorbed_sites"
 
 
 class _Name(StrEnum):
@@ -122,6 +125,17 @@ def carry_spec(src: "fx.Node", dst: "fx.Node") -> None:
     if SPEC in src.meta:
         dst.meta[SPEC] = src.meta[SPEC]
         dst.meta[SPEC_NODE] = src.meta.get(SPEC_NODE, src.name)
+
+
+def absorb_site(src: "fx.Node", dst: "fx.Node") -> None:
+    """For a lowering rule that computes the site ``src`` inside the fused node ``dst``, which
+    carries a site spec of its own: ``src``'s spec, tag and reference node (and those it absorbed)
+    are kept on ``dst`` under :data:`ABSORBED` for the report."""
+    entries = list(dst.meta.get(ABSORBED, ())) + list(src.meta.get(ABSORBED, ()))
+    if SPEC in src.meta:
+        entries.append((src.meta[SPEC], dict(src.meta.get(META) or {}), src.meta.get(SPEC_NODE, src.name)))
+    if entries:
+        dst.meta[ABSORBED] = entries
 
 
 def carry(src: "fx.Node", dst: "fx.Node", **extra) -> None:

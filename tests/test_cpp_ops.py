@@ -59,7 +59,7 @@ def gen(seed):
 
 def test_schemas_are_the_python_ones():
     cpp = torch.ops.ouromamba_cpu.public_schemas()
-    assert len(cpp) == 12
+    assert len(cpp) == 13
     for s in cpp:
         name = s.split("(")[0].split("::")[1]
         assert str(getattr(OPS, name).default._schema) == s
@@ -151,6 +151,14 @@ def test_scans(dtype):
         assert_same(*both(OPS.selective_scan.default, *args))
         assert_same(*both(OPS.selective_scan_cl.default, *args))
         assert_same(*both(OPS.selective_scan_bwd.default, torch.randn_like(u), *args))
+    if dtype is torch.float32:  # the scan computing its delta from the x_proj columns (lowered W8A8)
+        r = 5
+        dt_in = torch.randn(b, length, r + 2 * n, generator=g)[..., :r] * 2
+        dt = (dt_in, torch.rand(1, length, 1, generator=g) * 0.02 + 0.005, -127, 127,
+              torch.randint(-127, 128, (d, r), dtype=torch.int8, generator=g), torch.rand(d, generator=g) * 0.01,
+              bias, torch.rand(1, 1, length, generator=g) * 0.05 + 0.01, torch.zeros(1, 1, length), -127, 127)
+        for cl in (False, True):
+            assert_same(*both(OPS.selective_scan_dt.default, u, *dt, A, B, C, D, z, bias, True, cl))
 
 
 def _planted(batch, length, c, seed):

@@ -28,6 +28,7 @@ import ouromamba_fx as of  # noqa: E402
 from ouromamba_fx.models import VisionMamba  # noqa: E402
 from ouromamba_fx.ops import dispatch, gemm  # noqa: E402
 from ouromamba_fx.ops.int8_linear import W8A8_LINEAR_OP, int8_linear_decomposed  # noqa: E402
+from ouromamba_fx.ops.scan import SCAN_DT_OP  # noqa: E402
 from ouromamba_fx.ops.w4a4o8_linear import W4A4O8_MASKED_OP, w4a4o8_linear_masked_decomposed  # noqa: E402
 from tests.triton_child import INTERPRET, assert_passes_in_interpreter  # noqa: E402
 
@@ -68,7 +69,9 @@ def test_lowering_for_cuda_routes_the_shapes_cublas_refuses():
     q = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False)
     counts = {t: {} for t in ("cpu", "cuda")}
     for target in counts:
-        gm = q.lower(target=target).graph_module
+        # (on a CPU target dt_proj is computed inside the scan by default: the linears' routing is
+        # what is checked here)
+        gm = q.lower(target=target, dt_scan=False).graph_module
         for node in _calls(gm, int8_linear_decomposed) + _calls(gm, W8A8_LINEAR_OP):
             w = getattr(gm, (node.args[4] if node.target is int8_linear_decomposed else node.args[1]).target)
             counts[target][tuple(w.shape)] = node.target
@@ -76,6 +79,10 @@ def test_lowering_for_cuda_routes_the_shapes_cublas_refuses():
                              (32, 2): int8_linear_decomposed, (16, 32): int8_linear_decomposed}
     assert counts["cuda"] == {**counts["cpu"], (10, 32): W8A8_LINEAR_OP}
     assert q.lower().lower_options == {} and q.lower(target="cuda").lower_options == {"target": "cuda"}
+    # the scan computes dt_proj itself for the CPU only (the Triton scan reads delta)
+    cuda = q.lower(target="cuda")
+    assert not _calls(cuda.graph_module, SCAN_DT_OP) and len(_calls(q.lower(target="cpu").graph_module, SCAN_DT_OP)) == 2
+    assert any(line.startswith("fuse_dt_scan: kept for CUDA") for line in cuda.log)
     with pytest.raises(ValueError, match="target"):
         q.lower(target="gpu")
     # the non-fused W4A4O8 linears: the same routing

@@ -13,7 +13,7 @@ from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_li
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP, as_rows,
                                     mixed_fake_quant_decomposed, outlier_mask, quantize_mixed_ref, site_outlier_mask)
 from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, fake_quantize
-from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
+from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_DT_OP, SCAN_OP
 from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP
 from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
@@ -40,6 +40,15 @@ def calls(gm, target):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
 
 
+def cl_scans(gm):
+    """The scans writing channel-contiguous output (W8A8's compute their delta: selective_scan_dt)."""
+    return calls(gm, SCAN_CHANNELS_LAST_OP) + [n for n in calls(gm, SCAN_DT_OP) if n.kwargs["channels_last"]]
+
+
+def plain_scans(gm):
+    return calls(gm, SCAN_OP) + [n for n in calls(gm, SCAN_DT_OP) if not n.kwargs["channels_last"]]
+
+
 def n_linears(gm):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS)
 
@@ -54,7 +63,7 @@ def close(a, b):
 def test_w8a8_linears_become_int8_ops_and_match_reference(models, inline):
     q = models["W8A8"]
     ref_linears = n_linears(q.graph_module)
-    low = q.lower(int8_inline=inline)
+    low = q.lower(int8_inline=inline, dt_scan=False)  # (dt_proj into the scan: tested below)
     gm = low.graph_module
     fused = calls(gm, int8_linear_decomposed if inline else W8A8_LINEAR_OP)
     assert ref_linears == 6 and len(fused) == ref_linears
@@ -84,7 +93,9 @@ def test_int8_linear_static_equals_the_int8_linear_op():
 def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
     q = models["W6A6"]
     gm = q.lower().graph_module
-    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)] * 6
+    # (the two dt_proj compute inside their scans, on 6-bit codes too)
+    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)] * 4
+    assert [n.args[3:5] for n in calls(gm, SCAN_DT_OP)] == [(-31, 31)] * 2
     gm = q.lower(int8_inline=False).graph_module
     nodes = calls(gm, int8_linear_codes)
     assert len(nodes) == 6 and not calls(gm, W8A8_LINEAR_OP)
@@ -151,12 +162,12 @@ def test_outlier_mask_op_is_the_reference_mask_and_passes_opcheck():
 def test_scans_take_int8_codes(models):
     q = models["W8A8"]
     # default: the float scan on fake-quantized inputs (channel-contiguous output for out_proj)
-    assert calls(q.lower().graph_module, SCAN_CHANNELS_LAST_OP)
+    assert cl_scans(q.lower().graph_module) and calls(q.lower(dt_scan=False).graph_module, SCAN_CHANNELS_LAST_OP)
     low = q.lower(integer_scan=True)
     assert close(low(X), q(X))
     gm = low.graph_module
     scans = calls(gm, SCAN_INT8_INPUTS_OP)
-    assert len(scans) == 2 and not calls(gm, SCAN_OP) and not calls(gm, SCAN_CHANNELS_LAST_OP)
+    assert len(scans) == 2 and not calls(gm, SCAN_OP) and not cl_scans(gm)
     for n in scans:  # delta, B, C arrive as int8 codes of a quantize, with its scale and zero point
         for i in (1, 5, 8):
             assert n.args[i].target is not fake_quantize and n.args[i + 1] is not None
@@ -169,10 +180,10 @@ def test_scans_feeding_out_proj_write_channel_contiguous_output(models, name):
     q = models[name]
     low = q.lower()
     gm = low.graph_module
-    assert len(calls(gm, SCAN_CHANNELS_LAST_OP)) == 2 and not calls(gm, SCAN_OP)
+    assert len(cl_scans(gm)) == 2 and not plain_scans(gm)
     assert any("channels_last_scan: 2 scan(s)" in line for line in low.log)
     off = q.lower(scan_cl=False)
-    assert len(calls(off.graph_module, SCAN_OP)) == 2 and not calls(off.graph_module, SCAN_CHANNELS_LAST_OP)
+    assert len(plain_scans(off.graph_module)) == 2 and not cl_scans(off.graph_module)
     assert torch.equal(low(X), off(X))
 
 
@@ -180,9 +191,9 @@ def test_scans_feeding_out_proj_write_channel_contiguous_output(models, name):
 def test_fast_decay_option_marks_the_channel_contiguous_scans(models):
     q = models["W8A8"]
     low, fast = q.lower(), q.lower(fast_decay=True)
-    scans = calls(fast.graph_module, SCAN_CHANNELS_LAST_OP)
+    scans = cl_scans(fast.graph_module)
     assert len(scans) == 2 and all(n.kwargs.get("fast_decay") is True for n in scans)
-    assert not any("fast_decay" in n.kwargs for n in calls(low.graph_module, SCAN_CHANNELS_LAST_OP))
+    assert not any("fast_decay" in n.kwargs for n in cl_scans(low.graph_module))
     assert fast.lower_options == {"fast_decay": True}
     # the decays differ by at most 2.9e-6 relative: the logits stay close, the predictions equal
     a, b = low(X), fast(X)
@@ -209,6 +220,58 @@ def test_dt_proj_and_the_delta_quantization_fuse(models):
     assert not calls(off.graph_module, W4A4O8_DETECT_REQUANT_OP)
     y, ref = low(X), q(X)
     assert torch.allclose(y, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@torch.no_grad()
+def test_w8a8_dt_proj_and_delta_quantization_move_into_the_scan(models):
+    q = models["W8A8"]
+    low, off = q.lower(), q.lower(dt_scan=False)
+    gm = low.graph_module
+    fused = calls(gm, SCAN_DT_OP)
+    assert len(fused) == 2 and not calls(gm, SCAN_CHANNELS_LAST_OP)
+    assert any("fuse_dt_scan: 2 scan(s)" in line for line in low.log)
+    assert low.lower_options == {} and q.lower(dt_scan=False).lower_options == {"dt_scan": False}
+    # dt_proj is gone (in_proj, both x_proj and out_proj are left), and with it delta's fake quantization
+    assert len(calls(gm, int8_linear_decomposed)) == 4 and len(calls(gm, fake_quantize)) == 4
+    for n in fused:
+        assert n.kwargs["channels_last"] is True and n.args[3:5] == (-127, 127) and n.args[-1] is True
+        assert isinstance(n.args[1], torch.fx.Node) and n.args[1].target is operator.getitem  # x_proj's dt columns
+    # the option off keeps the old graph: the linear, the transpose and the fake quantization
+    ogm = off.graph_module
+    assert not calls(ogm, SCAN_DT_OP) and len(calls(ogm, SCAN_CHANNELS_LAST_OP)) == 2
+    assert len(calls(ogm, int8_linear_decomposed)) == 6 and not any("fuse_dt_scan" in line for line in off.log)
+    # the same numbers bit for bit, and the reference graph's up to float summation order
+    y, r = low(X), q(X)
+    assert torch.equal(y, off(X)) and close(y, r) and torch.equal(y.argmax(-1), r.argmax(-1))
+    # W4A4O8's dt_proj is another op (w4a4o8_linear_mixed): nothing to fuse
+    assert not calls(models["W4A4O8"].lower().graph_module, SCAN_DT_OP)
+
+
+@torch.no_grad()
+def test_dt_scan_fires_on_the_compiled_graph(models, monkeypatch):
+    import ouromamba_fx.lowering.backend as backend
+
+    lowered = []
+    real = backend.lower_graph
+
+    def spy(gm, *args, **kw):
+        out = real(gm, *args, **kw)
+        lowered.append(out)
+        return out
+
+    monkeypatch.setattr(backend, "lower_graph", spy)
+    q = models["W8A8"]
+    ys = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        lowered.clear()
+        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={"dt_scan": on})(X)
+        n_fused = sum(len(calls(gm, SCAN_DT_OP)) for gm, _, _ in lowered)
+        assert n_fused == (2 if on else 0)
+        assert any("fuse_dt_scan: 2 scan(s)" in line for _, _, log in lowered for line in log) is on
+    r = q(X)
+    assert close(ys[True], r) and torch.equal(ys[True].argmax(-1), r.argmax(-1))
+    assert close(ys[True], ys[False])
 
 
 def test_channels_last_scan_leaves_scans_with_other_uses():
@@ -257,14 +320,14 @@ def test_rules_leave_what_they_cannot_fuse_exactly(models):
     """A non-zero activation zero point is outside the symmetric int8 op: that linear stays float
     (fed by fake quantization) and the model still computes the reference's numbers."""
     q = models["W8A8"]
-    gm = q.lower().graph_module  # sanity: all fused normally
+    gm = q.lower(dt_scan=False).graph_module  # sanity: all fused normally
     assert len(calls(gm, int8_linear_decomposed)) == 6
     import copy
 
     q2 = copy.deepcopy(q)
     zp = q2.graph_module.layers_0_mixer_in_proj_zp
     zp.fill_(1.0)
-    low = q2.lower()
+    low = q2.lower(dt_scan=False)
     assert len(calls(low.graph_module, int8_linear_decomposed)) == 5 and n_linears(low.graph_module) == 1
     assert close(low(X), q2(X))
 
@@ -329,7 +392,8 @@ def test_convert_can_return_the_lowered_model(models):
     torch.manual_seed(0)
     m = VisionMamba(tiny_config(depth=1)).eval()
     low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
-    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 6
+    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 4
+    assert len(calls(low.graph_module, SCAN_DT_OP)) == 2  # (the dt_proj)
     assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers
 
 

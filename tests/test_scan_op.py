@@ -540,3 +540,116 @@ def test_cuda_uses_reference():
     cuda = {k: None if v is None else v.cuda() for k, v in a.items()}
     out = selective_scan(**cuda, delta_softplus=True)
     torch.testing.assert_close(out.cpu(), selective_scan_ref(**a, delta_softplus=True), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# ouromamba::selective_scan_dt: delta computed inside the scan from the x_proj columns
+
+SCAN_DT = torch.ops.ouromamba.selective_scan_dt.default
+
+
+def dt_chain_inputs(batch, dim, L, N, R, scale="step", zero_point=False, dt_bias=True, seed=0):
+    """The inputs of a lowered W8A8 mixer's dt path: dt_in the first R columns of an x_proj output
+    (batch, L, R + 2N) (strided, as the graph slices it), static per-token input scales, int8
+    weight codes, delta's scale per step (1, 1, L), per tensor (1,) or per channel (1, dim, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    a = make_inputs(batch, dim, L, N, dtype=torch.float32, seed=seed)
+    xp = torch.randn(batch, L, R + 2 * N, generator=g) * 2
+    shape = {"step": (1, 1, L), "tensor": (1,), "channel": (1, dim, 1)}[scale]
+    ds = torch.rand(shape, generator=g) * 0.05 + 0.02
+    return dict(u=a["u"], dt_in=xp[..., :R], dt_scale=torch.rand(1, L, 1, generator=g) * 0.02 + 0.005,
+                dt_weight=torch.randint(-127, 128, (dim, R), dtype=torch.int8, generator=g),
+                dt_wscale=torch.rand(dim, generator=g) * 0.01 + 0.001,
+                dt_bias=torch.randn(dim, generator=g) - 3.0 if dt_bias else None, delta_scale=ds,
+                delta_zp=torch.round(torch.randn(shape, generator=g) * 4) if zero_point else torch.zeros(shape),
+                A=a["A"], B=a["B"], C=a["C"], D=a["D"], z=a["z"], delta_bias=a["delta_bias"])
+
+
+def unfused_dt_chain(i, softplus, channels_last, delta_bias=True, qmax=127, dqmax=127):
+    """The graph the lowering replaces: int8_linear_decomposed -> transpose -> fake_quantize -> scan."""
+    from ouromamba_fx.ops.int8_linear import int8_linear_decomposed
+    from ouromamba_fx.ops.quant import fake_quantize
+
+    y = int8_linear_decomposed(i["dt_in"], i["dt_scale"], -qmax, qmax, i["dt_weight"], i["dt_wscale"], i["dt_bias"])
+    delta = fake_quantize(y.transpose(1, 2), i["delta_scale"], i["delta_zp"], -dqmax, dqmax)
+    scan = SCAN_CL if channels_last else torch.ops.ouromamba.selective_scan.default
+    return scan(i["u"], delta, i["A"], i["B"], i["C"], i["D"], i["z"], i["delta_bias"] if delta_bias else None,
+                softplus)
+
+
+def dt_args(i, softplus, channels_last, delta_bias=True, qmax=127, dqmax=127):
+    return ((i["u"], i["dt_in"], i["dt_scale"], -qmax, qmax, i["dt_weight"], i["dt_wscale"], i["dt_bias"],
+             i["delta_scale"], i["delta_zp"], -dqmax, dqmax, i["A"], i["B"], i["C"], i["D"], i["z"],
+             i["delta_bias"] if delta_bias else None, softplus), {"channels_last": channels_last})
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 17, 16, 24), (3, 37, 13, 4, 5), (1, 50, 1, 16, 3), (2, 19, 66, 5, 48)])
+@pytest.mark.parametrize("scale,zero_point", [("step", False), ("tensor", True), ("channel", True)])
+@pytest.mark.parametrize("softplus,channels_last", [(True, True), (False, False)])
+def test_dt_scan_equals_the_unfused_chain(shape, scale, zero_point, softplus, channels_last):
+    # odd channel counts (partial blocks), L = 1 and L not a multiple of 4 (the tile's step groups),
+    # every delta scale shape; the kernel follows the graph's operations: the same bits
+    i = dt_chain_inputs(*shape, scale=scale, zero_point=zero_point, dt_bias=scale != "tensor", seed=sum(shape))
+    for delta_bias in (True, False):
+        ref = unfused_dt_chain(i, softplus, channels_last, delta_bias)
+        args, kw = dt_args(i, softplus, channels_last, delta_bias)
+        out = SCAN_DT(*args, **kw)
+        assert out.stride() == ref.stride() and out.dtype == ref.dtype
+        # (without softplus a negative delta grows the states: the same infinities and NaNs too)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+        assert softplus is False or ref.isfinite().all()
+
+
+def test_dt_scan_narrower_codes_and_saturation():
+    # 6-bit input codes and 4-bit delta codes, inputs large enough that codes saturate at both ends
+    i = dt_chain_inputs(2, 40, 21, 16, 24, zero_point=True, seed=5)
+    i["dt_in"] = i["dt_in"] * 40
+    args, kw = dt_args(i, True, True, qmax=31, dqmax=7)
+    assert torch.equal(SCAN_DT(*args, **kw), unfused_dt_chain(i, True, True, qmax=31, dqmax=7))
+
+
+def test_dt_scan_other_dtypes_and_fast_decay():
+    i = dt_chain_inputs(2, 34, 19, 16, 24, seed=3)
+    args, kw = dt_args(i, True, True)
+    # float64 scans: delta from ATen in float32 (as the graph computes it), the scan in float64
+    args64 = tuple(t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() and k in (0, 12, 13, 14, 15, 16, 17)
+                   else t for k, t in enumerate(args))
+    i64 = {k: (v.double() if k in ("u", "A", "B", "C", "D", "z", "delta_bias") else v) for k, v in i.items()}
+    out64 = SCAN_DT(*args64, **kw)
+    assert out64.dtype == torch.float64 and torch.equal(out64, unfused_dt_chain(i64, True, True))
+    exact = SCAN_DT(*args, **kw)
+    fast = SCAN_DT(*args, channels_last=True, fast_decay=True)
+    ref_fast = unfused_dt_chain(i, True, True)  # (exact decays)
+    assert not torch.equal(fast, exact) and torch.allclose(fast, ref_fast, rtol=1e-4, atol=1e-5)
+
+
+def test_dt_scan_opcheck_fake_and_without_kernels(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    i = dt_chain_inputs(2, 20, 7, 3, 4, seed=1)
+    for cl in (False, True):
+        args, kw = dt_args(i, True, cl)
+        torch.library.opcheck(SCAN_DT, args, kw)
+        with FakeTensorMode() as mode:
+            fake = SCAN_DT(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args), **kw)
+        assert fake.shape == (2, 20, 7) and fake.stride() == SCAN_DT(*args, **kw).stride()
+    # without the C++ kernel: the plain-torch delta and the reference scan, in the same layout
+    ref = unfused_dt_chain(i, True, True)
+    without_kernels(monkeypatch, SELECTIVE_SCAN)
+    args, kw = dt_args(i, True, True)
+    out = SCAN_DT(*args, **kw)
+    assert out.stride() == ref.stride()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dt_scan_checks_its_inputs():
+    i = dt_chain_inputs(2, 20, 7, 3, 4)
+    args, kw = dt_args(i, True, True)
+    bad = list(args)
+    bad[5] = i["dt_weight"].float()
+    with pytest.raises(RuntimeError, match="dt_weight must be int8"):
+        SCAN_DT(*bad, **kw)
+    bad = list(args)
+    bad[1] = i["dt_in"][:, :5]
+    with pytest.raises(RuntimeError, match="dt_in has shape"):
+        SCAN_DT(*bad, **kw)

@@ -58,6 +58,12 @@ def lowering_passes(**options) -> list[Pass]:
     ``scan_cl`` (on): float scans whose output only reaches lowered linears (Vim's out_proj) write
     it channel-contiguous (``ouromamba::selective_scan_cl``), the layout those linears read.
 
+    ``dt_scan`` (on): W8A8's dt_proj (the decomposed int8 linear of the x_proj output's dt columns)
+    and the fake quantization of the delta it feeds, where the scan is their only reader, computed
+    inside the scan (``ouromamba::selective_scan_dt``; the same numbers bit for bit) instead of a
+    short-reduction GEMM and an epilogue pass over a (batch, L, d_inner) tensor; CPU targets only.
+    Off, they stay as they are.
+
     ``target`` (``"auto"``: the device of the graph's weights; ``"cpu"``, ``"cuda"``): the device
     the lowered graph will run on. For ``"cuda"``, integer linears whose K or N cuBLAS's
     ``torch._int_mm`` refuses (not multiples of 8, e.g. Vim-T's x_proj and dt_proj) are not

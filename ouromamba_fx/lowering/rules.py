@@ -51,6 +51,12 @@ the rest. :func:`lowering_rules` lists them in the order they run:
 * ``inline_mixed_fake_quant`` -- ``quantize_mixed`` sites left (feeding float ops) become the
   one-pass ``ouromamba::mixed_fake_quant`` (8-bit outliers), else ``ouromamba::outlier_mask`` +
   :func:`~ouromamba_fx.ops.mixed.mixed_fake_quant_decomposed`.
+* ``fuse_dt_scan`` -- a float scan whose delta is ``fake_quantize(int8_linear_decomposed(dt_in,
+  ...).transpose(1, 2))`` (W8A8's dt_proj, Vim / Mamba mixers), the linear and the fake quantization
+  used by nothing else, becomes ``ouromamba::selective_scan_dt``: the scan computes that delta
+  itself from ``dt_in`` (the x_proj output's columns), the same numbers bit for bit, without the
+  short-reduction GEMM and the epilogue pass over a (batch, L, d_inner) tensor in between. CPU
+  targets only (lowering option ``dt_scan``).
 * ``fuse_linear_mixed_fake_quant`` -- ``mixed_fake_quant`` of a short-reduction
   ``w4a4o8_linear_rt`` (Vim's dt_proj feeding the scan's delta) becomes
   ``ouromamba::w4a4o8_linear_mixed``, one pass per row.
@@ -64,6 +70,7 @@ import operator
 from collections import Counter
 from dataclasses import dataclass, fields
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
@@ -80,12 +87,12 @@ from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_li
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP,
                                     mixed_fake_quant_decomposed)
 from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, dequantize_ref, fake_quantize, quantize_ref
-from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_OP
+from ouromamba_fx.ops.scan import SCAN_CHANNELS_LAST_OP, SCAN_DT_OP, SCAN_OP
 from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP
 from ouromamba_fx.ops.w4a4o8_linear import (SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
 from ouromamba_fx.passes.spec import ActSpec
-from ouromamba_fx.tags import SPEC, Kind, carry_spec
+from ouromamba_fx.tags import SPEC, Kind, absorb_site, carry_spec
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,9 @@ class LoweringOptions:
     # ouromamba::selective_scan_cl); only where scan_cl rewrote the scan. Off: its agreement with
     # the reference graph was below the 99.5 % target (benchmarks/lowering_agreement.md)
     fast_decay: bool = False
+    # W8A8's dt_proj and the fake quantization of delta computed inside the scan
+    # (ouromamba::selective_scan_dt); CPU targets only
+    dt_scan: bool = True
     target: str = "auto"
 
     def __post_init__(self) -> None:
@@ -370,6 +380,58 @@ def _build_channels_last_scan(fast_decay: bool):
 
 
 # ---------------------------------------------------------------------------------------------
+# fuse_dt_scan
+
+def _int8_range(*bounds) -> bool:
+    return all(isinstance(v, int) and -128 <= v <= 127 for v in bounds)
+
+
+def _match_dt_scan(target: str):
+    def match(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+        if not is_call(node, (SCAN_OP, SCAN_CHANNELS_LAST_OP)):
+            return None
+        v = dict(zip(_SCAN_ARGS + ("fast_decay",), node.args))
+        v.update(node.kwargs)
+        fq = v.get("delta")
+        if not is_call(fq, fake_quantize) or len(fq.users) != 1 or len(fq.args) != 5:
+            return None
+        tr, ds_n, dz_n, dqmin, dqmax = fq.args
+        if not (isinstance(tr, fx.Node) and swaps_last_two(tr) and len(tr.users) == 1):
+            return None
+        lin = tr.args[0]
+        if not is_call(lin, int8_linear_decomposed) or len(lin.users) != 1 or len(lin.args) != 7:
+            return None
+        x, s_n, qmin, qmax, wq_n, ws_n, b = lin.args
+        wq = const(gm, wq_n)
+        # (ranks: the scan takes only a (batch, d_inner, L) delta, so the linear's output, transposed
+        # into it, is (batch, L, d_inner) and its input x (batch, L, dt_rank))
+        if wq is None or wq.dtype != torch.int8 or wq.dim() != 2:
+            return None
+        if not _int8_range(qmin, qmax, dqmin, dqmax) or not isinstance(ds_n, fx.Node) or \
+                not isinstance(dz_n, fx.Node):
+            return None
+        if _for_gpu(target, wq):
+            state.setdefault("notes", Counter())["kept for CUDA: the Triton scan reads delta (no fused dt_proj "
+                                                 "kernel there)"] += 1
+            return None
+        dt = (x, s_n, qmin, qmax, wq_n, ws_n, b, ds_n, dz_n, dqmin, dqmax)
+        return Match(node, dict(v=v, dt=dt, lin=lin), erase=(fq, tr, lin))
+    return match
+
+
+def _build_dt_scan(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    v, dt = m.fields["v"], m.fields["dt"]
+    args = (v["u"], *dt, v["A"], v["B"], v["C"], v.get("D"), v.get("z"), v.get("delta_bias"),
+            bool(v.get("delta_softplus", False)))
+    kwargs = {"channels_last": m.anchor.target is SCAN_CHANNELS_LAST_OP}
+    if v.get("fast_decay", False):
+        kwargs["fast_decay"] = True
+    new = gm.graph.call_function(SCAN_DT_OP, args, kwargs)
+    absorb_site(m.fields["lin"], new)  # the dt_proj's row of the report stays, on the scan
+    return Built(new, ((m.anchor, new, dict(kind=Kind.FUSED, op="selective_scan_dt")),))
+
+
+# ---------------------------------------------------------------------------------------------
 # lower_conv1d_silu
 
 def _match_conv1d_silu(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
@@ -535,6 +597,8 @@ def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
                                                     Pattern(_match_kept_quantize, _build_quantize_ref))),
               Rule("inline_mixed_fake_quant", "site(s)",
                    (Pattern(_match_mixed_site, _build_mixed_site(o.mixed_fused)),))]
+    if o.dt_scan:
+        rules.append(Rule("fuse_dt_scan", "scan(s)", (Pattern(_match_dt_scan(o.target), _build_dt_scan),)))
     if o.mixed_fused:
         rules.append(Rule("fuse_linear_mixed_fake_quant", "linear(s)",
                           (Pattern(_match_linear_then_mixed, _build_linear_then_mixed),)))

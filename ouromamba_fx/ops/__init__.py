@@ -23,6 +23,7 @@ w4a4o8_linear_mixed       :func:`w4a4o8_linear_detect_requant`        :mod:`.w4a
 causal_conv1d_silu        :func:`causal_conv1d_silu`                  :mod:`.conv1d_silu`
 selective_scan(_bwd)      :func:`selective_scan`                      :mod:`.scan`
 selective_scan_cl         :func:`selective_scan_channels_last`        :mod:`.scan`
+selective_scan_dt         :func:`selective_scan_dt`                   :mod:`.scan`
 selective_scan_q          :func:`selective_scan_reparam`              :mod:`.scan_quant`
 selective_scan_qi         :func:`selective_scan_int8_inputs`          :mod:`.scan_quant`
 ========================= =========================================== ======================

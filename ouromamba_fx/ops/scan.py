@@ -20,6 +20,8 @@ Kernels, by device:
 
 ``ouromamba::selective_scan_cl`` is the same forward with its output in channel-contiguous memory
 (strides ``(L * d_inner, 1, d_inner)``), which the lowering uses where a scan feeds out_proj.
+``ouromamba::selective_scan_dt`` computes its delta itself from the x_proj output (W8A8's dt_proj
+and the fake quantization of delta), which the lowering uses for quantized Vim-style mixers.
 
 The backward pass is a second custom op, ``ouromamba::selective_scan_bwd``, which returns the
 gradients of (u, delta, A, B, C, D, z, delta_bias); the entries of optional inputs that were
@@ -40,8 +42,8 @@ from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 from ouromamba_fx.ops.dispatch import register_cuda
 
-__all__ = ["selective_scan", "selective_scan_channels_last", "scan_backend", "SCAN_OP", "SCAN_BWD_OP",
-           "SCAN_CHANNELS_LAST_OP"]
+__all__ = ["selective_scan", "selective_scan_channels_last", "selective_scan_dt", "dt_delta_ref", "scan_backend",
+           "SCAN_OP", "SCAN_BWD_OP", "SCAN_CHANNELS_LAST_OP", "SCAN_DT_OP"]
 
 
 def scan_backend() -> str:
@@ -216,6 +218,92 @@ def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
 
 SCAN_CHANNELS_LAST_OP = torch.ops.ouromamba.selective_scan_cl.default
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward op computing delta from the x_proj columns (lowered W8A8 graphs)
+
+def dt_delta_ref(dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, dt_qmax: int, dt_weight: Tensor, dt_wscale: Tensor,
+                 dt_bias: Optional[Tensor], delta_scale: Tensor, delta_zp: Tensor, delta_qmin: int,
+                 delta_qmax: int) -> Tensor:
+    """The delta ``ouromamba::selective_scan_dt`` computes, (batch, d_inner, L) float32, in plain
+    torch: :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed` (``dt_in`` quantized with
+    the symmetric per-token scale ``dt_scale``, the product with the int8 weight codes, the float
+    epilogue), transposed and fake-quantized with ``delta_scale`` / ``delta_zp``
+    (:func:`~ouromamba_fx.ops.quant.fake_quantize`). The product of the codes is an exact float32
+    GEMM (its sums are integers below 2^24 for dt_rank <= 1024), the rest the same operations."""
+    from ouromamba_fx.ops.quant import fake_quantize
+
+    xs = dt_scale.float().expand(*dt_in.shape[:-1], 1)
+    q = torch.round(dt_in.float() / xs).clamp(dt_qmin, dt_qmax)
+    y = (q @ dt_weight.float().t()) * xs * dt_wscale.float().reshape(-1)
+    if dt_bias is not None:
+        y = y + dt_bias.float()
+    return fake_quantize(y.transpose(1, 2), delta_scale, delta_zp, delta_qmin, delta_qmax)
+
+
+_SCAN_DT_SCHEMA = ("(Tensor u, Tensor dt_in, Tensor dt_scale, int dt_qmin, int dt_qmax, Tensor dt_weight, "
+                   "Tensor dt_wscale, Tensor? dt_bias, Tensor delta_scale, Tensor delta_zp, int delta_qmin, "
+                   "int delta_qmax, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
+                   "bool delta_softplus, bool channels_last=False, bool fast_decay=False) -> Tensor")
+
+
+@torch.library.custom_op("ouromamba::selective_scan_dt", mutates_args=(), schema=_SCAN_DT_SCHEMA)
+def selective_scan_dt(u: Tensor, dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, dt_qmax: int, dt_weight: Tensor,
+                      dt_wscale: Tensor, dt_bias: Optional[Tensor], delta_scale: Tensor, delta_zp: Tensor,
+                      delta_qmin: int, delta_qmax: int, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                      z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+                      channels_last: bool = False, fast_decay: bool = False) -> Tensor:
+    """``ouromamba::selective_scan`` (``selective_scan_cl`` with ``channels_last``) on the delta of
+    :func:`dt_delta_ref`, computed inside the scan: ``dt_in`` (batch, L, dt_rank) float, any
+    strides, is the x_proj output's dt columns; ``dt_scale`` broadcasts to (batch, L, 1), the int8
+    ``dt_weight`` is (d_inner, dt_rank), ``dt_wscale`` and ``dt_bias`` (d_inner,), and delta's
+    ``delta_scale`` / ``delta_zp`` broadcast to (batch, d_inner, L). The lowering's rule
+    ``fuse_dt_scan`` (lowering option ``dt_scan``) replaces W8A8's dt_proj, the transpose and the
+    fake quantization of delta by it.
+
+    The CPU kernel quantizes each (batch, step)'s dt_rank values once, computes each block's delta
+    tile with dt_rank multiply-adds per step from the block's weight columns and follows the graph's
+    operations in their order (no contractions): the same numbers as the unfused graph, bit for
+    bit (tests/test_scan_op.py). Float64 scans take the delta from ATen ops in float32 (as the
+    graph computes it). Other devices compute :func:`dt_delta_ref` and run the scan op. Forward
+    only (inference graphs)."""
+    ext = _cpu_kernels(u)
+    if ext is None:
+        delta = dt_delta_ref(dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
+                             delta_qmin, delta_qmax)
+        out = _reference_forward(u, delta.to(u.dtype), A, B, C, D, z, delta_bias, delta_softplus)
+        return _channels_last(out) if channels_last else out
+    return torch.ops.ouromamba_cpu.scan_dt_fwd.default(
+        u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp, delta_qmin,
+        delta_qmax, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(channels_last), bool(fast_decay))
+
+
+@register_cuda(selective_scan_dt)
+def _selective_scan_dt_cuda(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale,
+                            delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus,
+                            channels_last=False, fast_decay=False):
+    delta = dt_delta_ref(dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
+                         delta_qmin, delta_qmax).to(u.dtype)
+    if channels_last:
+        return SCAN_CHANNELS_LAST_OP(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay)
+    return SCAN_OP(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@selective_scan_dt.register_fake
+def _selective_scan_dt_fake(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale,
+                            delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus,
+                            channels_last=False, fast_decay=False):
+    torch._check(u.dim() == 3, lambda: f"selective_scan_dt: u must be (batch, d_inner, L), got {tuple(u.shape)}")
+    torch._check(dt_in.dim() == 3, lambda: f"selective_scan_dt: dt_in must be (batch, L, dt_rank), got "
+                                           f"{tuple(dt_in.shape)}")
+    b, d, length = u.shape
+    if channels_last:
+        return u.new_empty_strided((b, d, length), (length * d, 1, d))
+    return u.new_empty(u.shape)
+
+
+SCAN_DT_OP = torch.ops.ouromamba.selective_scan_dt.default
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,6 +47,16 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
                               const at::Tensor& C, const std::optional<at::Tensor>& D,
                               const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
                               bool delta_softplus, bool channels_last, bool fast_decay);
+// ouromamba::selective_scan_dt (its schema's arguments): delta computed inside the scan from the x_proj
+// columns dt_in (W8A8's dt_proj, then the fake quantization of delta); see selective_scan.cpp.
+at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, const at::Tensor& dt_scale,
+                                 int64_t dt_qmin, int64_t dt_qmax, const at::Tensor& dt_weight,
+                                 const at::Tensor& dt_wscale, const std::optional<at::Tensor>& dt_bias,
+                                 const at::Tensor& delta_scale, const at::Tensor& delta_zp, int64_t delta_qmin,
+                                 int64_t delta_qmax, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                 const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                 bool channels_last, bool fast_decay);
 // [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias], nullopt for absent inputs.
 std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,

@@ -34,6 +34,11 @@ const std::vector<const char*>& public_schemas() {
       "Tensor? delta_bias, bool delta_softplus) -> Tensor",
       "ouromamba::selective_scan_cl(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? delta_bias, bool delta_softplus, bool fast_decay=False) -> Tensor",
+      "ouromamba::selective_scan_dt"
+      "(Tensor u, Tensor dt_in, Tensor dt_scale, int dt_qmin, int dt_qmax, Tensor dt_weight, Tensor dt_wscale, "
+      "Tensor? dt_bias, Tensor delta_scale, Tensor delta_zp, int delta_qmin, int delta_qmax, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, bool channels_last=False, "
+      "bool fast_decay=False) -> Tensor",
       "ouromamba::selective_scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? delta_bias, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)",
@@ -66,6 +71,7 @@ void register_impls() {
   m.impl("causal_conv1d_silu", TORCH_FN(causal_conv1d_silu));
   m.impl("selective_scan", TORCH_FN(selective_scan));
   m.impl("selective_scan_cl", TORCH_FN(selective_scan_cl));
+  m.impl("selective_scan_dt", TORCH_FN(ouromamba_scan::selective_scan_dt_fwd));  // (selective_scan.cpp)
   m.impl("selective_scan_bwd", TORCH_FN(selective_scan_bwd));
   m.impl("mixed_fake_quant", TORCH_FN(mixed_fake_quant));
   m.impl("w4a4o8_linear_rt", TORCH_FN(w4a4o8_linear_rt));
@@ -147,6 +153,11 @@ TORCH_LIBRARY(ouromamba_cpu, m) {
         "Tensor w_scale, Tensor bias) -> Tensor");
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
         "bool delta_softplus, bool channels_last=False, bool fast_decay=False) -> Tensor");
+  m.def("scan_dt_fwd"
+        "(Tensor u, Tensor dt_in, Tensor dt_scale, int dt_qmin, int dt_qmax, Tensor dt_weight, Tensor dt_wscale, "
+        "Tensor? dt_bias, Tensor delta_scale, Tensor delta_zp, int delta_qmin, int delta_qmax, Tensor A, Tensor B, "
+        "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, bool channels_last=False, "
+        "bool fast_decay=False) -> Tensor");
   m.def("scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool delta_softplus) -> Tensor[]");
   m.def("qscan_fwd(Tensor u, Tensor delta, Tensor? delta_scale, Tensor? delta_zp, Tensor A, Tensor B, "
@@ -176,6 +187,7 @@ TORCH_LIBRARY_IMPL(ouromamba_cpu, CPU, m) {
   m.impl("u4_mm", TORCH_FN(ouromamba_mixer::u4_mm));
   m.impl("u4_linear", TORCH_FN(ouromamba_mixer::u4_linear));
   m.impl("scan_fwd", TORCH_FN(ouromamba_scan::selective_scan_fwd));
+  m.impl("scan_dt_fwd", TORCH_FN(ouromamba_scan::selective_scan_dt_fwd));
   m.impl("scan_bwd", TORCH_FN(scan_bwd));
   m.impl("qscan_fwd", TORCH_FN(ouromamba_qscan::qscan_fwd));
   m.impl("qscan_state_stats", TORCH_FN(ouromamba_qscan::state_stats));

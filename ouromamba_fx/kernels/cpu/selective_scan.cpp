@@ -87,6 +87,23 @@ struct Seq {
   explicit operator bool() const { return p != nullptr; }
 };
 
+// The inputs of ouromamba::selective_scan_dt's delta, computed inside the scan (see dt_tile):
+// W8A8's dt_proj on the x_proj columns dt_in, then the fake quantization of delta. float32 only.
+struct DtFused {
+  const float* x = nullptr;  // dt_in (batch, L, R), read through its strides
+  int64_t sb = 0, st = 0, sr = 1, R = 0;
+  const float* xs = nullptr;  // the per-token input scale, strides over (batch, L)
+  int64_t xs_b = 0, xs_t = 0;
+  float qmin = 0.0f, qmax = 0.0f;
+  const float* wt = nullptr;    // the weight codes transposed: (R, dim) contiguous float32
+  const float* ws = nullptr;    // the weight scales (dim,)
+  const float* bias = nullptr;  // (dim,) or null
+  const float* ds = nullptr;    // delta's scale and zero point, strides over (batch, dim, L)
+  const float* dz = nullptr;
+  int64_t ds_b = 0, ds_d = 0, ds_t = 0, dz_b = 0, dz_d = 0, dz_t = 0;
+  float dqmin = 0.0f, dqmax = 0.0f;
+};
+
 template <typename T>
 struct Problem {
   int64_t batch = 0, dim = 0, L = 0, N = 0;
@@ -99,6 +116,7 @@ struct Problem {
   bool softplus = false;
   bool out_cl = false;       // forward output channel-contiguous ((batch, L, dim) memory), else time-contiguous
   bool fast_decay = false;   // forward decays with the degree-4 exp2 (float32 only; om_vec.h kExp2Poly4)
+  const DtFused* dt = nullptr;  // set: delta is computed from dt_in (float32 forward only), P.delta unused
   struct BC {
     const T* p = nullptr;
     int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
@@ -339,6 +357,12 @@ struct Scratch {
   V* DCc = nullptr;
   V* TB = nullptr;   // backward: one time step's per-lane dB / dC contributions (N each)
   V* TC = nullptr;
+  // fused dt (forward of selective_scan_dt): the codes (L, R) of dt_in for batch element dq_b
+  // and their scales (L,), computed once per batch element and thread; the block's weight
+  // columns (R vectors of W lanes)
+  std::vector<float> dq, dxs;
+  std::vector<V> dw;
+  int64_t dq_b = -1;
 
   Scratch(int64_t L, int64_t N, bool backward) {
     const int64_t tiles = backward ? 6 * L : 3 * L;
@@ -375,6 +399,93 @@ struct Scratch {
   }
 };
 
+// A (W,) vector of p[l * stride] for lanes l < nl, `fill` in the others.
+inline Vec<float>::V lanes_or(const float* p, int nl, int64_t stride, float fill) {
+  Vec<float>::V v = Vec<float>::splat(fill);
+  for (int l = 0; l < nl; ++l) v[l] = p[l * stride];
+  return v;
+}
+
+// Keeps the compiler from carrying values in registers across this point (and so from contracting
+// a product before it with an addition after it into one multiply-add).
+#define OM_NO_CONTRACT() __asm__ __volatile__("" ::: "memory")
+
+// The delta tile of a block of ouromamba::selective_scan_dt, with the operations of the graph it
+// replaces (ops/int8_linear.py int8_linear_decomposed, then ops/quant.py fake_quantize of the
+// transposed result), in their order and without contractions, so the same bits:
+//   q[t, r]  = clamp(round_half_even(dt_in[b, t, r] / xs[b, t]), qmin, qmax)   (once per b, thread)
+//   acc[t]   = sum_r q[t, r] * w[d, r]       (integers below 2^24: exact in float32 in any order)
+//   y[t]     = ((acc * xs[b, t]) * ws[d]) + bias[d]
+//   delta[t] = (clamp(round_half_even(y / s) + zp, dqmin, dqmax) - zp) * s   (s, zp at (b, d, t))
+// Four steps share each weight vector load; R multiply-adds per step and block of W channels.
+inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t d0, int nl, Scratch<float>& S) {
+  using F = Vec<float>;
+  using V = F::V;
+  const int64_t R = G.R;
+  if (S.dq_b != b) {
+    S.dq.resize(static_cast<size_t>(L * R));
+    S.dxs.resize(static_cast<size_t>(L));
+    for (int64_t t = 0; t < L; ++t) {
+      const float xs = G.xs[b * G.xs_b + t * G.xs_t];
+      const float* row = G.x + b * G.sb + t * G.st;
+      S.dxs[t] = xs;
+      for (int64_t r = 0; r < R; ++r) {
+        const float v = std::nearbyint(row[r * G.sr] / xs);  // (the default rounding: half to even)
+        S.dq[t * R + r] = std::min(std::max(v, G.qmin), G.qmax);
+      }
+    }
+    S.dq_b = b;
+  }
+  S.dw.resize(static_cast<size_t>(R));
+  V* __restrict__ w = S.dw.data();
+  for (int64_t r = 0; r < R; ++r) w[r] = lanes<float>(G.wt + r * dim + d0, nl);
+  const V ws = lanes<float>(G.ws + d0, nl);
+  const float* __restrict__ q = S.dq.data();
+  const float* __restrict__ xs = S.dxs.data();
+  V* __restrict__ DT = S.DT;
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
+    const float* q0 = q + t * R;
+    V a0 = F::splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t r = 0; r < R; ++r) {
+      const V wr = w[r];
+      a0 += F::splat(q0[r]) * wr;
+      a1 += F::splat(q0[R + r]) * wr;
+      a2 += F::splat(q0[2 * R + r]) * wr;
+      a3 += F::splat(q0[3 * R + r]) * wr;
+    }
+    DT[t] = (a0 * F::splat(xs[t])) * ws;
+    DT[t + 1] = (a1 * F::splat(xs[t + 1])) * ws;
+    DT[t + 2] = (a2 * F::splat(xs[t + 2])) * ws;
+    DT[t + 3] = (a3 * F::splat(xs[t + 3])) * ws;
+  }
+  for (; t < L; ++t) {
+    V a = F::splat(0.0f);
+    for (int64_t r = 0; r < R; ++r) a += F::splat(q[t * R + r]) * w[r];
+    DT[t] = (a * F::splat(xs[t])) * ws;
+  }
+  OM_NO_CONTRACT();
+  if (G.bias) {
+    const V bias = lanes<float>(G.bias + d0, nl);
+    for (t = 0; t < L; ++t) DT[t] = DT[t] + bias;
+  }
+  // the fake quantization; the rounding as x + 1.5 * 2^23 - 1.5 * 2^23 (half to even) on values
+  // clamped to +-2^22 first, beyond which every result is clamped to [dqmin, dqmax] anyway
+  const float* ds = G.ds + b * G.ds_b + d0 * G.ds_d;
+  const float* dz = G.dz + b * G.dz_b + d0 * G.dz_d;
+  const V big = F::splat(4194304.0f), lo = F::splat(G.dqmin), hi = F::splat(G.dqmax);
+  const V magic = F::splat(F::kMagic);
+  for (t = 0; t < L; ++t) {
+    // padding lanes: scale 1, zero point 0 (their delta stays 0, as load_tile's)
+    const V s = G.ds_d == 0 ? F::splat(ds[t * G.ds_t]) : lanes_or(ds + t * G.ds_t, nl, G.ds_d, 1.0f);
+    const V zp = G.dz_d == 0 ? F::splat(dz[t * G.dz_t]) : lanes_or(dz + t * G.dz_t, nl, G.dz_d, 0.0f);
+    const V v = F::vmin(F::vmax(DT[t] / s, -big), big);
+    const V code = F::vmin(F::vmax(((v + magic) - magic) + zp, lo), hi);
+    DT[t] = (code - zp) * s;
+  }
+  OM_NO_CONTRACT();
+}
+
 // Loads the block's dt = softplus(delta + bias) tile (and d softplus / dx), A tile and constant
 // B / C tiles.
 template <typename T>
@@ -383,7 +494,15 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
   using F = Vec<T>;
   using V = typename F::V;
   const int64_t L = P.L, N = P.N;
-  load_tile<T>(S.DT, P.delta, b, d0, nl, L);
+  if constexpr (std::is_same_v<T, float>) {
+    if (P.dt) {
+      dt_tile(*P.dt, L, P.dim, b, d0, nl, S);
+    } else {
+      load_tile<T>(S.DT, P.delta, b, d0, nl, L);
+    }
+  } else {
+    load_tile<T>(S.DT, P.delta, b, d0, nl, L);
+  }
   const V bias = lanes<T>(P.bias ? P.bias + d0 : nullptr, nl);
   for (int64_t t = 0; t < L; ++t) {
     const V x = S.DT[t] + bias;
@@ -988,9 +1107,10 @@ Inputs prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   TORCH_CHECK(!A.is_complex(), "selective_scan: complex A is not supported");
   TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1), "selective_scan: A has shape ", A.sizes(),
               ", expected (", u.size(1), ", d_state)");
-  TORCH_CHECK(delta.sizes() == u.sizes(), "selective_scan: delta has shape ", delta.sizes(),
+  // (delta undefined: selective_scan_dt, which computes it)
+  TORCH_CHECK(!delta.defined() || delta.sizes() == u.sizes(), "selective_scan: delta has shape ", delta.sizes(),
               ", expected ", u.sizes());
-  for (const at::Tensor* t : {&u, &delta, &A, &B, &C}) {
+  for (const at::Tensor* t : {&u, &A, &B, &C}) {
     TORCH_CHECK(t->device().is_cpu(), "selective_scan (C++ CPU kernel): all inputs must be on CPU");
   }
   in.batch = u.size(0);
@@ -999,7 +1119,10 @@ Inputs prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A
   in.N = A.size(1);
   in.cdt = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   in.u = seq_layout(u, in.cdt);
-  in.delta = seq_layout(delta, in.cdt);
+  if (delta.defined()) {
+    TORCH_CHECK(delta.device().is_cpu(), "selective_scan (C++ CPU kernel): all inputs must be on CPU");
+    in.delta = seq_layout(delta, in.cdt);
+  }
   in.A = A.to(in.cdt).contiguous();
   in.B = make_bc_view(B, in.batch, in.dim, in.N, in.L, in.cdt, "B");
   in.C = make_bc_view(C, in.batch, in.dim, in.N, in.L, in.cdt, "C");
@@ -1029,7 +1152,7 @@ Problem<T> make_problem(const Inputs& in) {
   P.L = in.L;
   P.N = in.N;
   P.u = make_seq<T>(in.u);
-  P.delta = make_seq<T>(in.delta);
+  if (in.delta.defined()) P.delta = make_seq<T>(in.delta);
   P.A = in.A.data_ptr<T>();
   P.D = in.D.defined() ? in.D.data_ptr<T>() : nullptr;
   if (in.z.defined()) P.z = make_seq<T>(in.z);
@@ -1072,6 +1195,104 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
       P.fast_decay = fast_decay;
       forward<float>(P, out.data_ptr<float>());
     }
+  }
+  return out.to(u.scalar_type());
+}
+
+namespace {
+
+// The delta of selective_scan_dt with ATen ops, in float32 (for the inputs the fused tile does not
+// take): the operations of dt_tile, as the graph it replaces computes them.
+at::Tensor dt_delta_aten(const at::Tensor& dt_in, const at::Tensor& dt_scale, int64_t qmin, int64_t qmax,
+                         const at::Tensor& w, const at::Tensor& ws, const std::optional<at::Tensor>& bias,
+                         const at::Tensor& ds, const at::Tensor& dz, int64_t dqmin, int64_t dqmax) {
+  const at::Tensor xs = dt_scale.to(at::kFloat);
+  const at::Tensor q = at::clamp(at::round(dt_in.to(at::kFloat) / xs), qmin, qmax);
+  // integer sums, exact in float64 (and then rounded to float32 as torch's int32 -> float32)
+  const at::Tensor acc = at::matmul(q.to(at::kDouble), w.to(at::kDouble).t()).to(at::kFloat);
+  at::Tensor y = (acc * xs) * ws.to(at::kFloat).reshape({-1});
+  if (bias.has_value() && bias->defined()) y = y + bias->to(at::kFloat);
+  const at::Tensor s = ds.to(at::kFloat), z = dz.to(at::kFloat);
+  const at::Tensor code = at::clamp(at::round(y.transpose(1, 2) / s) + z, dqmin, dqmax);
+  return (code - z) * s;
+}
+
+}  // namespace
+
+at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, const at::Tensor& dt_scale,
+                                 int64_t dt_qmin, int64_t dt_qmax, const at::Tensor& dt_weight,
+                                 const at::Tensor& dt_wscale, const std::optional<at::Tensor>& dt_bias,
+                                 const at::Tensor& delta_scale, const at::Tensor& delta_zp, int64_t delta_qmin,
+                                 int64_t delta_qmax, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                 const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                 const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
+                                 bool channels_last, bool fast_decay) {
+  TORCH_CHECK(u.dim() == 3, "selective_scan_dt: u must be (batch, d_inner, L), got ", u.sizes());
+  const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+  TORCH_CHECK(dt_in.dim() == 3 && dt_in.size(0) == batch && dt_in.size(1) == L,
+              "selective_scan_dt: dt_in has shape ", dt_in.sizes(), ", expected (", batch, ", ", L, ", dt_rank)");
+  const int64_t R = dt_in.size(2);
+  TORCH_CHECK(dt_weight.scalar_type() == at::kChar && dt_weight.dim() == 2 && dt_weight.size(0) == dim &&
+                  dt_weight.size(1) == R,
+              "selective_scan_dt: dt_weight must be int8 (d_inner, dt_rank) = (", dim, ", ", R, "), got ",
+              dt_weight.scalar_type(), " ", dt_weight.sizes());
+  TORCH_CHECK(dt_wscale.numel() == dim, "selective_scan_dt: dt_wscale must have d_inner = ", dim, " elements");
+  TORCH_CHECK(!dt_bias.has_value() || !dt_bias->defined() || dt_bias->numel() == dim,
+              "selective_scan_dt: dt_bias must have d_inner = ", dim, " elements");
+  for (const at::Tensor* t : {&dt_in, &dt_scale, &dt_weight, &dt_wscale, &delta_scale, &delta_zp}) {
+    TORCH_CHECK(t->device().is_cpu(), "selective_scan_dt (C++ CPU kernel): all inputs must be on CPU");
+  }
+  const at::Tensor xs = dt_scale.to(at::kFloat).expand({batch, L, 1});
+  const at::Tensor ds = delta_scale.to(at::kFloat).expand({batch, dim, L});
+  const at::Tensor dz = delta_zp.to(at::kFloat).expand({batch, dim, L});
+  // The fused tile: float32 compute (float64 scans get the delta from ATen, in float32 as the graph
+  // computes it), codes within int8 (every partial sum of R <= 1024 products of |q|, |w| <= 128 is
+  // an integer below 2^24, exact in float32 in any order).
+  const bool fused = u.scalar_type() != at::kDouble && R >= 1 && R <= 1024 && dt_qmin >= -128 && dt_qmax <= 127;
+  if (!fused) {
+    const at::Tensor delta = dt_delta_aten(dt_in, xs, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, ds, dz,
+                                           delta_qmin, delta_qmax);
+    return selective_scan_fwd(u, delta.to(u.scalar_type()), A, B, C, D, z, delta_bias, delta_softplus,
+                              channels_last, fast_decay);
+  }
+  Inputs in = prepare(u, at::Tensor(), A, B, C, D, z, delta_bias, delta_softplus);
+  const at::Tensor x = dt_in.to(at::kFloat);
+  const at::Tensor wt = dt_weight.to(at::kFloat).t().contiguous();
+  const at::Tensor ws = dt_wscale.to(at::kFloat).contiguous().view({dim});
+  at::Tensor bias;
+  if (dt_bias.has_value() && dt_bias->defined()) bias = dt_bias->to(at::kFloat).contiguous().view({dim});
+  DtFused G;
+  G.x = x.data_ptr<float>();
+  G.sb = x.stride(0);
+  G.st = x.stride(1);
+  G.sr = x.stride(2);
+  G.R = R;
+  G.xs = xs.data_ptr<float>();
+  G.xs_b = xs.stride(0);
+  G.xs_t = xs.stride(1);
+  G.qmin = static_cast<float>(dt_qmin);
+  G.qmax = static_cast<float>(dt_qmax);
+  G.wt = wt.data_ptr<float>();
+  G.ws = ws.data_ptr<float>();
+  G.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  G.ds = ds.data_ptr<float>();
+  G.ds_b = ds.stride(0);
+  G.ds_d = ds.stride(1);
+  G.ds_t = ds.stride(2);
+  G.dz = dz.data_ptr<float>();
+  G.dz_b = dz.stride(0);
+  G.dz_d = dz.stride(1);
+  G.dz_t = dz.stride(2);
+  G.dqmin = static_cast<float>(delta_qmin);
+  G.dqmax = static_cast<float>(delta_qmax);
+  at::Tensor out = channels_last ? at::empty({in.batch, in.L, in.dim}, in.A.options()).transpose(1, 2)
+                                 : at::empty({in.batch, in.dim, in.L}, in.A.options());
+  if (out.numel() > 0) {
+    auto P = make_problem<float>(in);
+    P.out_cl = channels_last;
+    P.fast_decay = fast_decay;
+    P.dt = &G;
+    forward<float>(P, out.data_ptr<float>());
   }
   return out.to(u.scalar_type());
 }
