@@ -133,7 +133,7 @@ def main() -> None:
     peak, peak_how = fma_peak()
     cmd = "python benchmarks/scan_compare.py " + " ".join(
         [args.before] + ([args.after] if args.after else [])
-        + [f"--rounds {args.rounds}", f"--calls {args.calls}"] + ([f"--out {args.out.name}"] if args.out else []))
+        + [f"--rounds {args.rounds}", f"--calls {args.calls}"] + ([f"--out {args.out}"] if args.out else []))
     lines = [
         f"## {describe(args.before)} -> {describe(args.after)}, {datetime.date.today().isoformat()}",
         "",
