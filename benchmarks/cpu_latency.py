@@ -188,9 +188,11 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def linear_weight_bytes(lowered) -> tuple[int, int]:
-    """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32)."""
+    """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32); W8A8
+    dt_projs computed inside the scan (``ouromamba::selective_scan_dt``) count as linears."""
     from ouromamba_fx.lowering.patterns import const
     from ouromamba_fx.ops.int8_linear import W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+    from ouromamba_fx.ops.scan import SCAN_DT_OP
     from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                                 w4a4o8_linear_masked_decomposed)
 
@@ -198,7 +200,7 @@ def linear_weight_bytes(lowered) -> tuple[int, int]:
     q_bytes = f_bytes = 0
     where = {W8A8_LINEAR_OP: (1, 2), int8_linear_codes: (2, 3), int8_linear_decomposed: (4, 5),
              W4A4O8_MASKED_OP: (3, 4), w4a4o8_linear_masked_decomposed: (3, 4), W4A4O8_DETECT_OP: (2, 3),
-             W4A4O8_DETECT_REQUANT_OP: (2, 3)}
+             W4A4O8_DETECT_REQUANT_OP: (2, 3), SCAN_DT_OP: (5, 6)}
     k_arg = {W4A4O8_MASKED_OP: 6, w4a4o8_linear_masked_decomposed: 6, W4A4O8_DETECT_OP: 5, W4A4O8_DETECT_REQUANT_OP: 5}
     for n in gm.graph.nodes:
         if n.op != "call_function" or n.target not in where:
