@@ -230,13 +230,16 @@ def dt_delta_ref(dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, dt_qmax: int, dt
     torch: :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed` (``dt_in`` quantized with
     the symmetric per-token scale ``dt_scale``, the product with the int8 weight codes, the float
     epilogue), transposed and fake-quantized with ``delta_scale`` / ``delta_zp``
-    (:func:`~ouromamba_fx.ops.quant.fake_quantize`). The product of the codes is an exact float32
-    GEMM (its sums are integers below 2^24 for dt_rank <= 1024), the rest the same operations."""
+    (:func:`~ouromamba_fx.ops.quant.fake_quantize`). The product of the codes is
+    :func:`~ouromamba_fx.ops.gemm.float_mm` (exact fp32 GEMMs), the rest the same operations."""
+    from ouromamba_fx.ops.gemm import float_mm
     from ouromamba_fx.ops.quant import fake_quantize
 
-    xs = dt_scale.float().expand(*dt_in.shape[:-1], 1)
+    lead, rank = dt_in.shape[:-1], dt_in.shape[-1]
+    xs = dt_scale.float().expand(*lead, 1)
     q = torch.round(dt_in.float() / xs).clamp(dt_qmin, dt_qmax)
-    y = (q @ dt_weight.float().t()) * xs * dt_wscale.float().reshape(-1)
+    acc = float_mm(q.reshape(-1, rank), dt_weight, max(-dt_qmin, dt_qmax), 127).reshape(*lead, -1)
+    y = acc * xs * dt_wscale.float().reshape(-1)
     if dt_bias is not None:
         y = y + dt_bias.float()
     return fake_quantize(y.transpose(1, 2), delta_scale, delta_zp, delta_qmin, delta_qmax)

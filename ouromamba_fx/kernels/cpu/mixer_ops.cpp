@@ -957,16 +957,11 @@ void epilogue_rows(const Epilogue& e, int64_t m0, int64_t m1, EpilogueScratch& s
 }
 
 // The epilogue's operands for an (M, N) product (what w4a4o8_epilogue and u4_linear share).
-void check_epilogue(const char* op, int64_t M, int64_t N, const torch::Tensor& s_in, const torch::Tensor& q_out,
-                    const torch::Tensor& s_out, const torch::Tensor& w_o, const torch::Tensor& w_scale,
-                    const torch::Tensor& bias) {
+// The operands every epilogue of an (M, N) product takes: the outlier codes, the scales, the bias.
+void check_epilogue_scales(const char* op, int64_t M, int64_t N, const torch::Tensor& s_in, const torch::Tensor& q_out,
+                           const torch::Tensor& s_out, const torch::Tensor& w_scale, const torch::Tensor& bias) {
   TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
               op, ": q_out must be contiguous int8 (M, K) outlier codes");
-  const int64_t K = q_out.size(1);
-  TORCH_CHECK(w_o.dim() == 2 && w_o.is_contiguous() && w_o.scalar_type() == torch::kUInt8 && w_o.size(0) == K &&
-                  w_o.size(1) == (N + kOutCols - 1) / kOutCols * kOutCols,
-              op, ": w_o must be outlier_weights of the (", N, ", ", K, ") int4 weights: contiguous uint8 (", K, ", ",
-              (N + kOutCols - 1) / kOutCols * kOutCols, ")");
   TORCH_CHECK(s_out.is_contiguous() && s_out.numel() == M && s_out.scalar_type() == torch::kFloat,
               op, ": s_out must be float32 with one value per row");
   const int64_t steps = s_in.numel();
@@ -977,6 +972,18 @@ void check_epilogue(const char* op, int64_t M, int64_t N, const torch::Tensor& s
   TORCH_CHECK(!(bias.defined() && bias.numel() > 0) ||
                   (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
               op, ": bias must be empty or float32 with one value per output channel");
+}
+
+// check_epilogue_scales and the tiles' outlier weights w_o (outlier_weights of the (N, K) weights).
+void check_epilogue(const char* op, int64_t M, int64_t N, const torch::Tensor& s_in, const torch::Tensor& q_out,
+                    const torch::Tensor& s_out, const torch::Tensor& w_o, const torch::Tensor& w_scale,
+                    const torch::Tensor& bias) {
+  check_epilogue_scales(op, M, N, s_in, q_out, s_out, w_scale, bias);
+  const int64_t K = q_out.size(1);
+  TORCH_CHECK(w_o.dim() == 2 && w_o.is_contiguous() && w_o.scalar_type() == torch::kUInt8 && w_o.size(0) == K &&
+                  w_o.size(1) == (N + kOutCols - 1) / kOutCols * kOutCols,
+              op, ": w_o must be outlier_weights of the (", N, ", ", K, ") int4 weights: contiguous uint8 (", K, ", ",
+              (N + kOutCols - 1) / kOutCols * kOutCols, ")");
 }
 
 // The Epilogue over checked operands: acc the int32 products (null: y holds them as float32).
@@ -1076,18 +1083,9 @@ torch::Tensor w4a4o8_finish(torch::Tensor acc, torch::Tensor o, torch::Tensor s_
   const int64_t M = acc.size(0), N = acc.size(1);
   TORCH_CHECK(o.sizes() == acc.sizes() && o.is_contiguous() && o.scalar_type() == torch::kFloat,
               "w4a4o8_finish: o must be a contiguous float32 matrix shaped like acc");
-  TORCH_CHECK(q_out.dim() == 2 && q_out.is_contiguous() && q_out.scalar_type() == torch::kInt8 && q_out.size(0) == M,
-              "w4a4o8_finish: q_out must be contiguous int8 (M, K) outlier codes");
+  check_epilogue_scales("w4a4o8_finish", M, N, s_in, q_out, s_out, w_scale, bias);
   const int64_t steps = s_in.numel(), K = q_out.size(1);
-  TORCH_CHECK(s_in.is_contiguous() && s_in.scalar_type() == torch::kFloat && steps > 0 && M % steps == 0,
-              "w4a4o8_finish: s_in must be float32 with one value per time step (rows are (batch, step))");
-  TORCH_CHECK(s_out.is_contiguous() && s_out.numel() == M && s_out.scalar_type() == torch::kFloat,
-              "w4a4o8_finish: s_out must be float32 with one value per row");
-  TORCH_CHECK(w_scale.is_contiguous() && w_scale.numel() == N && w_scale.scalar_type() == torch::kFloat,
-              "w4a4o8_finish: w_scale must be float32 with one value per output channel");
   const bool has_bias = bias.defined() && bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.is_contiguous() && bias.numel() == N && bias.scalar_type() == torch::kFloat),
-              "w4a4o8_finish: bias must be empty or float32 with one value per output channel");
   float* y = acc.data_ptr<float>();
   const float* op = o.data_ptr<float>();
   const int8_t* q = q_out.data_ptr<int8_t>();
