@@ -9,7 +9,8 @@ import ouromamba_fx as of
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
 from ouromamba_fx.lowering.patterns import LINEAR_TARGETS
 from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
-from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+from ouromamba_fx.ops.int8_linear import (INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed,
+                                           int8_linear_decomposed_codes)
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP, as_rows,
                                     mixed_fake_quant_decomposed, outlier_mask, quantize_mixed_ref, site_outlier_mask)
 from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, fake_quantize
@@ -87,6 +88,21 @@ def test_int8_linear_static_equals_the_int8_linear_op():
     ws, b = torch.rand(19) * 0.01, torch.randn(19)
     assert torch.equal(int8_linear_decomposed(x, s, -127, 127, wq, ws, b),
                        torch.ops.ouromamba.w8a8_linear(x, wq, ws, b, s))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("k", [33, 200])  # below and above the prepacked GEMM's reduction threshold
+def test_int8_linear_on_emitted_codes_equals_quantizing_inside(k):
+    # a fused producer hands the linear its codes (int8 or float) instead of the float input
+    x = torch.randn(2, 7, k) * 3
+    s = torch.rand(7, 1) * 0.05 + 0.01
+    wq = torch.randint(-127, 128, (19, k), dtype=torch.int8)
+    ws, b = torch.rand(19) * 0.01, torch.randn(19)
+    q = torch.round(x / s).clamp(-100, 90)
+    want = int8_linear_decomposed(x, s, -100, 90, wq, ws, b)
+    assert torch.equal(int8_linear_decomposed_codes(q.to(torch.int8), s, 100, wq, ws, b), want)
+    assert torch.equal(int8_linear_decomposed_codes(q, s, 100, wq, ws, None),
+                       int8_linear_decomposed(x, s, -100, 90, wq, ws, None))
 
 
 @torch.no_grad()

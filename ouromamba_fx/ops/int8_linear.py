@@ -15,6 +15,8 @@ cannot do with an opaque op):
 
 * :func:`int8_linear_decomposed` -- quantize with a static scale (2..8 bits), the exact integer
   product, the epilogue: ``ouromamba::int8_linear``'s numbers.
+* :func:`int8_linear_decomposed_codes` -- the same after the quantization, on codes a fused
+  producer emitted.
 * :func:`int8_linear_codes` -- ``ouromamba::int8_linear`` on codes of any leading shape.
 
 Numbers follow :mod:`ouromamba_fx.ops.quant`. Integer products are exact int32 sums (exact as long
@@ -41,7 +43,7 @@ from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.quant import (dynamic_scale, quantize_per_token_ref, quantize_rows, quantize_symmetric_ref)
 
 __all__ = ["int8_linear", "int8_linear_ref", "w8a8_linear", "w8a8_linear_ref", "int8_linear_decomposed",
-           "int8_linear_codes", "INT8_LINEAR_OP", "W8A8_LINEAR_OP"]
+           "int8_linear_decomposed_codes", "int8_linear_codes", "INT8_LINEAR_OP", "W8A8_LINEAR_OP"]
 
 
 def _row_scale(scale: Tensor, m: int) -> Tensor:
@@ -214,7 +216,18 @@ def int8_linear_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q
     lead, k = x.shape[:-1], x.shape[-1]
     xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
     q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax)
-    acc = gemm.decomposed_mm(q, w_q, max(-qmin, qmax), 127, prepack=True)
+    return int8_linear_decomposed_codes(q.reshape(*lead, k), x_scale, max(-qmin, qmax), w_q, w_scale, bias)
+
+
+def int8_linear_decomposed_codes(x_q: Tensor, x_scale: Tensor, qmax: int, w_q: Tensor, w_scale: Tensor,
+                                 bias: Optional[Tensor]) -> Tensor:
+    """:func:`int8_linear_decomposed` after its quantization: ``x_q`` (..., K) holds the codes
+    (int8, or integer-valued floats) of magnitude <= ``qmax`` that ``round(x / x_scale).clamp(qmin,
+    qmax)`` gives, for producers that emit them (a fused kernel writing a linear's input codes
+    instead of its float input); the same numbers as :func:`int8_linear_decomposed` on ``x``."""
+    lead, k = x_q.shape[:-1], x_q.shape[-1]
+    xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
+    acc = gemm.decomposed_mm(x_q.reshape(-1, k), w_q, qmax, 127, prepack=True)
     y = acc * xs * w_scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
