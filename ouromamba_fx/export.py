@@ -60,8 +60,8 @@ PYTHON_ONLY_OPS = ("s8_mm",)
 #: Every other ``ouromamba::*`` op of the package (:mod:`ouromamba_fx.ops`).
 PACKAGE_OPS = ("quantize", "dequantize", "quantize_per_token", "quantize_mixed", "mixed_fake_quant", "outlier_mask",
                "outlier_split", "int8_linear", "w8a8_linear", "w4a4o8_linear", "w4a4o8_linear_rt",
-               "w4a4o8_linear_mixed", "causal_conv1d_silu", "selective_scan", "selective_scan_bwd",
-               "selective_scan_cl", "selective_scan_dt", "selective_scan_q", "selective_scan_qi")
+               "w4a4o8_linear_mixed", "causal_conv1d_silu", "causal_conv1d_silu_codes", "selective_scan",
+               "selective_scan_bwd", "selective_scan_cl", "selective_scan_dt", "selective_scan_q", "selective_scan_qi")
 
 # The aten overloads the package's exported programs use (its models at every preset, reference and
 # lowered with every lowering option), reviewed one by one: tensor arithmetic, shapes and layouts,

@@ -59,7 +59,7 @@ def gen(seed):
 
 def test_schemas_are_the_python_ones():
     cpp = torch.ops.ouromamba_cpu.public_schemas()
-    assert len(cpp) == 13
+    assert len(cpp) == 14
     for s in cpp:
         name = s.split("(")[0].split("::")[1]
         assert str(getattr(OPS, name).default._schema) == s
@@ -137,6 +137,10 @@ def test_causal_conv1d_silu(k, reverse, quant):
     z = torch.round(torch.randn(n, generator=gen(13))) if n else None
     assert_same(*both(OPS.causal_conv1d_silu.default, x, w, bias, s, z, -128, 127, reverse))
     assert_same(*both(OPS.causal_conv1d_silu.default, x.contiguous(), w, None, s, z, -8, 7, reverse))
+    # the variant that also emits x_proj's codes (per-step and per-tensor code scales)
+    for cs, qmin, qmax in ((torch.rand(1, length, 1, generator=gen(15)) * 0.01 + 1e-3, -127, 127),
+                           (torch.full((1,), 0.02), -31, 31)):
+        assert_same(*both(OPS.causal_conv1d_silu_codes.default, x, w, bias, s, z, -128, 127, reverse, cs, qmin, qmax))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -212,7 +216,7 @@ def _error(op, *args):
     return None
 
 
-@pytest.mark.parametrize("case", range(8))
+@pytest.mark.parametrize("case", range(11))
 def test_errors_are_the_python_ones(case):
     x8 = torch.zeros(3, 4, dtype=torch.int8)
     calls = [
@@ -226,6 +230,12 @@ def test_errors_are_the_python_ones(case):
          -8, 7, False),
         (OPS.w4a4o8_linear_rt.default, torch.randn(2, 5, 7), torch.ones(5), torch.zeros(3, 4, dtype=torch.uint8),
          torch.ones(3), None, 8, 2.0, 4),
+        (OPS.causal_conv1d_silu_codes.default, torch.randn(2, 3, 5), torch.randn(3, 1, 4), None, None, None, -8, 7,
+         False, torch.ones(3), -127, 127),
+        (OPS.causal_conv1d_silu_codes.default, torch.randn(2, 3, 5), torch.randn(3, 1, 4), None, None, None, -8, 7,
+         False, torch.ones(1), -127, 200),
+        (OPS.causal_conv1d_silu_codes.default, torch.randn(2, 3), torch.randn(3, 1, 4), None, None, None, -8, 7,
+         False, torch.ones(1), -127, 127),
     ]
     op, *args = calls[case]
     cpp = _error(op, *args)

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from ouromamba_fx.kernels.cpu.build import MIXER_OPS
-from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_ref
+from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_codes_ref, causal_conv1d_silu_ref
 from ouromamba_fx.ops.int4 import pack_int4
 from ouromamba_fx.ops.mixed import quantize_mixed_ref, site_outlier_mask
 from ouromamba_fx.ops.w4a4o8_linear import SMALL_K, w4a4o8_linear_detect, w4a4o8_linear_detect_requant
 
 CONV = torch.ops.ouromamba.causal_conv1d_silu.default
+CONV_CODES = torch.ops.ouromamba.causal_conv1d_silu_codes.default
 MIXED = torch.ops.ouromamba.mixed_fake_quant.default
 W4 = torch.ops.ouromamba.w4a4o8_linear_rt.default
 
@@ -63,6 +64,74 @@ def test_causal_conv1d_silu_opcheck_and_errors():
         CONV(x, w, bias, scale, None, -127, 127, False)
     with pytest.raises(ValueError, match="one per time step"):
         CONV(x, w, bias, scale[..., :3], zp[..., :3], -127, 127, False)
+
+
+def _x_proj_codes(y, code_scale, qmin, qmax):
+    """int8_linear_decomposed's quantization of x_proj's input y.transpose(1, 2) (what Inductor
+    compiles on the unfused graph): a static scale per token broadcast from (1, L, 1) or one value."""
+    x = y.transpose(1, 2)
+    lead, k = x.shape[:-1], x.shape[-1]
+    xs = code_scale.float().expand(*lead, 1).reshape(-1, 1)
+    return torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax).reshape(*lead, k)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(2, 48, 17, 4), (1, 37, 1, 4), (3, 29, 33, 3), (2, 5, 9, 2), (2, 19, 23, 21)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("quant", ["tensor", "step"])
+def test_conv_codes_are_the_conv_output_quantized_bit_for_bit(shape, reverse, quant):
+    """The codes-emitting conv: its float output equal to causal_conv1d_silu's, its codes equal to
+    quantizing that output as x_proj does (per tensor and per step scales on both sides, odd D
+    and L, the kernel widths of Vim (4) and MambaVision (3), a width over 16 (the reference path))."""
+    b, d, length, k = shape
+    x, w, bias, scale, zp = _conv_case(b, d, length, k, quant == "step", True)
+    g = torch.Generator().manual_seed(d + length)
+    y0 = CONV(x, w, bias, scale, zp, -127, 127, reverse)
+    # scales putting each step's (or the tensor's) largest outputs beyond the clamp bounds
+    per_step = y0.abs().amax((0, 1)).reshape(1, length, 1) / 150 + 1e-4
+    code_scales = [per_step if quant == "step" else per_step.amax().reshape(1, 1, 1) * 0.5,
+                   torch.rand(1, length if quant == "step" else 1, 1, generator=g) * 0.01 + 1e-3]
+    for cs in code_scales:
+        for qmin, qmax in ((-127, 127), (-31, 31), (-128, 127)):
+            y, q = CONV_CODES(x, w, bias, scale, zp, -127, 127, reverse, cs, qmin, qmax)
+            assert torch.equal(y, y0) and y.stride() == y0.stride()
+            assert q.dtype == torch.int8 and q.shape == (b, length, d) and q.is_contiguous()
+            ref = _x_proj_codes(y0, cs, qmin, qmax)
+            assert torch.equal(q.float(), ref)
+            assert int(q.min()) == qmin or int(q.max()) == qmax
+    # the plain-torch twin agrees with the conv's reference
+    yr, qr = causal_conv1d_silu_codes_ref(x, w, bias, scale, zp, -127, 127, reverse, code_scales[1], -127, 127)
+    torch.testing.assert_close(yr, y0, rtol=1e-5, atol=1e-5)
+    assert torch.equal(qr.float(), _x_proj_codes(yr, code_scales[1], -127, 127))
+
+
+@torch.no_grad()
+def test_conv_codes_ties_round_half_to_even():
+    # a zero kernel: every output is silu(bias[c]); a scale of exactly twice an output puts it on
+    # the tie +-0.5, which rounds to 0 (half away from zero would give +-1)
+    d, length = 5, 3
+    w = torch.zeros(d, 1, 4)
+    bias = torch.tensor([1.0, -1.0, 0.3, 2.0, -0.7])
+    x = torch.randn(1, d, length)
+    y0 = CONV(x, w, bias, None, None, -127, 127, False)
+    for c in (0, 1):
+        cs = (2 * y0[0, c, 0].abs()).reshape(1)
+        _, q = CONV_CODES(x, w, bias, None, None, -127, 127, False, cs, -127, 127)
+        assert (y0[0, c] / cs).abs().eq(0.5).all() and q[0, :, c].eq(0).all()
+        assert torch.equal(q.float(), _x_proj_codes(y0, cs, -127, 127))
+
+
+def test_conv_codes_opcheck_and_errors():
+    x, w, bias, scale, zp = _conv_case(2, 20, 7, 4, True, True)
+    cs = torch.rand(1, 7, 1) * 0.01 + 1e-3
+    torch.library.opcheck(CONV_CODES, (x, w, bias, scale, zp, -127, 127, True, cs, -127, 127))
+    torch.library.opcheck(CONV_CODES, (x.contiguous(), w, None, None, None, -127, 127, False, cs[:, :1], -15, 15))
+    with pytest.raises(ValueError, match="int8"):
+        CONV_CODES(x, w, bias, scale, zp, -127, 127, False, cs, -255, 255)
+    with pytest.raises(ValueError, match="one per time step"):
+        CONV_CODES(x, w, bias, scale, zp, -127, 127, False, cs[:, :3], -127, 127)
+    with pytest.raises(ValueError, match="depthwise weight"):
+        CONV_CODES(x, w[:, :, :2].reshape(10, 2, 2), bias, None, None, -127, 127, False, cs, -127, 127)
 
 
 def _planted(b, length, c, seed=0):

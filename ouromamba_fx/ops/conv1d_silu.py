@@ -10,6 +10,16 @@ Op (namespace ``ouromamba``):
   None; the scale and zero point are per tensor or per time step (of ``x'``). The result is
   (B, D, L) with channel-contiguous memory (strides ``(L*D, 1, D)``): x_proj (which reads it
   transposed, as (B, L, D)) and the scan read it without a copy.
+* ``causal_conv1d_silu_codes(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point,
+  int qmin, int qmax, bool reverse, Tensor code_scale, int code_qmin, int code_qmax) -> (Tensor, Tensor)``:
+  the same output ``y`` and, beside it, the int8 codes (B, L, D) (contiguous) of its transpose
+  ``y.transpose(1, 2)`` for a static symmetric scale per tensor or per time step ``code_scale``
+  (1 or L values): ``round(y.transpose(1, 2) / code_scale).clamp(code_qmin, code_qmax)`` (round half
+  to even, a true division), the quantization of x_proj's input in
+  :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed`, so that the linear runs on these
+  codes (:func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed_codes`) and the compiled graph
+  has no quantize pass over the conv's output. The codes come from the very floats the op stores:
+  the same integers as quantizing ``y`` afterwards, bit for bit.
 
 Kernels: on the CPU one C++ pass over memory (``kernels/cpu/mixer_ops.cpp``, kernels up to 16
 taps), replacing a quantize-and-transpose kernel, the convolution and the SiLU/slice kernel;
@@ -17,7 +27,9 @@ taps), replacing a quantize-and-transpose kernel, the convolution and the SiLU/s
 :mod:`ouromamba_fx.kernels.triton.conv1d_silu` (one pass too, any number of taps). Elsewhere (and
 on the CPU without the C++ build) :func:`causal_conv1d_silu_ref`, the reference graph's ops in
 order. Numbers: the reference's up to float summation order (K products per output) and the exp
-of SiLU (about 1 ulp).
+of SiLU (about 1 ulp). The codes of ``causal_conv1d_silu_codes`` are computed in the C++ pass on
+the CPU (each output row quantized while it is in L1) and by the plain-torch quantization of the
+output elsewhere (CUDA: the Triton conv, then torch).
 """
 
 from __future__ import annotations
@@ -108,3 +120,75 @@ def _(x, weight, bias, scale, zero_point, qmin, qmax, reverse):
 
 
 CONV1D_SILU_OP = torch.ops.ouromamba.causal_conv1d_silu.default
+
+
+# ---------------------------------------------------------------------------------------------
+# causal_conv1d_silu_codes
+
+def _check_codes(x: Tensor, code_scale: Tensor, code_qmin: int, code_qmax: int) -> None:
+    if not (-128 <= int(code_qmin) <= int(code_qmax) <= 127):
+        raise ValueError(f"causal_conv1d_silu_codes: the codes' range [{code_qmin}, {code_qmax}] must lie in "
+                         "[-128, 127] (int8)")
+    _steps(code_scale, x.shape[-1])  # 1 or L values
+
+
+def conv_codes_ref(y: Tensor, code_scale: Tensor, code_qmin: int, code_qmax: int) -> Tensor:
+    """The codes of the conv's output ``y`` (B, D, L): ``round(y.transpose(1, 2) / s).clamp(qmin,
+    qmax)`` as int8 (B, L, D), ``s`` per tensor or per time step (int8_linear_decomposed's quantize)."""
+    s = _steps(code_scale, y.shape[-1]).reshape(1, -1, 1)
+    q = torch.round(y.float().transpose(1, 2) / s).clamp(code_qmin, code_qmax)
+    return q.to(torch.int8).contiguous()
+
+
+def causal_conv1d_silu_codes_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                                 zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool,
+                                 code_scale: Tensor, code_qmin: int, code_qmax: int) -> tuple[Tensor, Tensor]:
+    """Plain-torch twin of ``causal_conv1d_silu_codes``: the conv's reference, then its codes."""
+    y = causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse)
+    return y, conv_codes_ref(y, code_scale, code_qmin, code_qmax)
+
+
+@torch.library.custom_op("ouromamba::causal_conv1d_silu_codes", mutates_args=(),
+                         schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point, "
+                                "int qmin, int qmax, bool reverse, Tensor code_scale, int code_qmin, int code_qmax) "
+                                "-> (Tensor, Tensor)")
+def causal_conv1d_silu_codes(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
+                             zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool, code_scale: Tensor,
+                             code_qmin: int, code_qmax: int) -> tuple[Tensor, Tensor]:
+    _check(x, weight, scale, zero_point)
+    _check_codes(x, code_scale, code_qmin, code_qmax)
+    ext = MIXER_OPS.get() if x.device.type == "cpu" and weight.shape[-1] <= 16 else None
+    if ext is None:
+        return causal_conv1d_silu_codes_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse, code_scale,
+                                            code_qmin, code_qmax)
+    xf = x.float()
+    if xf.stride(1) != 1:
+        xf = xf.transpose(1, 2).contiguous().transpose(1, 2)
+    length = x.shape[-1]
+    empty = torch.empty(0)
+    s, z = _steps(scale, length), _steps(zero_point, length)
+    y, q = ext.conv_silu_codes(xf, weight.detach().float().reshape(weight.shape[0], -1).t().contiguous(),
+                               empty if bias is None else bias.detach().float().contiguous(),
+                               empty if s is None else s, empty if z is None else z, int(qmin), int(qmax),
+                               bool(reverse), _steps(code_scale, length), int(code_qmin), int(code_qmax))
+    return y.transpose(1, 2), q
+
+
+@register_cuda(causal_conv1d_silu_codes)
+def _causal_conv1d_silu_codes_cuda(x, weight, bias, scale, zero_point, qmin, qmax, reverse, code_scale, code_qmin,
+                                   code_qmax):
+    # the Triton conv, then the codes in torch (the lowering keeps CUDA graphs on the unfused pair)
+    _check_codes(x, code_scale, code_qmin, code_qmax)
+    y = _causal_conv1d_silu_cuda(x, weight, bias, scale, zero_point, qmin, qmax, reverse)
+    return y, conv_codes_ref(y, code_scale, code_qmin, code_qmax)
+
+
+@causal_conv1d_silu_codes.register_fake
+def _(x, weight, bias, scale, zero_point, qmin, qmax, reverse, code_scale, code_qmin, code_qmax):
+    _check_codes(x, code_scale, code_qmin, code_qmax)
+    b, d, length = x.shape
+    y = torch.empty_strided((b, d, length), (length * d, 1, d), dtype=torch.float32, device=x.device)
+    return y, torch.empty((b, length, d), dtype=torch.int8, device=x.device)
+
+
+CONV1D_SILU_CODES_OP = torch.ops.ouromamba.causal_conv1d_silu_codes.default

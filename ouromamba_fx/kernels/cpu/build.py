@@ -259,6 +259,6 @@ SELECTIVE_SCAN = CpuExtension("selective_scan", "the fused C++ selective-scan ke
 SELECTIVE_SCAN_Q = CpuExtension("selective_scan_q", "the C++ quantized selective scan",
                                 {"fwd": "qscan_fwd", "state_stats": "qscan_state_stats"})
 MIXER_OPS = CpuExtension("mixer_ops", "the C++ mixer kernels",
-                         {name: name for name in ("conv_silu", "linear_mixed_fake", "mixed_quant", "w4a4o8_epilogue",
-                                                  "w4a4o8_finish", "outlier_density", "outlier_weights",
-                                                  "u4_available", "u4_pack", "u4_linear", "u4_mm")})
+                         {name: name for name in ("conv_silu", "conv_silu_codes", "linear_mixed_fake", "mixed_quant",
+                                                  "w4a4o8_epilogue", "w4a4o8_finish", "outlier_density",
+                                                  "outlier_weights", "u4_available", "u4_pack", "u4_linear", "u4_mm")})

@@ -5,7 +5,9 @@
 //                 the input where it lies (a channel-contiguous slice of in_proj's output, no
 //                 transposed copy), optionally in reverse time order (the backward direction of
 //                 a bidirectional Vim block: conv(flip(x)) without materialising flip(x)), and
-//                 writing channel-contiguous output, the layout x_proj and the scan read fastest.
+//                 writing channel-contiguous output, the layout x_proj and the scan read fastest;
+//                 optionally also x_proj's int8 input codes, quantized from that very output
+//                 while its row is in L1 (the compiled graph's quantize pass over it then goes).
 // mixed_quant     OuroMamba-Quant's mixed-precision activation quantization in one pass per
 //                 sample: per time-step |x| statistics over channels (mean, population std, max),
 //                 the outlier rule with its window of n_refresh steps, then the int8 codes of the
@@ -174,10 +176,27 @@ inline void conv_input_row(V* __restrict__ row, const float* __restrict__ src, i
   }
 }
 
-// x: (B, D, L) float32 with channel stride 1; w: (K, D) (the conv weight transposed); bias (D,)
-// or empty; scale / zp: (L,) or (1,) float32, or empty (no input quantization). Returns (B, L, D).
-torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor scale,
-                        torch::Tensor zp, int64_t qmin, int64_t qmax, bool reverse) {
+// The int8 codes of one output row: q[c] = clamp(round_half_even(y[c] / s), lo, hi), computed
+// (as clamp-then-round, the same integers for integer bounds) with a true division, as the
+// graph's quantize divides: the same bits as quantizing the stored output afterwards. A plain
+// loop the compiler vectorizes (vdivps, the magic-number rounding, a narrowing store). A NaN y
+// gives an unspecified code (the graph's cast of a NaN to int8 is undefined too).
+inline void codes_row(int8_t* __restrict__ q, const float* __restrict__ y, int64_t D, float s, float lo, float hi) {
+  for (int64_t c = 0; c < D; ++c) {
+    q[c] = static_cast<int8_t>(static_cast<int32_t>(round_even1(clamp1(y[c] / s, lo, hi))));
+  }
+}
+
+namespace {
+
+// conv_silu and conv_silu_codes: x: (B, D, L) float32 with channel stride 1; w: (K, D) (the conv
+// weight transposed); bias (D,) or empty; scale / zp: (L,) or (1,) float32, or empty (no input
+// quantization); code_scale: (L,) or (1,) float32 (with codes (B, L, D) int8 to fill) or empty.
+// Returns (B, L, D).
+torch::Tensor conv_silu_impl(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias,
+                             const torch::Tensor& scale, const torch::Tensor& zp, int64_t qmin, int64_t qmax,
+                             bool reverse, const torch::Tensor& code_scale, int64_t code_qmin, int64_t code_qmax,
+                             torch::Tensor* codes) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.stride(1) == 1,
               "conv_silu: x must be float32 (B, D, L) with channel stride 1");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "conv_silu: w must be (K, D)");
@@ -189,6 +208,20 @@ torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, to
                     zp.numel() == scale.numel(),
                 "conv_silu: scale / zero point must have L or 1 values");
   }
+  const bool emit = codes != nullptr;
+  if (emit) {
+    TORCH_CHECK(code_scale.scalar_type() == torch::kFloat && code_scale.is_contiguous() &&
+                    (code_scale.numel() == L || code_scale.numel() == 1),
+                "conv_silu_codes: the codes' scale must be float32 with L (", L, ") or 1 values, got ",
+                code_scale.numel());
+    TORCH_CHECK(-128 <= code_qmin && code_qmin <= code_qmax && code_qmax <= 127,
+                "conv_silu_codes: the codes' range [", code_qmin, ", ", code_qmax, "] must lie in [-128, 127]");
+    *codes = torch::empty({B, L, D}, x.options().dtype(torch::kChar));
+  }
+  const float* csp = emit ? code_scale.data_ptr<float>() : nullptr;
+  const bool code_per_step = emit && code_scale.numel() == L;
+  int8_t* cp = emit ? codes->data_ptr<int8_t>() : nullptr;
+  const float clo = static_cast<float>(code_qmin), chi = static_cast<float>(code_qmax);
   auto out = torch::empty({B, L, D}, x.options());
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -234,14 +267,32 @@ torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, to
         quantized_row(b, t, ring.data() + (t % K) * nb);
         const V* taps[16];  // taps[k]: the quantized row K - 1 - k steps back
         for (int64_t k = 0; k < K; ++k) taps[k] = ring.data() + ((t - (K - 1) + k + K) % K) * nb;
+        float* dst = op + (b * L + t) * D;
         if (K == 4)
-          conv_silu_row<4>(op + (b * L + t) * D, taps, K, wp, bp, D);
+          conv_silu_row<4>(dst, taps, K, wp, bp, D);
         else
-          conv_silu_row<0>(op + (b * L + t) * D, taps, K, wp, bp, D);
+          conv_silu_row<0>(dst, taps, K, wp, bp, D);
+        if (emit) codes_row(cp + (b * L + t) * D, dst, D, csp[code_per_step ? t : 0], clo, chi);
       }
     }
   });
   return out;
+}
+
+}  // namespace
+
+torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor scale,
+                        torch::Tensor zp, int64_t qmin, int64_t qmax, bool reverse) {
+  return conv_silu_impl(x, w, bias, scale, zp, qmin, qmax, reverse, torch::Tensor(), 0, 0, nullptr);
+}
+
+std::vector<torch::Tensor> conv_silu_codes(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor scale,
+                                           torch::Tensor zp, int64_t qmin, int64_t qmax, bool reverse,
+                                           torch::Tensor code_scale, int64_t code_qmin, int64_t code_qmax) {
+  torch::Tensor codes;
+  torch::Tensor y = conv_silu_impl(x, w, bias, scale, zp, qmin, qmax, reverse, code_scale, code_qmin, code_qmax,
+                                   &codes);
+  return {y, codes};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -546,6 +546,37 @@ Tensor causal_conv1d_silu(const Tensor& x, const Tensor& weight, const OptTensor
   return out.transpose(1, 2);
 }
 
+// conv1d_silu.causal_conv1d_silu_codes
+std::tuple<Tensor, Tensor> causal_conv1d_silu_codes(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                    const OptTensor& scale, const OptTensor& zero_point, int64_t qmin,
+                                                    int64_t qmax, bool reverse, const Tensor& code_scale,
+                                                    int64_t code_qmin, int64_t code_qmax) {
+  TORCH_CHECK_VALUE(!(x.dim() != 3 || weight.dim() != 3 || weight.size(1) != 1 || weight.size(0) != x.size(1)),
+                    "causal_conv1d_silu: expected x (B, D, L) and a depthwise weight (D, 1, K); got ",
+                    py_shape(x.sizes()), " and ", py_shape(weight.sizes()));
+  TORCH_CHECK_VALUE(scale.has_value() == zero_point.has_value(),
+                    "causal_conv1d_silu: give both scale and zero_point, or neither");
+  TORCH_CHECK_VALUE(-128 <= code_qmin && code_qmin <= code_qmax && code_qmax <= 127,
+                    "causal_conv1d_silu_codes: the codes' range [", code_qmin, ", ", code_qmax,
+                    "] must lie in [-128, 127] (int8)");
+  const int64_t length = x.size(-1);
+  const OptTensor cs = conv_steps(code_scale, length);
+  if (weight.size(-1) > 16) {  // the reference conv, then the codes of its output
+    const Tensor y = causal_conv1d_silu(x, weight, bias, scale, zero_point, qmin, qmax, reverse);
+    const Tensor q = at::round(y.transpose(1, 2) / cs->reshape({1, -1, 1})).clamp(code_qmin, code_qmax);
+    return {y, q.to(at::kChar).contiguous()};
+  }
+  Tensor xf = x.to(at::kFloat);
+  if (xf.stride(1) != 1) xf = xf.transpose(1, 2).contiguous().transpose(1, 2);
+  const Tensor empty = at::empty({0}, at::kFloat);
+  const OptTensor s = conv_steps(scale, length), z = conv_steps(zero_point, length);
+  const auto out = ouromamba_mixer::conv_silu_codes(
+      xf, weight.detach().to(at::kFloat).reshape({weight.size(0), -1}).t().contiguous(),
+      bias ? bias->detach().to(at::kFloat).contiguous() : empty, s ? *s : empty, z ? *z : empty, qmin, qmax,
+      reverse, *cs, code_qmin, code_qmax);
+  return {out[0].transpose(1, 2), out[1]};
+}
+
 // scan.selective_scan / selective_scan_cl / selective_scan_bwd
 Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                       const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, bool delta_softplus) {

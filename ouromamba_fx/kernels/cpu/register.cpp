@@ -30,6 +30,9 @@ const std::vector<const char*>& public_schemas() {
       "ouromamba::w8a8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor? x_scale) -> Tensor",
       "ouromamba::causal_conv1d_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point, "
       "int qmin, int qmax, bool reverse) -> Tensor",
+      "ouromamba::causal_conv1d_silu_codes(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, "
+      "Tensor? zero_point, int qmin, int qmax, bool reverse, Tensor code_scale, int code_qmin, int code_qmax) "
+      "-> (Tensor, Tensor)",
       "ouromamba::selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? delta_bias, bool delta_softplus) -> Tensor",
       "ouromamba::selective_scan_cl(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
@@ -69,6 +72,7 @@ void register_impls() {
   m.impl("int8_linear", TORCH_FN(int8_linear));
   m.impl("w8a8_linear", TORCH_FN(w8a8_linear));
   m.impl("causal_conv1d_silu", TORCH_FN(causal_conv1d_silu));
+  m.impl("causal_conv1d_silu_codes", TORCH_FN(causal_conv1d_silu_codes));
   m.impl("selective_scan", TORCH_FN(selective_scan));
   m.impl("selective_scan_cl", TORCH_FN(selective_scan_cl));
   m.impl("selective_scan_dt", TORCH_FN(ouromamba_scan::selective_scan_dt_fwd));  // (selective_scan.cpp)
@@ -139,6 +143,8 @@ TORCH_LIBRARY(ouromamba_cpu, m) {
   // the kernels (kernels.h); shapes and dtypes as documented there
   m.def("conv_silu(Tensor x, Tensor w, Tensor bias, Tensor scale, Tensor zp, int qmin, int qmax, bool reverse) "
         "-> Tensor");
+  m.def("conv_silu_codes(Tensor x, Tensor w, Tensor bias, Tensor scale, Tensor zp, int qmin, int qmax, bool reverse, "
+        "Tensor code_scale, int code_qmin, int code_qmax) -> Tensor[]");
   m.def("mixed_quant(Tensor x, Tensor s_in, int qi, float k, int n_refresh, bool fake, int in_offset) -> Tensor[]");
   m.def("linear_mixed_fake(Tensor x, Tensor wt, Tensor bias, Tensor s_out, int qi, float k, int n_refresh) -> Tensor");
   m.def("outlier_weights(Tensor w) -> Tensor");
@@ -177,6 +183,7 @@ TORCH_LIBRARY(ouromamba_cpu, m) {
 
 TORCH_LIBRARY_IMPL(ouromamba_cpu, CPU, m) {
   m.impl("conv_silu", TORCH_FN(ouromamba_mixer::conv_silu));
+  m.impl("conv_silu_codes", TORCH_FN(ouromamba_mixer::conv_silu_codes));
   m.impl("mixed_quant", TORCH_FN(ouromamba_mixer::mixed_quant));
   m.impl("linear_mixed_fake", TORCH_FN(ouromamba_mixer::linear_mixed_fake));
   m.impl("outlier_weights", TORCH_FN(ouromamba_mixer::outlier_weights));
