@@ -64,7 +64,7 @@ def test_export_keeps_package_ops_and_batch_is_dynamic(quantized, preset, lowere
     ep = q.export(torch.randn(1, 3, 16, 16))  # a batch of one is accepted as the example
     want = {("W4A4O8", True): {"w4a4o8_linear_rt", "causal_conv1d_silu", "selective_scan_cl"},
             ("W4A4O8", False): {"quantize_mixed", "quantize", "dequantize", "selective_scan"},
-            ("W8A8", True): {"causal_conv1d_silu", "selective_scan_dt"},
+            ("W8A8", True): {"causal_conv1d_silu_codes", "selective_scan_dt"},
             ("W8A8", False): {"quantize", "dequantize", "selective_scan"}}[(preset, lowered)]
     assert want <= _ops(ep)
     run = ep.module()
@@ -304,5 +304,5 @@ def test_cli_export(quantized, tmp_path):
     quantized["W8A8"].save(src)
     assert main(["export", str(src), "--out", str(tmp_path / "q.pt2")]) == 0
     ep = ex.load(tmp_path / "q.pt2")
-    assert {"causal_conv1d_silu", "selective_scan_dt"} <= _ops(ep)
+    assert {"causal_conv1d_silu_codes", "selective_scan_dt"} <= _ops(ep)
     assert main(["export", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "x.pt2")]) == 2

@@ -8,7 +8,7 @@ import torch
 import ouromamba_fx as of
 from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
 from ouromamba_fx.lowering.patterns import LINEAR_TARGETS
-from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
+from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_CODES_OP, CONV1D_SILU_OP
 from ouromamba_fx.ops.int8_linear import (INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed,
                                            int8_linear_decomposed_codes)
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP, as_rows,
@@ -54,6 +54,11 @@ def n_linears(gm):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS)
 
 
+def n_int8(gm):
+    """(decomposed int8 linears quantizing their input, those on codes a fused producer wrote)."""
+    return len(calls(gm, int8_linear_decomposed)), len(calls(gm, int8_linear_decomposed_codes))
+
+
 def close(a, b):
     """Same numbers up to float summation order (integer codes equal, GEMM order differs)."""
     return torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
@@ -64,7 +69,8 @@ def close(a, b):
 def test_w8a8_linears_become_int8_ops_and_match_reference(models, inline):
     q = models["W8A8"]
     ref_linears = n_linears(q.graph_module)
-    low = q.lower(int8_inline=inline, dt_scan=False)  # (dt_proj into the scan: tested below)
+    # (dt_proj into the scan and x_proj on the conv's codes: tested below)
+    low = q.lower(int8_inline=inline, dt_scan=False, conv_codes=False)
     gm = low.graph_module
     fused = calls(gm, int8_linear_decomposed if inline else W8A8_LINEAR_OP)
     assert ref_linears == 6 and len(fused) == ref_linears
@@ -109,8 +115,11 @@ def test_int8_linear_on_emitted_codes_equals_quantizing_inside(k):
 def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
     q = models["W6A6"]
     gm = q.lower().graph_module
-    # (the two dt_proj compute inside their scans, on 6-bit codes too)
-    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)] * 4
+    # (the two dt_proj compute inside their scans, on 6-bit codes too, and the two x_proj read
+    # 6-bit codes their convs write)
+    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)] * 2
+    assert [n.args[-2:] for n in calls(gm, CONV1D_SILU_CODES_OP)] == [(-31, 31)] * 2
+    assert [n.args[2] for n in calls(gm, int8_linear_decomposed_codes)] == [31] * 2
     assert [n.args[3:5] for n in calls(gm, SCAN_DT_OP)] == [(-31, 31)] * 2
     gm = q.lower(int8_inline=False).graph_module
     nodes = calls(gm, int8_linear_codes)
@@ -247,15 +256,16 @@ def test_w8a8_dt_proj_and_delta_quantization_move_into_the_scan(models):
     assert len(fused) == 2 and not calls(gm, SCAN_CHANNELS_LAST_OP)
     assert any("fuse_dt_scan: 2 scan(s)" in line for line in low.log)
     assert low.lower_options == {} and q.lower(dt_scan=False).lower_options == {"dt_scan": False}
-    # dt_proj is gone (in_proj, both x_proj and out_proj are left), and with it delta's fake quantization
-    assert len(calls(gm, int8_linear_decomposed)) == 4 and len(calls(gm, fake_quantize)) == 4
+    # dt_proj is gone (in_proj, both x_proj, on their convs' codes, and out_proj are left), and with it
+    # delta's fake quantization
+    assert n_int8(gm) == (2, 2) and len(calls(gm, fake_quantize)) == 4
     for n in fused:
         assert n.kwargs["channels_last"] is True and n.args[3:5] == (-127, 127) and n.args[-1] is True
         assert isinstance(n.args[1], torch.fx.Node) and n.args[1].target is operator.getitem  # x_proj's dt columns
     # the option off keeps the old graph: the linear, the transpose and the fake quantization
     ogm = off.graph_module
     assert not calls(ogm, SCAN_DT_OP) and len(calls(ogm, SCAN_CHANNELS_LAST_OP)) == 2
-    assert len(calls(ogm, int8_linear_decomposed)) == 6 and not any("fuse_dt_scan" in line for line in off.log)
+    assert n_int8(ogm) == (4, 2) and not any("fuse_dt_scan" in line for line in off.log)
     # the same numbers bit for bit, and the reference graph's up to float summation order
     y, r = low(X), q(X)
     assert torch.equal(y, off(X)) and close(y, r) and torch.equal(y.argmax(-1), r.argmax(-1))
@@ -337,21 +347,22 @@ def test_rules_leave_what_they_cannot_fuse_exactly(models):
     (fed by fake quantization) and the model still computes the reference's numbers."""
     q = models["W8A8"]
     gm = q.lower(dt_scan=False).graph_module  # sanity: all fused normally
-    assert len(calls(gm, int8_linear_decomposed)) == 6
+    assert n_int8(gm) == (4, 2)
     import copy
 
     q2 = copy.deepcopy(q)
     zp = q2.graph_module.layers_0_mixer_in_proj_zp
     zp.fill_(1.0)
     low = q2.lower(dt_scan=False)
-    assert len(calls(low.graph_module, int8_linear_decomposed)) == 5 and n_linears(low.graph_module) == 1
+    assert n_int8(low.graph_module) == (3, 2) and n_linears(low.graph_module) == 1
     assert close(low(X), q2(X))
 
 
 @torch.no_grad()
 def test_conv1d_silu_rule_matches_reference(models):
     q = models["W8A8"]
-    gm, _, log = lower_graph(__import__("copy").deepcopy(q.graph_module), lowering_passes(conv_silu=True))
+    gm, _, log = lower_graph(__import__("copy").deepcopy(q.graph_module),
+                             lowering_passes(conv_silu=True, conv_codes=False))  # (codes: tested below)
     convs = calls(gm, CONV1D_SILU_OP)
     assert len(convs) == 2 and not calls(gm, torch.conv1d)
     # the backward branch's flip is read backwards by the op, not materialised in front of it
@@ -361,6 +372,115 @@ def test_conv1d_silu_rule_matches_reference(models):
     assert close(gm(X), q(X))
     off, _, _ = lower_graph(__import__("copy").deepcopy(q.graph_module), lowering_passes(conv_silu=False))
     assert not calls(off, CONV1D_SILU_OP) and len(calls(off, torch.conv1d)) == 2
+
+
+@torch.no_grad()
+def test_x_proj_reads_the_codes_its_conv_writes(models):
+    q = models["W8A8"]
+    low, off = q.lower(), q.lower(conv_codes=False)
+    gm, ogm = low.graph_module, off.graph_module
+    fused = calls(gm, CONV1D_SILU_CODES_OP)
+    assert len(fused) == 2 and not calls(gm, CONV1D_SILU_OP) and len(calls(ogm, CONV1D_SILU_OP)) == 2
+    assert any("fuse_conv_codes: 2 conv(s)" in line for line in low.log)
+    assert not any("fuse_conv_codes" in line for line in off.log)
+    assert low.lower_options == {} and off.lower_options == {"conv_codes": False}
+    assert sorted(n.args[7] for n in fused) == [False, True]  # both directions
+    for n in fused:
+        users = {u.args[1]: u for u in n.users}
+        assert set(users) == {0, 1} and all(u.target is operator.getitem for u in users.values())
+        # the floats go to the scan, the codes to x_proj (whose scale the op was given)
+        assert [u.target for u in users[0].users] == [SCAN_DT_OP]
+        (lin,) = users[1].users
+        assert lin.target is int8_linear_decomposed_codes and lin.args[0] is users[1]
+        assert n.args[8].target == lin.args[1].target and n.args[9:] == (-127, 127) and lin.args[2] == 127
+    assert n_int8(gm) == (2, 2) and n_int8(ogm) == (4, 0)
+    # the lowered model's numbers do not move, bit for bit
+    y = low(X)
+    assert torch.equal(y, off(X)) and close(y, q(X))
+    # W4A4O8's x_proj quantizes its input with outlier channels: nothing to fuse
+    assert not calls(models["W4A4O8"].lower().graph_module, CONV1D_SILU_CODES_OP)
+    # for a GPU the conv stays as it is (no fused kernel there; the log line: below)
+    assert not calls(q.lower(target="cuda").graph_module, CONV1D_SILU_CODES_OP)
+
+
+def test_conv_codes_rule_takes_only_the_exact_pattern():
+    from ouromamba_fx.lowering.rewrite import RewritePass
+    from ouromamba_fx.lowering.rules import lowering_rules
+    from ouromamba_fx.passes.base import Context
+
+    rule = RewritePass(next(r for r in lowering_rules() if r.name == "fuse_conv_codes"))
+    d, length, n = 6, 5, 3
+
+    class M(torch.nn.Module):
+        def __init__(self, scale, qmin=-127, qmax=127, dims=(1, 2)):
+            super().__init__()
+            g = torch.Generator().manual_seed(3)
+            self.register_buffer("w", torch.randn(d, 1, 4, generator=g))
+            self.register_buffer("wq", torch.randint(-127, 128, (n, d), dtype=torch.int8, generator=g))
+            self.register_buffer("ws", torch.rand(n, generator=g) * 0.01)
+            self.register_buffer("s", scale)
+            self.qmin, self.qmax, self.dims = qmin, qmax, dims
+
+        def forward(self, x):
+            c = CONV1D_SILU_OP(x, self.w, None, None, None, -127, 127, False)
+            y = int8_linear_decomposed(c.transpose(*self.dims), self.s, self.qmin, self.qmax, self.wq, self.ws, None)
+            return y, c
+
+    def trace(mod):  # (the decomposed linear kept as one call, as the lowering emits it)
+        return torch.fx.GraphModule(mod, torch.fx.Tracer(autowrap_functions=(int8_linear_decomposed,)).trace(mod))
+
+    x = torch.randn(2, length, d).transpose(1, 2)
+    per_step = torch.rand(1, length, 1) * 0.02 + 1e-3
+    cases = [(M(per_step), 1), (M(per_step[0]), 1), (M(per_step.amax().reshape(1)), 1),
+             (M(per_step, -63, 63), 1),
+             (M(per_step.expand(2, length, 1).contiguous()), 0),  # per (batch, token): not a static step scale
+             (M(per_step, -255, 255), 0),  # outside int8
+             (M(per_step, dims=(0, 1)), 0)]  # another transpose
+    for i, (mod, expected) in enumerate(cases):
+        gm = trace(mod)
+        want = gm(x) if expected else None
+        rule.run(gm, Context(config=None, show_progress=False))
+        assert len(calls(gm, CONV1D_SILU_CODES_OP)) == expected, i
+        if expected:
+            got = gm(x)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), i
+            assert not calls(gm, CONV1D_SILU_OP) and len(calls(gm, int8_linear_decomposed_codes)) == 1
+    # for a GPU target: kept, and the log says why
+    from ouromamba_fx.lowering.rules import LoweringOptions
+
+    cuda_rules = lowering_rules(LoweringOptions(target="cuda"))
+    cuda_rule = RewritePass(next(r for r in cuda_rules if r.name == "fuse_conv_codes"))
+    gm, ctx = trace(M(per_step)), Context(config=None, show_progress=False)
+    cuda_rule.run(gm, ctx)
+    assert not calls(gm, CONV1D_SILU_CODES_OP)
+    assert any(line.startswith("fuse_conv_codes: kept for CUDA") for line in ctx.log)
+
+
+@torch.no_grad()
+def test_conv_codes_fire_on_the_compiled_graph(models, monkeypatch):
+    import ouromamba_fx.lowering.backend as backend
+
+    lowered = []
+    real = backend.lower_graph
+
+    def spy(gm, *args, **kw):
+        out = real(gm, *args, **kw)
+        lowered.append(out)
+        return out
+
+    monkeypatch.setattr(backend, "lower_graph", spy)
+    q = models["W8A8"]
+    ys = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        lowered.clear()
+        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={"conv_codes": on})(X)
+        assert sum(len(calls(gm, CONV1D_SILU_CODES_OP)) for gm, _, _ in lowered) == (2 if on else 0)
+        assert any("fuse_conv_codes: 2 conv(s)" in line for _, _, log in lowered for line in log) is on
+    # Inductor's quantization of the conv's output (option off) and the op's codes: the same bits
+    assert torch.equal(ys[True], ys[False])
+    r = q(X)
+    assert close(ys[True], r) and torch.equal(ys[True].argmax(-1), r.argmax(-1))
 
 
 def test_lowering_is_recorded_as_passes_with_diffs(models):
@@ -408,7 +528,7 @@ def test_convert_can_return_the_lowered_model(models):
     torch.manual_seed(0)
     m = VisionMamba(tiny_config(depth=1)).eval()
     low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
-    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 4
+    assert getattr(low, "lowered", False) and n_int8(low.graph_module) == (2, 2)
     assert len(calls(low.graph_module, SCAN_DT_OP)) == 2  # (the dt_proj)
     assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers
 

@@ -64,6 +64,14 @@ def lowering_passes(**options) -> list[Pass]:
     short-reduction GEMM and an epilogue pass over a (batch, L, d_inner) tensor; CPU targets only.
     Off, they stay as they are.
 
+    ``conv_codes`` (on): where ``conv_silu`` made the mixer's conv an op and it feeds W8A8's
+    decomposed x_proj (through the transpose to (batch, L, d_inner); a static scale per token or
+    per tensor, int8 range), the conv also writes x_proj's int8 input codes
+    (``ouromamba::causal_conv1d_silu_codes``) and x_proj runs on them
+    (:func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed_codes`): the same numbers bit for
+    bit, without a quantize pass over the conv's output; CPU targets only. Off, x_proj quantizes
+    the conv's output itself.
+
     ``target`` (``"auto"``: the device of the graph's weights; ``"cpu"``, ``"cuda"``): the device
     the lowered graph will run on. For ``"cuda"``, integer linears whose K or N cuBLAS's
     ``torch._int_mm`` refuses (not multiples of 8, e.g. Vim-T's x_proj and dt_proj) are not

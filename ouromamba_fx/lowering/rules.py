@@ -44,6 +44,13 @@ the rest. :func:`lowering_rules` lists them in the order they run:
 * ``lower_conv1d_silu`` -- ``[flip ->] quantize -> dequantize -> conv1d (depthwise, causal
   padding) -> [..., :L] -> silu`` becomes ``ouromamba::causal_conv1d_silu`` (one pass, input
   quantization fused, the flip read backwards instead of copied, channel-contiguous output).
+* ``fuse_conv_codes`` -- that conv feeding, through its transpose to (batch, L, d_inner), a
+  decomposed int8 linear (x_proj: :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed`
+  with a static scale per token or per tensor, int8 range) becomes
+  ``ouromamba::causal_conv1d_silu_codes``, which also writes the linear's input codes, and
+  :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed_codes` on them: the same numbers bit
+  for bit, without the quantize pass over the conv's output (the scan still reads the floats).
+  CPU targets only (lowering option ``conv_codes``).
 * ``inline_fake_quant`` -- any quantize/dequantize pair still left (in front of float ops)
   becomes :func:`~ouromamba_fx.ops.quant.fake_quantize`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
@@ -80,10 +87,11 @@ from ouromamba_fx.lowering.patterns import (CONV1D_TARGETS, CONV2D_TARGETS, LINE
                                             swaps_last_two, transpose_dims)
 from ouromamba_fx.lowering.rewrite import Built, Match, Pattern, Rule, new_const
 from ouromamba_fx.ops import gemm
-from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_OP
+from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_CODES_OP, CONV1D_SILU_OP
 from ouromamba_fx.ops.int4 import pack_int4
 from ouromamba_fx.ops.int8_conv2d import MIN_ROW_K, conv_weight_rows, int8_conv2d_decomposed
-from ouromamba_fx.ops.int8_linear import INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+from ouromamba_fx.ops.int8_linear import (INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed,
+                                         int8_linear_decomposed_codes)
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP,
                                     mixed_fake_quant_decomposed)
 from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, dequantize_ref, fake_quantize, quantize_ref
@@ -116,6 +124,9 @@ class LoweringOptions:
     # W8A8's dt_proj and the fake quantization of delta computed inside the scan
     # (ouromamba::selective_scan_dt); CPU targets only
     dt_scan: bool = True
+    # the mixer's conv also writes x_proj's int8 input codes (ouromamba::causal_conv1d_silu_codes);
+    # CPU targets only, and only where conv_silu made the conv an op
+    conv_codes: bool = True
     target: str = "auto"
 
     def __post_init__(self) -> None:
@@ -473,6 +484,58 @@ def _build_conv1d_silu(gm: fx.GraphModule, m: Match, state: dict) -> Built:
 
 
 # ---------------------------------------------------------------------------------------------
+# fuse_conv_codes
+
+def _per_token_scale(s) -> bool:
+    """A static scale that int8_linear_decomposed broadcasts to (batch, L, 1) with one value per
+    time step (or one in all): one element, or (..., L, 1) with ones in front (Vim's (1, L, 1)).
+    (L itself is checked by the op at run time: 1 or L values.)"""
+    return s is not None and s.dtype.is_floating_point and \
+        (s.numel() == 1 or (s.dim() >= 2 and s.shape[-1] == 1 and all(d == 1 for d in s.shape[:-2])))
+
+
+def _match_conv_codes(target: str):
+    def match(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+        if not is_call(node, int8_linear_decomposed) or len(node.args) != 7 or node.kwargs:
+            return None
+        tr, s_n, qmin, qmax, wq_n, ws_n, b = node.args
+        if not (isinstance(tr, fx.Node) and swaps_last_two(tr) and tr.args and is_call(tr.args[0], CONV1D_SILU_OP)):
+            return None
+        conv = tr.args[0]
+        if len(conv.args) != 8 or conv.kwargs or not _int8_range(qmin, qmax) or qmin > qmax:
+            return None
+        wq = const(gm, wq_n)
+        if wq is None or not _per_token_scale(const(gm, s_n)):
+            return None
+        if _for_gpu(target, wq):
+            state.setdefault("notes", Counter())["kept for CUDA: x_proj quantizes the conv's output (no fused "
+                                                 "codes there)"] += 1
+            return None
+        return Match(node, dict(conv=conv, tr=tr), erase=((tr,) if len(tr.users) == 1 else ()) + (conv,))
+    return match
+
+
+def _build_conv_codes(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    conv = m.fields["conv"]
+    _, s_n, qmin, qmax, wq_n, ws_n, b = m.anchor.args
+    # the new conv goes where the old one was (its other readers, the scan, may come before x_proj),
+    # with its own read of the codes' scale (the linear's may be defined after the conv)
+    with gm.graph.inserting_after(conv):
+        cs_n = gm.graph.get_attr(s_n.target)
+    with gm.graph.inserting_after(cs_n):
+        fused = gm.graph.call_function(CONV1D_SILU_CODES_OP, (*conv.args, cs_n, qmin, qmax))
+    with gm.graph.inserting_after(fused):
+        y = gm.graph.call_function(operator.getitem, (fused, 0))
+    with gm.graph.inserting_after(y):
+        codes = gm.graph.call_function(operator.getitem, (fused, 1))
+    y.meta.update({k: v for k, v in conv.meta.items() if k in ("val", "example_value", "tensor_meta")})
+    conv.replace_all_uses_with(y)
+    new = gm.graph.call_function(int8_linear_decomposed_codes, (codes, s_n, max(-qmin, qmax), wq_n, ws_n, b))
+    return Built(new, ((conv, fused, dict(kind=Kind.FUSED, op="causal_conv1d_silu_codes")),
+                       (m.anchor, new, dict(op="int8_linear_decomposed_codes"))), keep_tensor_meta=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # inline_fake_quant
 
 def _match_qdq_pair(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
@@ -593,6 +656,8 @@ def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
                           (Pattern(_match_channels_last_scan, _build_channels_last_scan(o.fast_decay)),), cleanup=False))
     if o.conv_silu:
         rules.append(Rule("lower_conv1d_silu", "conv(s)", (Pattern(_match_conv1d_silu, _build_conv1d_silu),)))
+        if o.conv_codes:
+            rules.append(Rule("fuse_conv_codes", "conv(s)", (Pattern(_match_conv_codes(o.target), _build_conv_codes),)))
     rules += [Rule("inline_fake_quant", "pair(s)", (Pattern(_match_qdq_pair, _build_fake_quantize),
                                                     Pattern(_match_kept_quantize, _build_quantize_ref))),
               Rule("inline_mixed_fake_quant", "site(s)",

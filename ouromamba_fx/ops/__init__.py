@@ -21,6 +21,7 @@ w4a4o8_linear             :func:`w4a4o8_linear_masked`                :mod:`.w4a
 w4a4o8_linear_rt          :func:`w4a4o8_linear_detect`                :mod:`.w4a4o8_linear`
 w4a4o8_linear_mixed       :func:`w4a4o8_linear_detect_requant`        :mod:`.w4a4o8_linear`
 causal_conv1d_silu        :func:`causal_conv1d_silu`                  :mod:`.conv1d_silu`
+causal_conv1d_silu_codes  :func:`causal_conv1d_silu_codes`            :mod:`.conv1d_silu`
 selective_scan(_bwd)      :func:`selective_scan`                      :mod:`.scan`
 selective_scan_cl         :func:`selective_scan_channels_last`        :mod:`.scan`
 selective_scan_dt         :func:`selective_scan_dt`                   :mod:`.scan`
