@@ -121,6 +121,34 @@ def test_conv_codes_ties_round_half_to_even():
         assert torch.equal(q.float(), _x_proj_codes(y0, cs, -127, 127))
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("d", [40, 33])
+def test_conv_codes_near_rounding_boundaries(d):
+    # per-step scales that put one channel's output within a few ulp of a half-integer multiple
+    # (where a multiply by the reciprocal scale instead of the division can round to the other
+    # neighbour), the other channels anywhere: the codes equal the division's, element for element
+    length = 96
+    w = torch.zeros(d, 1, 4)
+    bias = torch.linspace(-4.0, 6.0, d)
+    x = torch.randn(1, d, length)
+    y0 = CONV(x, w, bias, None, None, -127, 127, False)
+    c = torch.arange(length) % d
+    k = (torch.arange(length) * 7) % 127
+    target = y0[0, c, 0].abs() / (k + 0.5)
+    steps = torch.arange(length) % 7 - 3  # -3..3 ulp away from the exact boundary
+    cs = target.clone()
+    for i in range(length):
+        for _ in range(abs(int(steps[i]))):
+            cs[i] = torch.nextafter(cs[i], torch.tensor(float("inf") if steps[i] > 0 else 0.0))
+    cs = cs.reshape(1, length, 1)
+    _, q = CONV_CODES(x, w, bias, None, None, -127, 127, False, cs, -127, 127)
+    ref = _x_proj_codes(y0, cs, -127, 127)
+    assert torch.equal(q.float(), ref)
+    # the boundary lanes split between both neighbours (the cases are not all rounded one way)
+    picked = q[0, torch.arange(length), c].float().abs()
+    assert (picked == k).any() and (picked == k + 1).any()
+
+
 def test_conv_codes_opcheck_and_errors():
     x, w, bias, scale, zp = _conv_case(2, 20, 7, 4, True, True)
     cs = torch.rand(1, 7, 1) * 0.01 + 1e-3
