@@ -117,6 +117,22 @@ class TestInInterpreter:
         torch.testing.assert_close(y, want, rtol=4e-6, atol=1e-6)
         torch.testing.assert_close(causal_conv1d_silu_ref(*args), want, rtol=4e-6, atol=1e-6)
 
+    @pytest.mark.parametrize("reverse", [False, True])
+    def test_conv1d_silu_codes_cuda_path(self, reverse):
+        # ouromamba::causal_conv1d_silu_codes on a GPU: the Triton conv, then its codes in torch
+        from ouromamba_fx.kernels.triton.conv1d_silu import causal_conv1d_silu
+        from ouromamba_fx.ops.conv1d_silu import _causal_conv1d_silu_codes_cuda
+
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(2, 9, 5, generator=g).transpose(1, 2)  # (2, 5, 9), channel-contiguous
+        w, bias = torch.randn(5, 1, 4, generator=g), torch.randn(5, generator=g)
+        s, zp = torch.rand(9, generator=g) * 0.05 + 0.01, torch.zeros(9)
+        cs = torch.rand(1, 9, 1, generator=g) * 0.01 + 1e-3
+        y, q = _causal_conv1d_silu_codes_cuda(x, w, bias, s, zp, -127, 127, reverse, cs, -31, 31)
+        y0 = causal_conv1d_silu(x, w, bias, s, zp, -127, 127, reverse)
+        assert torch.equal(y, y0) and q.dtype == torch.int8 and q.shape == (2, 9, 5) and q.is_contiguous()
+        assert torch.equal(q.float(), torch.round(y0.transpose(1, 2) / cs).clamp(-31, 31))
+
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_conv1d_silu_low_precision_strided_no_bias(self, dtype):
         from ouromamba_fx.kernels.triton.conv1d_silu import causal_conv1d_silu
