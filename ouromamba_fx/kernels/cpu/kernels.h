@@ -56,7 +56,9 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
                                  int64_t delta_qmax, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                  const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                                  const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                                 bool channels_last, bool fast_decay);
+                                 bool channels_last, bool fast_decay, bool z_reverse,
+                                 const std::optional<at::Tensor>& combine, const std::optional<at::Tensor>& code_scale,
+                                 int64_t code_qmin, int64_t code_qmax);
 // [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias], nullopt for absent inputs.
 std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,

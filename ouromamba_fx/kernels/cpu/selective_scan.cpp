@@ -84,6 +84,9 @@ struct Seq {
   const T* p = nullptr;
   int64_t sb = 0, sd = 0, st = 0;
   bool rows = true;  // time-contiguous
+  // read time-reversed: step t of the sequence is step L - 1 - t of the memory (the tile is loaded
+  // in memory order and its steps reversed, so both layouts and the prefetcher read it as they lie)
+  bool reverse = false;
   explicit operator bool() const { return p != nullptr; }
 };
 
@@ -104,6 +107,19 @@ struct DtFused {
   float dqmin = 0.0f, dqmax = 0.0f;
 };
 
+// ouromamba::selective_scan_dt with `combine` (the backward scan of a bidirectional Vim mixer,
+// finishing it): the block's output y (after the gate), reversed in time, is averaged with the
+// forward scan's output and quantized to out_proj's int8 input codes, in the graph's order:
+//   codes[b, t, d] = clamp(round_half_even(((yf[b, d, t] + y[b, d, L - 1 - t]) / 2) / xs[b, t]), qmin, qmax)
+// written (batch, L, dim) contiguous. float32 only.
+struct CombineOut {
+  Seq<float> yf;             // (batch, dim, L)
+  const float* xs = nullptr;  // out_proj's per-token scale, strides over (batch, L)
+  int64_t xs_b = 0, xs_t = 0;
+  float qmin = 0.0f, qmax = 0.0f;
+  int8_t* codes = nullptr;    // (batch, L, dim) contiguous
+};
+
 template <typename T>
 struct Problem {
   int64_t batch = 0, dim = 0, L = 0, N = 0;
@@ -117,6 +133,7 @@ struct Problem {
   bool out_cl = false;       // forward output channel-contiguous ((batch, L, dim) memory), else time-contiguous
   bool fast_decay = false;   // forward decays with the degree-4 exp2 (float32 only; om_vec.h kExp2Poly4)
   const DtFused* dt = nullptr;  // set: delta is computed from dt_in (float32 forward only), P.delta unused
+  const CombineOut* combine = nullptr;  // set: the forward writes out_proj's codes (float32 only), no `out`
   struct BC {
     const T* p = nullptr;
     int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
@@ -201,7 +218,7 @@ inline void transpose8(__m256* r) {
 // through in-register 16 x 16 transposes where the square is full (floats), element by element
 // otherwise; channel-contiguous inputs are plain vector loads.
 template <typename T>
-inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int64_t d0, int nl, int64_t L) {
+inline void load_tile_as_stored(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int64_t d0, int nl, int64_t L) {
   using V [[maybe_unused]] = typename Vec<T>::V;  // (not with OM_TILE8)
   constexpr int W = Vec<T>::W;
   T* s = reinterpret_cast<T*>(tile);
@@ -251,6 +268,13 @@ inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int6
     const T* row = src + l * rs;
     for (int64_t t = t0; t < L; ++t) s[t * W + l] = row[t];
   }
+}
+
+// load_tile_as_stored, then for a time-reversed input (x.reverse) the tile's steps reversed.
+template <typename T>
+inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int64_t d0, int nl, int64_t L) {
+  load_tile_as_stored<T>(tile, x, b, d0, nl, L);
+  if (x.reverse) std::reverse(tile, tile + L);
 }
 
 // Prefetches the next block's inputs while the current block computes: one cache line per input
@@ -529,6 +553,29 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
 // ---------------------------------------------------------------------------------------------
 // Forward
 
+// The codes of a block of ouromamba::selective_scan_dt with `combine` (see CombineOut) from its
+// final output tile S.DT (the scan's own time order); S.U is free by now and takes y_f's tile.
+// The graph's operations in its order: an addition, two divisions (no multiply-add can form),
+// round half to even as x + 1.5 * 2^23 - 1.5 * 2^23 on values clamped to +-2^22 first (beyond,
+// every code is clamped to [qmin, qmax] anyway), the clamp.
+inline void combine_block(const CombineOut& M, Scratch<float>& S, int64_t L, int64_t dim, int64_t b, int64_t d0,
+                          int nl) {
+  using F = Vec<float>;
+  using V = F::V;
+  load_tile<float>(S.U, M.yf, b, d0, nl, L);
+  const V two = F::splat(2.0f), big = F::splat(4194304.0f), magic = F::splat(F::kMagic);
+  const V lo = F::splat(M.qmin), hi = F::splat(M.qmax);
+  int8_t* dst = M.codes + b * L * dim + d0;
+  for (int64_t t = 0; t < L; ++t) {
+    const V x = (S.U[t] + S.DT[L - 1 - t]) / two;
+    const V v = F::vmin(F::vmax(x / F::splat(M.xs[b * M.xs_b + t * M.xs_t]), -big), big);
+    const V code = F::vmin(F::vmax((v + magic) - magic, lo), hi);
+    int8_t c[F::W];
+    for (int l = 0; l < F::W; ++l) c[l] = static_cast<int8_t>(static_cast<int>(code[l]));
+    std::memcpy(dst + t * dim, c, static_cast<size_t>(nl));
+  }
+}
+
 #if defined(__AVX__) && !defined(__AVX512F__)
 typedef float V8f __attribute__((vector_size(32), may_alias));
 
@@ -671,6 +718,9 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     pf.add(P.u, next.b, next.d0, L);
     pf.add(P.delta, next.b, next.d0, L);
     pf.add(P.z, next.b, next.d0, L);
+    if constexpr (std::is_same_v<T, float>) {
+      if (P.combine) pf.add(P.combine->yf, next.b, next.d0, L);
+    }
   }
   V* __restrict__ H = S.H;
   const V* __restrict__ A2 = S.A2;  // A log2 e
@@ -714,6 +764,13 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     }
   } else {
     for (int64_t t = 0; t < L; ++t) S.DT[t] += Dv * S.U[t];
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (P.combine) {
+      OM_NO_CONTRACT();  // (y is final: no multiply above may merge with the addition below)
+      combine_block(*P.combine, S, L, P.dim, b, d0, nl);
+      return;
+    }
   }
   if (P.out_cl) {
     // channel-contiguous output: the tile's rows are the block's channels of each step, as they lie
@@ -1226,7 +1283,9 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
                                  int64_t delta_qmax, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                  const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                                  const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                                 bool channels_last, bool fast_decay) {
+                                 bool channels_last, bool fast_decay, bool z_reverse,
+                                 const std::optional<at::Tensor>& combine, const std::optional<at::Tensor>& code_scale,
+                                 int64_t code_qmin, int64_t code_qmax) {
   TORCH_CHECK(u.dim() == 3, "selective_scan_dt: u must be (batch, d_inner, L), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   TORCH_CHECK(dt_in.dim() == 3 && dt_in.size(0) == batch && dt_in.size(1) == L,
@@ -1242,18 +1301,42 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
   for (const at::Tensor* t : {&dt_in, &dt_scale, &dt_weight, &dt_wscale, &delta_scale, &delta_zp}) {
     TORCH_CHECK(t->device().is_cpu(), "selective_scan_dt (C++ CPU kernel): all inputs must be on CPU");
   }
+  const bool has_combine = combine.has_value() && combine->defined();
+  at::Tensor cs;  // out_proj's scale as (batch, L, 1)
+  if (has_combine) {
+    TORCH_CHECK(combine->sizes() == u.sizes() && combine->device().is_cpu(), "selective_scan_dt: combine (the forward "
+                "scan's output) must be a CPU tensor of u's shape ", u.sizes(), ", got ", combine->sizes());
+    TORCH_CHECK(code_scale.has_value() && code_scale->defined() && code_scale->device().is_cpu() &&
+                    code_scale->dim() <= 3 && (code_scale->dim() == 0 || code_scale->size(-1) == 1),
+                "selective_scan_dt: combine needs code_scale, out_proj's input scale broadcastable to (batch, L, 1)");
+    TORCH_CHECK(-128 <= code_qmin && code_qmin < code_qmax && code_qmax <= 127, "selective_scan_dt: code range [",
+                code_qmin, ", ", code_qmax, "] does not fit int8");
+    cs = code_scale->to(at::kFloat).expand({batch, L, 1});
+  }
   const at::Tensor xs = dt_scale.to(at::kFloat).expand({batch, L, 1});
   const at::Tensor ds = delta_scale.to(at::kFloat).expand({batch, dim, L});
   const at::Tensor dz = delta_zp.to(at::kFloat).expand({batch, dim, L});
   // The fused tile: float32 compute (float64 scans get the delta from ATen, in float32 as the graph
   // computes it), codes within int8 (every partial sum of R <= 1024 products of |q|, |w| <= 128 is
-  // an integer below 2^24, exact in float32 in any order).
+  // an integer below 2^24, exact in float32 in any order). The fused codes: float32 scan output
+  // and forward output (other dtypes: ATen after the scan, in the graph's dtypes).
   const bool fused = u.scalar_type() != at::kDouble && R >= 1 && R <= 1024 && dt_qmin >= -128 && dt_qmax <= 127;
-  if (!fused) {
-    const at::Tensor delta = dt_delta_aten(dt_in, xs, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, ds, dz,
-                                           delta_qmin, delta_qmax);
-    return selective_scan_fwd(u, delta.to(u.scalar_type()), A, B, C, D, z, delta_bias, delta_softplus,
-                              channels_last, fast_decay);
+  const bool fused_codes = fused && u.scalar_type() == at::kFloat && (!has_combine || combine->scalar_type() == at::kFloat);
+  if (!fused || (has_combine && !fused_codes)) {
+    const at::Tensor delta = fused ? at::Tensor() : dt_delta_aten(dt_in, xs, dt_qmin, dt_qmax, dt_weight, dt_wscale,
+                                                                  dt_bias, ds, dz, delta_qmin, delta_qmax);
+    const std::optional<at::Tensor> zz = (z_reverse && z.has_value() && z->defined())
+                                             ? std::optional<at::Tensor>(z->flip({-1})) : z;
+    const at::Tensor y = fused ? selective_scan_dt_fwd(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale,
+                                                       dt_bias, delta_scale, delta_zp, delta_qmin, delta_qmax, A, B, C,
+                                                       D, zz, delta_bias, delta_softplus, false, fast_decay, false,
+                                                       std::nullopt, std::nullopt, code_qmin, code_qmax)
+                               : selective_scan_fwd(u, delta.to(u.scalar_type()), A, B, C, D, zz, delta_bias,
+                                                    delta_softplus, channels_last && !has_combine, fast_decay);
+    if (!has_combine) return y;
+    // the graph's operations: (yf + flip(y)) / 2 in their dtype, then out_proj's quantization in float32
+    const at::Tensor x = ((*combine + y.flip({-1})) / 2).transpose(1, 2).to(at::kFloat);
+    return at::clamp(at::round(x / cs), code_qmin, code_qmax).to(at::kChar).contiguous();
   }
   Inputs in = prepare(u, at::Tensor(), A, B, C, D, z, delta_bias, delta_softplus);
   const at::Tensor x = dt_in.to(at::kFloat);
@@ -1285,16 +1368,32 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
   G.dz_t = dz.stride(2);
   G.dqmin = static_cast<float>(delta_qmin);
   G.dqmax = static_cast<float>(delta_qmax);
-  at::Tensor out = channels_last ? at::empty({in.batch, in.L, in.dim}, in.A.options()).transpose(1, 2)
-                                 : at::empty({in.batch, in.dim, in.L}, in.A.options());
-  if (out.numel() > 0) {
+  CombineOut M;
+  at::Tensor yf, codes;
+  if (has_combine) {
+    yf = seq_layout(*combine, at::kFloat);
+    M.yf = make_seq<float>(yf);
+    M.xs = cs.data_ptr<float>();
+    M.xs_b = cs.stride(0);
+    M.xs_t = cs.stride(1);
+    M.qmin = static_cast<float>(code_qmin);
+    M.qmax = static_cast<float>(code_qmax);
+    codes = at::empty({in.batch, in.L, in.dim}, u.options().dtype(at::kChar));
+    M.codes = codes.data_ptr<int8_t>();
+  }
+  at::Tensor out = has_combine ? at::Tensor()
+                   : channels_last ? at::empty({in.batch, in.L, in.dim}, in.A.options()).transpose(1, 2)
+                                   : at::empty({in.batch, in.dim, in.L}, in.A.options());
+  if (in.batch * in.dim * in.L > 0) {
     auto P = make_problem<float>(in);
     P.out_cl = channels_last;
     P.fast_decay = fast_decay;
     P.dt = &G;
-    forward<float>(P, out.data_ptr<float>());
+    if (P.z) P.z.reverse = z_reverse;
+    if (has_combine) P.combine = &M;
+    forward<float>(P, has_combine ? nullptr : out.data_ptr<float>());
   }
-  return out.to(u.scalar_type());
+  return has_combine ? codes : out.to(u.scalar_type());
 }
 
 // out[i] = sum over b of part[b, i] for a (batch, n) partial, in one serial pass (these are
