@@ -109,9 +109,14 @@ def test_int8_linear_on_emitted_codes_equals_quantizing_inside(k):
 def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
     q = models["W6A6"]
     gm = q.lower().graph_module
-    # (the two dt_proj compute inside their scans, on 6-bit codes too)
-    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)] * 4
+    # (the two dt_proj compute inside their scans, on 6-bit codes too, and the backward scan emits
+    # out_proj's 6-bit codes)
+    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)] * 3
     assert [n.args[3:5] for n in calls(gm, SCAN_DT_OP)] == [(-31, 31)] * 2
+    (codes,) = [n for n in calls(gm, SCAN_DT_OP) if "combine" in n.kwargs]
+    assert (codes.kwargs["code_qmin"], codes.kwargs["code_qmax"]) == (-31, 31)
+    assert [n.args[2] for n in calls(gm, int8_linear_decomposed_codes)] == [31]
+    assert torch.equal(q.lower()(X), q.lower(scan_combine=False)(X))
     gm = q.lower(int8_inline=False).graph_module
     nodes = calls(gm, int8_linear_codes)
     assert len(nodes) == 6 and not calls(gm, W8A8_LINEAR_OP)
@@ -502,8 +507,9 @@ def test_convert_can_return_the_lowered_model(models):
     torch.manual_seed(0)
     m = VisionMamba(tiny_config(depth=1)).eval()
     low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
-    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 4
+    assert getattr(low, "lowered", False) and len(calls(low.graph_module, int8_linear_decomposed)) == 3
     assert len(calls(low.graph_module, SCAN_DT_OP)) == 2  # (the dt_proj)
+    assert len(calls(low.graph_module, int8_linear_decomposed_codes)) == 1  # (out_proj: scan_combine)
     assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers
 
 
