@@ -328,6 +328,18 @@ def test_bidirectional_mixer_flips_and_out_proj_quantization_move_into_the_backw
 
 
 @torch.no_grad()
+def test_channel_contiguous_backward_scans_read_z_reversed(models):
+    # W4A4O8 (and W8A8 with dt_scan off): selective_scan_cl takes z_reverse, nothing emits codes
+    for q, kw in ((models["W4A4O8"], {}), (models["W8A8"], {"dt_scan": False})):
+        low, off = q.lower(**kw), q.lower(scan_combine=False, **kw)
+        fwd, bwd = cl_scans(low.graph_module)
+        assert bwd.kwargs.get("z_reverse") is True and bwd.args[6] is fwd.args[6] and "z_reverse" not in fwd.kwargs
+        assert any("reverse_scan_gate: 1 scan(s)" in line for line in low.log)
+        assert any("fuse_scan_combine: 0 mixer(s)" in line for line in low.log)
+        assert torch.equal(low(X), off(X))
+
+
+@torch.no_grad()
 def test_scan_combine_fires_on_the_compiled_graph(models, monkeypatch):
     import ouromamba_fx.lowering.backend as backend
 

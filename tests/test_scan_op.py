@@ -754,3 +754,16 @@ def test_dt_scan_codes_other_dtypes_fake_opcheck_and_without_kernels(monkeypatch
     ref = SCAN_DT(*args, **kw)
     assert ref.dtype == torch.int8 and ref.shape == codes.shape
     assert (ref.int() - codes.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 37, 13, 4), (1, 16, 1, 16), (2, 33, 40, 5)])
+def test_scan_cl_reads_z_reversed(dtype, shape):
+    """selective_scan_cl(z_reverse=True) is the scan on z.flip(-1), for time- and channel-contiguous z."""
+    a = make_inputs(*shape, dtype=dtype, seed=sum(shape))
+    for z in (a["z"], a["z"].transpose(1, 2).contiguous().transpose(1, 2)):
+        args = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"])
+        ref = SCAN_CL(*args, z.flip(-1), a["delta_bias"], True)
+        out = SCAN_CL(*args, z, a["delta_bias"], True, z_reverse=True)
+        assert torch.equal(out, ref) and out.stride() == ref.stride()
+    torch.library.opcheck(SCAN_CL, args + (z, a["delta_bias"], True), {"z_reverse": True})

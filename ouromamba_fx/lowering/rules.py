@@ -57,9 +57,9 @@ the rest. :func:`lowering_rules` lists them in the order they run:
   itself from ``dt_in`` (the x_proj output's columns), the same numbers bit for bit, without the
   short-reduction GEMM and the epilogue pass over a (batch, L, d_inner) tensor in between. CPU
   targets only (lowering option ``dt_scan``).
-* ``reverse_scan_gate`` -- ``selective_scan_dt`` whose gate ``z`` is ``x.flip(-1)`` reads ``x``
-  time-reversed instead (``z_reverse``): the flipped copy is not made (lowering option
-  ``scan_combine``).
+* ``reverse_scan_gate`` -- ``selective_scan_dt`` or ``selective_scan_cl`` whose gate ``z`` is
+  ``x.flip(-1)`` reads ``x`` time-reversed instead (``z_reverse``): the flipped copy is not made
+  (lowering option ``scan_combine``).
 * ``fuse_scan_combine`` -- a bidirectional (Vim) mixer's ``int8_linear_decomposed(((y_f +
   y_b.flip(-1)) / 2).transpose(1, 2))`` (out_proj), y_b a ``selective_scan_dt`` and nothing else
   reading the pieces, becomes the backward scan with ``combine=y_f``, which writes out_proj's int8
@@ -128,8 +128,9 @@ class LoweringOptions:
     # W8A8's dt_proj and the fake quantization of delta computed inside the scan
     # (ouromamba::selective_scan_dt); CPU targets only
     dt_scan: bool = True
-    # a bidirectional mixer's backward selective_scan_dt reads z reversed and emits out_proj's int8
-    # input codes (the flips, the mean and the quantization pass gone); where dt_scan fused, so CPU only
+    # a bidirectional mixer's backward scan reads z reversed (selective_scan_dt / _cl), and a
+    # selective_scan_dt emits out_proj's int8 input codes (the flips, the mean and the quantization
+    # pass gone); the codes where dt_scan fused, so CPU only
     scan_combine: bool = True
     target: str = "auto"
 
@@ -450,18 +451,23 @@ def _build_dt_scan(gm: fx.GraphModule, m: Match, state: dict) -> Built:
 # reverse_scan_gate, fuse_scan_combine: the bidirectional (Vim) mixer's flips and out_proj's
 # quantization done by its backward scan
 
+# the position of z in the arguments of the scans that take z_reverse
+_Z_ARG = {SCAN_DT_OP: 16, SCAN_CHANNELS_LAST_OP: 6}
+
+
 def _match_reversed_gate(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
-    """``selective_scan_dt(..., z=x.flip(-1), ...)``: the scan reads ``x`` time-reversed instead."""
-    if not is_call(node, SCAN_DT_OP) or node.kwargs.get("z_reverse", False) or len(node.args) < 17:
+    """``selective_scan_dt`` / ``selective_scan_cl`` with ``z=x.flip(-1)``: the scan reads ``x``
+    time-reversed instead."""
+    if not is_call(node, tuple(_Z_ARG)) or node.kwargs.get("z_reverse", False) or len(node.args) <= _Z_ARG[node.target]:
         return None
-    z = node.args[16]
+    z = node.args[_Z_ARG[node.target]]
     return Match(node, dict(z=z)) if flip_last(z) and ndim(z.args[0]) in (3, None) else None
 
 
 def _build_reversed_gate(gm: fx.GraphModule, m: Match, state: dict) -> Built:
     node = m.anchor
     args = list(node.args)
-    args[16] = m.fields["z"].args[0]
+    args[_Z_ARG[node.target]] = m.fields["z"].args[0]
     node.args = tuple(args)  # the flip, now unread here, goes with the cleanup if nothing else reads it
     node.kwargs = {**node.kwargs, "z_reverse": True}
     return Built(None)

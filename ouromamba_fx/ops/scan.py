@@ -180,7 +180,7 @@ def _channels_last(t: Tensor) -> Tensor:
 @torch.library.custom_op("ouromamba::selective_scan_cl", mutates_args=())
 def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                           z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-                          fast_decay: bool = False) -> Tensor:
+                          fast_decay: bool = False, z_reverse: bool = False) -> Tensor:
     """``ouromamba::selective_scan`` (same arguments, same numbers) whose output (batch, dim, L) lies
     in channel-contiguous memory, strides ``(L * dim, 1, dim)``: the layout of the transposed input
     of the out_proj after it, which then reads each token's channels contiguously. The CPU kernel
@@ -193,17 +193,22 @@ def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     polynomial (relative error under 2.9e-6 per decay, exact at dt A = 0) instead of the degree-5
     one (under 2 ulp): the lowering option ``fast_decay`` for quantized models, whose scan inputs
     carry 8-bit quantization error anyway. Other kernels (float64, reference, CUDA) compute the
-    decays exactly and ignore it."""
+    decays exactly and ignore it.
+
+    ``z_reverse=True`` reads the gate ``z`` time-reversed: the numbers of ``z.flip(-1)`` without
+    the copy (the backward scan of a bidirectional mixer; lowering rule ``reverse_scan_gate``)."""
     # CPU: the C++ kernel (once the library is loaded, CPU calls go to its registered C++ op
     # directly, kernels/cpu/ops.cpp); other devices without their own kernel: the reference.
     ext = _cpu_kernels(u)
     if ext is None:
+        z = z.flip(-1) if z_reverse and z is not None else z
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
-    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True, bool(fast_decay))
+    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True, bool(fast_decay), bool(z_reverse))
 
 
 @register_cuda(selective_scan_channels_last)
-def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False):
+def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False, z_reverse=False):
+    z = z.flip(-1) if z_reverse and z is not None else z
     if not _triton_takes(B, C):
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
     from ouromamba_fx.kernels.triton.scan import selective_scan_fwd
@@ -212,7 +217,7 @@ def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
 
 @selective_scan_channels_last.register_fake
-def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False):
+def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False, z_reverse=False):
     torch._check(u.dim() == 3, lambda: f"selective_scan_cl: u must be (batch, d_inner, L), got {tuple(u.shape)}")
     b, d, length = u.shape
     return u.new_empty_strided((b, d, length), (length * d, 1, d))

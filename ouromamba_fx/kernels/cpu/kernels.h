@@ -46,7 +46,7 @@ namespace ouromamba_scan {
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                               const at::Tensor& C, const std::optional<at::Tensor>& D,
                               const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-                              bool delta_softplus, bool channels_last, bool fast_decay);
+                              bool delta_softplus, bool channels_last, bool fast_decay, bool z_reverse);
 // ouromamba::selective_scan_dt (its schema's arguments): delta computed inside the scan from the x_proj
 // columns dt_in (W8A8's dt_proj, then the fake quantization of delta); see selective_scan.cpp.
 at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, const at::Tensor& dt_scale,
@@ -104,7 +104,7 @@ at::Tensor selective_scan(const at::Tensor& u, const at::Tensor& delta, const at
                           bool delta_softplus);
 at::Tensor selective_scan_cl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                              const at::Tensor& C, const OptTensor& D, const OptTensor& z,
-                             const OptTensor& delta_bias, bool delta_softplus, bool fast_decay);
+                             const OptTensor& delta_bias, bool delta_softplus, bool fast_decay, bool z_reverse);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                    const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,

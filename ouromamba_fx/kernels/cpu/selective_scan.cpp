@@ -1235,7 +1235,7 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
                               const at::Tensor& B, const at::Tensor& C,
                               const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                               const c10::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                              bool channels_last, bool fast_decay) {
+                              bool channels_last, bool fast_decay, bool z_reverse) {
   Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   // channels_last: (batch, dim, L) seen through a transpose of (batch, L, dim) memory, the layout
   // the transposed out_proj input of a Mamba mixer reads contiguously
@@ -1245,11 +1245,13 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
     if (in.cdt == at::kDouble) {
       auto P = make_problem<double>(in);
       P.out_cl = channels_last;
+      if (P.z) P.z.reverse = z_reverse;
       forward<double>(P, out.data_ptr<double>());
     } else {
       auto P = make_problem<float>(in);
       P.out_cl = channels_last;
       P.fast_decay = fast_decay;
+      if (P.z) P.z.reverse = z_reverse;
       forward<float>(P, out.data_ptr<float>());
     }
   }
@@ -1332,7 +1334,8 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
                                                        D, zz, delta_bias, delta_softplus, false, fast_decay, false,
                                                        std::nullopt, std::nullopt, code_qmin, code_qmax)
                                : selective_scan_fwd(u, delta.to(u.scalar_type()), A, B, C, D, zz, delta_bias,
-                                                    delta_softplus, channels_last && !has_combine, fast_decay);
+                                                    delta_softplus, channels_last && !has_combine, fast_decay,
+                                                    false);
     if (!has_combine) return y;
     // the graph's operations: (yf + flip(y)) / 2 in their dtype, then out_proj's quantization in float32
     const at::Tensor x = ((*combine + y.flip({-1})) / 2).transpose(1, 2).to(at::kFloat);
