@@ -99,6 +99,12 @@ struct DtFused {
   int64_t xs_b = 0, xs_t = 0;
   float qmin = 0.0f, qmax = 0.0f;
   const float* wt = nullptr;    // the weight codes transposed: (R, dim) contiguous float32
+  // AVX512-VNNI builds: the weight codes as int32 words of 4 consecutive codes of a channel,
+  // (R4 / 4, dim) contiguous (R4: R rounded up to a multiple of 4, zero codes beyond R), and each
+  // channel's sum of codes (dim,); null: the float product
+  const int32_t* wg = nullptr;
+  const int32_t* wsum = nullptr;
+  int64_t R4 = 0;
   const float* ws = nullptr;    // the weight scales (dim,)
   const float* bias = nullptr;  // (dim,) or null
   const float* ds = nullptr;    // delta's scale and zero point, strides over (batch, dim, L)
@@ -387,6 +393,12 @@ struct Scratch {
   std::vector<float> dq, dxs;
   std::vector<V> dw;
   int64_t dq_b = -1;
+  // the same codes plus 128 as unsigned bytes, 4 per word, (L, R4 / 4), and the block's weight
+  // words (the VNNI product)
+  std::vector<uint32_t> dqw;
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  std::vector<__m512i> dwi;
+#endif
 
   Scratch(int64_t L, int64_t N, bool backward) {
     const int64_t tiles = backward ? 6 * L : 3 * L;
@@ -434,6 +446,81 @@ inline Vec<float>::V lanes_or(const float* p, int nl, int64_t stride, float fill
 // a product before it with an addition after it into one multiply-add).
 #define OM_NO_CONTRACT() __asm__ __volatile__("" ::: "memory")
 
+// The integer products acc[t] = sum_r q[t, r] * w[d, r] of a block's dt_proj into S.DT, in
+// float32 (integers below 2^24: exact in any order). Four steps share each weight vector load;
+// R multiply-adds per step and block of W channels.
+inline void dt_products(const DtFused& G, int64_t L, int64_t dim, int64_t d0, int nl, Scratch<float>& S) {
+  using F = Vec<float>;
+  using V = F::V;
+  const int64_t R = G.R;
+  S.dw.resize(static_cast<size_t>(R));
+  V* __restrict__ w = S.dw.data();
+  for (int64_t r = 0; r < R; ++r) w[r] = lanes<float>(G.wt + r * dim + d0, nl);
+  const float* __restrict__ q = S.dq.data();
+  V* __restrict__ DT = S.DT;
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
+    const float* q0 = q + t * R;
+    V a0 = F::splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t r = 0; r < R; ++r) {
+      const V wr = w[r];
+      a0 += F::splat(q0[r]) * wr;
+      a1 += F::splat(q0[R + r]) * wr;
+      a2 += F::splat(q0[2 * R + r]) * wr;
+      a3 += F::splat(q0[3 * R + r]) * wr;
+    }
+    DT[t] = a0;
+    DT[t + 1] = a1;
+    DT[t + 2] = a2;
+    DT[t + 3] = a3;
+  }
+  for (; t < L; ++t) {
+    V a = F::splat(0.0f);
+    for (int64_t r = 0; r < R; ++r) a += F::splat(q[t * R + r]) * w[r];
+    DT[t] = a;
+  }
+  OM_NO_CONTRACT();
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+// dt_products with AVX512-VNNI integer dot products: per step and group of 4 codes one vpdpbusd
+// (16 channels x 4 products, exact int32 sums) instead of 4 float multiply-adds. vpdpbusd takes
+// one unsigned operand: the codes plus 128 (S.dqw), and 128 * sum_r w[d, r] subtracted after.
+// The same integers as dt_products, hence the same floats.
+inline void dt_products_vnni(const DtFused& G, int64_t L, int64_t dim, int64_t d0, int nl, Scratch<float>& S) {
+  const int64_t ng = G.R4 / 4;
+  const __mmask16 m = static_cast<__mmask16>((1u << nl) - 1u);
+  S.dwi.resize(static_cast<size_t>(ng));
+  __m512i* __restrict__ w = S.dwi.data();
+  for (int64_t g = 0; g < ng; ++g) w[g] = _mm512_maskz_loadu_epi32(m, G.wg + g * dim + d0);
+  const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, G.wsum + d0), 7);
+  const int32_t* __restrict__ q = reinterpret_cast<const int32_t*>(S.dqw.data());
+  float* DT = reinterpret_cast<float*>(S.DT);
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
+    const int32_t* q0 = q + t * ng;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m512i wg = w[g];
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(q0[g]), wg);
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(q0[ng + g]), wg);
+      a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(q0[2 * ng + g]), wg);
+      a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(q0[3 * ng + g]), wg);
+    }
+    _mm512_storeu_ps(DT + t * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a0, corr)));
+    _mm512_storeu_ps(DT + (t + 1) * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a1, corr)));
+    _mm512_storeu_ps(DT + (t + 2) * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a2, corr)));
+    _mm512_storeu_ps(DT + (t + 3) * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a3, corr)));
+  }
+  for (; t < L; ++t) {
+    __m512i a = _mm512_setzero_si512();
+    for (int64_t g = 0; g < ng; ++g) a = _mm512_dpbusd_epi32(a, _mm512_set1_epi32(q[t * ng + g]), w[g]);
+    _mm512_storeu_ps(DT + t * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a, corr)));
+  }
+  OM_NO_CONTRACT();
+}
+#endif
+
 // The delta tile of a block of ouromamba::selective_scan_dt, with the operations of the graph it
 // replaces (ops/int8_linear.py int8_linear_decomposed, then ops/quant.py fake_quantize of the
 // transposed result), in their order and without contractions, so the same bits:
@@ -441,7 +528,7 @@ inline Vec<float>::V lanes_or(const float* p, int nl, int64_t stride, float fill
 //   acc[t]   = sum_r q[t, r] * w[d, r]       (integers below 2^24: exact in float32 in any order)
 //   y[t]     = ((acc * xs[b, t]) * ws[d]) + bias[d]
 //   delta[t] = (clamp(round_half_even(y / s) + zp, dqmin, dqmax) - zp) * s   (s, zp at (b, d, t))
-// Four steps share each weight vector load; R multiply-adds per step and block of W channels.
+// The products acc: dt_products (float multiply-adds), or dt_products_vnni on AVX512-VNNI builds.
 inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t d0, int nl, Scratch<float>& S) {
   using F = Vec<float>;
   using V = F::V;
@@ -458,37 +545,32 @@ inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t
         S.dq[t * R + r] = std::min(std::max(v, G.qmin), G.qmax);
       }
     }
+    if (G.wg) {
+      const int64_t ng = G.R4 / 4;
+      S.dqw.assign(static_cast<size_t>(L * ng), 0u);
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t r = 0; r < G.R4; ++r) {
+          const uint32_t c = static_cast<uint32_t>(static_cast<int>(r < R ? S.dq[t * R + r] : 0.0f) + 128);
+          S.dqw[t * ng + r / 4] |= c << (8 * (r % 4));
+        }
+      }
+    }
     S.dq_b = b;
   }
-  S.dw.resize(static_cast<size_t>(R));
-  V* __restrict__ w = S.dw.data();
-  for (int64_t r = 0; r < R; ++r) w[r] = lanes<float>(G.wt + r * dim + d0, nl);
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  if (G.wg) {
+    dt_products_vnni(G, L, dim, d0, nl, S);
+  } else
+#endif
+  {
+    dt_products(G, L, dim, d0, nl, S);
+  }
   const V ws = lanes<float>(G.ws + d0, nl);
-  const float* __restrict__ q = S.dq.data();
   const float* __restrict__ xs = S.dxs.data();
   V* __restrict__ DT = S.DT;
-  int64_t t = 0;
-  for (; t + 4 <= L; t += 4) {
-    const float* q0 = q + t * R;
-    V a0 = F::splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t r = 0; r < R; ++r) {
-      const V wr = w[r];
-      a0 += F::splat(q0[r]) * wr;
-      a1 += F::splat(q0[R + r]) * wr;
-      a2 += F::splat(q0[2 * R + r]) * wr;
-      a3 += F::splat(q0[3 * R + r]) * wr;
-    }
-    DT[t] = (a0 * F::splat(xs[t])) * ws;
-    DT[t + 1] = (a1 * F::splat(xs[t + 1])) * ws;
-    DT[t + 2] = (a2 * F::splat(xs[t + 2])) * ws;
-    DT[t + 3] = (a3 * F::splat(xs[t + 3])) * ws;
-  }
-  for (; t < L; ++t) {
-    V a = F::splat(0.0f);
-    for (int64_t r = 0; r < R; ++r) a += F::splat(q[t * R + r]) * w[r];
-    DT[t] = (a * F::splat(xs[t])) * ws;
-  }
+  for (int64_t t = 0; t < L; ++t) DT[t] = (DT[t] * F::splat(xs[t])) * ws;
   OM_NO_CONTRACT();
+  int64_t t = 0;
   if (G.bias) {
     const V bias = lanes<float>(G.bias + d0, nl);
     for (t = 0; t < L; ++t) DT[t] = DT[t] + bias;
@@ -1360,6 +1442,17 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
   G.qmax = static_cast<float>(dt_qmax);
   G.wt = wt.data_ptr<float>();
   G.ws = ws.data_ptr<float>();
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  // the weight codes as words of 4 codes of a channel, (R4 / 4, dim), and each channel's sum
+  const int64_t R4 = (R + 3) / 4 * 4;
+  at::Tensor wpad = at::zeros({dim, R4}, dt_weight.options().dtype(at::kChar));
+  wpad.narrow(1, 0, R).copy_(dt_weight);
+  const at::Tensor wg = wpad.view(at::kInt).t().contiguous();
+  const at::Tensor wsum = dt_weight.to(at::kInt).sum(1, false, at::kInt).contiguous();
+  G.wg = wg.data_ptr<int32_t>();
+  G.wsum = wsum.data_ptr<int32_t>();
+  G.R4 = R4;
+#endif
   G.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   G.ds = ds.data_ptr<float>();
   G.ds_b = ds.stride(0);
