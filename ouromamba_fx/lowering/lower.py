@@ -72,6 +72,14 @@ def lowering_passes(**options) -> list[Pass]:
     bit, without a quantize pass over the conv's output; CPU targets only. Off, x_proj quantizes
     the conv's output itself.
 
+    ``scan_combine`` (on): in a bidirectional (Vim) mixer the backward scan reads the gate ``z``
+    time-reversed instead of a flipped copy (channel-contiguous scans: ``selective_scan_cl`` and
+    ``selective_scan_dt``), and, where ``dt_scan`` fused it and out_proj is a W8A8 decomposed
+    linear, writes out_proj's int8 input codes itself (``combine``: its output flipped,
+    averaged with the forward scan's and quantized with the graph's operations in their order, the
+    same codes bit for bit); out_proj then takes the codes. The flips, the mean and the quantization
+    pass over the mixer's float output are gone (the codes: CPU targets only, as ``dt_scan``).
+
     ``target`` (``"auto"``: the device of the graph's weights; ``"cpu"``, ``"cuda"``): the device
     the lowered graph will run on. For ``"cuda"``, integer linears whose K or N cuBLAS's
     ``torch._int_mm`` refuses (not multiples of 8, e.g. Vim-T's x_proj and dt_proj) are not
