@@ -11,8 +11,13 @@ from ouromamba_fx.ops.scan_quant import selective_scan_reparam_ref as selective_
 from ouromamba_fx.passes.reparam import rank1_factors
 from ouromamba_fx.measure import sqnr
 from ouromamba_fx.passes.qparams import kmeans_1d, kscale_scales
+from ouromamba_fx.models import VisionMamba
 
-X = torch.randn(16, 3, 16, 16)
+from .conftest import tiny_config
+
+# seeded on its own: module-level draws from the global generator depend on which test modules were
+# imported before this one, and the state-scale comparisons below are margins on these images
+X = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def test_kmeans_finds_planted_groups():
@@ -140,7 +145,11 @@ def test_scan_q_finer_state_scales_match_per_step_and_resample():
 
 @pytest.mark.parametrize("granularity,shape", [("step", (17,)), ("step_channel", (64, 17, 1)),
                                                ("step_state", (1, 17, 4))])
-def test_state_without_reparameterization_and_finer_scales(tiny_vim, granularity, shape):
+def test_state_without_reparameterization_and_finer_scales(granularity, shape):
+    # a model of its own seed: the state-scale comparisons at the end are margins on its numbers
+    # (the shared fixture's weights depend on which tests drew from the global generator first)
+    torch.manual_seed(0)
+    tiny_vim = VisionMamba(tiny_config()).eval()
     y = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         ref = tiny_vim(y)
