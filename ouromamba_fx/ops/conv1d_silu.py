@@ -69,12 +69,10 @@ def _epilogue_args(x: Tensor, in_scale: Optional[Tensor], in_wscale: Optional[Te
                    in_bias: Optional[Tensor]) -> Optional[tuple]:
     """The accumulator epilogue's (row scale, weight scale, bias) as flat float32 vectors, checked
     against x (B, D, L); None without an epilogue."""
+    if (in_scale is None) != (in_wscale is None) or (in_scale is None and in_bias is not None):
+        raise ValueError("causal_conv1d_silu: give in_scale and in_wscale (and optionally in_bias) together, or none")
     if in_scale is None:
-        if in_wscale is not None or in_bias is not None:
-            raise ValueError("causal_conv1d_silu: in_wscale / in_bias need in_scale (the accumulator's row scale)")
         return None
-    if in_wscale is None:
-        raise ValueError("causal_conv1d_silu: give in_scale and in_wscale (and optionally in_bias) together")
     d, length = x.shape[1], x.shape[-1]
     xs = in_scale.detach().reshape(-1).float().contiguous()
     if xs.numel() not in (1, length):
