@@ -119,12 +119,16 @@ def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
     q = models["W6A6"]
     gm = q.lower().graph_module
     # (the two dt_proj compute inside their scans, on 6-bit codes too, the two x_proj read 6-bit
-    # codes their convs write, and the convs apply in_proj's epilogue to its 6-bit products)
-    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)]  # out_proj
+    # codes their convs write, the backward scan emits out_proj's 6-bit codes and the convs apply
+    # in_proj's epilogue to its 6-bit products)
+    assert not calls(gm, int8_linear_decomposed)
     assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed_acc)] == [(-31, 31)]  # in_proj
     assert [n.args[9:11] for n in calls(gm, CONV1D_SILU_CODES_OP)] == [(-31, 31)] * 2
-    assert [n.args[2] for n in calls(gm, int8_linear_decomposed_codes)] == [31] * 2
     assert [n.args[3:5] for n in calls(gm, SCAN_DT_OP)] == [(-31, 31)] * 2
+    (codes,) = [n for n in calls(gm, SCAN_DT_OP) if "combine" in n.kwargs]
+    assert (codes.kwargs["code_qmin"], codes.kwargs["code_qmax"]) == (-31, 31)
+    assert [n.args[2] for n in calls(gm, int8_linear_decomposed_codes)] == [31] * 3
+    assert torch.equal(q.lower()(X), q.lower(scan_combine=False)(X))
     gm = q.lower(int8_inline=False).graph_module
     nodes = calls(gm, int8_linear_codes)
     assert len(nodes) == 6 and not calls(gm, W8A8_LINEAR_OP)
@@ -260,9 +264,9 @@ def test_w8a8_dt_proj_and_delta_quantization_move_into_the_scan(models):
     assert len(fused) == 2 and not calls(gm, SCAN_CHANNELS_LAST_OP)
     assert any("fuse_dt_scan: 2 scan(s)" in line for line in low.log)
     assert low.lower_options == {} and q.lower(dt_scan=False).lower_options == {"dt_scan": False}
-    # dt_proj is gone (in_proj, both x_proj, on their convs' codes, and out_proj are left), and with it
-    # delta's fake quantization
-    assert n_int8(gm) == (2, 2) and len(calls(gm, fake_quantize)) == 4
+    # dt_proj is gone (in_proj, both x_proj, on their convs' codes, and out_proj, on the backward
+    # scan's codes: scan_combine, tested below, are left), and with it delta's fake quantization
+    assert n_int8(gm) == (1, 3) and len(calls(gm, fake_quantize)) == 4
     for n in fused:
         assert n.kwargs["channels_last"] is True and n.args[3:5] == (-127, 127) and n.args[-1] is True
         assert isinstance(n.args[1], torch.fx.Node) and n.args[1].target is operator.getitem  # x_proj's dt columns
@@ -302,6 +306,112 @@ def test_dt_scan_fires_on_the_compiled_graph(models, monkeypatch):
     r = q(X)
     assert close(ys[True], r) and torch.equal(ys[True].argmax(-1), r.argmax(-1))
     assert close(ys[True], ys[False])
+
+
+@torch.no_grad()
+def test_bidirectional_mixer_flips_and_out_proj_quantization_move_into_the_backward_scan(models):
+    q = models["W8A8"]
+    low, off = q.lower(), q.lower(scan_combine=False)
+    gm, ogm = low.graph_module, off.graph_module
+    scans = calls(gm, SCAN_DT_OP)
+    fwd, bwd = scans
+    # the backward scan reads the forward's z reversed and emits out_proj's codes from the forward's output
+    assert bwd.kwargs["z_reverse"] is True and bwd.args[16] is fwd.args[16] and bwd.kwargs["combine"] is fwd
+    assert "z_reverse" not in fwd.kwargs and "combine" not in fwd.kwargs
+    (lin,) = [n for n in calls(gm, int8_linear_decomposed_codes) if n.args[0] is bwd]  # (x_proj: conv_codes)
+    assert lin.args[0] is bwd and lin.args[2] == 127 and bwd.kwargs["code_scale"] is lin.args[1]
+    flips = lambda g: [n for n in g.graph.nodes if n.op == "call_method" and n.target == "flip"]  # noqa: E731
+    assert not flips(gm) and len(flips(ogm)) == 2
+    assert not any(n.target is operator.truediv for n in gm.graph.nodes)
+    assert any("reverse_scan_gate: 1 scan(s)" in line for line in low.log)
+    assert any("fuse_scan_combine: 1 mixer(s)" in line for line in low.log)
+    assert not any("scan_combine" in line or "reverse_scan_gate" in line for line in off.log)
+    assert off.lower_options == {"scan_combine": False}
+    assert not [n for n in calls(ogm, int8_linear_decomposed_codes) if n.args[0].target is SCAN_DT_OP]
+    # the report keeps out_proj's row and the dt_proj the scan absorbed
+    assert lin.meta.get(SPEC) is not None
+    # the same numbers bit for bit
+    for x in (X, torch.randn(3, 3, 16, 16) * 4):
+        assert torch.equal(low(x), off(x))
+    # the lowered graph on the CPU only: for CUDA nothing is fused (and the log says why)
+    cuda = q.lower(target="cuda")
+    assert not calls(cuda.graph_module, int8_linear_decomposed_codes)
+    assert any(line.startswith("fuse_scan_combine: kept for CUDA") for line in cuda.log)
+
+
+@torch.no_grad()
+def test_channel_contiguous_backward_scans_read_z_reversed(models):
+    # W4A4O8 (and W8A8 with dt_scan off): selective_scan_cl takes z_reverse, nothing emits codes
+    for q, kw in ((models["W4A4O8"], {}), (models["W8A8"], {"dt_scan": False})):
+        low, off = q.lower(**kw), q.lower(scan_combine=False, **kw)
+        fwd, bwd = cl_scans(low.graph_module)
+        assert bwd.kwargs.get("z_reverse") is True and bwd.args[6] is fwd.args[6] and "z_reverse" not in fwd.kwargs
+        assert any("reverse_scan_gate: 1 scan(s)" in line for line in low.log)
+        assert any("fuse_scan_combine: 0 mixer(s)" in line for line in low.log)
+        assert torch.equal(low(X), off(X))
+
+
+@torch.no_grad()
+def test_scan_combine_fires_on_the_compiled_graph(models, monkeypatch):
+    import ouromamba_fx.lowering.backend as backend
+
+    lowered = []
+    real = backend.lower_graph
+
+    def spy(gm, *args, **kw):
+        out = real(gm, *args, **kw)
+        lowered.append(out)
+        return out
+
+    monkeypatch.setattr(backend, "lower_graph", spy)
+    q = models["W8A8"]
+    ys = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        lowered.clear()
+        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={"scan_combine": on})(X)
+        n_codes = sum(len([n for n in calls(gm, int8_linear_decomposed_codes) if n.args[0].target is SCAN_DT_OP])
+                      for gm, _, _ in lowered)  # (the x_proj read their convs' codes either way)
+        assert n_codes == (1 if on else 0)
+        assert any("fuse_scan_combine: 1 mixer(s)" in line for _, _, log in lowered for line in log) is on
+        assert any("reverse_scan_gate: 1 scan(s)" in line for _, _, log in lowered for line in log) is on
+    assert torch.equal(ys[True], ys[False]) and torch.equal(ys[True], q.lower()(X))
+
+
+def test_scan_combine_leaves_mixers_with_other_uses():
+    """The rule needs the backward scan, its flip, the sum and the mean read by out_proj alone."""
+    import torch.fx as fx
+
+    from ouromamba_fx.lowering.rewrite import apply
+    from ouromamba_fx.lowering.rules import lowering_rules
+
+    rule = next(r for r in lowering_rules() if r.name == "fuse_scan_combine")
+
+    def graph(extra_use):
+        g = fx.Graph()
+        u, wq, s = g.placeholder("u"), g.get_attr("wq"), g.get_attr("s")
+        # (no shapes recorded: y_f must be a scan's output)
+        yf = g.call_function(SCAN_CHANNELS_LAST_OP, (u,) + (None,) * 8)
+        yb = g.call_function(SCAN_DT_OP, (u,) + (None,) * 18, {"channels_last": True})
+        fl = g.call_method("flip", (yb, -1))
+        add = g.call_function(operator.add, (yf, fl))
+        div = g.call_function(operator.truediv, (add, 2))
+        tr = g.call_method("transpose", (div, 1, 2))
+        lin = g.call_function(int8_linear_decomposed, (tr, s, -127, 127, wq, s, None))
+        out = [lin]
+        if extra_use == "yf placeholder":  # an input of unknown shape in y_f's place
+            add.replace_input_with(yf, u)
+        elif extra_use is not None:
+            out.append({"yb": yb, "flip": fl, "add": add, "div": div}[extra_use])
+        g.output(tuple(out))
+        root = torch.nn.Module()
+        root.wq = torch.zeros(4, 4, dtype=torch.int8)
+        root.s = torch.ones(1, 5, 1)
+        return fx.GraphModule(root, g)
+
+    assert apply(graph(None), rule.patterns[0]) == 1
+    for use in ("yb", "flip", "add", "div", "yf placeholder"):
+        assert apply(graph(use), rule.patterns[0]) == 0
 
 
 def test_channels_last_scan_leaves_scans_with_other_uses():
@@ -397,7 +507,7 @@ def test_x_proj_reads_the_codes_its_conv_writes(models):
         (lin,) = users[1].users
         assert lin.target is int8_linear_decomposed_codes and lin.args[0] is users[1]
         assert n.args[8].target == lin.args[1].target and n.args[9:11] == (-127, 127) and lin.args[2] == 127
-    assert n_int8(gm) == (2, 2) and n_int8(ogm) == (4, 0)
+    assert n_int8(gm) == (1, 3) and n_int8(ogm) == (3, 1)  # (out_proj on the backward scan's codes)
     # the lowered model's numbers do not move, bit for bit
     y = low(X)
     assert torch.equal(y, off(X)) and close(y, q(X))
@@ -650,7 +760,7 @@ def test_convert_can_return_the_lowered_model(models):
     torch.manual_seed(0)
     m = VisionMamba(tiny_config(depth=1)).eval()
     low = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False, lower=True)
-    assert getattr(low, "lowered", False) and n_int8(low.graph_module) == (2, 2)
+    assert getattr(low, "lowered", False) and n_int8(low.graph_module) == (1, 3)
     assert len(calls(low.graph_module, SCAN_DT_OP)) == 2  # (the dt_proj)
     assert torch.equal(low(X), models["W8A8"].lower()(X))  # same model, same seed: same numbers
 

@@ -653,3 +653,117 @@ def test_dt_scan_checks_its_inputs():
     bad[1] = i["dt_in"][:, :5]
     with pytest.raises(RuntimeError, match="dt_in has shape"):
         SCAN_DT(*bad, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# selective_scan_dt as a bidirectional mixer's backward scan: z read reversed, out_proj's codes
+
+
+def combine_inputs(i, scale="token", seed=0):
+    """The forward scan's output (channel-contiguous, as the lowered graph's) and out_proj's static
+    input scale: per token (1, L, 1) or per tensor (1,), sized so that codes saturate at both ends."""
+    g = torch.Generator().manual_seed(seed)
+    b, d, L = i["u"].shape
+    yf = (torch.randn(b, L, d, generator=g) * 3).transpose(1, 2)
+    shape = (1, L, 1) if scale == "token" else (1,)
+    return yf, torch.rand(shape, generator=g) * 0.02 + 0.01
+
+
+def unfused_mixer_codes(i, softplus, yf, xs, qmax=127, z_given=True):
+    """The graph the rule replaces: the backward scan on the flipped z, flip, add, / 2, transpose and
+    int8_linear_decomposed's quantization (the codes it hands its integer product)."""
+    args, kw = dt_args(i, softplus, True)
+    args = list(args)
+    args[16] = i["z"].flip(-1) if z_given else None
+    yb = SCAN_DT(*args, **kw)
+    x = ((yf + yb.flip(-1)) / 2).transpose(1, 2)
+    codes = torch.round(x.reshape(-1, x.shape[-1]) / xs.float().expand(*x.shape[:-1], 1).reshape(-1, 1))
+    # (int8_linear_decomposed's first lines)
+    return codes.clamp(-qmax, qmax).reshape(x.shape), yb
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 17, 16, 24), (3, 37, 13, 4, 5), (1, 50, 1, 16, 3), (2, 19, 66, 5, 48)])
+@pytest.mark.parametrize("scale", ["token", "tensor"])
+@pytest.mark.parametrize("z_given", [True, False])
+def test_dt_scan_reversed_z_and_out_proj_codes_equal_the_unfused_chain(shape, scale, z_given):
+    i = dt_chain_inputs(*shape, seed=sum(shape) + 1)
+    yf, xs = combine_inputs(i, scale, seed=sum(shape))
+    ref_codes, ref_yb = unfused_mixer_codes(i, True, yf, xs, z_given=z_given)
+    args, kw = dt_args(i, True, True)
+    args = list(args)
+    args[16] = i["z"] if z_given else None
+    # z read reversed: the same output as the scan on the flipped copy
+    yb = SCAN_DT(*args, **kw, z_reverse=True)
+    assert torch.equal(yb, ref_yb) and yb.stride() == ref_yb.stride()
+    # and the codes
+    codes = SCAN_DT(*args, **kw, z_reverse=True, combine=yf, code_scale=xs)
+    assert codes.dtype == torch.int8 and codes.shape == (shape[0], shape[2], shape[1]) and codes.is_contiguous()
+    assert torch.equal(codes.float(), ref_codes)
+    assert (ref_codes == 127).any() or shape[2] * shape[1] < 100  # saturation exercised on the larger shapes
+    # a time-contiguous forward output gives the same codes
+    assert torch.equal(SCAN_DT(*args, **kw, z_reverse=True, combine=yf.contiguous(), code_scale=xs), codes)
+
+
+def test_dt_scan_codes_narrower_range_time_contiguous_z_and_linear_after():
+    from ouromamba_fx.ops.int8_linear import int8_linear_decomposed, int8_linear_decomposed_codes
+
+    i = dt_chain_inputs(2, 40, 21, 16, 24, seed=7)
+    i["z"] = i["z"].contiguous()  # time-contiguous z: read reversed through the in-register transposes
+    yf, xs = combine_inputs(i, seed=7)
+    ref_codes, yb = unfused_mixer_codes(i, True, yf, xs, qmax=31)
+    args, kw = dt_args(i, True, True)
+    codes = SCAN_DT(*args, **kw, z_reverse=True, combine=yf, code_scale=xs, code_qmin=-31, code_qmax=31)
+    assert torch.equal(codes.float(), ref_codes) and codes.abs().max() == 31
+    # out_proj on the codes: the numbers of int8_linear_decomposed on the float mixer output
+    w = torch.randint(-127, 128, (24, 40), dtype=torch.int8)
+    ws = torch.rand(24) * 0.01
+    bias = torch.randn(24)
+    x = ((yf + yb.flip(-1)) / 2).transpose(1, 2)
+    assert torch.equal(int8_linear_decomposed_codes(codes, xs, 31, w, ws, bias),
+                       int8_linear_decomposed(x, xs, -31, 31, w, ws, bias))
+
+
+def test_dt_scan_codes_other_dtypes_fake_opcheck_and_without_kernels(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ouromamba_fx.ops.scan import combine_codes_ref
+
+    i = dt_chain_inputs(2, 20, 7, 3, 4, seed=2)
+    yf, xs = combine_inputs(i, seed=2)
+    args, kw = dt_args(i, True, True)
+    kw = dict(kw, z_reverse=True, combine=yf, code_scale=xs)
+    codes = SCAN_DT(*args, **kw)
+    torch.library.opcheck(SCAN_DT, args, kw)
+    with FakeTensorMode() as mode:
+        fake = SCAN_DT(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args),
+                       **{k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    assert fake.shape == codes.shape and fake.dtype == torch.int8 and fake.stride() == codes.stride()
+    # float64 scan (the ATen path after the scan): the graph's operations in float64, then float32
+    a64 = list(args)
+    for k in (0, 12, 13, 14, 15, 16, 17):
+        a64[k] = a64[k].double()
+    y64 = SCAN_DT(*a64, channels_last=True, z_reverse=True)
+    c64 = SCAN_DT(*a64, **dict(kw, combine=yf.double()))
+    assert torch.equal(c64, combine_codes_ref(y64, yf.double(), xs, -127, 127))
+    with pytest.raises(RuntimeError, match="code_scale"):
+        SCAN_DT(*args, **dict(kw, code_scale=torch.rand(1, 1, 7)))
+    with pytest.raises(RuntimeError, match="combine"):
+        SCAN_DT(*args, **dict(kw, combine=yf[:, :, :3]))
+    # without the C++ kernel: plain torch (reference scan), the same codes up to the scan's rounding
+    without_kernels(monkeypatch, SELECTIVE_SCAN)
+    ref = SCAN_DT(*args, **kw)
+    assert ref.dtype == torch.int8 and ref.shape == codes.shape
+    assert (ref.int() - codes.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 37, 13, 4), (1, 16, 1, 16), (2, 33, 40, 5)])
+def test_scan_cl_reads_z_reversed(dtype, shape):
+    """selective_scan_cl(z_reverse=True) is the scan on z.flip(-1), for time- and channel-contiguous z."""
+    a = make_inputs(*shape, dtype=dtype, seed=sum(shape))
+    for z in (a["z"], a["z"].transpose(1, 2).contiguous().transpose(1, 2)):
+        args = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"])
+        ref = SCAN_CL(*args, z.flip(-1), a["delta_bias"], True)
+        out = SCAN_CL(*args, z, a["delta_bias"], True, z_reverse=True)
+        assert torch.equal(out, ref) and out.stride() == ref.stride()
+    torch.library.opcheck(SCAN_CL, args + (z, a["delta_bias"], True), {"z_reverse": True})

@@ -72,6 +72,14 @@ def lowering_passes(**options) -> list[Pass]:
     bit, without a quantize pass over the conv's output; CPU targets only. Off, x_proj quantizes
     the conv's output itself.
 
+    ``scan_combine`` (on): in a bidirectional (Vim) mixer the backward scan reads the gate ``z``
+    time-reversed instead of a flipped copy (channel-contiguous scans: ``selective_scan_cl`` and
+    ``selective_scan_dt``), and, where ``dt_scan`` fused it and out_proj is a W8A8 decomposed
+    linear, writes out_proj's int8 input codes itself (``combine``: its output flipped,
+    averaged with the forward scan's and quantized with the graph's operations in their order, the
+    same codes bit for bit); out_proj then takes the codes. The flips, the mean and the quantization
+    pass over the mixer's float output are gone (the codes: CPU targets only, as ``dt_scan``).
+
     ``inproj_epilogue`` (on): where ``conv_silu`` made the mixer's convs ops and a decomposed int8
     linear (in_proj) feeds them its first half through ``.transpose(1, 2).chunk(2, dim=1)``, the
     linear stops at its integer products

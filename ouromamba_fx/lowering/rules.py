@@ -73,6 +73,17 @@ the rest. :func:`lowering_rules` lists them in the order they run:
   itself from ``dt_in`` (the x_proj output's columns), the same numbers bit for bit, without the
   short-reduction GEMM and the epilogue pass over a (batch, L, d_inner) tensor in between. CPU
   targets only (lowering option ``dt_scan``).
+* ``reverse_scan_gate`` -- ``selective_scan_dt`` or ``selective_scan_cl`` whose gate ``z`` is
+  ``x.flip(-1)`` reads ``x`` time-reversed instead (``z_reverse``): the flipped copy is not made
+  (lowering option ``scan_combine``).
+* ``fuse_scan_combine`` -- a bidirectional (Vim) mixer's ``int8_linear_decomposed(((y_f +
+  y_b.flip(-1)) / 2).transpose(1, 2))`` (out_proj), y_b a ``selective_scan_dt`` and nothing else
+  reading the pieces, becomes the backward scan with ``combine=y_f``, which writes out_proj's int8
+  input codes (batch, L, d_inner) with the graph's float operations in their order (the same
+  codes), and :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed_codes` on them: the
+  flipped output, the mean and the quantization pass over two (batch, d_inner, L) float tensors
+  are gone. Lowering option ``scan_combine``; on CUDA targets (no ``selective_scan_dt`` there) the
+  plain-torch flip, mean and quantization stay, and the log says so.
 * ``fuse_linear_mixed_fake_quant`` -- ``mixed_fake_quant`` of a short-reduction
   ``w4a4o8_linear_rt`` (Vim's dt_proj feeding the scan's delta) becomes
   ``ouromamba::w4a4o8_linear_mixed``, one pass per row.
@@ -110,7 +121,7 @@ from ouromamba_fx.ops.scan_quant import SCAN_INT8_INPUTS_OP, SCAN_REPARAM_OP
 from ouromamba_fx.ops.w4a4o8_linear import (SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                             w4a4o8_linear_masked_decomposed)
 from ouromamba_fx.passes.spec import ActSpec
-from ouromamba_fx.tags import SPEC, Kind, absorb_site, carry_spec
+from ouromamba_fx.tags import ABSORBED, SPEC, Kind, absorb_site, carry_spec
 
 
 @dataclass(frozen=True)
@@ -137,6 +148,10 @@ class LoweringOptions:
     # the mixer's conv also writes x_proj's int8 input codes (ouromamba::causal_conv1d_silu_codes);
     # CPU targets only, and only where conv_silu made the conv an op
     conv_codes: bool = True
+    # a bidirectional mixer's backward scan reads z reversed (selective_scan_dt / _cl), and a
+    # selective_scan_dt emits out_proj's int8 input codes (the flips, the mean and the quantization
+    # pass gone); the codes where dt_scan fused, so CPU only
+    scan_combine: bool = True
     # in_proj's epilogue applied by the convs as they load its x half (and alone on its z half);
     # CPU targets only, and only where conv_silu made the convs ops
     inproj_epilogue: bool = True
@@ -456,6 +471,102 @@ def _build_dt_scan(gm: fx.GraphModule, m: Match, state: dict) -> Built:
 
 
 # ---------------------------------------------------------------------------------------------
+# reverse_scan_gate, fuse_scan_combine: the bidirectional (Vim) mixer's flips and out_proj's
+# quantization done by its backward scan
+
+# the position of z in the arguments of the scans that take z_reverse
+_Z_ARG = {SCAN_DT_OP: 16, SCAN_CHANNELS_LAST_OP: 6}
+
+
+def _match_reversed_gate(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    """``selective_scan_dt`` / ``selective_scan_cl`` with ``z=x.flip(-1)``: the scan reads ``x``
+    time-reversed instead."""
+    if not is_call(node, tuple(_Z_ARG)) or node.kwargs.get("z_reverse", False) or len(node.args) <= _Z_ARG[node.target]:
+        return None
+    z = node.args[_Z_ARG[node.target]]
+    return Match(node, dict(z=z)) if flip_last(z) and ndim(z.args[0]) in (3, None) else None
+
+
+def _build_reversed_gate(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    node = m.anchor
+    args = list(node.args)
+    args[_Z_ARG[node.target]] = m.fields["z"].args[0]
+    node.args = tuple(args)  # the flip, now unread here, goes with the cleanup if nothing else reads it
+    node.kwargs = {**node.kwargs, "z_reverse": True}
+    return Built(None)
+
+
+_ADD_TARGETS = (operator.add, torch.add, torch.ops.aten.add.Tensor)
+_DIV_TARGETS = (operator.truediv, torch.div, torch.true_divide, torch.ops.aten.div.Tensor)
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool | None:
+    """Whether two nodes' recorded values have the same shape; None where a graph records none."""
+    shapes = []
+    for n in (a, b):
+        v = next((n.meta[k] for k in ("val", "example_value") if isinstance(n.meta.get(k), torch.Tensor)), None)
+        tm = n.meta.get("tensor_meta")
+        shapes.append(tuple(v.shape) if v is not None else tuple(tm.shape) if hasattr(tm, "shape") else None)
+    return None if None in shapes else shapes[0] == shapes[1]
+
+
+def _match_scan_combine(target: str):
+    def match(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+        """``int8_linear_decomposed(((y_f + y_b.flip(-1)) / 2).transpose(1, 2), ...)`` (out_proj of a
+        bidirectional mixer; the addition in either order) where y_b is a ``selective_scan_dt`` and
+        y_b, its flip, the sum, the mean and the transpose have no other use."""
+        if not is_call(node, int8_linear_decomposed) or len(node.args) != 7:
+            return None
+        tr, s_n, qmin, qmax = node.args[:4]
+        if not (isinstance(tr, fx.Node) and swaps_last_two(tr) and len(tr.users) == 1 and tr.args[0] is not None):
+            return None
+        div = tr.args[0]
+        if not is_call(div, _DIV_TARGETS) or len(div.args) != 2 or div.kwargs or len(div.users) != 1:
+            return None
+        add, two = div.args
+        if isinstance(two, bool) or not isinstance(two, (int, float)) or two != 2:
+            return None
+        if not is_call(add, _ADD_TARGETS) or len(add.args) != 2 or add.kwargs or len(add.users) != 1:
+            return None
+        flips = [a for a in add.args if flip_last(a) and len(a.users) == 1]
+        if not flips:
+            return None
+        fl = flips[0]
+        yf = add.args[1] if add.args[0] is fl else add.args[0]
+        yb = fl.args[0]
+        if not isinstance(yf, fx.Node) or not isinstance(yb, fx.Node) or len(yb.users) != 1:
+            return None
+        if is_call(yb, (SCAN_OP, SCAN_CHANNELS_LAST_OP)) and _for_gpu(target, const(gm, node.args[4])):
+            state.setdefault("notes", Counter())["kept for CUDA: the Triton scan writes its float output (the "
+                                                 "flip, mean and quantization stay plain torch)"] += 1
+            return None
+        if not is_call(yb, SCAN_DT_OP) or yb.kwargs.get("combine") is not None:
+            return None
+        s = const(gm, s_n)
+        if not _int8_range(qmin, qmax) or qmin >= qmax or s is None or s.dim() > 3 or (s.dim() and s.shape[-1] != 1):
+            return None
+        # y_f must have y_b's shape (the op reads it as (batch, d_inner, L)): the recorded shapes,
+        # or, in a graph without shapes, y_f another scan's output
+        same = _same_shape(yf, yb)
+        if same is False or (same is None and not is_call(yf, (SCAN_OP, SCAN_CHANNELS_LAST_OP, SCAN_DT_OP))):
+            return None
+        return Match(node, dict(yf=yf, yb=yb), erase=(tr, div, add, fl, yb))
+    return match
+
+
+def _build_scan_combine(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    lin, yf, yb = m.anchor, m.fields["yf"], m.fields["yb"]
+    _, s_n, qmin, qmax, wq_n, ws_n, b = lin.args
+    codes = gm.graph.call_function(SCAN_DT_OP, yb.args, {**yb.kwargs, "combine": yf, "code_scale": s_n,
+                                                         "code_qmin": qmin, "code_qmax": qmax})
+    if ABSORBED in yb.meta:
+        codes.meta[ABSORBED] = yb.meta[ABSORBED]  # (the dt_proj the scan computes)
+    new = gm.graph.call_function(int8_linear_decomposed_codes, (codes, s_n, max(-qmin, qmax), wq_n, ws_n, b))
+    return Built(new, ((yb, codes, dict(kind=Kind.FUSED, op="selective_scan_dt")),
+                       (lin, new, dict(kind=Kind.FUSED, op="int8_linear_decomposed_codes"))), keep_tensor_meta=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # lower_conv1d_silu
 
 def _match_conv1d_silu(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
@@ -765,6 +876,9 @@ def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
                    (Pattern(_match_mixed_site, _build_mixed_site(o.mixed_fused)),))]
     if o.dt_scan:
         rules.append(Rule("fuse_dt_scan", "scan(s)", (Pattern(_match_dt_scan(o.target), _build_dt_scan),)))
+    if o.scan_combine:
+        rules += [Rule("reverse_scan_gate", "scan(s)", (Pattern(_match_reversed_gate, _build_reversed_gate),)),
+                  Rule("fuse_scan_combine", "mixer(s)", (Pattern(_match_scan_combine(o.target), _build_scan_combine),))]
     if o.mixed_fused:
         rules.append(Rule("fuse_linear_mixed_fake_quant", "linear(s)",
                           (Pattern(_match_linear_then_mixed, _build_linear_then_mixed),)))

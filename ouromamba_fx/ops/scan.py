@@ -42,7 +42,8 @@ from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 from ouromamba_fx.ops.dispatch import register_cuda
 
-__all__ = ["selective_scan", "selective_scan_channels_last", "selective_scan_dt", "dt_delta_ref", "scan_backend",
+__all__ = ["selective_scan", "selective_scan_channels_last", "selective_scan_dt", "dt_delta_ref", "combine_codes_ref",
+           "scan_backend",
            "SCAN_OP", "SCAN_BWD_OP", "SCAN_CHANNELS_LAST_OP", "SCAN_DT_OP"]
 
 
@@ -179,7 +180,7 @@ def _channels_last(t: Tensor) -> Tensor:
 @torch.library.custom_op("ouromamba::selective_scan_cl", mutates_args=())
 def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                           z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-                          fast_decay: bool = False) -> Tensor:
+                          fast_decay: bool = False, z_reverse: bool = False) -> Tensor:
     """``ouromamba::selective_scan`` (same arguments, same numbers) whose output (batch, dim, L) lies
     in channel-contiguous memory, strides ``(L * dim, 1, dim)``: the layout of the transposed input
     of the out_proj after it, which then reads each token's channels contiguously. The CPU kernel
@@ -192,17 +193,22 @@ def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     polynomial (relative error under 2.9e-6 per decay, exact at dt A = 0) instead of the degree-5
     one (under 2 ulp): the lowering option ``fast_decay`` for quantized models, whose scan inputs
     carry 8-bit quantization error anyway. Other kernels (float64, reference, CUDA) compute the
-    decays exactly and ignore it."""
+    decays exactly and ignore it.
+
+    ``z_reverse=True`` reads the gate ``z`` time-reversed: the numbers of ``z.flip(-1)`` without
+    the copy (the backward scan of a bidirectional mixer; lowering rule ``reverse_scan_gate``)."""
     # CPU: the C++ kernel (once the library is loaded, CPU calls go to its registered C++ op
     # directly, kernels/cpu/ops.cpp); other devices without their own kernel: the reference.
     ext = _cpu_kernels(u)
     if ext is None:
+        z = z.flip(-1) if z_reverse and z is not None else z
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
-    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True, bool(fast_decay))
+    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True, bool(fast_decay), bool(z_reverse))
 
 
 @register_cuda(selective_scan_channels_last)
-def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False):
+def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False, z_reverse=False):
+    z = z.flip(-1) if z_reverse and z is not None else z
     if not _triton_takes(B, C):
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
     from ouromamba_fx.kernels.triton.scan import selective_scan_fwd
@@ -211,7 +217,7 @@ def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
 
 @selective_scan_channels_last.register_fake
-def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False):
+def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False, z_reverse=False):
     torch._check(u.dim() == 3, lambda: f"selective_scan_cl: u must be (batch, d_inner, L), got {tuple(u.shape)}")
     b, d, length = u.shape
     return u.new_empty_strided((b, d, length), (length * d, 1, d))
@@ -248,7 +254,46 @@ def dt_delta_ref(dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, dt_qmax: int, dt
 _SCAN_DT_SCHEMA = ("(Tensor u, Tensor dt_in, Tensor dt_scale, int dt_qmin, int dt_qmax, Tensor dt_weight, "
                    "Tensor dt_wscale, Tensor? dt_bias, Tensor delta_scale, Tensor delta_zp, int delta_qmin, "
                    "int delta_qmax, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-                   "bool delta_softplus, bool channels_last=False, bool fast_decay=False) -> Tensor")
+                   "bool delta_softplus, bool channels_last=False, bool fast_decay=False, bool z_reverse=False, "
+                   "Tensor? combine=None, Tensor? code_scale=None, int code_qmin=-127, int code_qmax=127) -> Tensor")
+
+
+def combine_codes_ref(y: Tensor, combine: Tensor, code_scale: Tensor, code_qmin: int, code_qmax: int) -> Tensor:
+    """The codes ``ouromamba::selective_scan_dt`` with ``combine`` returns, in plain torch: the
+    bidirectional mixer's ``(combine + y.flip(-1)) / 2`` (``y`` the backward scan's output,
+    ``combine`` the forward scan's, (batch, d_inner, L)), transposed to (batch, L, d_inner) and
+    quantized as :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed` quantizes out_proj's
+    input (``round(x / code_scale).clamp(code_qmin, code_qmax)``, ``code_scale`` broadcastable to
+    (batch, L, 1)); int8, contiguous."""
+    x = ((combine + y.flip(-1)) / 2).transpose(1, 2).float()
+    xs = code_scale.float().expand(*x.shape[:-1], 1)
+    return torch.round(x / xs).clamp(code_qmin, code_qmax).to(torch.int8).contiguous()
+
+
+def _scan_dt_unfused(scan, u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
+                     delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus, channels_last, fast_decay,
+                     z_reverse, combine, code_scale, code_qmin, code_qmax):
+    """selective_scan_dt from its pieces in plain torch: :func:`dt_delta_ref`, ``scan(u, delta, ...,
+    channels_last, fast_decay)`` on the flipped z, :func:`combine_codes_ref`."""
+    delta = dt_delta_ref(dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
+                         delta_qmin, delta_qmax).to(u.dtype)
+    if z_reverse and z is not None:
+        z = z.flip(-1)
+    y = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, channels_last and combine is None, fast_decay)
+    if combine is None:
+        return y
+    _check_codes(u, combine, code_scale, code_qmin, code_qmax)
+    return combine_codes_ref(y, combine, code_scale, code_qmin, code_qmax)
+
+
+def _check_codes(u, combine, code_scale, code_qmin, code_qmax) -> None:
+    torch._check(tuple(combine.shape) == tuple(u.shape), lambda: f"selective_scan_dt: combine (the forward scan's "
+                 f"output) must have u's shape {tuple(u.shape)}, got {tuple(combine.shape)}")
+    torch._check(code_scale is not None and code_scale.dim() <= 3 and (code_scale.dim() == 0 or code_scale.shape[-1] == 1),
+                 lambda: "selective_scan_dt: combine needs code_scale, out_proj's input scale broadcastable to "
+                         "(batch, L, 1)")
+    torch._check(-128 <= code_qmin < code_qmax <= 127,
+                 lambda: f"selective_scan_dt: code range [{code_qmin}, {code_qmax}] does not fit int8")
 
 
 @torch.library.custom_op("ouromamba::selective_scan_dt", mutates_args=(), schema=_SCAN_DT_SCHEMA)
@@ -256,7 +301,9 @@ def selective_scan_dt(u: Tensor, dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, 
                       dt_wscale: Tensor, dt_bias: Optional[Tensor], delta_scale: Tensor, delta_zp: Tensor,
                       delta_qmin: int, delta_qmax: int, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-                      channels_last: bool = False, fast_decay: bool = False) -> Tensor:
+                      channels_last: bool = False, fast_decay: bool = False, z_reverse: bool = False,
+                      combine: Optional[Tensor] = None, code_scale: Optional[Tensor] = None, code_qmin: int = -127,
+                      code_qmax: int = 127) -> Tensor:
     """``ouromamba::selective_scan`` (``selective_scan_cl`` with ``channels_last``) on the delta of
     :func:`dt_delta_ref`, computed inside the scan: ``dt_in`` (batch, L, dt_rank) float, any
     strides, is the x_proj output's dt columns; ``dt_scale`` broadcasts to (batch, L, 1), the int8
@@ -270,37 +317,58 @@ def selective_scan_dt(u: Tensor, dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, 
     operations in their order (no contractions): the same numbers as the unfused graph, bit for
     bit (tests/test_scan_op.py). Float64 scans take the delta from ATen ops in float32 (as the
     graph computes it). Other devices compute :func:`dt_delta_ref` and run the scan op. Forward
-    only (inference graphs)."""
+    only (inference graphs).
+
+    The backward scan of a bidirectional (Vim) mixer: ``z_reverse=True`` reads ``z`` time-reversed
+    (the mixer's ``z.flip(-1)``, never copied), and with ``combine`` (the forward scan's output,
+    (batch, d_inner, L)) the op returns out_proj's int8 input codes (batch, L, d_inner),
+    contiguous, instead of its output: :func:`combine_codes_ref` of the output with ``combine``,
+    ``code_scale``, ``code_qmin`` and ``code_qmax`` (the lowering rule ``fuse_scan_combine``,
+    option ``scan_combine``). The CPU kernel writes the codes from each block's output tile with
+    the graph's float operations in their order: the same codes bit for bit, without the
+    flipped copy of z or the mixer's output in memory."""
     ext = _cpu_kernels(u)
     if ext is None:
-        delta = dt_delta_ref(dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
-                             delta_qmin, delta_qmax)
-        out = _reference_forward(u, delta.to(u.dtype), A, B, C, D, z, delta_bias, delta_softplus)
-        return _channels_last(out) if channels_last else out
+        def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cl, fast):
+            out = _reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+            return _channels_last(out) if cl else out
+
+        return _scan_dt_unfused(scan, u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias,
+                                delta_scale, delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus,
+                                channels_last, fast_decay, z_reverse, combine, code_scale, code_qmin, code_qmax)
     return torch.ops.ouromamba_cpu.scan_dt_fwd.default(
         u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp, delta_qmin,
-        delta_qmax, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(channels_last), bool(fast_decay))
+        delta_qmax, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(channels_last), bool(fast_decay),
+        bool(z_reverse), combine, code_scale, int(code_qmin), int(code_qmax))
 
 
 @register_cuda(selective_scan_dt)
 def _selective_scan_dt_cuda(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale,
                             delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus,
-                            channels_last=False, fast_decay=False):
-    delta = dt_delta_ref(dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
-                         delta_qmin, delta_qmax).to(u.dtype)
-    if channels_last:
-        return SCAN_CHANNELS_LAST_OP(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay)
-    return SCAN_OP(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+                            channels_last=False, fast_decay=False, z_reverse=False, combine=None, code_scale=None,
+                            code_qmin=-127, code_qmax=127):
+    def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cl, fast):
+        if cl:
+            return SCAN_CHANNELS_LAST_OP(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast)
+        return SCAN_OP(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+    return _scan_dt_unfused(scan, u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale,
+                            delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus, channels_last,
+                            fast_decay, z_reverse, combine, code_scale, code_qmin, code_qmax)
 
 
 @selective_scan_dt.register_fake
 def _selective_scan_dt_fake(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale,
                             delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus,
-                            channels_last=False, fast_decay=False):
+                            channels_last=False, fast_decay=False, z_reverse=False, combine=None, code_scale=None,
+                            code_qmin=-127, code_qmax=127):
     torch._check(u.dim() == 3, lambda: f"selective_scan_dt: u must be (batch, d_inner, L), got {tuple(u.shape)}")
     torch._check(dt_in.dim() == 3, lambda: f"selective_scan_dt: dt_in must be (batch, L, dt_rank), got "
                                            f"{tuple(dt_in.shape)}")
     b, d, length = u.shape
+    if combine is not None:
+        _check_codes(u, combine, code_scale, code_qmin, code_qmax)
+        return u.new_empty((b, length, d), dtype=torch.int8)
     if channels_last:
         return u.new_empty_strided((b, d, length), (length * d, 1, d))
     return u.new_empty(u.shape)

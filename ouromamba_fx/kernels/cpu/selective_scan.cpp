@@ -84,6 +84,9 @@ struct Seq {
   const T* p = nullptr;
   int64_t sb = 0, sd = 0, st = 0;
   bool rows = true;  // time-contiguous
+  // read time-reversed: step t of the sequence is step L - 1 - t of the memory (the tile is loaded
+  // in memory order and its steps reversed, so both layouts and the prefetcher read it as they lie)
+  bool reverse = false;
   explicit operator bool() const { return p != nullptr; }
 };
 
@@ -96,12 +99,31 @@ struct DtFused {
   int64_t xs_b = 0, xs_t = 0;
   float qmin = 0.0f, qmax = 0.0f;
   const float* wt = nullptr;    // the weight codes transposed: (R, dim) contiguous float32
+  // AVX512-VNNI builds: the weight codes as int32 words of 4 consecutive codes of a channel,
+  // (R4 / 4, dim) contiguous (R4: R rounded up to a multiple of 4, zero codes beyond R), and each
+  // channel's sum of codes (dim,); null: the float product
+  const int32_t* wg = nullptr;
+  const int32_t* wsum = nullptr;
+  int64_t R4 = 0;
   const float* ws = nullptr;    // the weight scales (dim,)
   const float* bias = nullptr;  // (dim,) or null
   const float* ds = nullptr;    // delta's scale and zero point, strides over (batch, dim, L)
   const float* dz = nullptr;
   int64_t ds_b = 0, ds_d = 0, ds_t = 0, dz_b = 0, dz_d = 0, dz_t = 0;
   float dqmin = 0.0f, dqmax = 0.0f;
+};
+
+// ouromamba::selective_scan_dt with `combine` (the backward scan of a bidirectional Vim mixer,
+// finishing it): the block's output y (after the gate), reversed in time, is averaged with the
+// forward scan's output and quantized to out_proj's int8 input codes, in the graph's order:
+//   codes[b, t, d] = clamp(round_half_even(((yf[b, d, t] + y[b, d, L - 1 - t]) / 2) / xs[b, t]), qmin, qmax)
+// written (batch, L, dim) contiguous. float32 only.
+struct CombineOut {
+  Seq<float> yf;             // (batch, dim, L)
+  const float* xs = nullptr;  // out_proj's per-token scale, strides over (batch, L)
+  int64_t xs_b = 0, xs_t = 0;
+  float qmin = 0.0f, qmax = 0.0f;
+  int8_t* codes = nullptr;    // (batch, L, dim) contiguous
 };
 
 template <typename T>
@@ -117,6 +139,7 @@ struct Problem {
   bool out_cl = false;       // forward output channel-contiguous ((batch, L, dim) memory), else time-contiguous
   bool fast_decay = false;   // forward decays with the degree-4 exp2 (float32 only; om_vec.h kExp2Poly4)
   const DtFused* dt = nullptr;  // set: delta is computed from dt_in (float32 forward only), P.delta unused
+  const CombineOut* combine = nullptr;  // set: the forward writes out_proj's codes (float32 only), no `out`
   struct BC {
     const T* p = nullptr;
     int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
@@ -201,7 +224,7 @@ inline void transpose8(__m256* r) {
 // through in-register 16 x 16 transposes where the square is full (floats), element by element
 // otherwise; channel-contiguous inputs are plain vector loads.
 template <typename T>
-inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int64_t d0, int nl, int64_t L) {
+inline void load_tile_as_stored(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int64_t d0, int nl, int64_t L) {
   using V [[maybe_unused]] = typename Vec<T>::V;  // (not with OM_TILE8)
   constexpr int W = Vec<T>::W;
   T* s = reinterpret_cast<T*>(tile);
@@ -251,6 +274,13 @@ inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int6
     const T* row = src + l * rs;
     for (int64_t t = t0; t < L; ++t) s[t * W + l] = row[t];
   }
+}
+
+// load_tile_as_stored, then for a time-reversed input (x.reverse) the tile's steps reversed.
+template <typename T>
+inline void load_tile(typename Vec<T>::V* tile, const Seq<T>& x, int64_t b, int64_t d0, int nl, int64_t L) {
+  load_tile_as_stored<T>(tile, x, b, d0, nl, L);
+  if (x.reverse) std::reverse(tile, tile + L);
 }
 
 // Prefetches the next block's inputs while the current block computes: one cache line per input
@@ -363,6 +393,12 @@ struct Scratch {
   std::vector<float> dq, dxs;
   std::vector<V> dw;
   int64_t dq_b = -1;
+  // the same codes plus 128 as unsigned bytes, 4 per word, (L, R4 / 4), and the block's weight
+  // words (the VNNI product)
+  std::vector<uint32_t> dqw;
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  std::vector<__m512i> dwi;
+#endif
 
   Scratch(int64_t L, int64_t N, bool backward) {
     const int64_t tiles = backward ? 6 * L : 3 * L;
@@ -410,6 +446,81 @@ inline Vec<float>::V lanes_or(const float* p, int nl, int64_t stride, float fill
 // a product before it with an addition after it into one multiply-add).
 #define OM_NO_CONTRACT() __asm__ __volatile__("" ::: "memory")
 
+// The integer products acc[t] = sum_r q[t, r] * w[d, r] of a block's dt_proj into S.DT, in
+// float32 (integers below 2^24: exact in any order). Four steps share each weight vector load;
+// R multiply-adds per step and block of W channels.
+inline void dt_products(const DtFused& G, int64_t L, int64_t dim, int64_t d0, int nl, Scratch<float>& S) {
+  using F = Vec<float>;
+  using V = F::V;
+  const int64_t R = G.R;
+  S.dw.resize(static_cast<size_t>(R));
+  V* __restrict__ w = S.dw.data();
+  for (int64_t r = 0; r < R; ++r) w[r] = lanes<float>(G.wt + r * dim + d0, nl);
+  const float* __restrict__ q = S.dq.data();
+  V* __restrict__ DT = S.DT;
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
+    const float* q0 = q + t * R;
+    V a0 = F::splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t r = 0; r < R; ++r) {
+      const V wr = w[r];
+      a0 += F::splat(q0[r]) * wr;
+      a1 += F::splat(q0[R + r]) * wr;
+      a2 += F::splat(q0[2 * R + r]) * wr;
+      a3 += F::splat(q0[3 * R + r]) * wr;
+    }
+    DT[t] = a0;
+    DT[t + 1] = a1;
+    DT[t + 2] = a2;
+    DT[t + 3] = a3;
+  }
+  for (; t < L; ++t) {
+    V a = F::splat(0.0f);
+    for (int64_t r = 0; r < R; ++r) a += F::splat(q[t * R + r]) * w[r];
+    DT[t] = a;
+  }
+  OM_NO_CONTRACT();
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+// dt_products with AVX512-VNNI integer dot products: per step and group of 4 codes one vpdpbusd
+// (16 channels x 4 products, exact int32 sums) instead of 4 float multiply-adds. vpdpbusd takes
+// one unsigned operand: the codes plus 128 (S.dqw), and 128 * sum_r w[d, r] subtracted after.
+// The same integers as dt_products, hence the same floats.
+inline void dt_products_vnni(const DtFused& G, int64_t L, int64_t dim, int64_t d0, int nl, Scratch<float>& S) {
+  const int64_t ng = G.R4 / 4;
+  const __mmask16 m = static_cast<__mmask16>((1u << nl) - 1u);
+  S.dwi.resize(static_cast<size_t>(ng));
+  __m512i* __restrict__ w = S.dwi.data();
+  for (int64_t g = 0; g < ng; ++g) w[g] = _mm512_maskz_loadu_epi32(m, G.wg + g * dim + d0);
+  const __m512i corr = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m, G.wsum + d0), 7);
+  const int32_t* __restrict__ q = reinterpret_cast<const int32_t*>(S.dqw.data());
+  float* DT = reinterpret_cast<float*>(S.DT);
+  int64_t t = 0;
+  for (; t + 4 <= L; t += 4) {
+    const int32_t* q0 = q + t * ng;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const __m512i wg = w[g];
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(q0[g]), wg);
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(q0[ng + g]), wg);
+      a2 = _mm512_dpbusd_epi32(a2, _mm512_set1_epi32(q0[2 * ng + g]), wg);
+      a3 = _mm512_dpbusd_epi32(a3, _mm512_set1_epi32(q0[3 * ng + g]), wg);
+    }
+    _mm512_storeu_ps(DT + t * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a0, corr)));
+    _mm512_storeu_ps(DT + (t + 1) * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a1, corr)));
+    _mm512_storeu_ps(DT + (t + 2) * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a2, corr)));
+    _mm512_storeu_ps(DT + (t + 3) * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a3, corr)));
+  }
+  for (; t < L; ++t) {
+    __m512i a = _mm512_setzero_si512();
+    for (int64_t g = 0; g < ng; ++g) a = _mm512_dpbusd_epi32(a, _mm512_set1_epi32(q[t * ng + g]), w[g]);
+    _mm512_storeu_ps(DT + t * 16, _mm512_cvtepi32_ps(_mm512_sub_epi32(a, corr)));
+  }
+  OM_NO_CONTRACT();
+}
+#endif
+
 // The delta tile of a block of ouromamba::selective_scan_dt, with the operations of the graph it
 // replaces (ops/int8_linear.py int8_linear_decomposed, then ops/quant.py fake_quantize of the
 // transposed result), in their order and without contractions, so the same bits:
@@ -417,7 +528,7 @@ inline Vec<float>::V lanes_or(const float* p, int nl, int64_t stride, float fill
 //   acc[t]   = sum_r q[t, r] * w[d, r]       (integers below 2^24: exact in float32 in any order)
 //   y[t]     = ((acc * xs[b, t]) * ws[d]) + bias[d]
 //   delta[t] = (clamp(round_half_even(y / s) + zp, dqmin, dqmax) - zp) * s   (s, zp at (b, d, t))
-// Four steps share each weight vector load; R multiply-adds per step and block of W channels.
+// The products acc: dt_products (float multiply-adds), or dt_products_vnni on AVX512-VNNI builds.
 inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t d0, int nl, Scratch<float>& S) {
   using F = Vec<float>;
   using V = F::V;
@@ -434,37 +545,32 @@ inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t
         S.dq[t * R + r] = std::min(std::max(v, G.qmin), G.qmax);
       }
     }
+    if (G.wg) {
+      const int64_t ng = G.R4 / 4;
+      S.dqw.assign(static_cast<size_t>(L * ng), 0u);
+      for (int64_t t = 0; t < L; ++t) {
+        for (int64_t r = 0; r < G.R4; ++r) {
+          const uint32_t c = static_cast<uint32_t>(static_cast<int>(r < R ? S.dq[t * R + r] : 0.0f) + 128);
+          S.dqw[t * ng + r / 4] |= c << (8 * (r % 4));
+        }
+      }
+    }
     S.dq_b = b;
   }
-  S.dw.resize(static_cast<size_t>(R));
-  V* __restrict__ w = S.dw.data();
-  for (int64_t r = 0; r < R; ++r) w[r] = lanes<float>(G.wt + r * dim + d0, nl);
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  if (G.wg) {
+    dt_products_vnni(G, L, dim, d0, nl, S);
+  } else
+#endif
+  {
+    dt_products(G, L, dim, d0, nl, S);
+  }
   const V ws = lanes<float>(G.ws + d0, nl);
-  const float* __restrict__ q = S.dq.data();
   const float* __restrict__ xs = S.dxs.data();
   V* __restrict__ DT = S.DT;
-  int64_t t = 0;
-  for (; t + 4 <= L; t += 4) {
-    const float* q0 = q + t * R;
-    V a0 = F::splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
-    for (int64_t r = 0; r < R; ++r) {
-      const V wr = w[r];
-      a0 += F::splat(q0[r]) * wr;
-      a1 += F::splat(q0[R + r]) * wr;
-      a2 += F::splat(q0[2 * R + r]) * wr;
-      a3 += F::splat(q0[3 * R + r]) * wr;
-    }
-    DT[t] = (a0 * F::splat(xs[t])) * ws;
-    DT[t + 1] = (a1 * F::splat(xs[t + 1])) * ws;
-    DT[t + 2] = (a2 * F::splat(xs[t + 2])) * ws;
-    DT[t + 3] = (a3 * F::splat(xs[t + 3])) * ws;
-  }
-  for (; t < L; ++t) {
-    V a = F::splat(0.0f);
-    for (int64_t r = 0; r < R; ++r) a += F::splat(q[t * R + r]) * w[r];
-    DT[t] = (a * F::splat(xs[t])) * ws;
-  }
+  for (int64_t t = 0; t < L; ++t) DT[t] = (DT[t] * F::splat(xs[t])) * ws;
   OM_NO_CONTRACT();
+  int64_t t = 0;
   if (G.bias) {
     const V bias = lanes<float>(G.bias + d0, nl);
     for (t = 0; t < L; ++t) DT[t] = DT[t] + bias;
@@ -528,6 +634,29 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
 
 // ---------------------------------------------------------------------------------------------
 // Forward
+
+// The codes of a block of ouromamba::selective_scan_dt with `combine` (see CombineOut) from its
+// final output tile S.DT (the scan's own time order); S.U is free by now and takes y_f's tile.
+// The graph's operations in its order: an addition, two divisions (no multiply-add can form),
+// round half to even as x + 1.5 * 2^23 - 1.5 * 2^23 on values clamped to +-2^22 first (beyond,
+// every code is clamped to [qmin, qmax] anyway), the clamp.
+inline void combine_block(const CombineOut& M, Scratch<float>& S, int64_t L, int64_t dim, int64_t b, int64_t d0,
+                          int nl) {
+  using F = Vec<float>;
+  using V = F::V;
+  load_tile<float>(S.U, M.yf, b, d0, nl, L);
+  const V two = F::splat(2.0f), big = F::splat(4194304.0f), magic = F::splat(F::kMagic);
+  const V lo = F::splat(M.qmin), hi = F::splat(M.qmax);
+  int8_t* dst = M.codes + b * L * dim + d0;
+  for (int64_t t = 0; t < L; ++t) {
+    const V x = (S.U[t] + S.DT[L - 1 - t]) / two;
+    const V v = F::vmin(F::vmax(x / F::splat(M.xs[b * M.xs_b + t * M.xs_t]), -big), big);
+    const V code = F::vmin(F::vmax((v + magic) - magic, lo), hi);
+    int8_t c[F::W];
+    for (int l = 0; l < F::W; ++l) c[l] = static_cast<int8_t>(static_cast<int>(code[l]));
+    std::memcpy(dst + t * dim, c, static_cast<size_t>(nl));
+  }
+}
 
 #if defined(__AVX__) && !defined(__AVX512F__)
 typedef float V8f __attribute__((vector_size(32), may_alias));
@@ -671,6 +800,9 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     pf.add(P.u, next.b, next.d0, L);
     pf.add(P.delta, next.b, next.d0, L);
     pf.add(P.z, next.b, next.d0, L);
+    if constexpr (std::is_same_v<T, float>) {
+      if (P.combine) pf.add(P.combine->yf, next.b, next.d0, L);
+    }
   }
   V* __restrict__ H = S.H;
   const V* __restrict__ A2 = S.A2;  // A log2 e
@@ -714,6 +846,13 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     }
   } else {
     for (int64_t t = 0; t < L; ++t) S.DT[t] += Dv * S.U[t];
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (P.combine) {
+      OM_NO_CONTRACT();  // (y is final: no multiply above may merge with the addition below)
+      combine_block(*P.combine, S, L, P.dim, b, d0, nl);
+      return;
+    }
   }
   if (P.out_cl) {
     // channel-contiguous output: the tile's rows are the block's channels of each step, as they lie
@@ -1178,7 +1317,7 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
                               const at::Tensor& B, const at::Tensor& C,
                               const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                               const c10::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                              bool channels_last, bool fast_decay) {
+                              bool channels_last, bool fast_decay, bool z_reverse) {
   Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
   // channels_last: (batch, dim, L) seen through a transpose of (batch, L, dim) memory, the layout
   // the transposed out_proj input of a Mamba mixer reads contiguously
@@ -1188,11 +1327,13 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
     if (in.cdt == at::kDouble) {
       auto P = make_problem<double>(in);
       P.out_cl = channels_last;
+      if (P.z) P.z.reverse = z_reverse;
       forward<double>(P, out.data_ptr<double>());
     } else {
       auto P = make_problem<float>(in);
       P.out_cl = channels_last;
       P.fast_decay = fast_decay;
+      if (P.z) P.z.reverse = z_reverse;
       forward<float>(P, out.data_ptr<float>());
     }
   }
@@ -1226,7 +1367,9 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
                                  int64_t delta_qmax, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                  const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
                                  const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                                 bool channels_last, bool fast_decay) {
+                                 bool channels_last, bool fast_decay, bool z_reverse,
+                                 const std::optional<at::Tensor>& combine, const std::optional<at::Tensor>& code_scale,
+                                 int64_t code_qmin, int64_t code_qmax) {
   TORCH_CHECK(u.dim() == 3, "selective_scan_dt: u must be (batch, d_inner, L), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
   TORCH_CHECK(dt_in.dim() == 3 && dt_in.size(0) == batch && dt_in.size(1) == L,
@@ -1242,18 +1385,43 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
   for (const at::Tensor* t : {&dt_in, &dt_scale, &dt_weight, &dt_wscale, &delta_scale, &delta_zp}) {
     TORCH_CHECK(t->device().is_cpu(), "selective_scan_dt (C++ CPU kernel): all inputs must be on CPU");
   }
+  const bool has_combine = combine.has_value() && combine->defined();
+  at::Tensor cs;  // out_proj's scale as (batch, L, 1)
+  if (has_combine) {
+    TORCH_CHECK(combine->sizes() == u.sizes() && combine->device().is_cpu(), "selective_scan_dt: combine (the forward "
+                "scan's output) must be a CPU tensor of u's shape ", u.sizes(), ", got ", combine->sizes());
+    TORCH_CHECK(code_scale.has_value() && code_scale->defined() && code_scale->device().is_cpu() &&
+                    code_scale->dim() <= 3 && (code_scale->dim() == 0 || code_scale->size(-1) == 1),
+                "selective_scan_dt: combine needs code_scale, out_proj's input scale broadcastable to (batch, L, 1)");
+    TORCH_CHECK(-128 <= code_qmin && code_qmin < code_qmax && code_qmax <= 127, "selective_scan_dt: code range [",
+                code_qmin, ", ", code_qmax, "] does not fit int8");
+    cs = code_scale->to(at::kFloat).expand({batch, L, 1});
+  }
   const at::Tensor xs = dt_scale.to(at::kFloat).expand({batch, L, 1});
   const at::Tensor ds = delta_scale.to(at::kFloat).expand({batch, dim, L});
   const at::Tensor dz = delta_zp.to(at::kFloat).expand({batch, dim, L});
   // The fused tile: float32 compute (float64 scans get the delta from ATen, in float32 as the graph
   // computes it), codes within int8 (every partial sum of R <= 1024 products of |q|, |w| <= 128 is
-  // an integer below 2^24, exact in float32 in any order).
+  // an integer below 2^24, exact in float32 in any order). The fused codes: float32 scan output
+  // and forward output (other dtypes: ATen after the scan, in the graph's dtypes).
   const bool fused = u.scalar_type() != at::kDouble && R >= 1 && R <= 1024 && dt_qmin >= -128 && dt_qmax <= 127;
-  if (!fused) {
-    const at::Tensor delta = dt_delta_aten(dt_in, xs, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, ds, dz,
-                                           delta_qmin, delta_qmax);
-    return selective_scan_fwd(u, delta.to(u.scalar_type()), A, B, C, D, z, delta_bias, delta_softplus,
-                              channels_last, fast_decay);
+  const bool fused_codes = fused && u.scalar_type() == at::kFloat && (!has_combine || combine->scalar_type() == at::kFloat);
+  if (!fused || (has_combine && !fused_codes)) {
+    const at::Tensor delta = fused ? at::Tensor() : dt_delta_aten(dt_in, xs, dt_qmin, dt_qmax, dt_weight, dt_wscale,
+                                                                  dt_bias, ds, dz, delta_qmin, delta_qmax);
+    const std::optional<at::Tensor> zz = (z_reverse && z.has_value() && z->defined())
+                                             ? std::optional<at::Tensor>(z->flip({-1})) : z;
+    const at::Tensor y = fused ? selective_scan_dt_fwd(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale,
+                                                       dt_bias, delta_scale, delta_zp, delta_qmin, delta_qmax, A, B, C,
+                                                       D, zz, delta_bias, delta_softplus, false, fast_decay, false,
+                                                       std::nullopt, std::nullopt, code_qmin, code_qmax)
+                               : selective_scan_fwd(u, delta.to(u.scalar_type()), A, B, C, D, zz, delta_bias,
+                                                    delta_softplus, channels_last && !has_combine, fast_decay,
+                                                    false);
+    if (!has_combine) return y;
+    // the graph's operations: (yf + flip(y)) / 2 in their dtype, then out_proj's quantization in float32
+    const at::Tensor x = ((*combine + y.flip({-1})) / 2).transpose(1, 2).to(at::kFloat);
+    return at::clamp(at::round(x / cs), code_qmin, code_qmax).to(at::kChar).contiguous();
   }
   Inputs in = prepare(u, at::Tensor(), A, B, C, D, z, delta_bias, delta_softplus);
   const at::Tensor x = dt_in.to(at::kFloat);
@@ -1274,6 +1442,17 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
   G.qmax = static_cast<float>(dt_qmax);
   G.wt = wt.data_ptr<float>();
   G.ws = ws.data_ptr<float>();
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  // the weight codes as words of 4 codes of a channel, (R4 / 4, dim), and each channel's sum
+  const int64_t R4 = (R + 3) / 4 * 4;
+  at::Tensor wpad = at::zeros({dim, R4}, dt_weight.options().dtype(at::kChar));
+  wpad.narrow(1, 0, R).copy_(dt_weight);
+  const at::Tensor wg = wpad.view(at::kInt).t().contiguous();
+  const at::Tensor wsum = dt_weight.to(at::kInt).sum(1, false, at::kInt).contiguous();
+  G.wg = wg.data_ptr<int32_t>();
+  G.wsum = wsum.data_ptr<int32_t>();
+  G.R4 = R4;
+#endif
   G.bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
   G.ds = ds.data_ptr<float>();
   G.ds_b = ds.stride(0);
@@ -1285,16 +1464,32 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
   G.dz_t = dz.stride(2);
   G.dqmin = static_cast<float>(delta_qmin);
   G.dqmax = static_cast<float>(delta_qmax);
-  at::Tensor out = channels_last ? at::empty({in.batch, in.L, in.dim}, in.A.options()).transpose(1, 2)
-                                 : at::empty({in.batch, in.dim, in.L}, in.A.options());
-  if (out.numel() > 0) {
+  CombineOut M;
+  at::Tensor yf, codes;
+  if (has_combine) {
+    yf = seq_layout(*combine, at::kFloat);
+    M.yf = make_seq<float>(yf);
+    M.xs = cs.data_ptr<float>();
+    M.xs_b = cs.stride(0);
+    M.xs_t = cs.stride(1);
+    M.qmin = static_cast<float>(code_qmin);
+    M.qmax = static_cast<float>(code_qmax);
+    codes = at::empty({in.batch, in.L, in.dim}, u.options().dtype(at::kChar));
+    M.codes = codes.data_ptr<int8_t>();
+  }
+  at::Tensor out = has_combine ? at::Tensor()
+                   : channels_last ? at::empty({in.batch, in.L, in.dim}, in.A.options()).transpose(1, 2)
+                                   : at::empty({in.batch, in.dim, in.L}, in.A.options());
+  if (in.batch * in.dim * in.L > 0) {
     auto P = make_problem<float>(in);
     P.out_cl = channels_last;
     P.fast_decay = fast_decay;
     P.dt = &G;
-    forward<float>(P, out.data_ptr<float>());
+    if (P.z) P.z.reverse = z_reverse;
+    if (has_combine) P.combine = &M;
+    forward<float>(P, has_combine ? nullptr : out.data_ptr<float>());
   }
-  return out.to(u.scalar_type());
+  return has_combine ? codes : out.to(u.scalar_type());
 }
 
 // out[i] = sum over b of part[b, i] for a (batch, n) partial, in one serial pass (these are
