@@ -141,6 +141,13 @@ def test_causal_conv1d_silu(k, reverse, quant):
     for cs, qmin, qmax in ((torch.rand(1, length, 1, generator=gen(15)) * 0.01 + 1e-3, -127, 127),
                            (torch.full((1,), 0.02), -31, 31)):
         assert_same(*both(OPS.causal_conv1d_silu_codes.default, x, w, bias, s, z, -128, 127, reverse, cs, qmin, qmax))
+    # on in_proj's raw accumulator with its epilogue's scales (and bias), as the lowering calls them
+    acc = torch.randint(-90000, 90001, (b, length, 2 * d), generator=gen(16)).float().transpose(1, 2)[:, :d]
+    ws, ib = torch.rand(d, generator=gen(17)) * 1e-2, torch.randn(d, generator=gen(18))
+    for xs, b_in in ((torch.rand(1, length, 1, generator=gen(19)) * 1e-3, None), (torch.full((1,), 3e-4), ib)):
+        assert_same(*both(OPS.causal_conv1d_silu.default, acc, w, bias, s, z, -128, 127, reverse, xs, ws, b_in))
+        assert_same(*both(OPS.causal_conv1d_silu_codes.default, acc, w, bias, s, z, -128, 127, reverse,
+                          torch.full((1,), 0.02), -127, 127, xs, ws, b_in))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -216,7 +223,7 @@ def _error(op, *args):
     return None
 
 
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(13))
 def test_errors_are_the_python_ones(case):
     x8 = torch.zeros(3, 4, dtype=torch.int8)
     calls = [
@@ -236,6 +243,10 @@ def test_errors_are_the_python_ones(case):
          False, torch.ones(1), -127, 200),
         (OPS.causal_conv1d_silu_codes.default, torch.randn(2, 3), torch.randn(3, 1, 4), None, None, None, -8, 7,
          False, torch.ones(1), -127, 127),
+        (OPS.causal_conv1d_silu.default, torch.randn(2, 3, 5), torch.randn(3, 1, 4), None, None, None, -8, 7, False,
+         torch.ones(2), torch.ones(3), None),
+        (OPS.causal_conv1d_silu_codes.default, torch.randn(2, 3, 5), torch.randn(3, 1, 4), None, None, None, -8, 7,
+         False, torch.ones(1), -127, 127, torch.ones(5), torch.ones(3), torch.ones(4)),
     ]
     op, *args = calls[case]
     cpp = _error(op, *args)

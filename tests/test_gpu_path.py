@@ -69,9 +69,9 @@ def test_lowering_for_cuda_routes_the_shapes_cublas_refuses():
     q = of.convert(m, calib=CALIB, config=of.W8A8, show_progress=False)
     counts = {t: {} for t in ("cpu", "cuda")}
     for target in counts:
-        # (on a CPU target dt_proj is computed inside the scan and x_proj reads its conv's codes by
-        # default: the linears' routing is what is checked here)
-        gm = q.lower(target=target, dt_scan=False, conv_codes=False).graph_module
+        # (on a CPU target dt_proj is computed inside the scan, x_proj reads its conv's codes and the
+        # convs apply in_proj's epilogue by default: the linears' routing is what is checked here)
+        gm = q.lower(target=target, dt_scan=False, conv_codes=False, inproj_epilogue=False).graph_module
         for node in _calls(gm, int8_linear_decomposed) + _calls(gm, W8A8_LINEAR_OP):
             w = getattr(gm, (node.args[4] if node.target is int8_linear_decomposed else node.args[1]).target)
             counts[target][tuple(w.shape)] = node.target

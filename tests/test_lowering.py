@@ -10,7 +10,8 @@ from ouromamba_fx.lowering.lower import lower_graph, lowering_passes
 from ouromamba_fx.lowering.patterns import LINEAR_TARGETS
 from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_CODES_OP, CONV1D_SILU_OP
 from ouromamba_fx.ops.int8_linear import (INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed,
-                                           int8_linear_decomposed_codes)
+                                           int8_linear_decomposed_acc, int8_linear_decomposed_codes,
+                                           int8_linear_epilogue_t)
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP, as_rows,
                                     mixed_fake_quant_decomposed, outlier_mask, quantize_mixed_ref, site_outlier_mask)
 from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, fake_quantize
@@ -55,8 +56,10 @@ def n_linears(gm):
 
 
 def n_int8(gm):
-    """(decomposed int8 linears quantizing their input, those on codes a fused producer wrote)."""
-    return len(calls(gm, int8_linear_decomposed)), len(calls(gm, int8_linear_decomposed_codes))
+    """(decomposed int8 linears quantizing their input, with their epilogue or, like in_proj, with
+    the consumers applying it (int8_linear_decomposed_acc); those on codes a fused producer wrote)."""
+    return (len(calls(gm, int8_linear_decomposed)) + len(calls(gm, int8_linear_decomposed_acc)),
+            len(calls(gm, int8_linear_decomposed_codes)))
 
 
 def close(a, b):
@@ -70,7 +73,7 @@ def test_w8a8_linears_become_int8_ops_and_match_reference(models, inline):
     q = models["W8A8"]
     ref_linears = n_linears(q.graph_module)
     # (dt_proj into the scan and x_proj on the conv's codes: tested below)
-    low = q.lower(int8_inline=inline, dt_scan=False, conv_codes=False)
+    low = q.lower(int8_inline=inline, dt_scan=False, conv_codes=False, inproj_epilogue=False)
     gm = low.graph_module
     fused = calls(gm, int8_linear_decomposed if inline else W8A8_LINEAR_OP)
     assert ref_linears == 6 and len(fused) == ref_linears
@@ -116,9 +119,11 @@ def test_fewer_activation_bits_keep_their_integers_and_use_int8_linear(models):
     q = models["W6A6"]
     gm = q.lower().graph_module
     # (the two dt_proj compute inside their scans, on 6-bit codes too, the two x_proj read 6-bit
-    # codes their convs write and the backward scan emits out_proj's 6-bit codes)
-    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed)] == [(-31, 31)]
-    assert [n.args[-2:] for n in calls(gm, CONV1D_SILU_CODES_OP)] == [(-31, 31)] * 2
+    # codes their convs write, the backward scan emits out_proj's 6-bit codes and the convs apply
+    # in_proj's epilogue to its 6-bit products)
+    assert not calls(gm, int8_linear_decomposed)
+    assert [n.args[2:4] for n in calls(gm, int8_linear_decomposed_acc)] == [(-31, 31)]  # in_proj
+    assert [n.args[9:11] for n in calls(gm, CONV1D_SILU_CODES_OP)] == [(-31, 31)] * 2
     assert [n.args[3:5] for n in calls(gm, SCAN_DT_OP)] == [(-31, 31)] * 2
     (codes,) = [n for n in calls(gm, SCAN_DT_OP) if "combine" in n.kwargs]
     assert (codes.kwargs["code_qmin"], codes.kwargs["code_qmax"]) == (-31, 31)
@@ -475,7 +480,7 @@ def test_conv1d_silu_rule_matches_reference(models):
     convs = calls(gm, CONV1D_SILU_OP)
     assert len(convs) == 2 and not calls(gm, torch.conv1d)
     # the backward branch's flip is read backwards by the op, not materialised in front of it
-    assert sorted(n.args[-1] for n in convs) == [False, True]
+    assert sorted(n.args[7] for n in convs) == [False, True]
     assert all(n.args[0].op != "call_method" or n.args[0].target != "flip" for n in convs)
     assert any("lower_conv1d_silu: 2" in line for line in log)
     assert close(gm(X), q(X))
@@ -501,7 +506,7 @@ def test_x_proj_reads_the_codes_its_conv_writes(models):
         assert [u.target for u in users[0].users] == [SCAN_DT_OP]
         (lin,) = users[1].users
         assert lin.target is int8_linear_decomposed_codes and lin.args[0] is users[1]
-        assert n.args[8].target == lin.args[1].target and n.args[9:] == (-127, 127) and lin.args[2] == 127
+        assert n.args[8].target == lin.args[1].target and n.args[9:11] == (-127, 127) and lin.args[2] == 127
     assert n_int8(gm) == (1, 3) and n_int8(ogm) == (3, 1)  # (out_proj on the backward scan's codes)
     # the lowered model's numbers do not move, bit for bit
     y = low(X)
@@ -590,6 +595,124 @@ def test_conv_codes_fire_on_the_compiled_graph(models, monkeypatch):
     assert torch.equal(ys[True], ys[False])
     r = q(X)
     assert close(ys[True], r) and torch.equal(ys[True].argmax(-1), r.argmax(-1))
+
+
+@torch.no_grad()
+def test_convs_apply_in_proj_epilogue(models):
+    q = models["W8A8"]
+    low, off = q.lower(), q.lower(inproj_epilogue=False)
+    gm, ogm = low.graph_module, off.graph_module
+    (acc,) = calls(gm, int8_linear_decomposed_acc)
+    assert not calls(ogm, int8_linear_decomposed_acc) and len(calls(ogm, CONV1D_SILU_CODES_OP)) == 2
+    assert any("fuse_in_proj_epilogue: 1 linear(s)" in line for line in low.log)
+    assert not any("fuse_in_proj_epilogue" in line for line in off.log)
+    assert low.lower_options == {} and off.lower_options == {"inproj_epilogue": False}
+    # in_proj's weight scales, as the linear had them (option off)
+    (in_proj,) = [n for n in calls(ogm, int8_linear_decomposed) if n.args[4].target == acc.args[4].target]
+    ws = getattr(ogm, in_proj.args[5].target)
+    d = ws.numel() // 2
+    (tr,) = acc.users
+    (chunk,) = tr.users
+    halves = {u.args[1]: u for u in chunk.users}
+    convs = calls(gm, CONV1D_SILU_CODES_OP)
+    assert len(convs) == 2 and sorted(n.args[7] for n in convs) == [False, True]
+    for n in convs:  # the x half, raw, with the row scale and the x half's weight scales
+        assert n.args[0] is halves[0] and n.args[11].target == acc.args[1].target and n.args[13] is None
+        assert torch.equal(getattr(gm, n.args[12].target), ws[:d])
+    # the z half: the epilogue alone, read by the scans
+    (z,) = halves[1].users
+    assert z.target is int8_linear_epilogue_t and torch.equal(getattr(gm, z.args[2].target), ws[d:])
+    assert {u.target for u in z.users} >= {SCAN_DT_OP}
+    y = low(X)
+    assert torch.equal(y, off(X)) and close(y, q(X))
+    # on the plain convs too (conv_codes off), and with dt_proj left out of the scan
+    low2 = q.lower(conv_codes=False, dt_scan=False)
+    assert len(calls(low2.graph_module, CONV1D_SILU_OP)) == 2 and calls(low2.graph_module, int8_linear_decomposed_acc)
+    assert torch.equal(low2(X), q.lower(conv_codes=False, dt_scan=False, inproj_epilogue=False)(X))
+    # W4A4O8's in_proj is another op: nothing to fuse; for a GPU the linear keeps its epilogue
+    assert not calls(models["W4A4O8"].lower().graph_module, int8_linear_decomposed_acc)
+    cuda = q.lower(target="cuda")
+    assert not calls(cuda.graph_module, int8_linear_decomposed_acc)
+    assert any(line.startswith("fuse_in_proj_epilogue: kept for CUDA") for line in cuda.log)
+
+
+def test_in_proj_epilogue_rule_takes_only_the_exact_pattern():
+    from ouromamba_fx.lowering.rewrite import RewritePass
+    from ouromamba_fx.lowering.rules import lowering_rules
+    from ouromamba_fx.passes.base import Context
+
+    rule = RewritePass(next(r for r in lowering_rules() if r.name == "fuse_in_proj_epilogue"))
+    c, d, length = 8, 6, 5
+
+    class M(torch.nn.Module):
+        def __init__(self, scale, bias=False, chunk_dim=1, x_also=False, codes=False):
+            super().__init__()
+            g = torch.Generator().manual_seed(4)
+            self.register_buffer("w", torch.randn(d, 1, 4, generator=g))
+            self.register_buffer("wq", torch.randint(-127, 128, (2 * d, c), dtype=torch.int8, generator=g))
+            self.register_buffer("ws", torch.rand(2 * d, generator=g) * 0.01)
+            self.register_buffer("b", torch.randn(2 * d, generator=g) if bias else None)
+            self.register_buffer("s", scale)
+            self.register_buffer("cs", torch.full((1,), 0.01))
+            self.chunk_dim, self.x_also, self.codes = chunk_dim, x_also, codes
+
+        def forward(self, u):
+            xz = int8_linear_decomposed(u, self.s, -127, 127, self.wq, self.ws, self.b).transpose(1, 2)
+            x, z = xz.chunk(2, dim=self.chunk_dim)
+            if self.codes:
+                y, q = CONV1D_SILU_CODES_OP(x, self.w, None, None, None, -127, 127, True, self.cs, -127, 127)
+                y = y + q.float().transpose(1, 2)
+            else:
+                y = CONV1D_SILU_OP(x, self.w, None, None, None, -127, 127, False)
+            return (y * z + x) if self.x_also else y * z
+
+    def trace(mod):
+        return torch.fx.GraphModule(mod, torch.fx.Tracer(autowrap_functions=(int8_linear_decomposed,)).trace(mod))
+
+    u = torch.randn(2, length, c) * 3
+    per_step = torch.rand(1, length, 1) * 0.05 + 1e-2
+    cases = [(M(per_step), 1), (M(per_step, bias=True), 1), (M(per_step.amax().reshape(1)), 1),
+             (M(per_step, codes=True, bias=True), 1),
+             (M(per_step, chunk_dim=-2), 1),
+             (M(per_step, x_also=True), 0),  # the x half read by another op than the convs
+             (M(per_step.expand(2, length, 1).contiguous()), 0)]  # per (batch, token)
+    for i, (mod, expected) in enumerate(cases):
+        gm = trace(mod)
+        want = gm(u)
+        rule.run(gm, Context(config=None, show_progress=False))
+        gm.recompile()  # (the pass manager does this after each pass)
+        assert len(calls(gm, int8_linear_decomposed_acc)) == expected, i
+        assert len(calls(gm, int8_linear_decomposed)) == 1 - expected, i
+        assert len(calls(gm, int8_linear_epilogue_t)) == expected, i
+        assert torch.equal(gm(u), want), i
+
+
+@torch.no_grad()
+def test_in_proj_epilogue_fires_on_the_compiled_graph(models, monkeypatch):
+    import ouromamba_fx.lowering.backend as backend
+
+    lowered = []
+    real = backend.lower_graph
+
+    def spy(gm, *args, **kw):
+        out = real(gm, *args, **kw)
+        lowered.append(out)
+        return out
+
+    monkeypatch.setattr(backend, "lower_graph", spy)
+    q = models["W8A8"]
+    ys = {}
+    for on in (True, False):
+        torch._dynamo.reset()
+        lowered.clear()
+        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={"inproj_epilogue": on})(X)
+        gms = [gm for gm, _, _ in lowered]
+        assert sum(len(calls(gm, int8_linear_decomposed_acc)) for gm in gms) == (1 if on else 0)
+        assert sum(len(calls(gm, int8_linear_epilogue_t)) for gm in gms) == (1 if on else 0)
+        assert sum(1 for gm in gms for n in calls(gm, CONV1D_SILU_CODES_OP) if len(n.args) == 14) == (2 if on else 0)
+    # the convs' epilogue and Inductor's: the same bits
+    assert torch.equal(ys[True], ys[False])
+    assert torch.equal(ys[True], q.lower()(X))
 
 
 def test_lowering_is_recorded_as_passes_with_diffs(models):

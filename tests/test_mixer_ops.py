@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ouromamba_fx.kernels.cpu.build import MIXER_OPS
-from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_codes_ref, causal_conv1d_silu_ref
+from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_codes_ref, causal_conv1d_silu_ref, conv_epilogue_ref
 from ouromamba_fx.ops.int4 import pack_int4
 from ouromamba_fx.ops.mixed import quantize_mixed_ref, site_outlier_mask
 from ouromamba_fx.ops.w4a4o8_linear import SMALL_K, w4a4o8_linear_detect, w4a4o8_linear_detect_requant
@@ -160,6 +160,73 @@ def test_conv_codes_opcheck_and_errors():
         CONV_CODES(x, w, bias, scale, zp, -127, 127, False, cs[:, :3], -127, 127)
     with pytest.raises(ValueError, match="depthwise weight"):
         CONV_CODES(x, w[:, :, :2].reshape(10, 2, 2), bias, None, None, -127, 127, False, cs, -127, 127)
+
+
+def _in_proj_case(b, d, length, per_step, with_bias, seed=0):
+    """in_proj's raw accumulator (B, L, 2D) (integer-valued float32, magnitudes as a K of a few
+    hundred gives), its row scale, weight scales and bias, and its output computed as
+    int8_linear_decomposed's epilogue does: ((acc * xs) * ws) + bias on (M, 2D) rows."""
+    g = torch.Generator().manual_seed(seed + d + length)
+    acc = torch.randint(-3_000_000, 3_000_001, (b, length, 2 * d), generator=g).float()
+    xs = torch.rand(1, length if per_step else 1, 1, generator=g) * 1e-3 + 1e-5
+    ws = torch.rand(2 * d, generator=g) * 1e-3 + 1e-5
+    bias = torch.randn(2 * d, generator=g) if with_bias else None
+    rows = acc.reshape(-1, 2 * d)
+    y = rows * xs.expand(b, length, 1).reshape(-1, 1) * ws.reshape(1, -1)
+    if bias is not None:
+        y = y + bias
+    return acc, xs, ws, bias, y.reshape(b, length, 2 * d)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", [(2, 48, 17, 4), (1, 37, 1, 4), (3, 29, 33, 3), (2, 19, 23, 21)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("xs_kind", ["token", "tensor"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_applies_in_proj_epilogue_bit_for_bit(shape, reverse, xs_kind, with_bias):
+    """The convs given in_proj's raw accumulator (its x half, the transposed (B, D, L) view) and the
+    epilogue's scales: the same outputs (and codes) bit for bit as the epilogue followed by the
+    conv, per-token and per-tensor row scales, odd D and L, with and without the fake quantization
+    of the conv's input, widths 4, 3 and over 16 (the reference path)."""
+    b, d, length, k = shape
+    acc, xs, ws, bias, y = _in_proj_case(b, d, length, xs_kind == "token", with_bias)
+    x_acc, x_out = acc.transpose(1, 2)[:, :d], y.transpose(1, 2)[:, :d]
+    wsx, bx = ws[:d], None if bias is None else bias[:d]
+    _, w, cbias, scale, zp = _conv_case(b, d, length, k, True, True)
+    cs = torch.rand(1, length, 1, generator=torch.Generator().manual_seed(5)) * 0.01 + 1e-3
+    for sc, z in ((scale, zp), (None, None)):
+        want = CONV(x_out, w, cbias, sc, z, -127, 127, reverse)
+        got = CONV(x_acc, w, cbias, sc, z, -127, 127, reverse, xs, wsx, bx)
+        assert torch.equal(got, want) and got.stride() == want.stride()
+        wy, wq = CONV_CODES(x_out, w, cbias, sc, z, -127, 127, reverse, cs, -127, 127)
+        gy, gq = CONV_CODES(x_acc, w, cbias, sc, z, -127, 127, reverse, cs, -127, 127, xs, wsx, bx)
+        assert torch.equal(gy, wy) and torch.equal(gq, wq)
+        # the plain-torch twin takes the same arguments (its conv's rounding depends on the input's
+        # memory layout: close, not equal)
+        torch.testing.assert_close(causal_conv1d_silu_ref(x_acc, w, cbias, sc, z, -127, 127, reverse, xs, wsx, bx),
+                                   want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(conv_epilogue_ref(x_acc, xs, wsx, bx), x_out)
+    # the epilogue matters (a conv on the raw accumulator is another tensor)
+    assert not torch.equal(CONV(x_acc, w, cbias, None, None, -127, 127, reverse), want)
+
+
+def test_conv_in_proj_epilogue_opcheck_and_errors():
+    b, d, length = 2, 20, 7
+    acc, xs, ws, bias, _ = _in_proj_case(b, d, length, True, True)
+    x, w, cbias, scale, zp = _conv_case(b, d, length, 4, True, True)
+    x = acc.transpose(1, 2)[:, :d]
+    cs = torch.rand(1, length, 1) * 0.01 + 1e-3
+    torch.library.opcheck(CONV, (x, w, cbias, scale, zp, -127, 127, True, xs, ws[:d], bias[:d]))
+    torch.library.opcheck(CONV_CODES, (x, w, cbias, None, None, -127, 127, False, cs, -127, 127, xs[:, :1], ws[:d],
+                                       None))
+    with pytest.raises(ValueError, match="in_scale has 3 values"):
+        CONV(x, w, cbias, scale, zp, -127, 127, False, xs[:, :3], ws[:d], None)
+    with pytest.raises(ValueError, match="in_wscale has 40 values"):
+        CONV(x, w, cbias, scale, zp, -127, 127, False, xs, ws, None)
+    with pytest.raises(ValueError, match="in_bias has 40 values"):
+        CONV_CODES(x, w, cbias, scale, zp, -127, 127, False, cs, -127, 127, xs, ws[:d], bias)
+    with pytest.raises(ValueError, match="together"):
+        CONV(x, w, cbias, scale, zp, -127, 127, False, xs, None, None)
 
 
 def _planted(b, length, c, seed=0):

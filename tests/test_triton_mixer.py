@@ -132,6 +132,14 @@ class TestInInterpreter:
         y0 = causal_conv1d_silu(x, w, bias, s, zp, -127, 127, reverse)
         assert torch.equal(y, y0) and q.dtype == torch.int8 and q.shape == (2, 9, 5) and q.is_contiguous()
         assert torch.equal(q.float(), torch.round(y0.transpose(1, 2) / cs).clamp(-31, 31))
+        # on in_proj's raw accumulator: its epilogue in torch, then the same Triton conv
+        from ouromamba_fx.ops.conv1d_silu import conv_epilogue_ref
+
+        xs, ws, b = torch.rand(1, 9, 1, generator=g) * 1e-2, torch.rand(5, generator=g), torch.randn(5, generator=g)
+        acc = torch.randint(-500, 501, (2, 9, 10), generator=g).float().transpose(1, 2)[:, :5]
+        y, q = _causal_conv1d_silu_codes_cuda(acc, w, bias, s, zp, -127, 127, reverse, cs, -31, 31, xs, ws, b)
+        y0 = causal_conv1d_silu(conv_epilogue_ref(acc, xs, ws, b), w, bias, s, zp, -127, 127, reverse)
+        assert torch.equal(y, y0) and torch.equal(q.float(), torch.round(y0.transpose(1, 2) / cs).clamp(-31, 31))
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
     def test_conv1d_silu_low_precision_strided_no_bias(self, dtype):

@@ -74,7 +74,7 @@ def ouromamba_backend(gm: fx.GraphModule, example_inputs, options: dict | None =
 
     ``torch.compile(q, backend="ouromamba", options={...})``: the keys ``conv_silu``,
     ``int8_conv2d``, ``conv2d_min_k``, ``integer_scan``, ``int8_inline``, ``int4_inline``, ``mixed_fused``, ``scan_cl``,
-    ``fast_decay``, ``dt_scan``, ``conv_codes`` and ``scan_combine`` choose lowering rules
+    ``fast_decay``, ``dt_scan``, ``conv_codes``, ``scan_combine`` and ``inproj_epilogue`` choose lowering rules
     (:func:`~ouromamba_fx.lowering.lower.lowering_passes`), ``cpu_gemm`` the integer GEMM path
     (``auto``, ``int_mm``, ``emulated``: :mod:`ouromamba_fx.ops.gemm`; compilation and every call of
     the compiled function run with it), any other key is an Inductor config patch."""

@@ -80,6 +80,14 @@ def lowering_passes(**options) -> list[Pass]:
     same codes bit for bit); out_proj then takes the codes. The flips, the mean and the quantization
     pass over the mixer's float output are gone (the codes: CPU targets only, as ``dt_scan``).
 
+    ``inproj_epilogue`` (on): where ``conv_silu`` made the mixer's convs ops and a decomposed int8
+    linear (in_proj) feeds them its first half through ``.transpose(1, 2).chunk(2, dim=1)``, the
+    linear stops at its integer products
+    (:func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed_acc`) and the convs apply its
+    epilogue ``((acc * x_scale) * w_scale) + bias`` as they load that half; the other half (Vim's
+    z) gets the epilogue alone (a pass over half the tensor): the same numbers bit for bit, without
+    the epilogue's pass over the convs' half; CPU targets only. Off, the linear runs its epilogue.
+
     ``target`` (``"auto"``: the device of the graph's weights; ``"cpu"``, ``"cuda"``): the device
     the lowered graph will run on. For ``"cuda"``, integer linears whose K or N cuBLAS's
     ``torch._int_mm`` refuses (not multiples of 8, e.g. Vim-T's x_proj and dt_proj) are not

@@ -51,6 +51,15 @@ the rest. :func:`lowering_rules` lists them in the order they run:
   :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed_codes` on them: the same numbers bit
   for bit, without the quantize pass over the conv's output (the scan still reads the floats).
   CPU targets only (lowering option ``conv_codes``).
+* ``fuse_in_proj_epilogue`` -- a decomposed int8 linear (in_proj) whose output, transposed to
+  (batch, N, L) and chunked in two halves along the channels, feeds with its first half (x) only
+  the mixer's convs (``causal_conv1d_silu`` / ``_codes``, either direction) becomes
+  :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed_acc` (no epilogue): the convs take
+  the raw accumulator with the row scale, the x half's weight scales and bias and apply the
+  epilogue as they load it (their ``in_scale`` / ``in_wscale`` / ``in_bias``), and the second half
+  (z) gets the epilogue alone (:func:`~ouromamba_fx.ops.int8_linear.int8_linear_epilogue_t`, a
+  pass over half the tensor). The same numbers bit for bit. CPU targets only (lowering option
+  ``inproj_epilogue``).
 * ``inline_fake_quant`` -- any quantize/dequantize pair still left (in front of float ops)
   becomes :func:`~ouromamba_fx.ops.quant.fake_quantize`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
@@ -102,7 +111,8 @@ from ouromamba_fx.ops.conv1d_silu import CONV1D_SILU_CODES_OP, CONV1D_SILU_OP
 from ouromamba_fx.ops.int4 import pack_int4
 from ouromamba_fx.ops.int8_conv2d import MIN_ROW_K, conv_weight_rows, int8_conv2d_decomposed
 from ouromamba_fx.ops.int8_linear import (INT8_LINEAR_OP, W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed,
-                                          int8_linear_decomposed_codes)
+                                         int8_linear_decomposed_acc, int8_linear_decomposed_codes,
+                                         int8_linear_epilogue_t)
 from ouromamba_fx.ops.mixed import (MIXED_FAKE_QUANT_OP, OUTLIER_MASK_OP, QUANTIZE_MIXED_OP,
                                     mixed_fake_quant_decomposed)
 from ouromamba_fx.ops.quant import DEQUANTIZE_OP, QUANTIZE_OP, dequantize_ref, fake_quantize, quantize_ref
@@ -142,6 +152,9 @@ class LoweringOptions:
     # selective_scan_dt emits out_proj's int8 input codes (the flips, the mean and the quantization
     # pass gone); the codes where dt_scan fused, so CPU only
     scan_combine: bool = True
+    # in_proj's epilogue applied by the convs as they load its x half (and alone on its z half);
+    # CPU targets only, and only where conv_silu made the convs ops
+    inproj_epilogue: bool = True
     target: str = "auto"
 
     def __post_init__(self) -> None:
@@ -647,6 +660,91 @@ def _build_conv_codes(gm: fx.GraphModule, m: Match, state: dict) -> Built:
 
 
 # ---------------------------------------------------------------------------------------------
+# fuse_in_proj_epilogue
+
+_CONV_OPS = (CONV1D_SILU_OP, CONV1D_SILU_CODES_OP)
+
+
+def _halves(tr: fx.Node):
+    """(x half, z half) getitem nodes of ``tr.chunk(2, dim=1)`` (method or torch.chunk; dim 1 or
+    -2 of the 3-d transposed tensor) when that chunk is tr's only reader and its halves are read
+    only through them; else None."""
+    if len(tr.users) != 1:
+        return None
+    (ch,) = tr.users
+    if not (ch.op == "call_method" and ch.target == "chunk") and not is_call(ch, torch.chunk):
+        return None
+    chunks, dim = arg(ch, 1, "chunks"), arg(ch, 2, "dim", 0)
+    if ch.args[0] is not tr or chunks != 2 or dim not in (1, -2):
+        return None
+    gets = {}
+    for u in ch.users:
+        if not is_call(u, operator.getitem) or u.args[1] not in (0, 1) or u.args[1] in gets:
+            return None
+        gets[u.args[1]] = u
+    return (gets.get(0), gets.get(1)) if 0 in gets else None
+
+
+def _match_in_proj_epilogue(target: str):
+    def match(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+        if not is_call(node, int8_linear_decomposed) or len(node.args) != 7 or node.kwargs or len(node.users) != 1:
+            return None
+        x, s_n, qmin, qmax, wq_n, ws_n, b = node.args
+        (tr,) = node.users
+        if not (swaps_last_two(tr) and tr.args[0] is node):
+            return None
+        halves = _halves(tr)
+        if halves is None or not _int8_range(qmin, qmax) or qmin > qmax:
+            return None
+        gx, gz = halves
+        wq, ws = const(gm, wq_n), const(gm, ws_n)
+        bias = None if b is None else const(gm, b)
+        if wq is None or wq.dim() != 2 or wq.shape[0] % 2 or ws is None or ws.numel() != wq.shape[0] or \
+                (b is not None and (bias is None or bias.numel() != wq.shape[0])) or \
+                not _per_token_scale(const(gm, s_n)):
+            return None
+        # the x half feeds only convs (as their input x, with no epilogue of their own yet)
+        convs = list(gx.users)
+        if not convs or not all(is_call(c, _CONV_OPS) and c.args[0] is gx and gx not in c.args[1:] and
+                                len(c.args) == (8 if c.target is CONV1D_SILU_OP else 11) and not c.kwargs
+                                for c in convs):
+            return None
+        if _for_gpu(target, wq):
+            state.setdefault("notes", Counter())["kept for CUDA: the Triton conv reads in_proj's output (no "
+                                                 "fused epilogue there)"] += 1
+            return None
+        return Match(node, dict(gx=gx, gz=gz, convs=convs, ws=ws, bias=bias))
+    return match
+
+
+def _build_in_proj_epilogue(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    lin = m.anchor
+    x, s_n, qmin, qmax, wq_n, ws_n, b = lin.args
+    gx, gz, convs, ws, bias = (m.fields[k] for k in ("gx", "gz", "convs", "ws", "bias"))
+    d = ws.numel() // 2
+    wsf, bf = ws.detach().float().reshape(-1), None if bias is None else bias.detach().float().reshape(-1)
+    acc = gm.graph.call_function(int8_linear_decomposed_acc, (x, s_n, qmin, qmax, wq_n))
+    ws_x = new_const(gm, f"{lin.name}_wscale_x", wsf[:d].clone(), lin)
+    b_x = None if bf is None else new_const(gm, f"{lin.name}_bias_x", bf[:d].clone(), lin)
+    tags = [(lin, acc, dict(kind=Kind.FUSED, op="int8_linear_decomposed_acc"))]
+    for conv in convs:
+        with gm.graph.inserting_after(conv):
+            new = gm.graph.call_function(conv.target, (*conv.args, s_n, ws_x, b_x))
+        new.meta.update({k: v for k, v in conv.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        conv.replace_all_uses_with(new)
+        tags.append((conv, new, {}))
+        gm.graph.erase_node(conv)
+    if gz is not None and gz.users:
+        ws_z = new_const(gm, f"{lin.name}_wscale_z", wsf[d:].clone(), lin)
+        b_z = None if bf is None else new_const(gm, f"{lin.name}_bias_z", bf[d:].clone(), lin)
+        with gm.graph.inserting_after(gz):
+            z = gm.graph.call_function(int8_linear_epilogue_t, (gz, s_n, ws_z, b_z))
+        z.meta.update({k: v for k, v in gz.meta.items() if k in ("val", "example_value", "tensor_meta")})
+        gz.replace_all_uses_with(z, delete_user_cb=lambda u: u is not z)
+    return Built(acc, tuple(tags), keep_tensor_meta=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # inline_fake_quant
 
 def _match_qdq_pair(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
@@ -769,6 +867,9 @@ def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
         rules.append(Rule("lower_conv1d_silu", "conv(s)", (Pattern(_match_conv1d_silu, _build_conv1d_silu),)))
         if o.conv_codes:
             rules.append(Rule("fuse_conv_codes", "conv(s)", (Pattern(_match_conv_codes(o.target), _build_conv_codes),)))
+        if o.inproj_epilogue:
+            rules.append(Rule("fuse_in_proj_epilogue", "linear(s)",
+                              (Pattern(_match_in_proj_epilogue(o.target), _build_in_proj_epilogue),)))
     rules += [Rule("inline_fake_quant", "pair(s)", (Pattern(_match_qdq_pair, _build_fake_quantize),
                                                     Pattern(_match_kept_quantize, _build_quantize_ref))),
               Rule("inline_mixed_fake_quant", "site(s)",

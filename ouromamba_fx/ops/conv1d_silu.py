@@ -21,6 +21,15 @@ Op (namespace ``ouromamba``):
   has no quantize pass over the conv's output. The codes come from the very floats the op stores:
   the same integers as quantizing ``y`` afterwards, bit for bit.
 
+Both ops take three optional trailing arguments ``Tensor? in_scale=None, Tensor? in_wscale=None,
+Tensor? in_bias=None``: with ``in_scale``, ``x`` is the raw (float32, integer-valued) accumulator of
+the int8 linear that produces the conv's input (in_proj's x half, as the (B, D, L) transposed view),
+and the op first makes it that linear's output, ``((x * in_scale) * in_wscale) + in_bias`` in float32
+in that order (:func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed`'s epilogue, each operation
+rounded, no multiply-add contraction), ``in_scale`` per tensor or per time step of ``x`` itself (1 or
+L values, before any reversal), ``in_wscale`` and ``in_bias`` one value per channel (D). The same
+output bit for bit as running the epilogue first, without its pass over memory.
+
 Kernels: on the CPU one C++ pass over memory (``kernels/cpu/mixer_ops.cpp``, kernels up to 16
 taps), replacing a quantize-and-transpose kernel, the convolution and the SiLU/slice kernel;
 ``flip`` is never materialised. On CUDA the Triton kernel of
@@ -56,9 +65,42 @@ def _steps(t: Optional[Tensor], length: int) -> Optional[Tensor]:
     return flat
 
 
+def _epilogue_args(x: Tensor, in_scale: Optional[Tensor], in_wscale: Optional[Tensor],
+                   in_bias: Optional[Tensor]) -> Optional[tuple]:
+    """The accumulator epilogue's (row scale, weight scale, bias) as flat float32 vectors, checked
+    against x (B, D, L); None without an epilogue."""
+    if (in_scale is None) != (in_wscale is None) or (in_scale is None and in_bias is not None):
+        raise ValueError("causal_conv1d_silu: give in_scale and in_wscale (and optionally in_bias) together, or none")
+    if in_scale is None:
+        return None
+    d, length = x.shape[1], x.shape[-1]
+    xs = in_scale.detach().reshape(-1).float().contiguous()
+    if xs.numel() not in (1, length):
+        raise ValueError(f"causal_conv1d_silu: in_scale has {xs.numel()} values; expected 1 or one per time step of "
+                         f"x ({length})")
+    ws = in_wscale.detach().reshape(-1).float().contiguous()
+    b = None if in_bias is None else in_bias.detach().reshape(-1).float().contiguous()
+    for name, t in (("in_wscale", ws), ("in_bias", b)):
+        if t is not None and t.numel() != d:
+            raise ValueError(f"causal_conv1d_silu: {name} has {t.numel()} values; expected one per channel ({d})")
+    return xs, ws, b
+
+
+def conv_epilogue_ref(x: Tensor, in_scale: Tensor, in_wscale: Tensor, in_bias: Optional[Tensor]) -> Tensor:
+    """The linear's output from its accumulator x (B, D, L): ``((x * in_scale) * in_wscale) + in_bias``."""
+    xs, ws, b = _epilogue_args(x, in_scale, in_wscale, in_bias)
+    y = x.float() * xs.reshape(1, 1, -1)
+    y = y * ws.reshape(1, -1, 1)
+    return y if b is None else y + b.reshape(1, -1, 1)
+
+
 def causal_conv1d_silu_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-                           zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool) -> Tensor:
+                           zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool,
+                           in_scale: Optional[Tensor] = None, in_wscale: Optional[Tensor] = None,
+                           in_bias: Optional[Tensor] = None) -> Tensor:
     """Plain-torch twin of the op (the reference graph's ops in order), same output strides."""
+    if _epilogue_args(x, in_scale, in_wscale, in_bias) is not None:
+        x = conv_epilogue_ref(x, in_scale, in_wscale, in_bias)
     x = x.float()
     if reverse:
         x = x.flip(-1)
@@ -83,13 +125,18 @@ def _check(x: Tensor, weight: Tensor, scale: Optional[Tensor], zero_point: Optio
 
 @torch.library.custom_op("ouromamba::causal_conv1d_silu", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point, "
-                                "int qmin, int qmax, bool reverse) -> Tensor")
+                                "int qmin, int qmax, bool reverse, Tensor? in_scale=None, Tensor? in_wscale=None, "
+                                "Tensor? in_bias=None) -> Tensor")
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
-                       zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool) -> Tensor:
+                       zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool,
+                       in_scale: Optional[Tensor] = None, in_wscale: Optional[Tensor] = None,
+                       in_bias: Optional[Tensor] = None) -> Tensor:
     _check(x, weight, scale, zero_point)
+    epi = _epilogue_args(x, in_scale, in_wscale, in_bias)
     ext = MIXER_OPS.get() if x.device.type == "cpu" and weight.shape[-1] <= 16 else None
     if ext is None:
-        return causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse)
+        return causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse, in_scale, in_wscale,
+                                      in_bias)
     xf = x.float()
     if xf.stride(1) != 1:  # the kernel reads a time step's channels as one vector
         xf = xf.transpose(1, 2).contiguous().transpose(1, 2)
@@ -99,13 +146,24 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale:
     out = ext.conv_silu(xf, weight.detach().float().reshape(weight.shape[0], -1).t().contiguous(),
                         empty if bias is None else bias.detach().float().contiguous(),
                         empty if s is None else s, empty if z is None else z, int(qmin), int(qmax),
-                        bool(reverse))
+                        bool(reverse), *_kernel_epilogue(epi))
     return out.transpose(1, 2)
 
 
+def _kernel_epilogue(epi: Optional[tuple]) -> tuple[Tensor, Tensor, Tensor]:
+    """The C++ kernel's (in_scale, in_wscale, in_bias) arguments: empty tensors where absent."""
+    empty = torch.empty(0)
+    if epi is None:
+        return empty, empty, empty
+    return epi[0], epi[1], empty if epi[2] is None else epi[2]
+
+
 @register_cuda(causal_conv1d_silu)
-def _causal_conv1d_silu_cuda(x, weight, bias, scale, zero_point, qmin, qmax, reverse):
+def _causal_conv1d_silu_cuda(x, weight, bias, scale, zero_point, qmin, qmax, reverse, in_scale=None, in_wscale=None,
+                             in_bias=None):
     _check(x, weight, scale, zero_point)
+    if _epilogue_args(x, in_scale, in_wscale, in_bias) is not None:  # the epilogue in torch, then the Triton conv
+        x = conv_epilogue_ref(x, in_scale, in_wscale, in_bias)
     from ouromamba_fx.kernels.triton.conv1d_silu import causal_conv1d_silu as conv_silu_triton
 
     s, z = _steps(scale, x.shape[-1]), _steps(zero_point, x.shape[-1])
@@ -114,7 +172,8 @@ def _causal_conv1d_silu_cuda(x, weight, bias, scale, zero_point, qmin, qmax, rev
 
 
 @causal_conv1d_silu.register_fake
-def _(x, weight, bias, scale, zero_point, qmin, qmax, reverse):
+def _(x, weight, bias, scale, zero_point, qmin, qmax, reverse, in_scale=None, in_wscale=None, in_bias=None):
+    _epilogue_args(x, in_scale, in_wscale, in_bias)
     b, d, length = x.shape
     return torch.empty_strided((b, d, length), (length * d, 1, d), dtype=torch.float32, device=x.device)
 
@@ -142,25 +201,31 @@ def conv_codes_ref(y: Tensor, code_scale: Tensor, code_qmin: int, code_qmax: int
 
 def causal_conv1d_silu_codes_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
                                  zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool,
-                                 code_scale: Tensor, code_qmin: int, code_qmax: int) -> tuple[Tensor, Tensor]:
+                                 code_scale: Tensor, code_qmin: int, code_qmax: int, in_scale: Optional[Tensor] = None,
+                                 in_wscale: Optional[Tensor] = None,
+                                 in_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Plain-torch twin of ``causal_conv1d_silu_codes``: the conv's reference, then its codes."""
-    y = causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse)
+    y = causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse, in_scale, in_wscale, in_bias)
     return y, conv_codes_ref(y, code_scale, code_qmin, code_qmax)
 
 
 @torch.library.custom_op("ouromamba::causal_conv1d_silu_codes", mutates_args=(),
                          schema="(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point, "
-                                "int qmin, int qmax, bool reverse, Tensor code_scale, int code_qmin, int code_qmax) "
+                                "int qmin, int qmax, bool reverse, Tensor code_scale, int code_qmin, int code_qmax, "
+                                "Tensor? in_scale=None, Tensor? in_wscale=None, Tensor? in_bias=None) "
                                 "-> (Tensor, Tensor)")
 def causal_conv1d_silu_codes(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
                              zero_point: Optional[Tensor], qmin: int, qmax: int, reverse: bool, code_scale: Tensor,
-                             code_qmin: int, code_qmax: int) -> tuple[Tensor, Tensor]:
+                             code_qmin: int, code_qmax: int, in_scale: Optional[Tensor] = None,
+                             in_wscale: Optional[Tensor] = None,
+                             in_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     _check(x, weight, scale, zero_point)
     _check_codes(x, code_scale, code_qmin, code_qmax)
+    epi = _epilogue_args(x, in_scale, in_wscale, in_bias)
     ext = MIXER_OPS.get() if x.device.type == "cpu" and weight.shape[-1] <= 16 else None
     if ext is None:
         return causal_conv1d_silu_codes_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse, code_scale,
-                                            code_qmin, code_qmax)
+                                            code_qmin, code_qmax, in_scale, in_wscale, in_bias)
     xf = x.float()
     if xf.stride(1) != 1:
         xf = xf.transpose(1, 2).contiguous().transpose(1, 2)
@@ -170,22 +235,25 @@ def causal_conv1d_silu_codes(x: Tensor, weight: Tensor, bias: Optional[Tensor], 
     y, q = ext.conv_silu_codes(xf, weight.detach().float().reshape(weight.shape[0], -1).t().contiguous(),
                                empty if bias is None else bias.detach().float().contiguous(),
                                empty if s is None else s, empty if z is None else z, int(qmin), int(qmax),
-                               bool(reverse), _steps(code_scale, length), int(code_qmin), int(code_qmax))
+                               bool(reverse), _steps(code_scale, length), int(code_qmin), int(code_qmax),
+                               *_kernel_epilogue(epi))
     return y.transpose(1, 2), q
 
 
 @register_cuda(causal_conv1d_silu_codes)
 def _causal_conv1d_silu_codes_cuda(x, weight, bias, scale, zero_point, qmin, qmax, reverse, code_scale, code_qmin,
-                                   code_qmax):
+                                   code_qmax, in_scale=None, in_wscale=None, in_bias=None):
     # the Triton conv, then the codes in torch (the lowering keeps CUDA graphs on the unfused pair)
     _check_codes(x, code_scale, code_qmin, code_qmax)
-    y = _causal_conv1d_silu_cuda(x, weight, bias, scale, zero_point, qmin, qmax, reverse)
+    y = _causal_conv1d_silu_cuda(x, weight, bias, scale, zero_point, qmin, qmax, reverse, in_scale, in_wscale, in_bias)
     return y, conv_codes_ref(y, code_scale, code_qmin, code_qmax)
 
 
 @causal_conv1d_silu_codes.register_fake
-def _(x, weight, bias, scale, zero_point, qmin, qmax, reverse, code_scale, code_qmin, code_qmax):
+def _(x, weight, bias, scale, zero_point, qmin, qmax, reverse, code_scale, code_qmin, code_qmax, in_scale=None,
+      in_wscale=None, in_bias=None):
     _check_codes(x, code_scale, code_qmin, code_qmax)
+    _epilogue_args(x, in_scale, in_wscale, in_bias)
     b, d, length = x.shape
     y = torch.empty_strided((b, d, length), (length * d, 1, d), dtype=torch.float32, device=x.device)
     return y, torch.empty((b, length, d), dtype=torch.int8, device=x.device)

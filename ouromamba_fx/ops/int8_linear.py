@@ -18,6 +18,9 @@ cannot do with an opaque op):
 * :func:`int8_linear_decomposed_codes` -- the same after the quantization, on codes a fused
   producer emitted.
 * :func:`int8_linear_codes` -- ``ouromamba::int8_linear`` on codes of any leading shape.
+* :func:`int8_linear_decomposed_acc` -- :func:`int8_linear_decomposed` without its epilogue (the
+  raw accumulator, for consumers that apply the epilogue as they load it) and
+  :func:`int8_linear_epilogue_t`, that epilogue on a transposed slice of the accumulator's columns.
 
 Numbers follow :mod:`ouromamba_fx.ops.quant`. Integer products are exact int32 sums (exact as long
 as ``K * 127 * 127 < 2**31``, i.e. K < 133 000). The float epilogue is evaluated in the order
@@ -43,7 +46,8 @@ from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.quant import (dynamic_scale, quantize_per_token_ref, quantize_rows, quantize_symmetric_ref)
 
 __all__ = ["int8_linear", "int8_linear_ref", "w8a8_linear", "w8a8_linear_ref", "int8_linear_decomposed",
-           "int8_linear_decomposed_codes", "int8_linear_codes", "INT8_LINEAR_OP", "W8A8_LINEAR_OP"]
+           "int8_linear_decomposed_codes", "int8_linear_codes",
+           "int8_linear_decomposed_acc", "int8_linear_epilogue_t", "INT8_LINEAR_OP", "W8A8_LINEAR_OP"]
 
 
 def _row_scale(scale: Tensor, m: int) -> Tensor:
@@ -241,3 +245,27 @@ def int8_linear_codes(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor
     xs = x_scale.expand(*lead, 1).reshape(-1, 1)
     y = INT8_LINEAR_OP(x_q.reshape(-1, x_q.shape[-1]), xs, w_q, w_scale, bias)
     return y.reshape(*lead, w_q.shape[0])
+
+
+def int8_linear_decomposed_acc(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q: Tensor) -> Tensor:
+    """:func:`int8_linear_decomposed` without its epilogue: the exact integer products
+    ``round(x / x_scale).clamp(qmin, qmax) @ w_q^T`` as float32 (..., N) (integer-valued), for
+    consumers that apply ``((acc * x_scale) * w_scale) + bias`` themselves as they read it (the conv
+    of a Mamba mixer on in_proj's x half: ``ouromamba::causal_conv1d_silu``'s ``in_scale``)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
+    q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax)
+    acc = gemm.decomposed_mm(q, w_q, max(-qmin, qmax), 127, prepack=True)
+    return acc.reshape(*lead, w_q.shape[0])
+
+
+def int8_linear_epilogue_t(acc_t: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The epilogue of :func:`int8_linear_decomposed` on ``acc_t`` (B, n, L), the transpose of
+    columns of :func:`int8_linear_decomposed_acc`'s (B, L, N) output (``w_scale`` / ``bias``: those
+    columns' n values): ``(((acc * x_scale) * w_scale) + bias)`` transposed, the same floats as
+    transposing the linear's output and taking those columns (in_proj's z half in a Mamba mixer)."""
+    acc = acc_t.transpose(-1, -2)
+    y = acc * x_scale.float().expand(*acc.shape[:-1], 1) * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.transpose(-1, -2)

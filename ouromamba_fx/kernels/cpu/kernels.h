@@ -16,14 +16,17 @@
 namespace ouromamba_mixer {
 
 // x (B, D, L) float32 with channel stride 1; w (K, D); bias (D,) or empty; scale / zp (L,) or (1,)
-// float32, or empty. Returns (B, L, D).
+// float32, or empty; in_scale (L,) or (1,) float32, or empty: x is then a linear's raw accumulator,
+// made its output ((x * in_scale[t]) * in_wscale[c]) + in_bias[c] on load (in_wscale (D,), in_bias
+// (D,) or empty; t: x's own time step). Returns (B, L, D).
 at::Tensor conv_silu(at::Tensor x, at::Tensor w, at::Tensor bias, at::Tensor scale, at::Tensor zp, int64_t qmin,
-                     int64_t qmax, bool reverse);
+                     int64_t qmax, bool reverse, at::Tensor in_scale, at::Tensor in_wscale, at::Tensor in_bias);
 // conv_silu that also returns the int8 codes (B, L, D) of its output for the scale code_scale ((L,)
 // or (1,) float32) and the range [code_qmin, code_qmax]: [y, codes].
 std::vector<at::Tensor> conv_silu_codes(at::Tensor x, at::Tensor w, at::Tensor bias, at::Tensor scale, at::Tensor zp,
                                         int64_t qmin, int64_t qmax, bool reverse, at::Tensor code_scale,
-                                        int64_t code_qmin, int64_t code_qmax);
+                                        int64_t code_qmin, int64_t code_qmax, at::Tensor in_scale,
+                                        at::Tensor in_wscale, at::Tensor in_bias);
 // [q_in, q_out, s_out] (integer mode) or [y] (fake mode); see mixer_ops.cpp.
 std::vector<at::Tensor> mixed_quant(at::Tensor x, at::Tensor s_in, int64_t qi, double k, int64_t n_refresh,
                                     bool fake, int64_t in_offset);
@@ -103,12 +106,16 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w_q, const at::Ten
                        const OptTensor& x_scale);
 at::Tensor causal_conv1d_silu(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                               const OptTensor& scale, const OptTensor& zero_point, int64_t qmin, int64_t qmax,
-                              bool reverse);
+                              bool reverse, const OptTensor& in_scale = std::nullopt,
+                              const OptTensor& in_wscale = std::nullopt, const OptTensor& in_bias = std::nullopt);
 std::tuple<at::Tensor, at::Tensor> causal_conv1d_silu_codes(const at::Tensor& x, const at::Tensor& weight,
                                                              const OptTensor& bias, const OptTensor& scale,
                                                              const OptTensor& zero_point, int64_t qmin, int64_t qmax,
                                                              bool reverse, const at::Tensor& code_scale,
-                                                             int64_t code_qmin, int64_t code_qmax);
+                                                             int64_t code_qmin, int64_t code_qmax,
+                                                             const OptTensor& in_scale = std::nullopt,
+                                                             const OptTensor& in_wscale = std::nullopt,
+                                                             const OptTensor& in_bias = std::nullopt);
 at::Tensor selective_scan(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                           const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias,
                           bool delta_softplus);

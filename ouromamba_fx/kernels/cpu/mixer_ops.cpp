@@ -153,12 +153,48 @@ inline void conv_silu_row(float* __restrict__ dst, const V* const* taps, int64_t
   }
 }
 
+// Keeps the compiler from carrying values in registers across this point (and so from contracting
+// a product before it with an addition after it into one multiply-add).
+#ifndef OM_NO_CONTRACT
+#define OM_NO_CONTRACT() __asm__ __volatile__("" ::: "memory")
+#endif
+
+// The epilogue of the linear producing the conv's input (in_proj), applied to one row of its raw
+// accumulator as it is loaded: row[c] = ((acc[c] * xs) * ws[c]) + bias[c], in that order and
+// without contracting the last product and the addition (the graph's separate epilogue rounds
+// each operation), so the same floats as the linear's output. Rows are whole vectors; the tail
+// lanes past D (zero accumulators, zero weight scales) stay 0.
+inline void epilogue_row(V* __restrict__ row, const float* __restrict__ src, int64_t D, float xs,
+                         const float* __restrict__ ws, const float* __restrict__ bias) {
+  const int64_t nb = (D + W - 1) / W, nv = D / W;
+  const V vxs = VF::splat(xs);
+  for (int64_t j = 0; j < nb; ++j) {
+    const int nl = j < nv ? W : static_cast<int>(D - j * W);
+    row[j] = (load(src + j * W, nl) * vxs) * load(ws + j * W, nl);
+  }
+  if (bias) {
+    OM_NO_CONTRACT();
+    for (int64_t j = 0; j < nb; ++j) {
+      const int nl = j < nv ? W : static_cast<int>(D - j * W);
+      row[j] = row[j] + load(bias + j * W, nl);
+    }
+  }
+}
+
 // One input row of the conv into the ring, fake-quantized (round(clamp(x / s, lo, hi)) * s) when
-// fq. A plain function of locals for the same reason as conv_silu_row (as a lambda over the
-// captures it took about a third of the conv's time).
+// fq; with ews, src is the linear's accumulator and epilogue_row first makes it the linear's
+// output (in the ring, then quantized there). A plain function of locals for the same reason as
+// conv_silu_row (as a lambda over the captures it took about a third of the conv's time).
 inline void conv_input_row(V* __restrict__ row, const float* __restrict__ src, int64_t D, bool fq, float s, float lo,
-                           float hi) {
+                           float hi, float exs, const float* __restrict__ ews, const float* __restrict__ eb) {
   const int64_t nv = D / W;
+  if (ews) {
+    epilogue_row(row, src, D, exs, ews, eb);
+    if (fq) {
+      for (int64_t j = 0; j < (D + W - 1) / W; ++j) row[j] = round_even(clamp(row[j] / s, lo, hi)) * s;
+    }
+    return;
+  }
   if (fq) {
     for (int64_t j = 0; j < nv; ++j) {
       V v;
@@ -191,12 +227,16 @@ namespace {
 
 // conv_silu and conv_silu_codes: x: (B, D, L) float32 with channel stride 1; w: (K, D) (the conv
 // weight transposed); bias (D,) or empty; scale / zp: (L,) or (1,) float32, or empty (no input
-// quantization); code_scale: (L,) or (1,) float32 (with codes (B, L, D) int8 to fill) or empty.
+// quantization); code_scale: (L,) or (1,) float32 (with codes (B, L, D) int8 to fill) or empty;
+// in_scale: empty, or x is the raw accumulator of the linear producing it, whose epilogue
+// ((x * in_scale[t]) * in_wscale[c]) + in_bias[c] is applied as rows are loaded (in_scale (L,) or
+// (1,), indexed by x's own time step, before any reversal; in_wscale (D,); in_bias (D,) or empty).
 // Returns (B, L, D).
 torch::Tensor conv_silu_impl(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& bias,
                              const torch::Tensor& scale, const torch::Tensor& zp, int64_t qmin, int64_t qmax,
                              bool reverse, const torch::Tensor& code_scale, int64_t code_qmin, int64_t code_qmax,
-                             torch::Tensor* codes) {
+                             torch::Tensor* codes, const torch::Tensor& in_scale, const torch::Tensor& in_wscale,
+                             const torch::Tensor& in_bias) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat && x.stride(1) == 1,
               "conv_silu: x must be float32 (B, D, L) with channel stride 1");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "conv_silu: w must be (K, D)");
@@ -208,6 +248,22 @@ torch::Tensor conv_silu_impl(const torch::Tensor& x, const torch::Tensor& w, con
                     zp.numel() == scale.numel(),
                 "conv_silu: scale / zero point must have L or 1 values");
   }
+  const bool epi = in_scale.defined() && in_scale.numel() > 0;
+  if (epi) {
+    TORCH_CHECK(in_scale.scalar_type() == torch::kFloat && in_scale.is_contiguous() &&
+                    (in_scale.numel() == L || in_scale.numel() == 1),
+                "conv_silu: the accumulator's row scale must be float32 with L (", L, ") or 1 values, got ",
+                in_scale.numel());
+    TORCH_CHECK(in_wscale.scalar_type() == torch::kFloat && in_wscale.is_contiguous() && in_wscale.numel() == D,
+                "conv_silu: the accumulator's weight scale must be float32 with D (", D, ") values");
+    TORCH_CHECK(!in_bias.defined() || in_bias.numel() == 0 ||
+                    (in_bias.scalar_type() == torch::kFloat && in_bias.is_contiguous() && in_bias.numel() == D),
+                "conv_silu: the accumulator's bias must be float32 with D (", D, ") values");
+  }
+  const float* exsp = epi ? in_scale.data_ptr<float>() : nullptr;
+  const bool e_per_step = epi && in_scale.numel() == L;
+  const float* ewsp = epi ? in_wscale.data_ptr<float>() : nullptr;
+  const float* ebp = epi && in_bias.defined() && in_bias.numel() ? in_bias.data_ptr<float>() : nullptr;
   const bool emit = codes != nullptr;
   if (emit) {
     TORCH_CHECK(code_scale.scalar_type() == torch::kFloat && code_scale.is_contiguous() &&
@@ -241,7 +297,8 @@ torch::Tensor conv_silu_impl(const torch::Tensor& x, const torch::Tensor& w, con
   at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<V> ring(static_cast<size_t>(K * nb));
     auto quantized_row = [&](int64_t b, int64_t t, V* row) {
-      const float* src = xp + b * sb + (reverse ? L - 1 - t : t) * st;
+      const int64_t ts = reverse ? L - 1 - t : t;  // x's own time step
+      const float* src = xp + b * sb + ts * st;
       float s = 1.0f, lo = 0.0f, hi = 0.0f;
       if (fq) {
         s = sp[per_step ? t : 0];
@@ -249,7 +306,7 @@ torch::Tensor conv_silu_impl(const torch::Tensor& x, const torch::Tensor& w, con
         lo = float(qmin) - z;
         hi = float(qmax) - z;
       }
-      conv_input_row(row, src, D, fq, s, lo, hi);
+      conv_input_row(row, src, D, fq, s, lo, hi, epi ? exsp[e_per_step ? ts : 0] : 1.0f, ewsp, ebp);
     };
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
@@ -282,16 +339,19 @@ torch::Tensor conv_silu_impl(const torch::Tensor& x, const torch::Tensor& w, con
 }  // namespace
 
 torch::Tensor conv_silu(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor scale,
-                        torch::Tensor zp, int64_t qmin, int64_t qmax, bool reverse) {
-  return conv_silu_impl(x, w, bias, scale, zp, qmin, qmax, reverse, torch::Tensor(), 0, 0, nullptr);
+                        torch::Tensor zp, int64_t qmin, int64_t qmax, bool reverse, torch::Tensor in_scale,
+                        torch::Tensor in_wscale, torch::Tensor in_bias) {
+  return conv_silu_impl(x, w, bias, scale, zp, qmin, qmax, reverse, torch::Tensor(), 0, 0, nullptr, in_scale,
+                        in_wscale, in_bias);
 }
 
 std::vector<torch::Tensor> conv_silu_codes(torch::Tensor x, torch::Tensor w, torch::Tensor bias, torch::Tensor scale,
                                            torch::Tensor zp, int64_t qmin, int64_t qmax, bool reverse,
-                                           torch::Tensor code_scale, int64_t code_qmin, int64_t code_qmax) {
+                                           torch::Tensor code_scale, int64_t code_qmin, int64_t code_qmax,
+                                           torch::Tensor in_scale, torch::Tensor in_wscale, torch::Tensor in_bias) {
   torch::Tensor codes;
   torch::Tensor y = conv_silu_impl(x, w, bias, scale, zp, qmin, qmax, reverse, code_scale, code_qmin, code_qmax,
-                                   &codes);
+                                   &codes, in_scale, in_wscale, in_bias);
   return {y, codes};
 }
 

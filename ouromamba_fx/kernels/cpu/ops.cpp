@@ -505,6 +505,42 @@ OptTensor conv_steps(const OptTensor& t, int64_t length) {
   return flat;
 }
 
+// The in_scale / in_wscale / in_bias arguments of the conv ops: checked, as the C++ kernel takes
+// them (flat float32; empty tensors when absent).
+struct ConvEpilogue {
+  Tensor xs, ws, b;
+  bool on() const { return xs.numel() > 0; }
+};
+
+ConvEpilogue conv_epilogue(const Tensor& x, const OptTensor& in_scale, const OptTensor& in_wscale,
+                           const OptTensor& in_bias) {
+  const Tensor empty = at::empty({0}, at::kFloat);
+  TORCH_CHECK_VALUE(in_scale.has_value() == in_wscale.has_value() && (in_scale.has_value() || !in_bias.has_value()),
+                    "causal_conv1d_silu: give in_scale and in_wscale (and optionally in_bias) together, or none");
+  if (!in_scale) return {empty, empty, empty};
+  const int64_t d = x.size(1), length = x.size(-1);
+  const Tensor xs = in_scale->detach().reshape({-1}).to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(xs.numel() == 1 || xs.numel() == length, "causal_conv1d_silu: in_scale has ", xs.numel(),
+                    " values; expected 1 or one per time step of x (", length, ")");
+  const Tensor ws = in_wscale->detach().reshape({-1}).to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(ws.numel() == d, "causal_conv1d_silu: in_wscale has ", ws.numel(), " values; expected one per "
+                    "channel (", d, ")");
+  Tensor b = empty;
+  if (in_bias) {
+    b = in_bias->detach().reshape({-1}).to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(b.numel() == d, "causal_conv1d_silu: in_bias has ", b.numel(), " values; expected one per "
+                      "channel (", d, ")");
+  }
+  return {xs, ws, b};
+}
+
+// x made the linear's output: ((x * in_scale[t]) * in_wscale[c]) + in_bias[c] (each op rounded).
+Tensor apply_conv_epilogue(const Tensor& x, const ConvEpilogue& e) {
+  Tensor y = x.to(at::kFloat) * e.xs.reshape({1, 1, -1});
+  y = y * e.ws.reshape({1, -1, 1});
+  return e.b.numel() ? y + e.b.reshape({1, -1, 1}) : y;
+}
+
 Tensor causal_conv1d_silu_ref(const Tensor& x_in, const Tensor& weight, const OptTensor& bias, const OptTensor& scale,
                               const OptTensor& zero_point, int64_t qmin, int64_t qmax, bool reverse) {
   Tensor x = x_in.to(at::kFloat);
@@ -527,13 +563,17 @@ Tensor causal_conv1d_silu_ref(const Tensor& x_in, const Tensor& weight, const Op
 
 // conv1d_silu.causal_conv1d_silu
 Tensor causal_conv1d_silu(const Tensor& x, const Tensor& weight, const OptTensor& bias, const OptTensor& scale,
-                          const OptTensor& zero_point, int64_t qmin, int64_t qmax, bool reverse) {
+                          const OptTensor& zero_point, int64_t qmin, int64_t qmax, bool reverse,
+                          const OptTensor& in_scale, const OptTensor& in_wscale, const OptTensor& in_bias) {
   TORCH_CHECK_VALUE(!(x.dim() != 3 || weight.dim() != 3 || weight.size(1) != 1 || weight.size(0) != x.size(1)),
                     "causal_conv1d_silu: expected x (B, D, L) and a depthwise weight (D, 1, K); got ",
                     py_shape(x.sizes()), " and ", py_shape(weight.sizes()));
   TORCH_CHECK_VALUE(scale.has_value() == zero_point.has_value(),
                     "causal_conv1d_silu: give both scale and zero_point, or neither");
-  if (weight.size(-1) > 16) return causal_conv1d_silu_ref(x, weight, bias, scale, zero_point, qmin, qmax, reverse);
+  const ConvEpilogue e = conv_epilogue(x, in_scale, in_wscale, in_bias);
+  if (weight.size(-1) > 16)
+    return causal_conv1d_silu_ref(e.on() ? apply_conv_epilogue(x, e) : x, weight, bias, scale, zero_point, qmin, qmax,
+                                  reverse);
   Tensor xf = x.to(at::kFloat);
   if (xf.stride(1) != 1) xf = xf.transpose(1, 2).contiguous().transpose(1, 2);
   const int64_t length = x.size(-1);
@@ -542,7 +582,7 @@ Tensor causal_conv1d_silu(const Tensor& x, const Tensor& weight, const OptTensor
   const Tensor out = ouromamba_mixer::conv_silu(
       xf, weight.detach().to(at::kFloat).reshape({weight.size(0), -1}).t().contiguous(),
       bias ? bias->detach().to(at::kFloat).contiguous() : empty, s ? *s : empty, z ? *z : empty, qmin, qmax,
-      reverse);
+      reverse, e.xs, e.ws, e.b);
   return out.transpose(1, 2);
 }
 
@@ -550,7 +590,8 @@ Tensor causal_conv1d_silu(const Tensor& x, const Tensor& weight, const OptTensor
 std::tuple<Tensor, Tensor> causal_conv1d_silu_codes(const Tensor& x, const Tensor& weight, const OptTensor& bias,
                                                     const OptTensor& scale, const OptTensor& zero_point, int64_t qmin,
                                                     int64_t qmax, bool reverse, const Tensor& code_scale,
-                                                    int64_t code_qmin, int64_t code_qmax) {
+                                                    int64_t code_qmin, int64_t code_qmax, const OptTensor& in_scale,
+                                                    const OptTensor& in_wscale, const OptTensor& in_bias) {
   TORCH_CHECK_VALUE(!(x.dim() != 3 || weight.dim() != 3 || weight.size(1) != 1 || weight.size(0) != x.size(1)),
                     "causal_conv1d_silu: expected x (B, D, L) and a depthwise weight (D, 1, K); got ",
                     py_shape(x.sizes()), " and ", py_shape(weight.sizes()));
@@ -561,8 +602,10 @@ std::tuple<Tensor, Tensor> causal_conv1d_silu_codes(const Tensor& x, const Tenso
                     "] must lie in [-128, 127] (int8)");
   const int64_t length = x.size(-1);
   const OptTensor cs = conv_steps(code_scale, length);
+  const ConvEpilogue e = conv_epilogue(x, in_scale, in_wscale, in_bias);
   if (weight.size(-1) > 16) {  // the reference conv, then the codes of its output
-    const Tensor y = causal_conv1d_silu(x, weight, bias, scale, zero_point, qmin, qmax, reverse);
+    const Tensor y = causal_conv1d_silu(x, weight, bias, scale, zero_point, qmin, qmax, reverse, in_scale, in_wscale,
+                                        in_bias);
     const Tensor q = at::round(y.transpose(1, 2) / cs->reshape({1, -1, 1})).clamp(code_qmin, code_qmax);
     return {y, q.to(at::kChar).contiguous()};
   }
@@ -573,7 +616,7 @@ std::tuple<Tensor, Tensor> causal_conv1d_silu_codes(const Tensor& x, const Tenso
   const auto out = ouromamba_mixer::conv_silu_codes(
       xf, weight.detach().to(at::kFloat).reshape({weight.size(0), -1}).t().contiguous(),
       bias ? bias->detach().to(at::kFloat).contiguous() : empty, s ? *s : empty, z ? *z : empty, qmin, qmax,
-      reverse, *cs, code_qmin, code_qmax);
+      reverse, *cs, code_qmin, code_qmax, e.xs, e.ws, e.b);
   return {out[0].transpose(1, 2), out[1]};
 }
 

@@ -29,10 +29,11 @@ const std::vector<const char*>& public_schemas() {
       "ouromamba::int8_linear(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias) -> Tensor",
       "ouromamba::w8a8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, Tensor? x_scale) -> Tensor",
       "ouromamba::causal_conv1d_silu(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, Tensor? zero_point, "
-      "int qmin, int qmax, bool reverse) -> Tensor",
+      "int qmin, int qmax, bool reverse, Tensor? in_scale=None, Tensor? in_wscale=None, Tensor? in_bias=None) "
+      "-> Tensor",
       "ouromamba::causal_conv1d_silu_codes(Tensor x, Tensor weight, Tensor? bias, Tensor? scale, "
-      "Tensor? zero_point, int qmin, int qmax, bool reverse, Tensor code_scale, int code_qmin, int code_qmax) "
-      "-> (Tensor, Tensor)",
+      "Tensor? zero_point, int qmin, int qmax, bool reverse, Tensor code_scale, int code_qmin, int code_qmax, "
+      "Tensor? in_scale=None, Tensor? in_wscale=None, Tensor? in_bias=None) -> (Tensor, Tensor)",
       "ouromamba::selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? delta_bias, bool delta_softplus) -> Tensor",
       "ouromamba::selective_scan_cl(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
@@ -142,10 +143,12 @@ std::vector<at::Tensor> scan_bwd(const at::Tensor& dout, const at::Tensor& u, co
 
 TORCH_LIBRARY(ouromamba_cpu, m) {
   // the kernels (kernels.h); shapes and dtypes as documented there
-  m.def("conv_silu(Tensor x, Tensor w, Tensor bias, Tensor scale, Tensor zp, int qmin, int qmax, bool reverse) "
+  m.def("conv_silu(Tensor x, Tensor w, Tensor bias, Tensor scale, Tensor zp, int qmin, int qmax, bool reverse, "
+        "Tensor in_scale, Tensor in_wscale, Tensor in_bias) "
         "-> Tensor");
   m.def("conv_silu_codes(Tensor x, Tensor w, Tensor bias, Tensor scale, Tensor zp, int qmin, int qmax, bool reverse, "
-        "Tensor code_scale, int code_qmin, int code_qmax) -> Tensor[]");
+        "Tensor code_scale, int code_qmin, int code_qmax, Tensor in_scale, Tensor in_wscale, Tensor in_bias) "
+        "-> Tensor[]");
   m.def("mixed_quant(Tensor x, Tensor s_in, int qi, float k, int n_refresh, bool fake, int in_offset) -> Tensor[]");
   m.def("linear_mixed_fake(Tensor x, Tensor wt, Tensor bias, Tensor s_out, int qi, float k, int n_refresh) -> Tensor");
   m.def("outlier_weights(Tensor w) -> Tensor");
