@@ -189,9 +189,13 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 def linear_weight_bytes(lowered) -> tuple[int, int]:
     """(bytes of the fused linears' weights + weight scales, bytes of the same weights in fp32); W8A8
-    dt_projs computed inside the scan (``ouromamba::selective_scan_dt``) count as linears."""
+    dt_projs computed inside the scan (``ouromamba::selective_scan_dt``) count as linears, and so do
+    linears on codes a producer wrote (``int8_linear_decomposed_codes``) and in_proj stopped at its
+    integer products (``int8_linear_decomposed_acc``: its per-channel float32 weight scales went to
+    the consumers that apply its epilogue, counted here as N float32 values)."""
     from ouromamba_fx.lowering.patterns import const
-    from ouromamba_fx.ops.int8_linear import W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed
+    from ouromamba_fx.ops.int8_linear import (W8A8_LINEAR_OP, int8_linear_codes, int8_linear_decomposed,
+                                              int8_linear_decomposed_acc, int8_linear_decomposed_codes)
     from ouromamba_fx.ops.scan import SCAN_DT_OP
     from ouromamba_fx.ops.w4a4o8_linear import (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP, W4A4O8_MASKED_OP,
                                                 w4a4o8_linear_masked_decomposed)
@@ -200,9 +204,14 @@ def linear_weight_bytes(lowered) -> tuple[int, int]:
     q_bytes = f_bytes = 0
     where = {W8A8_LINEAR_OP: (1, 2), int8_linear_codes: (2, 3), int8_linear_decomposed: (4, 5),
              W4A4O8_MASKED_OP: (3, 4), w4a4o8_linear_masked_decomposed: (3, 4), W4A4O8_DETECT_OP: (2, 3),
-             W4A4O8_DETECT_REQUANT_OP: (2, 3), SCAN_DT_OP: (5, 6)}
+             W4A4O8_DETECT_REQUANT_OP: (2, 3), SCAN_DT_OP: (5, 6), int8_linear_decomposed_codes: (3, 4)}
     k_arg = {W4A4O8_MASKED_OP: 6, w4a4o8_linear_masked_decomposed: 6, W4A4O8_DETECT_OP: 5, W4A4O8_DETECT_REQUANT_OP: 5}
     for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is int8_linear_decomposed_acc:
+            w = const(gm, n.args[4])
+            q_bytes += w.numel() * w.element_size() + w.shape[0] * 4
+            f_bytes += w.numel() * 4
+            continue
         if n.op != "call_function" or n.target not in where:
             continue
         w, s = (const(gm, n.args[i]) for i in where[n.target])
@@ -225,8 +234,12 @@ def runtime_linear_bytes(lowered) -> int:
     prepacked copy beside the graph's weight (N * K bytes); elsewhere the weights as they are."""
     from ouromamba_fx.lowering.patterns import const
     from ouromamba_fx.ops import gemm
-    from ouromamba_fx.ops.int8_linear import int8_linear_decomposed
+    from ouromamba_fx.ops.int8_linear import (int8_linear_decomposed, int8_linear_decomposed_acc,
+                                              int8_linear_decomposed_codes)
     from ouromamba_fx.ops.w4a4o8_linear import SMALL_K, W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP
+
+    # the int8 weight's argument of each decomposed W8A8 linear (prepacked by oneDNN beside it)
+    weight_arg = {int8_linear_decomposed: 4, int8_linear_decomposed_acc: 4, int8_linear_decomposed_codes: 3}
 
     q_bytes, _ = linear_weight_bytes(lowered)
     gm = lowered.graph_module
@@ -235,8 +248,8 @@ def runtime_linear_bytes(lowered) -> int:
         if n.op == "call_function" and n.target in (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP):
             n_out, k = const(gm, n.args[2]).shape[0], n.args[5]
             extra += n_out * k * 4 if k < SMALL_K else n_out * k + k * ((n_out + 63) // 64 * 64)
-        elif n.op == "call_function" and n.target is int8_linear_decomposed and gemm.onednn_s8():
-            n_out, k = const(gm, n.args[4]).shape
+        elif n.op == "call_function" and n.target in weight_arg and gemm.onednn_s8():
+            n_out, k = const(gm, n.args[weight_arg[n.target]]).shape
             extra += n_out * k if k >= gemm.PREPACK_MIN_K else 0
     return q_bytes + extra
 
