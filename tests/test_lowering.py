@@ -281,8 +281,9 @@ def test_w8a8_dt_proj_and_delta_quantization_move_into_the_scan(models):
     assert not calls(models["W4A4O8"].lower().graph_module, SCAN_DT_OP)
 
 
-@torch.no_grad()
-def test_dt_scan_fires_on_the_compiled_graph(models, monkeypatch):
+def compiled_both_ways(q, monkeypatch, option):
+    """``torch.compile(q, backend="ouromamba")`` on X with the lowering option on and off: {on: (output,
+    the (graph, ..., log) tuples the backend's lower_graph returned for that compilation)}."""
     import ouromamba_fx.lowering.backend as backend
 
     lowered = []
@@ -294,12 +295,21 @@ def test_dt_scan_fires_on_the_compiled_graph(models, monkeypatch):
         return out
 
     monkeypatch.setattr(backend, "lower_graph", spy)
-    q = models["W8A8"]
-    ys = {}
+    runs = {}
     for on in (True, False):
         torch._dynamo.reset()
         lowered.clear()
-        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={"dt_scan": on})(X)
+        y = torch.compile(q, backend="ouromamba", dynamic=False, options={option: on})(X)
+        runs[on] = (y, list(lowered))
+    return runs
+
+
+@torch.no_grad()
+def test_dt_scan_fires_on_the_compiled_graph(models, monkeypatch):
+    q = models["W8A8"]
+    runs = compiled_both_ways(q, monkeypatch, "dt_scan")
+    ys = {on: y for on, (y, _) in runs.items()}
+    for on, (_, lowered) in runs.items():
         n_fused = sum(len(calls(gm, SCAN_DT_OP)) for gm, _, _ in lowered)
         assert n_fused == (2 if on else 0)
         assert any("fuse_dt_scan: 2 scan(s)" in line for _, _, log in lowered for line in log) is on
@@ -353,23 +363,10 @@ def test_channel_contiguous_backward_scans_read_z_reversed(models):
 
 @torch.no_grad()
 def test_scan_combine_fires_on_the_compiled_graph(models, monkeypatch):
-    import ouromamba_fx.lowering.backend as backend
-
-    lowered = []
-    real = backend.lower_graph
-
-    def spy(gm, *args, **kw):
-        out = real(gm, *args, **kw)
-        lowered.append(out)
-        return out
-
-    monkeypatch.setattr(backend, "lower_graph", spy)
     q = models["W8A8"]
-    ys = {}
-    for on in (True, False):
-        torch._dynamo.reset()
-        lowered.clear()
-        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={"scan_combine": on})(X)
+    runs = compiled_both_ways(q, monkeypatch, "scan_combine")
+    ys = {on: y for on, (y, _) in runs.items()}
+    for on, (_, lowered) in runs.items():
         n_codes = sum(len([n for n in calls(gm, int8_linear_decomposed_codes) if n.args[0].target is SCAN_DT_OP])
                       for gm, _, _ in lowered)  # (the x_proj read their convs' codes either way)
         assert n_codes == (1 if on else 0)
@@ -572,23 +569,10 @@ def test_conv_codes_rule_takes_only_the_exact_pattern():
 
 @torch.no_grad()
 def test_conv_codes_fire_on_the_compiled_graph(models, monkeypatch):
-    import ouromamba_fx.lowering.backend as backend
-
-    lowered = []
-    real = backend.lower_graph
-
-    def spy(gm, *args, **kw):
-        out = real(gm, *args, **kw)
-        lowered.append(out)
-        return out
-
-    monkeypatch.setattr(backend, "lower_graph", spy)
     q = models["W8A8"]
-    ys = {}
-    for on in (True, False):
-        torch._dynamo.reset()
-        lowered.clear()
-        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={"conv_codes": on})(X)
+    runs = compiled_both_ways(q, monkeypatch, "conv_codes")
+    ys = {on: y for on, (y, _) in runs.items()}
+    for on, (_, lowered) in runs.items():
         assert sum(len(calls(gm, CONV1D_SILU_CODES_OP)) for gm, _, _ in lowered) == (2 if on else 0)
         assert any("fuse_conv_codes: 2 conv(s)" in line for _, _, log in lowered for line in log) is on
     # Inductor's quantization of the conv's output (option off) and the op's codes: the same bits
@@ -689,23 +673,10 @@ def test_in_proj_epilogue_rule_takes_only_the_exact_pattern():
 
 @torch.no_grad()
 def test_in_proj_epilogue_fires_on_the_compiled_graph(models, monkeypatch):
-    import ouromamba_fx.lowering.backend as backend
-
-    lowered = []
-    real = backend.lower_graph
-
-    def spy(gm, *args, **kw):
-        out = real(gm, *args, **kw)
-        lowered.append(out)
-        return out
-
-    monkeypatch.setattr(backend, "lower_graph", spy)
     q = models["W8A8"]
-    ys = {}
-    for on in (True, False):
-        torch._dynamo.reset()
-        lowered.clear()
-        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={"inproj_epilogue": on})(X)
+    runs = compiled_both_ways(q, monkeypatch, "inproj_epilogue")
+    ys = {on: y for on, (y, _) in runs.items()}
+    for on, (_, lowered) in runs.items():
         gms = [gm for gm, _, _ in lowered]
         assert sum(len(calls(gm, int8_linear_decomposed_acc)) for gm in gms) == (1 if on else 0)
         assert sum(len(calls(gm, int8_linear_epilogue_t)) for gm in gms) == (1 if on else 0)
