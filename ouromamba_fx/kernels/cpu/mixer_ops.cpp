@@ -153,12 +153,6 @@ inline void conv_silu_row(float* __restrict__ dst, const V* const* taps, int64_t
   }
 }
 
-// Keeps the compiler from carrying values in registers across this point (and so from contracting
-// a product before it with an addition after it into one multiply-add).
-#ifndef OM_NO_CONTRACT
-#define OM_NO_CONTRACT() __asm__ __volatile__("" ::: "memory")
-#endif
-
 // The epilogue of the linear producing the conv's input (in_proj), applied to one row of its raw
 // accumulator as it is loaded: row[c] = ((acc[c] * xs) * ws[c]) + bias[c], in that order and
 // without contracting the last product and the addition (the graph's separate epilogue rounds

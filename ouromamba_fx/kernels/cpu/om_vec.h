@@ -19,6 +19,11 @@
 #include <immintrin.h>
 #endif
 
+// Keeps the compiler from carrying values in registers across this point (and so from contracting
+// a product before it with an addition after it into one multiply-add): where a kernel must round
+// each operation as the graph it replaces does.
+#define OM_NO_CONTRACT() __asm__ __volatile__("" ::: "memory")
+
 namespace ouromamba_vec {
 // ---------------------------------------------------------------------------------------------
 // Vector types and elementary functions

@@ -442,10 +442,6 @@ inline Vec<float>::V lanes_or(const float* p, int nl, int64_t stride, float fill
   return v;
 }
 
-// Keeps the compiler from carrying values in registers across this point (and so from contracting
-// a product before it with an addition after it into one multiply-add).
-#define OM_NO_CONTRACT() __asm__ __volatile__("" ::: "memory")
-
 // The integer products acc[t] = sum_r q[t, r] * w[d, r] of a block's dt_proj into S.DT, in
 // float32 (integers below 2^24: exact in any order). Four steps share each weight vector load;
 // R multiply-adds per step and block of W channels.
