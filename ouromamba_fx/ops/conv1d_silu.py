@@ -51,6 +51,7 @@ from torch import Tensor
 
 from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 from ouromamba_fx.ops.dispatch import register_cuda
+from ouromamba_fx.ops.int8_linear import quantize_input
 from ouromamba_fx.ops.quant import dequantize_ref, quantize_ref
 
 
@@ -195,8 +196,7 @@ def conv_codes_ref(y: Tensor, code_scale: Tensor, code_qmin: int, code_qmax: int
     """The codes of the conv's output ``y`` (B, D, L): ``round(y.transpose(1, 2) / s).clamp(qmin,
     qmax)`` as int8 (B, L, D), ``s`` per tensor or per time step (int8_linear_decomposed's quantize)."""
     s = _steps(code_scale, y.shape[-1]).reshape(1, -1, 1)
-    q = torch.round(y.float().transpose(1, 2) / s).clamp(code_qmin, code_qmax)
-    return q.to(torch.int8).contiguous()
+    return quantize_input(y.transpose(1, 2), s, code_qmin, code_qmax).to(torch.int8).contiguous()
 
 
 def causal_conv1d_silu_codes_ref(x: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],

@@ -46,7 +46,7 @@ from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.quant import (dynamic_scale, quantize_per_token_ref, quantize_rows, quantize_symmetric_ref)
 
 __all__ = ["int8_linear", "int8_linear_ref", "w8a8_linear", "w8a8_linear_ref", "int8_linear_decomposed",
-           "int8_linear_decomposed_codes", "int8_linear_codes",
+           "int8_linear_decomposed_codes", "quantize_input", "int8_linear_codes",
            "int8_linear_decomposed_acc", "int8_linear_epilogue_t", "INT8_LINEAR_OP", "W8A8_LINEAR_OP"]
 
 
@@ -217,10 +217,24 @@ def int8_linear_decomposed(x: Tensor, x_scale: Tensor, qmin: int, qmax: int, w_q
     Plain torch, so that under Inductor the quantization fuses into the kernel that produces ``x``
     and the epilogue into the one that consumes ``y``. Needs K >= 2 (``torch._int_mm`` on CPU is
     wrong for K == 1; the lowering keeps the op there)."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
-    q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax)
-    return int8_linear_decomposed_codes(q.reshape(*lead, k), x_scale, max(-qmin, qmax), w_q, w_scale, bias)
+    return int8_linear_decomposed_codes(quantize_input(x, x_scale, qmin, qmax), x_scale, max(-qmin, qmax), w_q,
+                                        w_scale, bias)
+
+
+def quantize_input(x: Tensor, x_scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """:func:`int8_linear_decomposed`'s quantization of ``x`` (..., K): ``round(x / x_scale).clamp(qmin,
+    qmax)`` (a true division, round half to even) as float codes, ``x_scale`` broadcastable to
+    (..., 1). The codes a producer that writes a linear's input codes must equal."""
+    return torch.round(x.float() / x_scale.float().expand(*x.shape[:-1], 1)).clamp(qmin, qmax)
+
+
+def _epilogue(acc: Tensor, row_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The decomposed linears' epilogue ``((acc * row_scale) * w_scale) + bias`` in float32, out of
+    place (Inductor fuses it into the consumer), ``acc`` (..., N), ``row_scale`` (..., 1)."""
+    y = acc * row_scale * w_scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y
 
 
 def int8_linear_decomposed_codes(x_q: Tensor, x_scale: Tensor, qmax: int, w_q: Tensor, w_scale: Tensor,
@@ -232,10 +246,7 @@ def int8_linear_decomposed_codes(x_q: Tensor, x_scale: Tensor, qmax: int, w_q: T
     lead, k = x_q.shape[:-1], x_q.shape[-1]
     xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
     acc = gemm.decomposed_mm(x_q.reshape(-1, k), w_q, qmax, 127, prepack=True)
-    y = acc * xs * w_scale.float().reshape(1, -1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.reshape(*lead, w_q.shape[0])
+    return _epilogue(acc, xs, w_scale, bias).reshape(*lead, w_q.shape[0])
 
 
 def int8_linear_codes(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -253,9 +264,8 @@ def int8_linear_decomposed_acc(x: Tensor, x_scale: Tensor, qmin: int, qmax: int,
     consumers that apply ``((acc * x_scale) * w_scale) + bias`` themselves as they read it (the conv
     of a Mamba mixer on in_proj's x half: ``ouromamba::causal_conv1d_silu``'s ``in_scale``)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    xs = x_scale.float().expand(*lead, 1).reshape(-1, 1)
-    q = torch.round(x.float().reshape(-1, k) / xs).clamp(qmin, qmax)
-    acc = gemm.decomposed_mm(q, w_q, max(-qmin, qmax), 127, prepack=True)
+    q = quantize_input(x, x_scale, qmin, qmax)
+    acc = gemm.decomposed_mm(q.reshape(-1, k), w_q, max(-qmin, qmax), 127, prepack=True)
     return acc.reshape(*lead, w_q.shape[0])
 
 
@@ -265,7 +275,4 @@ def int8_linear_epilogue_t(acc_t: Tensor, x_scale: Tensor, w_scale: Tensor, bias
     columns' n values): ``(((acc * x_scale) * w_scale) + bias)`` transposed, the same floats as
     transposing the linear's output and taking those columns (in_proj's z half in a Mamba mixer)."""
     acc = acc_t.transpose(-1, -2)
-    y = acc * x_scale.float().expand(*acc.shape[:-1], 1) * w_scale.float().reshape(1, -1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.transpose(-1, -2)
+    return _epilogue(acc, x_scale.float().expand(*acc.shape[:-1], 1), w_scale, bias).transpose(-1, -2)

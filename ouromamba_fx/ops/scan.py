@@ -41,6 +41,7 @@ from torch import Tensor
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 from ouromamba_fx.ops.dispatch import register_cuda
+from ouromamba_fx.ops.int8_linear import quantize_input
 
 __all__ = ["selective_scan", "selective_scan_channels_last", "selective_scan_dt", "dt_delta_ref", "combine_codes_ref",
            "scan_backend",
@@ -265,9 +266,8 @@ def combine_codes_ref(y: Tensor, combine: Tensor, code_scale: Tensor, code_qmin:
     quantized as :func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed` quantizes out_proj's
     input (``round(x / code_scale).clamp(code_qmin, code_qmax)``, ``code_scale`` broadcastable to
     (batch, L, 1)); int8, contiguous."""
-    x = ((combine + y.flip(-1)) / 2).transpose(1, 2).float()
-    xs = code_scale.float().expand(*x.shape[:-1], 1)
-    return torch.round(x / xs).clamp(code_qmin, code_qmax).to(torch.int8).contiguous()
+    x = ((combine + y.flip(-1)) / 2).transpose(1, 2)
+    return quantize_input(x, code_scale, code_qmin, code_qmax).to(torch.int8).contiguous()
 
 
 def _scan_dt_unfused(scan, u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
