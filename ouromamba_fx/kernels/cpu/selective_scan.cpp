@@ -517,6 +517,15 @@ inline void dt_products_vnni(const DtFused& G, int64_t L, int64_t dim, int64_t d
 }
 #endif
 
+// round_half_even(x) of the quantizations the scan does itself (delta's, out_proj's codes): as
+// x + 1.5 * 2^23 - 1.5 * 2^23 on x clamped to +-2^22 first, beyond which every code is clamped to
+// the integer range anyway.
+inline Vec<float>::V round_even_clamped(Vec<float>::V x) {
+  using F = Vec<float>;
+  const F::V big = F::splat(4194304.0f), magic = F::splat(F::kMagic);
+  return (F::vmin(F::vmax(x, -big), big) + magic) - magic;
+}
+
 // The delta tile of a block of ouromamba::selective_scan_dt, with the operations of the graph it
 // replaces (ops/int8_linear.py int8_linear_decomposed, then ops/quant.py fake_quantize of the
 // transposed result), in their order and without contractions, so the same bits:
@@ -571,18 +580,15 @@ inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t
     const V bias = lanes<float>(G.bias + d0, nl);
     for (t = 0; t < L; ++t) DT[t] = DT[t] + bias;
   }
-  // the fake quantization; the rounding as x + 1.5 * 2^23 - 1.5 * 2^23 (half to even) on values
-  // clamped to +-2^22 first, beyond which every result is clamped to [dqmin, dqmax] anyway
+  // the fake quantization
   const float* ds = G.ds + b * G.ds_b + d0 * G.ds_d;
   const float* dz = G.dz + b * G.dz_b + d0 * G.dz_d;
-  const V big = F::splat(4194304.0f), lo = F::splat(G.dqmin), hi = F::splat(G.dqmax);
-  const V magic = F::splat(F::kMagic);
+  const V lo = F::splat(G.dqmin), hi = F::splat(G.dqmax);
   for (t = 0; t < L; ++t) {
     // padding lanes: scale 1, zero point 0 (their delta stays 0, as load_tile's)
     const V s = G.ds_d == 0 ? F::splat(ds[t * G.ds_t]) : lanes_or(ds + t * G.ds_t, nl, G.ds_d, 1.0f);
     const V zp = G.dz_d == 0 ? F::splat(dz[t * G.dz_t]) : lanes_or(dz + t * G.dz_t, nl, G.dz_d, 0.0f);
-    const V v = F::vmin(F::vmax(DT[t] / s, -big), big);
-    const V code = F::vmin(F::vmax(((v + magic) - magic) + zp, lo), hi);
+    const V code = F::vmin(F::vmax(round_even_clamped(DT[t] / s) + zp, lo), hi);
     DT[t] = (code - zp) * s;
   }
   OM_NO_CONTRACT();
@@ -634,20 +640,17 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
 // The codes of a block of ouromamba::selective_scan_dt with `combine` (see CombineOut) from its
 // final output tile S.DT (the scan's own time order); S.U is free by now and takes y_f's tile.
 // The graph's operations in its order: an addition, two divisions (no multiply-add can form),
-// round half to even as x + 1.5 * 2^23 - 1.5 * 2^23 on values clamped to +-2^22 first (beyond,
-// every code is clamped to [qmin, qmax] anyway), the clamp.
+// round half to even (round_even_clamped), the clamp.
 inline void combine_block(const CombineOut& M, Scratch<float>& S, int64_t L, int64_t dim, int64_t b, int64_t d0,
                           int nl) {
   using F = Vec<float>;
   using V = F::V;
   load_tile<float>(S.U, M.yf, b, d0, nl, L);
-  const V two = F::splat(2.0f), big = F::splat(4194304.0f), magic = F::splat(F::kMagic);
-  const V lo = F::splat(M.qmin), hi = F::splat(M.qmax);
+  const V two = F::splat(2.0f), lo = F::splat(M.qmin), hi = F::splat(M.qmax);
   int8_t* dst = M.codes + b * L * dim + d0;
   for (int64_t t = 0; t < L; ++t) {
     const V x = (S.U[t] + S.DT[L - 1 - t]) / two;
-    const V v = F::vmin(F::vmax(x / F::splat(M.xs[b * M.xs_b + t * M.xs_t]), -big), big);
-    const V code = F::vmin(F::vmax((v + magic) - magic, lo), hi);
+    const V code = F::vmin(F::vmax(round_even_clamped(x / F::splat(M.xs[b * M.xs_b + t * M.xs_t])), lo), hi);
     int8_t c[F::W];
     for (int l = 0; l < F::W; ++l) c[l] = static_cast<int8_t>(static_cast<int>(code[l]));
     std::memcpy(dst + t * dim, c, static_cast<size_t>(nl));
