@@ -305,8 +305,17 @@ struct Prefetcher {
     }
     ++count;
   }
+  // An output the next block writes, one line per step (byte step): asked for with intent to
+  // write, so the store of each step finds its line owned in the cache rather than waiting on it.
+  const char* wbase = nullptr;
+  int64_t wstep = 0;
+  void add_write(const void* p, int64_t byte_step) {
+    wbase = static_cast<const char*>(p);
+    wstep = byte_step;
+  }
   inline void at(int64_t t) const {
     for (int i = 0; i < count; ++i) __builtin_prefetch(base[i] + t * step[i]);
+    if (wbase) __builtin_prefetch(wbase + t * wstep, 1, 3);
   }
 };
 
@@ -799,8 +808,20 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     pf.add(P.u, next.b, next.d0, L);
     pf.add(P.delta, next.b, next.d0, L);
     pf.add(P.z, next.b, next.d0, L);
+    // and the lines the next block stores: its output's rows, or (combining) its out_proj codes
+    bool comb = false;
     if constexpr (std::is_same_v<T, float>) {
-      if (P.combine) pf.add(P.combine->yf, next.b, next.d0, L);
+      if (P.combine) {
+        pf.add(P.combine->yf, next.b, next.d0, L);
+        pf.add_write(P.combine->codes + next.b * L * P.dim + next.d0, P.dim);
+        comb = true;
+      }
+    }
+    if (!comb) {
+      if (P.out_cl)
+        pf.add_write(out + next.b * L * P.dim + next.d0, P.dim * static_cast<int64_t>(sizeof(T)));
+      else
+        pf.add_write(out + (next.b * P.dim + next.d0) * L, F::W * static_cast<int64_t>(sizeof(T)));
     }
   }
   V* __restrict__ H = S.H;
