@@ -767,3 +767,119 @@ def test_scan_cl_reads_z_reversed(dtype, shape):
         out = SCAN_CL(*args, z, a["delta_bias"], True, z_reverse=True)
         assert torch.equal(out, ref) and out.stride() == ref.stride()
     torch.library.opcheck(SCAN_CL, args + (z, a["delta_bias"], True), {"z_reverse": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# z as in_proj's raw accumulator: the scans apply its epilogue as they load z
+
+
+def z_acc_inputs(batch, dim, L, scale="token", bias=True, layout="cl", seed=0):
+    """in_proj's z half as the lowered graph hands it over: the columns dim..2 dim of a (batch, L,
+    2 dim) accumulator (integer-valued float32), transposed to (batch, dim, L) (channel-contiguous,
+    strided; ``layout="rows"``: a time-contiguous copy), the row scale per token (1, L, 1) or per
+    tensor (1,), the z half's weight scales and bias."""
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-30000, 30001, (batch, L, 2 * dim), generator=g).float()
+    z = acc[..., dim:].transpose(1, 2)
+    if layout == "rows":
+        z = z.contiguous()
+    xs = torch.rand((1, L, 1) if scale == "token" else (1,), generator=g) * 0.01 + 0.001
+    ws = torch.rand(dim, generator=g) * 0.02 + 0.001
+    return z, xs, ws, (torch.randn(dim, generator=g) if bias else None)
+
+
+def z_chain(z, xs, ws, bias):
+    """The graph's z: in_proj's epilogue on the transposed accumulator half."""
+    from ouromamba_fx.ops.int8_linear import int8_linear_epilogue_t
+
+    return int8_linear_epilogue_t(z, xs, ws, bias)
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 13, 4), (1, 16, 1, 16), (2, 33, 40, 5), (3, 64, 17, 16)])
+@pytest.mark.parametrize("scale", ["token", "tensor"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["cl", "rows"])
+def test_scans_apply_the_z_epilogue_as_the_chain(shape, scale, bias, layout):
+    """selective_scan_cl and selective_scan_dt on the raw accumulator with z_scale / z_wscale /
+    z_bias equal, bit for bit, the separate epilogue followed by the scan, with and without
+    z_reverse (the row scale follows z's own steps), for odd channel counts and L = 1."""
+    b, d, L, N = shape
+    a = make_inputs(b, d, L, N, dtype=torch.float32, seed=sum(shape))
+    z, xs, ws, zb = z_acc_inputs(b, d, L, scale, bias, layout, seed=sum(shape) + 1)
+    zf = z_chain(z, xs, ws, zb)
+    assert not torch.equal(zf, z)
+    head = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"])
+    i = dt_chain_inputs(b, d, L, N, 5, seed=sum(shape) + 2)
+    dargs, dkw = dt_args(i, True, True)
+    for z_reverse in (False, True):
+        epi = dict(z_reverse=z_reverse, z_scale=xs, z_wscale=ws, z_bias=zb)
+        ref = SCAN_CL(*head, zf, a["delta_bias"], True, z_reverse=z_reverse)
+        out = SCAN_CL(*head, z, a["delta_bias"], True, **epi)
+        assert torch.equal(out, ref) and out.stride() == ref.stride()
+        for combine in (None, (torch.randn(b, d, L) * 3, torch.rand(1, L, 1) * 0.02 + 0.01)):
+            args = list(dargs)
+            args[16] = zf
+            kw = dict(dkw, z_reverse=z_reverse)
+            if combine is not None:
+                kw.update(combine=combine[0], code_scale=combine[1])
+            ref = SCAN_DT(*args, **kw)
+            args[16] = z
+            out = SCAN_DT(*args, **dict(kw, z_scale=xs, z_wscale=ws, z_bias=zb))
+            assert torch.equal(out, ref) and out.stride() == ref.stride()
+
+
+def test_z_epilogue_float64_scans_opcheck_fake_and_without_kernels(monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ouromamba_fx.ops.scan import z_epilogue_ref
+
+    a = make_inputs(2, 21, 11, 4, dtype=torch.float32, seed=3)
+    z, xs, ws, zb = z_acc_inputs(2, 21, 11, seed=3)
+    zf = z_chain(z, xs, ws, zb)
+    assert torch.equal(z_epilogue_ref(z, xs, ws, zb), zf)
+    head = (a["u"], a["delta"], a["A"], a["B"], a["C"], a["D"])
+    epi = dict(z_reverse=True, z_scale=xs, z_wscale=ws, z_bias=zb)
+    # float64 scans: the epilogue in float32 (the graph's), then the scan in float64
+    h64 = tuple(t.double() for t in head)
+    assert torch.equal(SCAN_CL(*h64, z, a["delta_bias"].double(), True, **epi),
+                       SCAN_CL(*h64, zf, a["delta_bias"].double(), True, z_reverse=True))
+    i = dt_chain_inputs(2, 21, 11, 4, 5, seed=4)
+    dargs, dkw = dt_args(i, True, False)
+    a64 = list(dargs)
+    for k in (0, 12, 13, 14, 15, 17):
+        a64[k] = a64[k].double()
+    a64[16] = zf
+    ref64 = SCAN_DT(*a64, **dkw, z_reverse=True)
+    a64[16] = z
+    assert ref64.dtype == torch.float64 and torch.equal(SCAN_DT(*a64, **dkw, **epi), ref64)
+    # opcheck and fake tensors
+    cl_args = head + (z, a["delta_bias"], True)
+    torch.library.opcheck(SCAN_CL, cl_args, epi)
+    dargs = list(dargs)
+    dargs[16] = z
+    torch.library.opcheck(SCAN_DT, tuple(dargs), dict(dkw, **epi))
+    with FakeTensorMode() as mode:
+        fk = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in epi.items()}
+        fake = SCAN_CL(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in cl_args), **fk)
+        fake_dt = SCAN_DT(*(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in dargs), **dkw, **fk)
+    assert fake.shape == (2, 21, 11) and fake.stride() == (11 * 21, 1, 21)
+    assert fake_dt.shape == (2, 21, 11) and fake_dt.stride() == (21 * 11, 11, 1)
+    # the arguments are checked
+    with pytest.raises(RuntimeError, match="z_scale and z_wscale go together"):
+        SCAN_CL(*cl_args, z_scale=xs)
+    with pytest.raises(RuntimeError, match="z_scale .* must have L"):
+        SCAN_CL(*cl_args, z_scale=torch.rand(5), z_wscale=ws)
+    with pytest.raises(RuntimeError, match="z_wscale must have d_inner"):
+        SCAN_DT(*dargs, **dkw, z_scale=xs, z_wscale=ws[:3])
+    with pytest.raises(RuntimeError, match="without z"):
+        SCAN_CL(*head, None, a["delta_bias"], True, z_scale=xs, z_wscale=ws)
+    # without the C++ kernels: the epilogue in plain torch, then the reference scan
+    ref_cl = SCAN_CL(*head, zf, a["delta_bias"], True, z_reverse=True)
+    dargs[16] = zf
+    ref_dt = SCAN_DT(*dargs, **dkw, z_reverse=True)
+    dargs[16] = z
+    without_kernels(monkeypatch, SELECTIVE_SCAN)
+    assert torch.equal(SCAN_CL(*head, z, a["delta_bias"], True, **epi),
+                       SCAN_CL(*head, zf, a["delta_bias"], True, z_reverse=True))
+    torch.testing.assert_close(SCAN_CL(*head, z, a["delta_bias"], True, **epi), ref_cl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(SCAN_DT(*dargs, **dkw, **epi), ref_dt, rtol=1e-4, atol=1e-5)

@@ -44,6 +44,7 @@ from ouromamba_fx.ops.dispatch import register_cuda
 from ouromamba_fx.ops.int8_linear import quantize_input
 
 __all__ = ["selective_scan", "selective_scan_channels_last", "selective_scan_dt", "dt_delta_ref", "combine_codes_ref",
+           "z_epilogue_ref",
            "scan_backend",
            "SCAN_OP", "SCAN_BWD_OP", "SCAN_CHANNELS_LAST_OP", "SCAN_DT_OP"]
 
@@ -178,10 +179,46 @@ def _channels_last(t: Tensor) -> Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def z_epilogue_ref(z: Tensor, z_scale: Tensor, z_wscale: Tensor, z_bias: Optional[Tensor]) -> Tensor:
+    """The gate the scans compute from a raw accumulator ``z`` (batch, d_inner, L) (their ``z_scale``
+    / ``z_wscale`` / ``z_bias``), in plain torch: ``((z * z_scale[t]) * z_wscale[d]) + z_bias[d]`` in
+    float32, ``z_scale`` one value per step of ``z`` as it lies (before any ``z_reverse``) or one in
+    all -- the floats of :func:`~ouromamba_fx.ops.int8_linear.int8_linear_epilogue_t`."""
+    y = (z.float() * z_scale.float().reshape(-1)) * z_wscale.float().reshape(-1, 1)
+    if z_bias is not None:
+        y = y + z_bias.float().reshape(-1, 1)
+    return y
+
+
+def _check_z_epilogue(op: str, u: Tensor, z: Optional[Tensor], z_scale: Optional[Tensor],
+                      z_wscale: Optional[Tensor], z_bias: Optional[Tensor]) -> bool:
+    """Checks the z_scale / z_wscale / z_bias arguments; whether z is a raw accumulator."""
+    if z_scale is None and z_wscale is None and z_bias is None:
+        return False
+    torch._check(z_scale is not None and z_wscale is not None,
+                 lambda: f"{op}: z_scale and z_wscale go together (z is then the raw accumulator of the linear "
+                         f"producing it, with its row scale and weight scales); pass both, or neither")
+    torch._check(z is not None, lambda: f"{op}: z_scale / z_wscale were given without z")
+    d, length = u.shape[1], u.shape[2]
+    torch._check(z_scale.numel() == length or z_scale.numel() == 1,
+                 lambda: f"{op}: z_scale (the accumulator's row scale, per step of z) must have L ({length}) or 1 "
+                         f"values, got {z_scale.numel()}")
+    torch._check(z_wscale.numel() == d, lambda: f"{op}: z_wscale must have d_inner = {d} values")
+    torch._check(z_bias is None or z_bias.numel() == d, lambda: f"{op}: z_bias must have d_inner = {d} values")
+    return True
+
+
+def _gate(op, u, z, z_scale, z_wscale, z_bias):
+    """z as the plain-torch paths take it: the epilogue applied when z is a raw accumulator."""
+    return z_epilogue_ref(z, z_scale, z_wscale, z_bias) if _check_z_epilogue(op, u, z, z_scale, z_wscale, z_bias) \
+        else z
+
+
 @torch.library.custom_op("ouromamba::selective_scan_cl", mutates_args=())
 def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
                           z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
-                          fast_decay: bool = False, z_reverse: bool = False) -> Tensor:
+                          fast_decay: bool = False, z_reverse: bool = False, z_scale: Optional[Tensor] = None,
+                          z_wscale: Optional[Tensor] = None, z_bias: Optional[Tensor] = None) -> Tensor:
     """``ouromamba::selective_scan`` (same arguments, same numbers) whose output (batch, dim, L) lies
     in channel-contiguous memory, strides ``(L * dim, 1, dim)``: the layout of the transposed input
     of the out_proj after it, which then reads each token's channels contiguously. The CPU kernel
@@ -197,18 +234,29 @@ def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     decays exactly and ignore it.
 
     ``z_reverse=True`` reads the gate ``z`` time-reversed: the numbers of ``z.flip(-1)`` without
-    the copy (the backward scan of a bidirectional mixer; lowering rule ``reverse_scan_gate``)."""
+    the copy (the backward scan of a bidirectional mixer; lowering rule ``reverse_scan_gate``).
+
+    With ``z_scale`` (L or 1 values) and ``z_wscale`` (d_inner,) (and optionally ``z_bias``
+    (d_inner,)), ``z`` is the raw (float32, integer-valued) accumulator of the linear producing it
+    (in_proj's z half) and the gate is :func:`z_epilogue_ref` of it, ``z_scale`` indexed by z's own
+    steps (before ``z_reverse``): the CPU kernel applies it as it loads each z tile, in the graph's
+    order without contractions, so the same numbers as the separate epilogue (lowering rule
+    ``fuse_in_proj_epilogue``); other kernels apply it first."""
     # CPU: the C++ kernel (once the library is loaded, CPU calls go to its registered C++ op
     # directly, kernels/cpu/ops.cpp); other devices without their own kernel: the reference.
     ext = _cpu_kernels(u)
     if ext is None:
+        z = _gate("selective_scan_cl", u, z, z_scale, z_wscale, z_bias)
         z = z.flip(-1) if z_reverse and z is not None else z
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
-    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True, bool(fast_decay), bool(z_reverse))
+    return ext.fwd(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus), True, bool(fast_decay), bool(z_reverse),
+                   z_scale, z_wscale, z_bias)
 
 
 @register_cuda(selective_scan_channels_last)
-def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False, z_reverse=False):
+def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False, z_reverse=False,
+                            z_scale=None, z_wscale=None, z_bias=None):
+    z = _gate("selective_scan_cl", u, z, z_scale, z_wscale, z_bias)
     z = z.flip(-1) if z_reverse and z is not None else z
     if not _triton_takes(B, C):
         return _channels_last(_reference_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus))
@@ -218,8 +266,10 @@ def _selective_scan_cl_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
 
 @selective_scan_channels_last.register_fake
-def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False, z_reverse=False):
+def _selective_scan_cl_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast_decay=False, z_reverse=False,
+                            z_scale=None, z_wscale=None, z_bias=None):
     torch._check(u.dim() == 3, lambda: f"selective_scan_cl: u must be (batch, d_inner, L), got {tuple(u.shape)}")
+    _check_z_epilogue("selective_scan_cl", u, z, z_scale, z_wscale, z_bias)
     b, d, length = u.shape
     return u.new_empty_strided((b, d, length), (length * d, 1, d))
 
@@ -256,7 +306,8 @@ _SCAN_DT_SCHEMA = ("(Tensor u, Tensor dt_in, Tensor dt_scale, int dt_qmin, int d
                    "Tensor dt_wscale, Tensor? dt_bias, Tensor delta_scale, Tensor delta_zp, int delta_qmin, "
                    "int delta_qmax, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
                    "bool delta_softplus, bool channels_last=False, bool fast_decay=False, bool z_reverse=False, "
-                   "Tensor? combine=None, Tensor? code_scale=None, int code_qmin=-127, int code_qmax=127) -> Tensor")
+                   "Tensor? combine=None, Tensor? code_scale=None, int code_qmin=-127, int code_qmax=127, "
+                   "Tensor? z_scale=None, Tensor? z_wscale=None, Tensor? z_bias=None) -> Tensor")
 
 
 def combine_codes_ref(y: Tensor, combine: Tensor, code_scale: Tensor, code_qmin: int, code_qmax: int) -> Tensor:
@@ -272,11 +323,13 @@ def combine_codes_ref(y: Tensor, combine: Tensor, code_scale: Tensor, code_qmin:
 
 def _scan_dt_unfused(scan, u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
                      delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus, channels_last, fast_decay,
-                     z_reverse, combine, code_scale, code_qmin, code_qmax):
+                     z_reverse, combine, code_scale, code_qmin, code_qmax, z_scale, z_wscale, z_bias):
     """selective_scan_dt from its pieces in plain torch: :func:`dt_delta_ref`, ``scan(u, delta, ...,
-    channels_last, fast_decay)`` on the flipped z, :func:`combine_codes_ref`."""
+    channels_last, fast_decay)`` on the gate (:func:`z_epilogue_ref` of a raw accumulator) flipped,
+    :func:`combine_codes_ref`."""
     delta = dt_delta_ref(dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp,
                          delta_qmin, delta_qmax).to(u.dtype)
+    z = _gate("selective_scan_dt", u, z, z_scale, z_wscale, z_bias)
     if z_reverse and z is not None:
         z = z.flip(-1)
     y = scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, channels_last and combine is None, fast_decay)
@@ -303,7 +356,8 @@ def selective_scan_dt(u: Tensor, dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, 
                       z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
                       channels_last: bool = False, fast_decay: bool = False, z_reverse: bool = False,
                       combine: Optional[Tensor] = None, code_scale: Optional[Tensor] = None, code_qmin: int = -127,
-                      code_qmax: int = 127) -> Tensor:
+                      code_qmax: int = 127, z_scale: Optional[Tensor] = None, z_wscale: Optional[Tensor] = None,
+                      z_bias: Optional[Tensor] = None) -> Tensor:
     """``ouromamba::selective_scan`` (``selective_scan_cl`` with ``channels_last``) on the delta of
     :func:`dt_delta_ref`, computed inside the scan: ``dt_in`` (batch, L, dt_rank) float, any
     strides, is the x_proj output's dt columns; ``dt_scale`` broadcasts to (batch, L, 1), the int8
@@ -326,7 +380,10 @@ def selective_scan_dt(u: Tensor, dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, 
     ``code_scale``, ``code_qmin`` and ``code_qmax`` (the lowering rule ``fuse_scan_combine``,
     option ``scan_combine``). The CPU kernel writes the codes from each block's output tile with
     the graph's float operations in their order: the same codes bit for bit, without the
-    flipped copy of z or the mixer's output in memory."""
+    flipped copy of z or the mixer's output in memory.
+
+    ``z_scale`` / ``z_wscale`` / ``z_bias``: ``z`` is in_proj's raw accumulator and the scan applies
+    its epilogue as it loads z, as ``selective_scan_cl`` does (lowering rule ``fuse_in_proj_epilogue``)."""
     ext = _cpu_kernels(u)
     if ext is None:
         def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cl, fast):
@@ -335,18 +392,19 @@ def selective_scan_dt(u: Tensor, dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, 
 
         return _scan_dt_unfused(scan, u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias,
                                 delta_scale, delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus,
-                                channels_last, fast_decay, z_reverse, combine, code_scale, code_qmin, code_qmax)
+                                channels_last, fast_decay, z_reverse, combine, code_scale, code_qmin, code_qmax, z_scale,
+                                z_wscale, z_bias)
     return torch.ops.ouromamba_cpu.scan_dt_fwd.default(
         u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale, delta_zp, delta_qmin,
         delta_qmax, A, B, C, D, z, delta_bias, bool(delta_softplus), bool(channels_last), bool(fast_decay),
-        bool(z_reverse), combine, code_scale, int(code_qmin), int(code_qmax))
+        bool(z_reverse), combine, code_scale, int(code_qmin), int(code_qmax), z_scale, z_wscale, z_bias)
 
 
 @register_cuda(selective_scan_dt)
 def _selective_scan_dt_cuda(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale,
                             delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus,
                             channels_last=False, fast_decay=False, z_reverse=False, combine=None, code_scale=None,
-                            code_qmin=-127, code_qmax=127):
+                            code_qmin=-127, code_qmax=127, z_scale=None, z_wscale=None, z_bias=None):
     def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cl, fast):
         if cl:
             return SCAN_CHANNELS_LAST_OP(u, delta, A, B, C, D, z, delta_bias, delta_softplus, fast)
@@ -354,15 +412,16 @@ def _selective_scan_dt_cuda(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_
 
     return _scan_dt_unfused(scan, u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale,
                             delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus, channels_last,
-                            fast_decay, z_reverse, combine, code_scale, code_qmin, code_qmax)
+                            fast_decay, z_reverse, combine, code_scale, code_qmin, code_qmax, z_scale, z_wscale, z_bias)
 
 
 @selective_scan_dt.register_fake
 def _selective_scan_dt_fake(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale, dt_bias, delta_scale,
                             delta_zp, delta_qmin, delta_qmax, A, B, C, D, z, delta_bias, delta_softplus,
                             channels_last=False, fast_decay=False, z_reverse=False, combine=None, code_scale=None,
-                            code_qmin=-127, code_qmax=127):
+                            code_qmin=-127, code_qmax=127, z_scale=None, z_wscale=None, z_bias=None):
     torch._check(u.dim() == 3, lambda: f"selective_scan_dt: u must be (batch, d_inner, L), got {tuple(u.shape)}")
+    _check_z_epilogue("selective_scan_dt", u, z, z_scale, z_wscale, z_bias)
     torch._check(dt_in.dim() == 3, lambda: f"selective_scan_dt: dt_in must be (batch, L, dt_rank), got "
                                            f"{tuple(dt_in.shape)}")
     b, d, length = u.shape

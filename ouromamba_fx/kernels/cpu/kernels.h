@@ -54,7 +54,9 @@ namespace ouromamba_scan {
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                               const at::Tensor& C, const std::optional<at::Tensor>& D,
                               const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& delta_bias,
-                              bool delta_softplus, bool channels_last, bool fast_decay, bool z_reverse);
+                              bool delta_softplus, bool channels_last, bool fast_decay, bool z_reverse,
+                              const std::optional<at::Tensor>& z_scale, const std::optional<at::Tensor>& z_wscale,
+                              const std::optional<at::Tensor>& z_bias);
 // ouromamba::selective_scan_dt (its schema's arguments): delta computed inside the scan from the x_proj
 // columns dt_in (W8A8's dt_proj, then the fake quantization of delta); see selective_scan.cpp.
 at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, const at::Tensor& dt_scale,
@@ -66,7 +68,8 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
                                  const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                                  bool channels_last, bool fast_decay, bool z_reverse,
                                  const std::optional<at::Tensor>& combine, const std::optional<at::Tensor>& code_scale,
-                                 int64_t code_qmin, int64_t code_qmax);
+                                 int64_t code_qmin, int64_t code_qmax, const std::optional<at::Tensor>& z_scale,
+                                 const std::optional<at::Tensor>& z_wscale, const std::optional<at::Tensor>& z_bias);
 // [du, ddelta, dA, dB, dC, dD, dz, ddelta_bias], nullopt for absent inputs.
 std::vector<std::optional<at::Tensor>> selective_scan_bwd(
     const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
@@ -121,7 +124,8 @@ at::Tensor selective_scan(const at::Tensor& u, const at::Tensor& delta, const at
                           bool delta_softplus);
 at::Tensor selective_scan_cl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                              const at::Tensor& C, const OptTensor& D, const OptTensor& z,
-                             const OptTensor& delta_bias, bool delta_softplus, bool fast_decay, bool z_reverse);
+                             const OptTensor& delta_bias, bool delta_softplus, bool fast_decay, bool z_reverse,
+                             const OptTensor& z_scale, const OptTensor& z_wscale, const OptTensor& z_bias);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 selective_scan_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                    const at::Tensor& B, const at::Tensor& C, const OptTensor& D, const OptTensor& z,

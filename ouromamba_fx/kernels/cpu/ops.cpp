@@ -623,14 +623,16 @@ std::tuple<Tensor, Tensor> causal_conv1d_silu_codes(const Tensor& x, const Tenso
 // scan.selective_scan / selective_scan_cl / selective_scan_bwd
 Tensor selective_scan(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                       const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, bool delta_softplus) {
-  return ouromamba_scan::selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, false, false, false);
+  return ouromamba_scan::selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, false, false, false,
+                                            std::nullopt, std::nullopt, std::nullopt);
 }
 
 Tensor selective_scan_cl(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B, const Tensor& C,
                          const OptTensor& D, const OptTensor& z, const OptTensor& delta_bias, bool delta_softplus,
-                         bool fast_decay, bool z_reverse) {
+                         bool fast_decay, bool z_reverse, const OptTensor& z_scale, const OptTensor& z_wscale,
+                         const OptTensor& z_bias) {
   return ouromamba_scan::selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, true, fast_decay,
-                                            z_reverse);
+                                            z_reverse, z_scale, z_wscale, z_bias);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> selective_scan_bwd(

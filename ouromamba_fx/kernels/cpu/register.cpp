@@ -37,13 +37,15 @@ const std::vector<const char*>& public_schemas() {
       "ouromamba::selective_scan(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
       "Tensor? delta_bias, bool delta_softplus) -> Tensor",
       "ouromamba::selective_scan_cl(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
-      "Tensor? delta_bias, bool delta_softplus, bool fast_decay=False, bool z_reverse=False) -> Tensor",
+      "Tensor? delta_bias, bool delta_softplus, bool fast_decay=False, bool z_reverse=False, Tensor? z_scale=None, "
+      "Tensor? z_wscale=None, Tensor? z_bias=None) -> Tensor",
       "ouromamba::selective_scan_dt"
       "(Tensor u, Tensor dt_in, Tensor dt_scale, int dt_qmin, int dt_qmax, Tensor dt_weight, Tensor dt_wscale, "
       "Tensor? dt_bias, Tensor delta_scale, Tensor delta_zp, int delta_qmin, int delta_qmax, Tensor A, Tensor B, "
       "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, bool channels_last=False, "
       "bool fast_decay=False, bool z_reverse=False, Tensor? combine=None, Tensor? code_scale=None, "
-      "int code_qmin=-127, int code_qmax=127) -> Tensor",
+      "int code_qmin=-127, int code_qmax=127, Tensor? z_scale=None, Tensor? z_wscale=None, Tensor? z_bias=None) "
+      "-> Tensor",
       "ouromamba::selective_scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
       "Tensor? z, Tensor? delta_bias, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
       "Tensor, Tensor)",
@@ -162,13 +164,15 @@ TORCH_LIBRARY(ouromamba_cpu, m) {
   m.def("u4_linear(Tensor a, Tensor packed, Tensor colsum, Tensor s_in, Tensor q_out, Tensor s_out, Tensor w_o, "
         "Tensor w_scale, Tensor bias) -> Tensor");
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
-        "bool delta_softplus, bool channels_last=False, bool fast_decay=False, bool z_reverse=False) -> Tensor");
+        "bool delta_softplus, bool channels_last=False, bool fast_decay=False, bool z_reverse=False, "
+        "Tensor? z_scale=None, Tensor? z_wscale=None, Tensor? z_bias=None) -> Tensor");
   m.def("scan_dt_fwd"
         "(Tensor u, Tensor dt_in, Tensor dt_scale, int dt_qmin, int dt_qmax, Tensor dt_weight, Tensor dt_wscale, "
         "Tensor? dt_bias, Tensor delta_scale, Tensor delta_zp, int delta_qmin, int delta_qmax, Tensor A, Tensor B, "
         "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, bool delta_softplus, bool channels_last=False, "
         "bool fast_decay=False, bool z_reverse=False, Tensor? combine=None, Tensor? code_scale=None, "
-        "int code_qmin=-127, int code_qmax=127) -> Tensor");
+        "int code_qmin=-127, int code_qmax=127, Tensor? z_scale=None, Tensor? z_wscale=None, Tensor? z_bias=None) "
+        "-> Tensor");
   m.def("scan_bwd(Tensor dout, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
         "Tensor? delta_bias, bool delta_softplus) -> Tensor[]");
   m.def("qscan_fwd(Tensor u, Tensor delta, Tensor? delta_scale, Tensor? delta_zp, Tensor A, Tensor B, "

@@ -126,6 +126,17 @@ struct CombineOut {
   int8_t* codes = nullptr;    // (batch, L, dim) contiguous
 };
 
+// z given as the raw accumulator of the linear producing it (in_proj's z half: the z_scale /
+// z_wscale / z_bias of ouromamba::selective_scan_cl and _dt), whose epilogue the scan applies as it
+// loads the z tile: z[b, d, t] = ((acc[b, d, t] * xs[t]) * ws[d]) + bias[d], t the accumulator's
+// own (memory) step, before any reversal. float32 only.
+struct ZEpilogue {
+  const float* xs = nullptr;  // the row scale: L values (xs_t == 1) or one (xs_t == 0)
+  int64_t xs_t = 0;
+  const float* ws = nullptr;    // (dim,)
+  const float* bias = nullptr;  // (dim,) or null
+};
+
 template <typename T>
 struct Problem {
   int64_t batch = 0, dim = 0, L = 0, N = 0;
@@ -140,6 +151,7 @@ struct Problem {
   bool fast_decay = false;   // forward decays with the degree-4 exp2 (float32 only; om_vec.h kExp2Poly4)
   const DtFused* dt = nullptr;  // set: delta is computed from dt_in (float32 forward only), P.delta unused
   const CombineOut* combine = nullptr;  // set: the forward writes out_proj's codes (float32 only), no `out`
+  const ZEpilogue* zepi = nullptr;      // set: z is a raw accumulator (float32 only), see ZEpilogue
   struct BC {
     const T* p = nullptr;
     int64_t s_b = 0, s_g = 0, dpg = 1, s_t = 0, s_n = 1, groups = 1;
@@ -794,6 +806,33 @@ inline void forward_recurrence(const Problem<T>& P, Scratch<T>& S, const T* Bp, 
   }
 }
 
+// The forward's gate tile: load_tile of z, or, for a raw accumulator (P.zepi), the linear's
+// epilogue applied in memory order (each step with its own row scale), then the reversal. The
+// product, the addition of the bias and the gate after it are kept apart (OM_NO_CONTRACT): each
+// rounds as the graph's separate epilogue does, so the same floats as the linear's output.
+template <typename T>
+inline void load_gate(typename Vec<T>::V* tile, const Problem<T>& P, int64_t b, int64_t d0, int nl, int64_t L) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (P.zepi) {
+      using F = Vec<float>;
+      using V = F::V;
+      const ZEpilogue& e = *P.zepi;
+      load_tile_as_stored<float>(tile, P.z, b, d0, nl, L);
+      const V ws = lanes<float>(e.ws + d0, nl);  // (padding lanes: zero accumulators and scales)
+      for (int64_t t = 0; t < L; ++t) tile[t] = (tile[t] * F::splat(e.xs[t * e.xs_t])) * ws;
+      if (e.bias) {
+        OM_NO_CONTRACT();
+        const V bv = lanes<float>(e.bias + d0, nl);
+        for (int64_t t = 0; t < L; ++t) tile[t] = tile[t] + bv;
+      }
+      OM_NO_CONTRACT();  // (z is final: the gate's operations read it from the tile)
+      if (P.z.reverse) std::reverse(tile, tile + L);
+      return;
+    }
+  }
+  load_tile<T>(tile, P.z, b, d0, nl, L);
+}
+
 template <typename T, bool VB, bool VC, bool kFast>
 void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, Scratch<T>& S,
                    NextBlock next) {
@@ -859,7 +898,7 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
   }
   const V Dv = lanes<T>(P.D ? P.D + d0 : nullptr, nl);
   if (P.z) {
-    load_tile<T>(S.X, P.z, b, d0, nl, L);
+    load_gate<T>(S.X, P, b, d0, nl, L);
     for (int64_t t = 0; t < L; ++t) {
       const V z = S.X[t];
       S.DT[t] = (S.DT[t] + Dv * S.U[t]) * (z * F::sigmoid_rcp(z));
@@ -1333,12 +1372,73 @@ Problem<T> make_problem(const Inputs& in) {
   return P;
 }
 
+namespace {
+
+// The z_scale / z_wscale / z_bias arguments (z the raw accumulator of in_proj's z half), checked
+// and as float32 vectors; all undefined when z is the gate itself.
+struct ZEpiArgs {
+  at::Tensor xs, ws, bias;
+  bool on() const { return xs.defined(); }
+};
+
+ZEpiArgs z_epilogue_args(const char* op, const std::optional<at::Tensor>& z, int64_t dim, int64_t L,
+                         const std::optional<at::Tensor>& z_scale, const std::optional<at::Tensor>& z_wscale,
+                         const std::optional<at::Tensor>& z_bias) {
+  ZEpiArgs a;
+  const bool has_s = z_scale.has_value() && z_scale->defined();
+  const bool has_w = z_wscale.has_value() && z_wscale->defined();
+  const bool has_b = z_bias.has_value() && z_bias->defined();
+  if (!has_s && !has_w && !has_b) return a;
+  TORCH_CHECK(has_s && has_w, op, ": z_scale and z_wscale go together (z is then the raw accumulator of the linear "
+              "producing it, with its row scale and weight scales); pass both, or neither");
+  TORCH_CHECK(z.has_value() && z->defined(), op, ": z_scale / z_wscale were given without z");
+  for (const at::Tensor* t : {&*z_scale, &*z_wscale}) {
+    TORCH_CHECK(t->device().is_cpu(), op, " (C++ CPU kernel): all inputs must be on CPU");
+  }
+  a.xs = z_scale->to(at::kFloat).contiguous().view({-1});
+  TORCH_CHECK(a.xs.numel() == L || a.xs.numel() == 1, op, ": z_scale (the accumulator's row scale, per step of z) "
+              "must have L (", L, ") or 1 values, got ", a.xs.numel());
+  a.ws = z_wscale->to(at::kFloat).contiguous().view({-1});
+  TORCH_CHECK(a.ws.numel() == dim, op, ": z_wscale must have d_inner = ", dim, " values, got ", a.ws.numel());
+  if (has_b) {
+    TORCH_CHECK(z_bias->device().is_cpu(), op, " (C++ CPU kernel): all inputs must be on CPU");
+    a.bias = z_bias->to(at::kFloat).contiguous().view({-1});
+    TORCH_CHECK(a.bias.numel() == dim, op, ": z_bias must have d_inner = ", dim, " values, got ", a.bias.numel());
+  }
+  return a;
+}
+
+// z's epilogue with ATen ops in float32, for the paths that do not apply it on load: the graph's
+// operations ((acc * xs) * ws) + bias, each rounded, on z (batch, dim, L).
+at::Tensor z_epilogue_aten(const at::Tensor& z, const ZEpiArgs& a) {
+  at::Tensor y = (z.to(at::kFloat) * a.xs) * a.ws.view({-1, 1});
+  if (a.bias.defined()) y = y + a.bias.view({-1, 1});
+  return y;
+}
+
+// The kernel's view of the checked arguments (float32 scans).
+ZEpilogue z_epilogue(const ZEpiArgs& a) {
+  ZEpilogue e;
+  e.xs = a.xs.data_ptr<float>();
+  e.xs_t = a.xs.numel() == 1 ? 0 : 1;
+  e.ws = a.ws.data_ptr<float>();
+  e.bias = a.bias.defined() ? a.bias.data_ptr<float>() : nullptr;
+  return e;
+}
+
+}  // namespace
+
 at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                               const at::Tensor& B, const at::Tensor& C,
                               const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                               const c10::optional<at::Tensor>& delta_bias, bool delta_softplus,
-                              bool channels_last, bool fast_decay, bool z_reverse) {
+                              bool channels_last, bool fast_decay, bool z_reverse,
+                              const std::optional<at::Tensor>& z_scale, const std::optional<at::Tensor>& z_wscale,
+                              const std::optional<at::Tensor>& z_bias) {
   Inputs in = prepare(u, delta, A, B, C, D, z, delta_bias, delta_softplus);
+  const ZEpiArgs ze = z_epilogue_args("selective_scan", z, in.dim, in.L, z_scale, z_wscale, z_bias);
+  // float64 scans: the epilogue in float32 with ATen first (the graph's dtype), then the plain gate
+  if (ze.on() && in.cdt != at::kFloat) in.z = seq_layout(z_epilogue_aten(*z, ze), in.cdt);
   // channels_last: (batch, dim, L) seen through a transpose of (batch, L, dim) memory, the layout
   // the transposed out_proj input of a Mamba mixer reads contiguously
   at::Tensor out = channels_last ? at::empty({in.batch, in.L, in.dim}, in.A.options()).transpose(1, 2)
@@ -1354,6 +1454,8 @@ at::Tensor selective_scan_fwd(const at::Tensor& u, const at::Tensor& delta, cons
       P.out_cl = channels_last;
       P.fast_decay = fast_decay;
       if (P.z) P.z.reverse = z_reverse;
+      const ZEpilogue E = ze.on() ? z_epilogue(ze) : ZEpilogue();
+      if (ze.on()) P.zepi = &E;
       forward<float>(P, out.data_ptr<float>());
     }
   }
@@ -1389,9 +1491,13 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
                                  const std::optional<at::Tensor>& delta_bias, bool delta_softplus,
                                  bool channels_last, bool fast_decay, bool z_reverse,
                                  const std::optional<at::Tensor>& combine, const std::optional<at::Tensor>& code_scale,
-                                 int64_t code_qmin, int64_t code_qmax) {
+                                 int64_t code_qmin, int64_t code_qmax, const std::optional<at::Tensor>& z_scale,
+                                 const std::optional<at::Tensor>& z_wscale, const std::optional<at::Tensor>& z_bias) {
   TORCH_CHECK(u.dim() == 3, "selective_scan_dt: u must be (batch, d_inner, L), got ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), L = u.size(2);
+  TORCH_CHECK(!z.has_value() || !z->defined() || z->sizes() == u.sizes(), "selective_scan_dt: z has shape ",
+              z->sizes(), ", expected ", u.sizes());
+  const ZEpiArgs ze = z_epilogue_args("selective_scan_dt", z, dim, L, z_scale, z_wscale, z_bias);
   TORCH_CHECK(dt_in.dim() == 3 && dt_in.size(0) == batch && dt_in.size(1) == L,
               "selective_scan_dt: dt_in has shape ", dt_in.sizes(), ", expected (", batch, ", ", L, ", dt_rank)");
   const int64_t R = dt_in.size(2);
@@ -1429,15 +1535,18 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
   if (!fused || (has_combine && !fused_codes)) {
     const at::Tensor delta = fused ? at::Tensor() : dt_delta_aten(dt_in, xs, dt_qmin, dt_qmax, dt_weight, dt_wscale,
                                                                   dt_bias, ds, dz, delta_qmin, delta_qmax);
-    const std::optional<at::Tensor> zz = (z_reverse && z.has_value() && z->defined())
-                                             ? std::optional<at::Tensor>(z->flip({-1})) : z;
+    // (z's epilogue first, on its own steps, then the reversal)
+    const std::optional<at::Tensor> ze_z = ze.on() ? std::optional<at::Tensor>(z_epilogue_aten(*z, ze)) : z;
+    const std::optional<at::Tensor> zz = (z_reverse && ze_z.has_value() && ze_z->defined())
+                                             ? std::optional<at::Tensor>(ze_z->flip({-1})) : ze_z;
     const at::Tensor y = fused ? selective_scan_dt_fwd(u, dt_in, dt_scale, dt_qmin, dt_qmax, dt_weight, dt_wscale,
                                                        dt_bias, delta_scale, delta_zp, delta_qmin, delta_qmax, A, B, C,
                                                        D, zz, delta_bias, delta_softplus, false, fast_decay, false,
-                                                       std::nullopt, std::nullopt, code_qmin, code_qmax)
+                                                       std::nullopt, std::nullopt, code_qmin, code_qmax, std::nullopt,
+                                                       std::nullopt, std::nullopt)
                                : selective_scan_fwd(u, delta.to(u.scalar_type()), A, B, C, D, zz, delta_bias,
                                                     delta_softplus, channels_last && !has_combine, fast_decay,
-                                                    false);
+                                                    false, std::nullopt, std::nullopt, std::nullopt);
     if (!has_combine) return y;
     // the graph's operations: (yf + flip(y)) / 2 in their dtype, then out_proj's quantization in float32
     const at::Tensor x = ((*combine + y.flip({-1})) / 2).transpose(1, 2).to(at::kFloat);
@@ -1507,6 +1616,8 @@ at::Tensor selective_scan_dt_fwd(const at::Tensor& u, const at::Tensor& dt_in, c
     P.dt = &G;
     if (P.z) P.z.reverse = z_reverse;
     if (has_combine) P.combine = &M;
+    const ZEpilogue E = ze.on() ? z_epilogue(ze) : ZEpilogue();
+    if (ze.on()) P.zepi = &E;
     forward<float>(P, has_combine ? nullptr : out.data_ptr<float>());
   }
   return has_combine ? codes : out.to(u.scalar_type());
