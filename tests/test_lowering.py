@@ -603,16 +603,31 @@ def test_convs_apply_in_proj_epilogue(models):
     for n in convs:  # the x half, raw, with the row scale and the x half's weight scales
         assert n.args[0] is halves[0] and n.args[11].target == acc.args[1].target and n.args[13] is None
         assert torch.equal(getattr(gm, n.args[12].target), ws[:d])
-    # the z half: the epilogue alone, read by the scans
-    (z,) = halves[1].users
-    assert z.target is int8_linear_epilogue_t and torch.equal(getattr(gm, z.args[2].target), ws[d:])
-    assert {u.target for u in z.users} >= {SCAN_DT_OP}
+    # the z half: raw into both scans as their gate (the backward one reversed), which apply the
+    # epilogue with the row scale and the z half's weight scales
+    assert not calls(gm, int8_linear_epilogue_t)
+    scans = calls(gm, SCAN_DT_OP)
+    assert set(halves[1].users) == set(scans) and len(scans) == 2
+    assert sorted(bool(n.kwargs.get("z_reverse")) for n in scans) == [False, True]
+    for n in scans:
+        assert n.args[16] is halves[1] and n.kwargs["z_scale"].target == acc.args[1].target
+        assert torch.equal(getattr(gm, n.kwargs["z_wscale"].target), ws[d:]) and "z_bias" not in n.kwargs
+    assert any("fuse_z_epilogue: 1 z half(s)" in line for line in low.log)
     y = low(X)
     assert torch.equal(y, off(X)) and close(y, q(X))
-    # on the plain convs too (conv_codes off), and with dt_proj left out of the scan
+    # on the plain convs too (conv_codes off), and with dt_proj left out of the scan (selective_scan_cl)
     low2 = q.lower(conv_codes=False, dt_scan=False)
-    assert len(calls(low2.graph_module, CONV1D_SILU_OP)) == 2 and calls(low2.graph_module, int8_linear_decomposed_acc)
+    gm2 = low2.graph_module
+    assert len(calls(gm2, CONV1D_SILU_OP)) == 2 and calls(gm2, int8_linear_decomposed_acc)
+    assert not calls(gm2, int8_linear_epilogue_t) and [n.kwargs.get("z_scale") is not None for n in cl_scans(gm2)] == \
+        [True, True]
     assert torch.equal(low2(X), q.lower(conv_codes=False, dt_scan=False, inproj_epilogue=False)(X))
+    # the backward scan reading a flip of the z half (scan_combine off): the epilogue stays, logged
+    low3 = q.lower(scan_combine=False)
+    (z,) = calls(low3.graph_module, int8_linear_epilogue_t)
+    assert torch.equal(getattr(low3.graph_module, z.args[2].target), ws[d:])
+    assert any(line.startswith("fuse_z_epilogue: kept the z half's epilogue: read by flip") for line in low3.log)
+    assert torch.equal(low3(X), q.lower(scan_combine=False, inproj_epilogue=False)(X))
     # W4A4O8's in_proj is another op: nothing to fuse; for a GPU the linear keeps its epilogue
     assert not calls(models["W4A4O8"].lower().graph_module, int8_linear_decomposed_acc)
     cuda = q.lower(target="cuda")
@@ -671,6 +686,62 @@ def test_in_proj_epilogue_rule_takes_only_the_exact_pattern():
         assert torch.equal(gm(u), want), i
 
 
+def test_z_epilogue_rule_takes_only_scan_gates():
+    """fuse_z_epilogue moves the z half's epilogue into the scans only where every reader of it is a
+    selective_scan_cl / _dt gate (with in_proj's bias too); else the epilogue stays and is logged."""
+    from ouromamba_fx.lowering.rewrite import RewritePass
+    from ouromamba_fx.lowering.rules import lowering_rules
+    from ouromamba_fx.passes.base import Context
+
+    rules = [RewritePass(r) for r in lowering_rules() if r.name in ("fuse_in_proj_epilogue", "fuse_z_epilogue")]
+    c, d, n_state, length = 8, 6, 3, 5
+
+    class M(torch.nn.Module):
+        def __init__(self, bias, other=None):
+            super().__init__()
+            g = torch.Generator().manual_seed(5)
+            self.register_buffer("w", torch.randn(d, 1, 4, generator=g))
+            self.register_buffer("wq", torch.randint(-127, 128, (2 * d, c), dtype=torch.int8, generator=g))
+            self.register_buffer("ws", torch.rand(2 * d, generator=g) * 0.01)
+            self.register_buffer("b", torch.randn(2 * d, generator=g) if bias else None)
+            self.register_buffer("s", torch.rand(1, length, 1, generator=g) * 0.05 + 1e-2)
+            self.register_buffer("A", -torch.rand(d, n_state, generator=g) - 0.5)
+            self.register_buffer("D", torch.randn(d, generator=g))
+            self.other = other
+
+        def forward(self, u, delta, B, C):
+            xz = int8_linear_decomposed(u, self.s, -127, 127, self.wq, self.ws, self.b).transpose(1, 2)
+            x, z = xz.chunk(2, dim=1)
+            y = CONV1D_SILU_OP(x, self.w, None, None, None, -127, 127, False)
+            yf = SCAN_CHANNELS_LAST_OP(y, delta, self.A, B, C, self.D, z, None, True)
+            yb = SCAN_CHANNELS_LAST_OP(y, delta, self.A, B, C, self.D, z, None, True, z_reverse=True)
+            if self.other == "plain_scan":
+                yb = SCAN_OP(y, delta, self.A, B, C, self.D, z, None, True)
+            elif self.other == "add":
+                yb = yb + z
+            return yf + yb
+
+    g = torch.Generator().manual_seed(6)
+    inputs = (torch.randn(2, length, c, generator=g) * 3, torch.randn(2, d, length, generator=g) * 0.5 - 1,
+              torch.randn(2, n_state, length, generator=g), torch.randn(2, n_state, length, generator=g))
+    for bias, other, fused in ((True, None, 1), (False, None, 1), (True, "plain_scan", 0), (False, "add", 0)):
+        mod = M(bias, other)
+        gm = torch.fx.GraphModule(mod, torch.fx.Tracer(autowrap_functions=(int8_linear_decomposed,)).trace(mod))
+        want = gm(*inputs)
+        ctx = Context(config=None, show_progress=False)
+        for r in rules:
+            r.run(gm, ctx)
+            gm.recompile()
+        case = (bias, other)
+        assert calls(gm, int8_linear_decomposed_acc) and len(calls(gm, int8_linear_epilogue_t)) == 1 - fused, case
+        gates = [n for n in calls(gm, SCAN_CHANNELS_LAST_OP) if n.kwargs.get("z_scale") is not None]
+        assert len(gates) == 2 * fused, case
+        assert all(("z_bias" in n.kwargs) is bias for n in gates), case
+        assert (f"fuse_z_epilogue: {fused} z half(s)" in ctx.log) and \
+            any("kept the z half's epilogue" in line for line in ctx.log) is (not fused), case
+        assert torch.equal(gm(*inputs), want), case
+
+
 @torch.no_grad()
 def test_in_proj_epilogue_fires_on_the_compiled_graph(models, monkeypatch):
     q = models["W8A8"]
@@ -679,9 +750,12 @@ def test_in_proj_epilogue_fires_on_the_compiled_graph(models, monkeypatch):
     for on, (_, lowered) in runs.items():
         gms = [gm for gm, _, _ in lowered]
         assert sum(len(calls(gm, int8_linear_decomposed_acc)) for gm in gms) == (1 if on else 0)
-        assert sum(len(calls(gm, int8_linear_epilogue_t)) for gm in gms) == (1 if on else 0)
+        assert sum(len(calls(gm, int8_linear_epilogue_t)) for gm in gms) == 0  # (on: the scans apply it)
         assert sum(1 for gm in gms for n in calls(gm, CONV1D_SILU_CODES_OP) if len(n.args) == 14) == (2 if on else 0)
-    # the convs' epilogue and Inductor's: the same bits
+        assert sum(1 for gm in gms for n in calls(gm, SCAN_DT_OP) if n.kwargs.get("z_scale") is not None) == \
+            (2 if on else 0)
+        assert any("fuse_z_epilogue: 1 z half(s)" in line for _, _, log in lowered for line in log) is on
+    # the convs' and the scans' epilogue and Inductor's: the same bits
     assert torch.equal(ys[True], ys[False])
     assert torch.equal(ys[True], q.lower()(X))
 

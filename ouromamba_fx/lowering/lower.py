@@ -85,8 +85,11 @@ def lowering_passes(**options) -> list[Pass]:
     linear stops at its integer products
     (:func:`~ouromamba_fx.ops.int8_linear.int8_linear_decomposed_acc`) and the convs apply its
     epilogue ``((acc * x_scale) * w_scale) + bias`` as they load that half; the other half (Vim's
-    z) gets the epilogue alone (a pass over half the tensor): the same numbers bit for bit, without
-    the epilogue's pass over the convs' half; CPU targets only. Off, the linear runs its epilogue.
+    z) goes the same way into the scans that read it as their gate (``selective_scan_dt`` /
+    ``selective_scan_cl``, ``z_scale`` / ``z_wscale`` / ``z_bias``; rule ``fuse_z_epilogue``), or,
+    where another op reads it, gets the epilogue alone (a pass over half the tensor, logged): the
+    same numbers bit for bit, without the epilogue's pass over the linear's output; CPU targets
+    only. Off, the linear runs its epilogue.
 
     ``target`` (``"auto"``: the device of the graph's weights; ``"cpu"``, ``"cuda"``): the device
     the lowered graph will run on. For ``"cuda"``, integer linears whose K or N cuBLAS's

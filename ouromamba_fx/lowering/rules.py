@@ -60,6 +60,12 @@ the rest. :func:`lowering_rules` lists them in the order they run:
   (z) gets the epilogue alone (:func:`~ouromamba_fx.ops.int8_linear.int8_linear_epilogue_t`, a
   pass over half the tensor). The same numbers bit for bit. CPU targets only (lowering option
   ``inproj_epilogue``).
+* ``fuse_z_epilogue`` -- that z half's epilogue read only by scans as their gate ``z``
+  (``selective_scan_dt`` / ``selective_scan_cl``, either direction: it runs after
+  ``reverse_scan_gate``) goes too: the scans take the raw accumulator half with the row scale, the
+  z half's weight scales and bias (their ``z_scale`` / ``z_wscale`` / ``z_bias``) and apply the
+  epilogue as they load z, the same numbers bit for bit. Where another op reads it the epilogue
+  stays, and the log says so (lowering option ``inproj_epilogue``).
 * ``inline_fake_quant`` -- any quantize/dequantize pair still left (in front of float ops)
   becomes :func:`~ouromamba_fx.ops.quant.fake_quantize`, and a ``quantize`` kept for its
   integers (feeding ``selective_scan_qi`` or ``int8_linear``) becomes ``quantize_ref``: plain
@@ -152,8 +158,8 @@ class LoweringOptions:
     # selective_scan_dt emits out_proj's int8 input codes (the flips, the mean and the quantization
     # pass gone); the codes where dt_scan fused, so CPU only
     scan_combine: bool = True
-    # in_proj's epilogue applied by the convs as they load its x half (and alone on its z half);
-    # CPU targets only, and only where conv_silu made the convs ops
+    # in_proj's epilogue applied by the convs as they load its x half and by the scans as they load
+    # its z half (else alone on it); CPU targets only, and only where conv_silu made the convs ops
     inproj_epilogue: bool = True
     target: str = "auto"
 
@@ -745,6 +751,46 @@ def _build_in_proj_epilogue(gm: fx.GraphModule, m: Match, state: dict) -> Built:
 
 
 # ---------------------------------------------------------------------------------------------
+# fuse_z_epilogue
+
+def _reads_as_gate(scan: fx.Node, z: fx.Node) -> bool:
+    """Whether ``scan`` is a selective_scan_dt / _cl reading ``z`` as its gate only, positionally,
+    with no epilogue of its own yet."""
+    pos = _Z_ARG.get(scan.target) if scan.op == "call_function" else None
+    return pos is not None and len(scan.args) > pos and scan.args[pos] is z and \
+        all(a is not z for i, a in enumerate(scan.args) if i != pos) and z not in scan.kwargs.values() and \
+        all(scan.kwargs.get(k) is None for k in ("z_scale", "z_wscale", "z_bias"))
+
+
+def _match_z_epilogue(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
+    """``int8_linear_epilogue_t(z_acc, s, ws, b)`` (fuse_in_proj_epilogue's z half) whose every
+    reader is a scan taking it as its gate."""
+    if not is_call(node, int8_linear_epilogue_t) or len(node.args) != 4 or node.kwargs or not node.users:
+        return None
+    others = sorted({str(getattr(u.target, "__name__", u.target)) for u in node.users if not _reads_as_gate(u, node)})
+    if others:
+        state.setdefault("notes", Counter())[f"kept the z half's epilogue: read by {', '.join(others)} (only the "
+                                             f"gates of selective_scan_dt / selective_scan_cl take the "
+                                             f"accumulator)"] += 1
+        return None
+    return Match(node, dict(scans=list(node.users)))
+
+
+def _build_z_epilogue(gm: fx.GraphModule, m: Match, state: dict) -> Built:
+    epi = m.anchor
+    z_acc, s_n, ws_n, b_n = epi.args
+    for scan in m.fields["scans"]:
+        args = list(scan.args)
+        args[_Z_ARG[scan.target]] = z_acc
+        scan.args = tuple(args)
+        extra = {"z_scale": s_n, "z_wscale": ws_n}
+        if b_n is not None:
+            extra["z_bias"] = b_n
+        scan.kwargs = {**scan.kwargs, **extra}
+    return Built(None)  # (the epilogue, unread now, goes with the cleanup)
+
+
+# ---------------------------------------------------------------------------------------------
 # inline_fake_quant
 
 def _match_qdq_pair(gm: fx.GraphModule, node: fx.Node, state: dict) -> Match | None:
@@ -879,6 +925,9 @@ def lowering_rules(options: LoweringOptions = LoweringOptions()) -> list[Rule]:
     if o.scan_combine:
         rules += [Rule("reverse_scan_gate", "scan(s)", (Pattern(_match_reversed_gate, _build_reversed_gate),)),
                   Rule("fuse_scan_combine", "mixer(s)", (Pattern(_match_scan_combine(o.target), _build_scan_combine),))]
+    if o.conv_silu and o.inproj_epilogue:
+        # after reverse_scan_gate: the backward scan's gate is then the z half itself, not its flip
+        rules.append(Rule("fuse_z_epilogue", "z half(s)", (Pattern(_match_z_epilogue, _build_z_epilogue),)))
     if o.mixed_fused:
         rules.append(Rule("fuse_linear_mixed_fake_quant", "linear(s)",
                           (Pattern(_match_linear_then_mixed, _build_linear_then_mixed),)))
