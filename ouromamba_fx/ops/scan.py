@@ -241,7 +241,7 @@ def selective_scan_channels_last(u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
     (in_proj's z half) and the gate is :func:`z_epilogue_ref` of it, ``z_scale`` indexed by z's own
     steps (before ``z_reverse``): the CPU kernel applies it as it loads each z tile, in the graph's
     order without contractions, so the same numbers as the separate epilogue (lowering rule
-    ``fuse_in_proj_epilogue``); other kernels apply it first."""
+    ``fuse_z_epilogue``); other kernels apply it first."""
     # CPU: the C++ kernel (once the library is loaded, CPU calls go to its registered C++ op
     # directly, kernels/cpu/ops.cpp); other devices without their own kernel: the reference.
     ext = _cpu_kernels(u)
@@ -383,7 +383,7 @@ def selective_scan_dt(u: Tensor, dt_in: Tensor, dt_scale: Tensor, dt_qmin: int, 
     flipped copy of z or the mixer's output in memory.
 
     ``z_scale`` / ``z_wscale`` / ``z_bias``: ``z`` is in_proj's raw accumulator and the scan applies
-    its epilogue as it loads z, as ``selective_scan_cl`` does (lowering rule ``fuse_in_proj_epilogue``)."""
+    its epilogue as it loads z, as ``selective_scan_cl`` does (lowering rule ``fuse_z_epilogue``)."""
     ext = _cpu_kernels(u)
     if ext is None:
         def scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, cl, fast):
