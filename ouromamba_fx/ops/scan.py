@@ -41,7 +41,7 @@ from torch import Tensor
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 from ouromamba_fx.ops.dispatch import register_cuda
-from ouromamba_fx.ops.int8_linear import quantize_input
+from ouromamba_fx.ops.int8_linear import int8_linear_epilogue_t, quantize_input
 
 __all__ = ["selective_scan", "selective_scan_channels_last", "selective_scan_dt", "dt_delta_ref", "combine_codes_ref",
            "z_epilogue_ref",
@@ -183,11 +183,9 @@ def z_epilogue_ref(z: Tensor, z_scale: Tensor, z_wscale: Tensor, z_bias: Optiona
     """The gate the scans compute from a raw accumulator ``z`` (batch, d_inner, L) (their ``z_scale``
     / ``z_wscale`` / ``z_bias``), in plain torch: ``((z * z_scale[t]) * z_wscale[d]) + z_bias[d]`` in
     float32, ``z_scale`` one value per step of ``z`` as it lies (before any ``z_reverse``) or one in
-    all -- the floats of :func:`~ouromamba_fx.ops.int8_linear.int8_linear_epilogue_t`."""
-    y = (z.float() * z_scale.float().reshape(-1)) * z_wscale.float().reshape(-1, 1)
-    if z_bias is not None:
-        y = y + z_bias.float().reshape(-1, 1)
-    return y
+    all: :func:`~ouromamba_fx.ops.int8_linear.int8_linear_epilogue_t` of it, the scale as a column
+    over z's steps."""
+    return int8_linear_epilogue_t(z.float(), z_scale.float().reshape(-1, 1), z_wscale, z_bias)
 
 
 def _check_z_epilogue(op: str, u: Tensor, z: Optional[Tensor], z_scale: Optional[Tensor],
