@@ -282,8 +282,8 @@ def test_w8a8_dt_proj_and_delta_quantization_move_into_the_scan(models):
 
 
 def compiled_both_ways(q, monkeypatch, option):
-    """``torch.compile(q, backend="ouromamba")`` on X with the lowering option on and off: {on: (output,
-    the (graph, ..., log) tuples the backend's lower_graph returned for that compilation)}."""
+    """``torch.compile(q, backend="ouromamba")`` on X with the lowering option on and off: ({on: output},
+    {on: the (graph, ..., log) tuples the backend's lower_graph returned for that compilation})."""
     import ouromamba_fx.lowering.backend as backend
 
     lowered = []
@@ -295,21 +295,20 @@ def compiled_both_ways(q, monkeypatch, option):
         return out
 
     monkeypatch.setattr(backend, "lower_graph", spy)
-    runs = {}
+    ys, runs = {}, {}
     for on in (True, False):
         torch._dynamo.reset()
         lowered.clear()
-        y = torch.compile(q, backend="ouromamba", dynamic=False, options={option: on})(X)
-        runs[on] = (y, list(lowered))
-    return runs
+        ys[on] = torch.compile(q, backend="ouromamba", dynamic=False, options={option: on})(X)
+        runs[on] = list(lowered)
+    return ys, runs
 
 
 @torch.no_grad()
 def test_dt_scan_fires_on_the_compiled_graph(models, monkeypatch):
     q = models["W8A8"]
-    runs = compiled_both_ways(q, monkeypatch, "dt_scan")
-    ys = {on: y for on, (y, _) in runs.items()}
-    for on, (_, lowered) in runs.items():
+    ys, runs = compiled_both_ways(q, monkeypatch, "dt_scan")
+    for on, lowered in runs.items():
         n_fused = sum(len(calls(gm, SCAN_DT_OP)) for gm, _, _ in lowered)
         assert n_fused == (2 if on else 0)
         assert any("fuse_dt_scan: 2 scan(s)" in line for _, _, log in lowered for line in log) is on
@@ -364,9 +363,8 @@ def test_channel_contiguous_backward_scans_read_z_reversed(models):
 @torch.no_grad()
 def test_scan_combine_fires_on_the_compiled_graph(models, monkeypatch):
     q = models["W8A8"]
-    runs = compiled_both_ways(q, monkeypatch, "scan_combine")
-    ys = {on: y for on, (y, _) in runs.items()}
-    for on, (_, lowered) in runs.items():
+    ys, runs = compiled_both_ways(q, monkeypatch, "scan_combine")
+    for on, lowered in runs.items():
         n_codes = sum(len([n for n in calls(gm, int8_linear_decomposed_codes) if n.args[0].target is SCAN_DT_OP])
                       for gm, _, _ in lowered)  # (the x_proj read their convs' codes either way)
         assert n_codes == (1 if on else 0)
@@ -570,9 +568,8 @@ def test_conv_codes_rule_takes_only_the_exact_pattern():
 @torch.no_grad()
 def test_conv_codes_fire_on_the_compiled_graph(models, monkeypatch):
     q = models["W8A8"]
-    runs = compiled_both_ways(q, monkeypatch, "conv_codes")
-    ys = {on: y for on, (y, _) in runs.items()}
-    for on, (_, lowered) in runs.items():
+    ys, runs = compiled_both_ways(q, monkeypatch, "conv_codes")
+    for on, lowered in runs.items():
         assert sum(len(calls(gm, CONV1D_SILU_CODES_OP)) for gm, _, _ in lowered) == (2 if on else 0)
         assert any("fuse_conv_codes: 2 conv(s)" in line for _, _, log in lowered for line in log) is on
     # Inductor's quantization of the conv's output (option off) and the op's codes: the same bits
@@ -745,9 +742,8 @@ def test_z_epilogue_rule_takes_only_scan_gates():
 @torch.no_grad()
 def test_in_proj_epilogue_fires_on_the_compiled_graph(models, monkeypatch):
     q = models["W8A8"]
-    runs = compiled_both_ways(q, monkeypatch, "inproj_epilogue")
-    ys = {on: y for on, (y, _) in runs.items()}
-    for on, (_, lowered) in runs.items():
+    ys, runs = compiled_both_ways(q, monkeypatch, "inproj_epilogue")
+    for on, lowered in runs.items():
         gms = [gm for gm, _, _ in lowered]
         assert sum(len(calls(gm, int8_linear_decomposed_acc)) for gm in gms) == (1 if on else 0)
         assert sum(len(calls(gm, int8_linear_epilogue_t)) for gm in gms) == 0  # (on: the scans apply it)
