@@ -73,6 +73,14 @@ namespace ouromamba_scan {
 // Vector types and elementary functions: om_vec.h.
 using ouromamba_vec::Vec;
 
+#if defined(__AVX__) && !defined(__AVX512F__)
+// One AVX register of floats. Without AVX-512, Vec<float>::V (16 lanes) is two of them; the
+// AVX2 paths below work on a tile's 8-lane halves with this type, because GCC compiles some loops
+// over 16-lane vectors through the stack on such CPUs (each vector stored as two or four pieces
+// and reloaded whole, which stalls on store forwarding).
+typedef float V8f __attribute__((vector_size(32), may_alias));
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // Problem description (raw pointers, compute dtype T)
 
@@ -475,6 +483,46 @@ inline void dt_products(const DtFused& G, int64_t L, int64_t dim, int64_t d0, in
   for (int64_t r = 0; r < R; ++r) w[r] = lanes<float>(G.wt + r * dim + d0, nl);
   const float* __restrict__ q = S.dq.data();
   V* __restrict__ DT = S.DT;
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+  // AVX2: the same sums on the tiles' 8-lane halves in registers (the 16-lane code below kept its
+  // accumulators on the stack here: 4x slower than this). Every partial sum is an integer below
+  // 2^24, so the multiply-adds round nothing.
+  {
+    const __m256* __restrict__ w8 = reinterpret_cast<const __m256*>(w);
+    float* __restrict__ out = reinterpret_cast<float*>(DT);
+    int64_t t = 0;
+    for (; t + 4 <= L; t += 4) {
+      const float* q0 = q + t * R;
+      __m256 a[4][2];
+      for (int j = 0; j < 4; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 w0 = w8[2 * r], w1 = w8[2 * r + 1];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) {
+          const __m256 b = _mm256_broadcast_ss(q0 + j * R + r);
+          a[j][0] = _mm256_fmadd_ps(b, w0, a[j][0]);
+          a[j][1] = _mm256_fmadd_ps(b, w1, a[j][1]);
+        }
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        _mm256_store_ps(out + (t + j) * 16, a[j][0]);
+        _mm256_store_ps(out + (t + j) * 16 + 8, a[j][1]);
+      }
+    }
+    for (; t < L; ++t) {
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+      for (int64_t r = 0; r < R; ++r) {
+        const __m256 b = _mm256_broadcast_ss(q + t * R + r);
+        a0 = _mm256_fmadd_ps(b, w8[2 * r], a0);
+        a1 = _mm256_fmadd_ps(b, w8[2 * r + 1], a1);
+      }
+      _mm256_store_ps(out + t * 16, a0);
+      _mm256_store_ps(out + t * 16 + 8, a1);
+    }
+    return;
+  }
+#endif
   int64_t t = 0;
   for (; t + 4 <= L; t += 4) {
     const float* q0 = q + t * R;
@@ -594,6 +642,47 @@ inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t
   const V ws = lanes<float>(G.ws + d0, nl);
   const float* __restrict__ xs = S.dxs.data();
   V* __restrict__ DT = S.DT;
+  const float* ds = G.ds + b * G.ds_b + d0 * G.ds_d;
+  const float* dz = G.dz + b * G.dz_b + d0 * G.dz_d;
+#if defined(__AVX__) && !defined(__AVX512F__)
+  // AVX2: the same operations, in the same order, on 8-lane halves (see V8f)
+  {
+    using F8 = ouromamba_vec::VecF<32>;
+    const V bias = G.bias ? lanes<float>(G.bias + d0, nl) : F::splat(0.0f);
+    const V8f* ws8 = reinterpret_cast<const V8f*>(&ws);
+    const V8f* bias8 = reinterpret_cast<const V8f*>(&bias);
+    V8f* __restrict__ D8 = reinterpret_cast<V8f*>(DT);
+    const V8f lo = F8::splat(G.dqmin), hi = F8::splat(G.dqmax);
+    const V8f big = F8::splat(4194304.0f), magic = F8::splat(F8::kMagic);
+    for (int64_t t = 0; t < L; ++t) {
+      V s16, zp16;
+      if (G.ds_d == 0) {
+        s16 = F::splat(ds[t * G.ds_t]);
+      } else {
+        s16 = lanes_or(ds + t * G.ds_t, nl, G.ds_d, 1.0f);
+      }
+      if (G.dz_d == 0) {
+        zp16 = F::splat(dz[t * G.dz_t]);
+      } else {
+        zp16 = lanes_or(dz + t * G.dz_t, nl, G.dz_d, 0.0f);
+      }
+      const V8f* s8 = reinterpret_cast<const V8f*>(&s16);
+      const V8f* zp8 = reinterpret_cast<const V8f*>(&zp16);
+      const V8f x = F8::splat(xs[t]);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        V8f y = (D8[2 * t + h] * x) * ws8[h];
+        __asm__("" : "+x"(y));  // y rounded before the bias is added (no multiply-add)
+        if (G.bias) y = y + bias8[h];
+        const V8f r = (F8::vmin(F8::vmax(y / s8[h], -big), big) + magic) - magic;
+        const V8f code = F8::vmin(F8::vmax(r + zp8[h], lo), hi);
+        D8[2 * t + h] = (code - zp8[h]) * s8[h];
+      }
+    }
+    OM_NO_CONTRACT();
+    return;
+  }
+#endif
   for (int64_t t = 0; t < L; ++t) DT[t] = (DT[t] * F::splat(xs[t])) * ws;
   OM_NO_CONTRACT();
   int64_t t = 0;
@@ -602,8 +691,6 @@ inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t
     for (t = 0; t < L; ++t) DT[t] = DT[t] + bias;
   }
   // the fake quantization
-  const float* ds = G.ds + b * G.ds_b + d0 * G.ds_d;
-  const float* dz = G.dz + b * G.dz_b + d0 * G.dz_d;
   const V lo = F::splat(G.dqmin), hi = F::splat(G.dqmax);
   for (t = 0; t < L; ++t) {
     // padding lanes: scale 1, zero point 0 (their delta stays 0, as load_tile's)
@@ -679,8 +766,6 @@ inline void combine_block(const CombineOut& M, Scratch<float>& S, int64_t L, int
 }
 
 #if defined(__AVX__) && !defined(__AVX512F__)
-typedef float V8f __attribute__((vector_size(32), may_alias));
-
 // Whether every decay exponent dt * A of a block is <= 0 or NaN, where exp2's upper clamp changes
 // nothing: no A > 0 and no dt < 0 (NaN compares false; padding lanes hold 0). A (N, 16) and dt
 // (L, 16) tiles as 8-lane halves. (Written with GCC's 64-byte vector compares instead, this
