@@ -52,10 +52,11 @@ __all__ = ["ALLOWED_TARGETS", "PACKAGE_OPS", "MAX_BATCH", "export_program", "sav
 #: The largest batch an exported program accepts (the upper bound of its dynamic batch dimension).
 MAX_BATCH = 4096
 
-#: The package's ops that never appear in an exported program: ``s8_mm`` (the prepacked oneDNN
-#: matmul of the decomposed linears, a Python-only op) is traced as ``torch._int_mm`` there
+#: The package's ops that never appear in an exported program: ``s8_mm`` and ``s16_mm`` (the
+#: decomposed linears' products on a weight packed once: oneDNN's matmul, or the AVX2 kernel of
+#: CPUs without VNNI; Python-only ops) are traced as ``torch._int_mm`` there
 #: (:func:`ouromamba_fx.ops.gemm.without_prepack`).
-PYTHON_ONLY_OPS = ("s8_mm",)
+PYTHON_ONLY_OPS = ("s8_mm", "s16_mm")
 
 #: Every other ``ouromamba::*`` op of the package (:mod:`ouromamba_fx.ops`).
 PACKAGE_OPS = ("quantize", "dequantize", "quantize_per_token", "quantize_mixed", "mixed_fake_quant", "outlier_mask",

@@ -74,6 +74,10 @@ def test_u8_mm_exact_for_int4_weights(qa, m, k, n):
 @pytest.mark.parametrize("qa,w_lo,w_hi", [(7, -8, 7), (127, -127, 127)])  # W4A4O8's inliers, W8A8's ranges
 @pytest.mark.parametrize("m,k,n", [(1, 2, 1), (13, 31, 7), (200, 384, 160), (300, 768, 56)])
 def test_s8_mm_exact(qa, w_lo, w_hi, m, k, n):
+    if not cpu_gemm.u8_exact(qa, max(-w_lo, w_hi)) and not cpu_gemm.int8_dot():
+        # without VNNI / AMX oneDNN adds u8 x s8 pairs in saturating int16 (gemm.u8_exact): s8_mm is
+        # used only in mode int_mm, which such CPUs do not pick
+        pytest.skip("8-bit x 8-bit s8_mm is exact only on CPUs with VNNI or AMX")
     # full-range codes of both signs, a row and a weight row at the extremes
     a = ints((m, k), qa, 6)
     b = torch.randint(w_lo, w_hi + 1, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(7))
@@ -104,9 +108,81 @@ def test_s8_mm_op_weight_operands_exact_and_prepacked_once(kh, block):
         again = cpu_gemm.decomposed_mm(a[:5].float(), w, 127, 127, kh=kh, block=block, prepack=True)
     assert torch.equal(out.double(), exact(a, operand).float().double())
     assert torch.equal(again, out[:5])
-    assert cpu_gemm.cache_size() == before + 1
+    # prepacked once; on a CPU without VNNI / AMX (where 8-bit products through oneDNN are not exact)
+    # forced mode int_mm keeps them on torch._int_mm, with nothing prepacked
+    assert cpu_gemm.cache_size() == before + (1 if cpu_gemm.int8_dot() else 0)
     with pytest.raises(ValueError, match="s8_mm expects"):
         cpu_gemm.S8_MM_OP(a, w, 5, 0)
+
+
+@pytest.mark.skipif(not cpu_gemm.s16(), reason="needs the C++ kernels built with AVX2 and FMA")
+@pytest.mark.parametrize("kh,block", [(0, 0), (3, 0), (3, 2), (3, -1)])
+def test_s16_mm_op_weight_operands_exact_and_packed_once(kh, block):
+    """The emulated mode's op for the decomposed linears / convs (AVX2 int16 pairs): exact for
+    8-bit codes and the whole int8 weight range, -128 included, and the operand packed once per
+    weight."""
+    n, kwc = 24, 41
+    w = torch.randint(-128, 128, ((kh or 1) * n, kwc), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    w.view(-1)[:7] = -128
+    operand = cpu_gemm.weight_operand(w, kh, block)
+    a = ints((37, operand.shape[1]), 127, 9)
+    a[0], a[1] = -127, 127
+    before = cpu_gemm.cache_size()
+    with cpu_gemm.use("emulated"):
+        out = cpu_gemm.decomposed_mm(a.float(), w, 127, 128, kh=kh, block=block, prepack=True)
+        again = cpu_gemm.decomposed_mm(a[:5].float(), w, 127, 128, kh=kh, block=block, prepack=True)
+    assert torch.equal(out.double(), exact(a, operand).float().double())
+    assert torch.equal(again, out[:5])
+    assert cpu_gemm.cache_size() == before + 1
+    assert any(t.startswith("s16") for t in cpu_gemm.cache_tags(w))
+    with pytest.raises(ValueError, match="s8_mm expects"):
+        cpu_gemm.S16_MM_OP(a, w, 5, 0)
+
+
+@pytest.mark.skipif(not cpu_gemm.s16(), reason="needs the C++ kernels built with AVX2 and FMA")
+@pytest.mark.parametrize("m,k,n", [(0, 8, 4), (1, 1, 1), (3, 7, 17), (130, 33, 16), (197, 24, 769), (613, 384, 40)])
+def test_s16_mm_exact_at_every_edge(m, k, n):
+    """Rows past the 4-row tiles and 64-row blocks, odd K (a zero pair), columns past the 16-column
+    panels, and few row blocks (the panels split among the threads): float32 of the exact integers."""
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=torch.Generator().manual_seed(m + k))
+    b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n))
+    out = cpu_gemm.S16_MM_OP(a, b, 0, 0)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    assert torch.equal(out.double(), exact(a, b).float().double())
+    # a non-contiguous q (a column slice) is taken as its values
+    wide = torch.randint(-128, 128, (m, k + 3), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cpu_gemm.S16_MM_OP(wide[:, 3:], b, 0, 0).double(), exact(wide[:, 3:], b).float().double())
+
+
+@pytest.mark.skipif(not cpu_gemm.s16(), reason="needs the C++ kernels built with AVX2 and FMA")
+def test_s16_kernel_checks_its_operands():
+    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
+
+    ext = MIXER_OPS.get()
+    w = torch.randint(-128, 128, (20, 10), dtype=torch.int8)
+    packed = ext.s16_pack(w)
+    assert packed.shape == (2, 5, 16, 2) and packed.dtype == torch.int16
+    with pytest.raises(RuntimeError, match="s16_pack: w must be an int8"):
+        ext.s16_pack(w.float())
+    with pytest.raises(RuntimeError, match="packed weights were made for 9 or 10"):
+        ext.s16_mm(torch.zeros(3, 12, dtype=torch.int8), packed, 20)
+    with pytest.raises(RuntimeError, match="do not have 40 rows"):
+        ext.s16_mm(torch.zeros(3, 10, dtype=torch.int8), packed, 40)
+    with pytest.raises(RuntimeError, match="q must be an int8"):
+        ext.s16_mm(torch.zeros(3, 10), packed, 20)
+
+
+@pytest.mark.skipif(not cpu_gemm.s16(), reason="needs the C++ kernels built with AVX2 and FMA")
+def test_s16_mm_not_taken_beyond_8_bits_or_without_prepack():
+    """Codes over 127 in magnitude (qmax_a, which int8 cannot hold) and unprepacked calls keep the
+    exact fp32 GEMMs."""
+    w = torch.randint(-127, 128, (16, 40), dtype=torch.int8, generator=torch.Generator().manual_seed(4))
+    a = ints((9, 40), 127, 5)
+    with cpu_gemm.use("emulated"):
+        for qa, prepack in ((255, True), (127, False)):
+            out = cpu_gemm.decomposed_mm(a.float(), w, qa, 127, prepack=prepack)
+            assert torch.equal(out.double(), exact(a, w).float().double())
+    assert not any(t.startswith("s16") for t in cpu_gemm.cache_tags(w))
 
 
 @pytest.mark.skipif(not cpu_gemm.onednn_s8(), reason="needs an x86 CPU with oneDNN")

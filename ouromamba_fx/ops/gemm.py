@@ -22,10 +22,11 @@ exact only while ``2 * max|u| * max|w| <= 32767``.
   (activation codes shifted to u8 = q + 128, so ``max|u| = 128 + qmax_a``, against weights of at
   most ``qmax_w`` in magnitude, with ``(128 + qmax_a) * qmax_w <= 16383``: every int4-weight
   product of W4A4O8, 4- or 8-bit activations alike) run on oneDNN u8 x s8 with the weight
-  prepacked once (:func:`u8_mm`); everything else (W8A8: 8-bit codes x 8-bit weights) as an fp32
-  GEMM on the integer values, exact because every partial sum is an integer below 2^24 (K split
-  into chunks where ``K * qmax_a * qmax_w`` would reach it; :func:`float_mm`). Same integers as
-  ``torch._int_mm``, so the same numbers end to end.
+  prepacked once (:func:`u8_mm`); the lowered graph's W8A8 products (8-bit codes x 8-bit weights)
+  on this package's AVX2 kernel (:func:`s16_mm_op`: int16 pairs through vpmaddwd into int32, the
+  weight packed once); everything else as an fp32 GEMM on the integer values, exact because every
+  partial sum is an integer below 2^24 (K split into chunks where ``K * qmax_a * qmax_w`` would
+  reach it; :func:`float_mm`). Same integers as ``torch._int_mm``, so the same numbers end to end.
 
 The choice is this CPU's by default (``"auto"``). It is an option of the lowered model, not of the
 process: :func:`use` sets it for a block (a context variable, so threads and async tasks each see
@@ -141,10 +142,11 @@ def describe() -> str:
             return ("int8 GEMMs: the lowered graph's on oneDNN's matmul with prepacked weights (AMX where the CPU "
                     "has it), other products torch._int_mm (x86 CPU with VNNI/AMX)")
         return "int8 GEMMs: torch._int_mm (CPU with VNNI/AMX, or not x86)"
-    ext = MIXER_OPS.get()
-    int4 = "this package's AVX2 int4 kernel" if ext is not None and ext.u4_available() else "oneDNN u8 x s8"
+    avx2 = s16()
+    int4 = "this package's AVX2 int4 kernel" if avx2 else "oneDNN u8 x s8"
+    int8 = "the lowered graph's on this package's AVX2 int16 kernel, others" if avx2 else ""
     return ("int8 GEMMs: emulated (x86 CPU without VNNI/AMX, where torch._int_mm is a slow reference loop): "
-            f"W4A4O8 inlier products on {int4}, 8-bit x 8-bit as exact fp32 GEMMs")
+            f"W4A4O8 inlier products on {int4}, 8-bit x 8-bit {int8} as exact fp32 GEMMs").replace("  ", " ")
 
 
 def u8_exact(qmax_a: int, qmax_w: int) -> bool:
@@ -242,6 +244,14 @@ def onednn_s8() -> bool:
     return _x86() and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
+def int8_dot() -> bool:
+    """Whether this CPU has int8 dot-product instructions (VNNI or AMX; any non-x86 CPU counts), where
+    oneDNN's s8 x s8 products are exact for the whole int8 range. Without them oneDNN adds u8 x s8
+    pairs in saturating int16 (:func:`u8_exact`), so forcing mode ``int_mm`` on such a CPU keeps the
+    8-bit products off :func:`s8_mm` (on ``torch._int_mm``: exact, slow)."""
+    return _detected() == "int_mm"
+
+
 @functools.lru_cache(maxsize=None)
 def amx() -> bool:
     """Whether this CPU has AMX tiles, where :func:`s8_mm` runs oneDNN's int8 AMX kernel."""
@@ -304,6 +314,43 @@ def _check_s8(q: Tensor, w: Tensor, kh: int, block: int) -> None:
 
 S8_MM_OP = torch.ops.ouromamba.s8_mm.default
 
+
+def s16() -> bool:
+    """Whether :func:`s16_mm_op` can run here: the C++ kernels built with AVX2 and FMA."""
+    ext = MIXER_OPS.get()
+    return ext is not None and bool(ext.u4_available())
+
+
+# Longest reduction of s16_mm: its int32 sums of products of magnitude <= 128^2 stay exact below it.
+S16_MAX_K = 131072
+
+
+@torch.library.custom_op("ouromamba::s16_mm", mutates_args=(), schema="(Tensor q, Tensor w, int kh, int block) -> Tensor")
+def s16_mm_op(q: Tensor, w: Tensor, kh: int, block: int) -> Tensor:
+    """float32 ``q @ weight_operand(w, kh, block)^T`` for int8 ``q`` on this package's AVX2 kernel
+    (``s16_mm`` in ``kernels/cpu/mixer_ops.cpp``: int16 pairs multiplied and added into int32 by
+    vpmaddwd, exact), the operand packed once per (``w``, ``kh``, ``block``): the W8A8 products of
+    the emulated CPU mode (x86 CPUs without VNNI / AMX), where the alternative is an fp32 GEMM of the
+    codes. The same numbers as ``torch._int_mm(q, W.t()).float()``. An opaque op, as
+    :func:`s8_mm_op`, so that a compiled graph packs its weight constant once."""
+    _check_s8(q, w, kh, block)
+    ext = MIXER_OPS.get()
+    if ext is None or not ext.u4_available():
+        raise RuntimeError("ouromamba::s16_mm needs the C++ kernels built with AVX2 and FMA (gemm.s16() is False "
+                           "here); lower the model again on this machine, or with cpu_gemm='int_mm'")
+    n = w.shape[0] // kh if kh else w.shape[0]
+    packed = cached(w, f"s16:{kh}:{block}" if kh else "s16", lambda: ext.s16_pack(weight_operand(w, kh, block)))
+    return ext.s16_mm(q.contiguous(), packed, n)
+
+
+@s16_mm_op.register_fake
+def _(q, w, kh, block):
+    _check_s8(q, w, kh, block)
+    return q.new_empty((q.shape[0], w.shape[0] // kh if kh else w.shape[0]), dtype=torch.float32)
+
+
+S16_MM_OP = torch.ops.ouromamba.s16_mm.default
+
 # Shortest reduction :func:`decomposed_mm` sends to the prepacked matmul. With K <= 16 oneDNN picks
 # a kernel 40-400x slower than ``torch._int_mm`` at many rows (a VMamba-T dt_proj, K = 6 and
 # 50,176 rows: 2.4 s against 62 ms on an AMX Xeon); from K = 24 up it was as fast or faster.
@@ -349,14 +396,18 @@ def decomposed_mm(q: Tensor, w: Tensor, qmax_a: int, qmax_w: int, kh: int = 0, b
     ``prepack`` (``w`` is a constant of the graph, not made per call) and K >= :data:`PREPACK_MIN_K`
     on x86 CPUs with VNNI / AMX, oneDNN's matmul on the weight prepacked once (:data:`S8_MM_OP`; AMX
     where the CPU has it, which ``torch._int_mm`` does not use), else ``torch._int_mm``, except in
-    the emulated CPU mode and, on a GPU (:func:`ouromamba_fx.ops.dispatch.on_cuda`), for the shapes
-    cuBLAS refuses (:func:`cublas_int_mm_ok`): there exact fp32 GEMMs of the codes
+    the emulated CPU mode (with ``prepack`` and 8-bit operands, this package's AVX2 kernel on the
+    weight packed once, :data:`S16_MM_OP`) and, on a GPU (:func:`ouromamba_fx.ops.dispatch.on_cuda`),
+    for the shapes cuBLAS refuses (:func:`cublas_int_mm_ok`): there exact fp32 GEMMs of the codes
     (:func:`float_mm`), the same integers. (The lowering sends refused shapes with a long reduction
     to the Triton int8 GEMM.)"""
     m, k = q.shape
     if (prepack and k >= PREPACK_MIN_K and _PREPACK.get() and q.device.type == "cpu" and not emulated(q.device)
-            and onednn_s8()):
+            and onednn_s8() and (int8_dot() or u8_exact(qmax_a, qmax_w))):
         return S8_MM_OP(q.to(torch.int8), w, kh, block)
+    if (prepack and _PREPACK.get() and q.device.type == "cpu" and emulated(q.device) and qmax_a <= 127
+            and k <= S16_MAX_K and s16()):
+        return S16_MM_OP(q.to(torch.int8), w, kh, block)
     wo = weight_operand(w, kh, block)
     if emulated(q.device) or (on_cuda(q) and not cublas_int_mm_ok(m, k, wo.shape[0])):
         return float_mm(q, wo, qmax_a, qmax_w)

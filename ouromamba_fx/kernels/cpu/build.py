@@ -261,4 +261,5 @@ SELECTIVE_SCAN_Q = CpuExtension("selective_scan_q", "the C++ quantized selective
 MIXER_OPS = CpuExtension("mixer_ops", "the C++ mixer kernels",
                          {name: name for name in ("conv_silu", "conv_silu_codes", "linear_mixed_fake", "mixed_quant",
                                                   "w4a4o8_epilogue", "w4a4o8_finish", "outlier_density",
-                                                  "outlier_weights", "u4_available", "u4_pack", "u4_linear", "u4_mm")})
+                                                  "outlier_weights", "u4_available", "u4_pack", "u4_linear", "u4_mm",
+                                                  "s16_pack", "s16_mm")})

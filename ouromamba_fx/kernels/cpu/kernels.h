@@ -44,6 +44,8 @@ at::Tensor w4a4o8_finish(at::Tensor acc, at::Tensor o, at::Tensor s_in, at::Tens
 bool u4_available();
 std::vector<at::Tensor> u4_pack(at::Tensor w);
 at::Tensor u4_mm(at::Tensor a, at::Tensor packed, at::Tensor colsum);
+at::Tensor s16_pack(at::Tensor w);
+at::Tensor s16_mm(at::Tensor q, at::Tensor packed, int64_t n);
 at::Tensor u4_linear(at::Tensor a, at::Tensor packed, at::Tensor colsum, at::Tensor s_in, at::Tensor q_out,
                      at::Tensor s_out, at::Tensor w_o, at::Tensor w_scale, at::Tensor bias);
 

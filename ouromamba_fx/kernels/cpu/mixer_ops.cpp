@@ -1474,4 +1474,182 @@ torch::Tensor u4_linear(torch::Tensor a, torch::Tensor packed, torch::Tensor col
   return c.view(torch::kFloat);
 }
 
+// ---------------------------------------------------------------------------------------------
+// s16_pack / s16_mm: W8A8's integer GEMMs on AVX2 CPUs without VNNI or AMX
+//
+// C (M, N) = float32(q (M, K) @ w (N, K)^T) for int8 codes q and int8 weights w, exactly (the
+// integers of torch._int_mm, converted to float32 once, round to nearest even). There,
+// torch._int_mm is a slow reference loop and oneDNN's u8 x s8 kernel adds pairs of products in
+// saturating int16 (inexact for 8-bit codes), so these products ran as fp32 GEMMs of the codes.
+// vpmaddwd multiplies 8 columns x 2 consecutive k of int16 operands and adds each pair into an
+// int32 lane: 16 multiply-adds per instruction, against 8 per fp32 FMA, and no pair can overflow
+// (|pair| <= 2 * 128 * 128). int32 sums are exact below 2^31 / 128^2 = 131,072 products.
+//
+// Packed weights: panels of 16 columns, (P, K2, 16, 2) int16 with K2 = ceil(K / 2): for each pair
+// of k, the 16 columns' two weights side by side, one 64-byte line per pair (zeros past N and K).
+// The codes are widened to int16 a block of rows at a time (in cache) as the block starts.
+
+constexpr int64_t kS16Cols = 16;
+constexpr int64_t kS16RowBlock = 64;
+constexpr int64_t kS16MaxK = 131072;
+
+torch::Tensor s16_pack(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8, "s16_pack: w must be an int8 (N, K) matrix");
+  TORCH_CHECK(w.size(1) <= kS16MaxK, "s16_pack: K = ", w.size(1), " is over ", kS16MaxK,
+              " (int32 sums could overflow)");
+  w = w.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), K2 = (K + 1) / 2, P = (N + kS16Cols - 1) / kS16Cols;
+  auto packed = torch::zeros({P, K2, kS16Cols, 2}, w.options().dtype(torch::kShort));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int16_t* pp = packed.data_ptr<int16_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    int16_t* col = pp + (n / kS16Cols) * K2 * kS16Cols * 2 + (n % kS16Cols) * 2;
+    for (int64_t k = 0; k < K; ++k) col[(k / 2) * kS16Cols * 2 + (k & 1)] = wp[n * K + k];
+  }
+  return packed;
+}
+
+#if OM_U4
+
+// acc[r][h] += the pairs [0, n) of rows a + r * lda (int16) against a panel's pairs, for MR rows.
+template <int MR>
+inline void s16_pairs(const int16_t* a, int64_t lda, const int16_t* w, int64_t n, __m256i (&acc)[4][2]) {
+  for (int64_t kp = 0; kp < n; ++kp) {
+    const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + kp * 32));
+    const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w + kp * 32 + 16));
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * kp, 4);
+      const __m256i b = _mm256_set1_epi32(pair);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(b, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(b, w1));
+    }
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// The 4-row case by hand, as u4_pairs<4>: GCC 12 keeps some accumulators on the stack and copies
+// the others every step (measured: 35% of the loop's samples on moves and spills).
+template <>
+inline void s16_pairs<4>(const int16_t* a, int64_t lda, const int16_t* w, int64_t n, __m256i (&acc)[4][2]) {
+  if (n <= 0) return;
+  const int16_t* a3 = a + 3 * lda;
+  const int64_t ldb = 2 * lda;  // bytes
+  __m256i w0, w1, b, t;
+  asm volatile(
+      "1:\n\t"
+      "vmovdqa (%[w]), %[w0]\n\t"
+      "vmovdqa 32(%[w]), %[w1]\n\t"
+      "vpbroadcastd (%[a]), %[b]\n\t"
+      "vpmaddwd %[w0], %[b], %[t]\n\t"
+      "vpaddd %[t], %[c00], %[c00]\n\t"
+      "vpmaddwd %[w1], %[b], %[t]\n\t"
+      "vpaddd %[t], %[c01], %[c01]\n\t"
+      "vpbroadcastd (%[a],%[ldb]), %[b]\n\t"
+      "vpmaddwd %[w0], %[b], %[t]\n\t"
+      "vpaddd %[t], %[c10], %[c10]\n\t"
+      "vpmaddwd %[w1], %[b], %[t]\n\t"
+      "vpaddd %[t], %[c11], %[c11]\n\t"
+      "vpbroadcastd (%[a],%[ldb],2), %[b]\n\t"
+      "vpmaddwd %[w0], %[b], %[t]\n\t"
+      "vpaddd %[t], %[c20], %[c20]\n\t"
+      "vpmaddwd %[w1], %[b], %[t]\n\t"
+      "vpaddd %[t], %[c21], %[c21]\n\t"
+      "vpbroadcastd (%[a3]), %[b]\n\t"
+      "vpmaddwd %[w0], %[b], %[t]\n\t"
+      "vpaddd %[t], %[c30], %[c30]\n\t"
+      "vpmaddwd %[w1], %[b], %[t]\n\t"
+      "vpaddd %[t], %[c31], %[c31]\n\t"
+      "add $4, %[a]\n\t"
+      "add $4, %[a3]\n\t"
+      "add $64, %[w]\n\t"
+      "dec %[n]\n\t"
+      "jnz 1b\n\t"
+      : [c00] "+x"(acc[0][0]), [c01] "+x"(acc[0][1]), [c10] "+x"(acc[1][0]), [c11] "+x"(acc[1][1]),
+        [c20] "+x"(acc[2][0]), [c21] "+x"(acc[2][1]), [c30] "+x"(acc[3][0]), [c31] "+x"(acc[3][1]),
+        [a] "+r"(a), [a3] "+r"(a3), [w] "+r"(w), [n] "+r"(n), [w0] "=&x"(w0), [w1] "=&x"(w1), [b] "=&x"(b),
+        [t] "=&x"(t)
+      : [ldb] "r"(ldb)
+      : "memory", "cc");
+}
+#endif
+
+// Rows [0, MR) of the int16 codes a (row stride lda, whole pairs) against one panel: c[r][j] for
+// the panel's first cols columns, as float32.
+template <int MR>
+inline void s16_tile(const int16_t* a, int64_t lda, const int16_t* panel, int64_t K2, float* c, int64_t ldc,
+                     int64_t cols) {
+  __m256i acc[4][2];
+  for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  s16_pairs<MR>(a, lda, panel, K2, acc);
+  for (int r = 0; r < MR; ++r) {
+    if (cols == kS16Cols) {
+      _mm256_storeu_ps(c + r * ldc, _mm256_cvtepi32_ps(acc[r][0]));
+      _mm256_storeu_ps(c + r * ldc + 8, _mm256_cvtepi32_ps(acc[r][1]));
+    } else {
+      alignas(32) float t[kS16Cols];
+      _mm256_store_ps(t, _mm256_cvtepi32_ps(acc[r][0]));
+      _mm256_store_ps(t + 8, _mm256_cvtepi32_ps(acc[r][1]));
+      for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = t[j];
+    }
+  }
+}
+
+#endif  // OM_U4
+
+// q (M, K) int8 codes, packed from s16_pack of the (N, K) weights: float32(q @ w^T) (M, N).
+torch::Tensor s16_mm(torch::Tensor q, torch::Tensor packed, int64_t N) {
+  TORCH_CHECK(u4_available(), "s16_mm: this build has no AVX2 and FMA (check u4_available first)");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == torch::kInt8, "s16_mm: q must be an int8 (M, K) matrix");
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == torch::kShort && packed.is_contiguous() &&
+                  packed.size(2) == kS16Cols && packed.size(3) == 2,
+              "s16_mm: packed must come from s16_pack");
+  const int64_t M = q.size(0), K = q.size(1), K2 = packed.size(1), P = packed.size(0);
+  TORCH_CHECK(K2 == (K + 1) / 2, "s16_mm: q has ", K, " columns; the packed weights were made for ", 2 * K2 - 1,
+              " or ", 2 * K2);
+  TORCH_CHECK(N >= 0 && P == (N + kS16Cols - 1) / kS16Cols, "s16_mm: the packed weights do not have ", N, " rows");
+  q = q.contiguous();
+  auto c = torch::empty({M, N}, q.options().dtype(torch::kFloat));
+#if OM_U4
+  if (M == 0 || N == 0) return c;
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const int16_t* pp = packed.data_ptr<int16_t>();
+  float* cp = c.data_ptr<float>();
+  const int64_t lda = 2 * K2, blocks = (M + kS16RowBlock - 1) / kS16RowBlock;
+  // Work items: blocks of 64 rows, each over all panels or, when there are too few blocks to keep
+  // every thread busy (a batch of one image), over one of `groups` runs of panels. A thread widens
+  // its block's codes once per item (64 rows x K in L2), then runs the item's panels (64 bytes per
+  // pair of k, 24 KB at K = 768: in L1 while the block's 4-row tiles pass over it).
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t groups = blocks >= want ? 1 : std::min(P, (want + blocks - 1) / blocks);
+  const int64_t per_group = (P + groups - 1) / groups;
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int16_t> a(static_cast<size_t>(kS16RowBlock * lda), 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t mb = i / groups, g = i % groups;
+      const int64_t m0 = mb * kS16RowBlock, rows = std::min(kS16RowBlock, M - m0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int8_t* src = qp + (m0 + r) * K;
+        int16_t* dst = a.data() + r * lda;
+        for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
+      }
+      for (int64_t p = g * per_group; p < std::min(P, (g + 1) * per_group); ++p) {
+        const int64_t n0 = p * kS16Cols, cols = std::min(kS16Cols, N - n0);
+        const int16_t* panel = pp + p * K2 * kS16Cols * 2;
+        float* cb = cp + m0 * N + n0;
+        int64_t r = 0;
+        for (; r + 4 <= rows; r += 4) s16_tile<4>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols);
+        switch (rows - r) {
+          case 3: s16_tile<3>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
+          case 2: s16_tile<2>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
+          case 1: s16_tile<1>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
+          default: break;
+        }
+      }
+    }
+  });
+#endif
+  return c;
+}
+
 }  // namespace ouromamba_mixer

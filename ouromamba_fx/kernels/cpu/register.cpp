@@ -161,6 +161,8 @@ TORCH_LIBRARY(ouromamba_cpu, m) {
         "Tensor bias) -> Tensor(a)");
   m.def("u4_pack(Tensor w) -> Tensor[]");
   m.def("u4_mm(Tensor a, Tensor packed, Tensor colsum) -> Tensor");
+  m.def("s16_pack(Tensor w) -> Tensor");
+  m.def("s16_mm(Tensor q, Tensor packed, int n) -> Tensor");
   m.def("u4_linear(Tensor a, Tensor packed, Tensor colsum, Tensor s_in, Tensor q_out, Tensor s_out, Tensor w_o, "
         "Tensor w_scale, Tensor bias) -> Tensor");
   m.def("scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, "
@@ -201,6 +203,8 @@ TORCH_LIBRARY_IMPL(ouromamba_cpu, CPU, m) {
   m.impl("w4a4o8_finish", TORCH_FN(ouromamba_mixer::w4a4o8_finish));
   m.impl("u4_pack", TORCH_FN(ouromamba_mixer::u4_pack));
   m.impl("u4_mm", TORCH_FN(ouromamba_mixer::u4_mm));
+  m.impl("s16_pack", TORCH_FN(ouromamba_mixer::s16_pack));
+  m.impl("s16_mm", TORCH_FN(ouromamba_mixer::s16_mm));
   m.impl("u4_linear", TORCH_FN(ouromamba_mixer::u4_linear));
   m.impl("scan_fwd", TORCH_FN(ouromamba_scan::selective_scan_fwd));
   m.impl("scan_dt_fwd", TORCH_FN(ouromamba_scan::selective_scan_dt_fwd));
