@@ -71,13 +71,15 @@ CATEGORIES = {
     "attention": ("scaled_dot_product", "flash_attention", "efficient_attention"),
     "norm": ("layer_norm", "batch_norm", "group_norm", "rms_norm"),
     "scan": ("selective_scan",),
-    "GEMM": ("w8a8_linear", "int8_linear", "w4a4o8_linear", "aten::mm", "aten::addmm", "aten::linear",
+    "GEMM": ("w8a8_linear", "int8_linear", "w4a4o8_linear", "s8_mm", "s16_mm", "aten::mm", "aten::addmm",
+             "aten::linear",
              "aten::_int_mm", "aten::bmm", "aten::matmul", "mkldnn", "_linear_pointwise", "mkl_linear",
              "qlinear_pointwise"),
     "quant": ("quantize", "outlier_mask", "outlier_split", "fake_quant"),
     # (conv: ouromamba::causal_conv1d_silu matches "conv"; the lowering's integer conv2d is plain
-    # torch, so its torch._int_mm calls count as GEMM and its im2col / epilogue, compiled by
-    # Inductor, as rest; W4A4O8's w4a4o8_linear_rt is a GEMM op that also runs its activations'
+    # torch, so its integer products (torch._int_mm, ouromamba::s8_mm / s16_mm) count as GEMM and
+    # its im2col / epilogue, compiled by Inductor, as rest; the decomposed linears' epilogues are
+    # Inductor's too, so rest; W4A4O8's w4a4o8_linear_rt is a GEMM op that also runs its activations'
     # outlier detection and quantization)
 }
 

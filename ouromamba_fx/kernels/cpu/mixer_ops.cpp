@@ -22,6 +22,8 @@
 //                 weights, exact, with int16 accumulation (u4_pack lays the weights out for it).
 // u4_linear       u4_mm and the epilogue, a block of rows at a time, so that the epilogue reads
 //                 the int32 products from L2 rather than memory (4-6% off in_proj and out_proj).
+// s16_mm          W8A8's 8-bit x 8-bit GEMMs on the same CPUs: int16 pairs through vpmaddwd into
+//                 int32, exact (s16_pack lays the weights out for it).
 //
 // Semantics: ouromamba_fx/lowering/mixer.py (module docstring). Both kernels compute in float32;
 // quantization divides by the scale (as ouromamba::quantize does) and rounds half to even, so
