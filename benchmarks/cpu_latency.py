@@ -233,7 +233,9 @@ def runtime_linear_bytes(lowered) -> int:
     linear builds them only once a call's outliers take the epilogue's tiles rather than the dense
     outlier GEMM, ``w4a4o8_linear.DENSE_OUTLIER_RATIO``); K < SMALL_K: the dequantized float32
     weight. W8A8's int8 linears with K >= ``gemm.PREPACK_MIN_K`` on x86 CPUs with VNNI/AMX: oneDNN's
-    prepacked copy beside the graph's weight (N * K bytes); elsewhere the weights as they are."""
+    prepacked copy beside the graph's weight (N * K bytes); on x86 CPUs without them whose kernels
+    have AVX2, the int16 panels of ``ouromamba::s16_mm`` (N rounded up to 16 x K rounded up to 2,
+    two bytes each); elsewhere the weights as they are."""
     from ouromamba_fx.lowering.patterns import const
     from ouromamba_fx.ops import gemm
     from ouromamba_fx.ops.int8_linear import (int8_linear_decomposed, int8_linear_decomposed_acc,
@@ -250,9 +252,12 @@ def runtime_linear_bytes(lowered) -> int:
         if n.op == "call_function" and n.target in (W4A4O8_DETECT_OP, W4A4O8_DETECT_REQUANT_OP):
             n_out, k = const(gm, n.args[2]).shape[0], n.args[5]
             extra += n_out * k * 4 if k < SMALL_K else n_out * k + k * ((n_out + 63) // 64 * 64)
-        elif n.op == "call_function" and n.target in weight_arg and gemm.onednn_s8():
+        elif n.op == "call_function" and n.target in weight_arg:
             n_out, k = const(gm, n.args[weight_arg[n.target]]).shape
-            extra += n_out * k if k >= gemm.PREPACK_MIN_K else 0
+            if gemm.mode() == "emulated" and gemm.s16():
+                extra += 2 * ((n_out + 15) // 16 * 16) * ((k + 1) // 2 * 2)
+            elif gemm.mode() == "int_mm" and gemm.onednn_s8() and gemm.int8_dot():
+                extra += n_out * k if k >= gemm.PREPACK_MIN_K else 0
     return q_bytes + extra
 
 

@@ -11,7 +11,13 @@ Shapes: Vim-small-like linears (M = 16 images x 197 tokens) and the reference mo
 * ``int8 GEMM``: ``ouromamba::int8_linear`` on pre-quantized x (GEMM + dequant epilogue).
 * ``_int_mm``: the bare ``torch._int_mm`` (int32 out), to show what the epilogue costs.
 * ``prepacked``: the same product on oneDNN's matmul with the weight prepacked once, float32 out
-  (:func:`ouromamba_fx.ops.gemm.s8_mm`; x86 only, elsewhere the column times an empty call).
+  (:func:`ouromamba_fx.ops.gemm.s8_mm`; x86 only, elsewhere the column times an empty call; exact
+  for 8-bit codes only on CPUs with VNNI / AMX).
+* ``fp32 of codes``: the same product as an exact fp32 GEMM of the codes (:func:`ouromamba_fx.ops.gemm.float_mm`,
+  the emulated mode's product before ``s16``).
+* ``s16``: the same product on this package's AVX2 int16 kernel with the weight packed once, float32
+  out (``ouromamba::s16_mm``, the lowered W8A8 graph's product on CPUs without VNNI / AMX; an empty
+  call where the kernels have no AVX2).
 * ``w4a4o8``: ``ouromamba::w4a4o8_linear`` on float32 x with ~2 % outlier channels (the same
   channels in every row, as outlier channels are), packed int4 weight unpacked per call.
 * ``w4a4o8 scattered``: the same op with ~2 % outliers scattered at random per row (their union
@@ -109,6 +115,10 @@ def bench_ops(c: dict, rounds: int, steps: int) -> dict:
         "_int_mm": lambda: torch._int_mm(x_q, c["w8"].t()),
         # the same product on oneDNN's matmul with the weight prepacked once (float32 out), x86 only
         "prepacked": (lambda: gemm.s8_mm(x_q, lambda: c["w8"], c["w8"])) if gemm.onednn_s8() else (lambda: None),
+        # the exact products of the emulated mode (CPUs without VNNI / AMX): an fp32 GEMM of the
+        # codes, and this package's AVX2 int16 kernel on the weight packed once (float32 out)
+        "fp32 of codes": lambda: gemm.float_mm(x_q, c["w8"], 127, 127),
+        "s16": (lambda: gemm.S16_MM_OP(x_q, c["w8"], 0, 0)) if gemm.s16() else (lambda: None),
         "w4a4o8": lambda: OPS.w4a4o8_linear(x, c["mask_ch"], None, c["w4_packed"], c["w4_scale"], bias, k),
         "w4a4o8 scattered": lambda: OPS.w4a4o8_linear(x, c["mask_sc"], None, c["w4_packed"], c["w4_scale"],
                                                       bias, k),
@@ -160,8 +170,8 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
     torch.set_num_threads(threads)
     print(f"torch.get_num_threads() = {torch.get_num_threads()}")
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    op_cols = ["fp32", "bf16", "w8a8", "int8 GEMM", "_int_mm", "prepacked", "w4a4o8", "w4a4o8 scattered",
-               "w4a4o8_rt"]
+    op_cols = ["fp32", "bf16", "w8a8", "int8 GEMM", "_int_mm", "prepacked", "fp32 of codes", "s16", "w4a4o8",
+               "w4a4o8 scattered", "w4a4o8_rt"]
     rows, strat_rows = [], []
     for label, m, k, n in SHAPES:
         c = make_case(m, k, n)
