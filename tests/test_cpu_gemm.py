@@ -135,7 +135,7 @@ def test_s16_mm_op_weight_operands_exact_and_packed_once(kh, block):
     assert torch.equal(again, out[:5])
     assert cpu_gemm.cache_size() == before + 1
     assert any(t.startswith("s16") for t in cpu_gemm.cache_tags(w))
-    with pytest.raises(ValueError, match="s8_mm expects"):
+    with pytest.raises(ValueError, match="ouromamba::s16_mm expects"):
         cpu_gemm.S16_MM_OP(a, w, 5, 0)
 
 

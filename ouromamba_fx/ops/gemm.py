@@ -303,11 +303,11 @@ def _(q, w, kh, block):
     return q.new_empty((q.shape[0], w.shape[0] // kh if kh else w.shape[0]), dtype=torch.float32)
 
 
-def _check_s8(q: Tensor, w: Tensor, kh: int, block: int) -> None:
+def _check_s8(q: Tensor, w: Tensor, kh: int, block: int, op: str = "s8_mm") -> None:
     k = w.shape[1] * (kh if kh and block == -1 else 1)
     if q.dim() != 2 or q.dtype != torch.int8 or w.dim() != 2 or w.dtype != torch.int8 or q.shape[1] != k \
             or kh < 0 or (kh and (w.shape[0] % kh or not -1 <= block < kh)):
-        raise ValueError(f"s8_mm expects int8 q (M, K) and int8 w (N, K) (or a conv's KH * N kernel rows with "
+        raise ValueError(f"ouromamba::{op} expects int8 q (M, K) and int8 w (N, K) (or a conv's KH * N kernel rows with "
                          f"0 <= block < kh or block == -1), got q {q.dtype} {tuple(q.shape)}, w {w.dtype} "
                          f"{tuple(w.shape)}, kh={kh}, block={block}")
 
@@ -333,7 +333,7 @@ def s16_mm_op(q: Tensor, w: Tensor, kh: int, block: int) -> Tensor:
     the emulated CPU mode (x86 CPUs without VNNI / AMX), where the alternative is an fp32 GEMM of the
     codes. The same numbers as ``torch._int_mm(q, W.t()).float()``. An opaque op, as
     :func:`s8_mm_op`, so that a compiled graph packs its weight constant once."""
-    _check_s8(q, w, kh, block)
+    _check_s8(q, w, kh, block, "s16_mm")
     ext = MIXER_OPS.get()
     if ext is None or not ext.u4_available():
         raise RuntimeError("ouromamba::s16_mm needs the C++ kernels built with AVX2 and FMA (gemm.s16() is False "
@@ -345,7 +345,7 @@ def s16_mm_op(q: Tensor, w: Tensor, kh: int, block: int) -> Tensor:
 
 @s16_mm_op.register_fake
 def _(q, w, kh, block):
-    _check_s8(q, w, kh, block)
+    _check_s8(q, w, kh, block, "s16_mm")
     return q.new_empty((q.shape[0], w.shape[0] // kh if kh else w.shape[0]), dtype=torch.float32)
 
 
