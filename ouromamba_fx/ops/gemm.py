@@ -321,8 +321,8 @@ def s16() -> bool:
     return ext is not None and bool(ext.u4_available())
 
 
-# Longest reduction of s16_mm: its int32 sums of products of magnitude <= 128^2 stay exact below it.
-S16_MAX_K = 131072
+# Longest reduction of s16_mm: K products of magnitude <= 128^2 sum to less than 2^31 (int32).
+S16_MAX_K = 131071
 
 
 @torch.library.custom_op("ouromamba::s16_mm", mutates_args=(), schema="(Tensor q, Tensor w, int kh, int block) -> Tensor")

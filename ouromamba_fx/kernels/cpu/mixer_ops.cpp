@@ -1485,7 +1485,7 @@ torch::Tensor u4_linear(torch::Tensor a, torch::Tensor packed, torch::Tensor col
 // saturating int16 (inexact for 8-bit codes), so these products ran as fp32 GEMMs of the codes.
 // vpmaddwd multiplies 8 columns x 2 consecutive k of int16 operands and adds each pair into an
 // int32 lane: 16 multiply-adds per instruction, against 8 per fp32 FMA, and no pair can overflow
-// (|pair| <= 2 * 128 * 128). int32 sums are exact below 2^31 / 128^2 = 131,072 products.
+// (|pair| <= 2 * 128 * 128). int32 sums are exact for K < 2^31 / 128^2 = 131,072 products.
 //
 // Packed weights: panels of 16 columns, (P, K2, 16, 2) int16 with K2 = ceil(K / 2): for each pair
 // of k, the 16 columns' two weights side by side, one 64-byte line per pair (zeros past N and K).
@@ -1493,7 +1493,7 @@ torch::Tensor u4_linear(torch::Tensor a, torch::Tensor packed, torch::Tensor col
 
 constexpr int64_t kS16Cols = 16;
 constexpr int64_t kS16RowBlock = 64;
-constexpr int64_t kS16MaxK = 131072;
+constexpr int64_t kS16MaxK = 131071;
 
 torch::Tensor s16_pack(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kInt8, "s16_pack: w must be an int8 (N, K) matrix");
