@@ -23,6 +23,16 @@ def ints(shape, q, seed):
     return torch.randint(-q, q + 1, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
 
 
+def decomposed_twice(mode, a, w, qmax_w, kh, block):
+    """decomposed_mm (prepacked path) of the codes ``a`` and of their first 5 rows in ``mode``:
+    (out, again, cache entries added)."""
+    before = cpu_gemm.cache_size()
+    with cpu_gemm.use(mode):
+        out = cpu_gemm.decomposed_mm(a.float(), w, 127, qmax_w, kh=kh, block=block, prepack=True)
+        again = cpu_gemm.decomposed_mm(a[:5].float(), w, 127, qmax_w, kh=kh, block=block, prepack=True)
+    return out, again, cpu_gemm.cache_size() - before
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 1, 1), (7, 33, 5), (64, 384, 96)])
 def test_float_mm_is_exact(m, k, n):
     a, b = ints((m, k), 127, 0), ints((n, k), 127, 1)
@@ -102,15 +112,12 @@ def test_s8_mm_op_weight_operands_exact_and_prepacked_once(kh, block):
     if kh and block >= 0:
         assert torch.equal(operand, w[block * n:(block + 1) * n])
     a = ints((37, operand.shape[1]), 127, 9)
-    before = cpu_gemm.cache_size()
-    with cpu_gemm.use("int_mm"):
-        out = cpu_gemm.decomposed_mm(a.float(), w, 127, 127, kh=kh, block=block, prepack=True)
-        again = cpu_gemm.decomposed_mm(a[:5].float(), w, 127, 127, kh=kh, block=block, prepack=True)
+    out, again, added = decomposed_twice("int_mm", a, w, 127, kh, block)
     assert torch.equal(out.double(), exact(a, operand).float().double())
     assert torch.equal(again, out[:5])
     # prepacked once; on a CPU without VNNI / AMX (where 8-bit products through oneDNN are not exact)
     # forced mode int_mm keeps them on torch._int_mm, with nothing prepacked
-    assert cpu_gemm.cache_size() == before + (1 if cpu_gemm.int8_dot() else 0)
+    assert added == (1 if cpu_gemm.int8_dot() else 0)
     with pytest.raises(ValueError, match="s8_mm expects"):
         cpu_gemm.S8_MM_OP(a, w, 5, 0)
 
@@ -127,13 +134,10 @@ def test_s16_mm_op_weight_operands_exact_and_packed_once(kh, block):
     operand = cpu_gemm.weight_operand(w, kh, block)
     a = ints((37, operand.shape[1]), 127, 9)
     a[0], a[1] = -127, 127
-    before = cpu_gemm.cache_size()
-    with cpu_gemm.use("emulated"):
-        out = cpu_gemm.decomposed_mm(a.float(), w, 127, 128, kh=kh, block=block, prepack=True)
-        again = cpu_gemm.decomposed_mm(a[:5].float(), w, 127, 128, kh=kh, block=block, prepack=True)
+    out, again, added = decomposed_twice("emulated", a, w, 128, kh, block)
     assert torch.equal(out.double(), exact(a, operand).float().double())
     assert torch.equal(again, out[:5])
-    assert cpu_gemm.cache_size() == before + 1
+    assert added == 1
     assert any(t.startswith("s16") for t in cpu_gemm.cache_tags(w))
     with pytest.raises(ValueError, match="ouromamba::s16_mm expects"):
         cpu_gemm.S16_MM_OP(a, w, 5, 0)

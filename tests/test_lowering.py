@@ -512,6 +512,20 @@ def test_x_proj_reads_the_codes_its_conv_writes(models):
     assert not calls(q.lower(target="cuda").graph_module, CONV1D_SILU_CODES_OP)
 
 
+def _in_proj_buffers(mod: torch.nn.Module, g: torch.Generator, c: int, d: int, bias: bool) -> None:
+    """The buffers of a toy mixer's in_proj (int8 weight, its scales, an optional bias) and conv
+    weight, for the epilogue rules' tests."""
+    mod.register_buffer("w", torch.randn(d, 1, 4, generator=g))
+    mod.register_buffer("wq", torch.randint(-127, 128, (2 * d, c), dtype=torch.int8, generator=g))
+    mod.register_buffer("ws", torch.rand(2 * d, generator=g) * 0.01)
+    mod.register_buffer("b", torch.randn(2 * d, generator=g) if bias else None)
+
+
+def _trace_decomposed(mod: torch.nn.Module) -> torch.fx.GraphModule:
+    """``mod`` traced with ``int8_linear_decomposed`` kept as one call (as the lowering sees it)."""
+    return torch.fx.GraphModule(mod, torch.fx.Tracer(autowrap_functions=(int8_linear_decomposed,)).trace(mod))
+
+
 def test_conv_codes_rule_takes_only_the_exact_pattern():
     from ouromamba_fx.lowering.rewrite import RewritePass
     from ouromamba_fx.lowering.rules import lowering_rules
@@ -535,9 +549,6 @@ def test_conv_codes_rule_takes_only_the_exact_pattern():
             y = int8_linear_decomposed(c.transpose(*self.dims), self.s, self.qmin, self.qmax, self.wq, self.ws, None)
             return y, c
 
-    def trace(mod):  # (the decomposed linear kept as one call, as the lowering emits it)
-        return torch.fx.GraphModule(mod, torch.fx.Tracer(autowrap_functions=(int8_linear_decomposed,)).trace(mod))
-
     x = torch.randn(2, length, d).transpose(1, 2)
     per_step = torch.rand(1, length, 1) * 0.02 + 1e-3
     cases = [(M(per_step), 1), (M(per_step[0]), 1), (M(per_step.amax().reshape(1)), 1),
@@ -546,7 +557,7 @@ def test_conv_codes_rule_takes_only_the_exact_pattern():
              (M(per_step, -255, 255), 0),  # outside int8
              (M(per_step, dims=(0, 1)), 0)]  # another transpose
     for i, (mod, expected) in enumerate(cases):
-        gm = trace(mod)
+        gm = _trace_decomposed(mod)
         want = gm(x) if expected else None
         rule.run(gm, Context(config=None, show_progress=False))
         assert len(calls(gm, CONV1D_SILU_CODES_OP)) == expected, i
@@ -559,7 +570,7 @@ def test_conv_codes_rule_takes_only_the_exact_pattern():
 
     cuda_rules = lowering_rules(LoweringOptions(target="cuda"))
     cuda_rule = RewritePass(next(r for r in cuda_rules if r.name == "fuse_conv_codes"))
-    gm, ctx = trace(M(per_step)), Context(config=None, show_progress=False)
+    gm, ctx = _trace_decomposed(M(per_step)), Context(config=None, show_progress=False)
     cuda_rule.run(gm, ctx)
     assert not calls(gm, CONV1D_SILU_CODES_OP)
     assert any(line.startswith("fuse_conv_codes: kept for CUDA") for line in ctx.log)
@@ -643,11 +654,7 @@ def test_in_proj_epilogue_rule_takes_only_the_exact_pattern():
     class M(torch.nn.Module):
         def __init__(self, scale, bias=False, chunk_dim=1, x_also=False, codes=False):
             super().__init__()
-            g = torch.Generator().manual_seed(4)
-            self.register_buffer("w", torch.randn(d, 1, 4, generator=g))
-            self.register_buffer("wq", torch.randint(-127, 128, (2 * d, c), dtype=torch.int8, generator=g))
-            self.register_buffer("ws", torch.rand(2 * d, generator=g) * 0.01)
-            self.register_buffer("b", torch.randn(2 * d, generator=g) if bias else None)
+            _in_proj_buffers(self, torch.Generator().manual_seed(4), c, d, bias)
             self.register_buffer("s", scale)
             self.register_buffer("cs", torch.full((1,), 0.01))
             self.chunk_dim, self.x_also, self.codes = chunk_dim, x_also, codes
@@ -662,9 +669,6 @@ def test_in_proj_epilogue_rule_takes_only_the_exact_pattern():
                 y = CONV1D_SILU_OP(x, self.w, None, None, None, -127, 127, False)
             return (y * z + x) if self.x_also else y * z
 
-    def trace(mod):
-        return torch.fx.GraphModule(mod, torch.fx.Tracer(autowrap_functions=(int8_linear_decomposed,)).trace(mod))
-
     u = torch.randn(2, length, c) * 3
     per_step = torch.rand(1, length, 1) * 0.05 + 1e-2
     cases = [(M(per_step), 1), (M(per_step, bias=True), 1), (M(per_step.amax().reshape(1)), 1),
@@ -673,7 +677,7 @@ def test_in_proj_epilogue_rule_takes_only_the_exact_pattern():
              (M(per_step, x_also=True), 0),  # the x half read by another op than the convs
              (M(per_step.expand(2, length, 1).contiguous()), 0)]  # per (batch, token)
     for i, (mod, expected) in enumerate(cases):
-        gm = trace(mod)
+        gm = _trace_decomposed(mod)
         want = gm(u)
         rule.run(gm, Context(config=None, show_progress=False))
         gm.recompile()  # (the pass manager does this after each pass)
@@ -697,10 +701,7 @@ def test_z_epilogue_rule_takes_only_scan_gates():
         def __init__(self, bias, other=None):
             super().__init__()
             g = torch.Generator().manual_seed(5)
-            self.register_buffer("w", torch.randn(d, 1, 4, generator=g))
-            self.register_buffer("wq", torch.randint(-127, 128, (2 * d, c), dtype=torch.int8, generator=g))
-            self.register_buffer("ws", torch.rand(2 * d, generator=g) * 0.01)
-            self.register_buffer("b", torch.randn(2 * d, generator=g) if bias else None)
+            _in_proj_buffers(self, g, c, d, bias)
             self.register_buffer("s", torch.rand(1, length, 1, generator=g) * 0.05 + 1e-2)
             self.register_buffer("A", -torch.rand(d, n_state, generator=g) - 0.5)
             self.register_buffer("D", torch.randn(d, generator=g))
@@ -723,7 +724,7 @@ def test_z_epilogue_rule_takes_only_scan_gates():
               torch.randn(2, n_state, length, generator=g), torch.randn(2, n_state, length, generator=g))
     for bias, other, fused in ((True, None, 1), (False, None, 1), (True, "plain_scan", 0), (False, "add", 0)):
         mod = M(bias, other)
-        gm = torch.fx.GraphModule(mod, torch.fx.Tracer(autowrap_functions=(int8_linear_decomposed,)).trace(mod))
+        gm = _trace_decomposed(mod)
         want = gm(*inputs)
         ctx = Context(config=None, show_progress=False)
         for r in rules:
