@@ -47,6 +47,19 @@ def test_causal_conv1d_silu_matches_the_reference(shape, reverse, quant):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("quant", ["none", "step"])
+def test_causal_conv1d_silu_channels_do_not_depend_on_the_row_width(quant):
+    # The SiLU runs over a row's vectors four at a time with one-vector tails: channels 0-39 of a
+    # 64-channel conv (all in groups of four vectors) equal a 40-channel conv of the same inputs
+    # (where some are tails), bit for bit.
+    x, w, bias, scale, zp = _conv_case(2, 64, 13, 4, True, quant != "none")
+    for reverse in (False, True):
+        y = CONV(x, w, bias, scale, zp, -127, 127, reverse)
+        y40 = CONV(x[:, :40], w[:40], bias[:40], scale, zp, -127, 127, reverse)
+        assert torch.equal(y40, y[:, :40])
+
+
+@torch.no_grad()
 def test_causal_conv1d_silu_reads_any_layout_and_no_bias():
     x, w, _, scale, zp = _conv_case(2, 24, 11, 4, True, True)
     xc = x.contiguous()  # time-contiguous (B, D, L)

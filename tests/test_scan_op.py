@@ -240,6 +240,39 @@ def test_float32_decays_beyond_the_product_range(fast_decay):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["time", "channels_last"])
+def test_float32_lanes_do_not_depend_on_their_block_or_length(layout):
+    # A channel's outputs do not depend on the other channels of its 16-channel block nor on the
+    # sequence's length past its own steps, bit for bit. The kernel picks a block's decay path
+    # from all of its decays (on AVX2: without clamps when every dt * A log2 e is within
+    # [-125, 0], channel 3's dt of about 200 below takes block 0 off it) and works on a tile's
+    # steps four vectors at a time with one-vector tails (33 steps against 34); every path must
+    # give each lane the same numbers.
+    a = make_inputs(2, 40, 34, 16, dtype=torch.float32)
+
+    def run(x, length):
+        args = [x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"]]
+        args = [v[..., :length].contiguous() if v is not None and v.dim() == 3 else v for v in args]
+        if layout == "time":
+            return selective_scan(*args, delta_softplus=True)
+        args = [v.transpose(1, 2).contiguous().transpose(1, 2) if v is not None and v.dim() == 3 and v.shape[1] == 40
+                else v for v in args]
+        return SCAN_CL(*args, True)
+
+    out = run(a, 34)
+    assert torch.equal(run(a, 33), out[..., :33])
+    b = {k: None if v is None else v.clone() for k, v in a.items()}
+    b["delta"][:, 3, 5] = 200.0
+    out_b = run(b, 34)
+    others = torch.ones(40, dtype=torch.bool)
+    others[3] = False
+    assert not torch.equal(out_b[:, 3], out[:, 3])
+    assert torch.equal(out_b[:, others], out[:, others])
+    ref = selective_scan_ref(b["u"], b["delta"], b["A"], b["B"], b["C"], b["D"], b["z"], b["delta_bias"],
+                             delta_softplus=True)
+    torch.testing.assert_close(out_b, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_float32_many_threads_of_work():
     # Enough channels and batch for several blocks per task and several tasks per thread, and a
     # batch of one (channel blocks split across tasks).

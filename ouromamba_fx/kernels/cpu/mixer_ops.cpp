@@ -142,7 +142,19 @@ inline void conv_silu_row(float* __restrict__ dst, const V* const* taps, int64_t
     for (int64_t k = 0; k < K; ++k) acc += load(w + k * D + j * W, nl) * taps[k][j];
     store(dst + j * W, acc, nl);
   }
-  for (int64_t j = 0; j < nv; ++j) {
+  // the SiLU four vectors at a time (VF::exp_k: four exp / divide chains side by side)
+  int64_t j = 0;
+  for (; j + 4 <= nv; j += 4) {
+    V v[4], m[4], e[4];
+    std::memcpy(v, dst + j * W, sizeof(v));
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) m[k] = -v[k];
+    VF::exp_k<4>(m, e);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) v[k] = v[k] / (1.0f + e[k]);
+    std::memcpy(dst + j * W, v, sizeof(v));
+  }
+  for (; j < nv; ++j) {
     V v;
     std::memcpy(&v, dst + j * W, sizeof(V));
     v = v / (1.0f + VF::exp(-v));

@@ -285,6 +285,22 @@ struct VecF {
 #pragma GCC unroll 16
     for (int k = 0; k < K; ++k) out[k] = p[k] * (V)(((I)t[k]) << 23);
   }
+  // 2^x for x known to lie in [-125, 0] (checked per block by the caller; never NaN): exp2_k's
+  // operations without its clamps, and 2^k applied by adding k to the exponent field of p
+  // instead of multiplying p by 2^k. For such k that product is exact (p is within [2^-0.5,
+  // 2^0.5], so p * 2^k stays a normal float): the same bits as exp2_k, without the clamp and with
+  // the multiply replaced by two integer additions.
+  template <bool kFast = false>
+  static inline V exp2_in_range(V x) {
+    constexpr const float* c = kFast ? kExp2Poly4 : kExp2Poly;
+    constexpr int deg = kFast ? 4 : 5;
+    const V t = x + (kMagic + 127.0f);  // low mantissa bits: k + 127, as in exp2_k
+    const V r = x - (t - (kMagic + 127.0f));
+    V p = splat(c[0]);
+#pragma GCC unroll 8
+    for (int i = 1; i <= deg; ++i) p = p * r + c[i];
+    return (V)(((I)p + (((I)t) << 23)) - 0x3F800000);  // + ((k + 127) << 23) - (127 << 23)
+  }
   // 2^(a * b) where every product a * b is known to lie in [-kProdRange, kProdRange] or be NaN
   // (the scans' decays dt * (A log2 e), checked per block with prod_in_range). On AVX-512 the
   // rounding comes out of the product itself: t = a * b + 1.5 * 2^23 in one multiply-add puts
@@ -362,6 +378,89 @@ struct VecF {
     return select(gt(x, splat(20.0f)), x, res);
   }
   static inline V dsoftplus(V x) { return select(gt(x, splat(20.0f)), splat(1.0f), sigmoid(x)); }
+
+  // K-chain forms of exp, softplus<true> and sigmoid_rcp: each step applied to K vectors before
+  // the next. One vector at a time each is a chain of 30 to 50 dependent operations, and an out-
+  // of-order core's scheduler fills with one chain's waiting operations before the next chain's
+  // can start; K chains side by side keep the pipes busier (as exp2_k). The same operations per
+  // lane in the same order as the one-vector functions: the same numbers.
+  template <int K>
+  static inline void exp_k(const V* x, V* out) {
+#if defined(__AVX512F__)
+    if constexpr (k512) {
+      for (int k = 0; k < K; ++k) out[k] = exp(x[k]);
+      return;
+    }
+#endif
+    V xc[K], kf[K], r[K], p[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) xc[k] = vmax(splat(kLo), vmin(splat(kHi), x[k]));
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) kf[k] = xc[k] * 1.4426950408889634f + kMagic;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) kf[k] = kf[k] - kMagic;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) r[k] = xc[k] - kf[k] * 0.693359375f;
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) r[k] = r[k] + kf[k] * 2.12194440e-4f;
+    // exp_poly, step by step
+    constexpr float c[6] = {0.008374815806746483f, 0.04166822507977486f, 0.16666419804096222f,
+                            0.49999991059303284f, 1.0f, 1.0f};
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) p[k] = splat(0.0013836845755577087f);
+#pragma GCC unroll 8
+    for (int i = 0; i < 6; ++i) {
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + c[i];
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      I ki = __builtin_convertvector(kf[k], I);
+      I k1 = ki >> 1;
+      I k2 = ki - k1;
+      I e1 = (k1 + 127) << 23;
+      I e2 = (k2 + 127) << 23;
+      out[k] = keep_nlt((p[k] * (V)e1) * (V)e2, x[k], splat(kLo));
+    }
+  }
+  template <int K>
+  static inline void softplus_k(const V* x, V* out) {
+    V ax[K], e[K], s[K], s2[K], q[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      ax[k] = abs(x[k]);
+      ax[k] = -ax[k];
+    }
+    exp_k<K>(ax, e);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) s[k] = e[k] * recip(2.0f + e[k]);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      s2[k] = s[k] * s[k];
+      q[k] = splat(1.0f / 15.0f);
+    }
+    constexpr float c[7] = {1.0f / 13.0f, 1.0f / 11.0f, 1.0f / 9.0f, 1.0f / 7.0f, 1.0f / 5.0f, 1.0f / 3.0f, 1.0f};
+#pragma GCC unroll 8
+    for (int i = 0; i < 7; ++i) {
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) q[k] = q[k] * s2[k] + c[i];
+    }
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const V m = vmax(x[k], splat(0.0f));
+      const V res = m + 2.0f * s[k] * q[k];
+      out[k] = select(gt(x[k], splat(20.0f)), x[k], res);
+    }
+  }
+  template <int K>
+  static inline void sigmoid_rcp_k(const V* x, V* out) {
+    V t[K], e[K];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) t[k] = vmin(-x[k], splat(87.0f));
+    exp_k<K>(t, e);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) out[k] = recip(1.0f + e[k]);
+  }
 };
 
 // The scans' type: 16 float lanes (their tiles, transposes and lane sums are written for 16).

@@ -702,6 +702,62 @@ inline void dt_tile(const DtFused& G, int64_t L, int64_t dim, int64_t b, int64_t
   OM_NO_CONTRACT();
 }
 
+#if defined(__AVX__) && !defined(__AVX512F__)
+// AVX2 builds: the per-step elementwise work of a block on 8-lane halves, four vectors at a time
+// (the K-chain functions of om_vec.h), with the same operations per lane as the 16-lane loops
+// they replace, hence the same numbers. On the 64-byte type GCC also moved results through the
+// stack and general registers.
+
+// dt = softplus(delta + bias) over a tile in place, and d softplus into DSP (if given).
+__attribute__((noinline)) void softplus_tile_avx2(Vec<float>::V* DT, Vec<float>::V* DSP, const Vec<float>::V& bias,
+                                                  int64_t L) {
+  using F8 = ouromamba_vec::VecF<32>;
+  V8f* __restrict__ D8 = reinterpret_cast<V8f*>(DT);
+  V8f* __restrict__ S8 = reinterpret_cast<V8f*>(DSP);
+  const V8f b8[2] = {reinterpret_cast<const V8f*>(&bias)[0], reinterpret_cast<const V8f*>(&bias)[1]};
+  const int64_t n = 2 * L;
+  if (S8) {
+    for (int64_t i = 0; i < n; ++i) S8[i] = F8::dsoftplus(D8[i] + b8[i & 1]);
+  }
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const V8f x[4] = {D8[i] + b8[0], D8[i + 1] + b8[1], D8[i + 2] + b8[0], D8[i + 3] + b8[1]};
+    F8::softplus_k<4>(x, D8 + i);
+  }
+  for (; i < n; ++i) {
+    const V8f x[1] = {D8[i] + b8[i & 1]};
+    F8::softplus_k<1>(x, D8 + i);
+  }
+}
+
+// y = (y + D u) * silu(z) (z given) or y + D u, over a tile: the forward's output of a block.
+__attribute__((noinline)) void gate_tile_avx2(Vec<float>::V* Y, const Vec<float>::V* U, const Vec<float>::V* Z,
+                                              const Vec<float>::V& Dv, int64_t L) {
+  using F8 = ouromamba_vec::VecF<32>;
+  V8f* __restrict__ Y8 = reinterpret_cast<V8f*>(Y);
+  const V8f* __restrict__ U8 = reinterpret_cast<const V8f*>(U);
+  const V8f* __restrict__ Z8 = reinterpret_cast<const V8f*>(Z);
+  const V8f d8[2] = {reinterpret_cast<const V8f*>(&Dv)[0], reinterpret_cast<const V8f*>(&Dv)[1]};
+  const int64_t n = 2 * L;
+  if (!Z8) {
+    for (int64_t i = 0; i < n; ++i) Y8[i] += d8[i & 1] * U8[i];
+    return;
+  }
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    V8f sg[4];
+    F8::sigmoid_rcp_k<4>(Z8 + i, sg);
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) Y8[i + k] = (Y8[i + k] + d8[k & 1] * U8[i + k]) * (Z8[i + k] * sg[k]);
+  }
+  for (; i < n; ++i) {
+    V8f sg[1];
+    F8::sigmoid_rcp_k<1>(Z8 + i, sg);
+    Y8[i] = (Y8[i] + d8[i & 1] * U8[i]) * (Z8[i] * sg[0]);
+  }
+}
+#endif
+
 // Loads the block's dt = softplus(delta + bias) tile (and d softplus / dx), A tile and constant
 // B / C tiles.
 template <typename T>
@@ -720,7 +776,16 @@ void load_block_params(const Problem<T>& P, int64_t b, int64_t d0, int nl, Scrat
     load_tile<T>(S.DT, P.delta, b, d0, nl, L);
   }
   const V bias = lanes<T>(P.bias ? P.bias + d0 : nullptr, nl);
-  for (int64_t t = 0; t < L; ++t) {
+  bool done = false;  // (the AVX2 path below did the tile)
+#if defined(__AVX__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (P.softplus) {
+      softplus_tile_avx2(S.DT, DSP, bias, L);
+      done = true;
+    }
+  }
+#endif
+  for (int64_t t = 0; !done && t < L; ++t) {
     const V x = S.DT[t] + bias;
     if (P.softplus) {
       S.DT[t] = F::template softplus<true>(x);  // (the division through recip: see om_vec.h)
@@ -776,6 +841,77 @@ inline bool decays_nonpos(const V8f* A8, int64_t N, const V8f* DT8, int64_t L) {
   for (int64_t i = 0; i < 2 * N; ++i) bad = _mm256_or_ps(bad, _mm256_cmp_ps((__m256)A8[i], zero, _CMP_GT_OQ));
   for (int64_t i = 0; i < 2 * L; ++i) bad = _mm256_or_ps(bad, _mm256_cmp_ps((__m256)DT8[i], zero, _CMP_LT_OQ));
   return _mm256_movemask_ps(bad) == 0;
+}
+
+// Whether every decay exponent dt * A log2 e of a block lies in [-125, 0], where
+// exp2_in_range applies: every A log2 e in [-a, 0] and every dt in [0, d] with a * d <= 125.
+// Ordered compares: a NaN or infinite dt or A fails the check (so does a block whose bound
+// is infinite), and such blocks take forward_avx2 with its clamps.
+inline bool decays_in_range(const V8f* A8, int64_t N, const V8f* DT8, int64_t L) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1)), amax = zero, dmax = zero;
+  for (int64_t i = 0; i < 2 * N; ++i) {
+    const __m256 a = (__m256)A8[i];
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(a, zero, _CMP_LE_OQ));
+    amax = _mm256_max_ps(amax, _mm256_sub_ps(zero, a));
+  }
+  for (int64_t i = 0; i < 2 * L; ++i) {
+    const __m256 d = (__m256)DT8[i];
+    ok = _mm256_and_ps(ok, _mm256_cmp_ps(d, zero, _CMP_GE_OQ));
+    dmax = _mm256_max_ps(dmax, d);
+  }
+  if (_mm256_movemask_ps(ok) != 0xff) return false;
+  alignas(32) float av[8], dv[8];
+  _mm256_store_ps(av, amax);
+  _mm256_store_ps(dv, dmax);
+  float am = 0.0f, dm = 0.0f;
+  for (int l = 0; l < 8; ++l) {
+    am = std::max(am, av[l]);
+    dm = std::max(dm, dv[l]);
+  }
+  return am * dm <= 125.0f;  // (false for inf * anything and for NaN)
+}
+
+// forward_avx2 for a block of 16 lanes whose decay exponents are all in [-125, 0]
+// (decays_in_range): both 8-lane halves in each step, one state at a time, the decays through
+// exp2_in_range (no clamp, and 2^k added to the exponent instead of multiplied: fewer operations
+// on the multiply pipes). The same operations per lane as forward_avx2, in the same order: the
+// same bits.
+template <bool VB, bool VC, bool kFast>
+__attribute__((noinline)) void forward_avx2_in_range(V8f* __restrict__ H8, const V8f* __restrict__ A8,
+                                                     const V8f* __restrict__ B8, const V8f* __restrict__ C8,
+                                                     const V8f* __restrict__ U8, V8f* __restrict__ DT8,
+                                                     const float* Bp, const float* Cp, int64_t Bst, int64_t Cst,
+                                                     int64_t Bsn, int64_t Csn, int64_t L, int64_t N,
+                                                     Prefetcher<float>& pf) {
+  using F8 = ouromamba_vec::VecF<32>;
+  for (int64_t t = 0; t < L; ++t) {
+    const V8f dt0 = DT8[2 * t], dt1 = DT8[2 * t + 1];
+    const V8f dtu0 = dt0 * U8[2 * t], dtu1 = dt1 * U8[2 * t + 1];
+    const float* __restrict__ Bt = Bp + t * Bst;
+    const float* __restrict__ Ct = Cp + t * Cst;
+    pf.at(t);
+    V8f y0 = F8::splat(0.0f), y1 = F8::splat(0.0f);
+    for (int64_t n = 0; n < N; ++n) {
+      V8f x0 = dt0 * A8[2 * n], x1 = dt1 * A8[2 * n + 1];
+      // the products rounded, as exp2_k's clamp leaves them (no multiply-add with what follows)
+      __asm__("" : "+x"(x0), "+x"(x1));
+      const V8f e0 = F8::exp2_in_range<kFast>(x0);
+      const V8f e1 = F8::exp2_in_range<kFast>(x1);
+      const V8f bv0 = VB ? F8::splat(Bt[n * Bsn]) : B8[2 * n];
+      const V8f bv1 = VB ? bv0 : B8[2 * n + 1];
+      const V8f cv0 = VC ? F8::splat(Ct[n * Csn]) : C8[2 * n];
+      const V8f cv1 = VC ? cv0 : C8[2 * n + 1];
+      const V8f h0 = e0 * H8[2 * n] + dtu0 * bv0;
+      const V8f h1 = e1 * H8[2 * n + 1] + dtu1 * bv1;
+      H8[2 * n] = h0;
+      H8[2 * n + 1] = h1;
+      y0 += cv0 * h0;
+      y1 += cv1 * h1;
+    }
+    DT8[2 * t] = y0;  // dt[t] is no longer needed: the tile now holds y
+    DT8[2 * t + 1] = y1;
+  }
 }
 
 // The forward recurrence of one block at the CPU's own width (AVX2: 8 lanes), each 8-lane half of
@@ -970,7 +1106,9 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     const V8* __restrict__ U8 = reinterpret_cast<const V8*>(S.U);
     V8* __restrict__ DT8 = reinterpret_cast<V8*>(S.DT);
     const int halves = nl > 8 ? 2 : 1;
-    if (decays_nonpos(A8, N, DT8, L))
+    if (halves == 2 && decays_in_range(A8, N, DT8, L))
+      forward_avx2_in_range<VB, VC, kFast>(H8, A8, B8, C8, U8, DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, pf);
+    else if (decays_nonpos(A8, N, DT8, L))
       forward_avx2<VB, VC, true, kFast>(H8, A8, B8, C8, U8, DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, halves, pf);
     else
       forward_avx2<VB, VC, false, kFast>(H8, A8, B8, C8, U8, DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, halves, pf);
@@ -982,6 +1120,12 @@ void forward_block(const Problem<T>& P, int64_t b, int64_t d0, int nl, T* out, S
     forward_recurrence<T, VB, VC, kFast, false>(P, S, Bp, Cp, pf);
   }
   const V Dv = lanes<T>(P.D ? P.D + d0 : nullptr, nl);
+#if defined(__AVX__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (P.z) load_gate<T>(S.X, P, b, d0, nl, L);
+    gate_tile_avx2(S.DT, S.U, P.z ? S.X : nullptr, Dv, L);
+  } else
+#endif
   if (P.z) {
     load_gate<T>(S.X, P, b, d0, nl, L);
     for (int64_t t = 0; t < L; ++t) {
