@@ -1254,6 +1254,157 @@ inline void add_lane_sums_all(const typename Vec<T>::V* v, int64_t N, T* dst, in
   }
 }
 
+#if defined(__AVX__) && !defined(__AVX512F__)
+// The backward's forward recomputation on AVX2 builds: every state (HS, from step 1 on), decay
+// (DEC) and output (Y) of a block, each 8-lane half in turn (both halves, padding lanes
+// included, as the 16-lane loop). The same operations per lane as that loop (exp2 with its
+// clamps, then the state and the sum over states in order): the same numbers. On the 64-byte type
+// GCC moved every stored state and decay through the stack and general registers (two thirds of
+// backward_block's time on an AVX2-only Zen 3).
+template <bool VB, bool VC>
+__attribute__((noinline)) void backward_recompute_avx2(V8f* __restrict__ HS8, V8f* __restrict__ DEC8,
+                                                       V8f* __restrict__ Y8, const V8f* __restrict__ A8,
+                                                       const V8f* __restrict__ B8, const V8f* __restrict__ C8,
+                                                       const V8f* __restrict__ U8, const V8f* __restrict__ DT8,
+                                                       const float* Bp, const float* Cp, int64_t Bst, int64_t Cst,
+                                                       int64_t Bsn, int64_t Csn, int64_t L, int64_t N,
+                                                       Prefetcher<float>& pf) {
+  using F8 = ouromamba_vec::VecF<32>;
+  for (int half = 0; half < 2; ++half) {
+    for (int64_t t = 0; t < L; ++t) {
+      const V8f dt = DT8[2 * t + half];
+      const V8f dtu = dt * U8[2 * t + half];
+      const float* __restrict__ Bt = Bp + t * Bst;
+      const float* __restrict__ Ct = Cp + t * Cst;
+      const V8f* __restrict__ hp = HS8 + 2 * t * N + half;
+      V8f* __restrict__ hn = HS8 + 2 * (t + 1) * N + half;
+      V8f* __restrict__ dec = DEC8 + 2 * t * N + half;
+      if (half == 0) pf.at(t);
+      V8f y = F8::splat(0.0f);
+      for (int64_t n = 0; n < N; ++n) {
+        const V8f bv = VB ? F8::splat(Bt[n * Bsn]) : B8[2 * n + half];
+        const V8f cv = VC ? F8::splat(Ct[n * Csn]) : C8[2 * n + half];
+        const V8f a = F8::exp2(dt * A8[2 * n + half]);
+        const V8f h = a * hp[2 * n] + dtu * bv;
+        dec[2 * n] = a;
+        hn[2 * n] = h;
+        y += cv * h;
+      }
+      Y8[2 * t + half] = y;
+    }
+  }
+}
+#endif
+
+#if defined(__AVX__) && !defined(__AVX512F__)
+// add_lane_sums_all on 16-lane vectors stored as 8-lane halves (v[2n], v[2n + 1]), on AVX2
+// registers: dst[n * ds] += the sum of vector n's lanes, with add_lane_sums's tree (lane l with
+// l + 8, then j with j + 4, j with j + 2, j with j + 1: the halves added, then within 128-bit
+// halves), so the same sums. 16 vectors at a time, transposed as they are added.
+inline void add_lane_sums_avx2(const V8f* v, int64_t N, float* dst, int64_t ds) {
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int count = static_cast<int>(std::min<int64_t>(16, N - n0));
+    __m256 s1[16];
+    for (int i = 0; i < 16; ++i) {
+      s1[i] = i < count ? _mm256_add_ps((__m256)v[2 * (n0 + i)], (__m256)v[2 * (n0 + i) + 1]) : _mm256_setzero_ps();
+    }
+    __m256 s2[8], s3[4], s4[2];
+    for (int i = 0; i < 8; ++i) {  // lanes 0-3: vector 2i's j + (j + 4); lanes 4-7: vector 2i + 1's
+      s2[i] = _mm256_add_ps(_mm256_permute2f128_ps(s1[2 * i], s1[2 * i + 1], 0x20),
+                            _mm256_permute2f128_ps(s1[2 * i], s1[2 * i + 1], 0x31));
+    }
+    for (int i = 0; i < 4; ++i) {  // per 128-bit half: j + (j + 2) of two vectors
+      s3[i] = _mm256_add_ps(_mm256_shuffle_ps(s2[2 * i], s2[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                            _mm256_shuffle_ps(s2[2 * i], s2[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    for (int i = 0; i < 2; ++i) {  // j + (j + 1)
+      s4[i] = _mm256_add_ps(_mm256_shuffle_ps(s3[2 * i], s3[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                            _mm256_shuffle_ps(s3[2 * i], s3[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+    // s4[i] lane k holds the sum of vector 8i + kVec[k]
+    static constexpr int kVec[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+    alignas(32) float r[16];
+    _mm256_store_ps(r, s4[0]);
+    _mm256_store_ps(r + 8, s4[1]);
+    for (int k = 0; k < 16; ++k) {
+      const int n = 8 * (k / 8) + kVec[k % 8];
+      if (n < count) dst[(n0 + n) * ds] += r[k];
+    }
+  }
+}
+
+// The backward's reverse recurrence on AVX2 builds, both 8-lane halves of each step in turn, then
+// the step's variable dB / dC lane sums (add_lane_sums_avx2): the same operations per lane as the
+// 16-lane loop of backward_block, in the same order (GCC moved that loop's 64-byte vectors through
+// the stack and general registers).
+template <bool VB, bool VC>
+__attribute__((noinline)) void backward_reverse_avx2(Scratch<float>& S, Vec<float>::V* dbias, const float* Bp,
+                                                     const float* Cp, int64_t Bst, int64_t Cst, int64_t Bsn,
+                                                     int64_t Csn, int64_t L, int64_t N, float* dBvar, float* dCvar) {
+  using F8 = ouromamba_vec::VecF<32>;
+  V8f* __restrict__ DT8 = reinterpret_cast<V8f*>(S.DT);
+  const V8f* __restrict__ U8 = reinterpret_cast<const V8f*>(S.U);
+  const V8f* __restrict__ X8 = reinterpret_cast<const V8f*>(S.X);
+  V8f* __restrict__ Y8 = reinterpret_cast<V8f*>(S.Y);
+  const V8f* __restrict__ DSP8 = reinterpret_cast<const V8f*>(S.DSP);
+  const V8f* __restrict__ HS8 = reinterpret_cast<const V8f*>(S.H);
+  const V8f* __restrict__ DEC8 = reinterpret_cast<const V8f*>(S.DEC);
+  V8f* __restrict__ G8 = reinterpret_cast<V8f*>(S.G);
+  V8f* __restrict__ DA8 = reinterpret_cast<V8f*>(S.DAc);
+  V8f* __restrict__ TB8 = reinterpret_cast<V8f*>(VB ? S.TB : S.DBc);
+  V8f* __restrict__ TC8 = reinterpret_cast<V8f*>(VC ? S.TC : S.DCc);
+  const V8f* __restrict__ AT8 = reinterpret_cast<const V8f*>(S.AT);
+  const V8f* __restrict__ BT8 = reinterpret_cast<const V8f*>(S.BT);
+  const V8f* __restrict__ CT8 = reinterpret_cast<const V8f*>(S.CT);
+  V8f db[2] = {reinterpret_cast<const V8f*>(dbias)[0], reinterpret_cast<const V8f*>(dbias)[1]};
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const float* __restrict__ Bt = Bp + t * Bst;
+    const float* __restrict__ Ct = Cp + t * Cst;
+    const V8f* __restrict__ hp = HS8 + 2 * t * N;
+    const V8f* __restrict__ hc = HS8 + 2 * (t + 1) * N;
+    const V8f* __restrict__ dec = DEC8 + 2 * t * N;
+    for (int h = 0; h < 2; ++h) {
+      const V8f dt = DT8[2 * t + h];
+      const V8f u = U8[2 * t + h];
+      const V8f dtu = dt * u;
+      const V8f dy = X8[2 * t + h];
+      V8f sgB = F8::splat(0.0f);
+      V8f sqA = F8::splat(0.0f);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t i = 2 * n + h;
+        const V8f bv = VB ? F8::splat(Bt[n * Bsn]) : BT8[i];
+        const V8f cv = VC ? F8::splat(Ct[n * Csn]) : CT8[i];
+        const V8f gn = G8[i] + dy * cv;
+        if (VC) {
+          TC8[i] = dy * hc[i];
+        } else {
+          TC8[i] += dy * hc[i];
+        }
+        sgB += gn * bv;
+        if (VB) {
+          TB8[i] = gn * dtu;
+        } else {
+          TB8[i] += gn * dtu;
+        }
+        const V8f a = dec[i];
+        const V8f q = gn * hp[i] * a;
+        sqA += q * AT8[i];
+        DA8[i] += q * dt;
+        G8[i] = gn * a;
+      }
+      const V8f dd = (sqA + u * sgB) * DSP8[2 * t + h];
+      DT8[2 * t + h] = dd;  // the dt tile now holds d delta
+      db[h] += dd;
+      Y8[2 * t + h] += dt * sgB;
+    }
+    if (VB) add_lane_sums_avx2(TB8, N, dBvar + t, L);
+    if (VC) add_lane_sums_avx2(TC8, N, dCvar + t, L);
+  }
+  reinterpret_cast<V8f*>(dbias)[0] = db[0];
+  reinterpret_cast<V8f*>(dbias)[1] = db[1];
+}
+#endif
+
 template <typename T, bool VB, bool VC>
 void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t d0, int nl,
                     const GradPtrs<T>& g, T* dB_task, T* dC_task, Scratch<T>& S, NextBlock next) {
@@ -1283,9 +1434,20 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
 
   // Forward recomputation (the decays through exp2_prod where the block's products allow it,
   // as in the forward; a loop-invariant branch, which the compiler takes out of the loop).
-  const bool in_range = F::prod_in_range(S.DT, L, A2, N);
   for (int64_t n = 0; n < N; ++n) HS[n] = F::splat(T(0));
+#if defined(__AVX__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    backward_recompute_avx2<VB, VC>(reinterpret_cast<V8f*>(HS), reinterpret_cast<V8f*>(DEC),
+                                    reinterpret_cast<V8f*>(S.Y), reinterpret_cast<const V8f*>(A2),
+                                    reinterpret_cast<const V8f*>(BT), reinterpret_cast<const V8f*>(CT),
+                                    reinterpret_cast<const V8f*>(S.U), reinterpret_cast<const V8f*>(S.DT), Bp, Cp,
+                                    P.B.s_t, P.C.s_t, Bsn, Csn, L, N, pf);
+  }
+  for (int64_t t = 0; !std::is_same_v<T, float> && t < L; ++t) {
+#else
+  const bool in_range = F::prod_in_range(S.DT, L, A2, N);
   for (int64_t t = 0; t < L; ++t) {
+#endif
     const V dt = S.DT[t];
     const V dtu = dt * S.U[t];
     const T* __restrict__ Bt = Bp + t * P.B.s_t;
@@ -1298,7 +1460,11 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
     for (int64_t n = 0; n < N; ++n) {
       const V bv = VB ? F::splat(Bt[n * Bsn]) : BT[n];
       const V cv = VC ? F::splat(Ct[n * Csn]) : CT[n];
+#if defined(__AVX__) && !defined(__AVX512F__)
+      const V a = F::exp2(dt * A2[n]);  // (exp2_prod is this without AVX-512)
+#else
       const V a = in_range ? F::exp2_prod(dt, A2[n]) : F::exp2(dt * A2[n]);
+#endif
       const V h = a * hp[n] + dtu * bv;
       dec[n] = a;
       hn[n] = h;
@@ -1346,7 +1512,14 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
     DCc[n] = F::splat(T(0));
   }
   V dbias = F::splat(T(0));
+#if defined(__AVX__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    backward_reverse_avx2<VB, VC>(S, &dbias, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, dBvar, dCvar);
+  }
+  for (int64_t t = std::is_same_v<T, float> ? -1 : L - 1; t >= 0; --t) {
+#else
   for (int64_t t = L - 1; t >= 0; --t) {
+#endif
     const V dt = S.DT[t];
     const V u = S.U[t];
     const V dtu = dt * u;
