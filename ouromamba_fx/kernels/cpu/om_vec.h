@@ -176,14 +176,22 @@ struct VecF {
   // FLT_MIN are flushed to 0, large x gives +inf, NaN propagates.
   static constexpr float kLo = -87.33654022216797f;  // ln(FLT_MIN)
   static constexpr float kHi = 88.8f;                // above ln(FLT_MAX): result overflows to +inf
+  static constexpr float kExpPoly[7] = {0.0013836845755577087f, 0.008374815806746483f, 0.04166822507977486f,
+                                         0.16666419804096222f,  0.49999991059303284f, 1.0f, 1.0f};  // highest first
+  template <int K>
+  static inline void exp_poly_k(const V* r, V* p) {  // (K chains: see exp_k)
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) p[k] = splat(kExpPoly[0]);
+#pragma GCC unroll 8
+    for (int i = 1; i < 7; ++i) {
+#pragma GCC unroll 8
+      for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + kExpPoly[i];
+    }
+  }
   static inline V exp_poly(V r) {
-    V p = splat(0.0013836845755577087f);
-    p = p * r + 0.008374815806746483f;
-    p = p * r + 0.04166822507977486f;
-    p = p * r + 0.16666419804096222f;
-    p = p * r + 0.49999991059303284f;
-    p = p * r + 1.0f;
-    return p * r + 1.0f;
+    V p;
+    exp_poly_k<1>(&r, &p);
+    return p;
   }
   static inline V exp(V x) {
 #if defined(__AVX512F__)
@@ -200,19 +208,9 @@ struct VecF {
       return (V)_mm512_maskz_scalef_ps(keep, p, kf);
     }
 #endif
-    const V xc = vmax(splat(kLo), vmin(splat(kHi), x));  // NaN stays NaN
-    V kf = xc * 1.4426950408889634f + kMagic;  // round to nearest integer
-    kf = kf - kMagic;
-    V r = xc - kf * 0.693359375f;  // ln2 split into an exact high part ...
-    r = r + kf * 2.12194440e-4f;   // ... and a correction
-    const V p = exp_poly(r);
-    // 2^k in two halves, so that every k in [-126, 128] is exact.
-    I k = __builtin_convertvector(kf, I);
-    I k1 = k >> 1;
-    I k2 = k - k1;
-    I e1 = (k1 + 127) << 23;
-    I e2 = (k2 + 127) << 23;
-    return keep_nlt((p * (V)e1) * (V)e2, x, splat(kLo));
+    V out;
+    exp_k<1>(&x, &out);
+    return out;
   }
   // 2^x = 2^k * 2^r with k = round(x), |r| <= 1/2, and a degree-5 polynomial for 2^r fitted for
   // minimal relative error (< 1.7e-7 in float arithmetic): the scans' decays exp(dt A) computed as
@@ -355,32 +353,24 @@ struct VecF {
   // sigmoid through recip (the scans' gates): exp(-x) is capped at e^87 so that 1 + exp(-x)
   // stays finite (recip(inf) would be NaN), which gives about 1.6e-38 instead of 0 or a tiny
   // value below x = -87.
-  static inline V sigmoid_rcp(V x) { return recip(1.0f + exp(vmin(-x, splat(87.0f)))); }
+  static inline V sigmoid_rcp(V x) {
+    V out;
+    sigmoid_rcp_k<1>(&x, &out);
+    return out;
+  }
   // F.softplus with threshold 20: x > 20 -> x, else max(x, 0) + log1p(exp(-|x|)), where
   // log1p(e) = 2 atanh(s), s = e / (2 + e) in (0, 1/3], as an odd series up to s^15.
   // kRcp: the division through recip (2 + e is in [2, 3]).
   template <bool kRcp = false>
   static inline V softplus(V x) {
-    V ax = abs(x);
-    V e = exp(-ax);
-    V s = kRcp ? e * recip(2.0f + e) : e / (2.0f + e);
-    V s2 = s * s;
-    V q = splat(1.0f / 15.0f);
-    q = q * s2 + 1.0f / 13.0f;
-    q = q * s2 + 1.0f / 11.0f;
-    q = q * s2 + 1.0f / 9.0f;
-    q = q * s2 + 1.0f / 7.0f;
-    q = q * s2 + 1.0f / 5.0f;
-    q = q * s2 + 1.0f / 3.0f;
-    q = q * s2 + 1.0f;
-    V m = vmax(x, splat(0.0f));
-    V res = m + 2.0f * s * q;
-    return select(gt(x, splat(20.0f)), x, res);
+    V out;
+    softplus_k<1, kRcp>(&x, &out);
+    return out;
   }
   static inline V dsoftplus(V x) { return select(gt(x, splat(20.0f)), splat(1.0f), sigmoid(x)); }
 
-  // K-chain forms of exp, softplus<true> and sigmoid_rcp: each step applied to K vectors before
-  // the next. One vector at a time each is a chain of 30 to 50 dependent operations, and an out-
+  // K-chain forms of exp, softplus and sigmoid_rcp (which are their K = 1 cases): each step
+  // applied to K vectors before the next. One vector at a time each is a chain of 30 to 50 dependent operations, and an out-
   // of-order core's scheduler fills with one chain's waiting operations before the next chain's
   // can start; K chains side by side keep the pipes busier (as exp2_k). The same operations per
   // lane in the same order as the one-vector functions: the same numbers.
@@ -394,25 +384,17 @@ struct VecF {
 #endif
     V xc[K], kf[K], r[K], p[K];
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) xc[k] = vmax(splat(kLo), vmin(splat(kHi), x[k]));
+    for (int k = 0; k < K; ++k) xc[k] = vmax(splat(kLo), vmin(splat(kHi), x[k]));  // NaN stays NaN
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) kf[k] = xc[k] * 1.4426950408889634f + kMagic;
+    for (int k = 0; k < K; ++k) kf[k] = xc[k] * 1.4426950408889634f + kMagic;  // round to nearest integer
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) kf[k] = kf[k] - kMagic;
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) r[k] = xc[k] - kf[k] * 0.693359375f;
+    for (int k = 0; k < K; ++k) r[k] = xc[k] - kf[k] * 0.693359375f;  // ln2 split into an exact high part ...
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) r[k] = r[k] + kf[k] * 2.12194440e-4f;
-    // exp_poly, step by step
-    constexpr float c[6] = {0.008374815806746483f, 0.04166822507977486f, 0.16666419804096222f,
-                            0.49999991059303284f, 1.0f, 1.0f};
-#pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) p[k] = splat(0.0013836845755577087f);
-#pragma GCC unroll 8
-    for (int i = 0; i < 6; ++i) {
-#pragma GCC unroll 8
-      for (int k = 0; k < K; ++k) p[k] = p[k] * r[k] + c[i];
-    }
+    for (int k = 0; k < K; ++k) r[k] = r[k] + kf[k] * 2.12194440e-4f;  // ... and a correction
+    exp_poly_k<K>(r, p);
+    // 2^k in two halves, so that every k in [-126, 128] is exact.
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) {
       I ki = __builtin_convertvector(kf[k], I);
@@ -423,7 +405,7 @@ struct VecF {
       out[k] = keep_nlt((p[k] * (V)e1) * (V)e2, x[k], splat(kLo));
     }
   }
-  template <int K>
+  template <int K, bool kRcp = true>
   static inline void softplus_k(const V* x, V* out) {
     V ax[K], e[K], s[K], s2[K], q[K];
 #pragma GCC unroll 8
@@ -433,7 +415,7 @@ struct VecF {
     }
     exp_k<K>(ax, e);
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) s[k] = e[k] * recip(2.0f + e[k]);
+    for (int k = 0; k < K; ++k) s[k] = kRcp ? e[k] * recip(2.0f + e[k]) : e[k] / (2.0f + e[k]);
 #pragma GCC unroll 8
     for (int k = 0; k < K; ++k) {
       s2[k] = s[k] * s[k];

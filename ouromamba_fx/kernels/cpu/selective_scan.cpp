@@ -1259,8 +1259,7 @@ inline void add_lane_sums_all(const typename Vec<T>::V* v, int64_t N, T* dst, in
 // (DEC) and output (Y) of a block, each 8-lane half in turn (both halves, padding lanes
 // included, as the 16-lane loop). The same operations per lane as that loop (exp2 with its
 // clamps, then the state and the sum over states in order): the same numbers. On the 64-byte type
-// GCC moved every stored state and decay through the stack and general registers (two thirds of
-// backward_block's time on an AVX2-only Zen 3).
+// GCC moved every stored state and decay through the stack and general registers.
 template <bool VB, bool VC>
 __attribute__((noinline)) void backward_recompute_avx2(V8f* __restrict__ HS8, V8f* __restrict__ DEC8,
                                                        V8f* __restrict__ Y8, const V8f* __restrict__ A8,
@@ -1294,9 +1293,7 @@ __attribute__((noinline)) void backward_recompute_avx2(V8f* __restrict__ HS8, V8
     }
   }
 }
-#endif
 
-#if defined(__AVX__) && !defined(__AVX512F__)
 // add_lane_sums_all on 16-lane vectors stored as 8-lane halves (v[2n], v[2n + 1]), on AVX2
 // registers: dst[n * ds] += the sum of vector n's lanes, with add_lane_sums's tree (lane l with
 // l + 8, then j with j + 4, j with j + 2, j with j + 1: the halves added, then within 128-bit
