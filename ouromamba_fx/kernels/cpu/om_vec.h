@@ -287,17 +287,30 @@ struct VecF {
   // operations without its clamps, and 2^k applied by adding k to the exponent field of p
   // instead of multiplying p by 2^k. For such k that product is exact (p is within [2^-0.5,
   // 2^0.5], so p * 2^k stays a normal float): the same bits as exp2_k, without the clamp and with
-  // the multiply replaced by two integer additions.
+  // the multiply replaced by an integer addition. The bias 127 of exp2_k's shifted k is folded
+  // away: t = x + (1.5 * 2^23 - 1) holds k - 1 in its low bits (the same k as exp2_k's offset
+  // 127, both odd, so a tie rounds the same way; the shift drops the magic's own bits), and the
+  // polynomial runs on doubled coefficients, which gives exactly 2p (scaling by 2 commutes with
+  // each rounding), so bits(2p) + ((k - 1) << 23) is bits(p) + (k << 23) with one operation less.
+  template <int N>
+  struct Doubled {
+    float c[N];
+    constexpr explicit Doubled(const float (&a)[N]) : c{} {
+      for (int i = 0; i < N; ++i) c[i] = 2.0f * a[i];
+    }
+  };
+  static constexpr Doubled<6> kExp2Poly2{kExp2Poly};
+  static constexpr Doubled<5> kExp2Poly4x2{kExp2Poly4};
   template <bool kFast = false>
   static inline V exp2_in_range(V x) {
-    constexpr const float* c = kFast ? kExp2Poly4 : kExp2Poly;
+    constexpr const float* c = kFast ? kExp2Poly4x2.c : kExp2Poly2.c;
     constexpr int deg = kFast ? 4 : 5;
-    const V t = x + (kMagic + 127.0f);  // low mantissa bits: k + 127, as in exp2_k
-    const V r = x - (t - (kMagic + 127.0f));
+    const V t = x + (kMagic - 1.0f);  // low mantissa bits: k - 1
+    const V r = x - (t - (kMagic - 1.0f));
     V p = splat(c[0]);
 #pragma GCC unroll 8
     for (int i = 1; i <= deg; ++i) p = p * r + c[i];
-    return (V)(((I)p + (((I)t) << 23)) - 0x3F800000);  // + ((k + 127) << 23) - (127 << 23)
+    return (V)((I)p + (((I)t) << 23));  // bits(2p) + ((k - 1) << 23)
   }
   // 2^(a * b) where every product a * b is known to lie in [-kProdRange, kProdRange] or be NaN
   // (the scans' decays dt * (A log2 e), checked per block with prod_in_range). On AVX-512 the
