@@ -273,6 +273,33 @@ def test_float32_lanes_do_not_depend_on_their_block_or_length(layout):
     torch.testing.assert_close(out_b, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_float32_lane_gradients_do_not_depend_on_their_block():
+    # The backward's forward recomputation picks its decay path per block as the forward does (on
+    # AVX2: without clamps when every decay exponent is within [-125, 0]); a channel's gradients
+    # must not depend on the path its block took, bit for bit. Channel 3's dt of about 200 takes
+    # block 0 off the clamp-free path; every other channel's own gradients stay the same.
+    a = make_inputs(2, 40, 34, 16, dtype=torch.float32, requires_grad=True)
+    names = ["u", "delta", "A", "D", "z", "delta_bias"]  # per-channel inputs (B and C are shared)
+    dout = torch.randn(2, 40, 34, generator=torch.Generator().manual_seed(3))
+
+    def grads(x):
+        out = selective_scan(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
+                             delta_softplus=True)
+        return dict(zip(names, torch.autograd.grad(out, [x[k] for k in names], dout)))
+
+    g = grads(a)
+    b = {k: None if v is None else v.detach().clone().requires_grad_(v.requires_grad) for k, v in a.items()}
+    with torch.no_grad():
+        b["delta"][:, 3, 5] = 200.0
+    g_b = grads(b)
+    others = torch.ones(40, dtype=torch.bool)
+    others[3] = False
+    assert not torch.equal(g_b["u"][:, 3], g["u"][:, 3])
+    for k in names:
+        channels = (slice(None), others) if g[k].dim() == 3 else (others,)
+        assert torch.equal(g_b[k][channels], g[k][channels]), k
+
+
 def test_float32_many_threads_of_work():
     # Enough channels and batch for several blocks per task and several tasks per thread, and a
     # batch of one (channel blocks split across tasks).

@@ -1256,11 +1256,13 @@ inline void add_lane_sums_all(const typename Vec<T>::V* v, int64_t N, T* dst, in
 
 #if defined(__AVX__) && !defined(__AVX512F__)
 // The backward's forward recomputation on AVX2 builds: every state (HS, from step 1 on), decay
-// (DEC) and output (Y) of a block, each 8-lane half in turn (both halves, padding lanes
-// included, as the 16-lane loop). The same operations per lane as that loop (exp2 with its
-// clamps, then the state and the sum over states in order): the same numbers. On the 64-byte type
-// GCC moved every stored state and decay through the stack and general registers.
-template <bool VB, bool VC>
+// (DEC) and output (Y) of a block, both 8-lane halves of each step (padding lanes included, as the
+// 16-lane loop). The same operations per lane as that loop (exp2 with its clamps, then the state
+// and the sum over states in order): the same numbers. kInRange: every decay exponent of the block
+// is in [-125, 0] (decays_in_range), and the decays take exp2_in_range, as the forward does there
+// (the same bits as exp2 for such exponents, with fewer operations). On the 64-byte type GCC moved
+// every stored state and decay through the stack and general registers.
+template <bool VB, bool VC, bool kInRange>
 __attribute__((noinline)) void backward_recompute_avx2(V8f* __restrict__ HS8, V8f* __restrict__ DEC8,
                                                        V8f* __restrict__ Y8, const V8f* __restrict__ A8,
                                                        const V8f* __restrict__ B8, const V8f* __restrict__ C8,
@@ -1269,28 +1271,43 @@ __attribute__((noinline)) void backward_recompute_avx2(V8f* __restrict__ HS8, V8
                                                        int64_t Bsn, int64_t Csn, int64_t L, int64_t N,
                                                        Prefetcher<float>& pf) {
   using F8 = ouromamba_vec::VecF<32>;
-  for (int half = 0; half < 2; ++half) {
-    for (int64_t t = 0; t < L; ++t) {
-      const V8f dt = DT8[2 * t + half];
-      const V8f dtu = dt * U8[2 * t + half];
-      const float* __restrict__ Bt = Bp + t * Bst;
-      const float* __restrict__ Ct = Cp + t * Cst;
-      const V8f* __restrict__ hp = HS8 + 2 * t * N + half;
-      V8f* __restrict__ hn = HS8 + 2 * (t + 1) * N + half;
-      V8f* __restrict__ dec = DEC8 + 2 * t * N + half;
-      if (half == 0) pf.at(t);
-      V8f y = F8::splat(0.0f);
-      for (int64_t n = 0; n < N; ++n) {
-        const V8f bv = VB ? F8::splat(Bt[n * Bsn]) : B8[2 * n + half];
-        const V8f cv = VC ? F8::splat(Ct[n * Csn]) : C8[2 * n + half];
-        const V8f a = F8::exp2(dt * A8[2 * n + half]);
-        const V8f h = a * hp[2 * n] + dtu * bv;
-        dec[2 * n] = a;
-        hn[2 * n] = h;
-        y += cv * h;
+  for (int64_t t = 0; t < L; ++t) {
+    const V8f dt0 = DT8[2 * t], dt1 = DT8[2 * t + 1];
+    const V8f dtu0 = dt0 * U8[2 * t], dtu1 = dt1 * U8[2 * t + 1];
+    const float* __restrict__ Bt = Bp + t * Bst;
+    const float* __restrict__ Ct = Cp + t * Cst;
+    const V8f* __restrict__ hp = HS8 + 2 * t * N;
+    V8f* __restrict__ hn = HS8 + 2 * (t + 1) * N;
+    V8f* __restrict__ dec = DEC8 + 2 * t * N;
+    pf.at(t);
+    V8f y0 = F8::splat(0.0f), y1 = F8::splat(0.0f);
+    for (int64_t n = 0; n < N; ++n) {
+      V8f x0 = dt0 * A8[2 * n], x1 = dt1 * A8[2 * n + 1];
+      V8f a0, a1;
+      if constexpr (kInRange) {
+        // the products rounded, as exp2's clamp leaves them (no multiply-add with what follows)
+        __asm__("" : "+x"(x0), "+x"(x1));
+        a0 = F8::exp2_in_range(x0);
+        a1 = F8::exp2_in_range(x1);
+      } else {
+        a0 = F8::exp2(x0);
+        a1 = F8::exp2(x1);
       }
-      Y8[2 * t + half] = y;
+      const V8f bv0 = VB ? F8::splat(Bt[n * Bsn]) : B8[2 * n];
+      const V8f bv1 = VB ? bv0 : B8[2 * n + 1];
+      const V8f cv0 = VC ? F8::splat(Ct[n * Csn]) : C8[2 * n];
+      const V8f cv1 = VC ? cv0 : C8[2 * n + 1];
+      const V8f h0 = a0 * hp[2 * n] + dtu0 * bv0;
+      const V8f h1 = a1 * hp[2 * n + 1] + dtu1 * bv1;
+      dec[2 * n] = a0;
+      dec[2 * n + 1] = a1;
+      hn[2 * n] = h0;
+      hn[2 * n + 1] = h1;
+      y0 += cv0 * h0;
+      y1 += cv1 * h1;
     }
+    Y8[2 * t] = y0;
+    Y8[2 * t + 1] = y1;
   }
 }
 
@@ -1434,11 +1451,13 @@ void backward_block(const Problem<T>& P, const Seq<T>& dout, int64_t b, int64_t 
   for (int64_t n = 0; n < N; ++n) HS[n] = F::splat(T(0));
 #if defined(__AVX__) && !defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
-    backward_recompute_avx2<VB, VC>(reinterpret_cast<V8f*>(HS), reinterpret_cast<V8f*>(DEC),
-                                    reinterpret_cast<V8f*>(S.Y), reinterpret_cast<const V8f*>(A2),
-                                    reinterpret_cast<const V8f*>(BT), reinterpret_cast<const V8f*>(CT),
-                                    reinterpret_cast<const V8f*>(S.U), reinterpret_cast<const V8f*>(S.DT), Bp, Cp,
-                                    P.B.s_t, P.C.s_t, Bsn, Csn, L, N, pf);
+    const auto* A8 = reinterpret_cast<const V8f*>(A2);
+    const auto* DT8 = reinterpret_cast<const V8f*>(S.DT);
+    auto recompute = decays_in_range(A8, N, DT8, L) ? backward_recompute_avx2<VB, VC, true>
+                                                    : backward_recompute_avx2<VB, VC, false>;
+    recompute(reinterpret_cast<V8f*>(HS), reinterpret_cast<V8f*>(DEC), reinterpret_cast<V8f*>(S.Y), A8,
+              reinterpret_cast<const V8f*>(BT), reinterpret_cast<const V8f*>(CT),
+              reinterpret_cast<const V8f*>(S.U), DT8, Bp, Cp, P.B.s_t, P.C.s_t, Bsn, Csn, L, N, pf);
   }
   for (int64_t t = 0; !std::is_same_v<T, float> && t < L; ++t) {
 #else
