@@ -1311,17 +1311,16 @@ __attribute__((noinline)) void backward_recompute_avx2(V8f* __restrict__ HS8, V8
   }
 }
 
-// add_lane_sums_all on 16-lane vectors stored as 8-lane halves (v[2n], v[2n + 1]), on AVX2
-// registers: dst[n * ds] += the sum of vector n's lanes, with add_lane_sums's tree (lane l with
-// l + 8, then j with j + 4, j with j + 2, j with j + 1: the halves added, then within 128-bit
-// halves), so the same sums. 16 vectors at a time, transposed as they are added.
-inline void add_lane_sums_avx2(const V8f* v, int64_t N, float* dst, int64_t ds) {
+// add_lane_sums_all on 16-lane vectors whose two 8-lane halves are already added (s1[n] = lanes
+// 0-7 + lanes 8-15 of vector n), on AVX2 registers: dst[n * ds] += the sum of vector n's lanes,
+// with add_lane_sums's tree (lane l with l + 8, which the caller did, then j with j + 4, j with
+// j + 2, j with j + 1 within 128-bit halves), so the same sums. 16 vectors at a time, transposed
+// as they are added.
+inline void add_half_sums_avx2(const V8f* s, int64_t N, float* dst, int64_t ds) {
   for (int64_t n0 = 0; n0 < N; n0 += 16) {
     const int count = static_cast<int>(std::min<int64_t>(16, N - n0));
     __m256 s1[16];
-    for (int i = 0; i < 16; ++i) {
-      s1[i] = i < count ? _mm256_add_ps((__m256)v[2 * (n0 + i)], (__m256)v[2 * (n0 + i) + 1]) : _mm256_setzero_ps();
-    }
+    for (int i = 0; i < 16; ++i) s1[i] = i < count ? (__m256)s[n0 + i] : _mm256_setzero_ps();
     __m256 s2[8], s3[4], s4[2];
     for (int i = 0; i < 8; ++i) {  // lanes 0-3: vector 2i's j + (j + 4); lanes 4-7: vector 2i + 1's
       s2[i] = _mm256_add_ps(_mm256_permute2f128_ps(s1[2 * i], s1[2 * i + 1], 0x20),
@@ -1347,10 +1346,12 @@ inline void add_lane_sums_avx2(const V8f* v, int64_t N, float* dst, int64_t ds) 
   }
 }
 
-// The backward's reverse recurrence on AVX2 builds, both 8-lane halves of each step in turn, then
-// the step's variable dB / dC lane sums (add_lane_sums_avx2): the same operations per lane as the
-// 16-lane loop of backward_block, in the same order (GCC moved that loop's 64-byte vectors through
-// the stack and general registers).
+// The backward's reverse recurrence on AVX2 builds, both 8-lane halves of each state side by side
+// (two independent chains for the sums over states), then the step's variable dB / dC lane sums:
+// the same operations per lane as the 16-lane loop of backward_block, in the same order (GCC moved
+// that loop's 64-byte vectors through the stack and general registers). A variable B's (C's)
+// per-step terms are stored with their halves already added (add_half_sums_avx2 takes them from
+// there: add_lane_sums's first step, the same sum).
 template <bool VB, bool VC>
 __attribute__((noinline)) void backward_reverse_avx2(Scratch<float>& S, Vec<float>::V* dbias, const float* Bp,
                                                      const float* Cp, int64_t Bst, int64_t Cst, int64_t Bsn,
@@ -1370,52 +1371,68 @@ __attribute__((noinline)) void backward_reverse_avx2(Scratch<float>& S, Vec<floa
   const V8f* __restrict__ AT8 = reinterpret_cast<const V8f*>(S.AT);
   const V8f* __restrict__ BT8 = reinterpret_cast<const V8f*>(S.BT);
   const V8f* __restrict__ CT8 = reinterpret_cast<const V8f*>(S.CT);
-  V8f db[2] = {reinterpret_cast<const V8f*>(dbias)[0], reinterpret_cast<const V8f*>(dbias)[1]};
+  V8f db0 = reinterpret_cast<const V8f*>(dbias)[0], db1 = reinterpret_cast<const V8f*>(dbias)[1];
   for (int64_t t = L - 1; t >= 0; --t) {
     const float* __restrict__ Bt = Bp + t * Bst;
     const float* __restrict__ Ct = Cp + t * Cst;
     const V8f* __restrict__ hp = HS8 + 2 * t * N;
     const V8f* __restrict__ hc = HS8 + 2 * (t + 1) * N;
     const V8f* __restrict__ dec = DEC8 + 2 * t * N;
-    for (int h = 0; h < 2; ++h) {
-      const V8f dt = DT8[2 * t + h];
-      const V8f u = U8[2 * t + h];
-      const V8f dtu = dt * u;
-      const V8f dy = X8[2 * t + h];
-      V8f sgB = F8::splat(0.0f);
-      V8f sqA = F8::splat(0.0f);
-      for (int64_t n = 0; n < N; ++n) {
-        const int64_t i = 2 * n + h;
-        const V8f bv = VB ? F8::splat(Bt[n * Bsn]) : BT8[i];
-        const V8f cv = VC ? F8::splat(Ct[n * Csn]) : CT8[i];
-        const V8f gn = G8[i] + dy * cv;
-        if (VC) {
-          TC8[i] = dy * hc[i];
-        } else {
-          TC8[i] += dy * hc[i];
-        }
-        sgB += gn * bv;
-        if (VB) {
-          TB8[i] = gn * dtu;
-        } else {
-          TB8[i] += gn * dtu;
-        }
-        const V8f a = dec[i];
-        const V8f q = gn * hp[i] * a;
-        sqA += q * AT8[i];
-        DA8[i] += q * dt;
-        G8[i] = gn * a;
+    const V8f dt0 = DT8[2 * t], dt1 = DT8[2 * t + 1];
+    const V8f u0 = U8[2 * t], u1 = U8[2 * t + 1];
+    const V8f dtu0 = dt0 * u0, dtu1 = dt1 * u1;
+    const V8f dy0 = X8[2 * t], dy1 = X8[2 * t + 1];
+    V8f sgB0 = F8::splat(0.0f), sgB1 = F8::splat(0.0f);
+    V8f sqA0 = F8::splat(0.0f), sqA1 = F8::splat(0.0f);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t i = 2 * n;
+      const V8f bv0 = VB ? F8::splat(Bt[n * Bsn]) : BT8[i];
+      const V8f bv1 = VB ? bv0 : BT8[i + 1];
+      const V8f cv0 = VC ? F8::splat(Ct[n * Csn]) : CT8[i];
+      const V8f cv1 = VC ? cv0 : CT8[i + 1];
+      const V8f gn0 = G8[i] + dy0 * cv0;
+      const V8f gn1 = G8[i + 1] + dy1 * cv1;
+      if (VC) {
+        V8f tc0 = dy0 * hc[i], tc1 = dy1 * hc[i + 1];
+        __asm__("" : "+x"(tc0), "+x"(tc1));  // each product rounded, as stored for the lane sums
+        TC8[n] = tc0 + tc1;
+      } else {
+        TC8[i] += dy0 * hc[i];
+        TC8[i + 1] += dy1 * hc[i + 1];
       }
-      const V8f dd = (sqA + u * sgB) * DSP8[2 * t + h];
-      DT8[2 * t + h] = dd;  // the dt tile now holds d delta
-      db[h] += dd;
-      Y8[2 * t + h] += dt * sgB;
+      sgB0 += gn0 * bv0;
+      sgB1 += gn1 * bv1;
+      if (VB) {
+        V8f tb0 = gn0 * dtu0, tb1 = gn1 * dtu1;
+        __asm__("" : "+x"(tb0), "+x"(tb1));
+        TB8[n] = tb0 + tb1;
+      } else {
+        TB8[i] += gn0 * dtu0;
+        TB8[i + 1] += gn1 * dtu1;
+      }
+      const V8f a0 = dec[i], a1 = dec[i + 1];
+      const V8f q0 = gn0 * hp[i] * a0;
+      const V8f q1 = gn1 * hp[i + 1] * a1;
+      sqA0 += q0 * AT8[i];
+      sqA1 += q1 * AT8[i + 1];
+      DA8[i] += q0 * dt0;
+      DA8[i + 1] += q1 * dt1;
+      G8[i] = gn0 * a0;
+      G8[i + 1] = gn1 * a1;
     }
-    if (VB) add_lane_sums_avx2(TB8, N, dBvar + t, L);
-    if (VC) add_lane_sums_avx2(TC8, N, dCvar + t, L);
+    const V8f dd0 = (sqA0 + u0 * sgB0) * DSP8[2 * t];
+    const V8f dd1 = (sqA1 + u1 * sgB1) * DSP8[2 * t + 1];
+    DT8[2 * t] = dd0;  // the dt tile now holds d delta
+    DT8[2 * t + 1] = dd1;
+    db0 += dd0;
+    db1 += dd1;
+    Y8[2 * t] += dt0 * sgB0;
+    Y8[2 * t + 1] += dt1 * sgB1;
+    if (VB) add_half_sums_avx2(TB8, N, dBvar + t, L);
+    if (VC) add_half_sums_avx2(TC8, N, dCvar + t, L);
   }
-  reinterpret_cast<V8f*>(dbias)[0] = db[0];
-  reinterpret_cast<V8f*>(dbias)[1] = db[1];
+  reinterpret_cast<V8f*>(dbias)[0] = db0;
+  reinterpret_cast<V8f*>(dbias)[1] = db1;
 }
 #endif
 
