@@ -220,8 +220,8 @@ def patch_features(yhat: torch.Tensor, delta: torch.Tensor, grid_size: tuple[int
         neighbourhood: odd p, the p x p neighbourhood (1: no spatial enrichment).
 
     Returns:
-        ``(batch, gh * gw, d_inner)`` (a transposed view): ``o(tau) = sum_{k in N(tau)} w_k yhat(k)``
-        with ``w`` the per-image min-max normalised channel mean of ``delta`` (module docstring).
+        ``(batch, gh * gw, d_inner)``, contiguous: ``o(tau) = sum_{k in N(tau)} w_k yhat(k)`` with
+        ``w`` the per-image min-max normalised channel mean of ``delta`` (module docstring).
     """
     p = int(neighbourhood)
     if p < 1 or p % 2 == 0:
@@ -240,10 +240,16 @@ def patch_features(yhat: torch.Tensor, delta: torch.Tensor, grid_size: tuple[int
     w = (m - lo + eps) / (hi - lo + eps)
     if p > 1:
         w = w * float(p * p)  # avg_pool2d below divides by p*p: this makes it a sum
-    fused = (yhat.float().index_select(2, idx) * w[:, None, :]).view(b, c, gh, gw)
-    if p > 1:  # sum over the p x p neighbourhood, zeros outside the grid
-        fused = F.avg_pool2d(fused, p, stride=1, padding=p // 2, count_include_pad=True)
-    return fused.flatten(2).transpose(1, 2)
+    # Patch-major (batch, P, d_inner): the pooling below then runs on a channels-last grid, whose
+    # kernel is vectorised over the channels (the (batch, d_inner) planes of a few patches each were
+    # about 10x slower), with the same sums in the same order.
+    fused = yhat.float().transpose(1, 2).index_select(1, idx) * w[:, :, None]
+    if p == 1:
+        return fused
+    # sum over the p x p neighbourhood, zeros outside the grid
+    grid = fused.view(b, gh, gw, c).permute(0, 3, 1, 2)  # (batch, d_inner, gh, gw), channels-last
+    pooled = F.avg_pool2d(grid, p, stride=1, padding=p // 2, count_include_pad=True)
+    return pooled.permute(0, 2, 3, 1).reshape(b, gh * gw, c)
 
 
 def cosine_similarity_matrix(features: torch.Tensor | Sequence[torch.Tensor], eps: float = 1e-12) -> torch.Tensor:
