@@ -241,8 +241,8 @@ def patch_features(yhat: torch.Tensor, delta: torch.Tensor, grid_size: tuple[int
     if p > 1:
         w = w * float(p * p)  # avg_pool2d below divides by p*p: this makes it a sum
     # Patch-major (batch, P, d_inner): the pooling below then runs on a channels-last grid, whose
-    # kernel is vectorised over the channels (the (batch, d_inner) planes of a few patches each were
-    # about 10x slower), with the same sums in the same order.
+    # kernel is vectorised over the channels rather than looping over (batch, d_inner) planes of a
+    # few patches each; the same sums in the same order.
     fused = yhat.float().transpose(1, 2).index_select(1, idx) * w[:, :, None]
     if p == 1:
         return fused
