@@ -872,6 +872,36 @@ inline bool decays_in_range(const V8f* A8, int64_t N, const V8f* DT8, int64_t L)
   return am * dm <= 125.0f;  // (false for inf * anything and for NaN)
 }
 
+// One state of one step on both 8-lane halves of a 16-lane block: the decays a = exp(dt A)
+// (kInRange: exp2_in_range, where the caller checked decays_in_range; else exp2 with its clamps),
+// the states h = a * h_prev + (dt u) B and y += C h, in this order. The forward's in-range
+// recurrence and the backward's recomputation both run it, so they compute the same numbers.
+template <bool VB, bool VC, bool kInRange, bool kFast>
+__attribute__((always_inline)) inline void state_step_avx2(V8f dt0, V8f dt1, V8f dtu0, V8f dtu1, const V8f* A2n,
+                                                           const V8f* B2n, const V8f* C2n, const float* b,
+                                                           const float* c, const V8f* hprev, V8f& a0, V8f& a1,
+                                                           V8f& h0, V8f& h1, V8f& y0, V8f& y1) {
+  using F8 = ouromamba_vec::VecF<32>;
+  V8f x0 = dt0 * A2n[0], x1 = dt1 * A2n[1];
+  if constexpr (kInRange) {
+    // the products rounded, as exp2's clamp leaves them (no multiply-add with what follows)
+    __asm__("" : "+x"(x0), "+x"(x1));
+    a0 = F8::template exp2_in_range<kFast>(x0);
+    a1 = F8::template exp2_in_range<kFast>(x1);
+  } else {
+    a0 = F8::template exp2<kFast>(x0);
+    a1 = F8::template exp2<kFast>(x1);
+  }
+  const V8f bv0 = VB ? F8::splat(*b) : B2n[0];
+  const V8f bv1 = VB ? bv0 : B2n[1];
+  const V8f cv0 = VC ? F8::splat(*c) : C2n[0];
+  const V8f cv1 = VC ? cv0 : C2n[1];
+  h0 = a0 * hprev[0] + dtu0 * bv0;
+  h1 = a1 * hprev[1] + dtu1 * bv1;
+  y0 += cv0 * h0;
+  y1 += cv1 * h1;
+}
+
 // forward_avx2 for a block of 16 lanes whose decay exponents are all in [-125, 0]
 // (decays_in_range): both 8-lane halves in each step, one state at a time, the decays through
 // exp2_in_range (no clamp, and 2^k added to the exponent instead of multiplied: fewer operations
@@ -893,21 +923,12 @@ __attribute__((noinline)) void forward_avx2_in_range(V8f* __restrict__ H8, const
     pf.at(t);
     V8f y0 = F8::splat(0.0f), y1 = F8::splat(0.0f);
     for (int64_t n = 0; n < N; ++n) {
-      V8f x0 = dt0 * A8[2 * n], x1 = dt1 * A8[2 * n + 1];
-      // the products rounded, as exp2_k's clamp leaves them (no multiply-add with what follows)
-      __asm__("" : "+x"(x0), "+x"(x1));
-      const V8f e0 = F8::exp2_in_range<kFast>(x0);
-      const V8f e1 = F8::exp2_in_range<kFast>(x1);
-      const V8f bv0 = VB ? F8::splat(Bt[n * Bsn]) : B8[2 * n];
-      const V8f bv1 = VB ? bv0 : B8[2 * n + 1];
-      const V8f cv0 = VC ? F8::splat(Ct[n * Csn]) : C8[2 * n];
-      const V8f cv1 = VC ? cv0 : C8[2 * n + 1];
-      const V8f h0 = e0 * H8[2 * n] + dtu0 * bv0;
-      const V8f h1 = e1 * H8[2 * n + 1] + dtu1 * bv1;
+      V8f e0, e1, h0, h1;
+      state_step_avx2<VB, VC, true, kFast>(dt0, dt1, dtu0, dtu1, A8 + 2 * n, B8 + 2 * n, C8 + 2 * n,
+                                           VB ? Bt + n * Bsn : nullptr, VC ? Ct + n * Csn : nullptr, H8 + 2 * n,
+                                           e0, e1, h0, h1, y0, y1);
       H8[2 * n] = h0;
       H8[2 * n + 1] = h1;
-      y0 += cv0 * h0;
-      y1 += cv1 * h1;
     }
     DT8[2 * t] = y0;  // dt[t] is no longer needed: the tile now holds y
     DT8[2 * t + 1] = y1;
@@ -1282,29 +1303,14 @@ __attribute__((noinline)) void backward_recompute_avx2(V8f* __restrict__ HS8, V8
     pf.at(t);
     V8f y0 = F8::splat(0.0f), y1 = F8::splat(0.0f);
     for (int64_t n = 0; n < N; ++n) {
-      V8f x0 = dt0 * A8[2 * n], x1 = dt1 * A8[2 * n + 1];
-      V8f a0, a1;
-      if constexpr (kInRange) {
-        // the products rounded, as exp2's clamp leaves them (no multiply-add with what follows)
-        __asm__("" : "+x"(x0), "+x"(x1));
-        a0 = F8::exp2_in_range(x0);
-        a1 = F8::exp2_in_range(x1);
-      } else {
-        a0 = F8::exp2(x0);
-        a1 = F8::exp2(x1);
-      }
-      const V8f bv0 = VB ? F8::splat(Bt[n * Bsn]) : B8[2 * n];
-      const V8f bv1 = VB ? bv0 : B8[2 * n + 1];
-      const V8f cv0 = VC ? F8::splat(Ct[n * Csn]) : C8[2 * n];
-      const V8f cv1 = VC ? cv0 : C8[2 * n + 1];
-      const V8f h0 = a0 * hp[2 * n] + dtu0 * bv0;
-      const V8f h1 = a1 * hp[2 * n + 1] + dtu1 * bv1;
+      V8f a0, a1, h0, h1;
+      state_step_avx2<VB, VC, kInRange, false>(dt0, dt1, dtu0, dtu1, A8 + 2 * n, B8 + 2 * n, C8 + 2 * n,
+                                               VB ? Bt + n * Bsn : nullptr, VC ? Ct + n * Csn : nullptr,
+                                               hp + 2 * n, a0, a1, h0, h1, y0, y1);
       dec[2 * n] = a0;
       dec[2 * n + 1] = a1;
       hn[2 * n] = h0;
       hn[2 * n + 1] = h1;
-      y0 += cv0 * h0;
-      y1 += cv1 * h1;
     }
     Y8[2 * t] = y0;
     Y8[2 * t + 1] = y1;
