@@ -565,3 +565,60 @@ def test_outlier_density_counts_every_eighth_row(m, k):
     assert ext.outlier_density(q) == pytest.approx((sample != 0).sum().item() / sample.numel(), rel=1e-12)
     assert ext.outlier_density(torch.zeros(m, k, dtype=torch.int8)) == 0.0
     assert ext.outlier_density(torch.zeros(0, k, dtype=torch.int8)) == 0.0
+
+
+def _at_threads(n, fn):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+@torch.no_grad()
+def test_kernels_give_the_same_bits_whichever_thread_runs_an_item():
+    # The kernels hand their work items (row blocks, chunks of time steps) to threads as they come
+    # free (om_parallel.h): 1, 2 and 3 threads, and 3 threads again, must give identical outputs.
+    ext = MIXER_OPS.get()
+    g = torch.Generator().manual_seed(5)
+    m, k, n = 2000, 64, 64  # u4_linear: 32 blocks of 64 rows, the block-by-block path at 3 threads
+    x, w, bias, scale, zp = _conv_case(4, 40, 70, 4, True, True)
+    code_scale = torch.rand(1, 1, 70, generator=g) * 0.05 + 0.01
+    xm, s_mixed = _planted(3, 45, 70)
+    q = torch.randint(-7, 8, (m, k), dtype=torch.int8, generator=g)
+    wq = torch.randint(-8, 9, (n, k), dtype=torch.int8, generator=g)
+    q_out = torch.where(torch.rand(m, k, generator=g) < 0.1, torch.randint(-127, 128, (m, k), generator=g), 0)
+    q_out = q_out.to(torch.int8)
+    s_in, s_out = torch.rand(10, generator=g) * 0.1 + 0.01, torch.rand(m, generator=g) * 0.5
+    w_scale, b = torch.rand(n, generator=g) * 0.02, torch.randn(n, generator=g)
+    w_o = ext.outlier_weights(wq)
+    # a W4A4O8 linear with its output quantized by the rule (K below SMALL_K: linear_mixed_fake)
+    xl = torch.randn(2, 33, 24, generator=g)
+    wp = pack_int4(torch.randint(-7, 8, (48, 24), dtype=torch.int8, generator=g))
+    lin_args = (xl, torch.full((33,), 0.2), wp, torch.rand(48, generator=g) * 0.1, torch.randn(48, generator=g), 24,
+                3.0, 4, torch.full((33,), 0.3), 1, 2, 4, 3.0, 4)
+
+    def run():
+        out = list(CONV_CODES(x, w, bias, scale, zp, -127, 127, False, code_scale, -127, 127))
+        out += ext.mixed_quant(xm, s_mixed, 7, 2.0, 4, False, 8)
+        out += ext.mixed_quant(xm, s_mixed, 7, 2.0, 4, True, 0)
+        out.append(torch.ops.ouromamba.w4a4o8_linear_mixed.default(*lin_args))
+        acc = (q.double() @ wq.double().t()).float()
+        out.append(ext.w4a4o8_epilogue(acc.clone(), s_in, q_out, s_out, w_o, w_scale, b))
+        out.append(ext.w4a4o8_finish(acc.clone(), (q_out.double() @ wq.double().t()).float(), s_in, q_out, s_out,
+                                     w_scale, b))
+        if ext.u4_available():
+            panels, colsum = ext.u4_pack(wq)
+            a = (q + 8).view(torch.uint8)
+            out.append(ext.u4_mm(a, panels, colsum))
+            out.append(ext.u4_linear(a, panels, colsum, s_in, q_out, s_out, w_o, w_scale, b))
+            out.append(ext.s16_mm(q, ext.s16_pack(wq), n))
+        return out
+
+    ref = _at_threads(1, run)
+    for threads in (2, 3, 3):
+        got = _at_threads(threads, run)
+        assert len(got) == len(ref)
+        for i, (a, e) in enumerate(zip(got, ref)):
+            assert torch.equal(a, e), f"output {i} differs at {threads} threads"

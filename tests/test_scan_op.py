@@ -943,3 +943,32 @@ def test_z_epilogue_float64_scans_opcheck_fake_and_without_kernels(monkeypatch):
                        SCAN_CL(*head, zf, a["delta_bias"], True, z_reverse=True))
     torch.testing.assert_close(SCAN_CL(*head, z, a["delta_bias"], True, **epi), ref_cl, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(SCAN_DT(*dargs, **dkw, **epi), ref_dt, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_gives_the_same_bits_whichever_thread_runs_a_block():
+    # The forward's channel blocks and the backward's tasks go to threads as they come free
+    # (om_parallel.h): 1, 2 and 3 threads, and 3 again, give identical outputs and gradients.
+    # (A batch of at least twice the threads: below that the backward splits each batch element's
+    # blocks into as many runs as keep the threads busy, and a variable B's / C's gradient is then
+    # summed over that many partial buffers, in float32 an order that follows the thread count.)
+    a = make_inputs(6, 70, 40, 16, dtype=torch.float32, form="var", requires_grad=True)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    dout = torch.randn(6, 70, 40, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        xs = [a[k].detach().clone().requires_grad_(True) for k in names]
+        y = selective_scan(*xs, delta_softplus=True)
+        y.backward(dout)
+        return [y.detach(), SCAN_CL(*[t.detach() for t in xs], True)] + [t.grad for t in xs]
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = run()
+        for threads in (2, 3, 3):
+            torch.set_num_threads(threads)
+            got = run()
+            for i, (x, e) in enumerate(zip(got, ref)):
+                assert torch.equal(x, e), f"output {i} differs at {threads} threads"
+    finally:
+        torch.set_num_threads(old)

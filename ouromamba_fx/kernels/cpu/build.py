@@ -27,8 +27,8 @@ Sources: ``selective_scan.cpp`` (the float scan, forward and backward), ``select
 (the reparameterized / integer-input scans and the state statistics of calibration),
 ``mixer_ops.cpp`` (conv1d + SiLU, the outlier rule with mixed quantization, the W4A4O8 epilogue and
 the AVX2 int4 GEMM), ``ops.cpp`` (the public ops' C++ kernels) and ``register.cpp`` (the
-registrations); headers ``om_vec.h`` (vector helpers for AVX-512, AVX2 and plain C++) and
-``kernels.h``.
+registrations); headers ``om_vec.h`` (vector helpers for AVX-512, AVX2 and plain C++), ``om_parallel.h`` (work
+items shared among threads as they come free) and ``kernels.h``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from types import SimpleNamespace
 
 CSRC = Path(__file__).resolve().parent
 SOURCES = ("selective_scan.cpp", "selective_scan_q.cpp", "mixer_ops.cpp", "ops.cpp", "register.cpp")
-HEADERS = ("om_vec.h", "kernels.h")
+HEADERS = ("om_vec.h", "om_parallel.h", "kernels.h")
 ENV_BACKEND = "OUROMAMBA_SCAN_BACKEND"
 
 __all__ = ["CpuExtension", "CpuLibrary", "compile_flags", "cpu_tag", "source_digest", "CPU_LIBRARY",

@@ -40,6 +40,7 @@
 #include <memory>
 #include <vector>
 
+#include "om_parallel.h"
 #include "om_vec.h"
 
 namespace ouromamba_mixer {
@@ -302,7 +303,7 @@ torch::Tensor conv_silu_impl(const torch::Tensor& x, const torch::Tensor& w, con
   const int64_t chunk = 32;
   const int64_t nchunks = (L + chunk - 1) / chunk;
   const int64_t nb = (D + W - 1) / W;
-  at::parallel_for(0, B * nchunks, 1, [&](int64_t begin, int64_t end) {
+  ouromamba_parallel::parallel_items(B * nchunks, 1, [&](ouromamba_parallel::Items& items) {
     std::vector<V> ring(static_cast<size_t>(K * nb));
     auto quantized_row = [&](int64_t b, int64_t t, V* row) {
       const int64_t ts = reverse ? L - 1 - t : t;  // x's own time step
@@ -316,28 +317,31 @@ torch::Tensor conv_silu_impl(const torch::Tensor& x, const torch::Tensor& w, con
       }
       conv_input_row(row, src, D, fq, s, lo, hi, epi ? exsp[e_per_step ? ts : 0] : 1.0f, ewsp, ebp);
     };
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
-      for (int64_t t = t0 - (K - 1); t < t0; ++t) {
-        V* row = ring.data() + ((t + K) % K) * nb;
-        if (t < 0) {
-          for (int64_t j = 0; j < nb; ++j) row[j] = VF::splat(0.0f);
-        } else {
-          quantized_row(b, t, row);
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
+        for (int64_t t = t0 - (K - 1); t < t0; ++t) {
+          V* row = ring.data() + ((t + K) % K) * nb;
+          if (t < 0) {
+            for (int64_t j = 0; j < nb; ++j) row[j] = VF::splat(0.0f);
+          } else {
+            quantized_row(b, t, row);
+          }
         }
-      }
-      for (int64_t t = t0; t < t1; ++t) {
-        // the next step's input row (x's rows are strided: in_proj's output holds z beside them)
-        if (t + 1 < t1) prefetch_row(xp + b * sb + (reverse ? L - 2 - t : t + 1) * st, D);
-        quantized_row(b, t, ring.data() + (t % K) * nb);
-        const V* taps[16];  // taps[k]: the quantized row K - 1 - k steps back
-        for (int64_t k = 0; k < K; ++k) taps[k] = ring.data() + ((t - (K - 1) + k + K) % K) * nb;
-        float* dst = op + (b * L + t) * D;
-        if (K == 4)
-          conv_silu_row<4>(dst, taps, K, wp, bp, D);
-        else
-          conv_silu_row<0>(dst, taps, K, wp, bp, D);
-        if (emit) codes_row(cp + (b * L + t) * D, dst, D, csp[code_per_step ? t : 0], clo, chi);
+        for (int64_t t = t0; t < t1; ++t) {
+          // the next step's input row (x's rows are strided: in_proj's output holds z beside them)
+          if (t + 1 < t1) prefetch_row(xp + b * sb + (reverse ? L - 2 - t : t + 1) * st, D);
+          quantized_row(b, t, ring.data() + (t % K) * nb);
+          const V* taps[16];  // taps[k]: the quantized row K - 1 - k steps back
+          for (int64_t k = 0; k < K; ++k) taps[k] = ring.data() + ((t - (K - 1) + k + K) % K) * nb;
+          float* dst = op + (b * L + t) * D;
+          if (K == 4)
+            conv_silu_row<4>(dst, taps, K, wp, bp, D);
+          else
+            conv_silu_row<0>(dst, taps, K, wp, bp, D);
+          if (emit) codes_row(cp + (b * L + t) * D, dst, D, csp[code_per_step ? t : 0], clo, chi);
+        }
       }
     }
   });
@@ -576,7 +580,7 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
   // Work items: (row, chunk of time steps), independent (rule_chunk).
   const int64_t chunk = rule_chunk(n_refresh);
   const int64_t nchunks = (L + chunk - 1) / chunk;
-  at::parallel_for(0, R * nchunks, 1, [&](int64_t begin, int64_t end) {
+  ouromamba_parallel::parallel_items(R * nchunks, 1, [&](ouromamba_parallel::Items& items) {
     // Every pass over a step's channels is a plain loop (row_stats .. codes_row above), which
     // the compiler vectorizes at the CPU's own width. The outlier mask: -1 / 0 per channel, the
     // window's running OR (or this step's flags when n_refresh <= 1).
@@ -586,43 +590,46 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
     std::vector<int32_t> mask_buf(static_cast<size_t>(C));
     std::vector<float> gather(sc != 1 ? static_cast<size_t>(chunk * C) : 0);
     int32_t* __restrict__ mask = mask_buf.data();
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
-      if (sc != 1) {
-        float* __restrict__ g = gather.data();
-        const float* base = xp + r * sr;
-        if (st == 1) {
-          for (int64_t c = 0; c < C; ++c) {
-            const float* run = base + c * sc;
-            if (c + 16 < C) {  // each run starts a cache miss: ask for the runs 16 channels on early
-              __builtin_prefetch(run + 16 * sc + t0);
-              __builtin_prefetch(run + 16 * sc + t1 - 1);
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
+        if (sc != 1) {
+          float* __restrict__ g = gather.data();
+          const float* base = xp + r * sr;
+          if (st == 1) {
+            for (int64_t c = 0; c < C; ++c) {
+              const float* run = base + c * sc;
+              if (c + 16 < C) {  // each run starts a cache miss: ask for the runs 16 channels on early
+                __builtin_prefetch(run + 16 * sc + t0);
+                __builtin_prefetch(run + 16 * sc + t1 - 1);
+              }
+              for (int64_t t = t0; t < t1; ++t) g[(t - t0) * C + c] = run[t];
             }
-            for (int64_t t = t0; t < t1; ++t) g[(t - t0) * C + c] = run[t];
-          }
-        } else {
-          for (int64_t t = t0; t < t1; ++t) {
-            for (int64_t c = 0; c < C; ++c) g[(t - t0) * C + c] = base[t * st + c * sc];
+          } else {
+            for (int64_t t = t0; t < t1; ++t) {
+              for (int64_t c = 0; c < C; ++c) g[(t - t0) * C + c] = base[t * st + c * sc];
+            }
           }
         }
-      }
-      for (int64_t t = t0; t < t1; ++t) {
-        const float* src = sc != 1 ? gather.data() + (t - t0) * C : xp + r * sr + t * st;
-        if (sc == 1 && t + 1 < t1) prefetch_row(src + st, C);
-        const float s = sp[t];
-        bool any_out = false;
-        const float so = rule_step(src, mask, C, t, s, qif, kf, n_refresh, any_out);
-        const int64_t o = (r * L + t) * C;
-        if (fake) {
-          fake_row(src, mask, yp + o, C, s, qif, so, 127.0f);
-        } else {
-          if (any_out) {
-            codes_both(src, mask, qip + o, qop + o, C, s, qif, so, 127.0f, static_cast<int32_t>(in_offset));
+        for (int64_t t = t0; t < t1; ++t) {
+          const float* src = sc != 1 ? gather.data() + (t - t0) * C : xp + r * sr + t * st;
+          if (sc == 1 && t + 1 < t1) prefetch_row(src + st, C);
+          const float s = sp[t];
+          bool any_out = false;
+          const float so = rule_step(src, mask, C, t, s, qif, kf, n_refresh, any_out);
+          const int64_t o = (r * L + t) * C;
+          if (fake) {
+            fake_row(src, mask, yp + o, C, s, qif, so, 127.0f);
           } else {
-            codes_row(src, mask, qip + o, C, s, qif, false, static_cast<int32_t>(in_offset));
-            std::memset(qop + o, 0, static_cast<size_t>(C));
+            if (any_out) {
+              codes_both(src, mask, qip + o, qop + o, C, s, qif, so, 127.0f, static_cast<int32_t>(in_offset));
+            } else {
+              codes_row(src, mask, qip + o, C, s, qif, false, static_cast<int32_t>(in_offset));
+              std::memset(qop + o, 0, static_cast<size_t>(C));
+            }
+            sop[r * L + t] = so;
           }
-          sop[r * L + t] = so;
         }
       }
     }
@@ -719,29 +726,32 @@ torch::Tensor linear_mixed_fake(torch::Tensor x, torch::Tensor wt, torch::Tensor
   const float kf = static_cast<float>(k), qif = static_cast<float>(qi);
   const int64_t chunk = rule_chunk(n_refresh);
   const int64_t nchunks = (L + chunk - 1) / chunk;
-  at::parallel_for(0, R * nchunks, 1, [&](int64_t begin, int64_t end) {
+  ouromamba_parallel::parallel_items(R * nchunks, 1, [&](ouromamba_parallel::Items& items) {
     std::vector<int32_t> mask_buf(static_cast<size_t>(N));
     std::vector<float> buf(static_cast<size_t>(chunk * N));
     int32_t* mask = mask_buf.data();
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
-      const float* xr = xp + (r * L + t0) * K;
-      int64_t t = t0;
-      for (; t + 4 <= t1; t += 4) {
-        const float* xt = xr + (t - t0) * K;
-        float* yt = buf.data() + (t - t0) * N;
-        small_gemm_rows<4>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<4>(xt, K, wp, bp, yt, N));
-      }
-      for (; t < t1; ++t) {
-        const float* xt = xr + (t - t0) * K;
-        float* yt = buf.data() + (t - t0) * N;
-        small_gemm_rows<1>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<1>(xt, K, wp, bp, yt, N));
-      }
-      for (t = t0; t < t1; ++t) {
-        const float* src = buf.data() + (t - t0) * N;
-        bool any_out = false;
-        const float so = rule_step(src, mask, N, t, sp[t], qif, kf, n_refresh, any_out);
-        fake_row(src, mask, yp + (r * L + t) * N, N, sp[t], qif, so, 127.0f);
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
+        const float* xr = xp + (r * L + t0) * K;
+        int64_t t = t0;
+        for (; t + 4 <= t1; t += 4) {
+          const float* xt = xr + (t - t0) * K;
+          float* yt = buf.data() + (t - t0) * N;
+          small_gemm_rows<4>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<4>(xt, K, wp, bp, yt, N));
+        }
+        for (; t < t1; ++t) {
+          const float* xt = xr + (t - t0) * K;
+          float* yt = buf.data() + (t - t0) * N;
+          small_gemm_rows<1>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<1>(xt, K, wp, bp, yt, N));
+        }
+        for (t = t0; t < t1; ++t) {
+          const float* src = buf.data() + (t - t0) * N;
+          bool any_out = false;
+          const float so = rule_step(src, mask, N, t, sp[t], qif, kf, n_refresh, any_out);
+          fake_row(src, mask, yp + (r * L + t) * N, N, sp[t], qif, so, 127.0f);
+        }
       }
     }
   });
@@ -1117,9 +1127,10 @@ Epilogue epilogue_of(const int32_t* acc, float* y, const torch::Tensor& s_in, co
 
 // All M rows of the epilogue, on all threads.
 void epilogue_all(const Epilogue& e, int64_t M) {
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+  ouromamba_parallel::parallel_items(M, outlier_block_rows(e.N), [&](ouromamba_parallel::Items& items) {
     EpilogueScratch scratch(e.K, e.N);
-    epilogue_rows(e, begin, end, scratch);
+    int64_t begin, end;
+    while (items.next(begin, end)) epilogue_rows(e, begin, end, scratch);
   });
 }
 
@@ -1210,10 +1221,13 @@ torch::Tensor w4a4o8_finish(torch::Tensor acc, torch::Tensor o, torch::Tensor s_
   const int8_t* q = q_out.data_ptr<int8_t>();
   const float *si = s_in.data_ptr<float>(), *so = s_out.data_ptr<float>(), *ws = w_scale.data_ptr<float>();
   const float* b = has_bias ? bias.data_ptr<float>() : nullptr;
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const float* om = any_nonzero(q + m * K, K) ? op + m * N : nullptr;
-      finish_row(y + m * N, y + m * N, om, si[m % steps], so[m], ws, b, N);
+  ouromamba_parallel::parallel_items(M, 64, [&](ouromamba_parallel::Items& items) {
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t m = begin; m < end; ++m) {
+        const float* om = any_nonzero(q + m * K, K) ? op + m * N : nullptr;
+        finish_row(y + m * N, y + m * N, om, si[m % steps], so[m], ws, b, N);
+      }
     }
   });
   return acc;
@@ -1380,11 +1394,14 @@ void u4_gemm(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_
   // Work items: (panel of 32 columns, block of 64 rows), panel-major: a thread runs one panel
   // (64 bytes per pair of k, 24 KB at K = 768) over consecutive row blocks while the codes stream
   // past.
-  at::parallel_for(0, blocks * P, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t p = i / blocks, mb = i % blocks;
-      const int64_t m0 = mb * kU4RowBlock, m1 = std::min(M, m0 + kU4RowBlock);
-      u4_panel_rows(ap, lda, m0, m1, pp, p, K2, colsum8, c, N);
+  ouromamba_parallel::parallel_items(blocks * P, 1, [&](ouromamba_parallel::Items& items) {
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t p = i / blocks, mb = i % blocks;
+        const int64_t m0 = mb * kU4RowBlock, m1 = std::min(M, m0 + kU4RowBlock);
+        u4_panel_rows(ap, lda, m0, m1, pp, p, K2, colsum8, c, N);
+      }
     }
   });
 }
@@ -1401,14 +1418,17 @@ inline int64_t u4_block_rows(int64_t N) {
 void u4_gemm_epilogue(const uint8_t* ap, int64_t lda, int64_t M, const int8_t* pp, int64_t P, int64_t K2,
                       const int32_t* colsum8, int32_t* c, int64_t N, int64_t rows, const Epilogue& e) {
   const int64_t blocks = (M + rows - 1) / rows;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+  ouromamba_parallel::parallel_items(blocks, 1, [&](ouromamba_parallel::Items& items) {
     EpilogueScratch scratch(e.K, N);
-    for (int64_t mb = begin; mb < end; ++mb) {
-      const int64_t m0 = mb * rows, m1 = std::min(M, m0 + rows);
-      for (int64_t p = 0; p < P; ++p) {
-        u4_panel_rows(ap, lda, m0, m1, pp, p, K2, colsum8, c, N);
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t mb = begin; mb < end; ++mb) {
+        const int64_t m0 = mb * rows, m1 = std::min(M, m0 + rows);
+        for (int64_t p = 0; p < P; ++p) {
+          u4_panel_rows(ap, lda, m0, m1, pp, p, K2, colsum8, c, N);
+        }
+        epilogue_rows(e, m0, m1, scratch);
       }
-      epilogue_rows(e, m0, m1, scratch);
     }
   });
 }
@@ -1637,29 +1657,33 @@ torch::Tensor s16_mm(torch::Tensor q, torch::Tensor packed, int64_t N) {
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   const int64_t groups = blocks >= want ? 1 : std::min(P, (want + blocks - 1) / blocks);
   const int64_t per_group = (P + groups - 1) / groups;
-  at::parallel_for(0, blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  ouromamba_parallel::parallel_items(blocks * groups, 1, [&](ouromamba_parallel::Items& items) {
     std::vector<int16_t> a(static_cast<size_t>(kS16RowBlock * lda), 0);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t mb = i / groups, g = i % groups;
-      const int64_t m0 = mb * kS16RowBlock, rows = std::min(kS16RowBlock, M - m0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int8_t* src = qp + (m0 + r) * K;
-        int16_t* dst = a.data() + r * lda;
-        for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
-      }
-      for (int64_t p = g * per_group; p < std::min(P, (g + 1) * per_group); ++p) {
-        const int64_t n0 = p * kS16Cols, cols = std::min(kS16Cols, N - n0);
-        const int16_t* panel = pp + p * K2 * kS16Cols * 2;
-        float* cb = cp + m0 * N + n0;
-        int64_t r = 0;
-        for (; r + 4 <= rows; r += 4) s16_tile<4>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols);
-        switch (rows - r) {
-          case 3: s16_tile<3>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
-          case 2: s16_tile<2>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
-          case 1: s16_tile<1>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
-          default: break;
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t mb = i / groups, g = i % groups;
+        const int64_t m0 = mb * kS16RowBlock, rows = std::min(kS16RowBlock, M - m0);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int8_t* src = qp + (m0 + r) * K;
+          int16_t* dst = a.data() + r * lda;
+          for (int64_t k = 0; k < K; ++k) dst[k] = src[k];
+        }
+        for (int64_t p = g * per_group; p < std::min(P, (g + 1) * per_group); ++p) {
+          const int64_t n0 = p * kS16Cols, cols = std::min(kS16Cols, N - n0);
+          const int16_t* panel = pp + p * K2 * kS16Cols * 2;
+          float* cb = cp + m0 * N + n0;
+          int64_t r = 0;
+          for (; r + 4 <= rows; r += 4) s16_tile<4>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols);
+          switch (rows - r) {
+            case 3: s16_tile<3>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
+            case 2: s16_tile<2>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
+            case 1: s16_tile<1>(a.data() + r * lda, lda, panel, K2, cb + r * N, N, cols); break;
+            default: break;
+          }
         }
       }
+
     }
   });
 #endif

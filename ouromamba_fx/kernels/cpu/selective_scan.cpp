@@ -66,6 +66,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "om_parallel.h"
 #include "om_vec.h"
 
 namespace ouromamba_scan {
@@ -1190,18 +1191,21 @@ void forward(const Problem<T>& P, T* out) {
        {&forward_block<T, true, false, true>, &forward_block<T, true, true, true>}}};
   const bool fast = P.fast_decay && std::is_same_v<T, float>;
   const Fn fn = table[fast][P.B.variable][P.C.variable];
-  at::parallel_for(0, P.batch * nb, grain, [&](int64_t begin, int64_t end) {
+  ouromamba_parallel::parallel_items(P.batch * nb, grain, [&](ouromamba_parallel::Items& items) {
     Scratch<T> S(P.L, P.N, false);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = i / nb, k = i % nb;
-      const int64_t d0 = P.starts[k];
-      NextBlock next;
-      if (i + 1 < end) {
-        next.has = true;
-        next.b = (i + 1) / nb;
-        next.d0 = P.starts[(i + 1) % nb];
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t b = i / nb, k = i % nb;
+        const int64_t d0 = P.starts[k];
+        NextBlock next;
+        if (i + 1 < end) {
+          next.has = true;
+          next.b = (i + 1) / nb;
+          next.d0 = P.starts[(i + 1) % nb];
+        }
+        fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S, next);
       }
-      fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S, next);
     }
   });
 }
@@ -1647,11 +1651,14 @@ void backward(const Problem<T>& P, const Seq<T>& dout, const GradPtrs<T>& g) {
   const int64_t K = g.K;
   auto fn = P.B.variable ? (P.C.variable ? &backward_task<T, true, true> : &backward_task<T, true, false>)
                          : (P.C.variable ? &backward_task<T, false, true> : &backward_task<T, false, false>);
-  at::parallel_for(0, P.batch * K, 1, [&](int64_t begin, int64_t end) {
+  ouromamba_parallel::parallel_items(P.batch * K, 1, [&](ouromamba_parallel::Items& items) {
     Scratch<T> S(P.L, P.N, true);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / K, k = task % K;
-      fn(P, dout, b, k, k * nb / K, (k + 1) * nb / K, g, S);
+    int64_t begin, end;
+    while (items.next(begin, end)) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / K, k = task % K;
+        fn(P, dout, b, k, k * nb / K, (k + 1) * nb / K, g, S);
+      }
     }
   });
 }

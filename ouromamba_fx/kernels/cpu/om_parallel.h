@@ -1,0 +1,54 @@
+// Work items shared among the threads of one parallel region as they come free, for the kernels'
+// outer loops (their items are independent: each writes its own part of the output, so which
+// thread runs an item never changes a bit).
+//
+// at::parallel_for gives each thread a fixed, equal share of the range up front. When one thread
+// runs slower than the other (a shared machine's second vCPU, a sibling hyperthread under load,
+// items of unequal cost such as rows with more outlier channels), the faster one finishes early
+// and waits at the region's end. Here each thread takes the next `chunk` items from a shared
+// counter until none are left, so the threads finish within about one chunk of each other.
+
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+
+namespace ouromamba_parallel {
+
+// Hands out [0, n) in runs of `chunk` items: next(begin, end) gives the calling thread its next
+// run and returns false when the range is used up.
+class Items {
+ public:
+  Items(int64_t n, int64_t chunk) : n_(n), chunk_(std::max<int64_t>(1, chunk)) {}
+  bool next(int64_t& begin, int64_t& end) {
+    begin = next_.fetch_add(chunk_, std::memory_order_relaxed);
+    if (begin >= n_) return false;
+    end = std::min(n_, begin + chunk_);
+    return true;
+  }
+
+ private:
+  const int64_t n_, chunk_;
+  std::atomic<int64_t> next_{0};
+};
+
+// Runs body(items) once on each thread of a parallel region (body: set up per-thread scratch, then
+// `while (items.next(b, e))` over its runs). One thread (so the plain loop) when there is a single
+// run, a single thread, or when already inside a parallel region.
+template <class Body>
+void parallel_items(int64_t n, int64_t chunk, const Body& body) {
+  if (n <= 0) return;
+  Items items(n, chunk);
+  const int64_t runs = (n + std::max<int64_t>(1, chunk) - 1) / std::max<int64_t>(1, chunk);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), runs);
+  if (threads <= 1 || at::in_parallel_region()) {
+    body(items);
+    return;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(items); });
+}
+
+}  // namespace ouromamba_parallel
