@@ -221,3 +221,24 @@ def test_reference_fallback_when_kernel_unavailable(monkeypatch):
     assert torch.isclose(SCAN_QI(*qargs, *factors, 8), want_qi, rtol=1e-4, atol=1e-4).float().mean() >= 0.99
     s, m = qscan.scan_state_stats(*args[:5], args[7], True)
     torch.testing.assert_close(s, qscan.scan_state_stats_ref(*args[:5], args[7], True)[0])
+
+
+def test_same_bits_whichever_thread_runs_a_block():
+    # Blocks go to threads as they come free (om_parallel.h): 1, 2 and 3 threads, and 3 again,
+    # give the same scan output and state statistics (200 channels: 13 blocks of 16).
+    args = make(3, 200, 40, 16)
+    u, delta, A, B, C, _, _, bias = args[:8]
+
+    def run():
+        return [SCAN_Q(*args, 8), *qscan.scan_state_stats(u, delta, A, B, C, bias, True)]
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = run()
+        for threads in (2, 3, 3):
+            torch.set_num_threads(threads)
+            for i, (x, e) in enumerate(zip(run(), ref)):
+                assert torch.equal(x, e), f"output {i} differs at {threads} threads"
+    finally:
+        torch.set_num_threads(old)

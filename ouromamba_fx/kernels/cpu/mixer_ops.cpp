@@ -127,7 +127,7 @@ inline float pick1(float a, float b, int32_t m) {  // a where m is -1, b where m
 
 // One output row: dst[c] = silu(bias[c] + sum_k w[k, c] * taps[k][c]) for the D channels, in two
 // passes over the row (it stays in L1): the taps' products, then the SiLU. A plain function of
-// locals: written inside parallel_for's lambda, with the captures read through references, GCC
+// locals: written inside the threads' lambda, with the captures read through references, GCC
 // reloads the bounds every vector and keeps each vector's exp / divide chain from overlapping the
 // next one's.
 // kK > 0: the kernel width as a constant (4 in every Mamba), so the taps' loop unrolls with its

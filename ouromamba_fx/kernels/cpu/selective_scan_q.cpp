@@ -13,7 +13,7 @@
 //
 // Layout of the computation
 //   Work items are blocks of W consecutive channels (W = 64 bytes / sizeof(T)) of one batch
-//   element, spread over threads by at::parallel_for. The W channels are the lanes of a GCC/Clang
+//   element, taken by the threads as they come free (om_parallel.h). The W channels are the lanes of a GCC/Clang
 //   vector: each of the d_state states of a block is one vector, so the recurrence, the state
 //   quantization and the C-contraction are plain vector operations with no cross-lane sums, the
 //   d_state recurrences of a step are independent (they overlap in the pipeline instead of
@@ -40,6 +40,7 @@
 #include <cstring>
 #include <vector>
 
+#include "om_parallel.h"
 #include "om_vec.h"
 
 namespace ouromamba_qscan {
@@ -361,10 +362,13 @@ at::Tensor qscan_fwd(const at::Tensor& u, const at::Tensor& delta, const c10::op
     // Small problems stay on one thread: waking a second one costs more than it saves (much more
     // on a busy machine, where it waits for a scheduler slice).
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, L * N));
-    at::parallel_for(0, batch * nb, grain, [&](int64_t begin, int64_t end) {
+    ouromamba_parallel::parallel_items(batch * nb, grain, [&](ouromamba_parallel::Items& items) {
       std::vector<T> buf;
-      for (int64_t i = begin; i < end; ++i)
-        fwd_block(P, i / nb, (i % nb) * W, bs.data(), cs.data(), o, dim * L, L, 1, buf);
+      int64_t begin, end;
+      while (items.next(begin, end)) {
+        for (int64_t i = begin; i < end; ++i)
+          fwd_block(P, i / nb, (i % nb) * W, bs.data(), cs.data(), o, dim * L, L, 1, buf);
+      }
     });
   });
   return out;
@@ -404,9 +408,12 @@ std::vector<at::Tensor> state_stats(const at::Tensor& u, const at::Tensor& delta
     T* ps = hsum.data_ptr<T>();
     T* pm = hmax.data_ptr<T>();
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, batch * L * N));
-    at::parallel_for(0, nb, grain, [&](int64_t begin, int64_t end) {
+    ouromamba_parallel::parallel_items(nb, grain, [&](ouromamba_parallel::Items& items) {
       std::vector<T> buf;
-      for (int64_t i = begin; i < end; ++i) stats_block(P, i * W, ps, pm, buf);
+      int64_t begin, end;
+      while (items.next(begin, end)) {
+        for (int64_t i = begin; i < end; ++i) stats_block(P, i * W, ps, pm, buf);
+      }
     });
   });
   return {hsum, hmax};
