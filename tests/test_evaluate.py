@@ -59,9 +59,12 @@ def test_reference_top1_matches_card_eager_and_traced(reference):
     eager = evaluate(reference, val, batch_size=250, show_progress=False)
     assert eager.total == 5000
     assert abs(eager.top1 - CARD_TOP1) <= 0.1, eager.summary()
-    traced = evaluate(capture(reference), val, batch_size=250, transform_model=reference,
+    # the traced graph on a fifth of them (100 per class), prediction for prediction; the bundled
+    # sample test checks the same on other images, so the whole set is not read twice
+    part = evaluate(reference, val, batch_size=250, limit_per_class=100, show_progress=False)
+    traced = evaluate(capture(reference), val, batch_size=250, limit_per_class=100, transform_model=reference,
                       show_progress=False)
-    assert abs(traced.top1 - CARD_TOP1) <= 0.1 and traced.agreement(eager) == 100.0
+    assert traced.total == part.total == 1000 and traced.agreement(part) == 100.0
 
 
 def _result(pred, labels):
