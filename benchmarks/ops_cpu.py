@@ -18,6 +18,9 @@ Shapes: Vim-small-like linears (M = 16 images x 197 tokens) and the reference mo
 * ``s16``: the same product on this package's AVX2 int16 kernel with the weight packed once, float32
   out (``ouromamba::s16_mm``, the lowered W8A8 graph's product on CPUs without VNNI / AMX; an empty
   call where the kernels have no AVX2).
+* ``u4``: W4A4O8's inlier product alone on this package's AVX2 kernel: 4-bit codes (stored + 8)
+  times the int4 weight laid out once, int32 out (``u4_mm``, what the lowered W4A4O8 linears run on
+  CPUs without VNNI / AMX; an empty call where the kernels have no AVX2).
 * ``w4a4o8``: ``ouromamba::w4a4o8_linear`` on float32 x with ~2 % outlier channels (the same
   channels in every row, as outlier channels are), packed int4 weight unpacked per call.
 * ``w4a4o8 scattered``: the same op with ~2 % outliers scattered at random per row (their union
@@ -99,6 +102,26 @@ def make_case(m: int, k: int, n: int):
                 w4=w4, w4_packed=pack_int4(w4), w4_scale=w4_scale)
 
 
+def u4_available() -> bool:
+    """Whether this package's AVX2 int4 kernel (``u4_mm``) runs here."""
+    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
+
+    return MIXER_OPS.backend() == "cpp" and MIXER_OPS.get().u4_available()
+
+
+def u4_product(x_q, w4):
+    """A call of the AVX2 int4 kernel on 4-bit codes of x (x_q clamped to [-7, 7], stored + 8) and
+    the weight laid out once; an empty call where the kernels have no AVX2."""
+    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
+
+    if not u4_available():
+        return lambda: None
+    ext = MIXER_OPS.get()
+    panels, colsum = ext.u4_pack(w4)
+    a = (x_q.clamp(-7, 7) + 8).to(torch.uint8)
+    return lambda: ext.u4_mm(a, panels, colsum)
+
+
 def bench_ops(c: dict, rounds: int, steps: int) -> dict:
     x, w, bias = c["x"], c["w"], c["bias"]
     xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
@@ -119,6 +142,7 @@ def bench_ops(c: dict, rounds: int, steps: int) -> dict:
         # codes, and this package's AVX2 int16 kernel on the weight packed once (float32 out)
         "fp32 of codes": lambda: gemm.float_mm(x_q, c["w8"], 127, 127),
         "s16": (lambda: gemm.S16_MM_OP(x_q, c["w8"], 0, 0)) if gemm.s16() else (lambda: None),
+        "u4": u4_product(x_q, c["w4"]),
         "w4a4o8": lambda: OPS.w4a4o8_linear(x, c["mask_ch"], None, c["w4_packed"], c["w4_scale"], bias, k),
         "w4a4o8 scattered": lambda: OPS.w4a4o8_linear(x, c["mask_sc"], None, c["w4_packed"], c["w4_scale"],
                                                       bias, k),
@@ -170,8 +194,8 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
     torch.set_num_threads(threads)
     print(f"torch.get_num_threads() = {torch.get_num_threads()}")
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    op_cols = ["fp32", "bf16", "w8a8", "int8 GEMM", "_int_mm", "prepacked", "fp32 of codes", "s16", "w4a4o8",
-               "w4a4o8 scattered", "w4a4o8_rt"]
+    op_cols = ["fp32", "bf16", "w8a8", "int8 GEMM", "_int_mm", "prepacked", "fp32 of codes", "s16", "u4",
+               "w4a4o8", "w4a4o8 scattered", "w4a4o8_rt"]
     rows, strat_rows = [], []
     for label, m, k, n in SHAPES:
         c = make_case(m, k, n)
@@ -195,7 +219,7 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
     for label, m, k, n, t, t_min in rows:
         lines.append(f"| {label} | {m} | {k} | {n} | "
                      + " | ".join(f"{t[c]:.2f} / {t_min[c]:.2f}" for c in op_cols) + " |")
-    ratio_cols = ["w8a8", "int8 GEMM", "w4a4o8", "w4a4o8 scattered", "w4a4o8_rt"]
+    ratio_cols = ["w8a8", "int8 GEMM", "s16", "u4", "w4a4o8", "w4a4o8 scattered", "w4a4o8_rt"]
     lines += [
         "",
         "### Speed-up (median time of the float linear / median time of the op; > 1 is faster)",
@@ -203,10 +227,11 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
         "| shape | " + " | ".join(f"{c} vs fp32 | {c} vs bf16" for c in ratio_cols) + " |",
         "|---|" + "---:|" * (2 * len(ratio_cols)),
     ]
+    empty = {"s16": not gemm.s16(), "u4": not u4_available()}  # columns that time an empty call here
     for label, m, k, n, t, _ in rows:
         cells = []
         for c in ratio_cols:
-            cells += [f"{t['fp32'] / t[c]:.2f}", f"{t['bf16'] / t[c]:.2f}"]
+            cells += ["n/a", "n/a"] if empty.get(c) else [f"{t['fp32'] / t[c]:.2f}", f"{t['bf16'] / t[c]:.2f}"]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     strat_cols = list(strat_rows[0][3])
     lines += [
@@ -222,9 +247,11 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
     for (label, m, k, n, t, _), (*_, s) in zip(rows, strat_rows):
         cands = {c: s[c] for c in strat_cols if c not in ("unpack int4", "inlier GEMM", "inlier GEMM, oneDNN prepacked")}
         best = min(cands, key=cands.get)
+        # (where _int_mm is torch's reference loop, the op does not run it: no epilogue share to read)
+        epi = ("n/a (torch._int_mm is a reference loop here)" if gemm.emulated(torch.device("cpu")) else
+               f"{100 * (t['int8 GEMM'] - t['_int_mm']) / t['int8 GEMM']:.0f} % of the int8 GEMM op")
         lines.append(
-            f"- {label}: dequant epilogue = {100 * (t['int8 GEMM'] - t['_int_mm']) / t['int8 GEMM']:.0f} % of the "
-            f"int8 GEMM op; quantization = {100 * (t['w8a8'] - t['int8 GEMM']) / t['w8a8']:.0f} % of w8a8; "
+            f"- {label}: dequant epilogue = {epi}; quantization = {100 * (t['w8a8'] - t['int8 GEMM']) / t['w8a8']:.0f} % of w8a8; "
             f"int4 unpack = {100 * s['unpack int4'] / t['w4a4o8']:.0f} % of w4a4o8; fastest W4A4O8 product: {best}.")
     return lines, f"threads={threads}, load {load0:.2f}->{load1:.2f}"
 
