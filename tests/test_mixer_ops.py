@@ -8,6 +8,7 @@ from ouromamba_fx.ops.conv1d_silu import causal_conv1d_silu_codes_ref, causal_co
 from ouromamba_fx.ops.int4 import pack_int4
 from ouromamba_fx.ops.mixed import quantize_mixed_ref, site_outlier_mask
 from ouromamba_fx.ops.w4a4o8_linear import SMALL_K, w4a4o8_linear_detect, w4a4o8_linear_detect_requant
+from tests.threads import assert_same_bits_at_thread_counts
 
 CONV = torch.ops.ouromamba.causal_conv1d_silu.default
 CONV_CODES = torch.ops.ouromamba.causal_conv1d_silu_codes.default
@@ -567,15 +568,6 @@ def test_outlier_density_counts_every_eighth_row(m, k):
     assert ext.outlier_density(torch.zeros(0, k, dtype=torch.int8)) == 0.0
 
 
-def _at_threads(n, fn):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
-
-
 @torch.no_grad()
 def test_kernels_give_the_same_bits_whichever_thread_runs_an_item():
     # The kernels hand their work items (row blocks, chunks of time steps) to threads as they come
@@ -616,9 +608,4 @@ def test_kernels_give_the_same_bits_whichever_thread_runs_an_item():
             out.append(ext.s16_mm(q, ext.s16_pack(wq), n))
         return out
 
-    ref = _at_threads(1, run)
-    for threads in (2, 3, 3):
-        got = _at_threads(threads, run)
-        assert len(got) == len(ref)
-        for i, (a, e) in enumerate(zip(got, ref)):
-            assert torch.equal(a, e), f"output {i} differs at {threads} threads"
+    assert_same_bits_at_thread_counts(run)

@@ -8,6 +8,7 @@ import torch
 
 from ouromamba_fx.kernels.cpu.build import SELECTIVE_SCAN_Q
 from ouromamba_fx.ops import scan_quant as qscan
+from tests.threads import assert_same_bits_at_thread_counts
 
 pytestmark = pytest.mark.skipif(SELECTIVE_SCAN_Q.backend() != "cpp", reason="C++ quantized scan not built")
 
@@ -232,13 +233,4 @@ def test_same_bits_whichever_thread_runs_a_block():
     def run():
         return [SCAN_Q(*args, 8), *qscan.scan_state_stats(u, delta, A, B, C, bias, True)]
 
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        ref = run()
-        for threads in (2, 3, 3):
-            torch.set_num_threads(threads)
-            for i, (x, e) in enumerate(zip(run(), ref)):
-                assert torch.equal(x, e), f"output {i} differs at {threads} threads"
-    finally:
-        torch.set_num_threads(old)
+    assert_same_bits_at_thread_counts(run)

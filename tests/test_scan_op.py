@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ouromamba_fx.kernels.cpu.build import CPU_LIBRARY, SELECTIVE_SCAN
 from ouromamba_fx.kernels.scan_ref import selective_scan_ref, selective_scan_ref_backward
 from ouromamba_fx.ops.scan import scan_backend, selective_scan
+from tests.threads import assert_same_bits_at_thread_counts
 
 OPT_NAMES = ("D", "z", "delta_bias")
 
@@ -961,14 +962,4 @@ def test_scan_gives_the_same_bits_whichever_thread_runs_a_block():
         y.backward(dout)
         return [y.detach(), SCAN_CL(*[t.detach() for t in xs], True)] + [t.grad for t in xs]
 
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        ref = run()
-        for threads in (2, 3, 3):
-            torch.set_num_threads(threads)
-            got = run()
-            for i, (x, e) in enumerate(zip(got, ref)):
-                assert torch.equal(x, e), f"output {i} differs at {threads} threads"
-    finally:
-        torch.set_num_threads(old)
+    assert_same_bits_at_thread_counts(run)
