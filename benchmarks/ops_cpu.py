@@ -251,7 +251,8 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
         epi = ("n/a (torch._int_mm is a reference loop here)" if gemm.emulated(torch.device("cpu")) else
                f"{100 * (t['int8 GEMM'] - t['_int_mm']) / t['int8 GEMM']:.0f} % of the int8 GEMM op")
         lines.append(
-            f"- {label}: dequant epilogue = {epi}; quantization = {100 * (t['w8a8'] - t['int8 GEMM']) / t['w8a8']:.0f} % of w8a8; "
+            f"- {label}: dequant epilogue = {epi}; "
+            f"quantization = {100 * (t['w8a8'] - t['int8 GEMM']) / t['w8a8']:.0f} % of w8a8; "
             f"int4 unpack = {100 * s['unpack int4'] / t['w4a4o8']:.0f} % of w4a4o8; fastest W4A4O8 product: {best}.")
     return lines, f"threads={threads}, load {load0:.2f}->{load1:.2f}"
 
