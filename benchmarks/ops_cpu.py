@@ -102,19 +102,13 @@ def make_case(m: int, k: int, n: int):
                 w4=w4, w4_packed=pack_int4(w4), w4_scale=w4_scale)
 
 
-def u4_available() -> bool:
-    """Whether this package's AVX2 int4 kernel (``u4_mm``) runs here."""
-    from ouromamba_fx.kernels.cpu.build import MIXER_OPS
-
-    return MIXER_OPS.backend() == "cpp" and MIXER_OPS.get().u4_available()
-
-
 def u4_product(x_q, w4):
     """A call of the AVX2 int4 kernel on 4-bit codes of x (x_q clamped to [-7, 7], stored + 8) and
-    the weight laid out once; an empty call where the kernels have no AVX2."""
+    the weight laid out once; an empty call where the kernels have no AVX2 (``u4_mm`` needs the
+    same build as ``s16_mm``: :func:`ouromamba_fx.ops.gemm.s16`)."""
     from ouromamba_fx.kernels.cpu.build import MIXER_OPS
 
-    if not u4_available():
+    if not gemm.s16():
         return lambda: None
     ext = MIXER_OPS.get()
     panels, colsum = ext.u4_pack(w4)
@@ -227,7 +221,7 @@ def section(threads: int, rounds: int) -> tuple[list[str], str]:
         "| shape | " + " | ".join(f"{c} vs fp32 | {c} vs bf16" for c in ratio_cols) + " |",
         "|---|" + "---:|" * (2 * len(ratio_cols)),
     ]
-    empty = {"s16": not gemm.s16(), "u4": not u4_available()}  # columns that time an empty call here
+    empty = {"s16": not gemm.s16(), "u4": not gemm.s16()}  # columns that time an empty call here
     for label, m, k, n, t, _ in rows:
         cells = []
         for c in ratio_cols:

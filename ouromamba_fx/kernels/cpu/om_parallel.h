@@ -36,18 +36,21 @@ class Items {
 };
 
 // Runs body(items) once on each thread of a parallel region (body: set up per-thread scratch, then
-// `while (items.next(b, e))` over its runs). One thread (so the plain loop) when there is a single
-// run, a single thread, or when already inside a parallel region.
+// `while (items.next(b, e))` over its runs). One thread, given the whole range as a single run (as
+// a plain loop over it: a kernel that prefetches the next item within its run keeps doing so), when
+// there is a single run, a single thread, or when already inside a parallel region.
 template <class Body>
 void parallel_items(int64_t n, int64_t chunk, const Body& body) {
   if (n <= 0) return;
-  Items items(n, chunk);
-  const int64_t runs = (n + std::max<int64_t>(1, chunk) - 1) / std::max<int64_t>(1, chunk);
+  chunk = std::max<int64_t>(1, chunk);
+  const int64_t runs = (n + chunk - 1) / chunk;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), runs);
   if (threads <= 1 || at::in_parallel_region()) {
+    Items items(n, n);
     body(items);
     return;
   }
+  Items items(n, chunk);
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { body(items); });
 }
 
