@@ -125,46 +125,49 @@ inline float pick1(float a, float b, int32_t m) {  // a where m is -1, b where m
 // ---------------------------------------------------------------------------------------------
 // conv_silu
 
-// One output row: dst[c] = silu(bias[c] + sum_k w[k, c] * taps[k][c]) for the D channels, in two
-// passes over the row (it stays in L1): the taps' products, then the SiLU. A plain function of
-// locals: written inside the threads' lambda, with the captures read through references, GCC
-// reloads the bounds every vector and keeps each vector's exp / divide chain from overlapping the
-// next one's.
+// One output channel block of a row: bias[c] + sum_k w[k, c] * taps[k][c] for the nl <= W lanes
+// of block j (contracted into multiply-adds, as GCC does for `acc += w * tap`).
+template <int kK>
+inline V conv_block(const V* const* taps, int64_t K, const float* __restrict__ w, const float* __restrict__ bias,
+                    int64_t D, int64_t j, int nl) {
+  if constexpr (kK > 0) K = kK;
+  V acc = bias ? load(bias + j * W, nl) : VF::splat(0.0f);
+  for (int64_t k = 0; k < K; ++k) acc += load(w + k * D + j * W, nl) * taps[k][j];
+  return acc;
+}
+
+// One output row: dst[c] = silu(bias[c] + sum_k w[k, c] * taps[k][c]) for the D channels, in one
+// pass: four blocks' sums stay in registers for their SiLU (VF::exp_k: four exp / divide chains
+// side by side) and are stored once, a vector at a time (GCC copies a memcpy of a whole array of
+// vectors through the stack in 16-byte pieces, which the vector loads after it cannot take
+// straight from the store buffer). A plain function of locals: written inside the threads' lambda, with the captures read through
+// references, GCC reloads the bounds every vector and keeps each vector's exp / divide chain from
+// overlapping the next one's.
 // kK > 0: the kernel width as a constant (4 in every Mamba), so the taps' loop unrolls with its
 // pointers in registers; 0: K at run time.
 template <int kK>
 inline void conv_silu_row(float* __restrict__ dst, const V* const* taps, int64_t K, const float* __restrict__ w,
                           const float* __restrict__ bias, int64_t D) {
-  if constexpr (kK > 0) K = kK;
   const int64_t nb = (D + W - 1) / W, nv = D / W;
-  for (int64_t j = 0; j < nb; ++j) {
-    const int nl = j < nv ? W : static_cast<int>(D - j * W);
-    V acc = bias ? load(bias + j * W, nl) : VF::splat(0.0f);
-    for (int64_t k = 0; k < K; ++k) acc += load(w + k * D + j * W, nl) * taps[k][j];
-    store(dst + j * W, acc, nl);
-  }
-  // the SiLU four vectors at a time (VF::exp_k: four exp / divide chains side by side)
   int64_t j = 0;
   for (; j + 4 <= nv; j += 4) {
     V v[4], m[4], e[4];
-    std::memcpy(v, dst + j * W, sizeof(v));
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) m[k] = -v[k];
+    for (int k = 0; k < 4; ++k) {
+      v[k] = conv_block<kK>(taps, K, w, bias, D, j + k, W);
+      m[k] = -v[k];
+    }
     VF::exp_k<4>(m, e);
 #pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) v[k] = v[k] / (1.0f + e[k]);
-    std::memcpy(dst + j * W, v, sizeof(v));
+    for (int k = 0; k < 4; ++k) {
+      v[k] = v[k] / (1.0f + e[k]);
+      std::memcpy(dst + (j + k) * W, &v[k], sizeof(V));
+    }
   }
-  for (; j < nv; ++j) {
-    V v;
-    std::memcpy(&v, dst + j * W, sizeof(V));
-    v = v / (1.0f + VF::exp(-v));
-    std::memcpy(dst + j * W, &v, sizeof(V));
-  }
-  if (nv < nb) {
-    const int nl = static_cast<int>(D - nv * W);
-    const V v = load(dst + nv * W, nl);
-    store(dst + nv * W, v / (1.0f + VF::exp(-v)), nl);
+  for (; j < nb; ++j) {
+    const int nl = j < nv ? W : static_cast<int>(D - j * W);
+    const V v = conv_block<kK>(taps, K, w, bias, D, j, nl);
+    store(dst + j * W, v / (1.0f + VF::exp(-v)), nl);
   }
 }
 
