@@ -35,6 +35,27 @@ class Items {
   std::atomic<int64_t> next_{0};
 };
 
+// Runs body(i, next) over the items of the calling thread's runs, in order, where next is the
+// item this thread runs after i, or -1 after its last. A run's last item claims the thread's next
+// run before it runs, so a kernel that prefetches the next item's data while it works on one
+// (the scan's forward) keeps doing so from one run into the next instead of starting every run
+// on cold data.
+template <class Body>
+void for_each_with_next(Items& items, const Body& body) {
+  int64_t begin, end, nbegin = 0, nend = 0;
+  bool have = items.next(begin, end);
+  while (have) {
+    bool more = false;
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + 1 == end) more = items.next(nbegin, nend);
+      body(i, i + 1 < end ? i + 1 : (more ? nbegin : int64_t(-1)));
+    }
+    begin = nbegin;
+    end = nend;
+    have = more;
+  }
+}
+
 // Runs body(items) once on each thread of a parallel region (body: set up per-thread scratch, then
 // `while (items.next(b, e))` over its runs). One thread, given the whole range as a single run (as
 // a plain loop over it: a kernel that prefetches the next item within its run keeps doing so), when

@@ -1193,20 +1193,17 @@ void forward(const Problem<T>& P, T* out) {
   const Fn fn = table[fast][P.B.variable][P.C.variable];
   ouromamba_parallel::parallel_items(P.batch * nb, grain, [&](ouromamba_parallel::Items& items) {
     Scratch<T> S(P.L, P.N, false);
-    int64_t begin, end;
-    while (items.next(begin, end)) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t b = i / nb, k = i % nb;
-        const int64_t d0 = P.starts[k];
-        NextBlock next;
-        if (i + 1 < end) {
-          next.has = true;
-          next.b = (i + 1) / nb;
-          next.d0 = P.starts[(i + 1) % nb];
-        }
-        fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S, next);
+    ouromamba_parallel::for_each_with_next(items, [&](int64_t i, int64_t j) {
+      const int64_t b = i / nb, k = i % nb;
+      const int64_t d0 = P.starts[k];
+      NextBlock next;
+      if (j >= 0) {  // the block this thread scans next, whose rows the recurrence prefetches
+        next.has = true;
+        next.b = j / nb;
+        next.d0 = P.starts[j % nb];
       }
-    }
+      fn(P, b, d0, static_cast<int>(P.starts[k + 1] - d0), out, S, next);
+    });
   });
 }
 
