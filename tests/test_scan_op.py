@@ -946,15 +946,15 @@ def test_z_epilogue_float64_scans_opcheck_fake_and_without_kernels(monkeypatch):
     torch.testing.assert_close(SCAN_DT(*dargs, **dkw, **epi), ref_dt, rtol=1e-4, atol=1e-5)
 
 
-def test_scan_gives_the_same_bits_whichever_thread_runs_a_block():
+@pytest.mark.parametrize("batch", [1, 2, 6])
+def test_scan_gives_the_same_bits_whichever_thread_runs_a_block(batch):
     # The forward's channel blocks and the backward's tasks go to threads as they come free
     # (om_parallel.h): 1, 2 and 3 threads, and 3 again, give identical outputs and gradients.
-    # (A batch of at least twice the threads: below that the backward splits each batch element's
-    # blocks into as many runs as keep the threads busy, and a variable B's / C's gradient is then
-    # summed over that many partial buffers, in float32 an order that follows the thread count.)
-    a = make_inputs(6, 70, 40, 16, dtype=torch.float32, form="var", requires_grad=True)
+    # Small batches too: there the backward splits each batch element's blocks into runs with
+    # partial dB / dC buffers, as many as the batch asks for whatever the thread count.
+    a = make_inputs(batch, 70, 40, 16, dtype=torch.float32, form="var", requires_grad=True)
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
-    dout = torch.randn(6, 70, 40, generator=torch.Generator().manual_seed(3))
+    dout = torch.randn(batch, 70, 40, generator=torch.Generator().manual_seed(3))
 
     def run():
         xs = [a[k].detach().clone().requires_grad_(True) for k in names]

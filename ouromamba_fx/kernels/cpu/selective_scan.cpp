@@ -2134,13 +2134,16 @@ std::vector<c10::optional<at::Tensor>> selective_scan_bwd(
   auto run = [&](auto tag) {
     using T = decltype(tag);
     Problem<T> P = make_problem<T>(in);
-    // Runs of blocks per batch element: one, unless the batch alone gives too few tasks to keep
-    // every thread busy (each run has its own partial dB / dC buffer).
+    // Runs of blocks per batch element: one, unless the batch alone gives fewer than
+    // kBackwardTasks tasks (enough to keep 16 threads busy). Each run sums into its own partial
+    // dB / dC buffer and the buffers are added in a fixed order afterwards, so K follows from the
+    // problem alone, never from the thread count: the gradients have the same bits on any number
+    // of threads.
+    constexpr int64_t kBackwardTasks = 32;
     const int64_t nb = static_cast<int64_t>(P.starts.size()) - 1;
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     int64_t K = 1;
-    if (batch > 0 && batch < 2 * threads) {
-      K = std::max<int64_t>(1, std::min<int64_t>(nb, (2 * threads + batch - 1) / batch));
+    if (batch > 0 && batch < kBackwardTasks) {
+      K = std::max<int64_t>(1, std::min<int64_t>(nb, (kBackwardTasks + batch - 1) / batch));
     }
     dB_part = in.B.variable ? alloc({batch, K, in.B.groups, N, L}) : alloc({batch, dim, N});
     dC_part = in.C.variable ? alloc({batch, K, in.C.groups, N, L}) : alloc({batch, dim, N});
