@@ -645,7 +645,7 @@ std::vector<torch::Tensor> mixed_quant(torch::Tensor x, torch::Tensor s_in, int6
 // wt (K, N) float32 contiguous, bias (N,) or empty), then y's mixed fake quantization as
 // mixed_quant(fake) does it (inliers at qi with the step scale s_out[t], outliers at 8 bits),
 // without y ever leaving the cache: a work item is a run of whole windows of one row, whose
-// products go into a per-thread (steps, N) buffer four steps at a time (the four share each
+// products go into a per-thread (steps, N) buffer several steps at a time (they share each
 // weight load), and each step is then quantized into the output. Vim's dt_proj, whose output is
 // the scan's delta. The products are summed in k order with fused multiply-adds.
 // Columns [j_begin, N) of MR rows, two vectors of columns at a time (any N: partial vectors).
@@ -675,11 +675,15 @@ inline void small_gemm_rows(const float* __restrict__ x, int64_t K, const float*
   }
 }
 
-// The whole tiles of kCols = 4 vectors of columns of MR rows (16 accumulators: enough independent
-// FMA chains to keep both FMA units busy, where the two-vector tiles above waited on the FMA's
-// latency); returns the first column left (small_gemm_rows does the rest). Each output is the same
-// chain of FMAs in k order from the bias, so the same numbers as small_gemm_rows.
-constexpr int kWideVecs = 4;
+// The whole tiles of kCols = kWideVecs vectors of columns of MR rows; returns the first column left
+// (small_gemm_rows does the rest). Each output is the same chain of FMAs in k order from the bias,
+// so the same numbers as small_gemm_rows. The tiles give enough independent FMA chains to keep both
+// FMA units busy (the two-vector tiles of four rows waited on the FMA's latency) with the weight
+// vectors in registers: 4 rows x 4 vectors (16 accumulators) on AVX-512; 6 rows x 2 vectors on
+// AVX2, whose 16 registers do not hold 16 accumulators beside the row value (two of them went
+// through the stack every step) and whose loads could not feed 4 x 3 tiles from memory operands.
+constexpr int kWideVecs = W == 8 ? 2 : 4;
+constexpr int kWideRows = W == 8 ? 6 : 4;
 template <int MR>
 inline int64_t small_gemm_rows_wide(const float* __restrict__ x, int64_t K, const float* __restrict__ wt,
                                     const float* __restrict__ bias, float* __restrict__ y, int64_t N) {
@@ -739,6 +743,11 @@ torch::Tensor linear_mixed_fake(torch::Tensor x, torch::Tensor wt, torch::Tensor
         const int64_t r = i / nchunks, t0 = (i % nchunks) * chunk, t1 = std::min(L, t0 + chunk);
         const float* xr = xp + (r * L + t0) * K;
         int64_t t = t0;
+        for (; t + kWideRows <= t1; t += kWideRows) {
+          const float* xt = xr + (t - t0) * K;
+          float* yt = buf.data() + (t - t0) * N;
+          small_gemm_rows<kWideRows>(xt, K, wp, bp, yt, N, small_gemm_rows_wide<kWideRows>(xt, K, wp, bp, yt, N));
+        }
         for (; t + 4 <= t1; t += 4) {
           const float* xt = xr + (t - t0) * K;
           float* yt = buf.data() + (t - t0) * N;
