@@ -472,6 +472,33 @@ inline Vec<float>::V lanes_or(const float* p, int nl, int64_t stride, float fill
   return v;
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
+// dt_products' sums for S consecutive steps of a 16-lane block on AVX2: out[j * 16 + l] =
+// sum_r q[j * R + r] * w[r][l], each a chain of multiply-adds in r order from 0. Six steps (12
+// accumulators, the two weight halves and the broadcast code in 16 registers) keep both FMA units
+// busy, where four (8 accumulators, each multiply-add reading its weight half from memory) left
+// them idle part of the time.
+template <int S>
+inline void dt_rows_avx2(const float* __restrict__ q, int64_t R, const __m256* __restrict__ w8, float* __restrict__ out) {
+  __m256 a[S][2];
+  for (int j = 0; j < S; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
+  for (int64_t r = 0; r < R; ++r) {
+    const __m256 w0 = w8[2 * r], w1 = w8[2 * r + 1];
+#pragma GCC unroll 6
+    for (int j = 0; j < S; ++j) {
+      const __m256 b = _mm256_broadcast_ss(q + j * R + r);
+      a[j][0] = _mm256_fmadd_ps(b, w0, a[j][0]);
+      a[j][1] = _mm256_fmadd_ps(b, w1, a[j][1]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int j = 0; j < S; ++j) {
+    _mm256_store_ps(out + j * 16, a[j][0]);
+    _mm256_store_ps(out + j * 16 + 8, a[j][1]);
+  }
+}
+#endif
+
 // The integer products acc[t] = sum_r q[t, r] * w[d, r] of a block's dt_proj into S.DT, in
 // float32 (integers below 2^24: exact in any order). Four steps share each weight vector load;
 // R multiply-adds per step and block of W channels.
@@ -486,41 +513,15 @@ inline void dt_products(const DtFused& G, int64_t L, int64_t dim, int64_t d0, in
   V* __restrict__ DT = S.DT;
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
   // AVX2: the same sums on the tiles' 8-lane halves in registers (the 16-lane code below kept its
-  // accumulators on the stack here: 4x slower than this). Every partial sum is an integer below
-  // 2^24, so the multiply-adds round nothing.
+  // accumulators on the stack here: 4x slower than this), six steps at a time (dt_rows_avx2).
+  // Every partial sum is an integer below 2^24, so the multiply-adds round nothing.
   {
     const __m256* __restrict__ w8 = reinterpret_cast<const __m256*>(w);
     float* __restrict__ out = reinterpret_cast<float*>(DT);
     int64_t t = 0;
-    for (; t + 4 <= L; t += 4) {
-      const float* q0 = q + t * R;
-      __m256 a[4][2];
-      for (int j = 0; j < 4; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
-      for (int64_t r = 0; r < R; ++r) {
-        const __m256 w0 = w8[2 * r], w1 = w8[2 * r + 1];
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-          const __m256 b = _mm256_broadcast_ss(q0 + j * R + r);
-          a[j][0] = _mm256_fmadd_ps(b, w0, a[j][0]);
-          a[j][1] = _mm256_fmadd_ps(b, w1, a[j][1]);
-        }
-      }
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        _mm256_store_ps(out + (t + j) * 16, a[j][0]);
-        _mm256_store_ps(out + (t + j) * 16 + 8, a[j][1]);
-      }
-    }
-    for (; t < L; ++t) {
-      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-      for (int64_t r = 0; r < R; ++r) {
-        const __m256 b = _mm256_broadcast_ss(q + t * R + r);
-        a0 = _mm256_fmadd_ps(b, w8[2 * r], a0);
-        a1 = _mm256_fmadd_ps(b, w8[2 * r + 1], a1);
-      }
-      _mm256_store_ps(out + t * 16, a0);
-      _mm256_store_ps(out + t * 16 + 8, a1);
-    }
+    for (; t + 6 <= L; t += 6) dt_rows_avx2<6>(q + t * R, R, w8, out + t * 16);
+    for (; t + 4 <= L; t += 4) dt_rows_avx2<4>(q + t * R, R, w8, out + t * 16);
+    for (; t < L; ++t) dt_rows_avx2<1>(q + t * R, R, w8, out + t * 16);
     return;
   }
 #endif
