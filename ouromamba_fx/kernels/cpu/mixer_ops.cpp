@@ -958,6 +958,10 @@ void outlier_tile_u4(const uint8_t* __restrict__ w, const int64_t* __restrict__ 
     for (int64_t j = j0; j < j1; ++j) {
       const uint8_t* a = w + off[2 * j];
       const uint8_t* b = w + off[2 * j + 1];
+      // the same channels' lines of the next tile, which the caller runs after this one over all
+      // its rows: into L2, so that they are not each a miss to L3 or memory then
+      _mm_prefetch(reinterpret_cast<const char*>(a + kOutCols), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(b + kOutCols), _MM_HINT_T1);
       const __m256i qq = _mm256_set1_epi16(codes[j]);
       const __m256i a0 = load32(a), b0 = load32(b);
       lo0 = _mm256_add_epi16(lo0, _mm256_maddubs_epi16(_mm256_unpacklo_epi8(a0, b0), qq));
