@@ -140,9 +140,9 @@ inline V conv_block(const V* const* taps, int64_t K, const float* __restrict__ w
 // pass: four blocks' sums stay in registers for their SiLU (VF::exp_k: four exp / divide chains
 // side by side) and are stored once, a vector at a time (GCC copies a memcpy of a whole array of
 // vectors through the stack in 16-byte pieces, which the vector loads after it cannot take
-// straight from the store buffer). A plain function of locals: written inside the threads' lambda, with the captures read through
-// references, GCC reloads the bounds every vector and keeps each vector's exp / divide chain from
-// overlapping the next one's.
+// straight from the store buffer). A plain function of locals: written inside the threads'
+// lambda, with the captures read through references, GCC reloads the bounds every vector and
+// keeps each vector's exp / divide chain from overlapping the next one's.
 // kK > 0: the kernel width as a constant (4 in every Mamba), so the taps' loop unrolls with its
 // pointers in registers; 0: K at run time.
 template <int kK>

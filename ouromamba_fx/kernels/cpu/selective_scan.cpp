@@ -479,7 +479,8 @@ inline Vec<float>::V lanes_or(const float* p, int nl, int64_t stride, float fill
 // busy, where four (8 accumulators, each multiply-add reading its weight half from memory) left
 // them idle part of the time.
 template <int S>
-inline void dt_rows_avx2(const float* __restrict__ q, int64_t R, const __m256* __restrict__ w8, float* __restrict__ out) {
+inline void dt_rows_avx2(const float* __restrict__ q, int64_t R, const __m256* __restrict__ w8,
+                         float* __restrict__ out) {
   __m256 a[S][2];
   for (int j = 0; j < S; ++j) a[j][0] = a[j][1] = _mm256_setzero_ps();
   for (int64_t r = 0; r < R; ++r) {
@@ -500,8 +501,8 @@ inline void dt_rows_avx2(const float* __restrict__ q, int64_t R, const __m256* _
 #endif
 
 // The integer products acc[t] = sum_r q[t, r] * w[d, r] of a block's dt_proj into S.DT, in
-// float32 (integers below 2^24: exact in any order). Four steps share each weight vector load;
-// R multiply-adds per step and block of W channels.
+// float32 (integers below 2^24: exact in any order). Several steps share each weight vector load
+// (six on AVX2, four in the generic code); R multiply-adds per step and block of W channels.
 inline void dt_products(const DtFused& G, int64_t L, int64_t dim, int64_t d0, int nl, Scratch<float>& S) {
   using F = Vec<float>;
   using V = F::V;
