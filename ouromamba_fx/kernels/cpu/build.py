@@ -27,8 +27,8 @@ Sources: ``selective_scan.cpp`` (the float scan, forward and backward), ``select
 (the reparameterized / integer-input scans and the state statistics of calibration),
 ``mixer_ops.cpp`` (conv1d + SiLU, the outlier rule with mixed quantization, the W4A4O8 epilogue and
 the AVX2 int4 GEMM), ``ops.cpp`` (the public ops' C++ kernels) and ``register.cpp`` (the
-registrations); headers ``om_vec.h`` (vector helpers for AVX-512, AVX2 and plain C++), ``om_parallel.h`` (work
-items shared among threads as they come free) and ``kernels.h``.
+registrations); headers ``om_vec.h`` (vector helpers for AVX-512, AVX2 and plain C++),
+``om_parallel.h`` (work items shared among threads as they come free) and ``kernels.h``.
 """
 
 from __future__ import annotations

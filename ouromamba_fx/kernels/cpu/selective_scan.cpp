@@ -8,8 +8,8 @@
 //
 // Layout of the computation
 //   The work is cut into blocks of W consecutive channels (W = 64 bytes / sizeof(T): 16 floats,
-//   8 doubles) of one batch element; the threads take blocks (forward) or runs of blocks (backward) as
-//   they come free (om_parallel.h). Inside a block the W channels are the lanes of a GCC/Clang vector
+//   8 doubles) of one batch element; the threads take blocks (forward) or runs of blocks
+//   (backward) as they come free (om_parallel.h). Inside a block the W channels are the lanes of a GCC/Clang vector
 //   type, so every operation of the recurrence is one vector operation and nothing has to be
 //   summed across lanes; time is sequential and the state loop runs over d_state scalars of B / C
 //   (broadcast to all lanes). A block's inputs are first gathered into small (L, W) tiles:

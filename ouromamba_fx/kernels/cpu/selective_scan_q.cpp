@@ -13,13 +13,14 @@
 //
 // Layout of the computation
 //   Work items are blocks of W consecutive channels (W = 64 bytes / sizeof(T)) of one batch
-//   element, taken by the threads as they come free (om_parallel.h). The W channels are the lanes of a GCC/Clang
-//   vector: each of the d_state states of a block is one vector, so the recurrence, the state
-//   quantization and the C-contraction are plain vector operations with no cross-lane sums, the
-//   d_state recurrences of a step are independent (they overlap in the pipeline instead of
-//   waiting on each other), and d_state = 1 runs as fast per state as d_state = 16. A block's
-//   inputs are gathered into small (L, W) tiles first (any strides, no copies of whole tensors);
-//   B and C into (batch, L, d_state) tables with r_N folded in, once for all blocks.
+//   element, taken by the threads as they come free (om_parallel.h). The W channels are the
+//   lanes of a GCC/Clang vector: each of the d_state states of a block is one vector, so the
+//   recurrence, the state quantization and the C-contraction are plain vector operations with no
+//   cross-lane sums, the d_state recurrences of a step are independent (they overlap in the
+//   pipeline instead of waiting on each other), and d_state = 1 runs as fast per state as
+//   d_state = 16. A block's inputs are gathered into small (L, W) tiles first (any strides, no
+//   copies of whole tensors); B and C into (batch, L, d_state) tables with r_N folded in, once for
+//   all blocks.
 //
 // Rounding: h / s is a true division (as torch's fake-quant computes it), round half to even
 // through the 1.5 * 2^mantissa trick after clamping to +-qmax (exact there), so integer codes
