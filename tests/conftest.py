@@ -14,6 +14,13 @@ import ouromamba_fx  # noqa: F401
 from ouromamba_fx.models import VimConfig, VisionMamba
 from ouromamba_fx.ops import gemm
 
+# Under pytest-xdist the workers share the machine's cores: each runs torch on its share, so that
+# the workers' OpenMP threads do not spin-wait against each other on the same cores. (The tests of
+# thread-count invariance set their own counts.)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
 SHARED = Path(os.environ.get("OUROMAMBA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
