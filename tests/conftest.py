@@ -19,7 +19,8 @@ from ouromamba_fx.ops import gemm
 # thread-count invariance set their own counts.)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, _CORES // _WORKERS))
 
 SHARED = Path(os.environ.get("OUROMAMBA_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

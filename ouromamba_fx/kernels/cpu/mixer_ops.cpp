@@ -858,9 +858,9 @@ inline int64_t outlier_block_rows(int64_t N) {
 // gather_outliers' whole-vector stores past the last one (8 offsets, 64 codes).
 struct EpilogueScratch {
   int64_t rows, off_stride, codes_stride;
-  // Left uninitialized: a row's terms are written whole (outlier_tile, or zeros and then the
-  // axpys) before they are read, and a row without outliers is not read. (Zeroing it, some 400 KB
-  // per thread and call at N = 1536, was 1 % of a W4A4O8 Vim-S call.)
+  // Left uninitialized (about 128 KB per thread and call): a row's terms are written whole
+  // (outlier_tile, or zeros and then the axpys) before they are read, and a row without outliers
+  // is not read.
   std::unique_ptr<float[]> o;
   std::unique_ptr<int64_t[]> off;    // rows x off_stride
   std::unique_ptr<int16_t[]> codes;  // rows x codes_stride: two int8 codes each
@@ -1367,7 +1367,7 @@ template <int MR>
 inline void u4_tile(const uint8_t* a, int64_t lda, const int8_t* panel, int64_t K2, const int32_t* colsum8,
                     int32_t* c, int64_t ldc, int64_t cols) {
   // The first run of pairs stores its sums and later runs add to them, so the tile is not zeroed
-  // first (GCC zeroed it with a call to memset per tile: 7 % of a W4A4O8 in_proj).
+  // first (GCC zeroes such an array with a call to memset, once per tile).
   alignas(32) int32_t tile[4][kU4Cols];
   if (K2 <= 0) std::fill(&tile[0][0], &tile[0][0] + 4 * kU4Cols, 0);
   for (int64_t k0 = 0; k0 < K2; k0 += kU4Pairs) {
