@@ -7,20 +7,19 @@
 //   out_t = y_t * silu(z_t)                      (when z is given)
 //
 // Layout of the computation
-//   The work is cut into blocks of W consecutive channels (W = 64 bytes / sizeof(T): 16 floats,
-//   8 doubles) of one batch element; the threads take blocks (forward) or runs of blocks
-//   (backward) as they come free (om_parallel.h). Inside a block the W channels are the lanes of a GCC/Clang vector
-//   type, so every operation of the recurrence is one vector operation and nothing has to be
+//   The work is cut into blocks of W consecutive channels (W = 64 bytes / sizeof(T): 16 floats, 8
+//   doubles) of one batch element; the threads take blocks (forward) or runs of blocks (backward)
+//   as they come free (om_parallel.h). Inside a block the W channels are the lanes of a GCC/Clang
+//   vector type, so every operation of the recurrence is one vector operation and nothing has to be
 //   summed across lanes; time is sequential and the state loop runs over d_state scalars of B / C
 //   (broadcast to all lanes). A block's inputs are first gathered into small (L, W) tiles:
 //   time-contiguous inputs by in-register 16 x 16 transposes, channel-contiguous ones (transposed
-//   projections, as in the Vim mixer) by plain vector loads, so neither layout is copied; the
-//   next block's inputs are prefetched while a block computes. The forward's output is written
+//   projections, as in the Vim mixer) by plain vector loads, so neither layout is copied; the next
+//   block's inputs are prefetched while a block computes. The forward's output is written
 //   time-contiguous (the tile transposed back) or, with channels_last, channel-contiguous (each
-//   step's W channels stored as they lie). No (batch, d_inner, L, d_state)
-//   tensor is ever built: the forward keeps d_state state vectors, the backward recomputes the
-//   block's states into a per-thread (L + 1, d_state) tile of vectors and then runs the reverse
-//   recurrence.
+//   step's W channels stored as they lie). No (batch, d_inner, L, d_state) tensor is ever built:
+//   the forward keeps d_state state vectors, the backward recomputes the block's states into a
+//   per-thread (L + 1, d_state) tile of vectors and then runs the reverse recurrence.
 //
 // Reductions
 //   dA, dD, d_delta_bias and constant-B / C gradients are written per (batch, channel) and summed
