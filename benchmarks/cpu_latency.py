@@ -4,6 +4,7 @@
     python benchmarks/cpu_latency.py --quick                  # reference model, batch 16, few rounds
     python benchmarks/cpu_latency.py --models ref,vim_tiny --batches 1,16 --rounds 5
     python benchmarks/cpu_latency.py --models vmamba_t,mambavision_t --batches 16 --rounds 5
+    python benchmarks/cpu_latency.py --models vim_small --batches 16 --malloc tuned   # of.tune_malloc() first
 
 Variants, each timed as the median of ``--rounds`` calls after two warm-up calls (compilation),
 called in turn round by round (a shared machine's drift then slows all of them alike):
@@ -321,6 +322,14 @@ def fmt_ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x"
 
 
+def malloc_note(mode: str) -> str:
+    """How this run's allocator was set (``--malloc``, and glibc's environment variables)."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") and k.endswith("_")]
+    how = ("`of.tune_malloc()` (glibc keeps freed chunks up to 32 MB in the heap and does not trim it)"
+           if mode == "tuned" else "the C library's defaults (glibc: freed large chunks go back to the kernel)")
+    return how + (f"; environment: {', '.join(env)}" if env else "")
+
+
 def write_md(path: Path, args, results: dict, load_start: float, load_end: float, cmd: str) -> None:
     lines = [
         "# End-to-end CPU latency: float vs quantized and lowered",
@@ -337,6 +346,7 @@ def write_md(path: Path, args, results: dict, load_start: float, load_end: float
         "- W8A8 / W4A4O8 = `torch.compile(of.convert(model, calib, preset), backend=\"ouromamba\")`;"
         " fp32/bf16 compiled = `torch.compile(model)` (Inductor defaults, bf16 under `torch.autocast`)",
         "- ratios: speed-up = time of the baseline / time of the variant (> 1: the variant is faster)",
+        f"- malloc: {malloc_note(args.malloc)}",
         "",
     ]
     for key, res in results.items():
@@ -423,8 +433,12 @@ def main(argv=None) -> None:
     ap.add_argument("--wait-load", type=float, default=0.0, help="wait (up to 30 min) for a 1-min load below this")
     ap.add_argument("--notes", default="", help="a markdown file appended to the report (the reading of the numbers)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--malloc", choices=("default", "tuned"), default="default",
+                    help="tuned: of.tune_malloc() first (freed memory kept in the process; glibc only)")
     ap.add_argument("--out", default=str(HERE / "cpu_latency.md"))
     args = ap.parse_args(argv)
+    if args.malloc == "tuned" and not of.tune_malloc():
+        ap.error("--malloc tuned: this C library is not glibc")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

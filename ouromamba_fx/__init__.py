@@ -11,6 +11,7 @@ from ouromamba_fx.config import (PRESETS, W4A4O8, W4A8, W6A6, W8A8, W8A8_PER_TOK
                                  ActQuant,
                                  KScale, OutlierQuant, QuantConfig, Refine, Reparam, WeightQuant)
 from ouromamba_fx.convert import convert
+from ouromamba_fx.cpu_malloc import tune_malloc
 from ouromamba_fx.errors import (CaptureError, CheckpointError, DataError, InferenceOnlyError, InputError,
                                  OuroMambaError)
 from ouromamba_fx.evaluate import EvalResult, evaluate
@@ -26,4 +27,4 @@ _register_backend()  # torch.compile(q, backend="ouromamba")
 __all__ = ["PRESETS", "W4A4O8", "W4A8", "W6A6", "W8A8", "W8A8_PER_TOKEN", "W8A8_RTN", "W8A8O8", "ActQuant",
            "KScale", "OutlierQuant", "QuantConfig", "QuantizedModel", "Refine", "Reparam", "WeightQuant", "convert", "CaptureError", "CheckpointError", "DataError", "EvalResult", "InferenceOnlyError", "InputError",
            "OuroMambaError",
-           "SyntheticCalib", "capture", "evaluate", "gen", "load", "models", "save", "__version__"]
+           "SyntheticCalib", "capture", "evaluate", "gen", "load", "models", "save", "tune_malloc", "__version__"]

@@ -386,6 +386,7 @@ def _config_line(c) -> str:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from ouromamba_fx import cpu_malloc
     from ouromamba_fx.latency import bench_latency
 
     _check_input(args.quantized, "--quantized")
@@ -400,6 +401,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out.print(res.table(f"{name} {q.config.name}"))
     for line in res.notes:
         out.print(f"[dim]{line}[/]")
+    kept = cpu_malloc.applied()
+    out.print("[dim]malloc: " + ("freed memory kept in the process (" + ", ".join(f"{k} = {v}" for k, v in kept.items())
+                                 + ")" if kept else "this process's C library defaults") + "[/]")
     return 0
 
 
@@ -601,6 +605,26 @@ def _error(prog: str, message: str) -> None:
     err.print(Text.assemble((f"{prog}: error: ", "bold red"), line), soft_wrap=True, highlight=False)
 
 
+MALLOC_ENV = "OUROMAMBA_FX_MALLOC"
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The ``ouromamba-fx`` command. Its process is this tool's own, so glibc's malloc first keeps
+    freed memory (:func:`ouromamba_fx.cpu_malloc.tune_malloc`: conversion and a lowered model's
+    calls stop faulting pages in anew); ``OUROMAMBA_FX_MALLOC=default`` leaves the allocator as it
+    is. Then :func:`main`, which leaves a Python caller's allocator alone."""
+    from ouromamba_fx import cpu_malloc
+
+    mode = os.environ.get(MALLOC_ENV, "tuned")
+    if mode not in ("tuned", "default"):
+        _error("ouromamba-fx", f"{MALLOC_ENV}={mode!r}: expected 'tuned' (the default) or 'default' "
+                               "(the C library's malloc as it is)")
+        return 2
+    if mode == "tuned" and cpu_malloc._glibc() is not None:  # (elsewhere there is nothing to set)
+        cpu_malloc.tune_malloc()
+    return main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a command; every user error (bad argument, unreadable file, unwritable output) is one
     line on stderr and exit code 2, with no traceback."""
@@ -624,4 +648,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -98,6 +98,37 @@ def test_bench_reports_ratios(saved, files, capsys):
     assert "not the fast path" in text
 
 
+def test_bench_says_how_malloc_is_set(saved, files, capsys):
+    # main() (a Python caller's entry) leaves the allocator alone; the console command tunes it
+    assert main(["bench", "--checkpoint", str(files / "tiny.safetensors"), "--quantized", str(saved),
+                 "--batch-size", "2", "--repeats", "1", "--threads", "1"]) == 0
+    assert "malloc: this process's C library defaults" in _flat(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("env, code, kept", [(None, 0, True), ("default", 0, False), ("tuned", 0, True),
+                                             ("fast", 2, False)])
+def test_console_command_keeps_freed_memory_unless_told_not_to(env, code, kept):
+    import os
+    import subprocess
+    import sys
+
+    from ouromamba_fx import cpu_malloc
+    from ouromamba_fx.cli import MALLOC_ENV
+
+    if cpu_malloc._glibc() is None and kept:
+        pytest.skip("tune_malloc sets glibc's malloc; this C library is not glibc")
+    child = ("from ouromamba_fx import cli, cpu_malloc\n"
+             "code = cli.console(['inspect', '--help'])\n"
+             "print('RESULT', code, bool(cpu_malloc.applied()))")
+    environ = {k: v for k, v in os.environ.items() if k != MALLOC_ENV}
+    if env is not None:
+        environ[MALLOC_ENV] = env
+    run = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=environ, timeout=300)
+    assert f"RESULT {code} {kept}" in run.stdout
+    if code == 2:
+        assert "OUROMAMBA_FX_MALLOC='fast'" in run.stderr and "'tuned'" in run.stderr
+
+
 def test_every_command_has_help_with_examples(capsys):
     parser = build_parser()
     for cmd in ("convert", "inspect", "diff", "eval", "bench", "gen"):

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A pattern ending in ".*" matches a package and everything below it; "" is the
 # package itself (ouromamba_fx/__init__.py). The first layer with a matching pattern wins.
 LAYERS = [
-    ("foundation", ["errors", "version", "numerics", "tags", "config", "plaindata", "progress"]),
+    ("foundation", ["errors", "version", "numerics", "tags", "config", "plaindata", "progress", "cpu_malloc"]),
     ("kernels", ["kernels", "kernels.*"]),
     ("ops", ["ops", "ops.*"]),
     ("models", ["models", "models.*"]),
