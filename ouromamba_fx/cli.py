@@ -402,8 +402,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for line in res.notes:
         out.print(f"[dim]{line}[/]")
     kept = cpu_malloc.applied()
-    out.print("[dim]malloc: " + ("freed memory kept in the process (" + ", ".join(f"{k} = {v}" for k, v in kept.items())
-                                 + ")" if kept else "this process's C library defaults") + "[/]")
+    how = ("freed memory kept in the process (" + ", ".join(f"{k} = {v}" for k, v in kept.items()) + ")"
+           if kept else "this process's C library defaults")
+    out.print(f"[dim]malloc: {how}[/]")
     return 0
 
 
