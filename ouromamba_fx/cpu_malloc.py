@@ -29,7 +29,7 @@ kernel's transparent huge pages are enabled (``always`` or ``madvise``), PyTorch
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import sys
 import warnings
 
@@ -46,13 +46,15 @@ _INT_MAX = 2**31 - 1  # mallopt takes an int
 _applied: dict[str, int] = {}  # what tune_malloc set in this process
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
-    """The C library when it is glibc (it has ``gnu_get_libc_version`` and ``mallopt``), else None."""
+    """The process's C library when it is glibc (it has ``gnu_get_libc_version`` and ``mallopt``),
+    else None. Read from the symbols already loaded (``dlopen(NULL)``): the C library this process
+    runs on, without searching for one by name (``ctypes.util.find_library`` runs ldconfig)."""
     if not sys.platform.startswith("linux"):
         return None
-    name = ctypes.util.find_library("c") or "libc.so.6"
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
     except OSError:
         return None
     if not (hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "mallopt")):
